@@ -1,0 +1,420 @@
+"""Checkpoint weights: safetensors files, memory-mapped, converted to the compute dtype one layer at a time.
+
+The safetensors format is small enough to read directly, and reading it directly is what lets us keep the
+weights memory-mapped in their stored dtype (NumPy has no bfloat16):
+
+    [8 bytes: little-endian u64 N][N bytes: JSON header][raw tensor bytes, row-major, little-endian]
+    header = {"model.norm.weight": {"dtype": "BF16", "shape": [2304], "data_offsets": [begin, end]}, ...}
+
+bfloat16 is the top half of a float32, so `bf16 -> f32` is exact: shift the 16 bits left by 16.
+
+A checkpoint (Hugging Face layout) is `model.safetensors`, or shards `model-0000k-of-0000n.safetensors`
+listed by `model.safetensors.index.json` ({"weight_map": {tensor name: shard file}}). Names and shapes
+(Linear weights are stored (out, in)):
+
+    model.embed_tokens.weight                          (V, D)       tied: also the output head
+    model.layers.{i}.self_attn.q_proj.weight           (H*Dh, D)
+    model.layers.{i}.self_attn.k_proj.weight           (K*Dh, D)
+    model.layers.{i}.self_attn.v_proj.weight           (K*Dh, D)
+    model.layers.{i}.self_attn.o_proj.weight           (D, H*Dh)
+    model.layers.{i}.mlp.gate_proj.weight              (F, D)
+    model.layers.{i}.mlp.up_proj.weight                (F, D)
+    model.layers.{i}.mlp.down_proj.weight              (D, F)
+    model.layers.{i}.input_layernorm.weight            (D,)         our name: pre_attn_norm
+    model.layers.{i}.post_attention_layernorm.weight   (D,)         post_attn_norm
+    model.layers.{i}.pre_feedforward_layernorm.weight  (D,)         pre_ffw_norm
+    model.layers.{i}.post_feedforward_layernorm.weight (D,)         post_ffw_norm
+    model.norm.weight                                  (D,)         final_norm
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .config import Gemma2Config
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not match its config. The message names the file and the tensor."""
+
+
+# -- bfloat16 ----------------------------------------------------------------------------------------
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32, exactly (bf16 is the high half of an f32)."""
+    out = bits.astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> uint16 bfloat16 bit patterns, rounding to nearest, ties to even (as torch does)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a (quiet) NaN
+    return rounded
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16, returned as float32."""
+    return bf16_bits_to_f32(f32_to_bf16_bits(x))
+
+
+# -- safetensors files -----------------------------------------------------------------------------------
+
+# safetensors dtype -> (NumPy storage dtype, bytes per element)
+STORAGE_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+WEIGHT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: enough to map it without reading anything else."""
+    file: Path
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parse a safetensors header and check every tensor's bytes lie inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise WeightsError(f"{path}: not a safetensors file, or truncated (header claims {n} bytes, "
+                               f"file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors = {}
+    for name, info in header.items():
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in STORAGE_DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                               f"{', '.join(STORAGE_DTYPES)}")
+        expected = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[dtype].itemsize
+        if end - begin != expected:
+            raise WeightsError(f"{path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} "
+                               f"bytes, header says {end - begin}")
+        if data_start + end > size:
+            raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
+                               f"has {size} bytes. Re-download or re-convert this file.")
+        tensors[name] = TensorRef(path, name, dtype, shape, data_start + begin, end - begin)
+    return tensors, metadata
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtype: str | None = None,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file, deterministically (sorted names, fixed padding).
+
+    `dtype` ("BF16", "F16", "F32", "F64") converts every tensor; None keeps each array's own float dtype.
+    """
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name in names:
+        a = np.asarray(tensors[name])
+        st = dtype or {np.dtype("float32"): "F32", np.dtype("float64"): "F64",
+                       np.dtype("float16"): "F16"}.get(a.dtype)
+        if st is None:
+            raise ValueError(f"tensor {name!r}: cannot store dtype {a.dtype} (pass dtype=...)")
+        raw = f32_to_bf16_bits(a.astype(np.float32)) if st == "BF16" else a.astype(STORAGE_DTYPES[st])
+        data = np.ascontiguousarray(raw).tobytes()
+        header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for data in blobs:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+class MappedFiles:
+    """Read-only memory maps of the checkpoint's files, opened once, closed together."""
+
+    def __init__(self):
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        """The tensor as stored (uint16 bits for BF16), a view on the memory map: no bytes are read yet."""
+        m = self._maps.get(ref.file)
+        if m is None:
+            with open(ref.file, "rb") as f:
+                m = self._maps[ref.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        storage = STORAGE_DTYPES[ref.dtype]
+        return np.frombuffer(m, dtype=storage, count=ref.nbytes // storage.itemsize,
+                             offset=ref.offset).reshape(ref.shape)
+
+    def close(self):
+        maps, self._maps = self._maps, {}
+        for m in maps.values():
+            try:
+                m.close()
+            except BufferError:  # an array still views it; the OS unmaps when that array dies
+                pass
+
+
+def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype) -> np.ndarray:
+    """Stored bytes -> a fresh array in the compute dtype. bf16 and f16 convert exactly."""
+    if st_dtype == "BF16":
+        return bf16_bits_to_f32(stored).astype(dtype, copy=False)
+    return stored.astype(dtype)
+
+
+# -- the Gemma 2 tensors -----------------------------------------------------------------------------------
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights in the compute dtype, named as the taps are."""
+    q_proj: np.ndarray  # (H*Dh, D)
+    k_proj: np.ndarray  # (K*Dh, D)
+    v_proj: np.ndarray  # (K*Dh, D)
+    o_proj: np.ndarray  # (D, H*Dh)
+    gate_proj: np.ndarray  # (F, D)
+    up_proj: np.ndarray  # (F, D)
+    down_proj: np.ndarray  # (D, F)
+    pre_attn_norm: np.ndarray  # (D,) stored as an offset from 1: the scale is (1 + w)
+    post_attn_norm: np.ndarray  # (D,)
+    pre_ffw_norm: np.ndarray  # (D,)
+    post_ffw_norm: np.ndarray  # (D,)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+
+# Our field name -> the checkpoint's name under `model.layers.{i}.`
+HF_LAYER_NAMES = {
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+    "pre_attn_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "pre_ffw_norm": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm": "post_feedforward_layernorm.weight",
+}
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+
+
+def layer_shapes(cfg: Gemma2Config) -> dict[str, tuple[int, ...]]:
+    D, F, H, K, Dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                      cfg.num_key_value_heads, cfg.head_dim)
+    return {"q_proj": (H * Dh, D), "k_proj": (K * Dh, D), "v_proj": (K * Dh, D), "o_proj": (D, H * Dh),
+            "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F),
+            "pre_attn_norm": (D,), "post_attn_norm": (D,), "pre_ffw_norm": (D,), "post_ffw_norm": (D,)}
+
+
+def expected_tensors(cfg: Gemma2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Gemma 2 checkpoint must hold, with its shape."""
+    shapes = {EMBEDDING: (cfg.vocab_size, cfg.hidden_size), FINAL_NORM: (cfg.hidden_size,)}
+    for i in range(cfg.num_hidden_layers):
+        for ours, shape in layer_shapes(cfg).items():
+            shapes[f"model.layers.{i}.{HF_LAYER_NAMES[ours]}"] = shape
+    return shapes
+
+
+def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint directory, and the index's weight map if sharded."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") \
+                from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise WeightsError(f"{index} lists shard(s) that are not in {directory}: {', '.join(absent)}")
+        return files, weight_map
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single], None
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    hint = (f" Found {', '.join(found)} but no model.safetensors.index.json to say which tensor is where."
+            if found else " Is this a Hugging Face checkpoint directory (config.json + *.safetensors)?")
+    raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def index_checkpoint(directory: Path, cfg: Gemma2Config) -> dict[str, TensorRef]:
+    """Read every header and validate names, shapes and dtypes against the config, before loading anything."""
+    files, weight_map = checkpoint_files(directory)
+    refs: dict[str, TensorRef] = {}
+    for path in files:
+        tensors, _ = read_safetensors_header(path)
+        for name, ref in tensors.items():
+            if name in refs:
+                raise WeightsError(f"tensor {name!r} is stored twice: in {refs[name].file.name} and {path.name}")
+            refs[name] = ref
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name in refs and refs[name].file.name != shard:
+                raise WeightsError(f"{directory / 'model.safetensors.index.json'} says {name!r} is in {shard}, "
+                                   f"but it is in {refs[name].file.name}")
+            if name not in refs:
+                raise WeightsError(f"{directory / 'model.safetensors.index.json'} lists {name!r} in {shard}, "
+                                   f"but that file does not contain it")
+
+    expected = expected_tensors(cfg)
+    missing = [n for n in expected if n not in refs]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}{more}. "
+                           f"Does config.json (num_hidden_layers={cfg.num_hidden_layers}) match these weights?")
+    unexpected = sorted(n for n in refs if n not in expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise WeightsError(f"{directory}: unexpected tensor(s) {', '.join(unexpected[:5])}{more} "
+                           f"(in {refs[unexpected[0]].file.name}); a Gemma 2 checkpoint holds only the tied "
+                           f"embedding, the layers and model.norm.weight")
+    for name, shape in expected.items():
+        ref = refs[name]
+        if ref.shape != shape:
+            raise WeightsError(f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, expected {list(shape)} "
+                               f"from config.json")
+        if ref.dtype not in WEIGHT_DTYPES:
+            raise WeightsError(f"{ref.file}: tensor {name!r} is {ref.dtype}; weights must be "
+                               f"{', '.join(WEIGHT_DTYPES)}")
+    return refs
+
+
+class Weights:
+    """The checkpoint's tensors, memory-mapped in their stored dtype, converted on demand.
+
+    `layer(i)` converts one layer to the compute dtype when the forward reaches it and lets it go after,
+    so peak memory is the embedding plus a layer or two, not the whole model in float32.
+    With `keep_converted=True` converted layers are kept (faster repeated forwards, e.g. decoding).
+    """
+
+    def __init__(self, refs: dict[str, TensorRef], cfg: Gemma2Config, dtype=np.float32,
+                 keep_converted: bool = False):
+        self.refs, self.cfg, self.dtype = refs, cfg, np.dtype(dtype)
+        self.keep_converted = keep_converted
+        self._maps = MappedFiles()
+        self._embedding: np.ndarray | None = None
+        self._final_norm: np.ndarray | None = None
+        self._layers: dict[int, LayerWeights] = {}
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({ref.file for ref in self.refs.values()})
+
+    @property
+    def stored_dtypes(self) -> list[str]:
+        return sorted({ref.dtype for ref in self.refs.values()})
+
+    def stored(self, name: str) -> np.ndarray:
+        """A tensor exactly as stored (bf16 as uint16 bits), memory-mapped."""
+        return self._maps.array(self.refs[name])
+
+    def tensor(self, name: str) -> np.ndarray:
+        ref = self.refs[name]
+        return to_compute_dtype(self._maps.array(ref), ref.dtype, self.dtype)
+
+    def embedding(self) -> np.ndarray:
+        """(V, D) in the compute dtype; kept, since the output head needs it after the last layer."""
+        if self._embedding is None:
+            self._embedding = self.tensor(EMBEDDING)
+        return self._embedding
+
+    def final_norm(self) -> np.ndarray:
+        if self._final_norm is None:
+            self._final_norm = self.tensor(FINAL_NORM)
+        return self._final_norm
+
+    def layer(self, i: int) -> LayerWeights:
+        if i in self._layers:
+            return self._layers[i]
+        w = LayerWeights(**{ours: self.tensor(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
+        if self.keep_converted:
+            self._layers[i] = w
+        return w
+
+    def close(self):
+        self._layers.clear()
+        self._embedding = self._final_norm = None
+        self._maps.close()
+
+
+# -- writing checkpoints (the bundled model, tests, benchmarks) ---------------------------------------------
+
+def hf_name(ours: str, layer: int) -> str:
+    return f"model.layers.{layer}.{HF_LAYER_NAMES[ours]}"
+
+
+def random_weights(cfg: Gemma2Config, seed: int = 0, scale: float = 1.0, norm_std: float = 0.3,
+                   dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random weights under checkpoint names. Every tensor is random, the norms included (a zero norm
+    weight would hide a missing or doubled `1 +`). Linear weights ~ N(0, scale^2 / fan_in)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_tensors(cfg).items():
+        if len(shape) == 1:
+            out[name] = rng.normal(0.0, norm_std, shape).astype(dtype)
+        elif name == EMBEDDING:
+            out[name] = rng.normal(0.0, 1.0 / np.sqrt(shape[1]), shape).astype(dtype)
+        else:
+            out[name] = rng.normal(0.0, scale / np.sqrt(shape[1]), shape).astype(dtype)
+    return out
+
+
+def save_checkpoint(directory: str | Path, cfg: Gemma2Config, tensors: dict[str, np.ndarray],
+                    dtype: str = "BF16", shards: int = 1, config_style: str = "new",
+                    tokenizer: str | Path | None = None) -> Path:
+    """Write a checkpoint in the Hugging Face layout: config.json, model.safetensors (or `shards` files
+    model-0000k-of-0000n.safetensors + model.safetensors.index.json), and optionally tokenizer.model."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(config_style), indent=2) + "\n")
+    names = list(expected_tensors(cfg))
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise WeightsError(f"not Gemma 2 tensor names: {unknown[:5]}")
+    names = [n for n in names if n in tensors]
+    if shards == 1:
+        write_safetensors(directory / "model.safetensors", {n: tensors[n] for n in names}, dtype,
+                          metadata={"format": "pt"})
+    else:
+        groups = np.array_split(np.arange(len(names)), shards)
+        weight_map, total = {}, 0
+        for k, group in enumerate(groups, start=1):
+            file = f"model-{k:05d}-of-{shards:05d}.safetensors"
+            part = {names[j]: tensors[names[j]] for j in group}
+            write_safetensors(directory / file, part, dtype, metadata={"format": "pt"})
+            weight_map.update({n: file for n in part})
+            total += sum(a.size for a in part.values()) * STORAGE_DTYPES[dtype].itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        (directory / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return directory
