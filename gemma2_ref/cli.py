@@ -187,9 +187,89 @@ def run_run(args) -> int:
     return 0
 
 
+# -- generate ---------------------------------------------------------------------------------------------
+
+def add_generate(sub):
+    p = sub.add_parser("generate", help="generate text: prefill, then token-by-token decode with a KV cache",
+                       description="Continue a prompt token by token (greedy unless --temperature > 0), "
+                                   "printing text as it is produced. Stops on <eos> or <end_of_turn>. "
+                                   "Prefill and decode speed and the KV cache size are reported on stderr. "
+                                   "Converted weights are kept in memory when the model fits in about half "
+                                   "of the available RAM (fast decode); --stream-weights converts each "
+                                   "layer on every step instead (slow, but runs a big model in little RAM).")
+    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
+    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the Gemma chat template as a user turn, then generate the model turn")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> (Gemma expects one)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (default) is greedy decoding")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
+    p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="convert each layer's weights on every forward instead of keeping them converted")
+    p.set_defaults(handler=run_generate)
+
+
+def fits_in_memory(model, fraction: float = 0.5) -> bool:
+    """Whether the whole model, converted to the compute dtype, takes less than `fraction` of available RAM."""
+    need = model.config.parameter_counts()["total"] * model.dtype.itemsize
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return need < 2 << 30
+    return need < fraction * available
+
+
+def run_generate(args) -> int:
+    from .generate import TextStream, generate
+
+    model = load_model_verbose(args.model, args.dtype)
+    if not args.stream_weights and fits_in_memory(model):
+        model.weights.keep_converted = True
+    elif not args.stream_weights:
+        eprint("the converted model would not fit comfortably in memory: converting layers on every step "
+               "(slow; pass --stream-weights to choose this explicitly)")
+    ids, tok = prompt_ids(args, model.path)
+    if tok is None and (model.path / "tokenizer.model").is_file():
+        tok = g2.load_tokenizer(model.path)
+    stop_ids = tok.stop_ids if tok is not None else model.config.eos_token_ids
+    stream = TextStream(tok, prefix=ids) if tok is not None else None
+
+    def on_token(token: int) -> None:
+        if token in stop_ids:
+            return
+        text = stream.push(token) if stream is not None else f"{token} "
+        print(text, end="", flush=True)
+
+    if tok is not None:
+        print(tok.decode(ids) if not args.chat else "", end="", flush=True)
+    progress = layer_progress("prefill layers") if is_large(model) else None
+    result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop_ids=stop_ids, on_token=on_token,
+                      progress=progress)
+    print(stream.flush() if stream is not None else "", flush=True)
+    if args.show_ids:
+        print("prompt ids:", " ".join(map(str, ids)))
+        print("new ids:   ", " ".join(map(str, result.tokens)))
+    reason = {"stop": "stop token", "max_new_tokens": "--max-new-tokens reached",
+              "context": "context length reached"}[result.stop_reason]
+    eprint(f"{result.summary()}; stopped: {reason}")
+    return 0
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_info, add_tokenize, add_run]
+SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
