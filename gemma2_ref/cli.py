@@ -267,9 +267,27 @@ def run_generate(args) -> int:
     return 0
 
 
+# -- bench ------------------------------------------------------------------------------------------------
+
+def add_bench(sub):
+    from . import bench
+    p = sub.add_parser("bench", help="speed and memory: NumPy vs transformers eager fp32 on 2B-shaped weights",
+                       description="Build (once, cached) random bf16 checkpoints with the real 2B shapes, then "
+                                   "measure NumPy against transformers eager float32 on the same weights and "
+                                   "inputs, interleaved: prefill and decode tokens/s, load time, and the peak "
+                                   "resident memory of the full 26-layer model. Writes JSON and Markdown.")
+    bench.add_arguments(p)
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args) -> int:
+    from . import bench
+    return bench.run(args)
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate]
+SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

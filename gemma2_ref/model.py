@@ -165,13 +165,29 @@ def soft_cap(x: np.ndarray, cap: float | None) -> np.ndarray:
     """cap * tanh(x / cap): smooth, odd, slope 1 at 0, bounded by +-cap. None: no cap."""
     if cap is None:
         return x
-    return np.tanh(x / x.dtype.type(cap)) * x.dtype.type(cap)
+    y = x / x.dtype.type(cap)  # one new array, then in place: the final logits are (S, 256000)
+    np.tanh(y, out=y)
+    y *= x.dtype.type(cap)
+    return y
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (PyTorch's approximate='tanh'): Gemma 2's activation."""
-    c = x.dtype.type(math.sqrt(2.0 / math.pi))
-    return x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+    """GELU, tanh approximation (PyTorch's approximate='tanh'): Gemma 2's activation.
+
+        gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
+    f = x.dtype.type
+    # x is (B, S, F), the largest activation of a layer: build the result in one buffer, in place,
+    # in the formula's order of operations (so the values are exactly the formula's).
+    t = f(0.044715) * x
+    t *= x
+    t *= x
+    t += x
+    t *= f(math.sqrt(2.0 / math.pi))
+    np.tanh(t, out=t)
+    t += 1
+    t *= f(0.5)  # (1 + tanh) / 2 is exact, so x * that equals (0.5 x)(1 + tanh)
+    t *= x
+    return t
 
 
 def gelu_exact(x: np.ndarray) -> np.ndarray:
@@ -257,7 +273,8 @@ def mlp(x: np.ndarray, w: LayerWeights, taps: Taps = NO_TAPS, exact_gelu: bool =
     taps("mlp.gate", gate)
     up = linear(x, w.up_proj)
     taps("mlp.up", up)
-    hidden = (gelu_exact(gate) if exact_gelu else gelu_tanh(gate)) * up
+    hidden = gelu_exact(gate) if exact_gelu else gelu_tanh(gate)
+    hidden *= up  # in place: gelu returned a new (B, S, F) array
     taps("mlp.hidden", hidden)
     out = linear(hidden, w.down_proj)
     taps("mlp.out", out)

@@ -170,6 +170,21 @@ class MappedFiles:
         return np.frombuffer(m, dtype=storage, count=ref.nbytes // storage.itemsize,
                              offset=ref.offset).reshape(ref.shape)
 
+    def release(self, ref: TensorRef, begin: int = 0, end: int | None = None) -> None:
+        """Drop bytes [begin, end) of the tensor from this process's resident memory (madvise DONTNEED).
+
+        Pages of a file mapping that were read count in the process's RSS for as long as they stay
+        mapped; once a tensor is converted we no longer need them. They remain in the OS page cache, and
+        touching the array again simply maps them back in: this never changes what the array holds."""
+        m = self._maps.get(ref.file)
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        end = ref.nbytes if end is None else end
+        start = (ref.offset + begin) // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants a page-aligned start
+        stop = min(len(m), ref.offset + end)
+        if stop > start:
+            m.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self):
         maps, self._maps = self._maps, {}
         for m in maps.values():
@@ -179,11 +194,18 @@ class MappedFiles:
                 pass
 
 
-def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype) -> np.ndarray:
-    """Stored bytes -> a fresh array in the compute dtype. bf16 and f16 convert exactly."""
-    if st_dtype == "BF16":
-        return bf16_bits_to_f32(stored).astype(dtype, copy=False)
-    return stored.astype(dtype)
+def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored bytes -> a fresh array in the compute dtype (or into `out`). bf16 and f16 convert exactly."""
+    dtype = np.dtype(dtype)
+    if out is None:
+        out = np.empty(stored.shape, dtype)
+    if st_dtype == "BF16" and dtype == np.float32:
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)  # one pass: widen and shift
+    elif st_dtype == "BF16":
+        out[...] = bf16_bits_to_f32(stored)
+    else:
+        out[...] = stored
+    return out
 
 
 # -- the Gemma 2 tensors -----------------------------------------------------------------------------------
@@ -308,6 +330,9 @@ def index_checkpoint(directory: Path, cfg: Gemma2Config) -> dict[str, TensorRef]
     return refs
 
 
+CONVERT_BLOCK_BYTES = 32 << 20  # stored bytes converted per step (bounds the file pages resident at once)
+
+
 class Weights:
     """The checkpoint's tensors, memory-mapped in their stored dtype, converted on demand.
 
@@ -338,8 +363,20 @@ class Weights:
         return self._maps.array(self.refs[name])
 
     def tensor(self, name: str) -> np.ndarray:
+        """A tensor in the compute dtype, converted a block of rows at a time; each block's file pages are
+        released once converted, so converting costs the compute-dtype bytes, not those plus the file's."""
         ref = self.refs[name]
-        return to_compute_dtype(self._maps.array(ref), ref.dtype, self.dtype)
+        stored = self._maps.array(ref)
+        out = np.empty(ref.shape, self.dtype)
+        if stored.ndim == 0 or stored.size == 0:
+            return to_compute_dtype(stored, ref.dtype, self.dtype, out)
+        row_bytes = stored[0].nbytes
+        rows = max(1, CONVERT_BLOCK_BYTES // max(1, row_bytes))
+        for r0 in range(0, len(stored), rows):
+            r1 = min(len(stored), r0 + rows)
+            to_compute_dtype(stored[r0:r1], ref.dtype, self.dtype, out[r0:r1])
+            self._maps.release(ref, r0 * row_bytes, r1 * row_bytes)
+        return out
 
     def embedding(self) -> np.ndarray:
         """(V, D) in the compute dtype; kept, since the output head needs it after the last layer."""
