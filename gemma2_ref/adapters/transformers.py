@@ -1,0 +1,148 @@
+"""Hugging Face transformers' Gemma2ForCausalLM -> a golden case under the canonical tap names.
+
+Activations are captured with forward hooks on transformers' own modules, so the model runs unmodified, in
+the dtype and attention implementation you choose. What the hooks can reach faithfully:
+
+    embed                     output of model.embed_tokens (it multiplies by the normalizer itself)
+    layers.{i}.input          the decoder layer's input (forward pre-hook)
+    layers.{i}.pre_attn_norm  input_layernorm output
+    layers.{i}.attn.q_proj / k_proj / v_proj   q/k/v_proj outputs, heads split: (S, H or K, Dh)
+    layers.{i}.attn.probs     the attention weights self_attn returns: eager attention only (sdpa and
+                              flash kernels return none), and only when asked for ("all" or by name)
+    layers.{i}.attn.context   o_proj input;  layers.{i}.attn.out: o_proj output
+    layers.{i}.post_attn_norm post_attention_layernorm output
+    layers.{i}.resid_mid      pre_feedforward_layernorm input
+    layers.{i}.pre_ffw_norm   pre_feedforward_layernorm output
+    layers.{i}.mlp.gate / mlp.up   gate_proj / up_proj outputs;  mlp.hidden: down_proj input;  mlp.out: its output
+    layers.{i}.post_ffw_norm  post_feedforward_layernorm output
+    layers.{i}.output         the decoder layer's output
+    final_norm                model.norm output
+    logits_raw                lm_head output (before the final soft-cap)
+    logits                    the model's returned logits (after the final soft-cap)
+
+Not reachable with hooks: `attn.q_rope` / `attn.k_rope` (RoPE is a function call inside the attention
+module) and `attn.scores` (inside the attention function). A candidate simply lacks them; `compare` says so.
+
+torch and transformers are imported here only, when a function below is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..golden import model_info_from_files, write_case
+from ..model import select_taps
+
+REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
+             "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
+             "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def reachable_taps(cfg) -> list[str]:
+    """The canonical taps this adapter can capture, in execution order."""
+    from ..model import tap_names
+    ends = ("embed", "final_norm", "logits_raw", "logits")
+    return [n for n in tap_names(cfg) if n in ends or n.split(".", 2)[-1] in REACHABLE]
+
+
+def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
+    """Gemma2ForCausalLM.from_pretrained(path) in `dtype` with the chosen attention implementation."""
+    import torch
+    from transformers import Gemma2ForCausalLM
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"transformers dtype must be one of {TORCH_DTYPES}, not {dtype!r}")
+    return Gemma2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                             attn_implementation=attn_implementation).eval()
+
+
+def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.ndarray]:
+    """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
+    float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids."""
+    import torch
+
+    from ..config import config_from_hf_dict
+
+    cfg = gemma_config or config_from_hf_dict(hf_model.config.to_dict(), "transformers config")
+    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep(name, value, heads=None):
+        if name in wanted and value is not None:
+            got[name] = value if heads is None else value.reshape(*value.shape[:-1], heads, Dh)
+
+    def out_hook(name, heads=None):
+        return lambda m, i, o: keep(name, o[0] if isinstance(o, tuple) else o, heads)
+
+    def in_hook(name):
+        return lambda m, args, kwargs: keep(name, args[0] if args else kwargs.get("hidden_states"))
+
+    def add_out(module, name, heads=None):
+        if name in wanted:
+            hooks.append(module.register_forward_hook(out_hook(name, heads)))
+
+    def add_in(module, name):
+        if name in wanted:
+            hooks.append(module.register_forward_pre_hook(in_hook(name), with_kwargs=True))
+
+    base = hf_model.model
+    add_out(base.embed_tokens, "embed")
+    for i, layer in enumerate(base.layers):
+        p = f"layers.{i}."
+        att, mlp = layer.self_attn, layer.mlp
+        add_in(layer, p + "input")
+        add_out(layer, p + "output")
+        add_out(layer.input_layernorm, p + "pre_attn_norm")
+        add_out(att.q_proj, p + "attn.q_proj", H)
+        add_out(att.k_proj, p + "attn.k_proj", K)
+        add_out(att.v_proj, p + "attn.v_proj", K)
+        if p + "attn.probs" in wanted:
+            hooks.append(att.register_forward_hook(
+                lambda m, i, o, n=p + "attn.probs": keep(n, o[1] if isinstance(o, tuple) and len(o) > 1 else None)))
+        add_in(att.o_proj, p + "attn.context")
+        add_out(att.o_proj, p + "attn.out")
+        add_out(layer.post_attention_layernorm, p + "post_attn_norm")
+        add_in(layer.pre_feedforward_layernorm, p + "resid_mid")
+        add_out(layer.pre_feedforward_layernorm, p + "pre_ffw_norm")
+        add_out(mlp.gate_proj, p + "mlp.gate")
+        add_out(mlp.up_proj, p + "mlp.up")
+        add_in(mlp.down_proj, p + "mlp.hidden")
+        add_out(mlp.down_proj, p + "mlp.out")
+        add_out(layer.post_feedforward_layernorm, p + "post_ffw_norm")
+    add_out(base.norm, "final_norm")
+    add_out(hf_model.lm_head, "logits_raw")
+    batched = np.ndim(ids) == 2
+    try:
+        with torch.no_grad():
+            ids_t = torch.tensor(np.atleast_2d(np.asarray(ids)), dtype=torch.long)
+            got["logits"] = hf_model(input_ids=ids_t, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {name: got[name].detach().float().cpu().numpy() for name in got}
+    return out if batched else {name: a[0] for name, a in out.items()}
+
+
+def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
+                 taps="default", text: str | None = None, description: str | None = None, hf_model=None) -> Path:
+    """Run transformers on a checkpoint directory and write a golden case (producer: transformers)."""
+    import torch
+    import transformers
+
+    from ..config import load_config
+
+    checkpoint = Path(checkpoint)
+    hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
+    cfg = load_config(checkpoint)
+    acts = capture(hf_model, ids, taps, cfg)
+    producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
+                "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
+                "adapter": "gemma2_ref.adapters.transformers"}
+    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
+                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
+                      description=description)

@@ -1,0 +1,399 @@
+"""Compare a candidate's activations with a reference golden, tap by tap, in execution order.
+
+Per tap (all metrics in float64, relative to the reference so that one threshold serves every layer):
+
+    rel_l2    ||c - r|| / ||r||                   the error's size relative to the tensor's
+    max_rel   max |c - r| / max |r|               the worst single element, relative to the tap's scale
+    cosine    <c, r> / (||c|| ||r||)              reported, not thresholded (it follows from rel_l2)
+
+and for `logits` (after the final soft-cap), per token position:
+
+    KL(P_ref || P_cand)                           of the next-token distributions, in nats; max over positions
+    top-1 agreement                               fraction of positions with the same most likely token;
+                                                  a disagreement is excused when the reference's two tokens are
+                                                  within the profile's logit tolerance of each other (a tie)
+    top-5 overlap                                 mean |top5(ref) & top5(cand)| / 5
+
+A tap fails when any thresholded metric exceeds its profile limit. The *first diverging tap* is the first
+tap in execution order that fails: errors propagate forward, so the first failure is where to look.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from .golden import Case, Suite, canonical_order
+
+
+# -- tolerance profiles -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rel_l2: float  # max ||c - r|| / ||r|| per tap
+    max_rel: float  # max  max|c - r| / max|r| per tap
+    kl: float  # max per-token KL(P_ref || P_cand) of the logits, nats
+    top1: float  # min fraction of positions whose top-1 token agrees (ties within tolerance excused)
+    top5: float  # min mean top-5 overlap
+    why: str = ""
+
+    def describe(self) -> str:
+        return (f"{self.name}: rel L2 <= {self.rel_l2:g}, max abs <= {self.max_rel:g} x tap absmax, "
+                f"logits KL <= {self.kl:g} nats, top-1 >= {self.top1:g}, top-5 overlap >= {self.top5:g}")
+
+
+# Thresholds are set from measured noise floors (README, "Goldens and comparing other backends"):
+# the largest error seen between two correct implementations, times a margin, and still far below the
+# smallest error any known mistake produces.
+PROFILES = {
+    "fp32": Profile("fp32", rel_l2=5e-5, max_rel=2.5e-4, kl=1e-6, top1=1.0, top5=0.99,
+                    why="float32 compute on the stored weights. Measured worst over every tap (random models "
+                        "of 4-26 layers, 40 tokens): ours float32 vs float64 2.0e-5 rel L2 / 4.8e-5 max; "
+                        "transformers eager float32 vs ours 1.7e-5 / 4.5e-5; logits KL < 2e-10. Limits: 2.5x "
+                        "and 5x that. The smallest known mistake on the tiny model, sqrt(128) rounded to "
+                        "bfloat16 at `embed`, is 1.0e-4"),
+    "bf16": Profile("bf16", rel_l2=0.15, max_rel=0.4, kl=0.05, top1=0.9, top5=0.8,
+                    why="bfloat16 activations (8 significant bits: 0.4% per rounding). Measured transformers "
+                        "eager bfloat16 vs ours float32 (bf16-stored weights): 5e-2 / 9e-2 (bundled tiny), "
+                        "9.4e-2 / 0.24 (random tiny), 9.7e-2 / 0.22 (random 12 layers); logits KL <= 2.6e-2. "
+                        "Random 26-layer models amplify rounding chaotically (0.25 / 0.63): trained models do "
+                        "not. Catches gross mistakes only: check subtle ones with a float32 run"),
+    "fp16": Profile("fp16", rel_l2=0.05, max_rel=0.15, kl=5e-3, top1=0.95, top5=0.9,
+                    why="float16 activations (11 significant bits). Measured transformers eager float16 vs "
+                        "ours float32: 6.9e-3 / 1.4e-2 (bundled tiny) up to 3.4e-2 / 0.11 (random 26 "
+                        "layers); logits KL <= 5.3e-4"),
+    "q8": Profile("q8", rel_l2=0.25, max_rel=0.6, kl=0.1, top1=0.8, top5=0.7,
+                  why="8-bit block-quantised weights (Q8_0: 32-value blocks, absmax/127 scale), float32 "
+                      "compute. Measured (simulated Q8_0 in gemma2_ref) vs the unquantised weights: "
+                      "0.135 / 0.36 (random tiny), 0.145 / 0.32 (random 12 layers), logits KL <= 1.2e-2; "
+                      "random 26 layers: 0.39 / 1.1 (chaotic)"),
+}
+
+
+def profile_help() -> str:
+    return "\n".join(f"  {p.describe()}\n      ({p.why})" for p in PROFILES.values())
+
+
+def get_profile(name: str = "fp32", **overrides) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(PROFILES[name], name=name + ("+custom" if changes else ""), **changes)
+
+
+def auto_profile(candidate: Case) -> str:
+    """The profile that fits the candidate's compute dtype: bfloat16 -> bf16, float16 -> fp16, else fp32."""
+    dtype = str(candidate.compute_dtype or "")
+    return {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16"}.get(dtype, "fp32")
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TapResult:
+    name: str
+    status: str  # "pass", "fail", "shape" (shapes differ: fails), "missing" (not in the candidate)
+    shape: list | None = None
+    candidate_shape: list | None = None
+    max_abs: float | None = None
+    max_abs_index: list | None = None
+    scale: float | None = None  # max |reference|
+    max_rel: float | None = None
+    rel_l2: float | None = None
+    cosine: float | None = None
+    logits: dict | None = None  # kl_mean, kl_max, kl_max_position, top1, top5, top1_disagreements
+    failed: list = field(default_factory=list)  # which metrics exceeded their limit
+
+    @property
+    def layer(self) -> str:
+        m = re.fullmatch(r"layers\.(\d+)\..*", self.name)
+        return m.group(1) if m else self.name
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("pass", "missing")
+
+    def summary(self) -> str:
+        if self.status == "missing":
+            return f"{self.name}: not in the candidate"
+        if self.status == "shape":
+            return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
+        s = (f"{self.name}: rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
+             f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
+        if self.logits:
+            lg = self.logits
+            s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
+                  f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}")
+        return s
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
+    """Per-position KL(P_ref || P_cand), top-1 agreement, top-5 overlap.
+
+    A top-1 disagreement is excused when the reference prefers its token by less than `tie` x the
+    position's logit standard deviation: within the profile's tolerance the two are tied."""
+    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    c = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
+    lr, lc = _log_softmax(r), _log_softmax(c)
+    kl = np.maximum((np.exp(lr) * (lr - lc)).sum(axis=-1), 0.0)  # (positions,)
+    top_r, top_c = r.argmax(-1), c.argmax(-1)
+    rows = np.arange(len(r))
+    gap = r[rows, top_r] - r[rows, top_c]  # how much the reference prefers its own choice
+    agree = (top_r == top_c) | (gap <= tie * r.std(axis=-1))
+    k = min(5, r.shape[-1])
+    t5r = np.argpartition(-r, k - 1, axis=-1)[:, :k]
+    t5c = np.argpartition(-c, k - 1, axis=-1)[:, :k]
+    overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(t5r, t5c)])
+    pos = np.unravel_index(int(kl.argmax()), ref.shape[:-1])
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_max_position": [int(i) for i in pos],
+            "top1": float(agree.mean()), "top1_exact": float((top_r == top_c).mean()),
+            "top1_disagreements": int((~agree).sum()), "top5": float(overlap.mean())}
+
+
+def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Profile) -> TapResult:
+    if cand is None:
+        return TapResult(name, "missing", shape=list(ref.shape))
+    if ref.shape != cand.shape:
+        return TapResult(name, "shape", shape=list(ref.shape), candidate_shape=list(cand.shape), failed=["shape"])
+    r, c = ref.astype(np.float64), cand.astype(np.float64)
+    diff = np.abs(c - r)
+    bad = ~np.isfinite(c)
+    diff[bad] = np.inf
+    idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+    max_abs = float(diff[idx]) if diff.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    nr, nd = float(np.linalg.norm(r)), float(np.linalg.norm(np.where(bad, 0, c - r)))
+    nc = float(np.linalg.norm(np.where(bad, 0, c)))
+    rel_l2 = math.inf if bad.any() else (nd / nr if nr > 0 else (0.0 if nd == 0 else math.inf))
+    cosine = float(np.vdot(r, np.where(bad, 0, c)) / (nr * nc)) if nr > 0 and nc > 0 else float(nr == nc)
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, [int(i) for i in idx], scale,
+                    max_rel, rel_l2, cosine)
+    if rel_l2 > profile.rel_l2:
+        res.failed.append("rel_l2")
+    if max_rel > profile.max_rel:
+        res.failed.append("max_rel")
+    if name == "logits" and ref.ndim >= 1 and ref.size and not bad.any():
+        res.logits = logits_metrics(ref, cand, tie=2 * profile.rel_l2)
+        if res.logits["kl_max"] > profile.kl:
+            res.failed.append("kl")
+        if res.logits["top1"] < profile.top1:
+            res.failed.append("top1")
+        if res.logits["top5"] < profile.top5:
+            res.failed.append("top5")
+    if res.failed:
+        res.status = "fail"
+    return res
+
+
+# -- comparing cases and suites -----------------------------------------------------------------------------
+
+@dataclass
+class CaseComparison:
+    reference: str
+    candidate: str
+    profile: Profile
+    taps: list[TapResult]
+    extra: list[str]  # candidate taps the reference does not have
+    notes: list[str]
+    input_mismatch: str | None = None
+
+    @property
+    def compared(self) -> list[TapResult]:
+        return [t for t in self.taps if t.status != "missing"]
+
+    @property
+    def missing(self) -> list[str]:
+        return [t.name for t in self.taps if t.status == "missing"]
+
+    @property
+    def first_divergence(self) -> TapResult | None:
+        return next((t for t in self.taps if not t.ok), None)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.compared) and self.first_divergence is None and self.input_mismatch is None
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return {"reference": self.reference, "candidate": self.candidate, "passed": self.passed,
+                "profile": asdict(self.profile), "first_divergence": first.name if first else None,
+                "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
+                "notes": self.notes, "taps": [asdict(t) for t in self.taps],
+                "layers": layer_table(self.taps)}
+
+
+def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
+    """A sentence about how the candidate's token ids differ from the reference's (BOS problems first)."""
+    r, c = np.atleast_2d(ref_ids), np.atleast_2d(cand_ids)
+    if r.shape[0] == c.shape[0] and r.shape[1] == c.shape[1] + 1 and (r[:, 1:] == c).all() and (r[:, 0] == 2).all():
+        return "the candidate's token ids lack the leading <bos> (2) the reference has"
+    if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == 2).all():
+        return "the candidate's token ids start with a doubled <bos> (2, 2)"
+    if r.shape != c.shape:
+        return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
+    where = np.argwhere(r != c)
+    return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
+
+
+def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str] | None = None,
+                        reference="reference", candidate="candidate", ref_ids=None, cand_ids=None,
+                        notes=None) -> CaseComparison:
+    """Compare two {tap: array} dicts in execution order (the reference's taps define what is expected)."""
+    order = order or canonical_order(ref)
+    taps = [compare_tap(n, ref[n], cand.get(n), profile) for n in order]
+    extra = [n for n in canonical_order(cand) if n not in ref]
+    mismatch = None
+    if ref_ids is not None and cand_ids is not None and (
+            np.shape(ref_ids) != np.shape(cand_ids) or not np.array_equal(ref_ids, cand_ids)):
+        mismatch = describe_ids_difference(np.asarray(ref_ids), np.asarray(cand_ids))
+    return CaseComparison(reference, candidate, profile, taps, extra, list(notes or []), mismatch)
+
+
+def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
+    notes = list(cand.notes)
+    if not cand.verified:
+        notes.append("the candidate was not hash-verified")
+    return compare_activations(ref.activations, cand.activations, profile, ref.tap_names, str(ref.path),
+                               str(cand.path), ref.token_ids, cand.token_ids, notes)
+
+
+def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile: Profile) -> list[CaseComparison]:
+    """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails)."""
+    if isinstance(ref, Suite) != isinstance(cand, Suite):
+        raise ValueError(f"compare a case with a case and a suite with a suite: {ref.path} is a "
+                         f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
+                         f"{'suite' if isinstance(cand, Suite) else 'case'}")
+    if isinstance(ref, Case):
+        return [compare_cases(ref, cand, profile)]
+    by_name = {c.name: c for c in cand.cases}
+    out = []
+    for case in ref.cases:
+        if case.name in by_name:
+            out.append(compare_cases(case, by_name[case.name], profile))
+        else:
+            out.append(CaseComparison(str(case.path), f"{cand.path}/{case.name}", profile, [], [],
+                                      [f"case {case.name!r} is missing from the candidate suite"]))
+    return out
+
+
+# -- reports ----------------------------------------------------------------------------------------------
+
+def layer_table(taps: list[TapResult]) -> list[dict]:
+    """One row per layer (embed, 0..N-1, final): taps compared / failed, worst rel L2 and max/absmax."""
+    rows: dict[str, dict] = {}
+    for t in taps:
+        key = t.layer if t.layer.isdigit() else ("embed" if t.name == "embed" else "final")
+        row = rows.setdefault(key, {"layer": key, "compared": 0, "failed": 0, "missing": 0,
+                                    "worst_rel_l2": 0.0, "worst_max_rel": 0.0, "first_failure": None})
+        if t.status == "missing":
+            row["missing"] += 1
+            continue
+        row["compared"] += 1
+        if not t.ok:
+            row["failed"] += 1
+            row["first_failure"] = row["first_failure"] or t.name
+        if t.rel_l2 is not None:
+            row["worst_rel_l2"] = max(row["worst_rel_l2"], t.rel_l2)
+            row["worst_max_rel"] = max(row["worst_max_rel"], t.max_rel)
+        elif t.status == "shape":
+            row["worst_rel_l2"] = row["worst_max_rel"] = math.inf
+    return list(rows.values())
+
+
+def group_names(names: list[str]) -> str:
+    """layers.0.attn.q_rope, layers.1.attn.q_rope, ... -> 'layers.*.attn.q_rope (2)'."""
+    groups: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"^layers\.\d+\.", "layers.*.", n)
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(f"{k} ({v})" if v > 1 else k for k, v in groups.items())
+
+
+def format_report(result: CaseComparison, all_taps: bool = False) -> str:
+    p = result.profile
+    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", f"profile    {p.describe()}"]
+    compared = result.compared
+    lines.append(f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
+                 + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else ""))
+    if result.extra:
+        lines.append(f"           not in the reference (ignored): {group_names(result.extra)}")
+    for note in result.notes:
+        lines.append(f"note       {note}")
+    if result.input_mismatch:
+        lines.append(f"INPUT      {result.input_mismatch}")
+    if not result.taps:
+        lines.append("FAIL: nothing to compare")
+        return "\n".join(lines)
+    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap"]
+    for row in layer_table(result.taps):
+        if row["compared"] == 0:
+            lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
+            continue
+        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  {row['worst_rel_l2']:>12.3g}  "
+                     f"{row['worst_max_rel']:>16.3g}  {row['first_failure'] or ''}")
+    if all_taps:
+        lines += ["", "per tap, execution order:"] + [f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}"
+                                                     for t in result.taps if t.status != "missing"]
+    logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
+    if logits:
+        lg = logits.logits
+        lines += ["", f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
+                      f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
+                      f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap {lg['top5']:.1%}"]
+    first = result.first_divergence
+    lines.append("")
+    if result.passed:
+        lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
+    elif first is None:
+        lines.append("FAIL: " + (result.input_mismatch or "nothing was compared"))
+    else:
+        where = f"layer {first.layer}, {first.name.split('.', 2)[2]}" if first.layer.isdigit() else first.name
+        lines.append(f"FAIL: first diverging tap: {first.name} ({where}): " + "; ".join(failure_reasons(first, p)))
+        lines.append(f"      {first.summary()}")
+    return "\n".join(lines)
+
+
+def failure_reasons(t: TapResult, p: Profile) -> list[str]:
+    """Why a tap failed, one phrase per exceeded limit."""
+    out = []
+    for f in t.failed:
+        if f == "shape":
+            out.append(f"shape {t.candidate_shape} in the candidate, {t.shape} in the reference")
+        elif f == "rel_l2":
+            out.append(f"rel L2 {t.rel_l2:.3g} > {p.rel_l2:g}")
+        elif f == "max_rel":
+            out.append(f"max abs / absmax {t.max_rel:.3g} > {p.max_rel:g}")
+        elif f == "kl":
+            out.append(f"KL {t.logits['kl_max']:.3g} > {p.kl:g}")
+        elif f == "top1":
+            out.append(f"top-1 agreement {t.logits['top1']:.1%} < {p.top1:.0%}")
+        elif f == "top5":
+            out.append(f"top-5 overlap {t.logits['top5']:.1%} < {p.top5:.0%}")
+    return out
+
+
+def json_safe(obj):
+    """Strict JSON: infinities and NaN (e.g. the error of a non-finite candidate) become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def to_json(results: list[CaseComparison], extra: dict | None = None) -> str:
+    body = {"passed": all(r.passed for r in results), "cases": [r.to_dict() for r in results], **(extra or {})}
+    return json.dumps(json_safe(body), indent=1, allow_nan=False)

@@ -1,0 +1,278 @@
+"""Diagnosis: which known Gemma 2 mistake does a failing candidate look like?
+
+The reference model is re-run once per known mistake (`model.Mistakes`, plus the input mistakes: no <bos>,
+doubled <bos>), with the taps the candidate holds. Each variant is compared with the candidate exactly as the
+reference was. A variant is named when it explains the candidate far better than the correct model does:
+
+    matches          the candidate passes the profile against the variant: indistinguishable from it
+    explains the first divergence
+                     at the reference's first diverging tap the candidate is >= 10x closer (rel L2) to the
+                     variant than to the reference, and the variant's own first divergence comes later
+                     (the candidate has this mistake and something else)
+
+Nothing about how the candidate was produced is used: only its activations and token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .compare import CaseComparison, Profile, compare_activations
+from .golden import BOS, Case
+from .model import CORRECT, Mistakes, tap_names
+
+EXPLAIN_RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str  # one line: the mistake
+    refs: str  # public bug reports (gemma2-facts.md)
+    mistakes: Mistakes = CORRECT
+    ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
+
+
+def known_variants(cfg) -> list[Variant]:
+    """Every known mistake that changes this model's output, as a re-runnable variant."""
+    v = [
+        Variant("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
+                "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
+                Mistakes(drop_attn_softcap=True)),
+        Variant("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)", "llama.cpp #8156",
+                Mistakes(drop_final_softcap=True)),
+        Variant("no_sliding_window", "sliding-window layers attend globally (only visible beyond the window "
+                f"of {cfg.sliding_window})", "llama.cpp #8227, transformers #32522, keras-hub #2186, SGLang #1746",
+                Mistakes(no_sliding_window=True)),
+        Variant("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
+                "back", "transformers #35681, llama.cpp #8227", Mistakes(window_offset=1)),
+        Variant("window_offset=-1", "sliding window off by one: a query sees one key fewer",
+                "transformers #35681, llama.cpp #8227", Mistakes(window_offset=-1)),
+    ]
+    scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
+              "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
+    seen = {float(cfg.query_pre_attn_scalar)}
+    for label, value in scales.items():
+        if float(value) not in seen:
+            seen.add(float(value))
+            v.append(Variant(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
+                             f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
+                             f"{cfg.query_pre_attn_scalar:g}^-0.5", "transformers #31891, llama.cpp #8444 / #13951",
+                             Mistakes(query_scale=float(value))))
+    v += [
+        Variant("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
+                "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
+                "transformers #29402", Mistakes(normalizer_dtype="bfloat16")),
+        Variant("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
+                "dtype (a bfloat16 model needs 60.0 for sqrt(3584), not 59.87)", "transformers #29402",
+                Mistakes(normalizer_dtype="float64")),
+        Variant("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
+                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=0.0)),
+        Variant("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
+                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=2.0)),
+        Variant("exact_gelu", "exact erf GELU instead of the tanh approximation", "gemma2-facts: GeGLU",
+                Mistakes(exact_gelu=True)),
+        Variant("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
+                "lm-evaluation-harness #2049", ids="no_bos"),
+        Variant("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
+                "lm-evaluation-harness #2049", ids="double_bos"),
+    ]
+    return v
+
+
+def variant_ids(ids: np.ndarray, kind: str) -> np.ndarray | None:
+    """The reference's ids as the mistaken backend would have run them (None: not applicable)."""
+    ids = np.asarray(ids)
+    rows = np.atleast_2d(ids)
+    if kind == "same":
+        return ids
+    if kind == "no_bos":
+        if not (rows[:, 0] == BOS).all() or rows.shape[1] < 2:
+            return None
+        out = rows[:, 1:]
+    else:
+        out = np.concatenate([np.full((rows.shape[0], 1), BOS), rows], axis=1)
+    return out if ids.ndim == 2 else out[0]
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    comparison: CaseComparison
+    ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
+    verdict: str  # "matches", "explains the first divergence", or ""
+
+    def to_dict(self) -> dict:
+        first = self.comparison.first_divergence
+        return {"variant": self.variant.name, "what": self.variant.what, "refs": self.variant.refs,
+                "verdict": self.verdict, "ratio_at_first_divergence": _finite(self.ratio),
+                "passes_against_variant": self.comparison.passed,
+                "variant_first_divergence": first.name if first else None}
+
+
+@dataclass
+class Diagnosis:
+    base: CaseComparison
+    results: list[VariantResult] = field(default_factory=list)
+    combined: list[VariantResult] = field(default_factory=list)
+
+    @property
+    def named(self) -> list[VariantResult]:
+        hits = [r for r in self.results + self.combined if r.verdict]
+        return sorted(hits, key=lambda r: (r.verdict != "matches", -min(r.ratio, 1e30)))
+
+    def to_dict(self) -> dict:
+        first = self.base.first_divergence
+        return {"first_divergence": first.name if first else None, "passed": self.base.passed,
+                "named": [r.to_dict() for r in self.named],
+                "variants": [r.to_dict() for r in self.results + self.combined]}
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def _rel_l2_at(comparison: CaseComparison, name: str) -> float:
+    t = next((t for t in comparison.taps if t.name == name), None)
+    if t is None or t.status in ("shape", "missing") or t.rel_l2 is None:
+        return math.inf
+    return t.rel_l2
+
+
+def _position(tap, order: list[str]) -> int:
+    """Where a first divergence sits in execution order (no divergence: after everything)."""
+    return len(order) if tap is None else order.index(tap.name) if tap.name in order else len(order) - 1
+
+
+def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None,
+             combine: bool = True) -> Diagnosis:
+    """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
+    resembles (module docstring). `log(str)` receives progress lines."""
+    from .compare import compare_cases
+
+    base = compare_cases(reference, candidate, profile)
+    diag = Diagnosis(base)
+    if base.passed:
+        return diag
+    ref_ids = reference.token_ids
+    cand_acts = candidate.activations
+    names = set(tap_names(model.config))
+    wanted = [n for n in candidate.tap_names if n in names] or ["logits"]
+    order = tap_names(model.config)
+    base_first = base.first_divergence
+    base_err = _rel_l2_at(base, base_first.name) if base_first else math.inf
+
+    def run(variant: Variant, mistakes: Mistakes) -> VariantResult | None:
+        ids = variant_ids(ref_ids, variant.ids)
+        if ids is None:
+            return None
+        trace = model.forward(ids, taps=wanted, mistakes=mistakes)
+        cmp = compare_activations(trace, cand_acts, profile, reference=f"variant {variant.name}",
+                                  candidate=str(candidate.path))
+        if base_first is not None:
+            var_err = _rel_l2_at(cmp, base_first.name)
+            ratio = (base_err / var_err if var_err > 0 else math.inf) if math.isfinite(var_err) else 0.0
+            if not math.isfinite(base_err) and math.isfinite(var_err):
+                ratio = math.inf  # the variant fixes a shape mismatch (an input mistake)
+        else:
+            ratio = 1.0
+        later = _position(cmp.first_divergence, order) > _position(base_first, order)
+        verdict = ""
+        if cmp.passed:
+            verdict = "matches"
+        elif ratio >= EXPLAIN_RATIO and later:
+            verdict = "explains the first divergence"
+        return VariantResult(variant, cmp, ratio, verdict)
+
+    for variant in known_variants(model.config):
+        if log:
+            log(f"  variant {variant.name}")
+        result = run(variant, variant.mistakes)
+        if result is not None:
+            diag.results.append(result)
+    partial = [r for r in diag.results if r.verdict == "explains the first divergence"]
+    if combine and partial and not any(r.verdict == "matches" for r in diag.results):
+        # Two mistakes at once: the best partial explanation plus each other single mistake.
+        best = max(partial, key=lambda r: r.ratio)
+        for other in diag.results:
+            if other is best or not _combinable(best.variant, other.variant):
+                continue
+            v = _combine(best.variant, other.variant)
+            if log:
+                log(f"  variant {v.name}")
+            result = run(v, v.mistakes)
+            if result is not None and result.verdict == "matches":
+                diag.combined.append(result)
+    return diag
+
+
+def _combinable(a: Variant, b: Variant) -> bool:
+    if a.ids != "same" and b.ids != "same":
+        return False
+    fa = {k for k, v in a.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
+    fb = {k for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
+    window = {"no_sliding_window", "window_offset"}
+    return not (fa & fb) and not (fa & window and fb & window)
+
+
+def _combine(a: Variant, b: Variant) -> Variant:
+    changes = {k: v for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
+    merged = Mistakes(**{**a.mistakes.__dict__, **changes})
+    return Variant(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}", merged,
+                   a.ids if a.ids != "same" else b.ids)
+
+
+def format_diagnosis(diag: Diagnosis) -> str:
+    if diag.base.passed:
+        return "diagnosis: the candidate passes; nothing to diagnose"
+    first = diag.base.first_divergence
+    lines = [f"diagnosis (each known mistake re-run from the reference model; first divergence "
+             f"{first.name if first else 'none'}):"]
+    named = diag.named
+    if not named:
+        lines.append("  no known Gemma 2 mistake explains the candidate better than the correct model.")
+        lines.append("  If the errors are small and grow with depth, compare with a looser profile (bf16, fp16, q8)"
+                     " that fits the candidate's precision.")
+    for r in named:
+        first_v = r.comparison.first_divergence
+        evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
+                    if r.comparison.passed else f"vs this variant the first divergence moves to "
+                                                f"{first_v.name if first_v else 'none'}")
+        ratio = "inf" if not math.isfinite(r.ratio) else f"{r.ratio:.3g}"
+        lines.append(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]")
+        lines.append(f"      evidence: at {first.name if first else '-'} the candidate is {ratio}x closer to this "
+                     f"variant than to the reference (rel L2); {evidence}")
+    others = [r for r in diag.results if not r.verdict]
+    if others:
+        lines.append("  ruled out (error ratio at the first divergence): " + ", ".join(
+            f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others))
+    return "\n".join(lines)
+
+
+def load_reference_model(reference: Case, model_path=None, log=None):
+    """The checkpoint the reference golden was made from: `model_path` if given, else the one its manifest
+    names (a bundled model by name, a directory by path). Its files' sha256 must match the manifest."""
+    from . import load_model
+    from .golden import GoldenError, sha256_file
+
+    info = reference.manifest.get("model") or {}
+    source = model_path or (info.get("name") if info.get("bundled") else info.get("path"))
+    if not source:
+        raise GoldenError(f"{reference.path}: the manifest names no model; pass --model CHECKPOINT_DIR")
+    dtype = reference.compute_dtype if reference.compute_dtype in ("float32", "float64") else "float32"
+    try:
+        model = load_model(source, dtype=dtype)
+    except FileNotFoundError:
+        raise GoldenError(f"{reference.path} was made from {source}, which is not here; pass --model "
+                          f"CHECKPOINT_DIR (its files must have the sha256s the manifest records)") from None
+    recorded = info.get("weights") or {}
+    found = {f.name: sha256_file(f, progress=log is not None) for f in model.weights.files}
+    if recorded and found != recorded:
+        differ = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
+        raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "
+                          f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
+                          f"the golden, or pass --model with the original checkpoint")
+    return model

@@ -1,0 +1,519 @@
+"""Golden cases: activations in a safetensors file, described and hash-checked by a manifest.
+
+A golden *case* is a directory:
+
+    activations.safetensors   one tensor per tap, canonical names (DESIGN.md), stored in the compute dtype
+    manifest.json             who produced it (gemma2_ref version + git commit, or another backend), the model
+                              (config, sha256 of every weight file and of tokenizer.model), the input (text,
+                              token ids, BOS policy), the compute dtype, and per tap: shape, dtype, sha256 of
+                              its bytes, min/max/mean/std/absmax; plus the sha256 of the activations file and
+                              a checksum of the manifest itself (`manifest_sha256`).
+
+A golden *suite* is a directory of cases plus `suite.json` listing them.
+
+`load_case` verifies every hash before it returns a single number: a golden that was edited, truncated or is
+missing a tap is refused with a message that names the file, the tap, and what was expected. The checksums
+detect accidents and careless edits; they are not a signature (anyone can recompute them).
+
+`write_case` needs NumPy only: any backend can write a candidate for `gemma2-ref compare` with it.
+Regenerating a case from the same model and input gives bit-identical tensors (and tensor sha256s): the
+forward is a fixed sequence of NumPy operations and the writer sorts names and pads deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, write_safetensors
+
+FORMAT_VERSION = 1
+ACTIVATIONS = "activations.safetensors"
+MANIFEST = "manifest.json"
+SUITE = "suite.json"
+BOS = 2
+
+
+class GoldenError(ValueError):
+    """A golden case or suite that cannot be trusted. The message names the file and what is wrong."""
+
+
+# -- hashing ----------------------------------------------------------------------------------------------
+
+def sha256_file(path: str | Path, progress: bool = False) -> str:
+    path = Path(path)
+    h = hashlib.sha256()
+    size, done = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            done += len(chunk)
+            if progress and size > 1 << 28:
+                print(f"  hashing {path.name}: {100 * done / size:5.1f}%", end="\r", file=sys.stderr, flush=True)
+    if progress and size > 1 << 28:
+        print(file=sys.stderr)
+    return h.hexdigest()
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), without the checksum field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def git_commit() -> str:
+    """The commit of the gemma2_ref checkout this code runs from, or "unknown" (installed, no git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- storing one tensor -----------------------------------------------------------------------------------
+
+ST_DTYPE = {np.dtype("float16"): "F16", np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
+
+
+def storable(a) -> np.ndarray:
+    """An activation as a C-ordered little-endian float16/32/64 array. Other floats (bfloat16 from
+    ml_dtypes, torch tensors via __array__) become float32, which holds bfloat16 values exactly."""
+    a = np.asarray(a)
+    if a.dtype not in ST_DTYPE:
+        if not (np.issubdtype(a.dtype, np.floating) or a.dtype.kind in "fiu" or "bfloat16" in str(a.dtype)):
+            raise GoldenError(f"cannot store an activation of dtype {a.dtype}: give floating-point arrays")
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def tensor_sha256(a: np.ndarray) -> str:
+    """sha256 of the tensor's bytes exactly as activations.safetensors stores them (little-endian, C order)."""
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()).hexdigest()
+
+
+def tensor_stats(a: np.ndarray) -> dict:
+    x = np.asarray(a, dtype=np.float64)
+    if x.size == 0:
+        return {"min": None, "max": None, "mean": None, "std": None, "absmax": None}
+    return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "std": float(x.std()),
+            "absmax": float(np.abs(x).max())}
+
+
+# -- name maps (another backend's tensor names -> canonical taps) -------------------------------------------
+
+def apply_name_map(activations: dict, name_map=None) -> dict:
+    """Rename a backend's tensors to canonical taps.
+
+    `name_map`: a dict {their name or pattern: canonical name or pattern}, or a list of "from=to" strings.
+    `{i}` in a pattern stands for a layer number: {"blk.{i}.attn_norm": "layers.{i}.pre_attn_norm"}.
+    A pattern ending in "*" maps a prefix: {"model.*": "*"} strips "model.". Unmatched names are kept."""
+    if not name_map:
+        return dict(activations)
+    if not isinstance(name_map, dict):
+        pairs = {}
+        for rule in name_map:
+            if "=" not in rule:
+                raise GoldenError(f"name map rule {rule!r} must look like THEIR_NAME=CANONICAL_NAME")
+            src, dst = rule.split("=", 1)
+            pairs[src] = dst
+        name_map = pairs
+    rules = []
+    for src, dst in name_map.items():
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)")
+        if pattern.endswith(r"\*"):
+            pattern = pattern[:-2] + "(?P<rest>.*)"
+        rules.append((re.compile(pattern + "$"), dst))
+    out = {}
+    for name, value in activations.items():
+        new = name
+        for rx, dst in rules:
+            m = rx.match(name)
+            if m:
+                new = dst.replace("{i}", m.groupdict().get("i") or "")
+                if dst.endswith("*"):
+                    new = new[:-1] + (m.groupdict().get("rest") or "")
+                break
+        if new in out:
+            raise GoldenError(f"name map sends two tensors to {new!r} (one of them is {name!r})")
+        out[new] = value
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+def canonical_order(names) -> list[str]:
+    """Tap names in execution order (embed, layers by number and step, final_norm, logits_raw, logits);
+    names that are not canonical taps come last, sorted."""
+    from .model import LAYER_TAPS
+
+    def key(name: str):
+        if name == "embed":
+            return (0, 0, 0, name)
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if m and m.group(2) in LAYER_TAPS:
+            return (1, int(m.group(1)), LAYER_TAPS.index(m.group(2)), name)
+        ends = ("final_norm", "logits_raw", "logits")
+        if name in ends:
+            return (2, ends.index(name), 0, name)
+        return (3, 0, 0, name)
+
+    return sorted(names, key=key)
+
+
+def describe_bos(token_ids) -> str:
+    """The BOS policy the ids follow: "one" (Gemma's), "none", or "doubled"."""
+    rows = np.atleast_2d(np.asarray(token_ids))
+    kinds = set()
+    for row in rows:
+        n = 0
+        while n < len(row) and row[n] == BOS:
+            n += 1
+        kinds.add({0: "none", 1: "one"}.get(n, "doubled" if n == 2 else f"{n} x <bos>"))
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: dict | str | None = None,
+               model: dict | None = None, text: str | None = None, compute_dtype: str | None = None,
+               description: str | None = None, name_map=None, extra: dict | None = None) -> Path:
+    """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
+
+    activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
+                 shapes as in DESIGN.md, with a leading batch axis if `token_ids` is (batch, seq).
+    token_ids:   the ids the backend actually ran, (seq,) or (batch, seq).
+    producer:    {"name": "my-backend", "version": "1.2", ...} or a name; default: gemma2_ref itself.
+    model:       {"config": {...}, "weights": {file: sha256}, "tokenizer": {file: sha256}}, see `model_info`.
+    compute_dtype: the dtype the backend computed in ("bfloat16", "float32", ...); default: the arrays' dtype.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = {name: storable(a) for name, a in apply_name_map(activations, name_map).items()}
+    if not acts:
+        raise GoldenError(f"{out_dir}: no activations to write")
+    ids = np.asarray(token_ids)
+    if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
+        raise GoldenError(f"token_ids must be integers shaped (seq,) or (batch, seq), got {ids.dtype} {ids.shape}")
+    order = canonical_order(acts)
+    if producer is None or isinstance(producer, str):
+        from . import __version__
+        producer = ({"name": "gemma2_ref", "version": __version__, "commit": git_commit()} if producer is None
+                    else {"name": producer})
+    dtypes = sorted({str(a.dtype) for a in acts.values()})
+    write_safetensors(out_dir / ACTIVATIONS, acts)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "gemma2-ref golden case",
+        "description": description,
+        "producer": producer,
+        "model": model,
+        "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids)},
+        "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
+        "activations": {"file": ACTIVATIONS, "bytes": (out_dir / ACTIVATIONS).stat().st_size,
+                        "sha256": sha256_file(out_dir / ACTIVATIONS)},
+        "taps": [{"name": n, "shape": list(acts[n].shape), "dtype": str(acts[n].dtype),
+                  "sha256": tensor_sha256(acts[n]), **tensor_stats(acts[n])} for n in order],
+    }
+    if extra:
+        manifest["extra"] = extra
+    manifest["manifest_sha256"] = _manifest_checksum(manifest)
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(out_dir / MANIFEST)
+    return out_dir
+
+
+def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool = False,
+                          progress: bool = False) -> dict:
+    """What a manifest records about a checkpoint: where it came from, its config, sha256 of its files.
+
+    A bundled model is recorded by name (its path differs between checkouts); a directory by its path."""
+    from .weights import checkpoint_files
+
+    directory = Path(directory)
+    files, _ = checkpoint_files(directory)
+    tok = directory / "tokenizer.model"
+    return {
+        "name": name or directory.name,
+        "path": None if bundled else str(directory.resolve()),
+        "bundled": bundled,
+        "config": cfg.to_hf_dict(),
+        "weights": {f.name: sha256_file(f, progress) for f in sorted(files)},
+        "tokenizer": {tok.name: sha256_file(tok)} if tok.is_file() else None,
+    }
+
+
+def model_info(model, given_name: str | None = None, progress: bool = False) -> dict:
+    """model_info_from_files for a loaded gemma2_ref Model; `given_name` as the user named it ("tiny")."""
+    from .data import bundled_path
+
+    bundled = given_name is not None and bundled_path(str(given_name)) is not None
+    return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled,
+                                 progress)
+
+
+# -- reading and verifying --------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """A verified golden case: manifest, activations by name, taps in execution order."""
+    path: Path
+    manifest: dict
+    activations: dict[str, np.ndarray]
+    verified: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def tap_names(self) -> list[str]:
+        return canonical_order(self.activations)
+
+    @property
+    def token_ids(self) -> np.ndarray | None:
+        ids = (self.manifest.get("input") or {}).get("token_ids")
+        return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def compute_dtype(self) -> str | None:
+        return self.manifest.get("compute_dtype")
+
+    @property
+    def producer(self) -> str:
+        p = self.manifest.get("producer") or {}
+        return " ".join(str(p[k]) for k in ("name", "version") if p.get(k)) or "unknown producer"
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as stored (BF16 read as float32, exactly)."""
+    try:
+        refs, _ = read_safetensors_header(path)
+    except WeightsError as e:
+        raise GoldenError(str(e)) from None
+    out, dtypes = {}, {}
+    data = path.read_bytes()
+    for name, ref in refs.items():
+        storage = STORAGE_DTYPES[ref.dtype]
+        a = np.frombuffer(data, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset)
+        a = a.reshape(ref.shape)
+        out[name] = bf16_bits_to_f32(a) if ref.dtype == "BF16" else a.astype(storage.newbyteorder("="))
+        dtypes[name] = ref.dtype
+    return out, dtypes
+
+
+def load_case(path: str | Path, verify: bool = True) -> Case:
+    """Load a golden case directory, verifying the manifest checksum, the file's sha256, the set of taps,
+    and every tap's shape, dtype and sha256. Raises GoldenError naming what does not match."""
+    path = Path(path)
+    mpath, apath = path / MANIFEST, path / ACTIVATIONS
+    if not path.is_dir():
+        raise GoldenError(f"{path}: not a golden case directory (expected {MANIFEST} and {ACTIVATIONS} in it)")
+    for p in (mpath, apath):
+        if not p.is_file():
+            raise GoldenError(f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS}; "
+                              f"regenerate it with `gemma2-ref golden`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GoldenError(f"{mpath}: not valid JSON ({e}); the manifest was edited or truncated") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
+        raise GoldenError(f"{mpath}: format_version {found!r}, this gemma2_ref reads {FORMAT_VERSION}")
+    if verify:
+        recorded, actual = manifest.get("manifest_sha256"), _manifest_checksum(manifest)
+        if recorded != actual:
+            raise GoldenError(f"{mpath}: manifest checksum mismatch (recorded {recorded}, content gives "
+                              f"{actual}): the manifest was edited after it was written. Regenerate the case")
+        expected = manifest["activations"]
+        size = apath.stat().st_size
+        if size != expected["bytes"]:
+            raise GoldenError(f"{apath}: {size} bytes, the manifest says {expected['bytes']}: the file is "
+                              f"truncated or was replaced. Regenerate the case")
+        found = sha256_file(apath)
+        if found != expected["sha256"]:
+            raise GoldenError(f"{apath}: sha256 {found} does not match the manifest's {expected['sha256']}: "
+                              f"the activations were modified. Regenerate the case")
+    arrays, st_dtypes = _read_tensors(apath)
+    listed = {t["name"]: t for t in manifest.get("taps", [])}
+    missing, extra = sorted(set(listed) - set(arrays)), sorted(set(arrays) - set(listed))
+    if missing:
+        raise GoldenError(f"{apath}: taps listed in the manifest are missing from the file: {missing[:5]}")
+    if extra:
+        raise GoldenError(f"{apath}: tensors not listed in the manifest: {extra[:5]}")
+    if verify:
+        for name, meta in listed.items():
+            a = arrays[name]
+            if list(a.shape) != meta["shape"] or (st_dtypes[name] != "BF16" and str(a.dtype) != meta["dtype"]):
+                raise GoldenError(f"{apath}: tap {name!r} is {a.dtype} {list(a.shape)}, the manifest says "
+                                  f"{meta['dtype']} {meta['shape']}")
+            if st_dtypes[name] != "BF16" and tensor_sha256(a) != meta["sha256"]:
+                raise GoldenError(f"{apath}: tap {name!r}: sha256 of its bytes does not match the manifest: "
+                                  f"the tensor was modified")
+    return Case(path, manifest, arrays, verified=verify)
+
+
+def load_activations_file(path: str | Path, name_map=None) -> Case:
+    """A bare safetensors file of activations (no manifest): loaded unverified, as a candidate only."""
+    path = Path(path)
+    if not path.is_file():
+        raise GoldenError(f"{path}: no such file")
+    arrays, _ = _read_tensors(path)
+    arrays = apply_name_map(arrays, name_map)
+    manifest = {"format_version": FORMAT_VERSION, "producer": {"name": path.name}, "input": {}}
+    return Case(path, manifest, arrays, verified=False,
+                notes=["no manifest: hashes not verified, token ids unknown"])
+
+
+# -- suites -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Suite:
+    path: Path
+    info: dict
+    cases: list[Case]
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name") or self.path.name
+
+
+def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | None = None) -> Path:
+    """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]."""
+    out_dir = Path(out_dir)
+    body = {"format_version": FORMAT_VERSION, "kind": "gemma2-ref golden suite", "name": name,
+            **(info or {}), "cases": [{"name": c["name"], "description": c.get("description")} for c in cases]}
+    (out_dir / SUITE).write_text(json.dumps(body, indent=1) + "\n")
+    return out_dir
+
+
+def load_suite(path: str | Path, verify: bool = True) -> Suite:
+    path = Path(path)
+    try:
+        info = json.loads((path / SUITE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GoldenError(f"{path / SUITE}: not valid JSON ({e})") from None
+    cases = []
+    for entry in info.get("cases", []):
+        case_dir = path / entry["name"]
+        if not case_dir.is_dir():
+            raise GoldenError(f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist")
+        cases.append(load_case(case_dir, verify))
+    return Suite(path, info, cases)
+
+
+def load_golden(path: str | Path, verify: bool = True, name_map=None) -> Case | Suite:
+    """A case directory, a suite directory (with suite.json), or (candidates only) a bare .safetensors file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_activations_file(path, name_map)
+    if (path / SUITE).is_file():
+        return load_suite(path, verify)
+    case = load_case(path, verify)
+    if name_map:
+        case.activations = apply_name_map(case.activations, name_map)
+    return case
+
+
+# -- producing goldens with gemma2_ref ----------------------------------------------------------------------
+
+def run_case(model, ids, taps="default", mistakes=None, progress=None) -> dict[str, np.ndarray]:
+    """Our forward with taps, the activations a golden stores (logits always included)."""
+    from .model import CORRECT
+    return model.forward(ids, taps=taps, mistakes=mistakes or CORRECT, progress=progress)
+
+
+def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
+                  progress=None) -> Path:
+    """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
+    acts = run_case(model, ids, taps, progress=progress)
+    return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
+                      compute_dtype=str(model.dtype), description=description)
+
+
+# -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
+
+PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "
+           "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
+           "appear in text, and so do names, code and questions: what comes next? ")
+QUESTION = "Why soft-cap scores?"
+
+
+@dataclass
+class CaseInput:
+    name: str
+    description: str
+    ids: list | np.ndarray
+    text: str | None = None
+
+
+def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
+    """The coverage suite for a model with sliding window W (4096 for the released models):
+
+    short      a short prompt with one <bos>
+    window     W + 2 tokens: positions W-1, W, W+1 exist, so the first key leaves the window (sliding layers
+               differ from global ones, and an off-by-one window shows)
+    no_bos     the short prompt without <bos> (lm-evaluation-harness #2049)
+    double_bos the short prompt with <bos><bos> (a chat template plus an added BOS)
+    chat       a user turn in the Gemma chat template
+    batch      two different prompts of equal length, as one (2, S) batch (no padding)
+    """
+    W = cfg.sliding_window
+    if W + 2 > cfg.max_position_embeddings:
+        raise ValueError(f"the window case needs {W + 2} positions, the model's context is "
+                         f"{cfg.max_position_embeddings}")
+    short_text = "The cat sat on the mat."
+    short = tokenizer.encode(short_text, bos=True)
+    long_ids = tokenizer.encode(PASSAGE, bos=True)
+    body = tokenizer.encode(PASSAGE, bos=False)
+    while len(long_ids) < W + 2:
+        long_ids += body
+    long_ids = long_ids[: W + 2]
+    a = tokenizer.encode("Windows slide.", bos=True)
+    b = tokenizer.encode("Caps bound logits.", bos=True)
+    n = min(len(a), len(b))
+    chat_ids = tokenizer.encode_chat(QUESTION)
+    return [
+        CaseInput("short", "a short prompt, one <bos>", short, short_text),
+        CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
+                            f"of {W}", long_ids, tokenizer.decode(long_ids, skip_special=False)),
+        CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
+        CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
+        CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
+        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]),
+                  None),
+    ]
+
+
+SUITES = {"coverage": coverage_inputs}
+
+
+def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", model_name=None,
+                   log=None, write=None) -> Path:
+    """Write every case of a suite under out_dir, plus suite.json.
+
+    `write(ids, case_dir, text, description)` writes one case; default: our forward (generate_case).
+    Give another to produce the same suite with another backend (adapters.transformers)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = model_info(model, model_name, progress=log is not None)
+    if write is None:
+        def write(ids, case_dir, text, description):
+            generate_case(model, ids, case_dir, taps=taps, text=text, description=description, info=info)
+    inputs = SUITES[name](model.config, tokenizer)
+    for case in inputs:
+        if log:
+            log(f"  case {case.name}: {np.asarray(case.ids).shape} tokens")
+        write(np.asarray(case.ids), out_dir / case.name, case.text, case.description)
+    return write_suite(out_dir, name, [{"name": c.name, "description": c.description} for c in inputs],
+                       {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
+                        "sliding_window": model.config.sliding_window, "taps": taps})
