@@ -285,9 +285,239 @@ def run_bench(args) -> int:
     return bench.run(args)
 
 
+# -- golden / compare / diagnose ----------------------------------------------------------------------------
+
+def add_golden(sub):
+    p = sub.add_parser("golden", help="write golden activations (a case, or the coverage suite)",
+                       description="Run MODEL on a prompt, token ids or a whole suite and write golden cases: "
+                                   "activations.safetensors (canonical tap names) + manifest.json (sha256 of the "
+                                   "weights, tokenizer and every tensor, stats, producer version and commit). "
+                                   "The same inputs give bit-identical tensors. Regenerate the repository's "
+                                   "suite with: gemma2-ref golden tiny --suite coverage --out golden/")
+    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
+    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
+    src.add_argument("--suite", choices=["coverage"],
+                     help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
+                          "double_bos, chat, batch")
+    p.add_argument("--out", required=True, help="output directory (a case, or a suite of case directories)")
+    p.add_argument("--taps", default="default",
+                   help="tap set: default (all but attention scores/probs), all, residual, or comma-separated "
+                        "names / globs such as 'embed,layers.*.output,logits' (default: default)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the Gemma chat template")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to --prompt")
+    p.add_argument("--backend", choices=["gemma2_ref", "transformers"], default="gemma2_ref",
+                   help="who computes the activations: gemma2_ref (the reference, default) or Hugging Face "
+                        "transformers (a candidate, via gemma2_ref.adapters.transformers)")
+    p.add_argument("--dtype", default="float32",
+                   help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
+                        "transformers (default float32)")
+    p.add_argument("--attn-implementation", default="eager",
+                   help="transformers attention implementation (eager, sdpa, ...; default eager)")
+    p.set_defaults(handler=run_golden)
+
+
+def _taps_arg(taps: str):
+    return taps if taps in ("default", "all", "residual") else [t.strip() for t in taps.split(",") if t.strip()]
+
+
+def run_golden(args) -> int:
+    from . import golden
+
+    taps = _taps_arg(args.taps)
+    hf = args.backend == "transformers"
+    model = load_model_verbose(args.model, "float32" if hf else args.dtype)
+    write = None
+    if hf:
+        from .adapters import transformers as adapter
+        hf_model = adapter.load(model.path, args.dtype, args.attn_implementation)
+
+        def write(ids, case_dir, text, description):
+            adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=taps, text=text,
+                                 description=description, hf_model=hf_model)
+    if args.suite:
+        tok = g2.load_tokenizer(model.path)
+        eprint(f"writing suite {args.suite} to {args.out}")
+        golden.generate_suite(model, tok, args.out, args.suite, taps, model_name=args.model, log=eprint,
+                              write=write)
+        print(args.out)
+        return 0
+    ids, tok = prompt_ids(args, model.path)
+    text = None if args.tokens else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    if write is not None:
+        write(np.asarray(ids), Path(args.out), text, None)
+    else:
+        progress = layer_progress() if is_large(model) else None
+        info = golden.model_info(model, args.model, progress=True)
+        acts = golden.run_case(model, np.asarray(ids), taps, progress=progress)
+        golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype))
+    print(args.out)
+    return 0
+
+
+def _add_profile_args(p):
+    from .compare import PROFILES
+    p.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+                   help="tolerance profile (default auto: from the candidate's compute dtype, bfloat16 -> bf16, "
+                        "float16 -> fp16, else fp32)")
+    p.add_argument("--rtol", type=float, help="override: max relative L2 error per tap")
+    p.add_argument("--atol", type=float, help="override: max abs error per tap, as a fraction of the tap's absmax")
+    p.add_argument("--kl", type=float, help="override: max per-token KL divergence of the logits (nats)")
+    p.add_argument("--top1", type=float, help="override: min top-1 agreement of the logits (fraction)")
+    p.add_argument("--top5", type=float, help="override: min top-5 overlap of the logits (fraction)")
+    p.add_argument("--name-map", action="append", metavar="RULE_OR_JSON",
+                   help="rename the candidate's tensors: THEIR=CANONICAL ({i} = layer number, trailing * = "
+                        "prefix), repeatable, or a JSON file {their: canonical}; e.g. 'blk.{i}.attn_norm="
+                        "layers.{i}.pre_attn_norm' or 'model.*=*'")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _profile_for(args, candidate):
+    from .compare import auto_profile, get_profile
+    name = auto_profile(candidate) if args.profile == "auto" else args.profile
+    return get_profile(name, rel_l2=args.rtol, max_rel=args.atol, kl=args.kl, top1=args.top1, top5=args.top5)
+
+
+def _name_map(rules):
+    if not rules:
+        return None
+    if len(rules) == 1 and rules[0].endswith(".json") and Path(rules[0]).is_file():
+        return json.loads(Path(rules[0]).read_text())
+    return rules
+
+
+def _first_case(golden_obj):
+    from .golden import Suite
+    return golden_obj.cases[0] if isinstance(golden_obj, Suite) else golden_obj
+
+
+def add_compare(sub):
+    from .compare import profile_help
+    p = sub.add_parser("compare", help="compare a candidate's activations with a golden: first divergence",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compare CANDIDATE with REFERENCE tap by tap in execution order: relative L2 "
+                                   "error, max abs error (relative to the tap's absmax) and its index, cosine; "
+                                   "for logits per-token KL, top-1 and top-5 agreement. Reports the first "
+                                   "diverging tap and a per-layer table; exit code 1 on failure. A candidate "
+                                   "may hold only some taps. Suites are compared case by case. On failure, a "
+                                   "diagnosis re-runs the reference model with each known mistake (automatic "
+                                   "for small models; --diagnose to force, or use `gemma2-ref diagnose`).",
+                       epilog="profiles (thresholds and the measurements behind them):\n" + profile_help())
+    p.add_argument("reference", help="golden case or suite directory (written by `gemma2-ref golden`)")
+    p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
+    _add_profile_args(p)
+    p.add_argument("--all-taps", action="store_true", help="print every tap's metrics, not just the layer table")
+    p.add_argument("--diagnose", dest="diagnose", action="store_true", default=None,
+                   help="on failure, always run the diagnosis (re-runs the model ~15 times)")
+    p.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
+    p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
+    p.set_defaults(handler=run_compare)
+
+
+def run_compare(args) -> int:
+    from . import compare as C
+    from . import diagnose as D
+    from .golden import Suite, load_golden
+
+    ref = load_golden(args.reference)
+    cand = load_golden(args.candidate, name_map=_name_map(args.name_map))
+    profile = _profile_for(args, _first_case(cand))
+    results = C.compare_goldens(ref, cand, profile) if isinstance(cand, Suite) or isinstance(ref, Suite) \
+        else [C.compare_cases(ref, cand, profile)]
+    diagnoses = {}
+    failed = [r for r in results if not r.passed]
+    if failed and args.diagnose is not False:
+        refs = {str(c.path): c for c in (ref.cases if isinstance(ref, Suite) else [ref])}
+        cands = {str(c.path): c for c in (cand.cases if isinstance(cand, Suite) else [cand])}
+        model = None
+        try:
+            model = D.load_reference_model(next(iter(refs.values())), args.model)
+        except (ValueError, FileNotFoundError) as e:
+            if args.diagnose:
+                raise
+            eprint(f"(no diagnosis: {e})")
+        if model is not None and (args.diagnose or not is_large(model)):
+            for r in failed:
+                if r.reference in refs and r.candidate in cands:
+                    diagnoses[r.reference] = D.diagnose(model, refs[r.reference], cands[r.candidate], profile)
+        elif model is not None:
+            eprint(f"(diagnosis skipped for a large model: run `gemma2-ref diagnose {args.reference} "
+                   f"{args.candidate}` or pass --diagnose; it re-runs the model about 15 times)")
+    if args.json:
+        out = json.loads(C.to_json(results))
+        for case in out["cases"]:
+            if case["reference"] in diagnoses:
+                case["diagnosis"] = diagnoses[case["reference"]].to_dict()
+        print(json.dumps(C.json_safe(out), indent=1))
+    else:
+        for n, r in enumerate(results):
+            if n:
+                print("\n" + "=" * 100 + "\n")
+            print(C.format_report(r, all_taps=args.all_taps))
+            if r.reference in diagnoses:
+                print()
+                print(D.format_diagnosis(diagnoses[r.reference]))
+        if len(results) > 1:
+            ok = sum(r.passed for r in results)
+            print(f"\nsuite: {ok} of {len(results)} cases pass" + (
+                "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
+                if ok < len(results) else ""))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def add_diagnose(sub):
+    p = sub.add_parser("diagnose", help="which known Gemma 2 mistake does a failing candidate look like?",
+                       description="Re-run the reference golden's model (verified against the manifest's weight "
+                                   "sha256s; or --model) with each known mistake injected (attention / final "
+                                   "soft-cap dropped, sliding window missing or off by one, wrong query scale, "
+                                   "normalizer rounding, RMSNorm (1 + w) offset, exact GELU, missing or doubled "
+                                   "<bos>) and name the variants that match the candidate far better than the "
+                                   "correct model does, with the evidence. Exit code 0 when the candidate passes "
+                                   "or a mistake is named, 1 when it fails unexplained.")
+    p.add_argument("reference", help="golden case or suite directory")
+    p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
+    p.add_argument("--model", help="checkpoint directory (default: the one the reference manifest names)")
+    _add_profile_args(p)
+    p.set_defaults(handler=run_diagnose)
+
+
+def run_diagnose(args) -> int:
+    from . import compare as C
+    from . import diagnose as D
+    from .golden import Suite, load_golden
+
+    ref = load_golden(args.reference)
+    cand = load_golden(args.candidate, name_map=_name_map(args.name_map))
+    profile = _profile_for(args, _first_case(cand))
+    pairs = list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases])) \
+        if isinstance(ref, Suite) else [(ref, cand)]
+    model = D.load_reference_model(pairs[0][0], args.model, log=eprint)
+    out, explained = [], True
+    for r, c in pairs:
+        if c is None:
+            eprint(f"case {r.name}: missing from the candidate suite")
+            explained = False
+            continue
+        eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
+        diag = D.diagnose(model, r, c, profile, log=eprint if is_large(model) else None)
+        explained &= diag.base.passed or bool(diag.named)
+        out.append((r, diag))
+    if args.json:
+        print(json.dumps(C.json_safe({"cases": [{"reference": str(r.path), **d.to_dict()} for r, d in out]}),
+                         indent=1))
+    else:
+        for r, diag in out:
+            first = diag.base.first_divergence
+            print(f"{r.path}: {'PASS' if diag.base.passed else 'FAIL'}"
+                  + (f", first diverging tap {first.name}" if first else ""))
+            print(D.format_diagnosis(diag))
+    return 0 if explained else 1
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench]
+SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_diagnose]
 
 
 def build_parser() -> argparse.ArgumentParser:

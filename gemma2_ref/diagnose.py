@@ -118,6 +118,7 @@ class Diagnosis:
     base: CaseComparison
     results: list[VariantResult] = field(default_factory=list)
     combined: list[VariantResult] = field(default_factory=list)
+    passes_profile: str | None = None  # the tightest looser profile the candidate passes, if any
 
     @property
     def named(self) -> list[VariantResult]:
@@ -127,6 +128,7 @@ class Diagnosis:
     def to_dict(self) -> dict:
         first = self.base.first_divergence
         return {"first_divergence": first.name if first else None, "passed": self.base.passed,
+                "passes_profile": self.passes_profile,
                 "named": [r.to_dict() for r in self.named],
                 "variants": [r.to_dict() for r in self.results + self.combined]}
 
@@ -151,12 +153,14 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
              combine: bool = True) -> Diagnosis:
     """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
     resembles (module docstring). `log(str)` receives progress lines."""
-    from .compare import compare_cases
+    from .compare import PROFILES, compare_cases
 
     base = compare_cases(reference, candidate, profile)
     diag = Diagnosis(base)
     if base.passed:
         return diag
+    looser = [p for p in ("fp16", "bf16", "q8") if PROFILES[p].rel_l2 > profile.rel_l2]
+    diag.passes_profile = next((p for p in looser if compare_cases(reference, candidate, PROFILES[p]).passed), None)
     ref_ids = reference.token_ids
     cand_acts = candidate.activations
     names = set(tap_names(model.config))
@@ -234,8 +238,13 @@ def format_diagnosis(diag: Diagnosis) -> str:
     named = diag.named
     if not named:
         lines.append("  no known Gemma 2 mistake explains the candidate better than the correct model.")
-        lines.append("  If the errors are small and grow with depth, compare with a looser profile (bf16, fp16, q8)"
-                     " that fits the candidate's precision.")
+        if diag.passes_profile:
+            lines.append(f"  The candidate passes the looser {diag.passes_profile} profile: its errors look like "
+                         f"{diag.passes_profile} precision, not a mistake. Compare with --profile "
+                         f"{diag.passes_profile} if that is the precision it computes in.")
+        else:
+            lines.append("  It fails every looser profile too: an unknown mistake, or a combination of more "
+                         "than two. Look at the first diverging tap.")
     for r in named:
         first_v = r.comparison.first_divergence
         evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
