@@ -165,7 +165,8 @@ def soft_cap(x: np.ndarray, cap: float | None) -> np.ndarray:
     """cap * tanh(x / cap): smooth, odd, slope 1 at 0, bounded by +-cap. None: no cap."""
     if cap is None:
         return x
-    y = x / x.dtype.type(cap)  # one new array, then in place: the final logits are (S, 256000)
+    y = np.divide(x, x.dtype.type(cap), out=np.empty_like(x))  # one new array (also for 0-d input), then
+    # in place: the final logits are (S, 256000)
     np.tanh(y, out=y)
     y *= x.dtype.type(cap)
     return y
