@@ -49,7 +49,7 @@ class LayerCache:
     v: np.ndarray
     pos: np.ndarray  # (slots,) int64, EMPTY where nothing was written yet
     window: int | None  # None: global (append), else a ring buffer of `window` slots
-    filled: int = 0  # global layers: slots in use
+    filled: int = 0  # slots in use: a prefix [0, filled) (a ring fills slots 0, 1, ... before it wraps)
 
 
 class KVCache:
@@ -84,7 +84,7 @@ class KVCache:
         c = self.layers[layer]
         if c is None:
             return np.zeros(0, np.int64)
-        return c.pos[: c.filled].copy() if c.window is None else c.pos.copy()
+        return c.pos[: c.filled].copy()
 
     def memory_bytes(self) -> int:
         """Bytes held by the key/value buffers (allocated capacity, not only the filled part)."""
@@ -115,18 +115,20 @@ def _append(c: LayerCache, k, v, positions):
 
 def _ring_update(c: LayerCache, k, v, positions):
     """Sliding layer: position p goes to slot p % W. Returns what this step's queries may need."""
-    W, S = c.window, k.shape[1]
+    W, S, n = c.window, k.shape[1], c.filled
     if S == 1:  # decode: the overwritten slot held position p - W, which the window hides anyway
         slot = int(positions[0]) % W
         c.k[:, slot], c.v[:, slot], c.pos[slot] = k[:, 0], v[:, 0], positions[0]
-        return c.k, c.v, c.pos  # slot order; EMPTY slots are masked by causality
+        c.filled = max(n, slot + 1)
+        return c.k[:, :c.filled], c.v[:, :c.filled], c.pos[:c.filled]  # slot order; EMPTY slots are masked
     # prefill / chunk: attend over the cached slots and all S new keys, then keep the last W in the ring
-    k_all = np.concatenate([c.k, k], axis=1)
-    v_all = np.concatenate([c.v, v], axis=1)
-    pos_all = np.concatenate([c.pos, positions])
+    k_all = np.concatenate([c.k[:, :n], k], axis=1)
+    v_all = np.concatenate([c.v[:, :n], v], axis=1)
+    pos_all = np.concatenate([c.pos[:n], positions])
     keep = slice(max(0, S - W), S)
     slots = positions[keep] % W
     c.k[:, slots], c.v[:, slots], c.pos[slots] = k[:, keep], v[:, keep], positions[keep]
+    c.filled = max(n, int(slots.max()) + 1)
     return k_all, v_all, pos_all
 
 

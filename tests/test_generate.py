@@ -101,14 +101,16 @@ def test_sliding_layers_keep_exactly_window_slots_and_global_layers_keep_everyth
 
 
 def test_empty_ring_slots_are_hidden_by_causality():
+    """A cache started at position 3 (explicit positions): slots 0-2 stay empty until the ring wraps."""
     cfg = SMALL.replace(num_hidden_layers=1, layer_types=("sliding_attention",))
     cache = KVCache(cfg)
     k = np.ones((1, 2, 2, 16), np.float32)
-    k_all, v_all, pos = cache.update(0, k, k, np.array([0, 1]))
-    assert list(pos) == [EMPTY] * WINDOW + [0, 1]  # the empty ring, then this step's keys
-    k_all, v_all, pos = cache.update(0, k[:, :1], k[:, :1], np.array([2]))
-    assert list(pos) == [0, 1, 2, EMPTY, EMPTY]  # slot order: empty slots lie "in the future"
-    assert not g2.model.attention_mask(np.array([2]), pos, WINDOW)[0, 3:].any()
+    k_all, v_all, pos = cache.update(0, k, k, np.array([3, 4]))
+    assert list(pos) == [3, 4]  # nothing cached yet: this step's keys only
+    k_all, v_all, pos = cache.update(0, k[:, :1], k[:, :1], np.array([5]))
+    assert list(pos) == [5, EMPTY, EMPTY, 3, 4]  # slot order (5 % 5 = 0); empty slots lie "in the future"
+    assert list(g2.model.attention_mask(np.array([5]), pos, WINDOW)[0]) == [True, False, False, True, True]
+    assert cache.memory_bytes() == WINDOW * (2 * 2 * 16 * 4 + 8)  # the ring is allocated in full
 
 
 def test_decode_taps_equal_the_full_forward_row_and_probs_follow_the_cache_order(small):
