@@ -1,0 +1,153 @@
+"""Each known Gemma 2 mistake: a candidate made with it fails `compare` at the tap where the mistake first
+acts, and `diagnose` names it, from the candidate's activations alone."""
+
+import numpy as np
+import pytest
+
+import gemma2_ref as g2
+from gemma2_ref import golden as G
+from gemma2_ref.cli import main as cli
+from gemma2_ref.compare import PROFILES, compare_cases
+from gemma2_ref.diagnose import diagnose, format_diagnosis, known_variants, load_reference_model
+from gemma2_ref.model import Mistakes
+from gemma2_ref.weights import random_weights, save_checkpoint
+
+W = 8  # sliding window of the test model
+# A small model where every mistake is visible: query_pre_attn_scalar (24) != head_dim (16) != D/H (18),
+# and sqrt(D) = sqrt(72) = 8.485 rounds to 8.5 in bfloat16.
+CFG = g2.PRESETS["tiny"].replace(vocab_size=512, hidden_size=72, intermediate_size=144, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=W,
+                                 max_position_embeddings=64)
+FP32 = PROFILES["fp32"]
+
+# mistake -> the tap where it first acts (with the "default" taps; attn.probs when "all" taps are stored)
+CASES = {
+    "drop_attn_softcap": (Mistakes(drop_attn_softcap=True), "layers.0.attn.context"),
+    "drop_final_softcap": (Mistakes(drop_final_softcap=True), "logits"),
+    "no_sliding_window": (Mistakes(no_sliding_window=True), "layers.0.attn.context"),
+    "window_offset=+1": (Mistakes(window_offset=1), "layers.0.attn.context"),
+    "window_offset=-1": (Mistakes(window_offset=-1), "layers.0.attn.context"),
+    "query_scale=head_dim (16)": (Mistakes(query_scale=16.0), "layers.0.attn.context"),
+    "query_scale=224": (Mistakes(query_scale=224.0), "layers.0.attn.context"),
+    "normalizer_dtype=bfloat16": (Mistakes(normalizer_dtype="bfloat16"), "embed"),
+    "norm_offset=0": (Mistakes(norm_offset=0.0), "layers.0.pre_attn_norm"),
+    "norm_offset=2": (Mistakes(norm_offset=2.0), "layers.0.pre_attn_norm"),
+    "exact_gelu": (Mistakes(exact_gelu=True), "layers.0.mlp.hidden"),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = save_checkpoint(tmp_path_factory.mktemp("diag_model"), CFG, random_weights(CFG, seed=5, scale=2.0), "F32")
+    return g2.load_model(d)
+
+
+def ids_of(n: int, seed: int = 0) -> np.ndarray:
+    return np.concatenate([[2], np.random.default_rng(seed).integers(3, CFG.vocab_size, n - 1)])
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """A golden past the window: positions up to W + 3."""
+    out = tmp_path_factory.mktemp("ref") / "case"
+    return G.load_case(G.generate_case(model, ids_of(W + 4), out, taps="default"))
+
+
+def candidate(model, tmp_path, ids, mistakes, taps="default"):
+    """What a backend with this mistake would write: its activations and the ids it ran, nothing else."""
+    return G.load_case(G.write_case(tmp_path / "cand", model.forward(ids, taps=taps, mistakes=mistakes), ids,
+                                    producer="some backend"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_mistake_fails_where_it_first_acts_and_is_named(model, reference, tmp_path, name):
+    mistakes, first_tap = CASES[name]
+    cand = candidate(model, tmp_path, reference.token_ids, mistakes)
+    result = compare_cases(reference, cand, FP32)
+    assert not result.passed
+    assert result.first_divergence.name == first_tap
+    if "window" in name:  # the window mistakes change only queries that reach the window's edge
+        assert result.first_divergence.max_abs_index[0] >= W - 1
+    diag = diagnose(model, reference, cand, FP32)
+    assert diag.named[0].variant.name == name, format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches"
+
+
+@pytest.mark.parametrize("name", ["no_sliding_window", "window_offset=+1", "window_offset=-1"])
+def test_window_mistakes_are_invisible_before_the_window(model, tmp_path, name):
+    ids = ids_of(W - 1)  # every key stays inside the window, even one key narrower
+    short = G.load_case(G.generate_case(model, ids, tmp_path / "short"))
+    cand = candidate(model, tmp_path, ids, CASES[name][0])
+    assert compare_cases(short, cand, FP32).passed
+
+
+def test_with_attention_scores_stored_scale_and_window_mistakes_are_told_apart(model, tmp_path):
+    ids = ids_of(W + 4)
+    ref = G.load_case(G.generate_case(model, ids, tmp_path / "ref_all", taps="all"))
+    probs_only = {n: a for n, a in ref.activations.items() if not n.endswith("attn.scores")}
+    # the query scale acts on the scores; the window acts at the mask, after them: scores agree, probs differ
+    scale = candidate(model, tmp_path, ids, Mistakes(query_scale=16.0), taps="all")
+    assert compare_cases(ref, scale, FP32).first_divergence.name == "layers.0.attn.scores"
+    window = candidate(model, tmp_path, ids, Mistakes(window_offset=1), taps="all")
+    first = compare_cases(ref, window, FP32).first_divergence
+    head, query, key = first.max_abs_index
+    assert first.name == "layers.0.attn.probs" and query - key == W  # the key exactly `window` back
+    from gemma2_ref.compare import compare_activations
+    assert compare_activations(probs_only, scale.activations, FP32).first_divergence.name == "layers.0.attn.probs"
+
+
+@pytest.mark.parametrize("name, ids_kind", [("no_bos", "no_bos"), ("double_bos", "double_bos")])
+def test_a_missing_or_doubled_bos_is_named(model, reference, tmp_path, name, ids_kind):
+    ids = reference.token_ids[1:] if ids_kind == "no_bos" else np.concatenate([[2], reference.token_ids])
+    cand = candidate(model, tmp_path, ids, Mistakes())
+    result = compare_cases(reference, cand, FP32)
+    assert result.first_divergence.name == "embed" and result.first_divergence.status == "shape"
+    assert "<bos>" in result.input_mismatch
+    assert diagnose(model, reference, cand, FP32).named[0].variant.name == name
+
+
+def test_a_bos_mistake_is_named_even_when_the_candidate_records_the_reference_ids(model, reference, tmp_path):
+    acts = model.forward(reference.token_ids[1:], taps="default")  # the backend dropped <bos> internally
+    cand = G.load_case(G.write_case(tmp_path / "cand", acts, reference.token_ids))
+    assert diagnose(model, reference, cand, FP32).named[0].variant.name == "no_bos"
+
+
+def test_two_mistakes_at_once_are_named_together(model, reference, tmp_path):
+    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(exact_gelu=True, drop_final_softcap=True))
+    diag = diagnose(model, reference, cand, FP32)
+    assert diag.named[0].verdict == "matches"
+    assert set(diag.named[0].variant.name.split(" + ")) == {"exact_gelu", "drop_final_softcap"}
+    assert any(r.variant.name == "exact_gelu" and r.verdict == "explains the first divergence" for r in diag.named)
+
+
+def test_correct_but_less_precise_candidates_are_not_blamed_on_a_mistake(model, reference, tmp_path):
+    acts = model.forward(reference.token_ids, taps="default")
+    rng = np.random.default_rng(1)
+    noisy = {n: (a * (1 + 3e-3 * rng.standard_normal(a.shape))).astype(np.float32) for n, a in acts.items()}
+    cand = G.load_case(G.write_case(tmp_path / "noisy", noisy, reference.token_ids))
+    diag = diagnose(model, reference, cand, FP32)
+    assert not diag.base.passed and diag.named == []
+    assert diag.passes_profile == "fp16"  # 0.3% relative noise: within float16 precision
+    assert "its errors look like fp16 precision, not a mistake" in format_diagnosis(diag)
+
+
+def test_every_variant_explains_itself_with_a_public_reference(model):
+    for v in known_variants(model.config):
+        assert v.what and v.refs, v.name
+
+
+def test_the_reference_model_must_have_the_recorded_weights(model, reference, tmp_path):
+    assert load_reference_model(reference).path == model.path
+    other = save_checkpoint(tmp_path / "other", CFG, random_weights(CFG, seed=6, scale=2.0), "F32")
+    with pytest.raises(ValueError, match="weight files differ"):
+        load_reference_model(reference, other)
+
+
+def test_cli_compare_and_diagnose_name_the_mistake(model, reference, tmp_path, capsys):
+    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(drop_attn_softcap=True))
+    assert cli(["compare", str(reference.path), str(cand.path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: first diverging tap: layers.0.attn.context (layer 0, attn.context)" in out
+    assert "MATCHES: drop_attn_softcap" in out and "vLLM #5908" in out
+    assert cli(["diagnose", str(reference.path), str(cand.path)]) == 0
+    assert "MATCHES: drop_attn_softcap" in capsys.readouterr().out
