@@ -15,12 +15,16 @@ The cache is where backends most often go wrong, so it is kept as plain as the f
 
 The forward calls `cache.update(layer, k, v, positions)` with this step's keys/values (after RoPE) and
 attends over what it returns. Attention builds its mask from absolute positions, so the ring buffer can hand
-its slots over in slot order; an empty slot carries position EMPTY (far in the future), which causality hides.
+its filled slots over in slot order; a slot not yet written carries position EMPTY (far in the future), which
+causality hides (slots fill from 0 up, so EMPTY slots only show when positions do not start at 0).
 
 Prefill longer than the window: the prompt's queries need the prompt's own keys up to W - 1 back, which a
 ring of W slots cannot hold all at once. So `update` returns the cached slots *plus* this step's keys, and
 only afterwards keeps the last W of them in the ring. A one-token decode step can write first and return
 the ring itself (the slot it overwrites holds position p - W, outside the window): no copy.
+The ring follows the config's window: mistakes that widen a sliding layer's view (`Mistakes(
+no_sliding_window=True)`, `window_offset=+1`) need more than W slots, so they are shown with the full
+forward only, not with a cached decode.
 
 Taps work in decode steps too, with the same names and one position: (1, D), (1, H, Dh), ... The
 attention taps `attn.scores` / `attn.probs` then have one column per cache slot, (H, 1, T), in the cache's
