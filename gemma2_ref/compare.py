@@ -312,12 +312,22 @@ def layer_table(taps: list[TapResult]) -> list[dict]:
 
 
 def group_names(names: list[str]) -> str:
-    """layers.0.attn.q_rope, layers.1.attn.q_rope, ... -> 'layers.*.attn.q_rope (2)'."""
-    groups: dict[str, int] = {}
+    """layers.0.attn.q_rope, layers.1.attn.q_rope, layers.0.input, ... -> 'layers.*.{attn.q_rope, input} (2 each)'."""
+    per_layer: dict[str, int] = {}
+    others = []
     for n in names:
-        key = re.sub(r"^layers\.\d+\.", "layers.*.", n)
-        groups[key] = groups.get(key, 0) + 1
-    return ", ".join(f"{k} ({v})" if v > 1 else k for k, v in groups.items())
+        m = re.fullmatch(r"layers\.\d+\.(.+)", n)
+        if m:
+            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + 1
+        else:
+            others.append(n)
+    parts = []
+    counts = sorted(set(per_layer.values()))
+    if len(counts) == 1 and len(per_layer) > 1:
+        parts.append(f"layers.*.{{{', '.join(per_layer)}}} ({counts[0]} each)")
+    else:
+        parts += [f"layers.*.{k} ({v})" if v > 1 else f"layers.*.{k}" for k, v in per_layer.items()]
+    return ", ".join(parts + others)
 
 
 def format_report(result: CaseComparison, all_taps: bool = False) -> str:

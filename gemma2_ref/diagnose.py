@@ -250,13 +250,19 @@ def format_diagnosis(diag: Diagnosis) -> str:
         evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
                     if r.comparison.passed else f"vs this variant the first divergence moves to "
                                                 f"{first_v.name if first_v else 'none'}")
-        ratio = "inf" if not math.isfinite(r.ratio) else f"{r.ratio:.3g}"
+        at = first.name if first else "-"
+        if first is not None and first.status == "shape":
+            closer = f"only this variant reproduces the candidate's shape at {at}"
+        elif not math.isfinite(r.ratio):
+            closer = f"at {at} the candidate equals this variant exactly"
+        else:
+            closer = f"at {at} the candidate is {r.ratio:.3g}x closer to this variant than to the reference (rel L2)"
         lines.append(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]")
-        lines.append(f"      evidence: at {first.name if first else '-'} the candidate is {ratio}x closer to this "
-                     f"variant than to the reference (rel L2); {evidence}")
+        lines.append(f"      evidence: {closer}; {evidence}")
     others = [r for r in diag.results if not r.verdict]
     if others:
-        lines.append("  ruled out (error ratio at the first divergence): " + ", ".join(
+        lines.append("  not matching (at the first divergence, how many times closer the candidate is to the variant "
+                     "than to the reference; shape mismatch = 0): " + ", ".join(
             f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others))
     return "\n".join(lines)
 

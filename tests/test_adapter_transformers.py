@@ -85,4 +85,4 @@ def test_cli_writes_a_transformers_candidate_and_compares_it(tmp_path, capsys):
                 "--backend", "transformers"]) == 0
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "missing from the candidate: layers.*.attn.q_rope (4), layers.*.attn.k_rope (4)" in out
+    assert "PASS" in out and "missing from the candidate: layers.*.{attn.q_rope, attn.k_rope} (4 each)" in out

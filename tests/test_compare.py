@@ -96,7 +96,7 @@ def test_a_candidate_with_some_taps_is_compared_on_those_and_told_what_is_missin
     result = compare_activations(acts, residual, FP32)
     assert result.passed and len(result.compared) == len(residual)
     assert "layers.0.attn.q_rope" in result.missing
-    assert "missing from the candidate: layers.*.input (4)" in format_report(result)
+    assert "missing from the candidate: layers.*.{input, pre_attn_norm, " in format_report(result)
     logits_only = compare_activations(acts, {"logits": acts["logits"]}, FP32)
     assert logits_only.passed and [t.name for t in logits_only.compared] == ["logits"]
 
