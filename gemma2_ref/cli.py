@@ -307,6 +307,9 @@ def add_golden(sub):
                         "names / globs such as 'embed,layers.*.output,logits' (default: default)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the Gemma chat template")
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to --prompt")
+    p.add_argument("--positions", metavar="START:STOP",
+                   help="store only these query positions of every tap (long prompts of big models), e.g. "
+                        "4094:4098; the suite does this by itself for cases over 256 MiB")
     p.add_argument("--backend", choices=["gemma2_ref", "transformers"], default="gemma2_ref",
                    help="who computes the activations: gemma2_ref (the reference, default) or Hugging Face "
                         "transformers (a candidate, via gemma2_ref.adapters.transformers)")
@@ -333,9 +336,9 @@ def run_golden(args) -> int:
         from .adapters import transformers as adapter
         hf_model = adapter.load(model.path, args.dtype, args.attn_implementation)
 
-        def write(ids, case_dir, text, description):
-            adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=taps, text=text,
-                                 description=description, hf_model=hf_model)
+        def write(ids, case_dir, text, description, case_taps=taps, positions=None):
+            adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
+                                 description=description, hf_model=hf_model, positions=positions)
     if args.suite:
         tok = g2.load_tokenizer(model.path)
         eprint(f"writing suite {args.suite} to {args.out}")
@@ -345,13 +348,18 @@ def run_golden(args) -> int:
         return 0
     ids, tok = prompt_ids(args, model.path)
     text = None if args.tokens else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    positions = None
+    if args.positions:
+        start, _, stop = args.positions.partition(":")
+        positions = (int(start or 0), int(stop or len(ids)))
     if write is not None:
-        write(np.asarray(ids), Path(args.out), text, None)
+        write(np.asarray(ids), Path(args.out), text, None, taps, positions)
     else:
         progress = layer_progress() if is_large(model) else None
         info = golden.model_info(model, args.model, progress=True)
         acts = golden.run_case(model, np.asarray(ids), taps, progress=progress)
-        golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype))
+        golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
+                          positions=positions)
     print(args.out)
     return 0
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, Suite, canonical_order
+from .golden import Case, Suite, canonical_order, keep_positions, sequence_axis
 
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -260,11 +260,35 @@ def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str
     return CaseComparison(reference, candidate, profile, taps, extra, list(notes or []), mismatch)
 
 
+def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> tuple[dict, dict, str | None]:
+    """Cut both sides to the query positions they share, when one stores only some (golden `positions`)."""
+    if ref_pos is None and cand_pos is None:
+        return ref, cand, None
+
+    def span(acts, pos):
+        if pos is not None:
+            return tuple(pos)
+        name, a = next(iter(acts.items()))
+        return 0, a.shape[sequence_axis(name, a.ndim, batched)]
+
+    (ra, rb), (ca, cb) = span(ref, ref_pos), span(cand, cand_pos)
+    lo, hi = max(ra, ca), min(rb, cb)
+    if lo >= hi:
+        return ref, cand, f"no common positions: reference holds {ra}..{rb - 1}, candidate {ca}..{cb - 1}"
+    ref = keep_positions(ref, (lo - ra, hi - ra), batched)
+    cand = keep_positions(cand, (lo - ca, hi - ca), batched)
+    return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
+
+
 def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
     notes = list(cand.notes)
     if not cand.verified:
         notes.append("the candidate was not hash-verified")
-    return compare_activations(ref.activations, cand.activations, profile, ref.tap_names, str(ref.path),
+    ref_acts, cand_acts, note = align_positions(ref.activations, ref.positions, cand.activations, cand.positions,
+                                                ref.batched)
+    if note:
+        notes.append(note)
+    return compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
                                str(cand.path), ref.token_ids, cand.token_ids, notes)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compare import CaseComparison, Profile, compare_activations
+from .compare import CaseComparison, Profile, align_positions, compare_activations
 from .golden import BOS, Case
 from .model import CORRECT, Mistakes, tap_names
 
@@ -174,7 +174,8 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         if ids is None:
             return None
         trace = model.forward(ids, taps=wanted, mistakes=mistakes)
-        cmp = compare_activations(trace, cand_acts, profile, reference=f"variant {variant.name}",
+        trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
+        cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",
                                   candidate=str(candidate.path))
         if base_first is not None:
             var_err = _rel_l2_at(cmp, base_first.name)

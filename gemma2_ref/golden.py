@@ -180,9 +180,28 @@ def describe_bos(token_ids) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
+def sequence_axis(name: str, ndim: int, batched: bool) -> int:
+    """The query-position axis of a tap: 0 for (S, ...), 1 for (H, S, T) scores/probs; +1 with a batch."""
+    return (1 if name.endswith(("attn.scores", "attn.probs")) else 0) + (1 if batched else 0)
+
+
+def keep_positions(activations: dict, positions, batched: bool) -> dict:
+    """Only the rows of query positions [start, stop) of every tap (attention keys are kept whole)."""
+    if positions is None:
+        return dict(activations)
+    start, stop = positions
+    out = {}
+    for name, a in activations.items():
+        index = [slice(None)] * a.ndim
+        index[sequence_axis(name, a.ndim, batched)] = slice(start, stop)
+        out[name] = a[tuple(index)]
+    return out
+
+
 def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: dict | str | None = None,
                model: dict | None = None, text: str | None = None, compute_dtype: str | None = None,
-               description: str | None = None, name_map=None, extra: dict | None = None) -> Path:
+               description: str | None = None, name_map=None, extra: dict | None = None,
+               positions: tuple[int, int] | None = None) -> Path:
     """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
 
     activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
@@ -191,15 +210,22 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     producer:    {"name": "my-backend", "version": "1.2", ...} or a name; default: gemma2_ref itself.
     model:       {"config": {...}, "weights": {file: sha256}, "tokenizer": {file: sha256}}, see `model_info`.
     compute_dtype: the dtype the backend computed in ("bfloat16", "float32", ...); default: the arrays' dtype.
+    positions:   (start, stop): store only these query positions of every tap (long prompts of big models);
+                 the activations are given whole, token_ids stay whole.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    acts = {name: storable(a) for name, a in apply_name_map(activations, name_map).items()}
-    if not acts:
-        raise GoldenError(f"{out_dir}: no activations to write")
     ids = np.asarray(token_ids)
     if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
         raise GoldenError(f"token_ids must be integers shaped (seq,) or (batch, seq), got {ids.dtype} {ids.shape}")
+    if positions is not None:
+        positions = [int(positions[0]), int(positions[1])]
+        if not 0 <= positions[0] < positions[1] <= ids.shape[-1]:
+            raise GoldenError(f"positions {positions} are not a range inside the {ids.shape[-1]} tokens")
+    acts = keep_positions(apply_name_map(activations, name_map), positions, ids.ndim == 2)
+    acts = {name: storable(a) for name, a in acts.items()}
+    if not acts:
+        raise GoldenError(f"{out_dir}: no activations to write")
     order = canonical_order(acts)
     if producer is None or isinstance(producer, str):
         from . import __version__
@@ -213,7 +239,8 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
         "description": description,
         "producer": producer,
         "model": model,
-        "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids)},
+        "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids),
+                  "positions": positions},
         "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
         "activations": {"file": ACTIVATIONS, "bytes": (out_dir / ACTIVATIONS).stat().st_size,
                         "sha256": sha256_file(out_dir / ACTIVATIONS)},
@@ -281,6 +308,17 @@ class Case:
     def token_ids(self) -> np.ndarray | None:
         ids = (self.manifest.get("input") or {}).get("token_ids")
         return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def positions(self) -> tuple[int, int] | None:
+        """The query positions [start, stop) the taps hold, or None: all of them."""
+        p = (self.manifest.get("input") or {}).get("positions")
+        return None if p is None else (int(p[0]), int(p[1]))
+
+    @property
+    def batched(self) -> bool:
+        ids = self.token_ids
+        return ids is not None and ids.ndim == 2
 
     @property
     def compute_dtype(self) -> str | None:
@@ -431,11 +469,25 @@ def run_case(model, ids, taps="default", mistakes=None, progress=None) -> dict[s
 
 
 def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None) -> Path:
+                  progress=None, positions=None) -> Path:
     """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
     acts = run_case(model, ids, taps, progress=progress)
     return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
-                      compute_dtype=str(model.dtype), description=description)
+                      compute_dtype=str(model.dtype), description=description, positions=positions)
+
+
+def tap_bytes(cfg, taps, batch: int, seq: int, itemsize: int = 4, rows: int | None = None) -> int:
+    """Bytes the taps of one case take: `seq` tokens run, `rows` query positions stored (default all)."""
+    from .model import select_taps
+
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    width = {"attn.q_proj": H * Dh, "attn.q_rope": H * Dh, "attn.context": H * Dh, "attn.k_proj": K * Dh,
+             "attn.k_rope": K * Dh, "attn.v_proj": K * Dh, "attn.scores": H * seq, "attn.probs": H * seq,
+             "mlp.gate": F, "mlp.up": F, "mlp.hidden": F, "logits_raw": V, "logits": V}
+    names = set(select_taps(cfg, taps)) | {"logits"}
+    per_row = sum(width.get(n if n in ("logits", "logits_raw") else n.split(".", 2)[-1], D) for n in names)
+    return per_row * batch * (seq if rows is None else rows) * itemsize
 
 
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
@@ -495,25 +547,58 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
 SUITES = {"coverage": coverage_inputs}
 
 
+MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
+MAX_TAP_MEMORY = 8 << 30  # in memory while running: beyond this a case records the "residual" taps only
+LAST_ROWS = 4  # for the window case: positions W-2, W-1, W, W+1
+
+
+def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int] | None, list[str]]:
+    """The taps and stored positions that keep one case within the memory and disk budgets, and notes."""
+    ids = np.asarray(ids)
+    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[0]))
+    notes = []
+    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_TAP_MEMORY and taps != "residual":
+        notes.append(f"taps reduced to 'residual': {taps!r} for {seq} tokens would need "
+                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**30:.0f} GiB of memory")
+        taps = "residual"
+    positions = None
+    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_CASE_BYTES and seq > LAST_ROWS:
+        positions = (seq - LAST_ROWS, seq)
+        notes.append(f"only positions {seq - LAST_ROWS}..{seq - 1} stored (the full case would take "
+                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**20:.0f} MiB)")
+    return taps, positions, notes
+
+
 def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", model_name=None,
                    log=None, write=None) -> Path:
     """Write every case of a suite under out_dir, plus suite.json.
 
-    `write(ids, case_dir, text, description)` writes one case; default: our forward (generate_case).
-    Give another to produce the same suite with another backend (adapters.transformers)."""
+    Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
+    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions)`
+    writes one case; default: our forward. Give another to produce the suite with another backend."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = model_info(model, model_name, progress=log is not None)
     if write is None:
-        def write(ids, case_dir, text, description):
-            generate_case(model, ids, case_dir, taps=taps, text=text, description=description, info=info)
+        progress = None
+        if log is not None and model.config.parameter_counts()["total"] > 50_000_000:
+            progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
+
+        def write(ids, case_dir, text, description, case_taps, positions):
+            generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
+                          progress=progress, positions=positions)
     inputs = SUITES[name](model.config, tokenizer)
+    entries = []
     for case in inputs:
+        ids = np.asarray(case.ids)
+        case_taps, positions, notes = case_plan(model.config, taps, ids, model.dtype.itemsize)
         if log:
-            log(f"  case {case.name}: {np.asarray(case.ids).shape} tokens")
-        write(np.asarray(case.ids), out_dir / case.name, case.text, case.description)
-    return write_suite(out_dir, name, [{"name": c.name, "description": c.description} for c in inputs],
+            log(f"  case {case.name}: {ids.shape} tokens" + "".join(f"; {n}" for n in notes))
+        description = case.description + "".join(f"; {n}" for n in notes)
+        write(ids, out_dir / case.name, case.text, description, case_taps, positions)
+        entries.append({"name": case.name, "description": description})
+    return write_suite(out_dir, name, entries,
                        {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
                         "sliding_window": model.config.sliding_window, "taps": taps})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compare import CaseComparison, compare_activations, format_report, get_profile
+from .compare import CaseComparison, align_positions, compare_activations, format_report, get_profile
 from .golden import Case, apply_name_map, load_golden
 
 
@@ -31,7 +31,8 @@ def assert_matches_golden(golden_dir, activations: dict, profile: str = "fp32", 
         raise ValueError(f"{golden_dir} is a suite: pass one of its case directories")
     acts = {name: np.asarray(a) for name, a in apply_name_map(activations, name_map).items()}
     unknown = [n for n in acts if n not in reference.activations]
-    result = compare_activations(reference.activations, acts, get_profile(profile, **overrides),
+    ref_acts, acts, _ = align_positions(reference.activations, reference.positions, acts, None, reference.batched)
+    result = compare_activations(ref_acts, acts, get_profile(profile, **overrides),
                                  reference.tap_names, str(reference.path), "activations under test",
                                  reference.token_ids, None if token_ids is None else np.asarray(token_ids))
     if not result.compared:

@@ -218,3 +218,33 @@ def test_cli_refuses_a_tampered_golden_with_a_clear_error(case, capsys):
     (case / G.ACTIVATIONS).write_bytes(bytes(data))
     assert cli(["compare", str(case), str(case)]) == 2
     assert "does not match the manifest" in capsys.readouterr().err
+
+
+# -- long prompts of big models ---------------------------------------------------------------------------------
+
+def test_a_real_models_window_case_is_kept_within_memory_and_disk_budgets():
+    cfg = g2.PRESETS["9b"]
+    ids = np.full(cfg.sliding_window + 2, 5)
+    taps, positions, notes = G.case_plan(cfg, "default", ids)
+    assert taps == "residual" and positions == (4094, 4098)  # positions W-2 .. W+1
+    assert G.tap_bytes(cfg, taps, 1, 4098, rows=4) < G.MAX_CASE_BYTES
+    assert G.case_plan(g2.PRESETS["tiny"], "default", np.full(34, 5)) == ("default", None, [])
+
+
+def test_a_case_can_store_only_some_positions_and_still_compares_against_full_runs(tmp_path, tiny):
+    from gemma2_ref.compare import PROFILES, compare_cases
+    from gemma2_ref.model import Mistakes
+    from gemma2_ref.testing import assert_matches_golden
+
+    ids = np.array(G.load_case(COMMITTED / "window").token_ids)  # 34 tokens, window 32
+    acts = tiny.forward(ids, taps="all")
+    ref = G.load_case(G.write_case(tmp_path / "ref", acts, ids, positions=(30, 34)))
+    assert ref.positions == (30, 34)
+    assert ref.activations["layers.0.output"].shape == (4, 128)
+    assert ref.activations["layers.0.attn.probs"].shape == (4, 4, 34)  # 4 query rows, every key
+    assert_matches_golden(tmp_path / "ref", acts)  # a full run is cut to the stored rows
+    wrong = G.load_case(G.write_case(tmp_path / "wrong", tiny.forward(ids, taps="all", mistakes=Mistakes(
+        window_offset=1)), ids))
+    result = compare_cases(ref, wrong, PROFILES["fp32"])
+    assert "positions 30..33 compared" in " ".join(result.notes)
+    assert result.first_divergence.name == "layers.0.attn.probs"

@@ -129,7 +129,8 @@ def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.nd
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
-                 taps="default", text: str | None = None, description: str | None = None, hf_model=None) -> Path:
+                 taps="default", text: str | None = None, description: str | None = None, hf_model=None,
+                 positions=None) -> Path:
     """Run transformers on a checkpoint directory and write a golden case (producer: transformers)."""
     import torch
     import transformers
@@ -145,4 +146,4 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
                 "adapter": "gemma2_ref.adapters.transformers"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description)
+                      description=description, positions=positions)
