@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -354,14 +355,19 @@ def group_names(names: list[str]) -> str:
     return ", ".join(parts + others)
 
 
+def wrap(line: str, indent: int = 11, width: int = 110) -> str:
+    return textwrap.fill(line, width=width, subsequent_indent=" " * indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
 def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     p = result.profile
-    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", f"profile    {p.describe()}"]
+    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", wrap(f"profile    {p.describe()}")]
     compared = result.compared
-    lines.append(f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
-                 + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else ""))
+    lines.append(wrap(f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
+                      + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else "")))
     if result.extra:
-        lines.append(f"           not in the reference (ignored): {group_names(result.extra)}")
+        lines.append(wrap(f"           not in the reference (ignored): {group_names(result.extra)}"))
     for note in result.notes:
         lines.append(f"note       {note}")
     if result.input_mismatch:
@@ -382,9 +388,10 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
     if logits:
         lg = logits.logits
-        lines += ["", f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
-                      f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
-                      f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap {lg['top5']:.1%}"]
+        lines += ["", wrap(f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
+                           f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
+                           f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
+                           f"{lg['top5']:.1%}", 8)]
     first = result.first_divergence
     lines.append("")
     if result.passed:
@@ -393,8 +400,9 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         lines.append("FAIL: " + (result.input_mismatch or "nothing was compared"))
     else:
         where = f"layer {first.layer}, {first.name.split('.', 2)[2]}" if first.layer.isdigit() else first.name
-        lines.append(f"FAIL: first diverging tap: {first.name} ({where}): " + "; ".join(failure_reasons(first, p)))
-        lines.append(f"      {first.summary()}")
+        lines.append(wrap(f"FAIL: first diverging tap: {first.name} ({where}): "
+                          + "; ".join(failure_reasons(first, p)), 6))
+        lines.append(wrap(f"      {first.summary()}", 6))
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compare import CaseComparison, Profile, align_positions, compare_activations
+from .compare import CaseComparison, Profile, align_positions, compare_activations, wrap
 from .golden import BOS, Case
 from .model import CORRECT, Mistakes, tap_names
 
@@ -258,13 +258,13 @@ def format_diagnosis(diag: Diagnosis) -> str:
             closer = f"at {at} the candidate equals this variant exactly"
         else:
             closer = f"at {at} the candidate is {r.ratio:.3g}x closer to this variant than to the reference (rel L2)"
-        lines.append(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]")
-        lines.append(f"      evidence: {closer}; {evidence}")
+        lines.append(wrap(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
+        lines.append(wrap(f"      evidence: {closer}; {evidence}", 16))
     others = [r for r in diag.results if not r.verdict]
     if others:
-        lines.append("  not matching (at the first divergence, how many times closer the candidate is to the variant "
-                     "than to the reference; shape mismatch = 0): " + ", ".join(
-            f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others))
+        lines.append(wrap("  not matching (at the first divergence, how many times closer the candidate is to the "
+                          "variant than to the reference; shape mismatch = 0): " + ", ".join(
+            f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others), 6))
     return "\n".join(lines)
 
 

@@ -84,5 +84,5 @@ def test_cli_writes_a_transformers_candidate_and_compares_it(tmp_path, capsys):
     assert cli(["golden", str(ckpt), "--tokens", tokens, "--out", str(tmp_path / "hf"),
                 "--backend", "transformers"]) == 0
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "hf")]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "PASS" in out and "missing from the candidate: layers.*.{attn.q_rope, attn.k_rope} (4 each)" in out

@@ -79,7 +79,7 @@ def test_first_divergence_is_the_earliest_failing_tap_in_execution_order(run):
     result = compare_activations(acts, cand, FP32)
     assert not result.passed
     assert result.first_divergence.name == "layers.1.mlp.up"  # before the larger error in layer 3
-    report = format_report(result)
+    report = " ".join(format_report(result).split())
     assert "FAIL: first diverging tap: layers.1.mlp.up (layer 1, mlp.up)" in report
 
 
@@ -96,7 +96,7 @@ def test_a_candidate_with_some_taps_is_compared_on_those_and_told_what_is_missin
     result = compare_activations(acts, residual, FP32)
     assert result.passed and len(result.compared) == len(residual)
     assert "layers.0.attn.q_rope" in result.missing
-    assert "missing from the candidate: layers.*.{input, pre_attn_norm, " in format_report(result)
+    assert "missing from the candidate: layers.*.{input, pre_attn_norm, " in " ".join(format_report(result).split())
     logits_only = compare_activations(acts, {"logits": acts["logits"]}, FP32)
     assert logits_only.passed and [t.name for t in logits_only.compared] == ["logits"]
 
