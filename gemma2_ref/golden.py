@@ -331,19 +331,26 @@ class Case:
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a safetensors file as stored (BF16 read as float32, exactly)."""
+    """Every tensor of a safetensors file as stored (BF16 read as float32, exactly), copied out of a
+    memory map so that large goldens are not held twice."""
+    import mmap
+
     try:
         refs, _ = read_safetensors_header(path)
     except WeightsError as e:
         raise GoldenError(str(e)) from None
     out, dtypes = {}, {}
-    data = path.read_bytes()
-    for name, ref in refs.items():
-        storage = STORAGE_DTYPES[ref.dtype]
-        a = np.frombuffer(data, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset)
-        a = a.reshape(ref.shape)
-        out[name] = bf16_bits_to_f32(a) if ref.dtype == "BF16" else a.astype(storage.newbyteorder("="))
-        dtypes[name] = ref.dtype
+    with open(path, "rb") as f:
+        if not refs:
+            return out, dtypes
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for name, ref in refs.items():
+                storage = STORAGE_DTYPES[ref.dtype]
+                a = np.frombuffer(data, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset)
+                a = a.reshape(ref.shape)
+                out[name] = bf16_bits_to_f32(a) if ref.dtype == "BF16" else a.astype(storage.newbyteorder("="))
+                dtypes[name] = ref.dtype
+                del a
     return out, dtypes
 
 
