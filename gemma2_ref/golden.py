@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -229,8 +230,8 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     order = canonical_order(acts)
     if producer is None or isinstance(producer, str):
         from . import __version__
-        producer = ({"name": "gemma2_ref", "version": __version__, "commit": git_commit()} if producer is None
-                    else {"name": producer})
+        producer = ({"name": "gemma2_ref", "version": __version__, "commit": git_commit(), "numpy": np.__version__,
+                     "machine": platform.machine()} if producer is None else {"name": producer})
     dtypes = sorted({str(a.dtype) for a in acts.values()})
     write_safetensors(out_dir / ACTIVATIONS, acts)
     manifest = {

@@ -151,3 +151,16 @@ def test_cli_compare_and_diagnose_name_the_mistake(model, reference, tmp_path, c
     assert "MATCHES: drop_attn_softcap" in out and "vLLM #5908" in out
     assert cli(["diagnose", str(reference.path), str(cand.path)]) == 0
     assert "MATCHES: drop_attn_softcap" in capsys.readouterr().out
+
+
+def test_json_reports_carry_the_diagnosis(model, reference, tmp_path, capsys):
+    import json
+
+    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(norm_offset=2.0))
+    assert cli(["compare", str(reference.path), str(cand.path), "--json"]) == 1
+    case = json.loads(capsys.readouterr().out)["cases"][0]
+    assert case["first_divergence"] == "layers.0.pre_attn_norm"
+    assert case["diagnosis"]["named"][0]["variant"] == "norm_offset=2"
+    assert cli(["diagnose", str(reference.path), str(cand.path), "--json"]) == 0
+    named = json.loads(capsys.readouterr().out)["cases"][0]["named"][0]
+    assert named["verdict"] == "matches" and named["passes_against_variant"] is True
