@@ -42,15 +42,18 @@ def known_variants(cfg) -> list[Variant]:
         Variant("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
                 "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
                 Mistakes(drop_attn_softcap=True)),
-        Variant("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)", "llama.cpp #8156",
+        Variant("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
+                "gemma2-facts: final soft-cap (no public bug number recorded)",
                 Mistakes(drop_final_softcap=True)),
         Variant("no_sliding_window", "sliding-window layers attend globally (only visible beyond the window "
                 f"of {cfg.sliding_window})", "llama.cpp #8227, transformers #32522, keras-hub #2186, SGLang #1746",
                 Mistakes(no_sliding_window=True)),
         Variant("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
-                "back", "transformers #35681, llama.cpp #8227", Mistakes(window_offset=1)),
+                "back", "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
+                Mistakes(window_offset=1)),
         Variant("window_offset=-1", "sliding window off by one: a query sees one key fewer",
-                "transformers #35681, llama.cpp #8227", Mistakes(window_offset=-1)),
+                "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
+                Mistakes(window_offset=-1)),
     ]
     scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
               "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
