@@ -456,12 +456,20 @@ def load_suite(path: str | Path, verify: bool = True) -> Suite:
 
 
 def load_golden(path: str | Path, verify: bool = True, name_map=None) -> Case | Suite:
-    """A case directory, a suite directory (with suite.json), or (candidates only) a bare .safetensors file."""
+    """A case directory, a suite directory (with suite.json, or just case directories: a candidate written
+    case by case), or (candidates only) a bare .safetensors file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return load_activations_file(path, name_map)
     if (path / SUITE).is_file():
         return load_suite(path, verify)
+    subcases = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
+    if not (path / MANIFEST).exists() and subcases:  # a candidate suite written case by case, no suite.json
+        cases = [load_case(p, verify) for p in subcases]
+        if name_map:
+            for c in cases:
+                c.activations = apply_name_map(c.activations, name_map)
+        return Suite(path, {"name": path.name, "cases": [{"name": p.name} for p in subcases]}, cases)
     case = load_case(path, verify)
     if name_map:
         case.activations = apply_name_map(case.activations, name_map)
