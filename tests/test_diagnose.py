@@ -164,3 +164,27 @@ def test_json_reports_carry_the_diagnosis(model, reference, tmp_path, capsys):
     assert cli(["diagnose", str(reference.path), str(cand.path), "--json"]) == 0
     named = json.loads(capsys.readouterr().out)["cases"][0]["named"][0]
     assert named["verdict"] == "matches" and named["passes_against_variant"] is True
+
+
+def test_a_residual_stream_candidate_is_diagnosed_from_what_it_has(model, reference, tmp_path):
+    acts = model.forward(reference.token_ids, taps="residual", mistakes=Mistakes(drop_attn_softcap=True))
+    cand = G.load_case(G.write_case(tmp_path / "resid", acts, reference.token_ids))
+    result = compare_cases(reference, cand, FP32)
+    assert result.first_divergence.name == "layers.0.output"  # the coarsest place the candidate can show
+    assert diagnose(model, reference, cand, FP32).named[0].variant.name == "drop_attn_softcap"
+
+
+def test_compare_still_reports_when_the_reference_model_is_not_here(model, tmp_path, capsys):
+    import json
+
+    ids = ids_of(W + 2)
+    ref_dir = G.generate_case(model, ids, tmp_path / "ref")
+    m = json.loads((ref_dir / G.MANIFEST).read_text())
+    m["model"]["path"] = str(tmp_path / "gone")
+    m["manifest_sha256"] = G._manifest_checksum(m)
+    (ref_dir / G.MANIFEST).write_text(json.dumps(m))
+    cand = candidate(model, tmp_path, ids, Mistakes(exact_gelu=True))
+    assert cli(["compare", str(ref_dir), str(cand.path)]) == 1
+    captured = capsys.readouterr()
+    assert "first diverging tap: layers.0.mlp.hidden" in " ".join(captured.out.split())
+    assert "no diagnosis" in captured.err and "pass --model" in captured.err
