@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     theirs = Gemma2ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     ids = np.concatenate([[2], np.random.default_rng(0).integers(3, cfg.vocab_size, args.prompt_tokens - 1)])
 
+    load_before = os.getloadavg()  # other processes on the machine: the numbers only mean something when low
     best = {"numpy": [np.inf, np.inf], "torch": [np.inf, np.inf]}
     tokens = {}
     for r in range(args.repeats):  # the first round also converts / warms up; best of all rounds counts
@@ -111,7 +112,9 @@ def main(argv=None) -> int:
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "gemma2_ref": g2.__version__},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": platform.processor() or platform.machine(),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "command": " ".join(["python", "benchmarks/decode_vs_torch.py"] + (argv if argv is not None else sys.argv[1:])),
     }
     if args.json:
