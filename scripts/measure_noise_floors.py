@@ -35,6 +35,10 @@ MODELS = {
     "2b-shaped": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=26,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32,
                       sliding_window=16, max_position_embeddings=256),
+    # the 2B's real widths (D, F, heads, head_dim) at 4 layers and a small vocabulary: long dot products
+    "2b-width": dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=16, max_position_embeddings=256),
     # 27B-like: query_pre_attn_scalar = D/H != head_dim
     "27b-shaped": dict(vocab_size=4096, hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
                        num_attention_heads=8, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=48,
@@ -112,11 +116,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models only")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--models", help="comma-separated subset of: " + ", ".join([*MODELS, "bundled-tiny"]))
     args = ap.parse_args()
     models = dict(MODELS)
     models["bundled-tiny"] = dict(bundled=True)
     if args.quick:
         models = {k: v for k, v in models.items() if "tiny" in k}
+    if args.models:
+        models = {k: models[k] for k in args.models.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in models.items():
             cfg_window = 32 if "tiny" in name else spec["sliding_window"]
