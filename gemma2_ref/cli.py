@@ -448,7 +448,8 @@ def run_compare(args) -> int:
         if model is not None and (args.diagnose or not is_large(model)):
             for r in failed:
                 if r.reference in refs and r.candidate in cands:
-                    diagnoses[r.reference] = D.diagnose(model, refs[r.reference], cands[r.candidate], profile)
+                    diagnoses[r.reference] = D.diagnose(model, refs[r.reference], cands[r.candidate], profile,
+                                                        log=eprint if is_large(model) else None)
         elif model is not None:
             eprint(f"(diagnosis skipped for a large model: run `gemma2-ref diagnose {args.reference} "
                    f"{args.candidate}` or pass --diagnose; it re-runs the model about 15 times)")
