@@ -440,10 +440,14 @@ def run_compare(args) -> int:
         cands = {str(c.path): c for c in (cand.cases if isinstance(cand, Suite) else [cand])}
         model = None
         try:
-            model = D.load_reference_model(next(iter(refs.values())), args.model)
+            first_ref = next(iter(refs.values()))
+            model = D.load_reference_model(first_ref, args.model, verify=False)
+            if args.diagnose or not is_large(model):  # hashing a large checkpoint takes a while: only if used
+                D.verify_reference_model(model, first_ref, log=eprint if is_large(model) else None)
         except (ValueError, FileNotFoundError) as e:
             if args.diagnose:
                 raise
+            model = None
             eprint(f"(no diagnosis: {e})")
         if model is not None and (args.diagnose or not is_large(model)):
             for r in failed:

@@ -271,11 +271,11 @@ def format_diagnosis(diag: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-def load_reference_model(reference: Case, model_path=None, log=None):
+def load_reference_model(reference: Case, model_path=None, log=None, verify: bool = True):
     """The checkpoint the reference golden was made from: `model_path` if given, else the one its manifest
     names (a bundled model by name, a directory by path). Its files' sha256 must match the manifest."""
     from . import load_model
-    from .golden import GoldenError, sha256_file
+    from .golden import GoldenError
 
     info = reference.manifest.get("model") or {}
     source = model_path or (info.get("name") if info.get("bundled") else info.get("path"))
@@ -287,11 +287,19 @@ def load_reference_model(reference: Case, model_path=None, log=None):
     except FileNotFoundError:
         raise GoldenError(f"{reference.path} was made from {source}, which is not here; pass --model "
                           f"CHECKPOINT_DIR (its files must have the sha256s the manifest records)") from None
-    recorded = info.get("weights") or {}
+    if verify:
+        verify_reference_model(model, reference, log)
+    return model
+
+
+def verify_reference_model(model, reference: Case, log=None) -> None:
+    """Refuse a model whose weight files are not the ones the golden records (sha256 of each file)."""
+    from .golden import GoldenError, sha256_file
+
+    recorded = (reference.manifest.get("model") or {}).get("weights") or {}
     found = {f.name: sha256_file(f, progress=log is not None) for f in model.weights.files}
     if recorded and found != recorded:
         differ = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
         raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "
                           f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
                           f"the golden, or pass --model with the original checkpoint")
-    return model
