@@ -167,7 +167,9 @@ def test_generation_stops_at_the_context_length(small_dir):
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     cfg = hf_config(sliding_window=8)
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("hf_gen"), cfg, seed=1, scale=2.0)
+    # Random models like to repeat one token greedily; this seed and scale give varied continuations
+    # (3 and 9 distinct tokens) with every top-2 margin above 0.017.
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("hf_gen"), cfg, seed=0, scale=4.0)
     return cfg, load_reference(ckpt), g2.load_model(ckpt, keep_converted=True)
 
 
@@ -185,9 +187,11 @@ def test_greedy_generation_equals_transformers_generate(hf_pair, prompt_len):
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margin = float((top2[:, 1] - top2[:, 0]).min())
     assert margin > 1e-3, f"near-tie (top-2 margin {margin:.2g}): token equality would be luck; change seed"
+    assert len(set(mine.tokens)) >= 3, "a single repeated token would test little: change seed"
     assert theirs.sequences[0, prompt_len:].tolist() == mine.tokens
     their_logits = torch.stack(theirs.logits)[:, 0].float().numpy()
-    assert np.abs(their_logits - logits).max() <= 1e-4
+    # fp32 rounding grows with the weights' scale (up to ~8e-5 here); a cache or position bug is O(0.1-1)
+    assert np.abs(their_logits - logits).max() <= 5e-4
 
 
 # -- sampling ------------------------------------------------------------------------------------------------
