@@ -7,7 +7,6 @@ MODEL is a checkpoint directory (Hugging Face layout) or the name of a bundled m
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import gemma2_ref as g2
 
 from .config import GLOBAL, ConfigError
+from .golden import sha256_file
 from .tokenizer import TokenizerError
 from .weights import WeightsError
 
@@ -60,20 +60,6 @@ def prompt_ids(args, model_dir) -> tuple[list[int], object]:
     if getattr(args, "chat", False):
         return tok.encode_chat(args.prompt), tok
     return tok.encode(args.prompt, bos=not getattr(args, "no_bos", False)), tok
-
-
-def sha256_file(path: Path, progress: bool = False) -> str:
-    h = hashlib.sha256()
-    size, done = path.stat().st_size, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            done += len(chunk)
-            if progress and size > 1 << 28:
-                eprint(f"  hashing {path.name}: {100 * done / size:5.1f}%", end="\r", flush=True)
-    if progress and size > 1 << 28:
-        eprint()
-    return h.hexdigest()
 
 
 # -- info -------------------------------------------------------------------------------------------------
