@@ -189,16 +189,24 @@ class NumpyRunner:
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         return self.model.forward(ids, logits_at="last")["logits"][-1]
 
-    def decode(self, prompt: np.ndarray, steps: int) -> tuple[float, list[int]]:
-        """Greedy: prefill the prompt into a KV cache (not timed), then `steps` one-token forwards (timed)."""
+    def start_decode(self, prompt: np.ndarray, steps: int):
+        """Prefill the prompt into a fresh KV cache; returns (cache, first greedy token)."""
         from .generate import KVCache
         cache = KVCache(self.model.config, capacity=len(prompt) + steps + 1)
-        token = int(np.argmax(self.model.forward(prompt, kv_cache=cache, logits_at="last")["logits"][-1]))
-        tokens, t0 = [], time.perf_counter()
+        return cache, int(np.argmax(self.model.forward(prompt, kv_cache=cache, logits_at="last")["logits"][-1]))
+
+    def decode_steps(self, cache, token: int, steps: int) -> list[int]:
+        tokens = []
         for _ in range(steps):
-            logits = self.model.forward([token], kv_cache=cache, logits_at="last")["logits"][-1]
-            token = int(np.argmax(logits))
+            token = int(np.argmax(self.model.forward([token], kv_cache=cache, logits_at="last")["logits"][-1]))
             tokens.append(token)
+        return tokens
+
+    def decode(self, prompt: np.ndarray, steps: int) -> tuple[float, list[int]]:
+        """Greedy: prefill the prompt into a KV cache (not timed), then `steps` one-token forwards (timed)."""
+        cache, token = self.start_decode(prompt, steps)
+        t0 = time.perf_counter()
+        tokens = self.decode_steps(cache, token, steps)
         return time.perf_counter() - t0, tokens
 
     def profile(self, ids: np.ndarray, steps: int) -> dict:
@@ -206,8 +214,9 @@ class NumpyRunner:
         import cProfile
         import pstats
         out = {}
+        cache, token = self.start_decode(ids[: max(1, len(ids) // 4)], steps)
         for what, run in (("prefill", lambda: self.prefill(ids)),
-                          ("decode", lambda: self.decode(ids[: max(1, len(ids) // 4)], steps))):
+                          ("decode", lambda: self.decode_steps(cache, token, steps))):
             prof = cProfile.Profile()
             t0 = time.perf_counter()
             prof.runcall(run)
@@ -216,6 +225,7 @@ class NumpyRunner:
             rows = sorted(((f"{Path(file).stem}.{func}" if file != "~" else func, tt, nc)
                            for (file, _, func), (_, nc, tt, _, _) in stats.items()), key=lambda r: -r[1])
             out[what] = {"seconds": total, "tokens": len(ids) if what == "prefill" else steps,
+                         "context": len(ids) if what == "prefill" else max(1, len(ids) // 4),
                          "functions": [{"function": f, "seconds": round(tt, 4), "calls": nc}
                                        for f, tt, nc in rows[:12]]}
         return out
@@ -625,8 +635,10 @@ def format_report(results: dict) -> str:
     prof = results.get("profile")
     if prof:
         for what, p in prof.items():
-            lines += ["", f"Where the time goes, NumPy ({what}, {p['tokens']} tokens, {p['seconds']:.2f} s, cProfile "
-                          "self time):", "", "| function | seconds | share | calls |", "|---|---|---|---|"]
+            desc = (f"a {p['tokens']}-token prefill" if what == "prefill" else
+                    f"{p['tokens']} decode steps after a {p.get('context', '?')}-token prompt")
+            lines += ["", f"Where the time goes, NumPy with layers kept converted ({desc}, {p['seconds']:.2f} s; "
+                          "cProfile self time):", "", "| function | seconds | share | calls |", "|---|---|---|---|"]
             for f in p["functions"][:10]:
                 lines.append(f"| `{f['function']}` | {f['seconds']:.3f} | {100 * f['seconds'] / p['seconds']:.0f}% | "
                              f"{f['calls']} |")

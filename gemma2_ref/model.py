@@ -117,7 +117,15 @@ NO_TAPS = Taps(frozenset())
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w.T for a checkpoint weight stored (out, in); one BLAS call over all leading axes."""
-    return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+    rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    if len(rows) < 1024 and rows.dtype == w.dtype == np.float32:
+        # The same products and sums (bit-identical in float32; float64 kernels may differ in the last
+        # bit, so float64 keeps x @ w.T), but OpenBLAS shares a matmul between its threads along the rows
+        # of the first matrix: a short prompt has too few rows, so the weight goes first.
+        y = np.ascontiguousarray((w @ rows.T).T)  # 3-10x faster at 128 tokens, 2 threads
+    else:
+        y = rows @ w.T
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def embed(ids: np.ndarray, embedding: np.ndarray, normalizer_dtype: str | None = None) -> np.ndarray:

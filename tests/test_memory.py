@@ -1,0 +1,97 @@
+"""Memory: weights stay memory-mapped in their stored dtype and are converted a layer at a time.
+
+Streaming layers (the default) and keeping converted layers (`keep_converted=True`) must be the same
+computation: the logits are bit-identical, for a prefill and for a KV-cache decode.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma2_ref as g2
+from gemma2_ref.generate import KVCache
+from gemma2_ref.weights import (EMBEDDING, MappedFiles, bf16_bits_to_f32, random_weights, save_checkpoint,
+                                to_compute_dtype, write_safetensors, read_safetensors_header)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_dir(tmp_path_factory):
+    cfg = g2.PRESETS["tiny"]
+    return save_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), cfg, random_weights(cfg, seed=11, scale=2.0),
+                           "BF16", shards=3)
+
+
+IDS = np.concatenate([[2], np.random.default_rng(3).integers(3, 2048, 70)])  # > 2 x the tiny window (32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_streaming_and_keep_converted_give_bit_identical_logits(tiny_bf16_dir, dtype):
+    streamed = g2.load_model(tiny_bf16_dir, dtype=dtype)
+    kept = g2.load_model(tiny_bf16_dir, dtype=dtype, keep_converted=True)
+    first = kept.logits(IDS)  # converts and keeps every layer
+    again = kept.logits(IDS)  # uses the kept layers
+    np.testing.assert_array_equal(streamed.logits(IDS), first)
+    np.testing.assert_array_equal(first, again)
+    assert first.dtype == np.dtype(dtype)
+
+
+def test_streaming_and_keep_converted_decode_bit_identically(tiny_bf16_dir):
+    """Greedy decoding with a KV cache: every step's logits equal, token for token."""
+    models = [g2.load_model(tiny_bf16_dir), g2.load_model(tiny_bf16_dir, keep_converted=True)]
+    caches = [KVCache(m.config, capacity=64) for m in models]
+    steps = [m.forward(IDS[:20], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip(models, caches)]
+    for _ in range(6):
+        np.testing.assert_array_equal(steps[0], steps[1])
+        token = int(np.argmax(steps[0]))
+        steps = [m.forward([token], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip(models, caches)]
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
+def test_streaming_keeps_no_layer_and_keep_converted_keeps_every_layer(tiny_bf16_dir):
+    streamed = g2.load_model(tiny_bf16_dir)
+    kept = g2.load_model(tiny_bf16_dir, keep_converted=True)
+    streamed.logits(IDS[:8])
+    kept.logits(IDS[:8])
+    assert streamed.weights._layers == {}
+    assert sorted(kept.weights._layers) == list(range(kept.config.num_hidden_layers))
+    assert kept.weights.layer(0) is kept.weights.layer(0)
+
+
+def test_conversion_in_blocks_equals_converting_the_whole_tensor(tiny_bf16_dir, monkeypatch):
+    """Weights.tensor converts a block of rows at a time; a tiny block size must change nothing."""
+    import gemma2_ref.weights as weights
+    model = g2.load_model(tiny_bf16_dir)
+    stored = model.weights.stored(EMBEDDING)
+    whole = bf16_bits_to_f32(np.array(stored))
+    monkeypatch.setattr(weights, "CONVERT_BLOCK_BYTES", 1000)  # 3 rows of 128 bf16 per block
+    np.testing.assert_array_equal(model.weights.tensor(EMBEDDING), whole)
+    np.testing.assert_array_equal(to_compute_dtype(stored, "BF16", np.float64), whole.astype(np.float64))
+
+
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError("RssFile")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
+def test_converted_tensor_does_not_keep_its_file_pages_resident(tmp_path):
+    """Reading a mapped file puts its pages in our RSS; after conversion they are released (madvise), so a
+    converted layer costs its float32 bytes only. The values are unaffected: the pages map back on use."""
+    rows, cols = 8192, 2048  # 32 MiB stored as bf16, 64 MiB as float32
+    values = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    path = tmp_path / "big.safetensors"
+    write_safetensors(path, {"w": values}, "BF16")
+    refs, _ = read_safetensors_header(path)
+    maps = MappedFiles()
+    stored = maps.array(refs["w"])
+    before = _rss_file_bytes()
+    touched = int(stored.sum(dtype=np.uint64))  # read every page: all 32 MiB now count in our RSS
+    assert _rss_file_bytes() - before > 24 << 20
+    maps.release(refs["w"])
+    assert _rss_file_bytes() - before < 4 << 20
+    assert int(stored.sum(dtype=np.uint64)) == touched  # the data is still there, read back from the cache
+    maps.close()
