@@ -36,7 +36,7 @@ from .config import PRESETS, Gemma2Config, alternating_layer_types
 from .weights import EMBEDDING, FINAL_NORM, expected_tensors, f32_to_bf16_bits
 
 GiB = 1 << 30
-DEFAULT_CACHE = Path(os.environ.get("GEMMA2_REF_BENCH_CACHE", "/work/bench-cache"))
+DEFAULT_CACHE = Path(os.environ.get("GEMMA2_REF_BENCH_CACHE", Path.home() / ".cache" / "gemma2-ref" / "bench"))
 CHECKPOINT_FORMAT = 1  # bump when the generator below changes, so cached checkpoints are rebuilt
 
 
