@@ -71,6 +71,8 @@ def test_sharded_checkpoint_matches_transformers(tmp_path):
     report = {}
     _check(model.forward(ids, taps="residual"), reference_run(load_reference(ckpt), ids),
            cfg.num_hidden_layers, report)
+    print(f"sharded bf16 ({len(model.weights.files)} files): logits max abs {report['max_abs']:.3g}, "
+          f"rel L2 {report['rel_l2']:.3g}")
 
 
 def test_batch_of_two_matches_transformers(tmp_path):
@@ -80,3 +82,4 @@ def test_batch_of_two_matches_transformers(tmp_path):
     report = {}
     _check(g2.load_model(ckpt).forward(ids, taps="residual"), reference_run(load_reference(ckpt), ids),
            cfg.num_hidden_layers, report)
+    print(f"batch of two: logits max abs {report['max_abs']:.3g}, rel L2 {report['rel_l2']:.3g}")
