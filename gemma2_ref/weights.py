@@ -194,7 +194,8 @@ class MappedFiles:
                 pass
 
 
-def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """Stored bytes -> a fresh array in the compute dtype (or into `out`). bf16 and f16 convert exactly."""
     dtype = np.dtype(dtype)
     if out is None:
