@@ -1,0 +1,101 @@
+"""The walkthrough is executed: every ```python block of every chapter runs, in order, and prints exactly the
+```text block written under it. A chapter whose text and code disagree fails here (and in CI)."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from walkthrough import runner  # noqa: E402
+
+CHAPTERS = runner.chapters()
+WALKTHROUGH = ROOT / "walkthrough"
+
+
+def test_walkthrough_has_the_thirteen_chapters_in_reading_order():
+    numbers = [int(p.name[:2]) for p in CHAPTERS]
+    assert numbers == list(range(1, 14)), [p.name for p in CHAPTERS]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_prints_what_its_text_says(path):
+    chapter = runner.parse(path)
+    assert chapter.blocks, f"{path.name} has no ```python block"
+    outputs = runner.run(chapter)
+    problems = runner.check(chapter, outputs)
+    assert not problems, ("\n".join(problems) + "\nIf the code is right, run `python -m walkthrough.runner "
+                          f"--update {path.name[:2]}` and review the diff.")
+
+
+def test_table_of_contents_lists_every_chapter_in_order():
+    toc = (WALKTHROUGH / "README.md").read_text()
+    linked = re.findall(r"\]\((\d\d-[^)]+\.md)\)", toc)
+    assert linked == [p.name for p in CHAPTERS]
+
+
+def test_project_readme_links_the_walkthrough():
+    assert "walkthrough/README.md" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", [WALKTHROUGH / "README.md", *CHAPTERS], ids=lambda p: p.stem)
+def test_relative_links_and_images_resolve(path):
+    text = path.read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, f"{path.name} links to missing files: {missing}"
+
+
+# -- the runner itself: the check must be able to fail -------------------------------------------------
+
+def write_chapter(tmp_path, body: str) -> Path:
+    path = tmp_path / "01-test.md"
+    path.write_text(body)
+    return path
+
+
+def test_runner_reports_a_block_whose_output_differs(tmp_path):
+    path = write_chapter(tmp_path, "# t\n\n```python\nx = 6 * 7\nprint(x)\n```\n\n```text\n41\n```\n")
+    chapter = runner.parse(path)
+    problems = runner.check(chapter, runner.run(chapter))
+    assert len(problems) == 1 and "01-test.md: block 1" in problems[0]
+    assert "-41" in problems[0] and "+42" in problems[0]
+
+
+def test_runner_blocks_share_one_namespace_and_a_block_without_text_must_print_nothing(tmp_path):
+    path = write_chapter(tmp_path, "```python\nx = 2\n```\n\nprose\n\n```python\nprint(x + 1)\n```\n")
+    chapter = runner.parse(path)
+    outputs = runner.run(chapter)
+    assert outputs == ["", "3\n"]
+    assert "has no ```text block" in runner.check(chapter, outputs)[0]
+
+
+def test_runner_update_writes_the_real_output_then_check_passes(tmp_path):
+    path = write_chapter(tmp_path, "```python\nprint('a')\n```\n\n```text\nb\n```\n\n```python\nprint(1.5)\n```\n")
+    runner.update(runner.parse(path), runner.run(runner.parse(path)))
+    assert path.read_text() == "```python\nprint('a')\n```\n\n```text\na\n```\n\n```python\nprint(1.5)\n```\n\n```text\n1.5\n```\n"
+    chapter = runner.parse(path)
+    assert runner.check(chapter, runner.run(chapter)) == []
+
+
+def test_runner_names_the_chapter_and_block_that_raises(tmp_path):
+    path = write_chapter(tmp_path, "```python\nprint('ok')\n```\n\n```python\n1 / 0\n```\n")
+    with pytest.raises(runner.ChapterError, match=r"01-test.md: block 2 \(line 5\) raised ZeroDivisionError"):
+        runner.run(runner.parse(path))
+
+
+@pytest.mark.parametrize("expected, actual, same", [
+    ("x 0.1234\n", "x 0.1234\n", True),
+    ("x 0.1234\n", "x 0.1235\n", True),     # one unit in the last printed digit: BLAS summation order
+    ("x 0.1234\n", "x 0.1236\n", False),
+    ("x 1.5e-04\n", "x 1.6e-04\n", True),
+    ("x 1.5e-04\n", "x 1.5e-05\n", False),
+    ("id 441\n", "id 442\n", False),        # integers (token ids, counts) must match exactly
+    ("x 0.1234\n", "y 0.1234\n", False),
+    ("x 0.12\n", "x 0.121\n", False),
+])
+def test_numbers_may_differ_only_in_their_last_printed_decimal(expected, actual, same):
+    assert runner.same_output(expected, actual) is same
