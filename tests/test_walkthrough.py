@@ -1,7 +1,9 @@
 """The walkthrough is executed: every ```python block of every chapter runs, in order, and prints exactly the
 ```text block written under it. A chapter whose text and code disagree fails here (and in CI)."""
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +25,15 @@ def test_walkthrough_has_the_thirteen_chapters_in_reading_order():
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_chapter_prints_what_its_text_says(path):
-    chapter = runner.parse(path)
-    assert chapter.blocks, f"{path.name} has no ```python block"
-    outputs = runner.run(chapter)
-    problems = runner.check(chapter, outputs)
-    assert not problems, ("\n".join(problems) + "\nIf the code is right, run `python -m walkthrough.runner "
-                          f"--update {path.name[:2]}` and review the diff.")
+    """Each chapter runs as a reader runs it, `python -m walkthrough.runner --check NN`, in a fresh process
+    (a fresh namespace and one BLAS thread, which the runner sets before NumPy is imported)."""
+    assert runner.parse(path).blocks, f"{path.name} has no ```python block"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-m", "walkthrough.runner", "--check", path.name],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stderr + "\nIf the code is right, run `python -m walkthrough.runner "
+                                    f"--update {path.name[:2]}` and review the diff.")
+    assert f"ok   {path.name}" in result.stdout
 
 
 def test_table_of_contents_lists_every_chapter_in_order():

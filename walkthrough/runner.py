@@ -8,6 +8,10 @@ order in one namespace; each chapter starts with a fresh namespace, in the repos
     python -m walkthrough.runner --check 05         # chapters whose file name contains "05"
     python -m walkthrough.runner --update           # rewrite the ```text blocks from real output
 
+The chapters run with one BLAS thread (set here before NumPy is imported, unless already set): the tiny
+model's matrices are so small that a multi-threaded OpenBLAS spends its time waiting for threads, up to
+100x slower on a busy machine, and the printed outputs are the same either way.
+
 Comparison is exact, with one allowance: a number written with a decimal point or an exponent may differ by
 one unit in its last printed digit (float32 sums are accumulated in a different order by different BLAS
 builds, which can move a rounded last digit). Integers, words and everything else must match exactly.
@@ -26,6 +30,9 @@ import traceback
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 WALKTHROUGH = Path(__file__).resolve().parent
 ROOT = WALKTHROUGH.parent
