@@ -5,7 +5,8 @@
 
 1. TEACHER: a larger Gemma 2 (D=192, F=576, 4 layers, same tokenizer and window) trained with ordinary
    next-token cross-entropy on scripts/corpus/python-reference-topics.txt (English prose of the Python
-   Language Reference), every 10th block of 2048 tokens held out.
+   Language Reference; prose paragraphs unwrapped to one line, see `reflow`), every 10th block of 2048
+   tokens held out.
 2. STUDENT: the `tiny` preset (D=128, 4 layers), trained only by knowledge distillation from the
    teacher's (bf16, as committed) distributions: minimise sum_x -P_T(x|x_c) log P_S(x|x_c), averaged
    over positions. `kd_loss_torch` is the torch twin of gemma2_ref.distill.distillation_loss and is
@@ -29,6 +30,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,16 @@ BLOCK, HELD_OUT_EVERY = 2048, 10  # every 10th block of 2048 tokens is held out
 
 
 # -- data -----------------------------------------------------------------------------------------------
+
+def reflow(text: str) -> str:
+    """Join the hard-wrapped lines (~70 columns) of prose paragraphs into one line each; indented blocks
+    (grammar, code, lists) and headings keep their lines. Without this a model this small, which cannot
+    count columns, predicts a line break after almost any word."""
+    def is_prose(paragraph):
+        return all(line and not line[0].isspace() and not re.fullmatch(r"[*=~^-]+", line)
+                   for line in paragraph.split("\n"))
+    return "\n\n".join(" ".join(p.split("\n")) if is_prose(p) else p for p in text.split("\n\n"))
+
 
 def split_corpus(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(train stream, held-out stream): block k of BLOCK tokens is held out when k % 10 == 5."""
@@ -345,7 +357,7 @@ def main(argv=None) -> int:
     t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
 
     tok = g2.load_tokenizer(TOKENIZER)
-    ids = np.array(tok.encode(CORPUS.read_text(), bos=False), dtype=np.int64)
+    ids = np.array(tok.encode(reflow(CORPUS.read_text()), bos=False), dtype=np.int64)
     train_stream, held_stream = split_corpus(ids)
     bos = tok.bos_id
     held = held_out_windows(held_stream, bos)
