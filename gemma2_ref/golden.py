@@ -2,7 +2,7 @@
 
 A golden *case* is a directory:
 
-    activations.safetensors   one tensor per tap, canonical names (DESIGN.md), stored in the compute dtype
+    activations.safetensors   one tensor per tap, canonical names (README.md's tap table), in the compute dtype
     manifest.json             who produced it (gemma2_ref version + git commit, or another backend), the model
                               (config, sha256 of every weight file and of tokenizer.model), the input (text,
                               token ids, BOS policy), the compute dtype, and per tap: shape, dtype, sha256 of
@@ -206,7 +206,7 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
 
     activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
-                 shapes as in DESIGN.md, with a leading batch axis if `token_ids` is (batch, seq).
+                 shapes as in README.md's tap table, a leading batch axis if `token_ids` is (batch, seq).
     token_ids:   the ids the backend actually ran, (seq,) or (batch, seq).
     producer:    {"name": "my-backend", "version": "1.2", ...} or a name; default: gemma2_ref itself.
     model:       {"config": {...}, "weights": {file: sha256}, "tokenizer": {file: sha256}}, see `model_info`.

@@ -1,5 +1,5 @@
 """Adapters: run another Gemma 2 implementation and write its activations as a golden case under the
-canonical tap names (DESIGN.md), so `gemma2-ref compare` can check it against ours.
+canonical tap names (README.md's tap table), so `gemma2-ref compare` can check it against ours.
 
     gemma2_ref.adapters.transformers   Hugging Face transformers' Gemma2ForCausalLM (forward hooks)
 
