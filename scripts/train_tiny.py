@@ -1,6 +1,6 @@
 """Train the bundled tiny Gemma 2 the way the Gemma 2 report trains its small models: by distillation.
 
-    python scripts/train_tiny.py              # ~10 min on 2 idle CPU cores; writes gemma2_ref/data/tiny{,-teacher}/
+    python scripts/train_tiny.py              # ~5 min on 2 idle CPU cores; writes gemma2_ref/data/tiny{,-teacher}/
     python scripts/train_tiny.py --quick      # a one-minute smoke run into /tmp (same code path)
 
 1. TEACHER: a larger Gemma 2 (D=192, F=576, 4 layers, same tokenizer and window) trained with ordinary
