@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import struct
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import PRESETS, Gemma2Config, alternating_layer_types
-from .weights import EMBEDDING, FINAL_NORM, expected_tensors, f32_to_bf16_bits
+from .weights import EMBEDDING, FINAL_NORM, expected_tensors, write_safetensors_blocks
 
 GiB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("GEMMA2_REF_BENCH_CACHE", Path.home() / ".cache" / "gemma2-ref" / "bench"))
@@ -71,29 +70,15 @@ def random_rows(name: str, shape: tuple[int, ...], seed: int, block_rows: int):
 
 def write_random_shard(path: Path, shapes: dict[str, tuple[int, ...]], seed: int,
                        block_bytes: int = 64 << 20) -> int:
-    """One bf16 safetensors file, laid out as weights.write_safetensors does (sorted names, padded header),
-    written block by block. Returns the number of tensor bytes."""
-    names = sorted(shapes)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        n = int(np.prod(shapes[name])) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for name in names:
-            shape = shapes[name]
-            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
-            block_rows = max(1, block_bytes // max(1, row_bytes))
-            for block in random_rows(name, shape, seed, block_rows):
-                f.write(f32_to_bf16_bits(block).tobytes())
-    os.replace(tmp, path)
-    return offset
+    """One bf16 safetensors file of random tensors, generated and written a block of rows at a time, so
+    building never holds more than `block_bytes` of float32. Returns the number of tensor bytes."""
+    specs = {}
+    for name, shape in shapes.items():
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
+        block_rows = max(1, block_bytes // max(1, row_bytes))
+        specs[name] = ("BF16", shape, lambda name=name, shape=shape, rows=block_rows:
+                       random_rows(name, shape, seed, rows))
+    return write_safetensors_blocks(path, specs, metadata={"format": "pt"})
 
 
 def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int = 0, layers_per_shard: int = 4,

@@ -129,29 +129,46 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtype: s
 
     `dtype` ("BF16", "F16", "F32", "F64") converts every tensor; None keeps each array's own float dtype.
     """
-    names = sorted(tensors)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    blobs, offset = [], 0
-    for name in names:
-        a = np.asarray(tensors[name])
+    specs = {}
+    for name, a in tensors.items():
+        a = np.asarray(a)
         st = dtype or {np.dtype("float32"): "F32", np.dtype("float64"): "F64",
                        np.dtype("float16"): "F16"}.get(a.dtype)
         if st is None:
             raise ValueError(f"tensor {name!r}: cannot store dtype {a.dtype} (pass dtype=...)")
-        raw = f32_to_bf16_bits(a.astype(np.float32)) if st == "BF16" else a.astype(STORAGE_DTYPES[st])
-        data = np.ascontiguousarray(raw).tobytes()
-        header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
+        specs[name] = (st, a.shape, lambda a=a: [a])
+    write_safetensors_blocks(path, specs, metadata)
+
+
+def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, str] | None = None) -> int:
+    """The writer behind write_safetensors, for tensors too large to hold at once.
+
+    `specs`: {name: (safetensors dtype, shape, blocks)} where `blocks()` yields the tensor's values as
+    consecutive blocks of rows (any float dtype; converted to the stored dtype block by block).
+    The file is written under a temporary name and renamed, so a reader never sees half a file.
+    Returns the number of tensor bytes."""
+    names = sorted(specs)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        st, shape, _ = specs[name]
+        n = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[st].itemsize
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for data in blobs:
-            f.write(data)
+        for name in names:
+            st, shape, blocks = specs[name]
+            for block in blocks():
+                raw = f32_to_bf16_bits(np.asarray(block, np.float32)) if st == "BF16" \
+                    else np.asarray(block).astype(STORAGE_DTYPES[st])
+                f.write(np.ascontiguousarray(raw).tobytes())
     os.replace(tmp, path)
+    return offset
 
 
 class MappedFiles:
