@@ -52,6 +52,18 @@ def is_large(model) -> bool:
     return model.config.parameter_counts()["total"] > 50_000_000
 
 
+def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat template as a user turn"):
+    """MODEL, then the input: --prompt TEXT or --tokens IDS, with --chat / --no-bos. Returns the
+    --prompt/--tokens group, for a subcommand that offers one more source of input."""
+    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
+    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
+    p.add_argument("--chat", action="store_true", help=chat_help)
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to --prompt (Gemma expects one)")
+    return src
+
+
 def prompt_ids(args, model_dir) -> tuple[list[int], object]:
     """Token ids from --tokens, or from --prompt (with --chat / --no-bos) and the model's tokenizer."""
     if getattr(args, "tokens", None):
@@ -136,12 +148,7 @@ def add_run(sub):
     p = sub.add_parser("run", help="one forward pass: the next-token distribution's top-k",
                        description="Run the forward pass on a prompt and print the most likely next tokens "
                                    "with their probabilities (softmax of the soft-capped logits).")
-    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
-    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma chat template")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> (Gemma expects one)")
+    add_model_and_prompt(p)
     p.add_argument("--top-k", type=int, default=10, help="how many candidates to show (default 10)")
     p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -183,13 +190,8 @@ def add_generate(sub):
                                    "Converted weights are kept in memory when the model fits in about half "
                                    "of the available RAM (fast decode); --stream-weights converts each "
                                    "layer on every step instead (slow, but runs a big model in little RAM).")
-    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
-    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the Gemma chat template as a user turn, then generate the model turn")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> (Gemma expects one)")
+    add_model_and_prompt(p, chat_help="wrap the prompt in the Gemma chat template as a user turn, then "
+                                      "generate the model turn")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 (default) is greedy decoding")
@@ -280,10 +282,7 @@ def add_golden(sub):
                                    "weights, tokenizer and every tensor, stats, producer version and commit). "
                                    "The same inputs give bit-identical tensors. Regenerate the repository's "
                                    "suite with: gemma2-ref golden tiny --suite coverage --out golden/")
-    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
-    src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
+    src = add_model_and_prompt(p)
     src.add_argument("--suite", choices=["coverage"],
                      help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
                           "double_bos, chat, batch")
@@ -291,8 +290,6 @@ def add_golden(sub):
     p.add_argument("--taps", default="default",
                    help="tap set: default (all but attention scores/probs), all, residual, or comma-separated "
                         "names / globs such as 'embed,layers.*.output,logits' (default: default)")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt in the Gemma chat template")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to --prompt")
     p.add_argument("--positions", metavar="START:STOP",
                    help="store only these query positions of every tap (long prompts of big models), e.g. "
                         "4094:4098; the suite does this by itself for cases over 256 MiB")
