@@ -142,6 +142,16 @@ def test_one_changed_byte_in_a_tensor_is_refused(case):
         G.load_case(case)
 
 
+def test_a_changed_byte_that_leaves_every_tensor_intact_is_refused(case):
+    data = bytearray((case / G.ACTIVATIONS).read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert data[header_end - 1:header_end] == b" "  # the header's JSON is padded with spaces
+    data[header_end - 1] = ord("\t")  # still valid JSON, same tensors: only the file's sha256 sees it
+    (case / G.ACTIVATIONS).write_bytes(bytes(data))
+    with pytest.raises(G.GoldenError, match="activations.safetensors: sha256 .* does not match the manifest"):
+        G.load_case(case)
+
+
 def test_a_changed_tensor_is_refused_even_with_a_matching_file_hash(case):
     tensors = dict(G.load_case(case).activations)
     tensors["logits"] = tensors["logits"].copy()
