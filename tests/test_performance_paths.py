@@ -7,7 +7,7 @@ from gemma2_ref.model import gelu_tanh, linear, soft_cap
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("tokens", [1, 3, 128, 300, 1023, 1024, 1100])
+@pytest.mark.parametrize("tokens", [1, 3, 128, 255, 256, 300, 1023, 1024, 1100])
 @pytest.mark.parametrize("d_in, d_out", [(96, 200), (77, 513), (256, 72)])
 def test_linear_weight_first_and_input_first_matmuls_are_bit_identical(tokens, dtype, d_in, d_out):
     """linear() multiplies weight-first for short float32 inputs (faster with OpenBLAS threads): the same
