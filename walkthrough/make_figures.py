@@ -41,6 +41,13 @@ DIVERGENCE_MISTAKES = [  # (title, mistakes): chapter 13
 ]
 
 
+def save(plt, fig, path: Path) -> Path:
+    """Write the figure as a PNG (100 dpi, trimmed) and free it."""
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def masks(plt, out: Path) -> Path:
     cfg = PRESETS["tiny"]
     pos = np.arange(80)
@@ -60,10 +67,7 @@ def masks(plt, out: Path) -> Path:
     axes[2].set_title("tiny model layers")
     fig.suptitle("Attention masks: a query sees the keys shaded (i - window < j <= i on sliding layers)")
     fig.tight_layout()
-    path = out / "masks.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "masks.png")
 
 
 def rope_figure(plt, out: Path) -> Path:
@@ -84,10 +88,7 @@ def rope_figure(plt, out: Path) -> Path:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = out / "rope_frequencies.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "rope_frequencies.png")
 
 
 def softcap_figure(plt, out: Path) -> Path:
@@ -103,10 +104,7 @@ def softcap_figure(plt, out: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    path = out / "softcap.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "softcap.png")
 
 
 def attention_map(plt, out: Path, model, tok) -> Path:
@@ -126,10 +124,7 @@ def attention_map(plt, out: Path, model, tok) -> Path:
     axes[0].set_ylabel("query")
     fig.suptitle("Tiny model attention probabilities (each row sums to 1)")
     fig.tight_layout()
-    path = out / "attention_map.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "attention_map.png")
 
 
 def divergence_map(plt, out: Path, model, tok) -> Path:
@@ -154,10 +149,7 @@ def divergence_map(plt, out: Path, model, tok) -> Path:
         ax.set_yticks(range(len(rows)), rows if ax is axes[0] else [])
     fig.colorbar(im, ax=axes, shrink=0.8, label="relative L2 error vs the correct model (1e-9 = identical)")
     fig.suptitle(f"Where each mistake first shows: per-layer, per-tap error on a {len(ids)}-token prompt")
-    path = out / "divergence.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "divergence.png")
 
 
 def gelu_figure(plt, out: Path) -> Path:
@@ -175,10 +167,7 @@ def gelu_figure(plt, out: Path) -> Path:
         ax.set_xlabel("x")
     axes[0].legend()
     fig.tight_layout()
-    path = out / "gelu.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(plt, fig, out / "gelu.png")
 
 
 def make_all(out: Path = FIGURES) -> list[Path]:
