@@ -22,6 +22,7 @@ from gemma2_ref.distill import (distillation_loss, distillation_per_token, entro
 from gemma2_ref.weights import random_weights, save_checkpoint
 
 SETTINGS = settings(max_examples=40, deadline=None)
+
 SCRIPTS = DATA_DIR.parent.parent / "scripts"
 CORPUS = SCRIPTS / "corpus" / "python-reference-topics.txt"
 sys.path.insert(0, str(SCRIPTS))
@@ -34,11 +35,15 @@ def logits_pair(seed, positions, vocab, scale):
             rng.normal(0, scale, (positions, vocab)).astype(np.float32))
 
 
+def any_logits(test):
+    """Run `test` on teacher and student logits of many shapes and scales (see logits_pair)."""
+    return SETTINGS(given(seed=st.integers(0, 2**16), positions=st.integers(1, 9), vocab=st.integers(2, 300),
+                          scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))(test))
+
+
 # -- the loss, against torch ----------------------------------------------------------------------------
 
-@SETTINGS
-@given(seed=st.integers(0, 2**16), positions=st.integers(1, 9), vocab=st.integers(2, 300),
-       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))
+@any_logits
 def test_loss_equals_torch_cross_entropy_to_the_teacher(seed, positions, vocab, scale):
     teacher, student = logits_pair(seed, positions, vocab, scale)
     t, s = torch.from_numpy(teacher).double(), torch.from_numpy(student).double()
@@ -47,9 +52,7 @@ def test_loss_equals_torch_cross_entropy_to_the_teacher(seed, positions, vocab, 
     assert distillation_loss(teacher, student) == pytest.approx(expected.mean().item(), rel=1e-10, abs=1e-10)
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**16), positions=st.integers(1, 9), vocab=st.integers(2, 300),
-       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))
+@any_logits
 def test_kl_form_equals_torch_kl_div(seed, positions, vocab, scale):
     teacher, student = logits_pair(seed, positions, vocab, scale)
     t, s = torch.from_numpy(teacher).double(), torch.from_numpy(student).double()
