@@ -117,7 +117,7 @@ NO_TAPS = Taps(frozenset())
 
 # Below this many float32 rows, linear() multiplies weight-first. Measured with 2 OpenBLAS threads on one
 # 2B layer's projections: on a busy machine weight-first made a 128-token prefill 2.2x faster; on an idle
-# one it is 1.4x faster at 8-32 rows, even from 64 to 224, and 1.2x slower from 256 rows on, where its
+# one it is 1.4x faster at 8-32 rows, about even from 64 to 224, and 1.2x slower from 256 rows on, where its
 # transposing copy costs more than the better thread split saves.
 WEIGHT_FIRST_ROWS = 256
 

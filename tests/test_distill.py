@@ -22,7 +22,6 @@ from gemma2_ref.distill import (distillation_loss, distillation_per_token, entro
 from gemma2_ref.weights import random_weights, save_checkpoint
 
 SETTINGS = settings(max_examples=40, deadline=None)
-
 SCRIPTS = DATA_DIR.parent.parent / "scripts"
 CORPUS = SCRIPTS / "corpus" / "python-reference-topics.txt"
 sys.path.insert(0, str(SCRIPTS))
