@@ -1,8 +1,28 @@
 """Adapters: run another Gemma 2 implementation and write its activations as a golden case under the
 canonical tap names (README.md's tap table), so `gemma2-ref compare` can check it against ours.
 
-    gemma2_ref.adapters.transformers   Hugging Face transformers' Gemma2ForCausalLM (forward hooks)
+Every adapter module offers the same two functions:
 
-Each adapter imports its framework lazily: importing gemma2_ref never imports torch.
+    reachable_taps(cfg) -> list[str]      the canonical taps this backend can expose, in execution order
+    write_golden(checkpoint, ids, out_dir, *, dtype, taps, text=None, description=None, positions=None,
+                 **backend_options) -> Path
+
+Each imports its framework lazily: importing gemma2_ref never imports torch, JAX or MLX.
 For a backend without an adapter, write the case yourself with `gemma2_ref.golden.write_case` (NumPy only).
 """
+
+from __future__ import annotations
+
+import importlib
+
+# backend name (as `gemma2-ref golden --backend` takes it) -> the adapter module
+BACKENDS = {
+    "transformers": "gemma2_ref.adapters.transformers",  # Hugging Face transformers, forward hooks
+}
+
+
+def load_adapter(backend: str):
+    """The adapter module for a backend name in BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; adapters exist for: {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[backend])
