@@ -16,8 +16,10 @@ import numpy as np
 
 import gemma2_ref as g2
 
+from .adapters import BACKENDS
 from .config import GLOBAL, ConfigError
 from .golden import sha256_file
+from .model import softmax
 from .tokenizer import TokenizerError
 from .weights import WeightsError
 
@@ -37,7 +39,7 @@ def layer_progress(label: str = "layers"):
     return report
 
 
-def load_model_verbose(name: str, dtype: str = "float32", keep_converted: bool = False, quiet: bool = False):
+def load_model_verbose(name: str, dtype: str = "float32", keep_converted=False, quiet: bool = False):
     t0 = time.perf_counter()
     model = g2.load_model(name, dtype=dtype, keep_converted=keep_converted)
     if not quiet:
@@ -46,10 +48,6 @@ def load_model_verbose(name: str, dtype: str = "float32", keep_converted: bool =
         eprint(f"loaded {model.path} ({len(files)} file(s), {size / 2**20:.1f} MiB, "
                f"{'/'.join(model.weights.stored_dtypes)} -> {model.dtype}) in {time.perf_counter() - t0:.2f} s")
     return model
-
-
-def is_large(model) -> bool:
-    return model.config.parameter_counts()["total"] > 50_000_000
 
 
 def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat template as a user turn"):
@@ -161,11 +159,10 @@ def run_run(args) -> int:
     if tok is None and (model.path / "tokenizer.model").is_file():
         tok = g2.load_tokenizer(model.path)
     t0 = time.perf_counter()
-    progress = layer_progress() if is_large(model) and not args.json else None
+    progress = layer_progress() if model.is_large and not args.json else None
     logits = model.forward(ids, logits_at="last", progress=progress)["logits"][-1].astype(np.float64)
     seconds = time.perf_counter() - t0
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    probs = softmax(logits)
     top = np.argsort(-probs, kind="stable")[: args.top_k]
     rows = [{"id": int(t), "piece": tok.pieces([t])[0] if tok else None, "prob": float(probs[t]),
              "logit": float(logits[t])} for t in top]
@@ -206,27 +203,10 @@ def add_generate(sub):
     p.set_defaults(handler=run_generate)
 
 
-def fits_in_memory(model, fraction: float = 0.5) -> bool:
-    """Whether the whole model, converted to the compute dtype, takes less than `fraction` of available RAM."""
-    need = model.config.parameter_counts()["total"] * model.dtype.itemsize
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return need < 2 << 30
-    return need < fraction * available
-
-
 def run_generate(args) -> int:
     from .generate import TextStream, generate
 
-    model = load_model_verbose(args.model, args.dtype)
-    if not args.stream_weights and fits_in_memory(model):
-        model.weights.keep_converted = True
-    elif not args.stream_weights:
-        eprint("the converted model would not fit comfortably in memory: converting layers on every step "
-               "(slow; pass --stream-weights to choose this explicitly)")
+    model = load_model_verbose(args.model, args.dtype, keep_converted=False if args.stream_weights else "auto")
     ids, tok = prompt_ids(args, model.path)
     if tok is None and (model.path / "tokenizer.model").is_file():
         tok = g2.load_tokenizer(model.path)
@@ -241,7 +221,7 @@ def run_generate(args) -> int:
 
     if tok is not None:
         print(tok.decode(ids) if not args.chat else "", end="", flush=True)
-    progress = layer_progress("prefill layers") if is_large(model) else None
+    progress = layer_progress("prefill layers") if model.is_large else None
     result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, stop_ids=stop_ids, on_token=on_token,
                       progress=progress)
@@ -252,24 +232,47 @@ def run_generate(args) -> int:
     reason = {"stop": "stop token", "max_new_tokens": "--max-new-tokens reached",
               "context": "context length reached"}[result.stop_reason]
     eprint(f"{result.summary()}; stopped: {reason}")
+    kept, layers = model.weights.kept_layers, model.config.num_hidden_layers
+    if not args.stream_weights and kept < layers:
+        eprint(f"kept {kept} of {layers} layers converted (half the available RAM); the other {layers - kept} "
+               f"were converted again at every step")
     return 0
 
 
 # -- bench ------------------------------------------------------------------------------------------------
 
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def _bench_module():
+    """benchmarks/bench.py of a source checkout (it needs torch: it lives outside the package)."""
+    import importlib.util
+    if not BENCH_SCRIPT.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("gemma2_ref_bench", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def add_bench(sub):
-    from . import bench
     p = sub.add_parser("bench", help="speed and memory: NumPy vs transformers eager fp32 on 2B-shaped weights",
                        description="Build (once, cached) random bf16 checkpoints with the real 2B shapes, then "
                                    "measure NumPy against transformers eager float32 on the same weights and "
                                    "inputs, interleaved: prefill and decode tokens/s, load time, and the peak "
-                                   "resident memory of the full 26-layer model. Writes JSON and Markdown.")
-    bench.add_arguments(p)
-    p.set_defaults(handler=run_bench)
+                                   "resident memory of the full 26-layer model. Writes JSON and Markdown. "
+                                   f"Runs {BENCH_SCRIPT.relative_to(BENCH_SCRIPT.parents[1])} of a source "
+                                   "checkout (it needs torch and transformers).")
+    bench = _bench_module()
+    if bench is not None:
+        bench.add_arguments(p)
+    p.set_defaults(handler=lambda args: run_bench(args, bench))
 
 
-def run_bench(args) -> int:
-    from . import bench
+def run_bench(args, bench) -> int:
+    if bench is None:
+        raise FileNotFoundError(f"{BENCH_SCRIPT} is not here: the benchmark lives in the source repository "
+                                f"(benchmarks/bench.py); run it from a clone")
     return bench.run(args)
 
 
@@ -293,9 +296,9 @@ def add_golden(sub):
     p.add_argument("--positions", metavar="START:STOP",
                    help="store only these query positions of every tap (long prompts of big models), e.g. "
                         "4094:4098; the suite does this by itself for cases over 256 MiB")
-    p.add_argument("--backend", choices=["gemma2_ref", "transformers"], default="gemma2_ref",
-                   help="who computes the activations: gemma2_ref (the reference, default) or Hugging Face "
-                        "transformers (a candidate, via gemma2_ref.adapters.transformers)")
+    p.add_argument("--backend", choices=["gemma2_ref", *BACKENDS], default="gemma2_ref",
+                   help="who computes the activations: gemma2_ref (the reference, default) or another backend "
+                        "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
                         "transformers (default float32)")
@@ -309,23 +312,24 @@ def _taps_arg(taps: str):
 
 
 def run_golden(args) -> int:
-    from . import golden
+    from . import golden, suites
+    from .adapters import load_adapter
 
     taps = _taps_arg(args.taps)
-    hf = args.backend == "transformers"
-    model = load_model_verbose(args.model, "float32" if hf else args.dtype)
+    ours = args.backend == "gemma2_ref"
+    model = load_model_verbose(args.model, args.dtype if ours else "float32")
     write = None
-    if hf:
-        from .adapters import transformers as adapter
-        hf_model = adapter.load(model.path, args.dtype, args.attn_implementation)
+    if not ours:
+        adapter = load_adapter(args.backend)
+        options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
 
         def write(ids, case_dir, text, description, case_taps=taps, positions=None):
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
-                                 description=description, hf_model=hf_model, positions=positions)
+                                 description=description, positions=positions, **options)
     if args.suite:
         tok = g2.load_tokenizer(model.path)
         eprint(f"writing suite {args.suite} to {args.out}")
-        golden.generate_suite(model, tok, args.out, args.suite, taps, model_name=args.model, log=eprint,
+        suites.generate_suite(model, tok, args.out, args.suite, taps, model_name=args.model, log=eprint,
                               write=write)
         print(args.out)
         return 0
@@ -338,9 +342,9 @@ def run_golden(args) -> int:
     if write is not None:
         write(np.asarray(ids), Path(args.out), text, None, taps, positions)
     else:
-        progress = layer_progress() if is_large(model) else None
+        progress = layer_progress() if model.is_large else None
         info = golden.model_info(model, args.model, progress=True)
-        acts = golden.run_case(model, np.asarray(ids), taps, progress=progress)
+        acts = suites.run_case(model, np.asarray(ids), taps, progress=progress)
         golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
                           positions=positions)
     print(args.out)
@@ -409,37 +413,15 @@ def add_compare(sub):
 def run_compare(args) -> int:
     from . import compare as C
     from . import diagnose as D
-    from .golden import Suite, load_golden
+    from .golden import load_golden
 
     ref = load_golden(args.reference)
     cand = load_golden(args.candidate, name_map=_name_map(args.name_map))
     profile = _profile_for(args, _first_case(cand))
-    results = C.compare_goldens(ref, cand, profile) if isinstance(cand, Suite) or isinstance(ref, Suite) \
-        else [C.compare_cases(ref, cand, profile)]
-    diagnoses = {}
-    failed = [r for r in results if not r.passed]
-    if failed and args.diagnose is not False:
-        refs = {str(c.path): c for c in (ref.cases if isinstance(ref, Suite) else [ref])}
-        cands = {str(c.path): c for c in (cand.cases if isinstance(cand, Suite) else [cand])}
-        model = None
-        try:
-            first_ref = next(iter(refs.values()))
-            model = D.load_reference_model(first_ref, args.model, verify=False)
-            if args.diagnose or not is_large(model):  # hashing a large checkpoint takes a while: only if used
-                D.verify_reference_model(model, first_ref, log=eprint if is_large(model) else None)
-        except (ValueError, FileNotFoundError) as e:
-            if args.diagnose:
-                raise
-            model = None
-            eprint(f"(no diagnosis: {e})")
-        if model is not None and (args.diagnose or not is_large(model)):
-            for r in failed:
-                if r.reference in refs and r.candidate in cands:
-                    diagnoses[r.reference] = D.diagnose(model, refs[r.reference], cands[r.candidate], profile,
-                                                        log=eprint if is_large(model) else None)
-        elif model is not None:
-            eprint(f"(diagnosis skipped for a large model: run `gemma2-ref diagnose {args.reference} "
-                   f"{args.candidate}` or pass --diagnose; it re-runs the model about 15 times)")
+    results, diagnoses, skipped = D.compare_and_diagnose(ref, cand, profile, args.diagnose, args.model, log=eprint)
+    if skipped:
+        eprint(f"({skipped}: run `gemma2-ref diagnose {args.reference} {args.candidate}` or pass --diagnose)"
+               if "large" in skipped else f"({skipped})")
     if args.json:
         out = json.loads(C.to_json(results))
         for case in out["cases"]:
@@ -496,7 +478,7 @@ def run_diagnose(args) -> int:
             explained = False
             continue
         eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
-        diag = D.diagnose(model, r, c, profile, log=eprint if is_large(model) else None)
+        diag = D.diagnose(model, r, c, profile, log=eprint if model.is_large else None)
         explained &= diag.base.passed or bool(diag.named)
         out.append((r, diag))
     if args.json:

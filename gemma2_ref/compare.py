@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, Suite, canonical_order, keep_positions, sequence_axis
+from .golden import Case, Suite, keep_positions
+from .model import log_softmax
+from .taps import canonical_order, sequence_axis
 
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -135,11 +137,6 @@ class TapResult:
         return s
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
     """Per-position KL(P_ref || P_cand), top-1 agreement, top-5 overlap.
 
@@ -147,7 +144,7 @@ def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
     position's logit standard deviation: within the profile's tolerance the two are tied."""
     r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
     c = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
-    lr, lc = _log_softmax(r), _log_softmax(c)
+    lr, lc = log_softmax(r), log_softmax(c)
     kl = np.maximum((np.exp(lr) * (lr - lc)).sum(axis=-1), 0.0)  # (positions,)
     top_r, top_c = r.argmax(-1), c.argmax(-1)
     rows = np.arange(len(r))

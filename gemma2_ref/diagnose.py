@@ -1,7 +1,7 @@
 """Diagnosis: which known Gemma 2 mistake does a failing candidate look like?
 
-The reference model is re-run once per known mistake (`model.Mistakes`, plus the input mistakes: no <bos>,
-doubled <bos>), with the taps the candidate holds. Each variant is compared with the candidate exactly as the
+The reference model is re-run once per known mistake (mistakes.py: each a config, weight or input
+transform of the correct model), with the taps the candidate holds. Each variant is compared with the candidate exactly as the
 reference was. A variant is named when it explains the candidate far better than the correct model does:
 
     matches          the candidate passes the profile against the variant: indistinguishable from it
@@ -18,87 +18,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .compare import CaseComparison, Profile, align_positions, compare_activations, wrap
-from .golden import BOS, Case
-from .model import CORRECT, Mistakes, tap_names
+from .golden import Case
+from . import mistakes as M
+from .mistakes import Mistake, inject, known_mistakes
+from .taps import tap_names
 
 EXPLAIN_RATIO = 10.0
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    what: str  # one line: the mistake
-    refs: str  # public bug reports (gemma2-facts.md)
-    mistakes: Mistakes = CORRECT
-    ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
-
-
-def known_variants(cfg) -> list[Variant]:
-    """Every known mistake that changes this model's output, as a re-runnable variant."""
-    v = [
-        Variant("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
-                "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
-                Mistakes(drop_attn_softcap=True)),
-        Variant("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
-                "gemma2-facts: final soft-cap (no public bug number recorded)",
-                Mistakes(drop_final_softcap=True)),
-        Variant("no_sliding_window", "sliding-window layers attend globally (only visible beyond the window "
-                f"of {cfg.sliding_window})", "llama.cpp #8227, transformers #32522, keras-hub #2186, SGLang #1746",
-                Mistakes(no_sliding_window=True)),
-        Variant("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
-                "back", "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
-                Mistakes(window_offset=1)),
-        Variant("window_offset=-1", "sliding window off by one: a query sees one key fewer",
-                "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
-                Mistakes(window_offset=-1)),
-    ]
-    scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
-              "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
-    seen = {float(cfg.query_pre_attn_scalar)}
-    for label, value in scales.items():
-        if float(value) not in seen:
-            seen.add(float(value))
-            v.append(Variant(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
-                             f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
-                             f"{cfg.query_pre_attn_scalar:g}^-0.5", "transformers #31891, llama.cpp #8444 / #13951",
-                             Mistakes(query_scale=float(value))))
-    v += [
-        Variant("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
-                "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
-                "transformers #29402", Mistakes(normalizer_dtype="bfloat16")),
-        Variant("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
-                "dtype (a bfloat16 model needs 60.0 for sqrt(3584), not 59.87)", "transformers #29402",
-                Mistakes(normalizer_dtype="float64")),
-        Variant("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
-                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=0.0)),
-        Variant("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
-                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=2.0)),
-        Variant("exact_gelu", "exact erf GELU instead of the tanh approximation", "gemma2-facts: GeGLU",
-                Mistakes(exact_gelu=True)),
-        Variant("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
-                "lm-evaluation-harness #2049", ids="no_bos"),
-        Variant("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
-                "lm-evaluation-harness #2049", ids="double_bos"),
-    ]
-    return v
-
-
-def variant_ids(ids: np.ndarray, kind: str) -> np.ndarray | None:
-    """The reference's ids as the mistaken backend would have run them (None: not applicable)."""
-    ids = np.asarray(ids)
-    rows = np.atleast_2d(ids)
-    if kind == "same":
-        return ids
-    if kind == "no_bos":
-        if not (rows[:, 0] == BOS).all() or rows.shape[1] < 2:
-            return None
-        out = rows[:, 1:]
-    else:
-        out = np.concatenate([np.full((rows.shape[0], 1), BOS), rows], axis=1)
-    return out if ids.ndim == 2 else out[0]
+Variant = Mistake  # a variant of the reference model is the model with one known mistake (mistakes.py)
+known_variants = known_mistakes
 
 
 @dataclass
@@ -172,11 +101,11 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
     base_first = base.first_divergence
     base_err = _rel_l2_at(base, base_first.name) if base_first else math.inf
 
-    def run(variant: Variant, mistakes: Mistakes) -> VariantResult | None:
-        ids = variant_ids(ref_ids, variant.ids)
+    def run(variant: Mistake) -> VariantResult | None:
+        ids = variant.apply_ids(ref_ids)
         if ids is None:
             return None
-        trace = model.forward(ids, taps=wanted, mistakes=mistakes)
+        trace = inject(model, variant).forward(ids, taps=wanted)
         trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
         cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",
                                   candidate=str(candidate.path))
@@ -198,7 +127,7 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
     for variant in known_variants(model.config):
         if log:
             log(f"  variant {variant.name}")
-        result = run(variant, variant.mistakes)
+        result = run(variant)
         if result is not None:
             diag.results.append(result)
     partial = [r for r in diag.results if r.verdict == "explains the first divergence"]
@@ -206,31 +135,15 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         # Two mistakes at once: the best partial explanation plus each other single mistake.
         best = max(partial, key=lambda r: r.ratio)
         for other in diag.results:
-            if other is best or not _combinable(best.variant, other.variant):
+            if other is best or best.variant.changes() & other.variant.changes():
                 continue
-            v = _combine(best.variant, other.variant)
+            v = M.combine(best.variant, other.variant)
             if log:
                 log(f"  variant {v.name}")
-            result = run(v, v.mistakes)
+            result = run(v)
             if result is not None and result.verdict == "matches":
                 diag.combined.append(result)
     return diag
-
-
-def _combinable(a: Variant, b: Variant) -> bool:
-    if a.ids != "same" and b.ids != "same":
-        return False
-    fa = {k for k, v in a.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    fb = {k for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    window = {"no_sliding_window", "window_offset"}
-    return not (fa & fb) and not (fa & window and fb & window)
-
-
-def _combine(a: Variant, b: Variant) -> Variant:
-    changes = {k: v for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    merged = Mistakes(**{**a.mistakes.__dict__, **changes})
-    return Variant(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}", merged,
-                   a.ids if a.ids != "same" else b.ids)
 
 
 def format_diagnosis(diag: Diagnosis) -> str:
@@ -303,3 +216,38 @@ def verify_reference_model(model, reference: Case, log=None) -> None:
         raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "
                           f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
                           f"the golden, or pass --model with the original checkpoint")
+
+
+def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failures: bool | None = None,
+                         model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
+    """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
+    or (None, the default) when the reference's model is at hand and small enough to re-run ~15 times.
+
+    Returns the comparisons, {reference case path: Diagnosis}, and why no diagnosis ran (or None)."""
+    from .compare import compare_cases, compare_goldens
+    from .golden import Suite
+
+    suites = isinstance(reference, Suite) or isinstance(candidate, Suite)
+    results = compare_goldens(reference, candidate, profile) if suites else [compare_cases(reference, candidate,
+                                                                                          profile)]
+    failed = [r for r in results if not r.passed]
+    if not failed or diagnose_failures is False:
+        return results, {}, None
+    refs = {str(c.path): c for c in (reference.cases if isinstance(reference, Suite) else [reference])}
+    cands = {str(c.path): c for c in (candidate.cases if isinstance(candidate, Suite) else [candidate])}
+    first_ref = next(iter(refs.values()))
+    try:
+        model = load_reference_model(first_ref, model_path, verify=False)
+        if diagnose_failures or not model.is_large:  # hashing a large checkpoint takes a while: only if used
+            verify_reference_model(model, first_ref, log=log if model.is_large else None)
+    except (ValueError, FileNotFoundError) as e:
+        if diagnose_failures:
+            raise
+        return results, {}, f"no diagnosis: {e}"
+    if model.is_large and not diagnose_failures:
+        return results, {}, (f"diagnosis skipped for a large model: it re-runs the model about "
+                             f"{len(known_mistakes(model.config))} times; ask for it explicitly")
+    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], profile,
+                                       log=log if model.is_large else None)
+                 for r in failed if r.reference in refs and r.candidate in cands}
+    return results, diagnoses, None

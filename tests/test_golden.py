@@ -9,6 +9,8 @@ import pytest
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
+from gemma2_ref import suites as S
+from gemma2_ref.taps import tap_bytes
 from gemma2_ref.cli import main as cli
 from gemma2_ref.weights import write_safetensors
 
@@ -25,7 +27,7 @@ def tiny():
 @pytest.fixture()
 def case(tmp_path, tiny):
     ids = g2.load_tokenizer("tiny").encode("The cat sat.")
-    return G.generate_case(tiny, np.array(ids), tmp_path / "case", info=G.model_info(tiny, "tiny"))
+    return S.generate_case(tiny, np.array(ids), tmp_path / "case", info=G.model_info(tiny, "tiny"))
 
 
 def manifest_of(case_dir: Path) -> dict:
@@ -81,8 +83,8 @@ def test_the_safetensors_package_reads_our_activations(case):
 def test_regenerating_a_case_gives_identical_files(tmp_path, tiny):
     ids = np.array(g2.load_tokenizer("tiny").encode("Same input, same bits."))
     info = G.model_info(tiny, "tiny")
-    a = G.generate_case(tiny, ids, tmp_path / "a", taps="all", info=info)
-    b = G.generate_case(tiny, ids, tmp_path / "b", taps="all", info=info)
+    a = S.generate_case(tiny, ids, tmp_path / "a", taps="all", info=info)
+    b = S.generate_case(tiny, ids, tmp_path / "b", taps="all", info=info)
     assert (a / G.ACTIVATIONS).read_bytes() == (b / G.ACTIVATIONS).read_bytes()
     assert (a / G.MANIFEST).read_text() == (b / G.MANIFEST).read_text()
 
@@ -102,7 +104,7 @@ def test_write_case_needs_numpy_only_and_maps_names(tmp_path):
 
 def test_coverage_suite_exposes_each_failure_mode():
     cfg = g2.PRESETS["tiny"].replace(sliding_window=8)
-    inputs = {c.name: np.asarray(c.ids) for c in G.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
+    inputs = {c.name: np.asarray(c.ids) for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
     assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch"]
     assert len(inputs["window"]) == 8 + 2  # positions W-1, W and W+1 all exist
     assert inputs["short"][0] == 2 and inputs["short"][1] != 2
@@ -235,15 +237,15 @@ def test_cli_refuses_a_tampered_golden_with_a_clear_error(case, capsys):
 def test_a_real_models_window_case_is_kept_within_memory_and_disk_budgets():
     cfg = g2.PRESETS["9b"]
     ids = np.full(cfg.sliding_window + 2, 5)
-    taps, positions, notes = G.case_plan(cfg, "default", ids)
+    taps, positions, notes = S.case_plan(cfg, "default", ids)
     assert taps == "residual" and positions == (4094, 4098)  # positions W-2 .. W+1
-    assert G.tap_bytes(cfg, taps, 1, 4098, rows=4) < G.MAX_CASE_BYTES
-    assert G.case_plan(g2.PRESETS["tiny"], "default", np.full(34, 5)) == ("default", None, [])
+    assert tap_bytes(cfg, taps, 1, 4098, rows=4) < S.MAX_CASE_BYTES
+    assert S.case_plan(g2.PRESETS["tiny"], "default", np.full(34, 5)) == ("default", None, [])
 
 
 def test_a_case_can_store_only_some_positions_and_still_compares_against_full_runs(tmp_path, tiny):
     from gemma2_ref.compare import PROFILES, compare_cases
-    from gemma2_ref.model import Mistakes
+    from gemma2_ref.mistakes import inject
     from gemma2_ref.testing import assert_matches_golden
 
     ids = np.array(G.load_case(COMMITTED / "window").token_ids)  # 34 tokens, window 32
@@ -253,8 +255,8 @@ def test_a_case_can_store_only_some_positions_and_still_compares_against_full_ru
     assert ref.activations["layers.0.output"].shape == (4, 128)
     assert ref.activations["layers.0.attn.probs"].shape == (4, 4, 34)  # 4 query rows, every key
     assert_matches_golden(tmp_path / "ref", acts)  # a full run is cut to the stored rows
-    wrong = G.load_case(G.write_case(tmp_path / "wrong", tiny.forward(ids, taps="all", mistakes=Mistakes(
-        window_offset=1)), ids))
+    wrong = G.load_case(G.write_case(tmp_path / "wrong", inject(tiny, "window_offset=+1").forward(ids, taps="all"),
+                                     ids))
     result = compare_cases(ref, wrong, PROFILES["fp32"])
     assert "positions 30..33 compared" in " ".join(result.notes)
     assert result.first_divergence.name == "layers.0.attn.probs"

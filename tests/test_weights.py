@@ -14,8 +14,9 @@ from safetensors.torch import load_file as st_load_torch
 from safetensors.torch import save_file as st_save_torch
 
 import gemma2_ref as g2
-from gemma2_ref.weights import (WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, random_weights,
-                                read_safetensors_header, save_checkpoint, write_safetensors)
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.weights import (WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, read_safetensors_header,
+                                write_safetensors)
 
 CFG = g2.PRESETS["tiny"].replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
                                  vocab_size=300)

@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.config import PRESETS  # noqa: E402
-from gemma2_ref.model import LAYER_TAPS, LARGE_TAPS, Mistakes, attention_mask, rope_frequencies, soft_cap  # noqa: E402
+from gemma2_ref.mistakes import inject  # noqa: E402
+from gemma2_ref.model import attention_mask, rope_frequencies, soft_cap  # noqa: E402
+from gemma2_ref.taps import LARGE_TAPS, LAYER_TAPS  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 
@@ -34,10 +36,10 @@ LONG_PROMPT = ("Assert statements are a convenient way to insert debugging asser
                "The simple form is equivalent to: if debug, if not expression, raise AssertionError. "
                "The extended form is equivalent to: if debug, if not expression1, raise AssertionError(expression2).")
 DIVERGENCE_MISTAKES = [  # (title, mistakes): chapter 13
-    ("attention soft-cap dropped", Mistakes(drop_attn_softcap=True)),
-    ("query scale head_dim (64) instead of 32", Mistakes(query_scale=64)),
-    ("sliding window one too wide", Mistakes(window_offset=1)),
-    ("exact erf GELU", Mistakes(exact_gelu=True)),
+    ("attention soft-cap dropped", "drop_attn_softcap"),
+    ("query scale head_dim (64) instead of 32", "query_scale=head_dim"),
+    ("sliding window one too wide", "window_offset=+1"),
+    ("exact erf GELU", "exact_gelu"),
 ]
 
 
@@ -135,8 +137,8 @@ def divergence_map(plt, out: Path, model, tok) -> Path:
     rows = [t for t in LAYER_TAPS if t not in LARGE_TAPS and t != "input"]
     L = model.config.num_hidden_layers
     fig, axes = plt.subplots(1, len(DIVERGENCE_MISTAKES), figsize=(4.2 * len(DIVERGENCE_MISTAKES) + 1.5, 6.5))
-    for ax, (title, mistakes) in zip(axes, DIVERGENCE_MISTAKES):
-        bad = model.forward(ids, taps="default", mistakes=mistakes)
+    for ax, (title, mistake) in zip(axes, DIVERGENCE_MISTAKES):
+        bad = inject(model, mistake).forward(ids, taps="default")
         err = np.zeros((len(rows), L))
         for i in range(L):
             for r, tap in enumerate(rows):

@@ -1,0 +1,171 @@
+"""The mistakes real Gemma 2 implementations shipped, each as a transform of a correct model.
+
+The forward in model.py has no bug switches. A known mistake is expressed as what it changes *before* that
+unmodified forward runs:
+
+    a config change     a soft-cap dropped (`attn_logit_softcapping=None`), every layer global, the window
+                        one too wide or narrow (`sliding_window` +-1), a wrong `query_pre_attn_scalar`, the
+                        exact erf GELU (`hidden_activation="gelu"`, as Hugging Face's config names it)
+    a weight change     RMSNorm's scale (1 + w) with the +1 forgotten or applied twice: every norm weight
+                        shifted by -1 or +1
+    an input change     the leading <bos> dropped, or doubled
+    the normalizer      sqrt(D) rounded to another dtype than the activations' (model.embed's argument:
+                        config and weights cannot express it)
+
+    bad = inject(model, "drop_attn_softcap")        # a Model that makes the mistake
+    bad.logits(ids)                                 # (and the ids through mistake.apply_ids for input ones)
+
+Because a mistaken model is just another model, it runs everywhere the correct one does: taps, goldens, and a
+KV-cache decode (a window mistake sizes its ring buffers from the changed config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import GLOBAL
+from .loader import Model
+from .tokenizer import BOS
+
+WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746"
+SCALE_REFS = "transformers #31891 (224 for 256), gemma_pytorch #71, llama.cpp #8444 / #13951"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """One known mistake: its contract name (reports and --json use it), what it is, where it was reported,
+    and the transform that makes a correct model commit it."""
+    name: str
+    what: str
+    refs: str
+    config: tuple[tuple[str, object], ...] = ()  # (field, value) pairs replaced in the Gemma2Config
+    norm_shift: float = 0.0  # added to every RMSNorm weight: -1 forgets the +1 of (1 + w), +1 doubles it
+    ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
+    normalizer_dtype: str | None = None  # sqrt(D) rounded to this dtype (model.embed)
+
+    def apply_ids(self, ids):
+        """The ids as the mistaken backend runs them (None: not applicable, e.g. no <bos> to drop)."""
+        ids = np.asarray(ids)
+        rows = np.atleast_2d(ids)
+        if self.ids == "same":
+            return ids
+        if self.ids == "no_bos":
+            if not (rows[:, 0] == BOS).all() or rows.shape[1] < 2:
+                return None
+            out = rows[:, 1:]
+        else:
+            out = np.concatenate([np.full((rows.shape[0], 1), BOS), rows], axis=1)
+        return out if ids.ndim == 2 else out[0]
+
+    def changes(self) -> set[str]:
+        """What the mistake touches, to tell which two can be combined."""
+        touched = {key for key, _ in self.config}
+        if {"sliding_window", "layer_types"} & touched:
+            touched.add("window")
+        if self.norm_shift:
+            touched.add("norms")
+        if self.ids != "same":
+            touched.add("ids")
+        if self.normalizer_dtype:
+            touched.add("normalizer")
+        return touched
+
+
+def combine(a: Mistake, b: Mistake) -> Mistake:
+    """Both mistakes at once (they must touch different things: see Mistake.changes)."""
+    return Mistake(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}",
+                   a.config + b.config, a.norm_shift + b.norm_shift, a.ids if a.ids != "same" else b.ids,
+                   a.normalizer_dtype or b.normalizer_dtype)
+
+
+class ShiftedNorms:
+    """A weights provider whose RMSNorm weights are shifted by a constant; everything else passes through."""
+    NORMS = ("pre_attn_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm")
+
+    def __init__(self, weights, shift: float):
+        self.weights, self.shift = weights, shift
+
+    def embedding(self):
+        return self.weights.embedding()
+
+    def final_norm(self):
+        w = self.weights.final_norm()
+        return w + w.dtype.type(self.shift)
+
+    def layer(self, i: int):
+        w = self.weights.layer(i)
+        return dataclasses.replace(w, **{n: getattr(w, n) + getattr(w, n).dtype.type(self.shift)
+                                         for n in self.NORMS})
+
+    def close(self):
+        self.weights.close()
+
+
+def inject(model: Model, mistake) -> Model:
+    """A Model that makes `mistake` (a Mistake, or a name from known_mistakes(model.config)). The input
+    mistakes change the ids, not the model: run them through `mistake.apply_ids`."""
+    if isinstance(mistake, str):
+        mistake = find(model.config, mistake)
+    cfg = model.config.replace(**dict(mistake.config)) if mistake.config else model.config
+    weights = ShiftedNorms(model.weights, mistake.norm_shift) if mistake.norm_shift else model.weights
+    return Model(cfg, weights, model.dtype, model.path, mistake.normalizer_dtype or model.normalizer_dtype)
+
+
+def find(cfg, name: str) -> Mistake:
+    """The known mistake called `name`; a query-scale name may omit its "(value)" suffix."""
+    for m in known_mistakes(cfg):
+        if name in (m.name, m.name.split(" (")[0]):
+            return m
+    raise ValueError(f"unknown mistake {name!r}; known: {', '.join(m.name for m in known_mistakes(cfg))}")
+
+
+def known_mistakes(cfg) -> list[Mistake]:
+    """Every known mistake that changes this model's output, in the order diagnose tries them."""
+    W = cfg.sliding_window
+    out = [
+        Mistake("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
+                "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
+                config=(("attn_logit_softcapping", None),)),
+        Mistake("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
+                "llama.cpp #8156 / #8197 (GGUFs converted before the soft-cap keys existed)",
+                config=(("final_logit_softcapping", None),)),
+        Mistake("no_sliding_window", f"sliding-window layers attend globally (only visible beyond the window "
+                f"of {W})", WINDOW_REFS, config=(("layer_types", (GLOBAL,) * cfg.num_hidden_layers),)),
+        Mistake("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
+                "back", WINDOW_REFS, config=(("sliding_window", W + 1),)),
+    ]
+    if W > 1:
+        out.append(Mistake("window_offset=-1", "sliding window off by one: a query sees one key fewer",
+                           WINDOW_REFS, config=(("sliding_window", W - 1),)))
+    scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
+              "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
+    seen = {float(cfg.query_pre_attn_scalar)}
+    for label, value in scales.items():
+        if float(value) not in seen:
+            seen.add(float(value))
+            out.append(Mistake(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
+                               f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
+                               f"{cfg.query_pre_attn_scalar:g}^-0.5", SCALE_REFS,
+                               config=(("query_pre_attn_scalar", float(value)),)))
+    out += [
+        Mistake("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
+                "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
+                "transformers #29402", normalizer_dtype="bfloat16"),
+        Mistake("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
+                "dtype (a bfloat16 model needs 60.0 for sqrt(3584), not 59.87)", "transformers #29402",
+                normalizer_dtype="float64"),
+        Mistake("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
+                "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),
+        Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
+                "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
+        Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
+                "gemma2-facts: GeGLU with the tanh approximation", config=(("hidden_activation", "gelu"),)),
+        Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
+                "lm-evaluation-harness #2049 (add_bos_token)", ids="no_bos"),
+        Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
+                "llama-cpp-python #1561", ids="double_bos"),
+    ]
+    return out
