@@ -155,7 +155,7 @@ def known_mistakes(cfg) -> list[Mistake]:
                 "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
                 "transformers #29402", normalizer_dtype="bfloat16"),
         Mistake("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
-                "dtype (a bfloat16 model needs 60.0 for sqrt(3584), not 59.87)", "transformers #29402",
+                "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)", "transformers #29402",
                 normalizer_dtype="float64"),
         Mistake("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),

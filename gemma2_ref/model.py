@@ -8,14 +8,11 @@ Read top to bottom, this file is the model:
         x = h + post_ffw_norm(mlp(pre_ffw_norm(h)))             GeGLU: down(gelu_tanh(gate(h)) * up(h))
     logits = soft_cap(final_norm(x) @ E.T, 30)             tied output head, final soft-cap
 
-Every number comes from the config (config.py). Arrays carry a leading batch axis inside: (B, S, D). Every
-intermediate is offered to a `Taps` recorder under its canonical name (taps.py).
-
-Computation is in float32 (default) or float64. Where released implementations round, we round the same
-way, explicitly: the embedding normalizer is cast to the activation dtype before the multiply, RMSNorm is
-computed in (at least) float32, RoPE angles in the compute dtype (float32, as transformers and JAX do), and
-softmax in the compute dtype. Three heavy steps call fast.py, which computes the same values with less
-memory: `linear`, the final soft-cap in place, and attention in blocks of queries.
+Every number comes from the config (config.py); arrays carry a batch axis inside: (B, S, D); every
+intermediate is offered to a `Taps` recorder under its canonical name (taps.py). Float32 (default) or
+float64. Where released implementations round, we round the same way, explicitly: the embedding normalizer
+in the activation dtype, RMSNorm in (at least) float32, RoPE angles in the compute dtype. Three heavy steps
+call fast.py (same values, less memory): `linear`, the final soft-cap in place, attention in query blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ import numpy as np
 from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 from .fast import attention_in_blocks, linear, soft_cap_
+from .inputs import check_ids
 from .taps import NO_TAPS, Taps, select_taps
 
 
@@ -55,16 +53,15 @@ class LayerWeights:
 
 def embed(ids: np.ndarray, embedding: np.ndarray, normalizer_dtype: str | None = None) -> np.ndarray:
     """E[ids] * sqrt(D). The normalizer is a number *in the activation dtype*: in bfloat16, sqrt(3584) =
-    59.87 is stored as 60.0, and the model was trained with that 60.0 (transformers #29402).
+    59.87 is 59.75 and sqrt(4608) = 67.88 is 68.0, and a bfloat16 backend multiplies by those (transformers
+    #29402 made Hugging Face's Gemma round it so).
 
     `normalizer_dtype`: the activation dtype to round it to, when that is not the compute dtype:
     "bfloat16" gives what a bfloat16 backend computes; "float64" never rounds it (the mistake, in bf16)."""
     x = embedding[ids]  # (B, S, D)
-    normalizer = np.array(math.sqrt(embedding.shape[1]), dtype=x.dtype)
-    if normalizer_dtype == "bfloat16":
-        normalizer = round_to_bf16(np.float32(math.sqrt(embedding.shape[1]))).astype(x.dtype)
-    elif normalizer_dtype == "float64":
-        normalizer = np.float64(math.sqrt(embedding.shape[1]))
+    sqrt_d = math.sqrt(embedding.shape[1])
+    normalizer = {None: np.array(sqrt_d, x.dtype), "float64": np.float64(sqrt_d),
+                  "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(x.dtype)}[normalizer_dtype]
     return (x * normalizer).astype(x.dtype, copy=False)
 
 
@@ -222,24 +219,6 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     x = x + m
     taps("output", x)
     return x
-
-
-def check_ids(ids, vocab_size: int) -> np.ndarray:
-    """Token ids as an int64 (B, S) array, with a clear error for anything a forward cannot take."""
-    arr = np.asarray(ids)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"token ids must be integers (a list, or a rectangular (batch, seq) array), "
-                         f"got dtype {arr.dtype}")
-    if arr.ndim not in (1, 2):
-        raise ValueError(f"token ids must be 1-D (seq,) or 2-D (batch, seq), got shape {arr.shape}")
-    if arr.shape[-1] == 0:
-        raise ValueError("token ids are empty: a forward needs at least one token (normally <bos>)")
-    bad = np.argwhere((arr < 0) | (arr >= vocab_size))
-    if len(bad):
-        where = tuple(int(i) for i in bad[0])
-        raise ValueError(f"token id {int(arr[where])} at index {where} is outside the vocabulary "
-                         f"[0, {vocab_size})")
-    return arr.astype(np.int64).reshape(-1, arr.shape[-1])
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from gemma2_ref import cli
+from gemma2_ref import cli, commands
 from gemma2_ref.checkpoints import build_random_checkpoint, preset_config
 
-bench = cli._bench_module()  # benchmarks/bench.py: outside the package, it needs torch
+bench = commands.bench_module()  # benchmarks/bench.py: outside the package, it needs torch
 from gemma2_ref.weights import index_checkpoint
 
 

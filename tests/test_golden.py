@@ -1,6 +1,7 @@
 """Golden cases: written deterministically, read back bit for bit, and refused when anything was altered."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.taps import tap_bytes
 from gemma2_ref.cli import main as cli
+from gemma2_ref.compare import PROFILES, compare_goldens, format_report
 from gemma2_ref.weights import write_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "golden"
 REGENERATE = "gemma2-ref golden tiny --suite coverage --out golden/"
+SAME_MACHINE = os.environ.get("GEMMA2_REF_SAME_MACHINE") == "1"  # opt-in: bit-identity with this machine
 
 
 @pytest.fixture(scope="module")
@@ -114,24 +117,27 @@ def test_coverage_suite_exposes_each_failure_mode():
     assert inputs["batch"].shape[0] == 2 and not np.array_equal(*inputs["batch"])
 
 
-def test_committed_golden_suite_regenerates_with_identical_sha256s(tmp_path):
+def test_committed_golden_suite_matches_a_regenerated_one_under_the_fp32_profile(tmp_path):
+    """The regression lock that holds on any CPU and BLAS: the committed goldens and a fresh run agree within
+    float32 rounding (each rounding decision has its own exact test: tests/test_rounding.py). Bit for bit on
+    the machine that wrote them: set GEMMA2_REF_SAME_MACHINE=1."""
     suite = G.load_suite(COMMITTED)  # verifies every hash of every committed case
     weights = G.sha256_file(g2.bundled_path("tiny") / "model.safetensors")
     assert suite.info["model"]["weights"]["model.safetensors"] == weights, (
         f"golden/ was generated from other tiny weights; regenerate it with `{REGENERATE}`")
-    assert cli(["golden", "tiny", "--suite", "coverage", "--out", str(tmp_path / "new")]) == 0
+    assert cli(REGENERATE.replace("golden/", str(tmp_path / "new")).split()[1:]) == 0
     fresh = G.load_suite(tmp_path / "new")
     assert [c.name for c in fresh.cases] == [c.name for c in suite.cases]
+    for result in compare_goldens(suite, fresh, PROFILES["fp32"]):
+        assert result.passed and not result.missing, format_report(result)
     for old, new in zip(suite.cases, fresh.cases):
-        old_taps = {t["name"]: t["sha256"] for t in old.manifest["taps"]}
-        new_taps = {t["name"]: t["sha256"] for t in new.manifest["taps"]}
-        changed = [n for n in old_taps if old_taps[n] != new_taps.get(n)]
-        assert not changed and old_taps.keys() == new_taps.keys(), (
-            f"{old.name}: taps {changed[:3]} changed (max abs diff "
-            f"{max(float(np.abs(old.activations[n] - new.activations[n]).max()) for n in changed[:3]):.3g}); "
-            f"if the model changed on purpose, regenerate with `{REGENERATE}`")
-        for key in ("format_version", "model", "input", "compute_dtype", "activations", "taps", "description"):
+        for key in ("format_version", "model", "input", "compute_dtype", "description"):
             assert old.manifest[key] == new.manifest[key], (old.name, key)
+        assert [t["name"] for t in old.manifest["taps"]] == [t["name"] for t in new.manifest["taps"]]
+        if SAME_MACHINE:
+            old_taps = {t["name"]: t["sha256"] for t in old.manifest["taps"]}
+            changed = [t["name"] for t in new.manifest["taps"] if old_taps[t["name"]] != t["sha256"]]
+            assert not changed, f"{old.name}: taps {changed[:3]} changed; if on purpose: `{REGENERATE}`"
 
 
 # -- refusing damaged goldens ---------------------------------------------------------------------------------
