@@ -105,6 +105,11 @@ def source_of(name: str) -> str:
     return inspect.getsource(resolve(name))
 
 
+def show_source(name: str) -> None:
+    """Print the current source of `name` (what the notebooks run where a chapter shows package code)."""
+    print(source_of(name), end="")
+
+
 def chapters(pattern: str | None = None) -> list[Path]:
     """The chapter files in reading order (NN-name.md), optionally those whose name contains `pattern`."""
     found = sorted(p for p in WALKTHROUGH.glob("[0-9][0-9]-*.md"))
