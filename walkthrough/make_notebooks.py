@@ -43,6 +43,7 @@ from walkthrough.runner import show_source'''
 def _links(markdown: str) -> str:
     """Relative links as seen from walkthrough/notebooks/: figures one level up, chapters as notebooks."""
     markdown = re.sub(r"\]\(figures/", "](../figures/", markdown)
+    markdown = re.sub(r"\]\(notebooks/", "](", markdown)
     markdown = re.sub(r"\]\((\d\d-[^)#]+)\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}.ipynb{m.group(2) or ''})",
                       markdown)
     return re.sub(r"\]\(README\.md", "](../README.md", markdown)
