@@ -368,9 +368,8 @@ def kv_cache_figure(plt, out: Path, model, tok) -> Path:
     ax1.set_xlim(-1.35, 1.35)
     ax1.set_ylim(-1.3, 1.3)
     ax1.text(0, 0.12, f"sliding layer (0, 2):\nring of W = {W} slots", ha="center", va="center", fontsize=11)
-    ax1.text(0, -0.25, f"position p goes to slot p % {W}:\npositions {W}..{newest} have overwritten "
-                       f"0..{newest - W}\n(newest: red ring)",
-             ha="center", va="center", fontsize=9)
+    ax1.text(0, -0.3, f"position p goes to slot p % {W}:\npositions {W}..{newest}\nhave overwritten 0..{newest - W}"
+                      f"\n(newest: red ring)", ha="center", va="center", fontsize=8.5)
     # memory at full size
     from gemma2_ref.config import PRESETS
     names, everything, ringed = ["2b", "9b", "27b"], [], []
