@@ -30,8 +30,9 @@ from .config import GLOBAL
 from .loader import Model
 from .tokenizer import BOS
 
-WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746"
-SCALE_REFS = "transformers #31891 (224 for 256), gemma_pytorch #71, llama.cpp #8444 / #13951"
+WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186"
+SCALE_REFS = ("9B 224 for 256: transformers #31891, llama.cpp #8444, gemma_pytorch #71; "
+              "27B head_dim for 144: ferrox #40")
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def known_mistakes(cfg) -> list[Mistake]:
     W = cfg.sliding_window
     out = [
         Mistake("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
-                "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
+                "kernels without soft-capping)", "vLLM #5908 / #7419, llama.cpp #8156 / #8197, transformers #31887",
                 config=(("attn_logit_softcapping", None),)),
         Mistake("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
                 "llama.cpp #8156 / #8197 (GGUFs converted before the soft-cap keys existed)",
@@ -162,10 +163,10 @@ def known_mistakes(cfg) -> list[Mistake]:
         Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
         Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
-                "gemma2-facts: GeGLU with the tanh approximation", config=(("hidden_activation", "gelu"),)),
+                "transformers #29402 (GeGLU with the tanh approximation)", config=(("hidden_activation", "gelu"),)),
         Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
                 "lm-evaluation-harness #2049 (add_bos_token)", ids="no_bos"),
         Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
-                "llama-cpp-python #1561", ids="double_bos"),
+                "lm-evaluation-harness #3333, llama-cpp-python #1561", ids="double_bos"),
     ]
     return out
