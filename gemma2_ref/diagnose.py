@@ -15,8 +15,11 @@ Nothing about how the candidate was produced is used: only its activations and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, compare_activations, wrap
 from .golden import Case
@@ -81,6 +84,27 @@ def _position(tap, order: list[str]) -> int:
     return len(order) if tap is None else order.index(tap.name) if tap.name in order else len(order) - 1
 
 
+FLOAT16_MAX = 65504.0
+FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
+                        "float16 run", "exllamav2 #539, llama.cpp #8240 (the 27B in float16)")
+
+
+def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> VariantResult | None:
+    """Named when the candidate computed in float16 or holds non-finite values, and the reference itself goes
+    beyond float16's range at or before the first divergence: no implementation can be right there in fp16."""
+    first = base.first_divergence
+    nonfinite = any(not np.isfinite(a).all() for a in candidate.activations.values())
+    if first is None or not (nonfinite or candidate.compute_dtype == "float16"):
+        return None
+    order = reference.tap_names
+    for name in order[: order.index(first.name) + 1] if first.name in order else order:
+        absmax = float(np.abs(reference.activations[name]).max())
+        if absmax > FLOAT16_MAX:
+            what = f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}"
+            return VariantResult(dataclasses.replace(FP16_OVERFLOW, what=what), base, math.inf, "overflows float16")
+    return None
+
+
 def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None,
              combine: bool = True) -> Diagnosis:
     """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
@@ -124,6 +148,9 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             verdict = "explains the first divergence"
         return VariantResult(variant, cmp, ratio, verdict)
 
+    overflow = fp16_overflow(reference, candidate, base)
+    if overflow is not None:
+        diag.results.append(overflow)
     for variant in known_variants(model.config):
         if log:
             log(f"  variant {variant.name}")
@@ -163,6 +190,9 @@ def format_diagnosis(diag: Diagnosis) -> str:
             lines.append("  It fails every looser profile too: an unknown mistake, or a combination of more "
                          "than two. Look at the first diverging tap.")
     for r in named:
+        if r.verdict == "overflows float16":
+            lines.append(wrap(f"  OVERFLOWS FLOAT16: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
+            continue
         first_v = r.comparison.first_divergence
         evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
                     if r.comparison.passed else f"vs this variant the first divergence moves to "

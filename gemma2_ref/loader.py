@@ -25,16 +25,15 @@ AUTO_KEEP_FRACTION = 0.5  # "auto" keeps converted layers within this fraction o
 
 class Model:
     """A loaded checkpoint: its config, its weights (anything with embedding(), layer(i), final_norm()), the
-    compute dtype, and the activation dtype the embedding normalizer is rounded to (None: the compute dtype;
-    see model.embed)."""
+    compute dtype, and the embedding normalizer when it is not sqrt(D) in the compute dtype (model.embed)."""
 
-    def __init__(self, config: Gemma2Config, weights, dtype, path=None, normalizer_dtype: str | None = None):
+    def __init__(self, config: Gemma2Config, weights, dtype, path=None, normalizer: str | None = None):
         self.config, self.weights, self.dtype, self.path = config, weights, np.dtype(dtype), path
-        self.normalizer_dtype = normalizer_dtype
+        self.normalizer = normalizer
 
     def forward(self, ids, taps=None, **kw) -> dict[str, np.ndarray]:
         """{"logits": (S, V) or (B, S, V), **taps}. `taps`: "all", "default", "residual", names or globs."""
-        return forward(self.weights, self.config, ids, taps, normalizer_dtype=self.normalizer_dtype, **kw)
+        return forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
 
     def logits(self, ids) -> np.ndarray:
         """Logits after the final soft-cap: (S, V), or (B, S, V) for a batch."""

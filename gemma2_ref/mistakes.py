@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GLOBAL
+from .config import GLOBAL, SLIDING
 from .loader import Model
 from .tokenizer import BOS
 
@@ -45,7 +45,8 @@ class Mistake:
     config: tuple[tuple[str, object], ...] = ()  # (field, value) pairs replaced in the Gemma2Config
     norm_shift: float = 0.0  # added to every RMSNorm weight: -1 forgets the +1 of (1 + w), +1 doubles it
     ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
-    normalizer_dtype: str | None = None  # sqrt(D) rounded to this dtype (model.embed)
+    normalizer: str | None = None  # model.embed's normalizer: "bfloat16", "float64", "unscaled"
+    layout: str | None = None  # "rope_interleaved" / "gqa_tiled": permuted weights (see LAYOUTS)
 
     def apply_ids(self, ids):
         """The ids as the mistaken backend runs them (None: not applicable, e.g. no <bos> to drop)."""
@@ -66,12 +67,10 @@ class Mistake:
         touched = {key for key, _ in self.config}
         if {"sliding_window", "layer_types"} & touched:
             touched.add("window")
-        if self.norm_shift:
-            touched.add("norms")
-        if self.ids != "same":
-            touched.add("ids")
-        if self.normalizer_dtype:
-            touched.add("normalizer")
+        for what, value in (("norms", self.norm_shift), ("ids", self.ids != "same"),
+                            ("normalizer", self.normalizer), ("layout", self.layout)):
+            if value:
+                touched.add(what)
         return touched
 
 
@@ -79,30 +78,102 @@ def combine(a: Mistake, b: Mistake) -> Mistake:
     """Both mistakes at once (they must touch different things: see Mistake.changes)."""
     return Mistake(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}",
                    a.config + b.config, a.norm_shift + b.norm_shift, a.ids if a.ids != "same" else b.ids,
-                   a.normalizer_dtype or b.normalizer_dtype)
+                   a.normalizer or b.normalizer, a.layout or b.layout)
 
 
-class ShiftedNorms:
-    """A weights provider whose RMSNorm weights are shifted by a constant; everything else passes through."""
-    NORMS = ("pre_attn_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm")
+# -- layout mistakes: the same arithmetic on permuted dimensions ------------------------------------------------
+#
+# RoPE on interleaved pairs (2i, 2i+1) is the half-split RoPE of model.rope on q and k with their head
+# dimensions permuted (2i -> i, 2i+1 -> i + Dh/2), and a permutation changes no dot product: so the mistaken
+# model is the correct forward on permuted q_proj / k_proj rows. Query head h using kv head h % K ("tiled",
+# where h // G is right) is the correct forward with query heads reordered (h -> (h % K) * G + h // K) in
+# q_proj's rows and o_proj's columns. The taps inside attention are then in the permuted order; `tap_view`
+# puts them back in the order the mistaken backend itself records.
 
-    def __init__(self, weights, shift: float):
-        self.weights, self.shift = weights, shift
+def rope_interleaved_order(head_dim: int) -> np.ndarray:
+    """perm[j]: the interleaved dimension that half-split position j holds: (0, 2, 4, ..., 1, 3, 5, ...)."""
+    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+
+
+def gqa_tiled_order(heads: int, kv_heads: int) -> np.ndarray:
+    """order[g]: the tiled backend's query head that the correct grouping puts at position g."""
+    group = heads // kv_heads
+    sigma = np.array([(h % kv_heads) * group + h // kv_heads for h in range(heads)])  # tiled head h -> g
+    return np.argsort(sigma)
+
+
+def _permute_layer(cfg, w, layout: str):
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if layout == "rope_interleaved":
+        perm = rope_interleaved_order(Dh)
+        rows = lambda m, heads: m.reshape(heads, Dh, -1)[:, perm].reshape(m.shape)  # noqa: E731
+        return dataclasses.replace(w, q_proj=rows(w.q_proj, H), k_proj=rows(w.k_proj, K))
+    order = gqa_tiled_order(H, K)
+    q = w.q_proj.reshape(H, Dh, -1)[order].reshape(w.q_proj.shape)
+    o = w.o_proj.reshape(-1, H, Dh)[:, order].reshape(w.o_proj.shape)
+    return dataclasses.replace(w, q_proj=q, o_proj=o)
+
+
+def tap_view(cfg, layout: str | None, name: str, value: np.ndarray) -> np.ndarray:
+    """A tap of the permuted model as the mistaken backend records it (its own order of dimensions)."""
+    kind = name.split(".", 2)[-1]
+    if layout == "rope_interleaved" and kind in ("attn.q_proj", "attn.k_proj", "attn.q_rope", "attn.k_rope"):
+        return value[..., np.argsort(rope_interleaved_order(cfg.head_dim))]
+    if layout == "gqa_tiled":
+        back = np.argsort(gqa_tiled_order(cfg.num_attention_heads, cfg.num_key_value_heads))
+        if kind in ("attn.q_proj", "attn.q_rope"):
+            return value[..., back, :]
+        if kind in ("attn.scores", "attn.probs"):
+            return value[..., back, :, :]
+        if kind == "attn.context":
+            heads = value.reshape(*value.shape[:-1], cfg.num_attention_heads, cfg.head_dim)
+            return heads[..., back, :].reshape(value.shape)
+    return value
+
+
+class TransformedWeights:
+    """A weights provider whose layers go through `layer_fn` and final norm through `norm_fn`."""
+
+    def __init__(self, weights, layer_fn, norm_fn):
+        self.weights, self.layer_fn, self.norm_fn = weights, layer_fn, norm_fn
 
     def embedding(self):
         return self.weights.embedding()
 
     def final_norm(self):
-        w = self.weights.final_norm()
-        return w + w.dtype.type(self.shift)
+        return self.norm_fn(self.weights.final_norm())
 
     def layer(self, i: int):
-        w = self.weights.layer(i)
-        return dataclasses.replace(w, **{n: getattr(w, n) + getattr(w, n).dtype.type(self.shift)
-                                         for n in self.NORMS})
+        return self.layer_fn(self.weights.layer(i))
 
     def close(self):
         self.weights.close()
+
+
+NORMS = ("pre_attn_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm")
+
+
+class MistakenModel(Model):
+    """The correct forward on transformed config and weights; taps shown in the mistaken backend's layout."""
+
+    def __init__(self, model: Model, mistake: "Mistake"):
+        cfg = model.config.replace(**dict(mistake.config)) if mistake.config else model.config
+        shift, layout = mistake.norm_shift, mistake.layout
+
+        def layer_fn(w):
+            if shift:
+                w = dataclasses.replace(w, **{n: getattr(w, n) + getattr(w, n).dtype.type(shift) for n in NORMS})
+            return _permute_layer(cfg, w, layout) if layout else w
+
+        weights = model.weights
+        if shift or layout:
+            weights = TransformedWeights(weights, layer_fn, lambda w: w + w.dtype.type(shift) if shift else w)
+        super().__init__(cfg, weights, model.dtype, model.path, mistake.normalizer or model.normalizer)
+        self.mistake = mistake
+
+    def forward(self, ids, taps=None, **kw):
+        out = super().forward(ids, taps, **kw)
+        return {n: tap_view(self.config, self.mistake.layout, n, v) for n, v in out.items()}
 
 
 def inject(model: Model, mistake) -> Model:
@@ -110,9 +181,7 @@ def inject(model: Model, mistake) -> Model:
     mistakes change the ids, not the model: run them through `mistake.apply_ids`."""
     if isinstance(mistake, str):
         mistake = find(model.config, mistake)
-    cfg = model.config.replace(**dict(mistake.config)) if mistake.config else model.config
-    weights = ShiftedNorms(model.weights, mistake.norm_shift) if mistake.norm_shift else model.weights
-    return Model(cfg, weights, model.dtype, model.path, mistake.normalizer_dtype or model.normalizer_dtype)
+    return MistakenModel(model, mistake)
 
 
 def find(cfg, name: str) -> Mistake:
@@ -151,13 +220,32 @@ def known_mistakes(cfg) -> list[Mistake]:
                                f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
                                f"{cfg.query_pre_attn_scalar:g}^-0.5", SCALE_REFS,
                                config=(("query_pre_attn_scalar", float(value)),)))
+    slides = [cfg.layer_types[i] for i in range(cfg.num_hidden_layers)]
+    if len(set(slides)) > 1:
+        swapped = tuple(GLOBAL if t != GLOBAL else SLIDING for t in slides)
+        out.append(Mistake("sliding_layers=odd", "the sliding window on the other layers (1, 3, 5, ... instead of "
+                           "0, 2, 4, ...)", "transformers #31775 / #31786 / #31848", config=(("layer_types", swapped),)))
+    for theta in (1e4, 1e5, 5e5, 1e6):
+        if theta != cfg.rope_theta:
+            out.append(Mistake(f"rope_theta={theta:.0e}".replace("e+0", "e"), f"RoPE base {theta:g} instead of "
+                               f"{cfg.rope_theta:g} (another "
+                               "family's config default)", "config defaults of other families",
+                               config=(("rope_theta", theta),)))
+    out.append(Mistake("rope_layout=interleaved", "RoPE rotates pairs (2i, 2i+1) instead of (i, i + head_dim/2)",
+                       "Meta / GPT-J layout confusion in converters", layout="rope_interleaved"))
+    if 1 < cfg.num_key_value_heads < cfg.num_attention_heads:
+        out.append(Mistake("gqa_mapping=tiled", "query head h uses kv head h % K instead of h // (H/K) (repeat "
+                           "where repeat_interleave is right)", "repeat vs repeat_interleave in GQA ports",
+                           layout="gqa_tiled"))
     out += [
         Mistake("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
                 "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
-                "transformers #29402", normalizer_dtype="bfloat16"),
+                "transformers #29402", normalizer="bfloat16"),
         Mistake("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
                 "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)", "transformers #29402",
-                normalizer_dtype="float64"),
+                normalizer="float64"),
+        Mistake("embed_unscaled", "embedding not multiplied by sqrt(D) (a port from Llama)", "porting from Llama",
+                normalizer="unscaled"),
         Mistake("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),
         Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",

@@ -51,17 +51,17 @@ class LayerWeights:
 
 # -- the components ---------------------------------------------------------------------------------------
 
-def embed(ids: np.ndarray, embedding: np.ndarray, normalizer_dtype: str | None = None) -> np.ndarray:
+def embed(ids: np.ndarray, embedding: np.ndarray, normalizer: str | None = None) -> np.ndarray:
     """E[ids] * sqrt(D). The normalizer is a number *in the activation dtype*: in bfloat16, sqrt(3584) =
     59.87 is 59.75 and sqrt(4608) = 67.88 is 68.0, and a bfloat16 backend multiplies by those (transformers
     #29402 made Hugging Face's Gemma round it so).
 
-    `normalizer_dtype`: the activation dtype to round it to, when that is not the compute dtype:
-    "bfloat16" gives what a bfloat16 backend computes; "float64" never rounds it (the mistake, in bf16)."""
+    `normalizer`, when it is not sqrt(D) in the compute dtype: "bfloat16" (what a bfloat16 backend multiplies
+    by), "float64" (never rounded: the mistake, in bf16), "unscaled" (1: a port from Llama forgot it)."""
     x = embedding[ids]  # (B, S, D)
     sqrt_d = math.sqrt(embedding.shape[1])
-    normalizer = {None: np.array(sqrt_d, x.dtype), "float64": np.float64(sqrt_d),
-                  "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(x.dtype)}[normalizer_dtype]
+    normalizer = {None: np.array(sqrt_d, x.dtype), "float64": np.float64(sqrt_d), "unscaled": np.array(1, x.dtype),
+                  "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(x.dtype)}[normalizer]
     return (x * normalizer).astype(x.dtype, copy=False)
 
 
@@ -222,15 +222,14 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at: str = "all", progress=None,
-            normalizer_dtype: str | None = None) -> dict[str, np.ndarray]:
+            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
     memory-mapped checkpoint) or any object with those three methods, e.g. plain arrays in a REPL.
     `positions` default to 0..S-1 (continuing after the cache when decoding). `logits_at="last"` computes
     the output head for the last position only (generation). `progress(done, total)` is called per layer.
-    `normalizer_dtype`: see `embed`."""
+    `normalizer`: see `embed`."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
@@ -242,7 +241,7 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     positions = np.asarray(positions, dtype=np.int64)
 
     embedding = weights.embedding()
-    x = embed(ids, embedding, normalizer_dtype)  # (B, S, D)
+    x = embed(ids, embedding, normalizer)  # (B, S, D)
     rec("embed", x)
     n = cfg.num_hidden_layers
     for i in range(n):

@@ -117,3 +117,67 @@ def test_a_window_mistake_decodes_through_a_cache_sized_for_its_window(model, id
     np.testing.assert_allclose(np.stack(out.logits), full[3:], rtol=2e-5, atol=2e-5)
     correct = model.logits(np.concatenate([ids[:4], out.tokens[:-1]]))
     assert np.abs(full[W:] - correct[W:]).max() > 1e-3  # past the window the mistake shows
+
+
+# -- the bug classes backends shipped beyond the original twelve, made in transformers ---------------------------
+
+def interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """RoPE on pairs (2i, 2i+1), GPT-J / Meta style, with transformers' own cos / sin (half-split layout)."""
+    half = q.shape[-1] // 2
+    c, s = cos.unsqueeze(unsqueeze_dim)[..., :half], sin.unsqueeze(unsqueeze_dim)[..., :half]
+
+    def rotate(x):
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([even * c - odd * s, odd * c + even * s], dim=-1).flatten(-2)
+
+    return rotate(q), rotate(k)
+
+
+def tiled_repeat_kv(hidden_states, n_rep):
+    """kv heads tiled (k0, k1, k0, k1, ...) where repeat_interleave (k0, k0, k1, k1, ...) is right."""
+    return hidden_states if n_rep == 1 else hidden_states.repeat(1, n_rep, 1, 1)
+
+
+def unscaled_embedding(hf):
+    hf.model.embed_tokens.embed_scale = torch.tensor(1.0)
+    return hf
+
+
+MODELING = "transformers.models.gemma2.modeling_gemma2"
+NEW_MISTAKES = {  # name -> (how transformers commits it, a function patched in its modeling module or None)
+    "sliding_layers=odd": (lambda ck: hf_with(ck, layer_types=["full_attention", "sliding_attention"] * 2), None),
+    "rope_theta=1e6": (lambda ck: hf_with(ck, rope_parameters={"rope_type": "default", "rope_theta": 1e6}), None),
+    "embed_unscaled": (lambda ck: unscaled_embedding(hf_with(ck)), None),
+    "rope_layout=interleaved": (hf_with, ("apply_rotary_pos_emb", interleaved_rope)),
+    "gqa_mapping=tiled": (hf_with, ("repeat_kv", tiled_repeat_kv)),
+}
+
+
+@pytest.mark.parametrize("name", list(NEW_MISTAKES))
+def test_a_shipped_bug_class_made_in_transformers_is_named(checkpoint, model, reference, ids, tmp_path, monkeypatch,
+                                                            name):
+    make, patch = NEW_MISTAKES[name]
+    if patch:
+        monkeypatch.setattr(f"{MODELING}.{patch[0]}", patch[1])
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint),
+                                            taps="default"))
+    diag = diagnose(model, reference, cand, FP32)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches", format_diagnosis(diag)
+
+
+def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_float16_range(tmp_path):
+    cfg = hf_config(**{**OVERRIDES, "num_hidden_layers": 2})
+    ck = make_checkpoint(tmp_path / "big", cfg, seed=2, scale=2.0)
+    with torch.no_grad():  # an embedding so large that the residual stream leaves float16's range
+        hf = Gemma2ForCausalLM.from_pretrained(ck, dtype=torch.float32)
+        hf.model.embed_tokens.weight *= 30000.0
+        hf.save_pretrained(ck)
+    ids = np.concatenate([[2], np.random.default_rng(5).integers(3, 300, 6)])
+    ours = g2.load_model(ck)
+    reference = G.load_case(S.generate_case(ours, ids, tmp_path / "ref", taps="default"))
+    fp16 = adapter.load(ck, "float16")
+    cand = G.load_case(adapter.write_golden(ck, ids, tmp_path / "cand", dtype="float16", hf_model=fp16))
+    diag = diagnose(ours, reference, cand, PROFILES["fp16"])
+    assert diag.named and diag.named[0].variant.name == "fp16_overflow", format_diagnosis(diag)
+    assert "the reference reaches" in diag.named[0].variant.what
