@@ -113,6 +113,8 @@ class TapResult:
     cosine: float | None = None
     logits: dict | None = None  # kl_mean, kl_max, kl_max_position, top1, top5, top1_disagreements
     failed: list = field(default_factory=list)  # which metrics exceeded their limit
+    scale_fit: dict | None = None  # a failing tap that is the reference times one number: {"scale", "rel_l2_after"}
+    past_window: dict | None = None  # the rows whose attention differs between sliding and global, on their own
 
     @property
     def layer(self) -> str:
@@ -130,6 +132,13 @@ class TapResult:
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
         s = (f"{self.name}: rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
+        if self.scale_fit:
+            s += (f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
+                  f"{self.scale_fit['rel_l2_after']:.2g} after that factor)")
+        if self.past_window:
+            w = self.past_window
+            s += (f"; the {w['rows']} rows past the sliding window (positions >= {w['window']}) alone: rel L2 "
+                  f"{w['rel_l2']:.3g}, max abs / absmax {w['max_rel']:.3g}")
         if self.logits:
             lg = self.logits
             s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
@@ -193,7 +202,45 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
             res.failed.append("top5")
     if res.failed:
         res.status = "fail"
+        res.scale_fit = fit_scale(r, c, profile) if not bad.any() else None
     return res
+
+
+def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
+    """The one number s with c ~ s r (least squares), when it explains the error: what is left after it is
+    within the profile, or under a tenth of the error before. A wrong scale outside the catalogue (a query
+    multiplied by 32 where 32^-0.5 is right) then still gets a lead."""
+    rr = float(np.vdot(r, r))
+    if rr == 0:
+        return None
+    s = float(np.vdot(r, c)) / rr
+    before = float(np.linalg.norm(c - r)) / math.sqrt(rr)
+    after = float(np.linalg.norm(c - s * r)) / math.sqrt(rr)
+    if abs(s - 1) < 1e-6 or after > max(profile.rel_l2, 0.1 * before):
+        return None
+    return {"scale": s, "rel_l2_after": after}
+
+
+def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int,
+                           first_position: int, batched: bool) -> None:
+    """Judge the rows at positions >= window on their own: only there does a sliding layer differ from a
+    global one, and averaged with the rows before them an error there can hide (2 of 34 rows in the tiny
+    model's window case). A tap whose rows past the window fail fails, with reason "past_window"."""
+    for t in taps:
+        if t.status != "pass" or t.name not in cand or not t.name.startswith("layers."):
+            continue
+        axis = sequence_axis(t.name, ref[t.name].ndim, batched)
+        start = window - first_position  # the first row whose position is >= window
+        if not 0 <= start < ref[t.name].shape[axis]:
+            continue
+        rows = [slice(None)] * ref[t.name].ndim
+        rows[axis] = slice(start, None)
+        part = compare_tap(t.name, ref[t.name][tuple(rows)], cand[t.name][tuple(rows)], profile)
+        t.past_window = {"window": window, "rows": ref[t.name].shape[axis] - start, "rel_l2": part.rel_l2,
+                         "max_rel": part.max_rel}
+        if part.failed:
+            t.failed.append("past_window")
+            t.status = "fail"
 
 
 # -- comparing cases and suites -----------------------------------------------------------------------------
@@ -207,6 +254,7 @@ class CaseComparison:
     extra: list[str]  # candidate taps the reference does not have
     notes: list[str]
     input_mismatch: str | None = None
+    blind_spots: list[str] | None = None  # known mistakes this case cannot show under this profile (diagnose)
 
     @property
     def compared(self) -> list[TapResult]:
@@ -220,6 +268,17 @@ class CaseComparison:
     def first_divergence(self) -> TapResult | None:
         return next((t for t in self.taps if not t.ok), None)
 
+    def error_lead(self) -> TapResult | None:
+        """The first tap whose error already reaches half the profile's limit, when that is before the first
+        divergence: under a loose profile the end (logits) can fail first while the error grew in layer 0."""
+        first = self.first_divergence
+        for t in self.compared:
+            if t is first:
+                return None
+            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.rel_l2:
+                return t
+        return None
+
     @property
     def passed(self) -> bool:
         return bool(self.compared) and self.first_divergence is None and self.input_mismatch is None
@@ -228,8 +287,9 @@ class CaseComparison:
         first = self.first_divergence
         return {"reference": self.reference, "candidate": self.candidate, "passed": self.passed,
                 "profile": asdict(self.profile), "first_divergence": first.name if first else None,
+                "error_lead": (self.error_lead() or first).name if first else None,
                 "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
-                "notes": self.notes, "taps": [asdict(t) for t in self.taps],
+                "notes": self.notes, "blind_spots": self.blind_spots, "taps": [asdict(t) for t in self.taps],
                 "layers": layer_table(self.taps)}
 
 
@@ -288,8 +348,20 @@ def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
                                                 ref.batched)
     if note:
         notes.append(note)
-    return compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
-                               str(cand.path), ref.token_ids, cand.token_ids, notes)
+    result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
+                                 str(cand.path), ref.token_ids, cand.token_ids, notes)
+    config = (ref.manifest.get("model") or {}).get("config") or {}
+    if config.get("sliding_window"):
+        first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
+        judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
+                               first_position, ref.batched)
+    first = result.first_divergence
+    if first is not None and first.scale_fit and first.name.endswith("attn.scores") and config:
+        implied = float(config["query_pre_attn_scalar"]) / first.scale_fit["scale"] ** 2
+        result.notes.append(f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "
+                            f"candidate scales queries by query_pre_attn_scalar = {implied:.4g} (the reference's "
+                            f"is {config['query_pre_attn_scalar']:g})")
+    return result
 
 
 def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile: Profile) -> list[CaseComparison]:
@@ -395,6 +467,9 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     lines.append("")
     if result.passed:
         lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
+        if result.blind_spots:
+            lines.append(wrap(f"      but this case cannot show, under this profile: {', '.join(result.blind_spots)} "
+                              f"(each made by the reference model passes too)", 6))
     elif first is None:
         lines.append("FAIL: " + (result.input_mismatch or "nothing was compared"))
     else:
@@ -402,6 +477,10 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         lines.append(wrap(f"FAIL: first diverging tap: {first.name} ({where}): "
                           + "; ".join(failure_reasons(first, p)), 6))
         lines.append(wrap(f"      {first.summary()}", 6))
+        lead = result.error_lead()
+        if lead is not None:
+            lines.append(wrap(f"      the error grew earlier: {lead.name} already has rel L2 {lead.rel_l2:.3g} (half "
+                              f"the limit or more): look there first", 6))
     return "\n".join(lines)
 
 
@@ -421,6 +500,10 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
             out.append(f"top-1 agreement {t.logits['top1']:.1%} < {p.top1:.0%}")
         elif f == "top5":
             out.append(f"top-5 overlap {t.logits['top5']:.1%} < {p.top5:.0%}")
+        elif f == "past_window":
+            w = t.past_window
+            out.append(f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
+                       f"/ max {w['max_rel']:.3g} (limits {p.rel_l2:g} / {p.max_rel:g})")
     return out
 
 

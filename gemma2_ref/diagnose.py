@@ -248,10 +248,29 @@ def verify_reference_model(model, reference: Case, log=None) -> None:
                           f"the golden, or pass --model with the original checkpoint")
 
 
+def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
+    """The known mistakes this case cannot show under this profile: each mistaken model's taps pass against
+    the reference (a window mistake on a prompt shorter than the window; a small one under a loose profile)."""
+    wanted = [n for n in reference.tap_names if n in set(tap_names(model.config))] or ["logits"]
+    blind = []
+    for mistake in known_mistakes(model.config):
+        ids = mistake.apply_ids(reference.token_ids)
+        if ids is None or np.shape(ids) != np.shape(reference.token_ids):
+            continue  # another input: the token ids themselves differ, which compare always reports
+        trace = inject(model, mistake).forward(ids, taps=wanted)
+        ref_view, trace, _ = align_positions(reference.activations, reference.positions, trace, None,
+                                             reference.batched)
+        if compare_activations(ref_view, trace, profile).passed:
+            blind.append(mistake.name)
+    return blind
+
+
 def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failures: bool | None = None,
                          model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
     """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
-    or (None, the default) when the reference's model is at hand and small enough to re-run ~15 times.
+    or (None, the default) when the reference's model is at hand and small enough to re-run ~20 times. With
+    the model at hand and small, a passing case also says which known mistakes it could not have seen
+    (`CaseComparison.blind_spots`): a PASS is only as strong as the case and the profile.
 
     Returns the comparisons, {reference case path: Diagnosis}, and why no diagnosis ran (or None)."""
     from .compare import compare_cases, compare_goldens
@@ -261,7 +280,7 @@ def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failur
     results = compare_goldens(reference, candidate, profile) if suites else [compare_cases(reference, candidate,
                                                                                           profile)]
     failed = [r for r in results if not r.passed]
-    if not failed or diagnose_failures is False:
+    if diagnose_failures is False:
         return results, {}, None
     refs = {str(c.path): c for c in (reference.cases if isinstance(reference, Suite) else [reference])}
     cands = {str(c.path): c for c in (candidate.cases if isinstance(candidate, Suite) else [candidate])}
@@ -273,10 +292,14 @@ def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failur
     except (ValueError, FileNotFoundError) as e:
         if diagnose_failures:
             raise
-        return results, {}, f"no diagnosis: {e}"
+        return results, {}, f"no diagnosis: {e}" if failed else None
     if model.is_large and not diagnose_failures:
         return results, {}, (f"diagnosis skipped for a large model: it re-runs the model about "
-                             f"{len(known_mistakes(model.config))} times; ask for it explicitly")
+                             f"{len(known_mistakes(model.config))} times; ask for it explicitly") if failed else None
+    if not model.is_large:
+        for r in results:
+            if r.passed and r.reference in refs:
+                r.blind_spots = blind_spots(model, refs[r.reference], profile)
     diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], profile,
                                        log=log if model.is_large else None)
                  for r in failed if r.reference in refs and r.candidate in cands}
