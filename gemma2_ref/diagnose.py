@@ -38,14 +38,15 @@ class VariantResult:
     variant: Variant
     comparison: CaseComparison
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
-    verdict: str  # "matches", "explains the first divergence", or ""
+    verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
+    remains: str | None = None  # for "explains": the looser profile the candidate passes against the variant
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
         return {"variant": self.variant.name, "what": self.variant.what, "refs": self.variant.refs,
                 "verdict": self.verdict, "ratio_at_first_divergence": _finite(self.ratio),
                 "passes_against_variant": self.comparison.passed,
-                "variant_first_divergence": first.name if first else None}
+                "variant_first_divergence": first.name if first else None, "remains": self.remains}
 
 
 @dataclass
@@ -146,7 +147,11 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             verdict = "matches"
         elif ratio >= EXPLAIN_RATIO and later:
             verdict = "explains the first divergence"
-        return VariantResult(variant, cmp, ratio, verdict)
+        result = VariantResult(variant, cmp, ratio, verdict)
+        if verdict == "explains the first divergence":  # what is left once this mistake is accounted for
+            result.remains = next((p for p in looser if compare_activations(trace, cand_view, PROFILES[p]).passed),
+                                  None)
+        return result
 
     overflow = fp16_overflow(reference, candidate, base)
     if overflow is not None:
@@ -197,6 +202,10 @@ def format_diagnosis(diag: Diagnosis) -> str:
         evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
                     if r.comparison.passed else f"vs this variant the first divergence moves to "
                                                 f"{first_v.name if first_v else 'none'}")
+        if r.verdict == "explains the first divergence":
+            evidence += (f", and what remains passes the {r.remains} profile: precision, not another mistake"
+                         if r.remains else ", and what remains fails every looser profile: another mistake "
+                                           "(or more) is left")
         at = first.name if first else "-"
         if first is not None and first.status == "shape":
             closer = f"only this variant reproduces the candidate's shape at {at}"
