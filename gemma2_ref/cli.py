@@ -119,7 +119,7 @@ def add_golden(sub):
                                    "activations.safetensors (canonical tap names) + manifest.json (sha256 of the "
                                    "weights, tokenizer and every tensor, stats, producer version and commit). "
                                    "The same inputs give bit-identical tensors. Regenerate the repository's "
-                                   "suite with: gemma2-ref golden tiny --suite coverage --out golden/")
+                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/")
     src = add_model_and_prompt(p)
     src.add_argument("--suite", choices=["coverage"],
                      help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "

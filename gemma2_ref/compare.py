@@ -300,10 +300,35 @@ def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
         return "the candidate's token ids lack the leading <bos> (2) the reference has"
     if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == 2).all():
         return "the candidate's token ids start with a doubled <bos> (2, 2)"
+    split = split_special_token(r[0], c[0]) if r.shape[0] == c.shape[0] == 1 else None
+    if split:
+        return split
     if r.shape != c.shape:
         return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
     where = np.argwhere(r != c)
     return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
+
+
+SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 106: "<start_of_turn>", 107: "<end_of_turn>"}
+
+
+def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:
+    """Where the reference has a special token (one id) and the candidate, from there on, several other ids
+    before the two agree again: its tokenizer does not treat the token as special (llama.cpp #8244)."""
+    n = 0
+    while n < min(len(ref), len(cand)) and ref[n] == cand[n]:
+        n += 1
+    if n == len(ref) or n == len(cand) or int(ref[n]) not in SPECIAL_TOKENS or len(cand) <= len(ref):
+        return None
+    after = int(ref[n + 1]) if n + 1 < len(ref) else None  # where the two realign
+    ends = [j for j in range(n + 2, len(cand) + 1) if (after is None and j == len(cand))
+            or (j < len(cand) and int(cand[j]) == after)]
+    if not ends:
+        return None
+    pieces = cand[n: ends[0]]
+    return (f"the candidate's tokenizer split {SPECIAL_TOKENS[int(ref[n])]} (id {int(ref[n])}, at index {n}) into "
+            f"{len(pieces)} pieces, ids {[int(i) for i in pieces]}: it does not mark the chat tokens special "
+            f"(llama.cpp #8244; `gemma2-ref tokenize` shows the pieces)")
 
 
 def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str] | None = None,

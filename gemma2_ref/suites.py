@@ -39,6 +39,7 @@ PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets e
            "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
            "appear in text, and so do names, code and questions: what comes next? ")
 QUESTION = "Why soft-cap scores?"
+SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
 
 
 @dataclass
@@ -59,18 +60,22 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     double_bos the short prompt with <bos><bos> (a chat template plus an added BOS)
     chat       a user turn in the Gemma chat template
     batch      two different prompts of equal length, as one (2, S) batch (no padding)
+    special_tokens  text that contains <start_of_turn> / <end_of_turn> itself: one id each (106, 107), which a
+               tokenizer that does not mark them special splits into pieces (llama.cpp #8244)
+    long       2W + 2 tokens: positions far past the window, every sliding layer's keys fully replaced twice
     """
     W = cfg.sliding_window
-    if W + 2 > cfg.max_position_embeddings:
-        raise ValueError(f"the window case needs {W + 2} positions, the model's context is "
+    if 2 * W + 2 > cfg.max_position_embeddings:
+        raise ValueError(f"the long case needs {2 * W + 2} positions, the model's context is "
                          f"{cfg.max_position_embeddings}")
     short_text = "The cat sat on the mat."
     short = tokenizer.encode(short_text, bos=True)
     long_ids = tokenizer.encode(PASSAGE, bos=True)
     body = tokenizer.encode(PASSAGE, bos=False)
-    while len(long_ids) < W + 2:
+    while len(long_ids) < 2 * W + 2:
         long_ids += body
-    long_ids = long_ids[: W + 2]
+    window_ids, long_ids = long_ids[: W + 2], long_ids[: 2 * W + 2]
+    special_ids = tokenizer.encode(SPECIAL_TEXT, bos=True)
     a = tokenizer.encode("Windows slide.", bos=True)
     b = tokenizer.encode("Caps bound logits.", bos=True)
     n = min(len(a), len(b))
@@ -78,12 +83,16 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     return [
         CaseInput("short", "a short prompt, one <bos>", short, short_text),
         CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
-                            f"of {W}", long_ids, tokenizer.decode(long_ids, skip_special=False)),
+                            f"of {W}", window_ids, tokenizer.decode(window_ids, skip_special=False)),
         CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
         CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
         CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
         CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]),
                   None),
+        CaseInput("special_tokens", "text containing <start_of_turn> and <end_of_turn>: one id each",
+                  special_ids, SPECIAL_TEXT),
+        CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
+                  long_ids, tokenizer.decode(long_ids, skip_special=False)),
     ]
 
 

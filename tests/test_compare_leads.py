@@ -96,3 +96,16 @@ def test_a_partial_explanation_says_what_remains(tiny, reference, tmp_path):
     assert best.variant.name.startswith("query_scale=head_dim") and best.verdict == "explains the first divergence"
     assert best.remains == "fp16"
     assert "what remains passes the fp16 profile: precision" in " ".join(format_diagnosis(diag).split())
+
+
+def test_a_candidate_tokenizer_that_splits_a_special_token_is_told_so(tiny, tmp_path):
+    """llama.cpp #8244: converted tokenizers that did not mark <start_of_turn> special split it in pieces."""
+    reference = G.load_case("golden/special_tokens")
+    ids = reference.token_ids.tolist()
+    at = ids.index(106)
+    split = ids[:at] + [60, 61, 62, 63] + ids[at + 1:]  # "<", "start", "_of_", "turn>" in some tokenizer
+    cand = candidate(tmp_path, tiny.forward(np.array(split), taps="residual"), np.array(split))
+    result = compare_cases(reference, cand, PROFILES["fp32"])
+    assert not result.passed
+    assert result.input_mismatch.startswith(f"the candidate's tokenizer split <start_of_turn> (id 106, at index {at}) "
+                                            f"into 4 pieces, ids [60, 61, 62, 63]")
