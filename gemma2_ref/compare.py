@@ -31,6 +31,7 @@ import numpy as np
 from .golden import Case, Suite, keep_positions
 from .model import log_softmax
 from .taps import canonical_order, sequence_axis
+from .tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -296,9 +297,9 @@ class CaseComparison:
 def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     """A sentence about how the candidate's token ids differ from the reference's (BOS problems first)."""
     r, c = np.atleast_2d(ref_ids), np.atleast_2d(cand_ids)
-    if r.shape[0] == c.shape[0] and r.shape[1] == c.shape[1] + 1 and (r[:, 1:] == c).all() and (r[:, 0] == 2).all():
+    if r.shape[0] == c.shape[0] and r.shape[1] == c.shape[1] + 1 and (r[:, 1:] == c).all() and (r[:, 0] == BOS).all():
         return "the candidate's token ids lack the leading <bos> (2) the reference has"
-    if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == 2).all():
+    if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == BOS).all():
         return "the candidate's token ids start with a doubled <bos> (2, 2)"
     split = split_special_token(r[0], c[0]) if r.shape[0] == c.shape[0] == 1 else None
     if split:
@@ -309,7 +310,8 @@ def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
 
 
-SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 106: "<start_of_turn>", 107: "<end_of_turn>"}
+SPECIAL_TOKENS = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", START_OF_TURN: "<start_of_turn>",
+                  END_OF_TURN: "<end_of_turn>"}
 
 
 def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:

@@ -1,8 +1,8 @@
 """Diagnosis: which known Gemma 2 mistake does a failing candidate look like?
 
 The reference model is re-run once per known mistake (mistakes.py: each a config, weight or input
-transform of the correct model), with the taps the candidate holds. Each variant is compared with the candidate exactly as the
-reference was. A variant is named when it explains the candidate far better than the correct model does:
+transform of the correct model), with the taps the candidate holds. Each variant is compared with the
+candidate exactly as the reference was. A variant is named when it explains the candidate far better than the correct model does:
 
     matches          the candidate passes the profile against the variant: indistinguishable from it
     explains the first divergence

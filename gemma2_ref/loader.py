@@ -16,8 +16,8 @@ import numpy as np
 
 from .config import PRESETS, Gemma2Config, load_config
 from .data import bundled_names, bundled_path
-from .model import forward
-from .weights import Weights, index_checkpoint
+from .model import LayerWeights, forward
+from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
 AUTO_KEEP_FRACTION = 0.5  # "auto" keeps converted layers within this fraction of the available RAM
@@ -57,6 +57,34 @@ class Model:
         c = self.config
         return (f"Model({self.path or 'in memory'}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
                 f"H={c.num_attention_heads}/K={c.num_key_value_heads}, compute {self.dtype})")
+
+
+class ArrayWeights:
+    """Plain in-memory arrays as a weights provider (the three methods `forward` calls): for a REPL, or for
+    weights made in code. `from_tensors` takes checkpoint-named arrays, e.g. checkpoints.random_weights."""
+
+    def __init__(self, embedding: np.ndarray, layers: list, final_norm: np.ndarray):
+        self._embedding, self.layers, self._final_norm = embedding, layers, final_norm
+
+    @classmethod
+    def from_tensors(cls, cfg: Gemma2Config, tensors: dict, dtype=np.float32) -> "ArrayWeights":
+        def t(name):
+            return np.asarray(tensors[name], dtype=dtype)
+        layers = [LayerWeights(**{ours: t(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
+                  for i in range(cfg.num_hidden_layers)]
+        return cls(t(EMBEDDING), layers, t(FINAL_NORM))
+
+    def embedding(self) -> np.ndarray:
+        return self._embedding
+
+    def layer(self, i: int) -> LayerWeights:
+        return self.layers[i]
+
+    def final_norm(self) -> np.ndarray:
+        return self._final_norm
+
+    def close(self) -> None:
+        pass
 
 
 def available_memory() -> int | None:

@@ -224,7 +224,8 @@ def known_mistakes(cfg) -> list[Mistake]:
     if len(set(slides)) > 1:
         swapped = tuple(GLOBAL if t != GLOBAL else SLIDING for t in slides)
         out.append(Mistake("sliding_layers=odd", "the sliding window on the other layers (1, 3, 5, ... instead of "
-                           "0, 2, 4, ...)", "transformers #31775 / #31786 / #31848", config=(("layer_types", swapped),)))
+                           "0, 2, 4, ...)", "transformers #31775 / #31786 / #31848",
+                           config=(("layer_types", swapped),)))
     for theta in (1e4, 1e5, 5e5, 1e6):
         if theta != cfg.rope_theta:
             out.append(Mistake(f"rope_theta={theta:.0e}".replace("e+0", "e"), f"RoPE base {theta:g} instead of "

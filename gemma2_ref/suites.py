@@ -135,7 +135,7 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
     info = model_info(model, model_name, progress=log is not None)
     if write is None:
         progress = None
-        if log is not None and model.config.parameter_counts()["total"] > 50_000_000:
+        if log is not None and model.is_large:
             progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
 
         def write(ids, case_dir, text, description, case_taps, positions):

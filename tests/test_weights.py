@@ -218,3 +218,17 @@ def test_the_bundled_bf16_weights_convert_exactly_as_torch_converts_them():
     theirs = st_load_torch(model.path / "model.safetensors")  # numpy has no bf16: torch is the referee
     for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
         np.testing.assert_array_equal(model.weights.tensor(name), theirs[name].float().numpy())
+
+
+def test_forward_runs_on_plain_arrays_as_it_does_on_a_memory_mapped_checkpoint(tmp_path):
+    """A REPL needs no files: model.forward takes any provider of embedding(), layer(i), final_norm()."""
+    from gemma2_ref.loader import ArrayWeights
+    from gemma2_ref.model import forward
+
+    tensors = random_weights(CFG, seed=3)
+    ids = np.array([2, 7, 9, 11, 40])
+    in_memory = forward(ArrayWeights.from_tensors(CFG, tensors), CFG, ids, taps="residual")
+    on_disk = g2.load_model(save_checkpoint(tmp_path / "ck", CFG, tensors, "F32")).forward(ids, taps="residual")
+    assert in_memory.keys() == on_disk.keys()
+    for name in on_disk:
+        np.testing.assert_array_equal(in_memory[name], on_disk[name])
