@@ -144,9 +144,10 @@ def add_golden(sub):
 
 def _add_profile_args(p):
     from .compare import PROFILES
-    p.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+    p.add_argument("--profile", default="auto", choices=["auto", "measured", *PROFILES],
                    help="tolerance profile (default auto: from the candidate's compute dtype, bfloat16 -> bf16, "
-                        "float16 -> fp16, else fp32)")
+                        "float16 -> fp16, else fp32). measured: each tap's limit a multiple of the error of the "
+                        "reference re-run with the candidate's bfloat16 / float16 rounding (needs the model)")
     p.add_argument("--rtol", type=float, help="override: max relative L2 error per tap")
     p.add_argument("--atol", type=float, help="override: max abs error per tap, as a fraction of the tap's absmax")
     p.add_argument("--kl", type=float, help="override: max per-token KL divergence of the logits (nats)")

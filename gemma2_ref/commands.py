@@ -221,8 +221,18 @@ def golden(args) -> int:
     return 0
 
 
-def profile_for(args, candidate):
+def profile_for(args, candidate, reference=None):
+    """The tolerance profile the options ask for; "measured" is a function of each reference case."""
     from .compare import auto_profile, get_profile
+    if args.profile == "measured":
+        from .diagnose import load_reference_model
+        from .measured import DTYPE_OF_PROFILE, measured_profile
+        dtype = DTYPE_OF_PROFILE.get(auto_profile(candidate))
+        if dtype is None:
+            raise ValueError(f"--profile measured needs a bfloat16 or float16 candidate; {candidate.path} says its "
+                             f"compute dtype is {candidate.compute_dtype!r}")
+        model = load_reference_model(first_case(reference), getattr(args, "model", None), log=eprint)
+        return lambda case: measured_profile(model, case, dtype)
     name = auto_profile(candidate) if args.profile == "auto" else args.profile
     return get_profile(name, rel_l2=args.rtol, max_rel=args.atol, kl=args.kl, top1=args.top1, top5=args.top5)
 
@@ -247,7 +257,7 @@ def compare(args) -> int:
 
     ref = load_golden(args.reference)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
-    profile = profile_for(args, first_case(cand))
+    profile = profile_for(args, first_case(cand), ref)
     results, diagnoses, skipped = D.compare_and_diagnose(ref, cand, profile, args.diagnose, args.model, log=eprint)
     if skipped:
         eprint(f"({skipped}: run `gemma2-ref diagnose {args.reference} {args.candidate}` or pass --diagnose)"
@@ -281,7 +291,7 @@ def diagnose(args) -> int:
 
     ref = load_golden(args.reference)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
-    profile = profile_for(args, first_case(cand))
+    profile = profile_for(args, first_case(cand), ref)
     pairs = list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases])) \
         if isinstance(ref, Suite) else [(ref, cand)]
     model = D.load_reference_model(pairs[0][0], args.model, log=eprint)
@@ -292,7 +302,8 @@ def diagnose(args) -> int:
             explained = False
             continue
         eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
-        diag = D.diagnose(model, r, c, profile, log=eprint if model.is_large else None)
+        case_profile = profile if isinstance(profile, C.Profile) else profile(r)
+        diag = D.diagnose(model, r, c, case_profile, log=eprint if model.is_large else None)
         explained &= diag.base.passed or bool(diag.named)
         out.append((r, diag))
     if args.json:

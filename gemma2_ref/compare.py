@@ -45,8 +45,17 @@ class Profile:
     top1: float  # min fraction of positions whose top-1 token agrees (ties within tolerance excused)
     top5: float  # min mean top-5 overlap
     why: str = ""
+    per_tap: dict | None = None  # {tap: (rel_l2, max_rel)}: limits of their own (the measured profile)
+
+    def limits(self, tap: str) -> tuple[float, float]:
+        """(rel L2, max abs / absmax) limits of one tap."""
+        return (self.per_tap or {}).get(tap, (self.rel_l2, self.max_rel))
 
     def describe(self) -> str:
+        if self.per_tap:
+            rel = [v[0] for v in self.per_tap.values()]
+            return (f"{self.name}: per-tap limits, rel L2 {min(rel):.2g} to {max(rel):.2g}; logits KL <= "
+                    f"{self.kl:.2g} nats, top-1 >= {self.top1:.2g}, top-5 overlap >= {self.top5:.2g}")
         return (f"{self.name}: rel L2 <= {self.rel_l2:g}, max abs <= {self.max_rel:g} x tap absmax, "
                 f"logits KL <= {self.kl:g} nats, top-1 >= {self.top1:g}, top-5 overlap >= {self.top5:g}")
 
@@ -189,12 +198,13 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, [int(i) for i in idx], scale,
                     max_rel, rel_l2, cosine)
-    if rel_l2 > profile.rel_l2:
+    rel_limit, max_limit = profile.limits(name)
+    if rel_l2 > rel_limit:
         res.failed.append("rel_l2")
-    if max_rel > profile.max_rel:
+    if max_rel > max_limit:
         res.failed.append("max_rel")
     if name == "logits" and ref.ndim >= 1 and ref.size and not bad.any():
-        res.logits = logits_metrics(ref, cand, tie=2 * profile.rel_l2)
+        res.logits = logits_metrics(ref, cand, tie=2 * rel_limit)
         if res.logits["kl_max"] > profile.kl:
             res.failed.append("kl")
         if res.logits["top1"] < profile.top1:
@@ -203,11 +213,11 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
             res.failed.append("top5")
     if res.failed:
         res.status = "fail"
-        res.scale_fit = fit_scale(r, c, profile) if not bad.any() else None
+        res.scale_fit = fit_scale(name, r, c, profile) if not bad.any() else None
     return res
 
 
-def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
+def fit_scale(name: str, r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
     """The one number s with c ~ s r (least squares), when it explains the error: what is left after it is
     within the profile, or under a tenth of the error before. A wrong scale outside the catalogue (a query
     multiplied by 32 where 32^-0.5 is right) then still gets a lead."""
@@ -217,7 +227,7 @@ def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
     s = float(np.vdot(r, c)) / rr
     before = float(np.linalg.norm(c - r)) / math.sqrt(rr)
     after = float(np.linalg.norm(c - s * r)) / math.sqrt(rr)
-    if abs(s - 1) < 1e-6 or after > max(profile.rel_l2, 0.1 * before):
+    if abs(s - 1) < 1e-6 or after > max(profile.limits(name)[0], 0.1 * before):
         return None
     return {"scale": s, "rel_l2_after": after}
 
@@ -276,7 +286,7 @@ class CaseComparison:
         for t in self.compared:
             if t is first:
                 return None
-            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.rel_l2:
+            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.limits(t.name)[0]:
                 return t
         return None
 
@@ -367,7 +377,9 @@ def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> 
     return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
 
 
-def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
+def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
+    """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
+    profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
     if not cand.verified:
         notes.append("the candidate was not hash-verified")
@@ -391,7 +403,7 @@ def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
     return result
 
 
-def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile: Profile) -> list[CaseComparison]:
+def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile) -> list[CaseComparison]:
     """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails)."""
     if isinstance(ref, Suite) != isinstance(cand, Suite):
         raise ValueError(f"compare a case with a case and a suite with a suite: {ref.path} is a "
@@ -518,9 +530,9 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
         if f == "shape":
             out.append(f"shape {t.candidate_shape} in the candidate, {t.shape} in the reference")
         elif f == "rel_l2":
-            out.append(f"rel L2 {t.rel_l2:.3g} > {p.rel_l2:g}")
+            out.append(f"rel L2 {t.rel_l2:.3g} > {p.limits(t.name)[0]:.3g}")
         elif f == "max_rel":
-            out.append(f"max abs / absmax {t.max_rel:.3g} > {p.max_rel:g}")
+            out.append(f"max abs / absmax {t.max_rel:.3g} > {p.limits(t.name)[1]:.3g}")
         elif f == "kl":
             out.append(f"KL {t.logits['kl_max']:.3g} > {p.kl:g}")
         elif f == "top1":
@@ -530,7 +542,7 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
         elif f == "past_window":
             w = t.past_window
             out.append(f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
-                       f"/ max {w['max_rel']:.3g} (limits {p.rel_l2:g} / {p.max_rel:g})")
+                       f"/ max {w['max_rel']:.3g} (limits {p.limits(t.name)[0]:.3g} / {p.limits(t.name)[1]:.3g})")
     return out
 
 

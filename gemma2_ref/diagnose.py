@@ -276,7 +276,7 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
     return blind
 
 
-def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failures: bool | None = None,
+def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool | None = None,
                          model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
     """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
     or (None, the default) when the reference's model is at hand and small enough to re-run ~20 times. With
@@ -310,8 +310,8 @@ def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failur
     if not model.is_large:
         for r in results:
             if r.passed and r.reference in refs:
-                r.blind_spots = blind_spots(model, refs[r.reference], profile)
-    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], profile,
+                r.blind_spots = blind_spots(model, refs[r.reference], r.profile)
+    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], r.profile,
                                        log=log if model.is_large else None)
                  for r in failed if r.reference in refs and r.candidate in cands}
     return results, diagnoses, None

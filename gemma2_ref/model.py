@@ -151,26 +151,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
     G = H // K
     qg = q.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * S, Dh)  # a group's heads stacked
     scores = (qg @ k.transpose(0, 2, 3, 1)) * scale  # (B, K, G*S, T)
-    scores = soft_cap(scores, softcap).reshape(B, K, G, S, T)
-    taps("attn.scores", scores.reshape(B, H, S, T))
+    scores = taps("attn.scores", soft_cap(scores, softcap).reshape(B, H, S, T)).reshape(B, K, G, S, T)
     scores = np.where(attention_mask(q_pos, k_pos, window), scores, -np.inf)  # masked keys: probability 0
-    probs = softmax(scores)
-    taps("attn.probs", probs.reshape(B, H, S, T))
+    probs = taps("attn.probs", softmax(scores).reshape(B, H, S, T))
     context = probs.reshape(B, K, G * S, T) @ v.transpose(0, 2, 1, 3)  # (B, K, G*S, Dh)
     return context.reshape(B, K, G, S, Dh).transpose(0, 3, 1, 2, 4).reshape(B, S, H * Dh)
 
 
 def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TAPS) -> np.ndarray:
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)). x (B, S, D) -> (B, S, D) via (B, S, F)."""
-    gate = linear(x, w.gate_proj)
-    taps("mlp.gate", gate)
-    up = linear(x, w.up_proj)
-    taps("mlp.up", up)
-    hidden = activation(gate) * up
-    taps("mlp.hidden", hidden)
-    out = linear(hidden, w.down_proj)
-    taps("mlp.out", out)
-    return out
+    gate = taps("mlp.gate", linear(x, w.gate_proj))
+    up = taps("mlp.up", linear(x, w.up_proj))
+    hidden = taps("mlp.hidden", activation(gate) * up)
+    return taps("mlp.out", linear(hidden, w.down_proj))
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
@@ -184,65 +177,54 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     attention runs over everything the cache holds for this layer."""
     B, S, D = x.shape
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-    taps("input", x)
+    x = taps("input", x)
 
-    h = rms_norm(x, w.pre_attn_norm, eps)
-    taps("pre_attn_norm", h)
-    q = linear(h, w.q_proj).reshape(B, S, H, Dh)
-    k = linear(h, w.k_proj).reshape(B, S, K, Dh)
-    v = linear(h, w.v_proj).reshape(B, S, K, Dh)
-    taps("attn.q_proj", q)
-    taps("attn.k_proj", k)
-    taps("attn.v_proj", v)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    taps("attn.q_rope", q)
-    taps("attn.k_rope", k)
+    h = taps("pre_attn_norm", rms_norm(x, w.pre_attn_norm, eps))
+    q = taps("attn.q_proj", linear(h, w.q_proj).reshape(B, S, H, Dh))
+    k = taps("attn.k_proj", linear(h, w.k_proj).reshape(B, S, K, Dh))
+    v = taps("attn.v_proj", linear(h, w.v_proj).reshape(B, S, K, Dh))
+    q = taps("attn.q_rope", rope(q, positions, cfg.rope_theta))
+    k = taps("attn.k_rope", rope(k, positions, cfg.rope_theta))
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
     context = attention_in_blocks(attention, q, k, v, positions, k_pos, cfg.window(layer),
                                   cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
-    taps("attn.context", context)
-    a = linear(context, w.o_proj)
-    taps("attn.out", a)
-    a = rms_norm(a, w.post_attn_norm, eps)
-    taps("post_attn_norm", a)
-    x = x + a
-    taps("resid_mid", x)
+    context = taps("attn.context", context)
+    a = taps("attn.out", linear(context, w.o_proj))
+    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps))
+    x = taps("resid_mid", x + a)
 
-    h = rms_norm(x, w.pre_ffw_norm, eps)
-    taps("pre_ffw_norm", h)
+    h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
     m = mlp(h, w, ACTIVATIONS[cfg.hidden_activation], taps)
-    m = rms_norm(m, w.post_ffw_norm, eps)
-    taps("post_ffw_norm", m)
-    x = x + m
-    taps("output", x)
-    return x
+    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps))
+    return taps("output", x + m)
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None) -> dict[str, np.ndarray]:
+            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None,
+            round_to: str | None = None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
     memory-mapped checkpoint) or any object with those three methods, e.g. plain arrays in a REPL.
     `positions` default to 0..S-1 (continuing after the cache when decoding). `logits_at="last"` computes
     the output head for the last position only (generation). `progress(done, total)` is called per layer.
-    `normalizer`: see `embed`."""
+    `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
+    dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
+    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile)."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
     wanted = [] if taps in (None, "none") else select_taps(cfg, taps)
-    rec = Taps(wanted)
+    rec = Taps(wanted, round_to=round_to)
     if positions is None:
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
     positions = np.asarray(positions, dtype=np.int64)
 
     embedding = weights.embedding()
-    x = embed(ids, embedding, normalizer)  # (B, S, D)
-    rec("embed", x)
+    x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)
     n = cfg.num_hidden_layers
     for i in range(n):
         x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache)
@@ -251,12 +233,11 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     if kv_cache is not None:
         kv_cache.advance(S)
 
-    x = rms_norm(x, weights.final_norm(), cfg.rms_norm_eps)
-    rec("final_norm", x)
+    x = rec("final_norm", rms_norm(x, weights.final_norm(), cfg.rms_norm_eps))
     if logits_at == "last":
         x = x[:, -1:]
     logits = linear(x, embedding)  # (B, S, V): the output head is the embedding, transposed
-    rec("logits_raw", logits)
+    logits = rec("logits_raw", logits)
     logits = soft_cap_(logits, cfg.final_logit_softcapping)  # = soft_cap(logits, cap), in place: (S, V) is big
     out = {name: rec.out[name] for name in wanted if name in rec.out}
     out["logits"] = logits
