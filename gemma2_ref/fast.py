@@ -5,11 +5,15 @@ function here bit for bit against the formula it stands in for:
 
     linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows)
     soft_cap_            cap * tanh(x / cap) in place: the final logits are (S, 256000)
+    gelu_tanh_           the tanh GELU in place, in the formula's order of operations: (S, F) is the largest
+                         activation of a layer, and the formula's temporaries cost 2x its time
     attention_in_blocks  attention() over blocks of queries, each on the key range its mask lets through,
                          so a long prompt never holds a whole (H, S, S) score matrix
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -43,6 +47,21 @@ def soft_cap_(x: np.ndarray, cap: float | None) -> np.ndarray:
     x /= c
     np.tanh(x, out=x)
     x *= c
+    return x
+
+
+def gelu_tanh_(x: np.ndarray) -> np.ndarray:
+    """model.gelu_tanh(x), overwriting x: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Returns x."""
+    f = x.dtype.type
+    t = f(0.044715) * x  # the one new buffer; x is needed to the end
+    t *= x
+    t *= x
+    t += x
+    t *= f(math.sqrt(2.0 / math.pi))
+    np.tanh(t, out=t)
+    t += 1
+    t *= f(0.5)  # (1 + tanh) / 2 is exact, so x * that equals (0.5 x)(1 + tanh)
+    np.multiply(t, x, out=x)
     return x
 
 

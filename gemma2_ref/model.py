@@ -12,7 +12,8 @@ Every number comes from the config (config.py); arrays carry a batch axis inside
 intermediate is offered to a `Taps` recorder under its canonical name (taps.py). Float32 (default) or
 float64. Where released implementations round, we round the same way, explicitly: the embedding normalizer
 in the activation dtype, RMSNorm in (at least) float32, RoPE angles in the compute dtype. Three heavy steps
-call fast.py (same values, less memory): `linear`, the final soft-cap in place, attention in query blocks.
+call fast.py (same values, less memory or time): `linear`, GELU and the final soft-cap in place,
+attention in query blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
-from .fast import attention_in_blocks, linear, soft_cap_
+from .fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
 from .inputs import check_ids
 from .taps import NO_TAPS, Taps, select_taps
 
@@ -115,7 +116,8 @@ def gelu_exact(x: np.ndarray) -> np.ndarray:
     return (0.5 * x * (1.0 + erf)).astype(x.dtype, copy=False)
 
 
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_exact}  # config.hidden_activation -> function
+# config.hidden_activation -> the function; Gemma 2's is gelu_tanh above, computed in place (fast.gelu_tanh_)
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh_, "gelu": gelu_exact}
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -162,7 +164,9 @@ def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TA
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)). x (B, S, D) -> (B, S, D) via (B, S, F)."""
     gate = taps("mlp.gate", linear(x, w.gate_proj))
     up = taps("mlp.up", linear(x, w.up_proj))
-    hidden = taps("mlp.hidden", activation(gate) * up)
+    hidden = activation(gate)  # in place on gate: its tap was copied
+    hidden *= up
+    hidden = taps("mlp.hidden", hidden)
     return taps("mlp.out", linear(hidden, w.down_proj))
 
 
