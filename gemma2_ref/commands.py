@@ -4,6 +4,7 @@ library's functions, print. No numerics and no policy here: those live in the mo
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -193,9 +194,11 @@ def golden(args) -> int:
         adapter = load_adapter(args.backend)
         options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
 
-        def write(ids, case_dir, text, description, case_taps=taps, positions=None):
+        def write(ids, case_dir, text, description, case_taps=taps, positions=None, **padding):
+            if padding and "attention_mask" not in inspect.signature(adapter.write_golden).parameters:
+                raise NotImplementedError(f"the {args.backend} adapter does not run padded batches")
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
-                                 description=description, positions=positions, **options)
+                                 description=description, positions=positions, **padding, **options)
     if args.suite:
         tok = g2.load_tokenizer(model.path)
         eprint(f"writing suite {args.suite} to {args.out}")

@@ -30,7 +30,7 @@ import numpy as np
 
 from .golden import Case, Suite, keep_positions
 from .model import log_softmax
-from .taps import canonical_order, sequence_axis
+from .taps import LARGE_TAPS, canonical_order, sequence_axis
 from .tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
 
@@ -377,20 +377,45 @@ def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> 
     return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
 
 
+def keep_tokens(activations: dict, attention_mask) -> dict:
+    """A padded batch's taps at its tokens only, (B, S, ...) -> (N, ...) for its N tokens: what padding rows
+    hold is nobody's business. Scores and probs (B, H, S, T) keep the tokens' query rows, as (N, H, T), with
+    the padding key columns zeroed (a correct model gives them probability 0, and compares the rest)."""
+    if attention_mask is None:
+        return activations
+    mask = np.asarray(attention_mask, dtype=bool)  # (B, S)
+    out = {}
+    for name, a in activations.items():
+        if name.endswith(LARGE_TAPS):
+            a = np.where(mask[:, None, None, :], a, 0).transpose(0, 2, 1, 3)  # (B, S, H, T)
+        out[name] = a[mask]
+    return out
+
+
+def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, dict, str | None]:
+    """The reference's taps and `acts` cut to what both hold: the same query positions, and for a padded
+    batch the tokens only. Returns (reference view, acts view, a note or None)."""
+    ref_view, view, note = align_positions(reference.activations, reference.positions, acts, acts_positions,
+                                           reference.batched)
+    if reference.attention_mask is not None and reference.positions is None and acts_positions is None:
+        ref_view, view = keep_tokens(ref_view, reference.attention_mask), keep_tokens(view, reference.attention_mask)
+        note = f"padded batch: the {int(reference.attention_mask.sum())} tokens' rows compared, not the padding"
+    return ref_view, view, note
+
+
 def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
     profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
     if not cand.verified:
         notes.append("the candidate was not hash-verified")
-    ref_acts, cand_acts, note = align_positions(ref.activations, ref.positions, cand.activations, cand.positions,
-                                                ref.batched)
+    ref_acts, cand_acts, note = comparable(ref, cand.activations, cand.positions)
     if note:
         notes.append(note)
     result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
                                  str(cand.path), ref.token_ids, cand.token_ids, notes)
     config = (ref.manifest.get("model") or {}).get("config") or {}
-    if config.get("sliding_window"):
+    if config.get("sliding_window") and ref.attention_mask is None:
         first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
         judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
                                first_position, ref.batched)
@@ -485,7 +510,8 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     if not result.taps:
         lines.append("FAIL: nothing to compare")
         return "\n".join(lines)
-    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap"]
+    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  "
+                  f"first failing tap"]
     for row in layer_table(result.taps):
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")

@@ -77,7 +77,7 @@ def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, t
     if taps.wants("attn.scores") or taps.wants("attn.probs"):
         return attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps)
     block = max(1, min(S, max_scores_bytes // max(1, B * H * T * q.itemsize)))
-    keys_in_order = T <= 1 or bool(np.all(k_pos[1:] > k_pos[:-1]))
+    keys_in_order = k_pos.ndim == 1 and (T <= 1 or bool(np.all(k_pos[1:] > k_pos[:-1])))  # not per row
     context = np.empty((B, S, H * v.shape[-1]), dtype=q.dtype)
     for s0 in range(0, S, block):
         s1 = min(S, s0 + block)
@@ -86,6 +86,6 @@ def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, t
             if window is not None:  # the block's earliest query sees keys from (its position - window + 1)
                 lo = int(np.searchsorted(k_pos, q_pos[s0:s1].min() - window + 1, side="left"))
             hi = int(np.searchsorted(k_pos, q_pos[s0:s1].max(), side="right"))
-        context[:, s0:s1] = attend(q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[s0:s1], k_pos[lo:hi], window,
-                                   scale, softcap, taps)
+        context[:, s0:s1] = attend(q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[..., s0:s1], k_pos[..., lo:hi],
+                                   window, scale, softcap, taps)
     return context

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Gemma2Config
+from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .model import softmax
 
-EMPTY = np.int64(1) << 62  # position of an unfilled slot: "in the future", so the causal mask hides it
 
 
 # -- the KV cache -----------------------------------------------------------------------------------------

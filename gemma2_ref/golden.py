@@ -139,7 +139,7 @@ def keep_positions(activations: dict, positions, batched: bool) -> dict:
 def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: dict | str | None = None,
                model: dict | None = None, text: str | None = None, compute_dtype: str | None = None,
                description: str | None = None, name_map=None, extra: dict | None = None,
-               positions: tuple[int, int] | None = None) -> Path:
+               positions: tuple[int, int] | None = None, attention_mask=None) -> Path:
     """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
 
     activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
@@ -150,6 +150,8 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     compute_dtype: the dtype the backend computed in ("bfloat16", "float32", ...); default: the arrays' dtype.
     positions:   (start, stop): store only these query positions of every tap (long prompts of big models);
                  the activations are given whole, token_ids stay whole.
+    attention_mask: for a padded batch, (batch, seq) with 1 for a token and 0 for padding; only the tokens'
+                 rows are compared (inputs.padded_positions gives the positions the forward ran).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,9 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
         "producer": producer,
         "model": model,
         "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids),
-                  "positions": positions},
+                  "positions": positions,
+                  **({"attention_mask": np.asarray(attention_mask).astype(int).tolist()}
+                     if attention_mask is not None else {})},
         "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
         "activations": {"file": ACTIVATIONS, "bytes": (out_dir / ACTIVATIONS).stat().st_size,
                         "sha256": sha256_file(out_dir / ACTIVATIONS)},
@@ -246,6 +250,12 @@ class Case:
     def token_ids(self) -> np.ndarray | None:
         ids = (self.manifest.get("input") or {}).get("token_ids")
         return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def attention_mask(self) -> np.ndarray | None:
+        """A padded batch's (batch, seq) mask, 1 for a token and 0 for padding; None: no padding."""
+        m = (self.manifest.get("input") or {}).get("attention_mask")
+        return None if m is None else np.asarray(m, dtype=bool)
 
     @property
     def positions(self) -> tuple[int, int] | None:

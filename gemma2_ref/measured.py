@@ -31,13 +31,15 @@ DTYPE_OF_PROFILE = {"bf16": "bfloat16", "fp16": "float16"}
 
 def measured_profile(model, reference, dtype: str = "bfloat16") -> Profile:
     """Per-tap limits for comparing a `dtype` candidate with `reference` (a golden Case of `model`)."""
-    from .compare import align_positions
+    from .compare import comparable
+    from .inputs import padded_positions
 
     floor = PROFILES["fp32"]
     wanted = [n for n in reference.tap_names if n in reference.activations]
-    emulated = model.forward(reference.token_ids, taps=wanted, round_to=dtype)
-    ref, emulated, _ = align_positions(reference.activations, reference.positions, emulated, None,
-                                       reference.batched)
+    mask = reference.attention_mask
+    emulated = model.forward(reference.token_ids, taps=wanted, round_to=dtype,
+                             positions=None if mask is None else padded_positions(mask))
+    ref, emulated, _ = comparable(reference, emulated)
     result = compare_activations(ref, emulated, floor)
     per_tap = {t.name: (max(MARGIN_REL_L2 * t.rel_l2, floor.rel_l2), max(MARGIN_MAX * t.max_rel, floor.max_rel))
                for t in result.compared if t.rel_l2 is not None}

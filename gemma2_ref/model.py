@@ -26,7 +26,7 @@ import numpy as np
 from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 from .fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
-from .inputs import check_ids
+from .inputs import check_ids, check_positions
 from .taps import NO_TAPS, Taps, select_taps
 
 
@@ -85,11 +85,11 @@ def rope_frequencies(head_dim: int, theta: float, dtype=np.float32) -> np.ndarra
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     """Rotary position embedding, half-split layout ("rotate_half"): dimension j is paired with j + Dh/2.
 
-    x (B, S, heads, Dh), positions (S,). Angles are computed in x's dtype: float32, as transformers (its
-    PR #29285) and JAX gemma compute them before casting cos / sin to a bfloat16 activation dtype."""
+    x (B, S, heads, Dh), positions (S,) or per row (B, S). Angles are computed in x's dtype: float32, as
+    transformers (its PR #29285) and JAX gemma compute them before casting cos / sin to a bfloat16 dtype."""
     Dh = x.shape[-1]
-    angles = positions.astype(x.dtype)[:, None] * rope_frequencies(Dh, theta, x.dtype)  # (S, Dh/2)
-    angles = np.concatenate([angles, angles], axis=-1)[None, :, None, :]  # (1, S, 1, Dh)
+    angles = positions.astype(x.dtype)[..., None] * rope_frequencies(Dh, theta, x.dtype)  # ([B,] S, Dh/2)
+    angles = np.concatenate([angles, angles], axis=-1)[..., None, :]  # ([B,] S, 1, Dh)
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     rotated = np.concatenate([-x2, x1], axis=-1)
     return x * np.cos(angles) + rotated * np.sin(angles)
@@ -133,8 +133,10 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
-    """(S, T) True where query i may attend to key j: j <= i, and for a sliding layer i - window < j."""
-    delta = q_pos[:, None] - k_pos[None, :]  # how far back the key is
+    """(S, T) True where query i may attend to key j: j <= i, and for a sliding layer i - window < j.
+    Per-row positions (B, S), (B, T) give (B, S, T): a padding token sits at a position in the future
+    (inputs.EMPTY), so no real query sees it."""
+    delta = q_pos[..., :, None] - k_pos[..., None, :]  # how far back the key is
     allowed = delta >= 0
     if window is not None:
         allowed &= delta < window
@@ -145,8 +147,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
               window: int | None, scale: float, softcap: float | None, taps: Taps = NO_TAPS) -> np.ndarray:
     """Grouped-query attention with soft-capped scores: softmax(mask(cap(q k^T * scale))) v.
 
-    q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions, so the same function
-    serves a prefill and a KV-cache decode step (keys in any order, e.g. a ring buffer). Returns the context
+    q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions (or per row, (B, S) and
+    (B, T)), so the same function serves a prefill, a padded batch and a KV-cache decode step (keys in any
+    order, e.g. a ring buffer). Returns the context
     (B, S, H*Dh), heads merged. Each kv head serves G = H/K query heads: query head h uses kv head h // G."""
     B, S, H, Dh = q.shape
     T, K = k.shape[1], k.shape[2]
@@ -154,7 +157,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
     qg = q.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * S, Dh)  # a group's heads stacked
     scores = (qg @ k.transpose(0, 2, 3, 1)) * scale  # (B, K, G*S, T)
     scores = taps("attn.scores", soft_cap(scores, softcap).reshape(B, H, S, T)).reshape(B, K, G, S, T)
-    scores = np.where(attention_mask(q_pos, k_pos, window), scores, -np.inf)  # masked keys: probability 0
+    allowed = attention_mask(q_pos, k_pos, window)  # (S, T), or (B, S, T) per row
+    allowed = allowed[:, None, None] if allowed.ndim == 3 else allowed
+    scores = np.where(allowed, scores, -np.inf)  # masked keys: probability 0
     probs = taps("attn.probs", softmax(scores).reshape(B, H, S, T))
     context = probs.reshape(B, K, G * S, T) @ v.transpose(0, 2, 1, 3)  # (B, K, G*S, Dh)
     return context.reshape(B, K, G, S, Dh).transpose(0, 3, 1, 2, 4).reshape(B, S, H * Dh)
@@ -212,7 +217,8 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
     memory-mapped checkpoint) or any object with those three methods, e.g. plain arrays in a REPL.
-    `positions` default to 0..S-1 (continuing after the cache when decoding). `logits_at="last"` computes
+    `positions` default to 0..S-1 (continuing after the cache when decoding); per row (B, S) for a padded
+    batch (inputs.padded_positions: padding at inputs.EMPTY). `logits_at="last"` computes
     the output head for the last position only (generation). `progress(done, total)` is called per layer.
     `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
     dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
@@ -225,7 +231,7 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     if positions is None:
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
-    positions = np.asarray(positions, dtype=np.int64)
+    positions = check_positions(positions, B, S)
 
     embedding = weights.embedding()
     x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)

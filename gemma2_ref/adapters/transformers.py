@@ -58,7 +58,8 @@ def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
                                              attn_implementation=attn_implementation).eval()
 
 
-def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.ndarray]:
+def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
+            position_ids="from_mask") -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
     float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids."""
     import torch
@@ -119,7 +120,15 @@ def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.nd
     try:
         with torch.no_grad():
             ids_t = torch.tensor(np.atleast_2d(np.asarray(ids)), dtype=torch.long)
-            got["logits"] = hf_model(input_ids=ids_t, use_cache=False).logits
+            extra = {}
+            if attention_mask is not None:  # a padded batch: the mask, and (unless asked not to) each row's
+                mask = np.asarray(attention_mask)  # positions counted from its first token, as generate() does
+                extra["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+                if isinstance(position_ids, str) and position_ids == "from_mask":
+                    position_ids = np.maximum(np.cumsum(mask, -1) - 1, 0)
+                if position_ids is not None:
+                    extra["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
+            got["logits"] = hf_model(input_ids=ids_t, use_cache=False, **extra).logits
     finally:
         for h in hooks:
             h.remove()
@@ -135,7 +144,7 @@ def backend_options(checkpoint, args) -> dict:
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
-                 positions=None) -> Path:
+                 positions=None, attention_mask=None, position_ids="from_mask") -> Path:
     """Run transformers on a checkpoint directory and write a golden case (producer: transformers)."""
     import torch
     import transformers
@@ -145,10 +154,10 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     checkpoint = Path(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
-    acts = capture(hf_model, ids, taps, cfg)
+    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
                 "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
                 "adapter": "gemma2_ref.adapters.transformers"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions)
+                      description=description, positions=positions, attention_mask=attention_mask)
