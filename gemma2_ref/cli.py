@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import gemma2_ref as g2
 
@@ -16,7 +15,8 @@ from . import commands as run
 from .adapters import BACKENDS
 from .commands import BENCH_SCRIPT, eprint
 from .config import ConfigError
-from .options import COUNT, FRACTION, NONNEGATIVE, PROBABILITY, SEED, Parser, conflict, position_range, tap_set
+from .options import (COUNT, FRACTION, NONNEGATIVE, PROBABILITY, SEED, Parser, UsageError, conflict, position_range,
+                      tap_set)
 from .tokenizer import TokenizerError
 from .weights import WeightsError
 
@@ -225,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        eprint(e)
+        return 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -233,21 +237,10 @@ def main(argv=None) -> int:
     if clash:
         eprint(f"gemma2-ref {args.command}: error: {clash} (see gemma2-ref {args.command} --help)")
         return 2
-    numeric = []  # NumPy's overflow warnings, shown once after a success (an error names the NaN / Inf itself)
-
-    def show(message, category, *_, **__):
-        if not issubclass(category, RuntimeWarning):
-            eprint(f"gemma2-ref {args.command}: warning: {message}")  # e.g. a config.json without a soft-cap
-        elif str(message) not in numeric:
-            numeric.append(str(message))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = show
+    with run.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
         try:
             code = args.handler(args)
-            for message in numeric:
-                eprint(f"gemma2-ref {args.command}: warning: NumPy: {message}")
+            after_success()
             return code
         except (ConfigError, WeightsError, TokenizerError, ValueError) as e:
             eprint(f"gemma2-ref {args.command}: error: {e}")

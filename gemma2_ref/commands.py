@@ -4,10 +4,12 @@ library's functions, print. No numerics and no policy here: those live in the mo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,24 @@ def os_error_message(e: OSError) -> str:
               errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to",
               errno.EROFS: "choose a writable location", errno.ENOTDIR: "a part of the path is a file"}
     return f"{paths + ': ' if paths else ''}{e.strerror}" + (f" ({advice[e.errno]})" if e.errno in advice else "")
+
+
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):
+    """Warnings as one line each on stderr (e.g. a config.json without a soft-cap), as they happen; NumPy's
+    overflow warnings once each, and only when the caller reports success (an error names the NaN / Inf)."""
+    numeric = []
+
+    def show(message, category, *_, **__):
+        if not issubclass(category, RuntimeWarning):
+            eprint(prefix + str(message))
+        elif str(message) not in numeric:
+            numeric.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield lambda: [eprint(f"{prefix}NumPy: {m}") for m in numeric]
 
 
 def layer_progress(label: str = "layers"):
@@ -206,6 +226,9 @@ def golden(args) -> int:
     out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over a golden
     taps = taps_arg(args.taps)
     ours = args.backend == "gemma2_ref"
+    if ours and args.dtype not in g2.COMPUTE_DTYPES:
+        raise InputError(f"--dtype {args.dtype}: gemma2_ref computes in {' or '.join(g2.COMPUTE_DTYPES)}; "
+                         f"bfloat16 and float16 are for another backend (--backend transformers)")
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
     try:
         select_taps(model.config, taps)

@@ -159,7 +159,7 @@ def atomic_directory(out):
     """Yield a new temporary directory next to `out`; when the block completes it replaces `out` (rename: the
     old content, if any, goes only once the new one is complete). On any failure, an interruption included,
     the temporary directory, and the parents it needed, are removed: `out` stays as it was."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and ".." have a parent to write the temporary directory in
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"

@@ -7,11 +7,15 @@ import argparse
 import math
 
 
+class UsageError(Exception):
+    """A command line that argparse refused, as one line; cli.main prints it and returns 2."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with a usage error on one line, naming the option: exit code 2."""
+    """argparse with a usage error on one line, naming the option (and returned, not exited, by cli.main)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def number(kind, low=None, high=None, above=False, what=""):
