@@ -240,10 +240,24 @@ def test_one_context_rule_for_every_command(capsys, tmp_path, command):
     (["compare", SHORT, SHORT, "--top1", "2"], "argument --top1: must be a fraction in [0, 1], got '2'"),
     (["compare", SHORT, SHORT, "--top5", "-0.5"], "argument --top5: must be a fraction in [0, 1]"),
     (["diagnose", SHORT, SHORT, "--top5", "x"], "argument --top5: 'x' is not a number"),
+    (["bench", "--layers", "0"], "argument --layers: must be an integer >= 1, got '0'"),
+    (["bench", "--seq", "128,x"], "argument --seq: 'x' is not an integer"),
+    (["bench", "--threads", "-2"], "argument --threads: must be an integer >= 1"),
 ])
 def test_every_numeric_option_is_validated(capsys, argv, says):
     line = refused(capsys, *argv)
     assert line.startswith(f"gemma2-ref {argv[0]}: error: {says}") and line.endswith(f"--help)")
+
+
+def test_usage_errors_are_returned_not_raised(capsys):
+    assert main(["run", "tiny", "--tokens", "2", "--top-k", "0"]) == 2  # a caller gets the code, like any error
+    assert main(["run", "tiny", "--tokens", "2", "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_golden_names_the_dtype_option(capsys, tmp_path):
+    line = refused(capsys, "golden", "tiny", "--tokens", "2", "--dtype", "bfloat16", "--out", tmp_path / "g")
+    assert "--dtype bfloat16: gemma2_ref computes in float32 or float64" in line
 
 
 @pytest.mark.parametrize("argv, says", [
