@@ -121,7 +121,8 @@ def add_golden(sub):
                                    "activations.safetensors (canonical tap names) + manifest.json (sha256 of the "
                                    "weights, tokenizer and every tensor, stats, producer version and commit). "
                                    "The same inputs give bit-identical tensors. Regenerate the repository's "
-                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/ --force")
+                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/ "
+                                   "--force")
     src = add_model_and_prompt(p)
     src.add_argument("--suite", choices=["coverage"],
                      help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
@@ -153,7 +154,8 @@ def _add_profile_args(p):
                         "float16 -> fp16, else fp32). measured: each tap's limit a multiple of the error of the "
                         "reference re-run with the candidate's bfloat16 / float16 rounding (needs the model)")
     p.add_argument("--rtol", type=NONNEGATIVE, help="override: max relative L2 error per tap")
-    p.add_argument("--atol", type=NONNEGATIVE, help="override: max abs error per tap, as a fraction of the tap's absmax")
+    p.add_argument("--atol", type=NONNEGATIVE,
+                   help="override: max abs error per tap, as a fraction of the tap's absmax")
     p.add_argument("--kl", type=NONNEGATIVE, help="override: max per-token KL divergence of the logits (nats)")
     p.add_argument("--top1", type=FRACTION, help="override: min top-1 agreement of the logits (fraction)")
     p.add_argument("--top5", type=FRACTION, help="override: min top-5 overlap of the logits (fraction)")

@@ -475,7 +475,8 @@ COMMAND_LINES = [
     ["info", "VALUE", "--no-hash"],
 ]
 NASTY = ["", " ", ",", "0", "-1", "1", "2", "0.5", "1e400", "nan", "inf", "-inf", "2 abc", "1:2", ":", "3:1",
-         "99999999999999999999", "all", "embed,,logits", "layers.*", "x=y", "/proc/x", "--json", "\u0663", "/", "/tmp", "tiny-teacher", "2b"]
+         "99999999999999999999", "all", "embed,,logits", "layers.*", "x=y", "/proc/x", "--json", "\u0663", "/", "/tmp",
+         "tiny-teacher", "2b"]
 VALUES = st.one_of(st.sampled_from(NASTY), st.integers(-10**20, 10**20).map(str), st.floats().map(str),
                    st.text(max_size=12))
 
