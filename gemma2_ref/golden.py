@@ -13,8 +13,9 @@ A golden *suite* is a directory of cases plus `suite.json` listing them.
 
 Nothing half-written is ever accepted: a case (and the CLI's suite) is written into a temporary directory
 next to its destination and renamed into place when complete, so no reader ever sees half of one; an
-interruption or a full disk removes the temporary directory and leaves the destination as it was. A directory is a case or a
-suite, never both, and a reference suite must have its suite.json (written last) and every case it lists.
+interruption or a full disk removes the temporary directory and leaves the destination as it was. A
+directory is a case or a suite, never both, and a reference suite must have its suite.json (written last)
+and every case it lists.
 
 `load_case` verifies every hash before it returns a single number: a golden that was edited, truncated or is
 missing a tap is refused with a message that names the file, the tap, and what was expected. The checksums
@@ -157,8 +158,9 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
 @contextlib.contextmanager
 def atomic_directory(out):
     """Yield a new temporary directory next to `out`; when the block completes it replaces `out` (two renames:
-    the old content, if any, is moved aside only once the new one is complete, then removed). On any failure, an interruption included,
-    the temporary directory, and the parents it needed, are removed: `out` stays as it was."""
+    the old content, if any, is moved aside only once the new one is complete, then removed). On any failure,
+    an interruption included, the temporary directory and the parents it needed are removed: `out` stays as
+    it was."""
     out = Path(os.path.abspath(out))  # "." and ".." have a parent to write the temporary directory in
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
