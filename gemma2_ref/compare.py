@@ -125,6 +125,7 @@ class TapResult:
     failed: list = field(default_factory=list)  # which metrics exceeded their limit
     scale_fit: dict | None = None  # a failing tap that is the reference times one number: {"scale", "rel_l2_after"}
     past_window: dict | None = None  # the rows whose attention differs between sliding and global, on their own
+    non_finite: dict | None = None  # {"candidate"/"reference": {"nan", "inf", "first"}} where NaN / Inf appear
 
     @property
     def layer(self) -> str:
@@ -140,7 +141,8 @@ class TapResult:
             return f"{self.name}: not in the candidate"
         if self.status == "shape":
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
-        s = (f"{self.name}: rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
+        s = f"{self.name}: {describe_non_finite(self.non_finite)}; " if self.non_finite else f"{self.name}: "
+        s += (f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
         if self.scale_fit:
             s += (f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
@@ -154,6 +156,21 @@ class TapResult:
             s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
                   f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}")
         return s
+
+
+def count_non_finite(a: np.ndarray) -> dict | None:
+    """{"nan": count, "inf": count, "first": index of the first} for an array holding NaN or Inf, else None."""
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    nan = int(np.isnan(a).sum())
+    return {"nan": nan, "inf": int(bad.sum()) - nan, "first": [int(i) for i in np.argwhere(bad)[0]]}
+
+
+def describe_non_finite(found: dict) -> str:
+    """"2 NaN and 0 Inf in the candidate, first at index (0, 5)" for each side that has them."""
+    return "; ".join(f"{f['nan']} NaN and {f['inf']} Inf in the {side}, first at index {tuple(f['first'])}"
+                     for side, f in found.items())
 
 
 def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
@@ -198,6 +215,10 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, [int(i) for i in idx], scale,
                     max_rel, rel_l2, cosine)
+    found = {side: f for side, f in (("candidate", count_non_finite(c)), ("reference", count_non_finite(r))) if f}
+    if found:
+        res.non_finite = found
+        res.failed.append("non_finite")
     rel_limit, max_limit = profile.limits(name)
     if rel_l2 > rel_limit:
         res.failed.append("rel_l2")
@@ -317,7 +338,8 @@ def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     if r.shape != c.shape:
         return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
     where = np.argwhere(r != c)
-    return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
+    return (f"the candidate ran different token ids ({len(where)} differ, first at index "
+            f"{tuple(int(i) for i in where[0])})")
 
 
 SPECIAL_TOKENS = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", START_OF_TURN: "<start_of_turn>",
@@ -407,6 +429,8 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
     profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
+    if not ref.verified:
+        notes.append("the reference was not hash-verified (no manifest, token ids unknown)")
     if not cand.verified:
         notes.append("the candidate was not hash-verified")
     ref_acts, cand_acts, note = comparable(ref, cand.activations, cand.positions)
@@ -553,7 +577,9 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
     """Why a tap failed, one phrase per exceeded limit."""
     out = []
     for f in t.failed:
-        if f == "shape":
+        if f == "non_finite":
+            out.append(describe_non_finite(t.non_finite))
+        elif f == "shape":
             out.append(f"shape {t.candidate_shape} in the candidate, {t.shape} in the reference")
         elif f == "rel_l2":
             out.append(f"rel L2 {t.rel_l2:.3g} > {p.limits(t.name)[0]:.3g}")

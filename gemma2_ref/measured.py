@@ -18,6 +18,7 @@ to 1.1; at worst 1.5 for rel L2, 3.7 for max abs, 3.5 for the logits' KL. The ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from .compare import PROFILES, Profile, compare_activations
@@ -41,10 +42,13 @@ def measured_profile(model, reference, dtype: str = "bfloat16") -> Profile:
                              positions=None if mask is None else padded_positions(mask))
     ref, emulated, _ = comparable(reference, emulated)
     result = compare_activations(ref, emulated, floor)
+    fixed = PROFILES["bf16" if dtype == "bfloat16" else "fp16"]
     per_tap = {t.name: (max(MARGIN_REL_L2 * t.rel_l2, floor.rel_l2), max(MARGIN_MAX * t.max_rel, floor.max_rel))
+               if math.isfinite(t.rel_l2) and math.isfinite(t.max_rel)
+               else (fixed.rel_l2, fixed.max_rel)  # the emulation overflowed here (float16): no measurement
                for t in result.compared if t.rel_l2 is not None}
     logits = next((t.logits for t in result.compared if t.name == "logits" and t.logits), None)
-    base = replace(PROFILES["bf16" if dtype == "bfloat16" else "fp16"], name=f"measured-{dtype}",
+    base = replace(fixed, name=f"measured-{dtype}",
                    why=f"each tap's limit {MARGIN_REL_L2:g}x (rel L2) and {MARGIN_MAX:g}x (max abs) the error of "
                        f"the reference re-run with {dtype} rounding after every operation (gemma2_ref.measured)")
     if logits:

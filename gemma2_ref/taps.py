@@ -113,6 +113,22 @@ def tap_bytes(cfg: Gemma2Config, taps, batch: int, seq: int, itemsize: int = 4, 
     return per_row * batch * (seq if rows is None else rows) * itemsize
 
 
+class NonFiniteError(ValueError):
+    """The forward produced NaN or Inf. The message names the first tap (execution order), where, how many."""
+
+
+def first_non_finite(trace: dict) -> tuple[str, tuple[int, ...], int, int, int] | None:
+    """The first tap in execution order holding a NaN or Inf: (name, index of the first one, NaN count,
+    Inf count, size), or None when every value is finite. One np.isfinite pass over what is recorded."""
+    for name in canonical_order(trace):
+        a = trace[name]
+        if not np.isfinite(a).all():
+            bad = ~np.isfinite(a)
+            nan = int(np.isnan(a).sum())
+            return name, tuple(int(i) for i in np.argwhere(bad)[0]), nan, int(bad.sum()) - nan, int(a.size)
+    return None
+
+
 class Taps:
     """Every named intermediate passes through here: `x = taps("name", x)`. Records the requested ones
     (copies, so later in-place work cannot change them). With `round_to` ("bfloat16" or "float16") it also

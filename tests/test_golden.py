@@ -18,7 +18,7 @@ from gemma2_ref.weights import write_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "golden"
-REGENERATE = "gemma2-ref golden tiny --suite coverage --taps all --out golden/"
+REGENERATE = "gemma2-ref golden tiny --suite coverage --taps all --out golden/ --force"
 SAME_MACHINE = os.environ.get("GEMMA2_REF_SAME_MACHINE") == "1"  # opt-in: bit-identity with this machine
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
+from ..loader import resolve_checkpoint
 from ..taps import select_taps, tap_names
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
@@ -48,13 +49,14 @@ def reachable_taps(cfg) -> list[str]:
 
 
 def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
-    """Gemma2ForCausalLM.from_pretrained(path) in `dtype` with the chosen attention implementation."""
+    """Gemma2ForCausalLM.from_pretrained(path) in `dtype` with the chosen attention implementation. `path`: a
+    checkpoint directory or a bundled model's name ("tiny"), never a download."""
     import torch
     from transformers import Gemma2ForCausalLM
 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"transformers dtype must be one of {TORCH_DTYPES}, not {dtype!r}")
-    return Gemma2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+    return Gemma2ForCausalLM.from_pretrained(resolve_checkpoint(path), dtype=getattr(torch, dtype),
                                              attn_implementation=attn_implementation).eval()
 
 
@@ -145,13 +147,15 @@ def backend_options(checkpoint, args) -> dict:
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
                  positions=None, attention_mask=None, position_ids="from_mask") -> Path:
-    """Run transformers on a checkpoint directory and write a golden case (producer: transformers)."""
+    """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
+    (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
+    row's positions counted from its first token (as transformers' generate() makes them)."""
     import torch
     import transformers
 
     from ..config import load_config
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
     acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids)
