@@ -253,6 +253,15 @@ def fit_scale(name: str, r: np.ndarray, c: np.ndarray, profile: Profile) -> dict
     return {"scale": s, "rel_l2_after": after}
 
 
+def first_failing_row(ref: np.ndarray, cand: np.ndarray, rel_limit: float) -> int | None:
+    """The first position (row) whose own relative L2 error exceeds the limit: in a decode case, the step."""
+    r = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    c = cand.reshape(cand.shape[0], -1).astype(np.float64)
+    err = np.linalg.norm(c - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
+    bad = np.flatnonzero(~(err <= rel_limit))  # NaN counts as bad
+    return int(bad[0]) if len(bad) else None
+
+
 def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int,
                            first_position: int, batched: bool) -> None:
     """Judge the rows at positions >= window on their own: only there does a sliding layer differ from a
@@ -444,6 +453,13 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
         judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
                                first_position, ref.batched)
     first = result.first_divergence
+    decode = (ref.manifest.get("extra") or {}).get("decode")
+    if first is not None and decode and first.status == "fail" and not ref.batched and ref.positions is None:
+        row = first_failing_row(ref_acts[first.name], cand_acts[first.name], profile.limits(first.name)[0])
+        if row is not None:
+            step = f"decode step {row - decode['prefill']}" if row >= decode["prefill"] else "the prefill"
+            result.notes.append(f"{first.name} first fails at position {row}: {step} (prefill "
+                                f"{decode['prefill']} tokens, then one token per forward through the KV cache)")
     if first is not None and first.scale_fit and first.name.endswith("attn.scores") and config:
         implied = float(config["query_pre_attn_scalar"]) / first.scale_fit["scale"] ** 2
         result.notes.append(f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "

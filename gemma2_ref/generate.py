@@ -41,6 +41,7 @@ import numpy as np
 from .config import Gemma2Config
 from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .model import softmax
+from .taps import LARGE_TAPS, select_taps
 
 
 
@@ -278,6 +279,23 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
     out.decode_seconds = time.perf_counter() - t0 if out.decode_tokens else 0.0
     out.cache_bytes = cache.memory_bytes()
     return out
+
+
+def decode_taps(model, ids, prefill: int, taps="default") -> dict[str, np.ndarray]:
+    """The taps of the KV-cache path, teacher-forced: a prefill of ids[:prefill], then ids[prefill:] one token
+    per forward, each step's taps (one position) stacked after the prefill's along the positions: the same
+    names and shapes as a full forward over `ids`, computed as a backend's decode loop computes them. Row
+    `prefill + k` is decode step k. Scores and probs are left out (each step attends to another number of
+    cache slots)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not 0 < prefill < len(ids):
+        raise ValueError(f"decode_taps takes 1-D ids and a prefill of 1 .. {len(ids) - 1} tokens, got {ids.shape} "
+                         f"and {prefill}")
+    names = [n for n in select_taps(model.config, taps) if not n.endswith(LARGE_TAPS)]
+    cache = KVCache(model.config, capacity=len(ids))
+    steps = [model.forward(ids[:prefill], taps=names, kv_cache=cache)]
+    steps += [model.forward(ids[p:p + 1], taps=names, kv_cache=cache) for p in range(prefill, len(ids))]
+    return {name: np.concatenate([s[name] for s in steps], axis=0) for name in steps[0]}
 
 
 class TextStream:

@@ -15,25 +15,33 @@ from pathlib import Path
 import numpy as np
 
 from .golden import model_info, write_case, write_suite
+from .generate import decode_taps
 from .inputs import pad_batch, padded_positions
 from .taps import tap_bytes
 from .tokenizer import BOS
 
 
-def run_case(model, ids, taps="default", progress=None, attention_mask=None) -> dict[str, np.ndarray]:
+def run_case(model, ids, taps="default", progress=None, attention_mask=None,
+             prefill: int | None = None) -> dict[str, np.ndarray]:
     """Our forward with taps, the activations a golden stores (logits always included). `model` may be a
-    mistaken one (mistakes.inject). A padded batch gives its attention mask: each row's own positions."""
+    mistaken one (mistakes.inject). A padded batch gives its attention mask: each row's own positions. A
+    decode case gives its `prefill`: the KV-cache path, then one token at a time (generate.decode_taps)."""
+    if prefill is not None:
+        return decode_taps(model, ids, prefill, taps)
     positions = None if attention_mask is None else padded_positions(attention_mask)
     return model.forward(ids, taps=taps, progress=progress, positions=positions)
 
 
 def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None, positions=None, attention_mask=None) -> Path:
+                  progress=None, positions=None, attention_mask=None, prefill: int | None = None) -> Path:
     """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
-    acts = run_case(model, ids, taps, progress=progress, attention_mask=attention_mask)
+    acts = run_case(model, ids, taps, progress=progress, attention_mask=attention_mask, prefill=prefill)
     return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
                       compute_dtype=str(model.dtype), description=description, positions=positions,
-                      attention_mask=attention_mask)
+                      attention_mask=attention_mask, extra=None if prefill is None else {"decode": {
+                          "prefill": prefill, "steps": len(ids) - prefill,
+                          "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
+                                 "row prefill + k of every tap is decode step k"}})
 
 
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
@@ -42,6 +50,7 @@ PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets e
            "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
            "appear in text, and so do names, code and questions: what comes next? ")
 QUESTION = "Why soft-cap scores?"
+DECODE_FULL_WINDOW = 512  # up to this sliding window the decode case wraps every ring buffer twice
 PADDED_TEXT = "A sliding window lets each token see only the recent past."
 SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
 
@@ -53,6 +62,7 @@ class CaseInput:
     ids: list | np.ndarray
     text: str | None = None
     attention_mask: np.ndarray | None = None  # a padded batch: 1 for a token, 0 for padding
+    prefill: int | None = None  # a decode case: this many tokens in one forward, then one at a time
 
 
 def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
@@ -72,6 +82,10 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                attention mask: each row counts positions from its own first token, padding is never attended
                (transformers #32848: only the last row right)
     padded_batch_right  the same, right-padded
+    decode     a prefill of W/4 tokens, then one token at a time through the KV cache, to 2W + 4 positions:
+               every sliding layer's ring buffer wraps twice; row W/4 + k of each tap is decode step k.
+               For a window over DECODE_FULL_WINDOW (the released 4096: 8000 one-token forwards of a 9B on a
+               CPU are days) the prefill is W - 2 tokens and 4 steps cross the window once
     """
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
@@ -81,9 +95,12 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     short = tokenizer.encode(short_text, bos=True)
     long_ids = tokenizer.encode(PASSAGE, bos=True)
     body = tokenizer.encode(PASSAGE, bos=False)
-    while len(long_ids) < 2 * W + 2:
+    while len(long_ids) < 2 * W + 4:
         long_ids += body
-    window_ids, long_ids = long_ids[: W + 2], long_ids[: 2 * W + 2]
+    window_ids, decode_ids, long_ids = long_ids[: W + 2], long_ids[: 2 * W + 4], long_ids[: 2 * W + 2]
+    prefill = max(1, W // 4)
+    if W > DECODE_FULL_WINDOW:
+        decode_ids, prefill = long_ids[: W + 2], W - 2
     special_ids = tokenizer.encode(SPECIAL_TEXT, bos=True)
     a = tokenizer.encode("Windows slide.", bos=True)
     b = tokenizer.encode("Caps bound logits.", bos=True)
@@ -105,6 +122,10 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                   special_ids, SPECIAL_TEXT),
         CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
                   long_ids, tokenizer.decode(long_ids, skip_special=False)),
+        CaseInput("decode", f"a prefill of {prefill} tokens, then {len(decode_ids) - prefill} one-token steps "
+                            f"through the KV cache (the sliding window of {W} "
+                            f"{'wraps twice' if W <= DECODE_FULL_WINDOW else 'is crossed once'})",
+                  decode_ids, tokenizer.decode(decode_ids, skip_special=False), prefill=prefill),
         CaseInput("padded_batch", f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
                   left, None, left_mask),
         CaseInput("padded_batch_right", f"prompts of {len(longer)} and {len(short)} tokens as one batch, "
@@ -155,9 +176,9 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         if log is not None and model.is_large:
             progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
 
-        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None):
+        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None):
             generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
-                          progress=progress, positions=positions, attention_mask=attention_mask)
+                          progress=progress, positions=positions, attention_mask=attention_mask, prefill=prefill)
     inputs = SUITES[name](model.config, tokenizer)
     entries = []
     for case in inputs:
@@ -167,6 +188,8 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
             log(f"  case {case.name}: {ids.shape} tokens" + "".join(f"; {n}" for n in notes))
         description = case.description + "".join(f"; {n}" for n in notes)
         padding = {} if case.attention_mask is None else {"attention_mask": case.attention_mask}
+        if case.prefill is not None:
+            padding["prefill"] = case.prefill
         try:
             write(ids, out_dir / case.name, case.text, description, case_taps, positions, **padding)
         except NotImplementedError as e:  # a backend without padded batches

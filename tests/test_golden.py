@@ -109,7 +109,7 @@ def test_coverage_suite_exposes_each_failure_mode():
     cfg = g2.PRESETS["tiny"].replace(sliding_window=8)
     inputs = {c.name: np.asarray(c.ids) for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
     assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch", "special_tokens", "long",
-                            "padded_batch", "padded_batch_right"]
+                            "decode", "padded_batch", "padded_batch_right"]
     assert len(inputs["long"]) == 2 * 8 + 2 and 106 in inputs["special_tokens"] and 107 in inputs["special_tokens"]
     assert len(inputs["window"]) == 8 + 2  # positions W-1, W and W+1 all exist
     assert inputs["short"][0] == 2 and inputs["short"][1] != 2

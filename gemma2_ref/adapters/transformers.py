@@ -61,15 +61,22 @@ def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
 
 
 def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
-            position_ids="from_mask") -> dict[str, np.ndarray]:
+            position_ids="from_mask", prefill: int | None = None) -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
-    float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids."""
+    float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids.
+
+    `prefill`: transformers' own KV-cache path instead: ids[:prefill] in one call, then one token per call
+    with the returned `past_key_values` (teacher-forced, as gemma2_ref.generate.decode_taps), each step's
+    taps stacked after the prefill's; `position_ids` then, if given, are each step's (B, 1) positions as
+    a list (to reproduce a decode-loop mistake), else transformers advances them itself."""
     import torch
 
     from ..config import config_from_hf_dict
 
     cfg = gemma_config or config_from_hf_dict(hf_model.config.to_dict(), "transformers config")
     wanted = set(select_taps(cfg, taps)) | {"logits"}
+    if prefill is not None:  # each decode step attends to another number of keys: no (H, S, T) taps
+        wanted = {n for n in wanted if not n.endswith(("attn.scores", "attn.probs"))}
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     got: dict[str, torch.Tensor] = {}
     hooks = []
@@ -130,11 +137,22 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
                     position_ids = np.maximum(np.cumsum(mask, -1) - 1, 0)
                 if position_ids is not None:
                     extra["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
-            got["logits"] = hf_model(input_ids=ids_t, use_cache=False, **extra).logits
+            if prefill is None:
+                got["logits"] = hf_model(input_ids=ids_t, use_cache=False, **extra).logits
+                steps = [dict(got)]
+            else:
+                steps, past = [], None
+                for s0, s1 in [(0, prefill)] + [(p, p + 1) for p in range(prefill, ids_t.shape[1])]:
+                    got.clear()
+                    step_kw = {} if isinstance(position_ids, str) or position_ids is None else {
+                        "position_ids": torch.tensor(np.asarray(position_ids[len(steps)]), dtype=torch.long)}
+                    result = hf_model(input_ids=ids_t[:, s0:s1], past_key_values=past, use_cache=True, **step_kw)
+                    got["logits"], past = result.logits, result.past_key_values
+                    steps.append(dict(got))
     finally:
         for h in hooks:
             h.remove()
-    out = {name: got[name].detach().float().cpu().numpy() for name in got}
+    out = {name: torch.cat([s[name] for s in steps], dim=1).detach().float().cpu().numpy() for name in steps[0]}
     return out if batched else {name: a[0] for name, a in out.items()}
 
 
@@ -146,7 +164,7 @@ def backend_options(checkpoint, args) -> dict:
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
-                 positions=None, attention_mask=None, position_ids="from_mask") -> Path:
+                 positions=None, attention_mask=None, position_ids="from_mask", prefill: int | None = None) -> Path:
     """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
     (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
     row's positions counted from its first token (as transformers' generate() makes them)."""
@@ -158,10 +176,12 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
-    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids)
+    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
                 "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
                 "adapter": "gemma2_ref.adapters.transformers"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions, attention_mask=attention_mask)
+                      description=description, positions=positions, attention_mask=attention_mask,
+                      extra=None if prefill is None else {"decode": {"prefill": prefill,
+                                                                     "steps": int(np.shape(ids)[-1]) - prefill}})
