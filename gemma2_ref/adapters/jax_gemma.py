@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
-from ..model import select_taps, tap_names
+from ..taps import select_taps, tap_names
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
@@ -276,11 +276,17 @@ def capture(model, params, ids, cfg, taps="default") -> dict[str, np.ndarray]:
     return out if batched else {n: a[0] for n, a in out.items()}
 
 
+def backend_options(checkpoint, args) -> dict:
+    """`gemma2-ref golden --backend jax-gemma`: convert the parameters once for every case of a suite."""
+    return {"gemma_model": load(checkpoint, args.dtype)}
+
+
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, query_norm=None) -> Path:
+                 description: str | None = None, positions=None, query_norm=None, gemma_model=None) -> Path:
     """Run DeepMind's gemma on a checkpoint directory and write a golden case (producer: jax-gemma).
 
-    query_norm: override the query normalisation option (a QueryPreAttentionNormalisation name)."""
+    query_norm: override the query normalisation option (a QueryPreAttentionNormalisation name);
+    gemma_model: a (Transformer, params) pair from `load` (the same checkpoint and dtype) to reuse."""
     import flax
     import gemma
     import jax
@@ -289,7 +295,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
 
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)
-    model, params = load(checkpoint, dtype, query_norm)
+    model, params = gemma_model or load(checkpoint, dtype, query_norm)
     acts = capture(model, params, ids, cfg, taps)
     producer = {"name": "jax-gemma", "version": gemma.__version__, "jax": jax.__version__,
                 "flax": flax.__version__, "device": str(jax.devices()[0]), "dtype": dtype,

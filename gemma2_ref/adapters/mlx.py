@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
-from ..model import select_taps, tap_names
+from ..taps import select_taps, tap_names
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
@@ -166,6 +166,11 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
     mx.eval(list(got.values()))
     out = {name: np.array(a.astype(mx.float32)) for name, a in got.items()}
     return out if batched else {name: a[0] for name, a in out.items()}
+
+
+def backend_options(checkpoint, args) -> dict:
+    """`gemma2-ref golden --backend mlx`: load the model once for every case of a suite."""
+    return {"mlx_model": load(checkpoint, args.dtype)}
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", taps="default",
