@@ -9,7 +9,7 @@ Measured, worst over every reachable tap (rel L2 / max abs as a fraction of the 
     bundled tiny, 34 (window 32 + 2)       7.8e-7 / 1.6e-6: fp32 PASS    1.3e-2 / 1.9e-2: PASS
     random tiny-shaped, 34                 5.1e-6 / 1.3e-5: fp32 PASS    9.6e-2 / 0.32: PASS
 
-gemma's sliding window matches ours (a query at i sees keys j > i - window: gemma/gm/nn/_modules.py:46-50), so
+gemma's sliding window matches ours (a query at i sees keys j > i - window: gemma/gm/nn/_modules.py:38-52), so
 float32 passes the fp32 profile (limits 5e-5 / 2.5e-4) with a 10x margin, attention probabilities included.
 Its three query normalisations can express query_pre_attn_scalar only as head_dim or embed_dim // num_heads;
 the third, BY_EMBED_DIM_DIV_NUM_HEADS, multiplies queries by 32 instead of 32^-0.5 on the tiny model

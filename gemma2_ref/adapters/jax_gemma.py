@@ -3,7 +3,7 @@ canonical tap names.
 
 `gemma` reads its own checkpoints (Orbax), not Hugging Face's, so the adapter does four things:
 
-1. config: our Gemma2Config -> gemma's `TransformerConfig` (gemma/gm/nn/_config.py:59-86), the
+1. config: our Gemma2Config -> gemma's `TransformerConfig` (gemma/gm/nn/_config.py:58-84), the
    query normalisation chosen from `query_pre_attn_scalar` (see `query_pre_attn_norm` below);
 2. parameters: the HF tensors -> gemma's tree, checked against the shapes `Transformer.init` would make
    (`gemma_params`);
@@ -25,7 +25,7 @@ What is reachable, per layer (module paths under `layer_{i}`):
     embed, final_norm, logits_raw, logits   embedder.encode, final_norm, embedder.decode, Output.logits
 
 Not reachable: `attn.q_rope` / `attn.k_rope` (`apply_rope` is a function, not a module) and `attn.scores`
-(computed inside Attention.__call__, gemma/gm/nn/_modules.py:216-228).
+(computed inside Attention.__call__, gemma/gm/nn/_modules.py:240-256).
 
 jax, flax and gemma are imported here only, when a function below is called (`pip install 'gemma2-ref[jax]'`).
 """
@@ -57,7 +57,7 @@ def query_pre_attn_norm(cfg):
     """gemma's QueryPreAttentionNormalisation for cfg.query_pre_attn_scalar.
 
     gemma multiplies queries by `TransformerConfig.query_pre_attn_scalar()` (_modules.py:202) and offers
-    three options (_config.py:46-55, 90-98):
+    three options (_config.py:45-55, 90-98):
         BY_ONE_OVER_SQRT_HEAD_DIM                  head_dim ** -0.5               (2B, 9B)
         BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS   (embed_dim // num_heads) ** -0.5   (27B: 4608 // 32 = 144)
         BY_EMBED_DIM_DIV_NUM_HEADS                 embed_dim // num_heads, NOT its inverse square root: a
@@ -117,7 +117,7 @@ def read_hf_tensors(checkpoint: Path) -> dict:
 def gemma_params(hf: dict, cfg, dtype) -> dict:
     """The HF tensors as gemma's parameter tree, cast to `dtype`.
 
-    HF Linear weights are (out, in); gemma's einsums name their axes (_modules.py:140-158, 330-347):
+    HF Linear weights are (out, in); gemma's einsums name their axes (_modules.py:144-160, 336-385):
         q_einsum        (H, D, Dh)     <- q_proj (H*Dh, D)
         kv_einsum       (2, K, D, Dh)  <- k_proj, v_proj (K*Dh, D) stacked   [qkv_einsum (3, H, D, Dh) if K == H]
         attn_vec_einsum (H, Dh, D)     <- o_proj (D, H*Dh)
