@@ -96,3 +96,10 @@ def test_a_batch_keeps_its_batch_axis(adapter, tmp_path):
     ours, theirs = golden_pair(adapter, bundled_path("tiny"), ids, tmp_path, taps="layers.1.attn.*")
     assert theirs.activations["layers.1.attn.k_rope"].shape == (2, 12, 2, 64)  # (B, S, K, Dh)
     assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
+
+
+def test_the_residual_taps_alone_include_the_embedding(adapter, tmp_path):
+    ids = G.load_case(GOLDEN / "short").token_ids
+    ours, theirs = golden_pair(adapter, bundled_path("tiny"), ids, tmp_path, taps="residual")
+    assert sorted(theirs.activations) == sorted(ours.activations)  # embed, layers.*.output, final_norm, logits
+    assert compare_cases(ours, theirs, PROFILES["fp32"]).passed

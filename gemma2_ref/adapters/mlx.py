@@ -98,6 +98,7 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
     import mlx.core as mx
 
     wanted = set(select_taps(cfg, taps)) | {"logits"}
+    kept = wanted | ({"layers.0.input"} if "embed" in wanted else set())  # embed is layer 0's input
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     got: dict[str, mx.array] = {}
     swapped: list[tuple[object, object, object]] = []  # (parent, attribute or index, original module)
@@ -112,7 +113,7 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
         swapped.append((parent, key, original))
 
     def put(name, value, heads=None, heads_first=False):
-        if name in wanted:
+        if name in kept:
             if heads_first:  # (B, H, S, Dh) as mlx-lm keeps heads for attention -> (B, S, H, Dh)
                 value = value.transpose(0, 2, 1, 3)
             elif heads is not None:  # (B, S, heads*Dh) -> (B, S, heads, Dh)
@@ -122,9 +123,6 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
     def output(name, heads=None):
         return lambda x, out: put(name, out, heads)
 
-    def inputs(name):
-        return lambda x, out: put(name, x)
-
     def both(in_name, out_name):
         return lambda x, out: (put(in_name, x), put(out_name, out))
 
@@ -133,7 +131,7 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
         return lambda x, out: put(order.pop(0), out, heads_first=True) if order else None
 
     base = model.model
-    swap(base, "embed_tokens", lambda x, out: put("logits_raw", out) if x == "as_linear" else None)
+    swap(base, "embed_tokens", lambda x, out: put("logits_raw", out) if isinstance(x, str) else None)
     for i, layer in enumerate(base.layers):
         p = f"layers.{i}."
         att, mlp = layer.self_attn, layer.mlp
@@ -160,8 +158,8 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
                 parent[key] = original
             else:
                 setattr(parent, key, original)
-    if "embed" in wanted and "layers.0.input" in got:
-        got["embed"] = got["layers.0.input"]  # the residual stream entering layer 0 is the scaled embedding
+    if "embed" in wanted:
+        got["embed"] = got["layers.0.input"]  # mlx-lm scales the embedding inline, before layer 0
     got = {n: a for n, a in got.items() if n in wanted}
     mx.eval(list(got.values()))
     out = {name: np.array(a.astype(mx.float32)) for name, a in got.items()}
