@@ -189,3 +189,14 @@ def plot_divergence(comparison, path, profile=None) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_comparisons(comparisons, path) -> list[Path]:
+    """`compare --plot FILE`: one comparison to FILE; a suite's to FILE-<case>.<suffix>, one per case that
+    has taps to draw. Returns the files written."""
+    path = Path(path)
+    drawable = [c for c in comparisons if c.compared]
+    if len(comparisons) == 1:
+        return [plot_divergence(c, path) for c in drawable]
+    return [plot_divergence(c, path.with_name(f"{path.stem}-{Path(str(c.candidate)).name}{path.suffix}"))
+            for c in drawable]

@@ -11,7 +11,7 @@ import gemma2_ref as g2
 from backends import require
 from gemma2_ref import suites as S
 from gemma2_ref.compare import PROFILES, compare_activations
-from gemma2_ref.plot import _depth, plot_divergence
+from gemma2_ref.plot import _depth, plot_comparisons, plot_divergence
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,6 +69,18 @@ def test_nothing_compared_is_an_error_that_says_so(reference, tmp_path):
     result = compare_activations({"logits": ref["logits"]}, {}, PROFILES["fp32"])
     with pytest.raises(ValueError, match="no tap was compared"):
         plot_divergence(result, tmp_path / "none.png")
+
+
+def test_a_suite_is_drawn_one_file_per_case(reference, tmp_path):
+    cfg, ref = reference
+    cases = []
+    for name, size in (("short", 0.0), ("window", 1e-3)):
+        result = compare_activations(ref, disturbed(ref, 1, size), PROFILES["fp32"], candidate=f"mine/{name}")
+        cases.append(result)
+    cases.append(compare_activations(ref, {}, PROFILES["fp32"], candidate="mine/chat"))  # nothing to draw
+    written = plot_comparisons(cases, tmp_path / "div.png")
+    assert [p.name for p in written] == ["div-short.png", "div-window.png"]
+    assert plot_comparisons(cases[:1], tmp_path / "one.png") == [tmp_path / "one.png"]
 
 
 def test_importing_the_module_does_not_import_matplotlib():
