@@ -67,7 +67,8 @@ def test_float32_on_the_tiny_model_matches_before_the_window(adapter, tmp_path):
 
 def test_past_the_window_mlx_lm_attends_globally_and_is_diagnosed_no_sliding_window(adapter, tiny_random_dir,
                                                                                       tmp_path):
-    ours, theirs = golden_pair(adapter, tiny_random_dir, window_ids(), tmp_path)
+    taps = ["layers.0.*", "layers.3.output", "logits"]  # fewer taps: a faster diagnosis, same story
+    ours, theirs = golden_pair(adapter, tiny_random_dir, window_ids(), tmp_path, taps=taps)
     result = compare_cases(ours, theirs, PROFILES["fp32"])
     assert not result.passed
     # everything up to the first sliding layer's attention agrees (its q/k after RoPE included) ...
