@@ -12,6 +12,9 @@ mlp.out, ...) joins that tap across layers, on a log scale:
     top     rel L2 = ||c - r|| / ||r||            and the profile's limit (dashed)
     bottom  max |c - r| / max |r|                 and the profile's limit (dashed)
 
+The first diverging tap is circled; when it failed on its rows past the sliding window alone (compare judges
+them on their own), a triangle shows their error.
+
 An exact tap (error 0) is drawn on the floor of the axis, a non-finite one on its ceiling. matplotlib is
 imported here only, when plot_divergence is called (`pip install 'gemma2-ref[plot]'`), with the Agg backend:
 no display needed.
@@ -113,6 +116,12 @@ def _panel(ax, taps, x, metric: str, limit: float, limit_label: str, first) -> N
         fx, fy = x[first.name], y(getattr(first, metric))
         ax.axvline(fx, color=LIMIT_COLOR, ls=":", lw=1, zorder=1)
         ax.plot([fx], [fy], "o", ms=14, mfc="none", mec=LIMIT_COLOR, mew=2, zorder=10)
+        past = getattr(first, "past_window", None)  # its rows at positions >= window, judged on their own
+        if past and "past_window" in first.failed:
+            ax.plot([fx], [y(past[metric])], "^", ms=9, color=LIMIT_COLOR, zorder=11)
+            ax.annotate(f"its {past['rows']} rows past the window", (fx, y(past[metric])), xytext=(8, 0),
+                        textcoords="offset points", color=LIMIT_COLOR, fontsize=8, va="center",
+                        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
     ax.set_yscale("log")
     ax.set_ylim(floor, ceiling)
     ax.grid(True, which="major", axis="y", color="#e0e0e0", lw=0.6)

@@ -53,6 +53,17 @@ def test_taps_sit_along_the_depth_in_execution_order(reference):
     assert x["embed"] < x["layers.0.input"] < x["layers.0.output"] < x["layers.1.input"] < x["logits"]
 
 
+def test_a_failure_past_the_window_shows_those_rows_error(reference, tmp_path):
+    cfg, ref = reference
+    result = compare_activations(ref, disturbed(ref, 1, 1e-6), PROFILES["fp32"])
+    tap = next(t for t in result.taps if t.name == "layers.0.attn.context")  # as compare_cases judges it
+    tap.past_window = {"window": 6, "rows": 2, "rel_l2": 3e-3, "max_rel": 1e-2}
+    tap.failed.append("past_window")
+    tap.status = "fail"
+    assert result.first_divergence is tap
+    assert plot_divergence(result, tmp_path / "past.png").stat().st_size > 20_000
+
+
 def test_exact_missing_and_non_finite_taps_are_drawn_too(reference, tmp_path):
     cfg, ref = reference
     cand = {n: a for n, a in ref.items() if not n.endswith("attn.scores")}  # some taps missing
