@@ -98,6 +98,15 @@ def test_fused_qkv_when_every_query_head_has_its_kv_head(adapter, tmp_path):
     assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
 
 
+def test_a_left_padded_batch_passes_fp32(adapter, tmp_path):
+    from gemma2_ref.inputs import pad_batch
+
+    ids, mask = pad_batch([list(window_ids(4)[:W + 2]), list(window_ids(5)[:9])], side="left")
+    ours = G.load_case(S.generate_case(g2.load_model("tiny"), ids, tmp_path / "ours", attention_mask=mask))
+    theirs = G.load_case(adapter.write_golden(bundled_path("tiny"), ids, tmp_path / "jax", attention_mask=mask))
+    assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
+
+
 def test_query_scaled_by_head_dim_is_diagnosed(adapter, tmp_path):
     """gemma's default option on a model whose query_pre_attn_scalar is D/H, as a 27B port that kept the
     2B/9B setting would run it: the diagnosis names query_scale=head_dim."""

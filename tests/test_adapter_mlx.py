@@ -100,6 +100,19 @@ def test_a_batch_keeps_its_batch_axis(adapter, tmp_path):
     assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
 
 
+def test_a_right_padded_batch_runs_and_a_left_padded_one_is_refused(adapter, tmp_path):
+    from gemma2_ref.inputs import pad_batch
+
+    rows = [list(window_ids(4)[:12]), list(window_ids(5)[:7])]
+    ids, mask = pad_batch(rows, side="right")
+    ours = G.load_case(S.generate_case(g2.load_model("tiny"), ids, tmp_path / "ours", attention_mask=mask))
+    theirs = G.load_case(adapter.write_golden(bundled_path("tiny"), ids, tmp_path / "mlx", attention_mask=mask))
+    assert compare_cases(ours, theirs, PROFILES["fp32"]).passed  # the token rows: padding comes after them
+    ids, mask = pad_batch(rows, side="left")
+    with pytest.raises(NotImplementedError, match="left-padded"):
+        adapter.write_golden(bundled_path("tiny"), ids, tmp_path / "left", attention_mask=mask)
+
+
 def test_the_residual_taps_alone_include_the_embedding(adapter, tmp_path):
     ids = G.load_case(GOLDEN / "short").token_ids
     ours, theirs = golden_pair(adapter, bundled_path("tiny"), ids, tmp_path, taps="residual")

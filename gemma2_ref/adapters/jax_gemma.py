@@ -214,19 +214,23 @@ def _sow_calls(want_probs: bool):
     return interceptor
 
 
-def run_sown(model, params, ids: np.ndarray, want_probs: bool) -> tuple[np.ndarray, dict]:
+def run_sown(model, params, ids: np.ndarray, want_probs: bool, attention_mask=None) -> tuple[np.ndarray, dict]:
     """gemma's forward on (B, S) ids: (logits, {module path/tag: array}). Positions and the causal mask are
-    given explicitly: by default gemma derives them from `tokens != 0` and would treat id 0 as padding."""
+    given explicitly: by default gemma derives them from `tokens != 0` and would treat id 0 as padding.
+    A padded batch (`attention_mask` (B, S), 1 for a token): each row's tokens count positions from 0, and
+    no query sees a padding key."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
 
     B, S = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((S, S), bool)), (B, S, S))  # the window is gemma's to add
+    tokens = np.ones((B, S), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    positions = jnp.asarray(np.maximum(np.cumsum(tokens, axis=-1) - 1, 0))  # (B, S)
+    causal = np.tril(np.ones((S, S), bool))[None] & tokens[:, None, :]  # (B, S, S); the window is gemma's to add
     with nn.intercept_methods(_sow_calls(want_probs)):
         out, state = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), positions=positions,
-                                 attention_mask=causal, return_last_only=False, mutable=["intermediates"])
+                                 attention_mask=jnp.asarray(causal), return_last_only=False,
+                                 mutable=["intermediates"])
     sown = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"], is_leaf=lambda x: isinstance(x, tuple)):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -236,13 +240,13 @@ def run_sown(model, params, ids: np.ndarray, want_probs: bool) -> tuple[np.ndarr
     return out.logits, sown
 
 
-def capture(model, params, ids, cfg, taps="default") -> dict[str, np.ndarray]:
-    """Run gemma on ids (S,) or (B, S); the requested canonical taps it can reach as float32 NumPy arrays
-    (bfloat16 values are exact in float32). No batch axis for 1-D ids."""
+def capture(model, params, ids, cfg, taps="default", attention_mask=None) -> dict[str, np.ndarray]:
+    """Run gemma on ids (S,) or (B, S) (padded: with its `attention_mask`); the requested canonical taps it
+    can reach as float32 NumPy arrays (bfloat16 values are exact in float32). No batch axis for 1-D ids."""
     wanted = set(select_taps(cfg, taps)) | {"logits"}
     batched = np.ndim(ids) == 2
     ids2 = np.atleast_2d(np.asarray(ids))
-    logits, sown = run_sown(model, params, ids2, want_probs=any(n.endswith("attn.probs") for n in wanted))
+    logits, sown = run_sown(model, params, ids2, any(n.endswith("attn.probs") for n in wanted), attention_mask)
     B, S = ids2.shape
     fused_qkv = cfg.num_key_value_heads == cfg.num_attention_heads
     got = {"embed": sown["embedder/encode"], "final_norm": sown["final_norm/__call__"],
@@ -282,11 +286,13 @@ def backend_options(checkpoint, args) -> dict:
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, query_norm=None, gemma_model=None) -> Path:
+                 description: str | None = None, positions=None, query_norm=None, gemma_model=None,
+                 attention_mask=None) -> Path:
     """Run DeepMind's gemma on a checkpoint directory and write a golden case (producer: jax-gemma).
 
     query_norm: override the query normalisation option (a QueryPreAttentionNormalisation name);
-    gemma_model: a (Transformer, params) pair from `load` (the same checkpoint and dtype) to reuse."""
+    gemma_model: a (Transformer, params) pair from `load` (the same checkpoint and dtype) to reuse;
+    attention_mask: (B, S), 1 for a token, 0 for padding, for a padded batch."""
     import flax
     import gemma
     import jax
@@ -296,11 +302,11 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)
     model, params = gemma_model or load(checkpoint, dtype, query_norm)
-    acts = capture(model, params, ids, cfg, taps)
+    acts = capture(model, params, ids, cfg, taps, attention_mask)
     producer = {"name": "jax-gemma", "version": gemma.__version__, "jax": jax.__version__,
                 "flax": flax.__version__, "device": str(jax.devices()[0]), "dtype": dtype,
                 "query_pre_attn_norm": model.config.query_pre_attn_norm.name,
                 "adapter": "gemma2_ref.adapters.jax_gemma"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions)
+                      description=description, positions=positions, attention_mask=attention_mask)

@@ -171,17 +171,31 @@ def backend_options(checkpoint, args) -> dict:
     return {"mlx_model": load(checkpoint, args.dtype)}
 
 
+def check_padding(attention_mask) -> None:
+    """mlx-lm's Model.__call__(inputs, cache) takes no attention mask (models/gemma2.py:192-196). A right-padded
+    batch needs none for its token rows (causal attention never looks ahead, positions start at 0); a
+    left-padded one would let tokens attend to the padding before them."""
+    if attention_mask is None:
+        return
+    mask = np.atleast_2d(np.asarray(attention_mask)).astype(bool)
+    if (np.diff(mask.astype(np.int8), axis=-1) > 0).any():  # a token after padding: left (or inner) padding
+        raise NotImplementedError("mlx-lm's Gemma 2 takes no attention mask: it cannot run a left-padded batch "
+                                  "(right padding needs none)")
+
+
 def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", taps="default",
                  text: str | None = None, description: str | None = None, positions=None,
-                 mlx_model=None) -> Path:
+                 mlx_model=None, attention_mask=None) -> Path:
     """Run mlx-lm on a checkpoint directory and write a golden case (producer: mlx-lm).
 
-    dtype: "float32" (check subtle mistakes), "bfloat16" / "float16", or None for the stored dtype."""
+    dtype: "float32" (check subtle mistakes), "bfloat16" / "float16", or None for the stored dtype;
+    attention_mask: (B, S), 1 for a token, for a right-padded batch (left padding: NotImplementedError)."""
     import mlx.core as mx
     import mlx_lm
 
     from ..config import load_config
 
+    check_padding(attention_mask)
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)
     model = mlx_model or load(checkpoint, dtype)
@@ -191,4 +205,4 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", tap
                 "device": str(mx.default_device()), "dtype": computed, "adapter": "gemma2_ref.adapters.mlx"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions)
+                      description=description, positions=positions, attention_mask=attention_mask)
