@@ -18,6 +18,8 @@ import importlib
 # backend name (as `gemma2-ref golden --backend` takes it) -> the adapter module
 BACKENDS = {
     "transformers": "gemma2_ref.adapters.transformers",  # Hugging Face transformers, forward hooks
+    "mlx": "gemma2_ref.adapters.mlx",  # mlx-lm's Gemma 2 on MLX (CPU), submodules wrapped by recorders
+    "jax-gemma": "gemma2_ref.adapters.jax_gemma",  # DeepMind's gemma (JAX/Flax), HF params converted, sown
 }
 
 
