@@ -141,7 +141,7 @@ def add_golden(sub):
                         "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
-                        "transformers (default float32)")
+                        "transformers, mlx and jax-gemma (default float32)")
     p.add_argument("--attn-implementation", default="eager",
                    help="transformers attention implementation (eager, sdpa, ...; default eager)")
     p.set_defaults(handler=run.golden)
@@ -182,6 +182,9 @@ def add_compare(sub):
     p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
     _add_profile_args(p)
     p.add_argument("--all-taps", action="store_true", help="print every tap's metrics, not just the layer table")
+    p.add_argument("--plot", metavar="FILE.png", help="draw each tap's error along the depth (log scale), the "
+                   "profile's limits and the first divergence; a suite: FILE-<case>.png per case (needs "
+                   "matplotlib: pip install 'gemma2-ref[plot]')")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--diagnose", dest="diagnose", action="store_true", default=None,
                       help="on failure, always run the diagnosis (re-runs the model ~15 times)")

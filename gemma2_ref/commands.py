@@ -352,6 +352,10 @@ def compare(args) -> int:
             print(f"\nsuite: {ok} of {len(results)} cases pass" + (
                 "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
                 if ok < len(results) else ""))
+    if args.plot:
+        from .plot import plot_comparisons
+        for path in plot_comparisons(results, args.plot):
+            eprint(f"plot: {path}")
     return 0 if all(r.passed for r in results) else 1
 
 

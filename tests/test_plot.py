@@ -97,3 +97,18 @@ def test_a_suite_is_drawn_one_file_per_case(reference, tmp_path):
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, gemma2_ref.plot; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_cli_compare_writes_the_plot_it_is_asked_for(tmp_path, capsys):
+    import gemma2_ref as g2
+    from gemma2_ref import golden as G
+    from gemma2_ref.cli import main as cli
+    from gemma2_ref.mistakes import inject
+
+    ref = G.load_case("golden/window")
+    acts = inject(g2.load_model("tiny"), "drop_attn_softcap").forward(ref.token_ids, taps="default")
+    cand = G.write_case(tmp_path / "cand", acts, ref.token_ids)
+    out = tmp_path / "divergence.png"
+    assert cli(["compare", "golden/window", str(cand), "--no-diagnose", "--plot", str(out)]) == 1
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {out}" in capsys.readouterr().err
