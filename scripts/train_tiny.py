@@ -179,7 +179,9 @@ class TorchGemma2(nn.Module):
                 if p.ndim == 2:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
-    def forward(self, ids):
+    def forward(self, ids, at=None):
+        """Logits (B, S, V); or, given `at` (B,) positions, only each row's logits there (B, V): sampling
+        needs one position per row, and the output head is the biggest matmul of this small model."""
         c, (B, S) = self.c, ids.shape
         pos = torch.arange(S, dtype=torch.float32)
         inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
@@ -194,6 +196,8 @@ class TorchGemma2(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, sliding if c.is_sliding(i) else causal)
         x = rms_norm(x, self.model.norm, c.rms_norm_eps)
+        if at is not None:
+            x = x[torch.arange(B), at]
         return soft_cap(x @ emb.T, c.final_logit_softcapping)
 
     def export(self) -> dict[str, np.ndarray]:
