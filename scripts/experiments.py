@@ -34,7 +34,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +49,8 @@ import train_tiny as tt  # noqa: E402  (also puts the repository root on sys.pat
 from train_tiny import (DATA, STUDENT, TEACHER, TOKENIZER, TorchGemma2, bf16_model,  # noqa: E402
                         evaluate, held_out_windows, kd_loss_torch, lr_at, optimizer, reflow, split_corpus)
 
+from tiny_corpus import (END_OF_TURN, MAX_RESPONSE, MAX_SEQ, chat_pairs, encode_pair, eval_prompts,  # noqa: E402
+                         split_pairs)
 import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.generate import generate  # noqa: E402
 from gemma2_ref.model import forward  # noqa: E402
@@ -69,77 +70,12 @@ WIDE = STUDENT.replace(num_hidden_layers=2, hidden_size=184, intermediate_size=7
                        layer_types=STUDENT.layer_types[:2])
 MHA = STUDENT.replace(num_key_value_heads=STUDENT.num_attention_heads)  # one kv head per query head
 
-END_OF_TURN, EOS, PAD = 107, 1, 0
-MAX_RESPONSE, MAX_SEQ = 48, 160  # tokens: responses fit well inside generate's 64-token default
+PAD = 0
+# SFT: peak lr 1e-3 (a first try) overfit the ~1,000 pairs within 50 steps (held-out SFT loss rising from step 50)
+SFT_LR = 3e-4
 
 
 # -- chat data made from the corpus -----------------------------------------------------------------------
-
-def corpus_sections(text: str) -> list[tuple[str, list[str]]]:
-    """(title, prose paragraphs) for each titled section of the reflowed corpus. A title is a paragraph of
-    two lines, the second an underline of *, = or -; prose paragraphs are one unindented line after reflow."""
-    out: list[tuple[str, list[str]]] = []
-    for para in text.split("\n\n"):
-        lines = para.split("\n")
-        if len(lines) == 2 and re.fullmatch(r"[*=-]{3,}", lines[1].strip()):
-            out.append((lines[0].strip(), []))
-        elif out and len(lines) == 1 and para and not para[0].isspace() and len(para) > 40:
-            out[-1][1].append(para.strip())
-    return [(t, ps) for t, ps in out if ps]
-
-
-def sentences(paragraph: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.?!])\s+(?=[A-Z\"“(])", paragraph) if len(s) > 15]
-
-
-TITLE_PROMPTS = ("Tell me about {}.", "What does the reference say about {}?", "Explain {} briefly.")
-
-
-def chat_pairs(text: str, tok) -> list[dict]:
-    """User/model pairs from the corpus, three kinds, each tagged with its section's index:
-    a section title -> its first sentences; a sentence -> the next one; a paragraph -> its first sentence."""
-    pairs = []
-
-    def add(k, kind, prompt, response):
-        n = len(tok.encode(response, bos=False))
-        if n <= MAX_RESPONSE:
-            pairs.append({"section": k, "kind": kind, "prompt": prompt, "response": response})
-
-    for k, (title, paras) in enumerate(corpus_sections(text)):
-        first = sentences(paras[0])
-        answer = ""
-        for s in first:  # as many whole sentences as fit in MAX_RESPONSE tokens
-            longer = (answer + " " + s).strip()
-            if len(tok.encode(longer, bos=False)) > MAX_RESPONSE:
-                break
-            answer = longer
-        if answer:
-            add(k, "title", TITLE_PROMPTS[k % len(TITLE_PROMPTS)].format(title), answer)
-        for para in paras:
-            ss = sentences(para)
-            for a, b in zip(ss, ss[1:]):
-                add(k, "next", f"Continue the text: {a}", b)
-            if len(ss) >= 2:
-                add(k, "summary", f"Summarize in one sentence: {para}", ss[0])
-    return pairs
-
-
-def encode_pair(tok, pair) -> tuple[list[int], int] | None:
-    """The chat-formatted ids of one pair and where the model's turn starts, or None if too long.
-    `<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n{response}<end_of_turn><eos>`
-    The prompt is encoded as `generate --chat` encodes it and the turn on its own after it, so training sees
-    the token boundary that generation sees (encoding the whole string can merge the newline with the turn's
-    first character: the piece newline + double quote)."""
-    prompt = tok.encode_chat(pair["prompt"])
-    ids = prompt + tok.encode(pair["response"] + "<end_of_turn><eos>", bos=False)
-    assert ids[-2:] == [END_OF_TURN, EOS], pair
-    return (ids, len(prompt)) if len(ids) <= MAX_SEQ else None
-
-
-def split_pairs(pairs):
-    """Held out: every pair of every 10th section (k % 10 == 5), like train_tiny's every 10th block."""
-    return ([p for p in pairs if p["section"] % 10 != 5], [p for p in pairs if p["section"] % 10 == 5])
-
 
 def batch_of(encoded: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, S) and the targets mask (B, S): True where the token is part of the model's turn.
@@ -266,12 +202,6 @@ def chat_eval(directory: Path, held_pairs: list[dict], max_new_tokens=64, n_samp
             "mean_new_tokens": float(np.mean(lengths)), "max_new_tokens": max_new_tokens, "samples": samples}
 
 
-def eval_prompts(held_pairs, n):
-    """n held-out pairs, spread over the kinds and sections (a fixed, seeded choice)."""
-    idx = np.random.default_rng(0).permutation(len(held_pairs))[:n]
-    return [held_pairs[i] for i in sorted(idx)]
-
-
 # -- helpers --------------------------------------------------------------------------------------------
 
 def save(directory: Path, cfg, model: TorchGemma2) -> Path:
@@ -343,7 +273,7 @@ class Context:
             self.held = self.held[:8]
             self.held_enc = self.held_enc[:32]
         self.pretrain_steps = 8 if quick else 500
-        self.sft_steps = 8 if quick else 400
+        self.sft_steps = 8 if quick else 200
         self.policy_steps = 3 if quick else 80
         self.eval_every = 4 if quick else 50
         self.n_chat_eval = 6 if quick else 100
@@ -480,9 +410,9 @@ def stage_tiny_it(ctx, log):
             p.requires_grad_(True)
         t0 = time.time()
         curve = train_chat(label.split(" (")[0], model, ctx.train_enc, ctx.held_enc, ctx.sft_steps, batch=16,
-                           lr=1e-3, seed=seed, eval_every=ctx.eval_every)
+                           lr=SFT_LR, seed=seed, eval_every=ctx.eval_every // 2 or 1)
         runs[label] = model
-        out[label] = {"steps": ctx.sft_steps, "batch": 16, "peak_lr": 1e-3, "data_seed": seed, "init": "tiny",
+        out[label] = {"steps": ctx.sft_steps, "batch": 16, "peak_lr": SFT_LR, "data_seed": seed, "init": "tiny",
                       "curve": curve, "wall_s": round(time.time() - t0, 1)}
     a, b = runs.values()
     directory = save(ctx.out_data / "tiny-it", STUDENT, a)
@@ -508,8 +438,8 @@ def stage_on_policy(ctx, log):
     for p in teacher.parameters():
         p.requires_grad_(True)
     t0 = time.time()
-    curve = train_chat("teacher-it", teacher, ctx.train_enc, ctx.held_enc, ctx.sft_steps, batch=16, lr=1e-3,
-                       seed=100, eval_every=ctx.eval_every)
+    curve = train_chat("teacher-it", teacher, ctx.train_enc, ctx.held_enc, ctx.sft_steps, batch=16, lr=SFT_LR,
+                       seed=100, eval_every=ctx.eval_every // 2 or 1)
     save(WORK / "teacher-it", TEACHER, teacher)
     teacher = frozen(bf16_model(TEACHER, WORK / "teacher-it"))
     prompts = eval_prompts(ctx.held_pairs, ctx.n_chat_eval // 2)
