@@ -459,6 +459,11 @@ def stage_on_policy(ctx, log):
         tl, sl = torch.log_softmax(t[:, :-1][m].float(), -1), torch.log_softmax(s[:, :-1][m].float(), -1)
         return float((tl.exp() * (tl - sl)).sum(-1).mean())
 
+    # Sampling re-runs the whole batch once per new token (no KV cache in the torch twin): to fit the time
+    # budget, the distillation prompts are the training prompts of at most 64 tokens (titles and sentences;
+    # the long "Summarize" prompts are left out). Evaluation uses every held-out pair.
+    policy_enc = [e for e in ctx.train_enc if e[1] <= 64]
+    out["prompts"] = {"train_prompts_used": len(policy_enc), "max_prompt_tokens": 64}
     init = frozen(bf16_model(STUDENT, start))
     out["tiny-it (start)"] = {"held_out_sft": sft_eval(init, ctx.held_enc), "on_policy_kl": on_policy_kl(init)}
     for policy in ("student", "teacher"):
@@ -468,7 +473,7 @@ def stage_on_policy(ctx, log):
         for p in model.parameters():
             p.requires_grad_(True)
         t0 = time.time()
-        curve = train_chat(policy, model, ctx.train_enc, ctx.held_enc, ctx.policy_steps, batch=8, lr=3e-4,
+        curve = train_chat(policy, model, policy_enc, ctx.held_enc, ctx.policy_steps, batch=8, lr=3e-4,
                            seed=200, eval_every=max(1, ctx.policy_steps // 4), teacher=teacher, policy=policy)
         d = save(WORK / f"policy-{policy}", STUDENT, model)
         saved = frozen(bf16_model(STUDENT, d))
@@ -492,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run of every stage (few steps), into /tmp")
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run only these stages")
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--policy-steps", type=int, default=None, help="steps of each on-/off-policy run (default 80)")
     args = ap.parse_args(argv)
     global WORK
     if args.quick:
@@ -505,12 +511,14 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     ctx = Context(args.quick, out_data)
+    ctx.policy_steps = args.policy_steps or ctx.policy_steps
     print(f"chat pairs: {len(ctx.train_enc)} train, {len(ctx.held_enc)} held out", flush=True)
     for stage in args.only or STAGES:
         t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
         result = RUN[stage](ctx, log)
         result["run"] = {"command": "python scripts/experiments.py" + (" --quick" if args.quick else "")
-                         + f" --only {stage}", **machine(),
+                         + f" --only {stage}"
+                         + (f" --policy-steps {args.policy_steps}" if args.policy_steps else ""), **machine(),
                          "loadavg_start": [round(x, 2) for x in load0],
                          "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                          "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
