@@ -49,7 +49,7 @@ import train_tiny as tt  # noqa: E402  (also puts the repository root on sys.pat
 from train_tiny import (DATA, STUDENT, TEACHER, TOKENIZER, TorchGemma2, bf16_model,  # noqa: E402
                         evaluate, held_out_windows, kd_loss_torch, lr_at, optimizer, reflow, split_corpus)
 
-from tiny_corpus import (END_OF_TURN, MAX_RESPONSE, MAX_SEQ, chat_pairs, encode_pair, eval_prompts,  # noqa: E402
+from tiny_corpus import (END_OF_TURN, EOS, MAX_RESPONSE, MAX_SEQ, chat_pairs, encode_pair, eval_prompts,  # noqa: E402
                          split_pairs)
 import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.generate import generate  # noqa: E402
