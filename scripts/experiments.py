@@ -1,6 +1,6 @@
 """The Gemma 2 report's experiments at toy scale, and the post-training of `tiny-it` (issue 17).
 
-    python scripts/experiments.py                 # every stage, ~50 min on one CPU thread; writes
+    python scripts/experiments.py                 # every stage: 40 min of CPU on one thread; writes
                                                   # scripts/experiments.log.json and gemma2_ref/data/tiny-it/
     python scripts/experiments.py --only window softcap      # some stages (the others keep their log entry)
     python scripts/experiments.py --quick         # a few-minute smoke run of every stage, into /tmp
@@ -274,7 +274,7 @@ class Context:
             self.held_enc = self.held_enc[:32]
         self.pretrain_steps = 8 if quick else 500
         self.sft_steps = 8 if quick else 200
-        self.policy_steps = 3 if quick else 80
+        self.policy_steps = 3 if quick else 40
         self.eval_every = 4 if quick else 50
         self.n_chat_eval = 6 if quick else 100
         teacher = bf16_model(TEACHER, DATA / "tiny-teacher")  # the committed (bf16) teacher
@@ -497,7 +497,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run of every stage (few steps), into /tmp")
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run only these stages")
     ap.add_argument("--log", type=Path, default=None)
-    ap.add_argument("--policy-steps", type=int, default=None, help="steps of each on-/off-policy run (default 80)")
+    ap.add_argument("--policy-steps", type=int, default=None,
+                    help="steps of each on-/off-policy run (default 40, as logged)")
     args = ap.parse_args(argv)
     global WORK
     if args.quick:

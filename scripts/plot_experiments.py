@@ -37,7 +37,8 @@ def curve(ax, run: dict, key: str, label: str, x: str = "tokens", **kw):
 def distillation(plt, log: dict, out: Path) -> Path:
     e = log["distill-vs-scratch"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    curve(ax, e["distilled"], "held_out_ce", f"distilled from tiny-teacher ({e['distilled']['final']['held_out_ce']:.3f})")
+    final = e["distilled"]["final"]["held_out_ce"]
+    curve(ax, e["distilled"], "held_out_ce", f"distilled from tiny-teacher ({final:.3f})")
     curve(ax, e["scratch"], "held_out_ce", f"from scratch, next-token CE ({e['scratch']['final']['held_out_ce']:.3f})")
     ax.axhline(e["teacher_held_out"]["held_out_ce"], color="grey", ls="--",
                label=f"the teacher, 2.3M parameters ({e['teacher_held_out']['held_out_ce']:.3f})")
