@@ -162,11 +162,22 @@ def run(args) -> int:
     return 0
 
 
+def warn_if_not_instruction_tuned(name: str) -> None:
+    """--chat on a bundled base model (tiny, tiny-teacher): it never saw a chat turn, so it will not end one."""
+    if g2.bundled_path(name) is None or name.endswith("-it"):
+        return
+    chat_model = f" Use {name}-it, its instruction-tuned version." if g2.bundled_path(f"{name}-it") else ""
+    eprint(f"warning: {name} is not instruction-tuned: it was trained on plain text and does not end a chat "
+           f"turn (it runs until --max-new-tokens).{chat_model}")
+
+
 def generate(args) -> int:
     from .generate import TextStream, generate
 
     model = load_model_verbose(args.model, args.dtype, keep_converted=False if args.stream_weights else "auto")
     ids, tok = prompt_ids(args, model)
+    if args.chat:
+        warn_if_not_instruction_tuned(args.model)
     if tok is None and (model.path / "tokenizer.model").is_file():
         tok = g2.load_tokenizer(model.path)
     stop_ids = tok.stop_ids if tok is not None else model.config.eos_token_ids

@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -47,8 +46,8 @@ import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.config import Gemma2Config  # noqa: E402
 from gemma2_ref.distill import distillation_loss  # noqa: E402
 from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
+from tiny_corpus import BLOCK, CORPUS, HELD_OUT_EVERY, reflow, split_corpus  # noqa: E402,F401  (no torch)
 
-CORPUS = ROOT / "scripts" / "corpus" / "python-reference-topics.txt"
 TOKENIZER = ROOT / "gemma2_ref" / "data" / "tiny" / "tokenizer.model"
 DATA = ROOT / "gemma2_ref" / "data"
 LOG = ROOT / "scripts" / "train_tiny.log.json"
@@ -59,28 +58,9 @@ STUDENT = g2.PRESETS["tiny"]
 TEACHER = STUDENT.replace(hidden_size=192, intermediate_size=576, query_pre_attn_scalar=48)
 
 SEQ_LEN = 128  # > 4 x the window of 32: sliding layers must learn to do without the far past
-BLOCK, HELD_OUT_EVERY = 2048, 10  # every 10th block of 2048 tokens is held out
 
 
 # -- data -----------------------------------------------------------------------------------------------
-
-def reflow(text: str) -> str:
-    """Join the hard-wrapped lines (~70 columns) of prose paragraphs into one line each; indented blocks
-    (grammar, code, lists) and headings keep their lines. Without this a model this small, which cannot
-    count columns, predicts a line break after almost any word."""
-    def is_prose(paragraph):
-        return all(line and not line[0].isspace() and not re.fullmatch(r"[*=~^-]+", line)
-                   for line in paragraph.split("\n"))
-    return "\n\n".join(" ".join(p.split("\n")) if is_prose(p) else p for p in text.split("\n\n"))
-
-
-def split_corpus(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(train stream, held-out stream): block k of BLOCK tokens is held out when k % 10 == 5."""
-    blocks = [ids[i:i + BLOCK] for i in range(0, len(ids), BLOCK)]
-    held = [b for k, b in enumerate(blocks) if k % HELD_OUT_EVERY == HELD_OUT_EVERY // 2]
-    train = [b for k, b in enumerate(blocks) if k % HELD_OUT_EVERY != HELD_OUT_EVERY // 2]
-    return np.concatenate(train), np.concatenate(held)
-
 
 def windows(stream: np.ndarray, starts: np.ndarray, bos: int) -> torch.Tensor:
     """(B, SEQ_LEN) windows, each <bos> + SEQ_LEN - 1 tokens: every sequence starts as the model's will."""
@@ -179,7 +159,9 @@ class TorchGemma2(nn.Module):
                 if p.ndim == 2:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
-    def forward(self, ids):
+    def forward(self, ids, at=None):
+        """Logits (B, S, V); or, given `at` (B,) positions, only each row's logits there (B, V): sampling
+        needs one position per row, and the output head is the biggest matmul of this small model."""
         c, (B, S) = self.c, ids.shape
         pos = torch.arange(S, dtype=torch.float32)
         inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
@@ -194,6 +176,8 @@ class TorchGemma2(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, sliding if c.is_sliding(i) else causal)
         x = rms_norm(x, self.model.norm, c.rms_norm_eps)
+        if at is not None:
+            x = x[torch.arange(B), at]
         return soft_cap(x @ emb.T, c.final_logit_softcapping)
 
     def export(self) -> dict[str, np.ndarray]:

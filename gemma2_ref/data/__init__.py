@@ -1,7 +1,8 @@
-"""Bundled checkpoints: `tiny` (the student the walkthrough runs) and `tiny-teacher` (its distillation teacher).
+"""Bundled checkpoints: `tiny` (the student the walkthrough runs), `tiny-teacher` (its distillation teacher) and
+`tiny-it` (`tiny` after SFT on chat turns: it ends its turn with <end_of_turn>).
 
 Each is a directory in the real Hugging Face layout: config.json, model.safetensors (bf16), tokenizer.model.
-They are rebuilt by scripts/build_tiny_tokenizer.py and scripts/train_tiny.py.
+They are rebuilt by scripts/build_tiny_tokenizer.py, scripts/train_tiny.py and scripts/experiments.py.
 """
 
 from pathlib import Path
