@@ -49,7 +49,7 @@ class Tokenizer:
         self._control_re = re.compile("(" + "|".join(re.escape(p) for p in sorted(controls, key=len,
                                                                                    reverse=True)) + ")")
 
-    bos_id = BOS
+    bos_id, eos_id, end_of_turn_id = BOS, EOS, END_OF_TURN
 
     @property
     def stop_ids(self) -> tuple[int, int]:
