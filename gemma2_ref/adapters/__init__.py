@@ -18,6 +18,7 @@ import importlib
 # backend name (as `gemma2-ref golden --backend` takes it) -> the adapter module
 BACKENDS = {
     "transformers": "gemma2_ref.adapters.transformers",  # Hugging Face transformers, forward hooks
+    "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
 }
 
 
