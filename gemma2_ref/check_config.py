@@ -391,13 +391,26 @@ def candidate_kind(path: Path) -> str:
     raise ConfigCheckError(f"{path}: neither a GGUF (no 'GGUF' magic) nor a JSON config.json")
 
 
+def resolve_reference(reference) -> Path:
+    """A checkpoint directory, a config.json, or a bundled model's name ("tiny")."""
+    path = Path(reference)
+    if path.exists():
+        return path
+    from .data import bundled_path
+
+    bundled = bundled_path(str(reference))
+    if bundled is None:
+        raise ConfigError(f"{reference}: no such checkpoint directory or config.json, nor a bundled model")
+    return bundled
+
+
 def check(reference, candidate) -> ConfigReport:
     """Compare a candidate's converted hyper-parameters with the reference config; never raises on bad input:
     the report carries the error (exit code 2)."""
-    reference, candidate = Path(reference), Path(candidate)
+    candidate = Path(candidate)
     report = ConfigReport(str(reference), str(candidate), "?")
     try:
-        ref = reference_facts(reference)
+        ref = reference_facts(resolve_reference(reference))
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         report.error = f"reference: {e}"
         return report
