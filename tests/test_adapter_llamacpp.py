@@ -81,11 +81,13 @@ def test_f32_gguf_of_a_random_checkpoint_past_its_window_passes_the_fp16_profile
 
 def test_sliding_layers_hide_keys_a_window_back_and_global_layers_do_not(f32_candidate):
     W = 8
-    probs = f32_candidate.activations  # (H, S, S) per layer, after mask and softmax
+    acts = f32_candidate.activations  # attn.probs: (H, S, S) per layer, after mask and softmax
     last = len(RANDOM_IDS) - 1
-    assert np.all(probs["layers.0.attn.probs"][:, last, : last - W + 1] == 0)  # sliding: keys j <= i - W hidden
-    assert np.all(probs["layers.0.attn.probs"][:, last, last - W + 1:] > 0)
-    assert np.all(probs["layers.1.attn.probs"][:, last, :] > 0)  # global: every earlier key
+    for sliding, global_ in ((0, 1), (2, 3)):
+        probs = acts[f"layers.{sliding}.attn.probs"][:, last]
+        assert np.all(probs[:, : last - W + 1] == 0)  # keys j <= i - W hidden
+        assert np.all(probs[:, last - W + 1:] > 0)
+        assert np.all(acts[f"layers.{global_}.attn.probs"][:, last] > 0)  # every earlier key
 
 
 def test_the_fp32_failure_is_ggml_float16_gelu_table(f32_candidate):
