@@ -10,7 +10,7 @@ import gemma2_ref as g2
 from gemma2_ref.adapters import llamacpp as adapter
 from gemma2_ref.check_config import check
 from gemma2_ref.data import bundled_path
-from llamacpp_cases import RANDOM_IDS, backends, released_layout
+from llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
 
 SOFTCAP_KEYS = ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"]
 
@@ -22,8 +22,8 @@ def modules():
 
 @pytest.fixture(scope="module")
 def released(modules, tmp_path_factory):
-    """(checkpoint laid out like a released one, its f32 GGUF from llama.cpp's converter)."""
-    ckpt = released_layout(tmp_path_factory.mktemp("released") / "random")
+    """(the random checkpoint, laid out like a released one; its f32 GGUF from llama.cpp's converter)."""
+    ckpt = random_checkpoint(tmp_path_factory.mktemp("released") / "random")
     return ckpt, adapter.convert(ckpt, "f32")
 
 
