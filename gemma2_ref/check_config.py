@@ -114,8 +114,9 @@ class ConfigReport:
                 if text:
                     lines.append(" " * (width + 9) + text)
         n = len(self.failed)
-        lines.append(f"verdict    {'MATCH' if not n else 'MISMATCH'}: {len(self.fields) - n} of {len(self.fields)} "
-                     f"fields agree" + (f"; differing: {', '.join(f.name for f in self.failed)}" if n else "")
+        agree = f"{len(self.fields) - n} of {len(self.fields)} fields agree"
+        lines.append(f"verdict    {'MATCH' if not n else 'MISMATCH'}: {agree}"
+                     + (f"; differing: {', '.join(f.name for f in self.failed)}" if n else "")
                      + ("  (ok* = absent from the candidate, but the runtime's fallback is the reference value)"
                         if any(f.status == "default" for f in self.fields) else ""))
         return "\n".join(lines)
@@ -147,7 +148,8 @@ def reference_facts(path: Path) -> dict:
         "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "attn_logit_softcapping": cfg.attn_logit_softcapping, "final_logit_softcapping": cfg.final_logit_softcapping,
+        "attn_logit_softcapping": cfg.attn_logit_softcapping,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
         "sliding_window": cfg.sliding_window, "sliding_layers": [i for i in range(cfg.num_hidden_layers)
                                                                  if cfg.is_sliding(i)],
         "query_pre_attn_scalar": float(cfg.query_pre_attn_scalar), "rope_theta": cfg.rope_theta,
@@ -208,10 +210,11 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
     out.append(Field("architecture", "gemma2", arch, "match" if arch == "gemma2" else "mismatch",
                      "general.architecture", "" if arch == "gemma2" else "llama.cpp runs it as another model",
                      REPORTS["shape"]))
-    for name, suffix in (("num_hidden_layers", "block_count"), ("hidden_size", "embedding_length"),
-                         ("intermediate_size", "feed_forward_length"), ("num_attention_heads", "attention.head_count"),
-                         ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
-                         ("max_position_embeddings", "context_length")):
+    shape_keys = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+                  "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+                  "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+                  "max_position_embeddings": "context_length"}
+    for name, suffix in shape_keys.items():
         key_field(name, g.arch_key(suffix), REPORTS["shape"])
     # soft-caps: llama.cpp falls back to Gemma 2's values, but the GGUF is still wrong for every other loader
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -281,9 +284,10 @@ def query_scale_field(ref: dict, g: GGUFFacts) -> Field:
     n_head = g.get(g.arch_key("attention.head_count")) or 1
     head_dim = g.get(g.arch_key("attention.key_length")) or (n_embd // n_head)
     implied = llama_cpp_query_scalar(n_layers, n_embd, n_head, head_dim)
+    why = ("n_embd / n_head, as it does for any 46-layer model" if n_layers == 46 else
+           "head_dim: it uses n_embd / n_head only for 46 layers")
     rule = (f"GGUF has no key for query_pre_attn_scalar; llama.cpp scales queries by 1/sqrt({implied:g}) "
-            f"({'n_embd / n_head, as it does for any 46-layer model' if n_layers == 46 else 'head_dim: it uses n_embd / n_head only for 46 layers'}, "
-            "src/models/gemma2.cpp:25-27)")
+            f"({why}, src/models/gemma2.cpp:25-27)")
     ok = math.isclose(implied, ref["query_pre_attn_scalar"], rel_tol=1e-9)
     return Field("query_pre_attn_scalar", ref["query_pre_attn_scalar"], implied, "default" if ok else "mismatch",
                  None, rule, REPORTS["query_scale"])

@@ -3,11 +3,11 @@ captured through ggml's eval callback, checked against gemma2_ref's golden.
 
 What the measured numbers are (random 4-layer checkpoint, window 8, 21 tokens, llama-cpp-python 0.3.36, CPU):
 
-    GGUF    worst rel L2 / max abs (x absmax) over every tap    logits KL max   verdict
-    f32     7.4e-4 / 1.4e-3                                     2.1e-7          fp16 PASS; fp32 FAIL at layers.0.mlp.hidden
-    f16     2.6e-3 / 5.7e-3                                     5.7e-6          fp16 PASS
-    bf16    1.4e-2 / 2.4e-2                                     1.3e-4          bf16 PASS; fp32 FAIL at layers.0.attn.q_proj
-    q8_0    8.1e-2 / 0.18                                       8.8e-3          q8 PASS;   fp32 FAIL at embed
+    GGUF   worst over every tap: rel L2 / max abs (x absmax)   logits KL max   verdict
+    f32    7.4e-4 / 1.4e-3                                     2.1e-7          fp16 PASS, fp32 FAIL: l0 mlp.hidden
+    f16    2.6e-3 / 5.7e-3                                     5.7e-6          fp16 PASS
+    bf16   1.4e-2 / 2.4e-2                                     1.3e-4          bf16 PASS, fp32 FAIL: l0 q_proj
+    q8_0   8.1e-2 / 0.18                                       8.8e-3          q8 PASS,   fp32 FAIL: embed
 
 An f32 GGUF is judged with the fp16 profile: llama.cpp's CPU GEGLU looks gelu up in a float16 table
 (ggml/src/ggml-cpu/vec.h:46 `#define GGML_GELU_FP16`, vec.h:1447-1460), so from `mlp.hidden` of layer 0 on its

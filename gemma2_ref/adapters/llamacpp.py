@@ -64,15 +64,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import select_taps, tap_names
 from ..config import load_config
 from ..golden import model_info_from_files, write_case
-from ..model import select_taps, tap_names
 
 # GGUF outtype (convert_hf_to_gguf.py --outtype) -> the compute dtype the manifest records. llama.cpp's CPU
 # matmuls convert activations to the weights' "vec_dot_type" (bf16, f16, q8_0), so that is what they compute in.
 OUTTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "q8_0": "q8_0"}
 ALIASES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "q8": "q8_0"}
-FILE_TYPES = {"ALL_F32": "f32", "MOSTLY_BF16": "bf16", "MOSTLY_F16": "f16", "MOSTLY_Q8_0": "q8_0"}  # general.file_type
+# a GGUF's general.file_type -> outtype
+FILE_TYPES = {"ALL_F32": "f32", "MOSTLY_BF16": "bf16", "MOSTLY_F16": "f16", "MOSTLY_Q8_0": "q8_0"}
 
 # ggml/include/ggml.h (GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME) and enum ggml_type
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
@@ -162,7 +163,8 @@ def src_name(t: GGMLTensor, k: int) -> str | None:
 def read_tensor(t: GGMLTensor) -> np.ndarray:
     """A copy of a computed ggml tensor as a float32 NumPy array shaped ne reversed (outermost first).
 
-    Views and permutations are honoured through the byte strides nb. CPU tensors only: their data is host memory."""
+    Views and permutations are honoured through the byte strides nb. CPU tensors only: their data is host
+    memory."""
     if not t.data:
         raise LlamaCppError(f"ggml tensor {tensor_name(t)!r} has no data in host memory (a GPU buffer?); "
                             "build llama-cpp-python for the CPU or run it with n_gpu_layers=0")
@@ -195,6 +197,7 @@ class Capture:
             skip.add("kq_soft_max")
         self.names = (set(LAYER_NAMES) - skip) | set(REPEATED) | set(GLOBAL_NAMES) | {POST_FFW_NORM}
         self.seen: dict[str, list[np.ndarray]] = {}
+        self.error: Exception | None = None  # an exception inside the callback, raised after llama_decode
 
     def role(self, t: GGMLTensor) -> str | None:
         """The key under which to keep t, or None for a tensor we do not want."""
@@ -263,7 +266,8 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
         out["logits_raw"] = as_shape("logits_raw", seen["logits_raw"][-1], (S, cfg.vocab_size))
     posts = seen.get(POST_FFW_NORM, [])
     if posts and len(posts) != L:
-        raise LlamaCppError(f"llama.cpp named {len(posts)} tensors {POST_FFW_NORM!r}, expected one per layer ({L})")
+        raise LlamaCppError(f"llama.cpp named {len(posts)} tensors {POST_FFW_NORM!r}, expected one per layer "
+                            f"({L})")
     for i in range(L):
         p = f"layers.{i}."
         for llama_name, tap in LAYER_NAMES.items():
@@ -281,7 +285,8 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
             out[p + first] = as_shape(f"{llama_name}-{i}", got[0], shapes[first])
             if last is not None:
                 if len(got) < 2:
-                    raise LlamaCppError(f"llama.cpp named {llama_name}-{i} once; expected it before and after RoPE")
+                    raise LlamaCppError(f"llama.cpp named {llama_name}-{i} once; expected it before and after "
+                                        "RoPE")
                 out[p + last] = as_shape(f"{llama_name}-{i}", got[-1], shapes[last])
         if f"attn_out-{i}" in seen:
             out[p + "attn.out"] = as_shape(f"blk.{i}.attn_output matmul", seen[f"attn_out-{i}"][-1], (S, D))
@@ -309,10 +314,14 @@ def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
     """Evaluate token ids (S,) or (B, S) with llama.cpp on a GGUF; {canonical tap: float32 array}.
 
     One fresh context per sequence: its KV cache starts empty, the whole sequence is one batch (n_batch =
-    n_ubatch >= S), every position outputs logits, flash attention is off (it would fuse away kq and kq_soft_max)."""
+    n_ubatch >= S), every position outputs logits, flash attention is off (it would fuse away kq and
+    kq_soft_max)."""
     import llama_cpp
 
     quiet_llama_logs()
+    if ctypes.sizeof(GGMLTensor) != GGML_TENSOR_SIZE:
+        raise LlamaCppError(f"the ctypes mirror of struct ggml_tensor is {ctypes.sizeof(GGMLTensor)} bytes, "
+                            f"ggml's is {GGML_TENSOR_SIZE} on 64-bit platforms: this platform's layout differs")
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise LlamaCppError(f"{gguf_path}: no such GGUF file")
@@ -361,7 +370,7 @@ def run_one(llama_cpp, model, ids: np.ndarray, cfg, wanted: set, kv_cache_type: 
             batch.token[p], batch.pos[p], batch.n_seq_id[p], batch.logits[p] = tok, p, 1, 1
             batch.seq_id[p][0] = 0
         status = llama_cpp.llama_decode(ctx, batch)
-        if getattr(capture, "error", None) is not None:
+        if capture.error is not None:
             raise LlamaCppError(f"reading a tensor in llama.cpp's eval callback failed: {capture.error}")
         if status != 0:
             raise LlamaCppError(f"llama_decode returned {status} for {S} tokens")
@@ -444,7 +453,8 @@ def extract_converter(sdist: Path, target: Path) -> None:
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
             raise LlamaCppError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside: not a "
                                 "llama-cpp-python sdist?")
-        tar.extractall(partial, members=members, filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
+        tar.extractall(partial, members=members, **safe)
     partial.rename(target)
 
 
