@@ -7,49 +7,16 @@ MODEL is a checkpoint directory (Hugging Face layout) or the name of a bundled m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
-
-import numpy as np
 
 import gemma2_ref as g2
 
-from .config import GLOBAL, ConfigError
-from .golden import sha256_file
+from . import commands as run
+from .adapters import BACKENDS
+from .commands import BENCH_SCRIPT, eprint
+from .config import ConfigError
 from .tokenizer import TokenizerError
 from .weights import WeightsError
-
-
-def eprint(*args, **kw):
-    print(*args, file=sys.stderr, **kw)
-
-
-def layer_progress(label: str = "layers"):
-    """A progress callback for forward(): a one-line counter on stderr, for models worth waiting for."""
-    start = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        end = "\n" if done == total else "\r"
-        eprint(f"  {label}: {done}/{total}  ({time.perf_counter() - start:.1f} s)", end=end, flush=True)
-
-    return report
-
-
-def load_model_verbose(name: str, dtype: str = "float32", keep_converted: bool = False, quiet: bool = False):
-    t0 = time.perf_counter()
-    model = g2.load_model(name, dtype=dtype, keep_converted=keep_converted)
-    if not quiet:
-        files = model.weights.files
-        size = sum(f.stat().st_size for f in files)
-        eprint(f"loaded {model.path} ({len(files)} file(s), {size / 2**20:.1f} MiB, "
-               f"{'/'.join(model.weights.stored_dtypes)} -> {model.dtype}) in {time.perf_counter() - t0:.2f} s")
-    return model
-
-
-def is_large(model) -> bool:
-    return model.config.parameter_counts()["total"] > 50_000_000
 
 
 def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat template as a user turn"):
@@ -64,16 +31,6 @@ def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat 
     return src
 
 
-def prompt_ids(args, model_dir) -> tuple[list[int], object]:
-    """Token ids from --tokens, or from --prompt (with --chat / --no-bos) and the model's tokenizer."""
-    if getattr(args, "tokens", None):
-        return [int(t) for t in args.tokens.replace(",", " ").split()], None
-    tok = g2.load_tokenizer(model_dir)
-    if getattr(args, "chat", False):
-        return tok.encode_chat(args.prompt), tok
-    return tok.encode(args.prompt, bos=not getattr(args, "no_bos", False)), tok
-
-
 # -- info -------------------------------------------------------------------------------------------------
 
 def add_info(sub):
@@ -83,38 +40,7 @@ def add_info(sub):
     p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the files")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=run_info)
-
-
-def run_info(args) -> int:
-    model = g2.load_model(args.model)
-    cfg, path = model.config, model.path
-    counts = cfg.parameter_counts()
-    files = model.weights.files + [p for p in (path / "tokenizer.model",) if p.is_file()]
-    hashes = {} if args.no_hash else {f.name: sha256_file(f, progress=True) for f in files}
-    info = {"path": str(path), "config": cfg.to_hf_dict(), "parameters": counts,
-            "stored_dtypes": model.weights.stored_dtypes,
-            "files": {f.name: {"bytes": f.stat().st_size, **({"sha256": hashes[f.name]} if hashes else {})}
-                      for f in files}}
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    kinds = "".join("G" if t == GLOBAL else "S" for t in cfg.layer_types)
-    print(f"{path}")
-    print(f"  layers {cfg.num_hidden_layers}  hidden D={cfg.hidden_size}  ffw F={cfg.intermediate_size} "
-          f"(paper's feed-forward dim 2F={2 * cfg.intermediate_size})  vocab V={cfg.vocab_size}")
-    print(f"  heads H={cfg.num_attention_heads} query / K={cfg.num_key_value_heads} kv "
-          f"(each kv head serves {cfg.num_queries_per_kv})  head_dim {cfg.head_dim}  "
-          f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g}")
-    print(f"  layer kinds (S = sliding window {cfg.sliding_window}, G = global): {kinds}")
-    print(f"  soft-caps: attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping};  "
-          f"rope theta {cfg.rope_theta:g};  rms eps {cfg.rms_norm_eps:g};  context {cfg.max_position_embeddings}")
-    print(f"  parameters: {counts['total']:,} = embedding {counts['embedding']:,} (tied) + "
-          f"non-embedding {counts['non_embedding']:,}")
-    print(f"  stored as {', '.join(model.weights.stored_dtypes)}")
-    for name, meta in info["files"].items():
-        print(f"  {name:40s} {meta['bytes']:>14,} bytes  {meta.get('sha256', '')}")
-    return 0
+    p.set_defaults(handler=run.info)
 
 
 # -- tokenize ---------------------------------------------------------------------------------------------
@@ -127,19 +53,7 @@ def add_tokenize(sub):
     p.add_argument("--no-bos", action="store_true", help="do not start with <bos> (Gemma expects one)")
     p.add_argument("--chat", action="store_true", help="wrap TEXT in the Gemma chat template as a user turn")
     p.add_argument("--json", action="store_true", help="print the ids as a JSON list only")
-    p.set_defaults(handler=run_tokenize)
-
-
-def run_tokenize(args) -> int:
-    tok = g2.load_tokenizer(g2.resolve_checkpoint(args.model))
-    ids = tok.encode_chat(args.text) if args.chat else tok.encode(args.text, bos=not args.no_bos)
-    if args.json:
-        print(json.dumps(ids))
-        return 0
-    print(f"{len(ids)} tokens")
-    for i, (t, piece) in enumerate(zip(ids, tok.pieces(ids))):
-        print(f"  {i:4d}  {t:6d}  {piece!r}")
-    return 0
+    p.set_defaults(handler=run.tokenize)
 
 
 # -- run --------------------------------------------------------------------------------------------------
@@ -152,32 +66,7 @@ def add_run(sub):
     p.add_argument("--top-k", type=int, default=10, help="how many candidates to show (default 10)")
     p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=run_run)
-
-
-def run_run(args) -> int:
-    model = load_model_verbose(args.model, args.dtype, quiet=args.json)
-    ids, tok = prompt_ids(args, model.path)
-    if tok is None and (model.path / "tokenizer.model").is_file():
-        tok = g2.load_tokenizer(model.path)
-    t0 = time.perf_counter()
-    progress = layer_progress() if is_large(model) and not args.json else None
-    logits = model.forward(ids, logits_at="last", progress=progress)["logits"][-1].astype(np.float64)
-    seconds = time.perf_counter() - t0
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    top = np.argsort(-probs, kind="stable")[: args.top_k]
-    rows = [{"id": int(t), "piece": tok.pieces([t])[0] if tok else None, "prob": float(probs[t]),
-             "logit": float(logits[t])} for t in top]
-    if args.json:
-        print(json.dumps({"ids": ids, "top": rows, "seconds": seconds}, indent=2))
-        return 0
-    text = tok.decode(ids, skip_special=False) if tok else " ".join(map(str, ids))
-    print(f"prompt ({len(ids)} tokens): {text!r}")
-    print(f"next token, top {len(rows)} (forward {seconds * 1000:.0f} ms, {len(ids) / seconds:.0f} tokens/s):")
-    for r in rows:
-        print(f"  {r['prob']:8.4f}  {r['id']:6d}  {r['piece']!r:20}  logit {r['logit']:+.3f}")
-    return 0
+    p.set_defaults(handler=run.run)
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -203,74 +92,23 @@ def add_generate(sub):
     p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
     p.add_argument("--stream-weights", action="store_true",
                    help="convert each layer's weights on every forward instead of keeping them converted")
-    p.set_defaults(handler=run_generate)
-
-
-def fits_in_memory(model, fraction: float = 0.5) -> bool:
-    """Whether the whole model, converted to the compute dtype, takes less than `fraction` of available RAM."""
-    need = model.config.parameter_counts()["total"] * model.dtype.itemsize
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return need < 2 << 30
-    return need < fraction * available
-
-
-def run_generate(args) -> int:
-    from .generate import TextStream, generate
-
-    model = load_model_verbose(args.model, args.dtype)
-    if not args.stream_weights and fits_in_memory(model):
-        model.weights.keep_converted = True
-    elif not args.stream_weights:
-        eprint("the converted model would not fit comfortably in memory: converting layers on every step "
-               "(slow; pass --stream-weights to choose this explicitly)")
-    ids, tok = prompt_ids(args, model.path)
-    if tok is None and (model.path / "tokenizer.model").is_file():
-        tok = g2.load_tokenizer(model.path)
-    stop_ids = tok.stop_ids if tok is not None else model.config.eos_token_ids
-    stream = TextStream(tok, prefix=ids) if tok is not None else None
-
-    def on_token(token: int) -> None:
-        if token in stop_ids:
-            return
-        text = stream.push(token) if stream is not None else f"{token} "
-        print(text, end="", flush=True)
-
-    if tok is not None:
-        print(tok.decode(ids) if not args.chat else "", end="", flush=True)
-    progress = layer_progress("prefill layers") if is_large(model) else None
-    result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, stop_ids=stop_ids, on_token=on_token,
-                      progress=progress)
-    print(stream.flush() if stream is not None else "", flush=True)
-    if args.show_ids:
-        print("prompt ids:", " ".join(map(str, ids)))
-        print("new ids:   ", " ".join(map(str, result.tokens)))
-    reason = {"stop": "stop token", "max_new_tokens": "--max-new-tokens reached",
-              "context": "context length reached"}[result.stop_reason]
-    eprint(f"{result.summary()}; stopped: {reason}")
-    return 0
+    p.set_defaults(handler=run.generate)
 
 
 # -- bench ------------------------------------------------------------------------------------------------
 
 def add_bench(sub):
-    from . import bench
     p = sub.add_parser("bench", help="speed and memory: NumPy vs transformers eager fp32 on 2B-shaped weights",
                        description="Build (once, cached) random bf16 checkpoints with the real 2B shapes, then "
                                    "measure NumPy against transformers eager float32 on the same weights and "
                                    "inputs, interleaved: prefill and decode tokens/s, load time, and the peak "
-                                   "resident memory of the full 26-layer model. Writes JSON and Markdown.")
-    bench.add_arguments(p)
-    p.set_defaults(handler=run_bench)
-
-
-def run_bench(args) -> int:
-    from . import bench
-    return bench.run(args)
+                                   "resident memory of the full 26-layer model. Writes JSON and Markdown. "
+                                   f"Runs {BENCH_SCRIPT.relative_to(BENCH_SCRIPT.parents[1])} of a source "
+                                   "checkout (it needs torch and transformers).")
+    bench = run.bench_module()
+    if bench is not None:
+        bench.add_arguments(p)
+    p.set_defaults(handler=lambda args: run.bench(args, bench))
 
 
 # -- golden / compare / diagnose ----------------------------------------------------------------------------
@@ -281,7 +119,7 @@ def add_golden(sub):
                                    "activations.safetensors (canonical tap names) + manifest.json (sha256 of the "
                                    "weights, tokenizer and every tensor, stats, producer version and commit). "
                                    "The same inputs give bit-identical tensors. Regenerate the repository's "
-                                   "suite with: gemma2-ref golden tiny --suite coverage --out golden/")
+                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/")
     src = add_model_and_prompt(p)
     src.add_argument("--suite", choices=["coverage"],
                      help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
@@ -293,58 +131,15 @@ def add_golden(sub):
     p.add_argument("--positions", metavar="START:STOP",
                    help="store only these query positions of every tap (long prompts of big models), e.g. "
                         "4094:4098; the suite does this by itself for cases over 256 MiB")
-    p.add_argument("--backend", choices=["gemma2_ref", "transformers"], default="gemma2_ref",
-                   help="who computes the activations: gemma2_ref (the reference, default) or Hugging Face "
-                        "transformers (a candidate, via gemma2_ref.adapters.transformers)")
+    p.add_argument("--backend", choices=["gemma2_ref", *BACKENDS], default="gemma2_ref",
+                   help="who computes the activations: gemma2_ref (the reference, default) or another backend "
+                        "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
                         "transformers (default float32)")
     p.add_argument("--attn-implementation", default="eager",
                    help="transformers attention implementation (eager, sdpa, ...; default eager)")
-    p.set_defaults(handler=run_golden)
-
-
-def _taps_arg(taps: str):
-    return taps if taps in ("default", "all", "residual") else [t.strip() for t in taps.split(",") if t.strip()]
-
-
-def run_golden(args) -> int:
-    from . import golden
-
-    taps = _taps_arg(args.taps)
-    hf = args.backend == "transformers"
-    model = load_model_verbose(args.model, "float32" if hf else args.dtype)
-    write = None
-    if hf:
-        from .adapters import transformers as adapter
-        hf_model = adapter.load(model.path, args.dtype, args.attn_implementation)
-
-        def write(ids, case_dir, text, description, case_taps=taps, positions=None):
-            adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
-                                 description=description, hf_model=hf_model, positions=positions)
-    if args.suite:
-        tok = g2.load_tokenizer(model.path)
-        eprint(f"writing suite {args.suite} to {args.out}")
-        golden.generate_suite(model, tok, args.out, args.suite, taps, model_name=args.model, log=eprint,
-                              write=write)
-        print(args.out)
-        return 0
-    ids, tok = prompt_ids(args, model.path)
-    text = None if args.tokens else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
-    positions = None
-    if args.positions:
-        start, _, stop = args.positions.partition(":")
-        positions = (int(start or 0), int(stop or len(ids)))
-    if write is not None:
-        write(np.asarray(ids), Path(args.out), text, None, taps, positions)
-    else:
-        progress = layer_progress() if is_large(model) else None
-        info = golden.model_info(model, args.model, progress=True)
-        acts = golden.run_case(model, np.asarray(ids), taps, progress=progress)
-        golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
-                          positions=positions)
-    print(args.out)
-    return 0
+    p.set_defaults(handler=run.golden)
 
 
 def _add_profile_args(p):
@@ -362,25 +157,6 @@ def _add_profile_args(p):
                         "prefix), repeatable, or a JSON file {their: canonical}; e.g. 'blk.{i}.attn_norm="
                         "layers.{i}.pre_attn_norm' or 'model.*=*'")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def _profile_for(args, candidate):
-    from .compare import auto_profile, get_profile
-    name = auto_profile(candidate) if args.profile == "auto" else args.profile
-    return get_profile(name, rel_l2=args.rtol, max_rel=args.atol, kl=args.kl, top1=args.top1, top5=args.top5)
-
-
-def _name_map(rules):
-    if not rules:
-        return None
-    if len(rules) == 1 and rules[0].endswith(".json") and Path(rules[0]).is_file():
-        return json.loads(Path(rules[0]).read_text())
-    return rules
-
-
-def _first_case(golden_obj):
-    from .golden import Suite
-    return golden_obj.cases[0] if isinstance(golden_obj, Suite) else golden_obj
 
 
 def add_compare(sub):
@@ -403,63 +179,7 @@ def add_compare(sub):
                    help="on failure, always run the diagnosis (re-runs the model ~15 times)")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
     p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
-    p.set_defaults(handler=run_compare)
-
-
-def run_compare(args) -> int:
-    from . import compare as C
-    from . import diagnose as D
-    from .golden import Suite, load_golden
-
-    ref = load_golden(args.reference)
-    cand = load_golden(args.candidate, name_map=_name_map(args.name_map))
-    profile = _profile_for(args, _first_case(cand))
-    results = C.compare_goldens(ref, cand, profile) if isinstance(cand, Suite) or isinstance(ref, Suite) \
-        else [C.compare_cases(ref, cand, profile)]
-    diagnoses = {}
-    failed = [r for r in results if not r.passed]
-    if failed and args.diagnose is not False:
-        refs = {str(c.path): c for c in (ref.cases if isinstance(ref, Suite) else [ref])}
-        cands = {str(c.path): c for c in (cand.cases if isinstance(cand, Suite) else [cand])}
-        model = None
-        try:
-            first_ref = next(iter(refs.values()))
-            model = D.load_reference_model(first_ref, args.model, verify=False)
-            if args.diagnose or not is_large(model):  # hashing a large checkpoint takes a while: only if used
-                D.verify_reference_model(model, first_ref, log=eprint if is_large(model) else None)
-        except (ValueError, FileNotFoundError) as e:
-            if args.diagnose:
-                raise
-            model = None
-            eprint(f"(no diagnosis: {e})")
-        if model is not None and (args.diagnose or not is_large(model)):
-            for r in failed:
-                if r.reference in refs and r.candidate in cands:
-                    diagnoses[r.reference] = D.diagnose(model, refs[r.reference], cands[r.candidate], profile,
-                                                        log=eprint if is_large(model) else None)
-        elif model is not None:
-            eprint(f"(diagnosis skipped for a large model: run `gemma2-ref diagnose {args.reference} "
-                   f"{args.candidate}` or pass --diagnose; it re-runs the model about 15 times)")
-    if args.json:
-        out = json.loads(C.to_json(results))
-        for case in out["cases"]:
-            if case["reference"] in diagnoses:
-                case["diagnosis"] = diagnoses[case["reference"]].to_dict()
-        print(json.dumps(C.json_safe(out), indent=1))
-    else:
-        for n, r in enumerate(results):
-            if n:
-                print("\n" + "=" * 100 + "\n")
-            print(C.format_report(r, all_taps=args.all_taps))
-            if r.reference in diagnoses:
-                print()
-                print(D.format_diagnosis(diagnoses[r.reference]))
-        if len(results) > 1:
-            ok = sum(r.passed for r in results)
-            print(f"\nsuite: {ok} of {len(results)} cases pass" + (
-                "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
-                if ok < len(results) else ""))
-    return 0 if all(r.passed for r in results) else 1
+    p.set_defaults(handler=run.compare)
 
 
 def add_diagnose(sub):
@@ -475,40 +195,7 @@ def add_diagnose(sub):
     p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
     p.add_argument("--model", help="checkpoint directory (default: the one the reference manifest names)")
     _add_profile_args(p)
-    p.set_defaults(handler=run_diagnose)
-
-
-def run_diagnose(args) -> int:
-    from . import compare as C
-    from . import diagnose as D
-    from .golden import Suite, load_golden
-
-    ref = load_golden(args.reference)
-    cand = load_golden(args.candidate, name_map=_name_map(args.name_map))
-    profile = _profile_for(args, _first_case(cand))
-    pairs = list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases])) \
-        if isinstance(ref, Suite) else [(ref, cand)]
-    model = D.load_reference_model(pairs[0][0], args.model, log=eprint)
-    out, explained = [], True
-    for r, c in pairs:
-        if c is None:
-            eprint(f"case {r.name}: missing from the candidate suite")
-            explained = False
-            continue
-        eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
-        diag = D.diagnose(model, r, c, profile, log=eprint if is_large(model) else None)
-        explained &= diag.base.passed or bool(diag.named)
-        out.append((r, diag))
-    if args.json:
-        print(json.dumps(C.json_safe({"cases": [{"reference": str(r.path), **d.to_dict()} for r, d in out]}),
-                         indent=1))
-    else:
-        for r, diag in out:
-            first = diag.base.first_divergence
-            print(f"{r.path}: {'PASS' if diag.base.passed else 'FAIL'}"
-                  + (f", first diverging tap {first.name}" if first else ""))
-            print(D.format_diagnosis(diag))
-    return 0 if explained else 1
+    p.set_defaults(handler=run.diagnose)
 
 
 # -- main -------------------------------------------------------------------------------------------------

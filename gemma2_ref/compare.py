@@ -28,7 +28,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, Suite, canonical_order, keep_positions, sequence_axis
+from .golden import Case, Suite, keep_positions
+from .model import log_softmax
+from .taps import canonical_order, sequence_axis
+from .tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -111,6 +114,8 @@ class TapResult:
     cosine: float | None = None
     logits: dict | None = None  # kl_mean, kl_max, kl_max_position, top1, top5, top1_disagreements
     failed: list = field(default_factory=list)  # which metrics exceeded their limit
+    scale_fit: dict | None = None  # a failing tap that is the reference times one number: {"scale", "rel_l2_after"}
+    past_window: dict | None = None  # the rows whose attention differs between sliding and global, on their own
 
     @property
     def layer(self) -> str:
@@ -128,16 +133,18 @@ class TapResult:
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
         s = (f"{self.name}: rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
+        if self.scale_fit:
+            s += (f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
+                  f"{self.scale_fit['rel_l2_after']:.2g} after that factor)")
+        if self.past_window:
+            w = self.past_window
+            s += (f"; the {w['rows']} rows past the sliding window (positions >= {w['window']}) alone: rel L2 "
+                  f"{w['rel_l2']:.3g}, max abs / absmax {w['max_rel']:.3g}")
         if self.logits:
             lg = self.logits
             s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
                   f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}")
         return s
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
@@ -147,7 +154,7 @@ def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
     position's logit standard deviation: within the profile's tolerance the two are tied."""
     r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
     c = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
-    lr, lc = _log_softmax(r), _log_softmax(c)
+    lr, lc = log_softmax(r), log_softmax(c)
     kl = np.maximum((np.exp(lr) * (lr - lc)).sum(axis=-1), 0.0)  # (positions,)
     top_r, top_c = r.argmax(-1), c.argmax(-1)
     rows = np.arange(len(r))
@@ -196,7 +203,45 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
             res.failed.append("top5")
     if res.failed:
         res.status = "fail"
+        res.scale_fit = fit_scale(r, c, profile) if not bad.any() else None
     return res
+
+
+def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
+    """The one number s with c ~ s r (least squares), when it explains the error: what is left after it is
+    within the profile, or under a tenth of the error before. A wrong scale outside the catalogue (a query
+    multiplied by 32 where 32^-0.5 is right) then still gets a lead."""
+    rr = float(np.vdot(r, r))
+    if rr == 0:
+        return None
+    s = float(np.vdot(r, c)) / rr
+    before = float(np.linalg.norm(c - r)) / math.sqrt(rr)
+    after = float(np.linalg.norm(c - s * r)) / math.sqrt(rr)
+    if abs(s - 1) < 1e-6 or after > max(profile.rel_l2, 0.1 * before):
+        return None
+    return {"scale": s, "rel_l2_after": after}
+
+
+def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int,
+                           first_position: int, batched: bool) -> None:
+    """Judge the rows at positions >= window on their own: only there does a sliding layer differ from a
+    global one, and averaged with the rows before them an error there can hide (2 of 34 rows in the tiny
+    model's window case). A tap whose rows past the window fail fails, with reason "past_window"."""
+    for t in taps:
+        if t.status != "pass" or t.name not in cand or not t.name.startswith("layers."):
+            continue
+        axis = sequence_axis(t.name, ref[t.name].ndim, batched)
+        start = window - first_position  # the first row whose position is >= window
+        if not 0 <= start < ref[t.name].shape[axis]:
+            continue
+        rows = [slice(None)] * ref[t.name].ndim
+        rows[axis] = slice(start, None)
+        part = compare_tap(t.name, ref[t.name][tuple(rows)], cand[t.name][tuple(rows)], profile)
+        t.past_window = {"window": window, "rows": ref[t.name].shape[axis] - start, "rel_l2": part.rel_l2,
+                         "max_rel": part.max_rel}
+        if part.failed:
+            t.failed.append("past_window")
+            t.status = "fail"
 
 
 # -- comparing cases and suites -----------------------------------------------------------------------------
@@ -210,6 +255,7 @@ class CaseComparison:
     extra: list[str]  # candidate taps the reference does not have
     notes: list[str]
     input_mismatch: str | None = None
+    blind_spots: list[str] | None = None  # known mistakes this case cannot show under this profile (diagnose)
 
     @property
     def compared(self) -> list[TapResult]:
@@ -223,6 +269,17 @@ class CaseComparison:
     def first_divergence(self) -> TapResult | None:
         return next((t for t in self.taps if not t.ok), None)
 
+    def error_lead(self) -> TapResult | None:
+        """The first tap whose error already reaches half the profile's limit, when that is before the first
+        divergence: under a loose profile the end (logits) can fail first while the error grew in layer 0."""
+        first = self.first_divergence
+        for t in self.compared:
+            if t is first:
+                return None
+            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.rel_l2:
+                return t
+        return None
+
     @property
     def passed(self) -> bool:
         return bool(self.compared) and self.first_divergence is None and self.input_mismatch is None
@@ -231,22 +288,49 @@ class CaseComparison:
         first = self.first_divergence
         return {"reference": self.reference, "candidate": self.candidate, "passed": self.passed,
                 "profile": asdict(self.profile), "first_divergence": first.name if first else None,
+                "error_lead": (self.error_lead() or first).name if first else None,
                 "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
-                "notes": self.notes, "taps": [asdict(t) for t in self.taps],
+                "notes": self.notes, "blind_spots": self.blind_spots, "taps": [asdict(t) for t in self.taps],
                 "layers": layer_table(self.taps)}
 
 
 def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     """A sentence about how the candidate's token ids differ from the reference's (BOS problems first)."""
     r, c = np.atleast_2d(ref_ids), np.atleast_2d(cand_ids)
-    if r.shape[0] == c.shape[0] and r.shape[1] == c.shape[1] + 1 and (r[:, 1:] == c).all() and (r[:, 0] == 2).all():
+    if r.shape[0] == c.shape[0] and r.shape[1] == c.shape[1] + 1 and (r[:, 1:] == c).all() and (r[:, 0] == BOS).all():
         return "the candidate's token ids lack the leading <bos> (2) the reference has"
-    if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == 2).all():
+    if r.shape[0] == c.shape[0] and c.shape[1] == r.shape[1] + 1 and (c[:, 1:] == r).all() and (c[:, 0] == BOS).all():
         return "the candidate's token ids start with a doubled <bos> (2, 2)"
+    split = split_special_token(r[0], c[0]) if r.shape[0] == c.shape[0] == 1 else None
+    if split:
+        return split
     if r.shape != c.shape:
         return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
     where = np.argwhere(r != c)
     return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
+
+
+SPECIAL_TOKENS = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", START_OF_TURN: "<start_of_turn>",
+                  END_OF_TURN: "<end_of_turn>"}
+
+
+def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:
+    """Where the reference has a special token (one id) and the candidate, from there on, several other ids
+    before the two agree again: its tokenizer does not treat the token as special (llama.cpp #8244)."""
+    n = 0
+    while n < min(len(ref), len(cand)) and ref[n] == cand[n]:
+        n += 1
+    if n == len(ref) or n == len(cand) or int(ref[n]) not in SPECIAL_TOKENS or len(cand) <= len(ref):
+        return None
+    after = int(ref[n + 1]) if n + 1 < len(ref) else None  # where the two realign
+    ends = [j for j in range(n + 2, len(cand) + 1) if (after is None and j == len(cand))
+            or (j < len(cand) and int(cand[j]) == after)]
+    if not ends:
+        return None
+    pieces = cand[n: ends[0]]
+    return (f"the candidate's tokenizer split {SPECIAL_TOKENS[int(ref[n])]} (id {int(ref[n])}, at index {n}) into "
+            f"{len(pieces)} pieces, ids {[int(i) for i in pieces]}: it does not mark the chat tokens special "
+            f"(llama.cpp #8244; `gemma2-ref tokenize` shows the pieces)")
 
 
 def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str] | None = None,
@@ -291,8 +375,20 @@ def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
                                                 ref.batched)
     if note:
         notes.append(note)
-    return compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
-                               str(cand.path), ref.token_ids, cand.token_ids, notes)
+    result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
+                                 str(cand.path), ref.token_ids, cand.token_ids, notes)
+    config = (ref.manifest.get("model") or {}).get("config") or {}
+    if config.get("sliding_window"):
+        first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
+        judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
+                               first_position, ref.batched)
+    first = result.first_divergence
+    if first is not None and first.scale_fit and first.name.endswith("attn.scores") and config:
+        implied = float(config["query_pre_attn_scalar"]) / first.scale_fit["scale"] ** 2
+        result.notes.append(f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "
+                            f"candidate scales queries by query_pre_attn_scalar = {implied:.4g} (the reference's "
+                            f"is {config['query_pre_attn_scalar']:g})")
+    return result
 
 
 def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile: Profile) -> list[CaseComparison]:
@@ -398,6 +494,9 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     lines.append("")
     if result.passed:
         lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
+        if result.blind_spots:
+            lines.append(wrap(f"      but this case cannot show, under this profile: {', '.join(result.blind_spots)} "
+                              f"(each made by the reference model passes too)", 6))
     elif first is None:
         lines.append("FAIL: " + (result.input_mismatch or "nothing was compared"))
     else:
@@ -405,6 +504,10 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         lines.append(wrap(f"FAIL: first diverging tap: {first.name} ({where}): "
                           + "; ".join(failure_reasons(first, p)), 6))
         lines.append(wrap(f"      {first.summary()}", 6))
+        lead = result.error_lead()
+        if lead is not None:
+            lines.append(wrap(f"      the error grew earlier: {lead.name} already has rel L2 {lead.rel_l2:.3g} (half "
+                              f"the limit or more): look there first", 6))
     return "\n".join(lines)
 
 
@@ -424,6 +527,10 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
             out.append(f"top-1 agreement {t.logits['top1']:.1%} < {p.top1:.0%}")
         elif f == "top5":
             out.append(f"top-5 overlap {t.logits['top5']:.1%} < {p.top5:.0%}")
+        elif f == "past_window":
+            w = t.past_window
+            out.append(f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
+                       f"/ max {w['max_rel']:.3g} (limits {p.rel_l2:g} / {p.max_rel:g})")
     return out
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # Gemma 2's, and the exact GELU a port may wrongly use
+
 # The paper counts a 256128-row vocabulary; the released embeddings have 256000 rows.
 PAPER_VOCAB_SIZE = 256128
 
@@ -45,6 +47,7 @@ class Gemma2Config:
     final_logit_softcapping: float | None = 30.0
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"  # GELU, tanh approximation; "gelu" is the exact erf GELU
     max_position_embeddings: int = 8192
     pad_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1, 107)
@@ -69,6 +72,8 @@ class Gemma2Config:
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise ConfigError(f"`layer_types` has unknown kinds {bad}; expected {SLIDING!r} or {GLOBAL!r}")
+        if self.hidden_activation not in ACTIVATIONS:
+            raise ConfigError(f"`hidden_activation` must be one of {ACTIVATIONS}, found {self.hidden_activation!r}")
         if not self.query_pre_attn_scalar > 0:
             raise ConfigError(f"`query_pre_attn_scalar` must be positive, found {self.query_pre_attn_scalar!r}")
 
@@ -115,7 +120,7 @@ class Gemma2Config:
             "final_logit_softcapping": self.final_logit_softcapping,
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_activation": self.hidden_activation,
             "attention_bias": False,
             "attention_dropout": 0.0,
             "tie_word_embeddings": True,
@@ -128,7 +133,7 @@ class Gemma2Config:
             d["layer_types"] = list(self.layer_types)
         elif style == "old":
             d["rope_theta"] = self.rope_theta
-            d["hidden_act"] = "gelu_pytorch_tanh"
+            d["hidden_act"] = self.hidden_activation
             d["cache_implementation"] = "hybrid"
             if list(self.layer_types) != alternating_layer_types(self.num_hidden_layers):
                 raise ConfigError("the original config.json format cannot express non-alternating layer_types")

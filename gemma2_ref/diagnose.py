@@ -1,8 +1,8 @@
 """Diagnosis: which known Gemma 2 mistake does a failing candidate look like?
 
-The reference model is re-run once per known mistake (`model.Mistakes`, plus the input mistakes: no <bos>,
-doubled <bos>), with the taps the candidate holds. Each variant is compared with the candidate exactly as the
-reference was. A variant is named when it explains the candidate far better than the correct model does:
+The reference model is re-run once per known mistake (mistakes.py: each a config, weight or input
+transform of the correct model), with the taps the candidate holds. Each variant is compared with the
+candidate exactly as the reference was. A variant is named when it explains the candidate far better than the correct model does:
 
     matches          the candidate passes the profile against the variant: indistinguishable from it
     explains the first divergence
@@ -15,90 +15,22 @@ Nothing about how the candidate was produced is used: only its activations and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, compare_activations, wrap
-from .golden import BOS, Case
-from .model import CORRECT, Mistakes, tap_names
+from .golden import Case
+from . import mistakes as M
+from .mistakes import Mistake, inject, known_mistakes
+from .taps import tap_names
 
 EXPLAIN_RATIO = 10.0
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    what: str  # one line: the mistake
-    refs: str  # public bug reports (gemma2-facts.md)
-    mistakes: Mistakes = CORRECT
-    ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
-
-
-def known_variants(cfg) -> list[Variant]:
-    """Every known mistake that changes this model's output, as a re-runnable variant."""
-    v = [
-        Variant("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
-                "kernels without soft-capping)", "vLLM #5908, llama.cpp #8156 / #8197, transformers #31953",
-                Mistakes(drop_attn_softcap=True)),
-        Variant("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
-                "gemma2-facts: final soft-cap (no public bug number recorded)",
-                Mistakes(drop_final_softcap=True)),
-        Variant("no_sliding_window", "sliding-window layers attend globally (only visible beyond the window "
-                f"of {cfg.sliding_window})", "llama.cpp #8227, transformers #32522, keras-hub #2186, SGLang #1746",
-                Mistakes(no_sliding_window=True)),
-        Variant("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
-                "back", "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
-                Mistakes(window_offset=1)),
-        Variant("window_offset=-1", "sliding window off by one: a query sees one key fewer",
-                "llama.cpp #8227, transformers #32522 / #35681, keras-hub #2186, SGLang #1746",
-                Mistakes(window_offset=-1)),
-    ]
-    scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
-              "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
-    seen = {float(cfg.query_pre_attn_scalar)}
-    for label, value in scales.items():
-        if float(value) not in seen:
-            seen.add(float(value))
-            v.append(Variant(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
-                             f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
-                             f"{cfg.query_pre_attn_scalar:g}^-0.5", "transformers #31891, llama.cpp #8444 / #13951",
-                             Mistakes(query_scale=float(value))))
-    v += [
-        Variant("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
-                "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
-                "transformers #29402", Mistakes(normalizer_dtype="bfloat16")),
-        Variant("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
-                "dtype (a bfloat16 model needs 60.0 for sqrt(3584), not 59.87)", "transformers #29402",
-                Mistakes(normalizer_dtype="float64")),
-        Variant("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
-                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=0.0)),
-        Variant("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
-                "gemma2-facts: RMSNorm (1 + w)", Mistakes(norm_offset=2.0)),
-        Variant("exact_gelu", "exact erf GELU instead of the tanh approximation", "gemma2-facts: GeGLU",
-                Mistakes(exact_gelu=True)),
-        Variant("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
-                "lm-evaluation-harness #2049", ids="no_bos"),
-        Variant("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
-                "lm-evaluation-harness #2049", ids="double_bos"),
-    ]
-    return v
-
-
-def variant_ids(ids: np.ndarray, kind: str) -> np.ndarray | None:
-    """The reference's ids as the mistaken backend would have run them (None: not applicable)."""
-    ids = np.asarray(ids)
-    rows = np.atleast_2d(ids)
-    if kind == "same":
-        return ids
-    if kind == "no_bos":
-        if not (rows[:, 0] == BOS).all() or rows.shape[1] < 2:
-            return None
-        out = rows[:, 1:]
-    else:
-        out = np.concatenate([np.full((rows.shape[0], 1), BOS), rows], axis=1)
-    return out if ids.ndim == 2 else out[0]
+Variant = Mistake  # a variant of the reference model is the model with one known mistake (mistakes.py)
+known_variants = known_mistakes
 
 
 @dataclass
@@ -106,14 +38,15 @@ class VariantResult:
     variant: Variant
     comparison: CaseComparison
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
-    verdict: str  # "matches", "explains the first divergence", or ""
+    verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
+    remains: str | None = None  # for "explains": the looser profile the candidate passes against the variant
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
         return {"variant": self.variant.name, "what": self.variant.what, "refs": self.variant.refs,
                 "verdict": self.verdict, "ratio_at_first_divergence": _finite(self.ratio),
                 "passes_against_variant": self.comparison.passed,
-                "variant_first_divergence": first.name if first else None}
+                "variant_first_divergence": first.name if first else None, "remains": self.remains}
 
 
 @dataclass
@@ -152,6 +85,27 @@ def _position(tap, order: list[str]) -> int:
     return len(order) if tap is None else order.index(tap.name) if tap.name in order else len(order) - 1
 
 
+FLOAT16_MAX = 65504.0
+FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
+                        "float16 run", "exllamav2 #539, llama.cpp #8240 (the 27B in float16)")
+
+
+def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> VariantResult | None:
+    """Named when the candidate computed in float16 or holds non-finite values, and the reference itself goes
+    beyond float16's range at or before the first divergence: no implementation can be right there in fp16."""
+    first = base.first_divergence
+    nonfinite = any(not np.isfinite(a).all() for a in candidate.activations.values())
+    if first is None or not (nonfinite or candidate.compute_dtype == "float16"):
+        return None
+    order = reference.tap_names
+    for name in order[: order.index(first.name) + 1] if first.name in order else order:
+        absmax = float(np.abs(reference.activations[name]).max())
+        if absmax > FLOAT16_MAX:
+            what = f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}"
+            return VariantResult(dataclasses.replace(FP16_OVERFLOW, what=what), base, math.inf, "overflows float16")
+    return None
+
+
 def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None,
              combine: bool = True) -> Diagnosis:
     """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
@@ -172,11 +126,11 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
     base_first = base.first_divergence
     base_err = _rel_l2_at(base, base_first.name) if base_first else math.inf
 
-    def run(variant: Variant, mistakes: Mistakes) -> VariantResult | None:
-        ids = variant_ids(ref_ids, variant.ids)
+    def run(variant: Mistake) -> VariantResult | None:
+        ids = variant.apply_ids(ref_ids)
         if ids is None:
             return None
-        trace = model.forward(ids, taps=wanted, mistakes=mistakes)
+        trace = inject(model, variant).forward(ids, taps=wanted)
         trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
         cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",
                                   candidate=str(candidate.path))
@@ -193,12 +147,19 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             verdict = "matches"
         elif ratio >= EXPLAIN_RATIO and later:
             verdict = "explains the first divergence"
-        return VariantResult(variant, cmp, ratio, verdict)
+        result = VariantResult(variant, cmp, ratio, verdict)
+        if verdict == "explains the first divergence":  # what is left once this mistake is accounted for
+            result.remains = next((p for p in looser if compare_activations(trace, cand_view, PROFILES[p]).passed),
+                                  None)
+        return result
 
+    overflow = fp16_overflow(reference, candidate, base)
+    if overflow is not None:
+        diag.results.append(overflow)
     for variant in known_variants(model.config):
         if log:
             log(f"  variant {variant.name}")
-        result = run(variant, variant.mistakes)
+        result = run(variant)
         if result is not None:
             diag.results.append(result)
     partial = [r for r in diag.results if r.verdict == "explains the first divergence"]
@@ -206,31 +167,15 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         # Two mistakes at once: the best partial explanation plus each other single mistake.
         best = max(partial, key=lambda r: r.ratio)
         for other in diag.results:
-            if other is best or not _combinable(best.variant, other.variant):
+            if other is best or best.variant.changes() & other.variant.changes():
                 continue
-            v = _combine(best.variant, other.variant)
+            v = M.combine(best.variant, other.variant)
             if log:
                 log(f"  variant {v.name}")
-            result = run(v, v.mistakes)
+            result = run(v)
             if result is not None and result.verdict == "matches":
                 diag.combined.append(result)
     return diag
-
-
-def _combinable(a: Variant, b: Variant) -> bool:
-    if a.ids != "same" and b.ids != "same":
-        return False
-    fa = {k for k, v in a.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    fb = {k for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    window = {"no_sliding_window", "window_offset"}
-    return not (fa & fb) and not (fa & window and fb & window)
-
-
-def _combine(a: Variant, b: Variant) -> Variant:
-    changes = {k: v for k, v in b.mistakes.__dict__.items() if v != getattr(CORRECT, k)}
-    merged = Mistakes(**{**a.mistakes.__dict__, **changes})
-    return Variant(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}", merged,
-                   a.ids if a.ids != "same" else b.ids)
 
 
 def format_diagnosis(diag: Diagnosis) -> str:
@@ -250,10 +195,17 @@ def format_diagnosis(diag: Diagnosis) -> str:
             lines.append("  It fails every looser profile too: an unknown mistake, or a combination of more "
                          "than two. Look at the first diverging tap.")
     for r in named:
+        if r.verdict == "overflows float16":
+            lines.append(wrap(f"  OVERFLOWS FLOAT16: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
+            continue
         first_v = r.comparison.first_divergence
         evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
                     if r.comparison.passed else f"vs this variant the first divergence moves to "
                                                 f"{first_v.name if first_v else 'none'}")
+        if r.verdict == "explains the first divergence":
+            evidence += (f", and what remains passes the {r.remains} profile: precision, not another mistake"
+                         if r.remains else ", and what remains fails every looser profile: another mistake "
+                                           "(or more) is left")
         at = first.name if first else "-"
         if first is not None and first.status == "shape":
             closer = f"only this variant reproduces the candidate's shape at {at}"
@@ -303,3 +255,63 @@ def verify_reference_model(model, reference: Case, log=None) -> None:
         raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "
                           f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
                           f"the golden, or pass --model with the original checkpoint")
+
+
+def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
+    """The known mistakes this case cannot show under this profile: each mistaken model's taps pass against
+    the reference (a window mistake on a prompt shorter than the window; a small one under a loose profile)."""
+    wanted = [n for n in reference.tap_names if n in set(tap_names(model.config))] or ["logits"]
+    blind = []
+    for mistake in known_mistakes(model.config):
+        if mistake.normalizer == "float64":
+            continue  # float32(sqrt(D)) vs float64: a rounding, never named against a float32 reference
+        ids = mistake.apply_ids(reference.token_ids)
+        if ids is None or np.shape(ids) != np.shape(reference.token_ids):
+            continue  # another input: the token ids themselves differ, which compare always reports
+        trace = inject(model, mistake).forward(ids, taps=wanted)
+        ref_view, trace, _ = align_positions(reference.activations, reference.positions, trace, None,
+                                             reference.batched)
+        if compare_activations(ref_view, trace, profile).passed:
+            blind.append(mistake.name)
+    return blind
+
+
+def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failures: bool | None = None,
+                         model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
+    """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
+    or (None, the default) when the reference's model is at hand and small enough to re-run ~20 times. With
+    the model at hand and small, a passing case also says which known mistakes it could not have seen
+    (`CaseComparison.blind_spots`): a PASS is only as strong as the case and the profile.
+
+    Returns the comparisons, {reference case path: Diagnosis}, and why no diagnosis ran (or None)."""
+    from .compare import compare_cases, compare_goldens
+    from .golden import Suite
+
+    suites = isinstance(reference, Suite) or isinstance(candidate, Suite)
+    results = compare_goldens(reference, candidate, profile) if suites else [compare_cases(reference, candidate,
+                                                                                          profile)]
+    failed = [r for r in results if not r.passed]
+    if diagnose_failures is False:
+        return results, {}, None
+    refs = {str(c.path): c for c in (reference.cases if isinstance(reference, Suite) else [reference])}
+    cands = {str(c.path): c for c in (candidate.cases if isinstance(candidate, Suite) else [candidate])}
+    first_ref = next(iter(refs.values()))
+    try:
+        model = load_reference_model(first_ref, model_path, verify=False)
+        if diagnose_failures or not model.is_large:  # hashing a large checkpoint takes a while: only if used
+            verify_reference_model(model, first_ref, log=log if model.is_large else None)
+    except (ValueError, FileNotFoundError) as e:
+        if diagnose_failures:
+            raise
+        return results, {}, f"no diagnosis: {e}" if failed else None
+    if model.is_large and not diagnose_failures:
+        return results, {}, (f"diagnosis skipped for a large model: it re-runs the model about "
+                             f"{len(known_mistakes(model.config))} times; ask for it explicitly") if failed else None
+    if not model.is_large:
+        for r in results:
+            if r.passed and r.reference in refs:
+                r.blind_spots = blind_spots(model, refs[r.reference], profile)
+    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], profile,
+                                       log=log if model.is_large else None)
+                 for r in failed if r.reference in refs and r.candidate in cands}
+    return results, diagnoses, None

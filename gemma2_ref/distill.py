@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import model
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log P(x) = logits_x - log sum_y exp(logits_y), stably (the max is subtracted first). (..., V)"""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    """log P(x) = logits_x - log sum_y exp(logits_y) (model.log_softmax), in float64. (..., V)"""
+    return model.log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 def entropy(teacher_logits: np.ndarray) -> np.ndarray:

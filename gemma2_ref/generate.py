@@ -22,9 +22,8 @@ Prefill longer than the window: the prompt's queries need the prompt's own keys 
 ring of W slots cannot hold all at once. So `update` returns the cached slots *plus* this step's keys, and
 only afterwards keeps the last W of them in the ring. A one-token decode step can write first and return
 the ring itself (the slot it overwrites holds position p - W, outside the window): no copy.
-The ring follows the config's window: mistakes that widen a sliding layer's view (`Mistakes(
-no_sliding_window=True)`, `window_offset=+1`) need more than W slots, so they are shown with the full
-forward only, not with a cached decode.
+The ring follows the config's window, so a model with a window mistake (mistakes.py: `sliding_window`
++-1, every layer global) decodes through a cache sized for *its* window, as the mistaken backend would.
 
 Taps work in decode steps too, with the same names and one position: (1, D), (1, H, Dh), ... The
 attention taps `attn.scores` / `attn.probs` then have one column per cache slot, (H, 1, T), in the cache's
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Gemma2Config
+from .model import softmax
 
 EMPTY = np.int64(1) << 62  # position of an unfilled slot: "in the future", so the causal mask hides it
 
@@ -166,11 +166,6 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     out = np.full_like(logits, -np.inf)
     out[order[:n_keep]] = logits[order[:n_keep]]
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,

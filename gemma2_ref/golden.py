@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -33,13 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapters.names import apply_name_map
+from .taps import canonical_order, sequence_axis
+from .tokenizer import BOS
 from .weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, write_safetensors
 
 FORMAT_VERSION = 1
 ACTIVATIONS = "activations.safetensors"
 MANIFEST = "manifest.json"
 SUITE = "suite.json"
-BOS = 2
 
 
 class GoldenError(ValueError):
@@ -108,66 +109,7 @@ def tensor_stats(a: np.ndarray) -> dict:
             "absmax": float(np.abs(x).max())}
 
 
-# -- name maps (another backend's tensor names -> canonical taps) -------------------------------------------
-
-def apply_name_map(activations: dict, name_map=None) -> dict:
-    """Rename a backend's tensors to canonical taps.
-
-    `name_map`: a dict {their name or pattern: canonical name or pattern}, or a list of "from=to" strings.
-    `{i}` in a pattern stands for a layer number: {"blk.{i}.attn_norm": "layers.{i}.pre_attn_norm"}.
-    A pattern ending in "*" maps a prefix: {"model.*": "*"} strips "model.". Unmatched names are kept."""
-    if not name_map:
-        return dict(activations)
-    if not isinstance(name_map, dict):
-        pairs = {}
-        for rule in name_map:
-            if "=" not in rule:
-                raise GoldenError(f"name map rule {rule!r} must look like THEIR_NAME=CANONICAL_NAME")
-            src, dst = rule.split("=", 1)
-            pairs[src] = dst
-        name_map = pairs
-    rules = []
-    for src, dst in name_map.items():
-        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)")
-        if pattern.endswith(r"\*"):
-            pattern = pattern[:-2] + "(?P<rest>.*)"
-        rules.append((re.compile(pattern + "$"), dst))
-    out = {}
-    for name, value in activations.items():
-        new = name
-        for rx, dst in rules:
-            m = rx.match(name)
-            if m:
-                new = dst.replace("{i}", m.groupdict().get("i") or "")
-                if dst.endswith("*"):
-                    new = new[:-1] + (m.groupdict().get("rest") or "")
-                break
-        if new in out:
-            raise GoldenError(f"name map sends two tensors to {new!r} (one of them is {name!r})")
-        out[new] = value
-    return out
-
-
 # -- writing ----------------------------------------------------------------------------------------------
-
-def canonical_order(names) -> list[str]:
-    """Tap names in execution order (embed, layers by number and step, final_norm, logits_raw, logits);
-    names that are not canonical taps come last, sorted."""
-    from .model import LAYER_TAPS
-
-    def key(name: str):
-        if name == "embed":
-            return (0, 0, 0, name)
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        if m and m.group(2) in LAYER_TAPS:
-            return (1, int(m.group(1)), LAYER_TAPS.index(m.group(2)), name)
-        ends = ("final_norm", "logits_raw", "logits")
-        if name in ends:
-            return (2, ends.index(name), 0, name)
-        return (3, 0, 0, name)
-
-    return sorted(names, key=key)
-
 
 def describe_bos(token_ids) -> str:
     """The BOS policy the ids follow: "one" (Gemma's), "none", or "doubled"."""
@@ -179,11 +121,6 @@ def describe_bos(token_ids) -> str:
             n += 1
         kinds.add({0: "none", 1: "one"}.get(n, "doubled" if n == 2 else f"{n} x <bos>"))
     return kinds.pop() if len(kinds) == 1 else "mixed"
-
-
-def sequence_axis(name: str, ndim: int, batched: bool) -> int:
-    """The query-position axis of a tap: 0 for (S, ...), 1 for (H, S, T) scores/probs; +1 with a batch."""
-    return (1 if name.endswith(("attn.scores", "attn.probs")) else 0) + (1 if batched else 0)
 
 
 def keep_positions(activations: dict, positions, batched: bool) -> dict:
@@ -474,147 +411,3 @@ def load_golden(path: str | Path, verify: bool = True, name_map=None) -> Case | 
     if name_map:
         case.activations = apply_name_map(case.activations, name_map)
     return case
-
-
-# -- producing goldens with gemma2_ref ----------------------------------------------------------------------
-
-def run_case(model, ids, taps="default", mistakes=None, progress=None) -> dict[str, np.ndarray]:
-    """Our forward with taps, the activations a golden stores (logits always included)."""
-    from .model import CORRECT
-    return model.forward(ids, taps=taps, mistakes=mistakes or CORRECT, progress=progress)
-
-
-def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None, positions=None) -> Path:
-    """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
-    acts = run_case(model, ids, taps, progress=progress)
-    return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
-                      compute_dtype=str(model.dtype), description=description, positions=positions)
-
-
-def tap_bytes(cfg, taps, batch: int, seq: int, itemsize: int = 4, rows: int | None = None) -> int:
-    """Bytes the taps of one case take: `seq` tokens run, `rows` query positions stored (default all)."""
-    from .model import select_taps
-
-    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    width = {"attn.q_proj": H * Dh, "attn.q_rope": H * Dh, "attn.context": H * Dh, "attn.k_proj": K * Dh,
-             "attn.k_rope": K * Dh, "attn.v_proj": K * Dh, "attn.scores": H * seq, "attn.probs": H * seq,
-             "mlp.gate": F, "mlp.up": F, "mlp.hidden": F, "logits_raw": V, "logits": V}
-    names = set(select_taps(cfg, taps)) | {"logits"}
-    per_row = sum(width.get(n if n in ("logits", "logits_raw") else n.split(".", 2)[-1], D) for n in names)
-    return per_row * batch * (seq if rows is None else rows) * itemsize
-
-
-# -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
-
-PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "
-           "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
-           "appear in text, and so do names, code and questions: what comes next? ")
-QUESTION = "Why soft-cap scores?"
-
-
-@dataclass
-class CaseInput:
-    name: str
-    description: str
-    ids: list | np.ndarray
-    text: str | None = None
-
-
-def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
-    """The coverage suite for a model with sliding window W (4096 for the released models):
-
-    short      a short prompt with one <bos>
-    window     W + 2 tokens: positions W-1, W, W+1 exist, so the first key leaves the window (sliding layers
-               differ from global ones, and an off-by-one window shows)
-    no_bos     the short prompt without <bos> (lm-evaluation-harness #2049)
-    double_bos the short prompt with <bos><bos> (a chat template plus an added BOS)
-    chat       a user turn in the Gemma chat template
-    batch      two different prompts of equal length, as one (2, S) batch (no padding)
-    """
-    W = cfg.sliding_window
-    if W + 2 > cfg.max_position_embeddings:
-        raise ValueError(f"the window case needs {W + 2} positions, the model's context is "
-                         f"{cfg.max_position_embeddings}")
-    short_text = "The cat sat on the mat."
-    short = tokenizer.encode(short_text, bos=True)
-    long_ids = tokenizer.encode(PASSAGE, bos=True)
-    body = tokenizer.encode(PASSAGE, bos=False)
-    while len(long_ids) < W + 2:
-        long_ids += body
-    long_ids = long_ids[: W + 2]
-    a = tokenizer.encode("Windows slide.", bos=True)
-    b = tokenizer.encode("Caps bound logits.", bos=True)
-    n = min(len(a), len(b))
-    chat_ids = tokenizer.encode_chat(QUESTION)
-    return [
-        CaseInput("short", "a short prompt, one <bos>", short, short_text),
-        CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
-                            f"of {W}", long_ids, tokenizer.decode(long_ids, skip_special=False)),
-        CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
-        CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
-        CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
-        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]),
-                  None),
-    ]
-
-
-SUITES = {"coverage": coverage_inputs}
-
-
-MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
-MAX_TAP_MEMORY = 8 << 30  # in memory while running: beyond this a case records the "residual" taps only
-LAST_ROWS = 4  # for the window case: positions W-2, W-1, W, W+1
-
-
-def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int] | None, list[str]]:
-    """The taps and stored positions that keep one case within the memory and disk budgets, and notes."""
-    ids = np.asarray(ids)
-    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[0]))
-    notes = []
-    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_TAP_MEMORY and taps != "residual":
-        notes.append(f"taps reduced to 'residual': {taps!r} for {seq} tokens would need "
-                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**30:.0f} GiB of memory")
-        taps = "residual"
-    positions = None
-    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_CASE_BYTES and seq > LAST_ROWS:
-        positions = (seq - LAST_ROWS, seq)
-        notes.append(f"only positions {seq - LAST_ROWS}..{seq - 1} stored (the full case would take "
-                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**20:.0f} MiB)")
-    return taps, positions, notes
-
-
-def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", model_name=None,
-                   log=None, write=None) -> Path:
-    """Write every case of a suite under out_dir, plus suite.json.
-
-    Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
-    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions)`
-    writes one case; default: our forward. Give another to produce the suite with another backend."""
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = model_info(model, model_name, progress=log is not None)
-    if write is None:
-        progress = None
-        if log is not None and model.config.parameter_counts()["total"] > 50_000_000:
-            progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
-
-        def write(ids, case_dir, text, description, case_taps, positions):
-            generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
-                          progress=progress, positions=positions)
-    inputs = SUITES[name](model.config, tokenizer)
-    entries = []
-    for case in inputs:
-        ids = np.asarray(case.ids)
-        case_taps, positions, notes = case_plan(model.config, taps, ids, model.dtype.itemsize)
-        if log:
-            log(f"  case {case.name}: {ids.shape} tokens" + "".join(f"; {n}" for n in notes))
-        description = case.description + "".join(f"; {n}" for n in notes)
-        write(ids, out_dir / case.name, case.text, description, case_taps, positions)
-        entries.append({"name": case.name, "description": description})
-    return write_suite(out_dir, name, entries,
-                       {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
-                        "sliding_window": model.config.sliding_window, "taps": taps})

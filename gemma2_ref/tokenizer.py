@@ -49,8 +49,7 @@ class Tokenizer:
         self._control_re = re.compile("(" + "|".join(re.escape(p) for p in sorted(controls, key=len,
                                                                                    reverse=True)) + ")")
 
-    bos_id, eos_id, pad_id = BOS, EOS, PAD
-    start_of_turn_id, end_of_turn_id = START_OF_TURN, END_OF_TURN
+    bos_id = BOS
 
     @property
     def stop_ids(self) -> tuple[int, int]:

@@ -33,41 +33,18 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .bfloat16 import bf16_bits_to_f32, f32_to_bf16_bits, round_to_bf16  # noqa: F401 (re-exported)
 from .config import Gemma2Config
+from .model import LayerWeights
 
 
 class WeightsError(ValueError):
     """A checkpoint that does not match its config. The message names the file and the tensor."""
-
-
-# -- bfloat16 ----------------------------------------------------------------------------------------
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bit patterns -> float32, exactly (bf16 is the high half of an f32)."""
-    out = bits.astype(np.uint32)
-    out <<= 16
-    return out.view(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> uint16 bfloat16 bit patterns, rounding to nearest, ties to even (as torch does)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    u = x.view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a (quiet) NaN
-    return rounded
-
-
-def round_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16, returned as float32."""
-    return bf16_bits_to_f32(f32_to_bf16_bits(x))
 
 
 # -- safetensors files -----------------------------------------------------------------------------------
@@ -228,26 +205,6 @@ def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype,
 
 # -- the Gemma 2 tensors -----------------------------------------------------------------------------------
 
-@dataclass
-class LayerWeights:
-    """One decoder layer's weights in the compute dtype, named as the taps are."""
-    q_proj: np.ndarray  # (H*Dh, D)
-    k_proj: np.ndarray  # (K*Dh, D)
-    v_proj: np.ndarray  # (K*Dh, D)
-    o_proj: np.ndarray  # (D, H*Dh)
-    gate_proj: np.ndarray  # (F, D)
-    up_proj: np.ndarray  # (F, D)
-    down_proj: np.ndarray  # (D, F)
-    pre_attn_norm: np.ndarray  # (D,) stored as an offset from 1: the scale is (1 + w)
-    post_attn_norm: np.ndarray  # (D,)
-    pre_ffw_norm: np.ndarray  # (D,)
-    post_ffw_norm: np.ndarray  # (D,)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self))
-
-
 # Our field name -> the checkpoint's name under `model.layers.{i}.`
 HF_LAYER_NAMES = {
     "q_proj": "self_attn.q_proj.weight",
@@ -356,17 +313,23 @@ class Weights:
 
     `layer(i)` converts one layer to the compute dtype when the forward reaches it and lets it go after,
     so peak memory is the embedding plus a layer or two, not the whole model in float32.
-    With `keep_converted=True` converted layers are kept (faster repeated forwards, e.g. decoding).
+    `keep_bytes` converted layers are kept for the next forward (decoding runs the forward once per token):
+    0 keeps none (streaming), None keeps all; a budget keeps layers 0, 1, ... while they fit in it and
+    converts the rest on every forward. The values are the same either way: conversion is exact.
     """
 
     def __init__(self, refs: dict[str, TensorRef], cfg: Gemma2Config, dtype=np.float32,
-                 keep_converted: bool = False):
+                 keep_bytes: int | None = 0):
         self.refs, self.cfg, self.dtype = refs, cfg, np.dtype(dtype)
-        self.keep_converted = keep_converted
+        self.keep_bytes = keep_bytes
         self._maps = MappedFiles()
         self._embedding: np.ndarray | None = None
         self._final_norm: np.ndarray | None = None
         self._layers: dict[int, LayerWeights] = {}
+
+    @property
+    def kept_layers(self) -> int:
+        return len(self._layers)
 
     @property
     def files(self) -> list[Path]:
@@ -411,7 +374,8 @@ class Weights:
         if i in self._layers:
             return self._layers[i]
         w = LayerWeights(**{ours: self.tensor(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
-        if self.keep_converted:
+        kept = sum(layer.nbytes for layer in self._layers.values())
+        if self.keep_bytes is None or kept + w.nbytes <= self.keep_bytes:
             self._layers[i] = w
         return w
 
@@ -419,57 +383,3 @@ class Weights:
         self._layers.clear()
         self._embedding = self._final_norm = None
         self._maps.close()
-
-
-# -- writing checkpoints (the bundled model, tests, benchmarks) ---------------------------------------------
-
-def hf_name(ours: str, layer: int) -> str:
-    return f"model.layers.{layer}.{HF_LAYER_NAMES[ours]}"
-
-
-def random_weights(cfg: Gemma2Config, seed: int = 0, scale: float = 1.0, norm_std: float = 0.3,
-                   dtype=np.float32) -> dict[str, np.ndarray]:
-    """Random weights under checkpoint names. Every tensor is random, the norms included (a zero norm
-    weight would hide a missing or doubled `1 +`). Linear weights ~ N(0, scale^2 / fan_in)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_tensors(cfg).items():
-        if len(shape) == 1:
-            out[name] = rng.normal(0.0, norm_std, shape).astype(dtype)
-        elif name == EMBEDDING:
-            out[name] = rng.normal(0.0, 1.0 / np.sqrt(shape[1]), shape).astype(dtype)
-        else:
-            out[name] = rng.normal(0.0, scale / np.sqrt(shape[1]), shape).astype(dtype)
-    return out
-
-
-def save_checkpoint(directory: str | Path, cfg: Gemma2Config, tensors: dict[str, np.ndarray],
-                    dtype: str = "BF16", shards: int = 1, config_style: str = "new",
-                    tokenizer: str | Path | None = None) -> Path:
-    """Write a checkpoint in the Hugging Face layout: config.json, model.safetensors (or `shards` files
-    model-0000k-of-0000n.safetensors + model.safetensors.index.json), and optionally tokenizer.model."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(config_style), indent=2) + "\n")
-    names = list(expected_tensors(cfg))
-    unknown = sorted(set(tensors) - set(names))
-    if unknown:
-        raise WeightsError(f"not Gemma 2 tensor names: {unknown[:5]}")
-    names = [n for n in names if n in tensors]
-    if shards == 1:
-        write_safetensors(directory / "model.safetensors", {n: tensors[n] for n in names}, dtype,
-                          metadata={"format": "pt"})
-    else:
-        groups = np.array_split(np.arange(len(names)), shards)
-        weight_map, total = {}, 0
-        for k, group in enumerate(groups, start=1):
-            file = f"model-{k:05d}-of-{shards:05d}.safetensors"
-            part = {names[j]: tensors[names[j]] for j in group}
-            write_safetensors(directory / file, part, dtype, metadata={"format": "pt"})
-            weight_map.update({n: file for n in part})
-            total += sum(a.size for a in part.values()) * STORAGE_DTYPES[dtype].itemsize
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if tokenizer is not None:
-        (directory / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-    return directory

@@ -24,7 +24,8 @@ import numpy as np
 import gemma2_ref as g2
 from gemma2_ref.compare import Profile, compare_activations
 from gemma2_ref.data import bundled_path
-from gemma2_ref.weights import random_weights, round_to_bf16, save_checkpoint
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.bfloat16 import round_to_bf16
 
 LOOSE = Profile("measure", rel_l2=np.inf, max_rel=np.inf, kl=np.inf, top1=0.0, top5=0.0)
 

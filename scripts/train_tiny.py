@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.config import Gemma2Config  # noqa: E402
 from gemma2_ref.distill import distillation_loss  # noqa: E402
-from gemma2_ref.weights import save_checkpoint  # noqa: E402
+from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
 
 CORPUS = ROOT / "scripts" / "corpus" / "python-reference-topics.txt"
 TOKENIZER = ROOT / "gemma2_ref" / "data" / "tiny" / "tokenizer.model"

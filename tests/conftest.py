@@ -17,7 +17,7 @@ def tiny_random_dir(tmp_path_factory):
     """A random checkpoint with the tiny preset's shapes, f32 on disk."""
     import gemma2_ref as g2
     from gemma2_ref.data import bundled_path
-    from gemma2_ref.weights import random_weights, save_checkpoint
+    from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
     cfg = g2.PRESETS["tiny"]
     d = tmp_path_factory.mktemp("tiny_random")

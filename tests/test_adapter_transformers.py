@@ -8,6 +8,7 @@ import torch
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
+from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
@@ -36,7 +37,7 @@ def checkpoint(request, tmp_path_factory):
 
 def golden_pair(ckpt, cfg, tmp_path, dtype="float32", taps="all", ids=None):
     ids = ids_for(cfg.vocab_size, SEQ) if ids is None else ids
-    ours = G.load_case(G.generate_case(g2.load_model(ckpt), ids, tmp_path / "ours", taps=taps))
+    ours = G.load_case(S.generate_case(g2.load_model(ckpt), ids, tmp_path / "ours", taps=taps))
     theirs = G.load_case(adapter.write_golden(ckpt, ids, tmp_path / f"hf-{dtype}", dtype=dtype, taps=taps))
     return ours, theirs
 

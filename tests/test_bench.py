@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from gemma2_ref import bench, cli
+from gemma2_ref import cli, commands
+from gemma2_ref.checkpoints import build_random_checkpoint, preset_config
+
+bench = commands.bench_module()  # benchmarks/bench.py: outside the package, it needs torch
 from gemma2_ref.weights import index_checkpoint
 
 
@@ -42,8 +45,8 @@ def test_bench_small_reports_speed_memory_and_agreement(tmp_path):
 
 def test_random_checkpoint_is_hf_layout_reused_and_layer_weights_shared_across_depths(tmp_path):
     """Layer i holds the same numbers whatever the depth: the timing checkpoint is the full one, truncated."""
-    short = bench.build_random_checkpoint(tmp_path / "2L", bench.bench_config("tiny", 2), log=lambda *a: None)
-    full = bench.build_random_checkpoint(tmp_path / "4L", bench.bench_config("tiny"), log=lambda *a: None)
+    short = build_random_checkpoint(tmp_path / "2L", preset_config("tiny", 2), log=lambda *a: None)
+    full = build_random_checkpoint(tmp_path / "4L", preset_config("tiny"), log=lambda *a: None)
     assert (full / "model.safetensors.index.json").is_file()
     refs = index_checkpoint(full, g2.load_config(full))  # names, shapes, dtypes as the config says
     assert {r.dtype for r in refs.values()} == {"BF16"}
@@ -51,7 +54,7 @@ def test_random_checkpoint_is_hf_layout_reused_and_layer_weights_shared_across_d
     np.testing.assert_array_equal(a.layer(1).down_proj, b.layer(1).down_proj)
     np.testing.assert_array_equal(a.embedding(), b.embedding())
     stamp = (full / "model-00001-of-00002.safetensors").stat().st_mtime_ns
-    bench.build_random_checkpoint(tmp_path / "4L", bench.bench_config("tiny"), log=lambda *a: None)
+    build_random_checkpoint(tmp_path / "4L", preset_config("tiny"), log=lambda *a: None)
     assert (full / "model-00001-of-00002.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

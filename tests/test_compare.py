@@ -7,6 +7,7 @@ import pytest
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
+from gemma2_ref import suites as S
 from gemma2_ref.cli import build_parser
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import (PROFILES, compare_activations, compare_tap, format_report, get_profile,
@@ -168,20 +169,20 @@ def test_cli_compares_a_bare_safetensors_file_through_a_name_map(tmp_path, refer
 def test_suites_are_compared_case_by_case(tmp_path, run, capsys):
     model, _, _ = run
     tok = g2.load_tokenizer("tiny")
-    G.generate_suite(model, tok, tmp_path / "ref", model_name="tiny", taps="residual")
-    G.generate_suite(model, tok, tmp_path / "cand", model_name="tiny", taps="residual")
+    S.generate_suite(model, tok, tmp_path / "ref", model_name="tiny", taps="residual")
+    S.generate_suite(model, tok, tmp_path / "cand", model_name="tiny", taps="residual")
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand")]) == 0
-    assert "suite: 6 of 6 cases pass" in capsys.readouterr().out
+    assert "suite: 8 of 8 cases pass" in capsys.readouterr().out
     bad = G.load_case(tmp_path / "cand" / "chat")
     acts = perturbed(bad.activations, "layers.1.output", 1e-2)
     G.write_case(tmp_path / "cand" / "chat", acts, bad.token_ids)
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--no-diagnose"]) == 1
-    assert "suite: 5 of 6 cases pass; failing: chat" in capsys.readouterr().out
+    assert "suite: 7 of 8 cases pass; failing: chat" in capsys.readouterr().out
     (tmp_path / "cand" / "suite.json").unlink()  # a backend writing case by case need not write suite.json
     (tmp_path / "cand" / "batch" / "manifest.json").rename(tmp_path / "batch-manifest.json")
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--no-diagnose"]) == 1
     out = capsys.readouterr().out
-    assert "case 'batch' is missing from the candidate suite" in out and "4 of 6 cases pass" in out
+    assert "case 'batch' is missing from the candidate suite" in out and "6 of 8 cases pass" in out
 
 
 # -- assert_matches_golden ------------------------------------------------------------------------------------

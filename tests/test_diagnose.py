@@ -6,11 +6,12 @@ import pytest
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
+from gemma2_ref import suites as S
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.diagnose import diagnose, format_diagnosis, known_variants, load_reference_model
-from gemma2_ref.model import Mistakes
-from gemma2_ref.weights import random_weights, save_checkpoint
+from gemma2_ref.mistakes import combine, find, inject
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
 W = 8  # sliding window of the test model
 # A small model where every mistake is visible: query_pre_attn_scalar (24) != head_dim (16) != D/H (18),
@@ -22,17 +23,17 @@ FP32 = PROFILES["fp32"]
 
 # mistake -> the tap where it first acts (with the "default" taps; attn.probs when "all" taps are stored)
 CASES = {
-    "drop_attn_softcap": (Mistakes(drop_attn_softcap=True), "layers.0.attn.context"),
-    "drop_final_softcap": (Mistakes(drop_final_softcap=True), "logits"),
-    "no_sliding_window": (Mistakes(no_sliding_window=True), "layers.0.attn.context"),
-    "window_offset=+1": (Mistakes(window_offset=1), "layers.0.attn.context"),
-    "window_offset=-1": (Mistakes(window_offset=-1), "layers.0.attn.context"),
-    "query_scale=head_dim (16)": (Mistakes(query_scale=16.0), "layers.0.attn.context"),
-    "query_scale=224": (Mistakes(query_scale=224.0), "layers.0.attn.context"),
-    "normalizer_dtype=bfloat16": (Mistakes(normalizer_dtype="bfloat16"), "embed"),
-    "norm_offset=0": (Mistakes(norm_offset=0.0), "layers.0.pre_attn_norm"),
-    "norm_offset=2": (Mistakes(norm_offset=2.0), "layers.0.pre_attn_norm"),
-    "exact_gelu": (Mistakes(exact_gelu=True), "layers.0.mlp.hidden"),
+    "drop_attn_softcap": "layers.0.attn.context",
+    "drop_final_softcap": "logits",
+    "no_sliding_window": "layers.0.attn.context",
+    "window_offset=+1": "layers.0.attn.context",
+    "window_offset=-1": "layers.0.attn.context",
+    "query_scale=head_dim (16)": "layers.0.attn.context",
+    "query_scale=224": "layers.0.attn.context",
+    "normalizer_dtype=bfloat16": "embed",
+    "norm_offset=0": "layers.0.pre_attn_norm",
+    "norm_offset=2": "layers.0.pre_attn_norm",
+    "exact_gelu": "layers.0.mlp.hidden",
 }
 
 
@@ -50,19 +51,19 @@ def ids_of(n: int, seed: int = 0) -> np.ndarray:
 def reference(model, tmp_path_factory):
     """A golden past the window: positions up to W + 3."""
     out = tmp_path_factory.mktemp("ref") / "case"
-    return G.load_case(G.generate_case(model, ids_of(W + 4), out, taps="default"))
+    return G.load_case(S.generate_case(model, ids_of(W + 4), out, taps="default"))
 
 
-def candidate(model, tmp_path, ids, mistakes, taps="default"):
+def candidate(model, tmp_path, ids, mistake, taps="default"):
     """What a backend with this mistake would write: its activations and the ids it ran, nothing else."""
-    return G.load_case(G.write_case(tmp_path / "cand", model.forward(ids, taps=taps, mistakes=mistakes), ids,
+    return G.load_case(G.write_case(tmp_path / "cand", inject(model, mistake).forward(ids, taps=taps), ids,
                                     producer="some backend"))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_each_mistake_fails_where_it_first_acts_and_is_named(model, reference, tmp_path, name):
-    mistakes, first_tap = CASES[name]
-    cand = candidate(model, tmp_path, reference.token_ids, mistakes)
+    first_tap = CASES[name]
+    cand = candidate(model, tmp_path, reference.token_ids, name)
     result = compare_cases(reference, cand, FP32)
     assert not result.passed
     assert result.first_divergence.name == first_tap
@@ -76,19 +77,19 @@ def test_each_mistake_fails_where_it_first_acts_and_is_named(model, reference, t
 @pytest.mark.parametrize("name", ["no_sliding_window", "window_offset=+1", "window_offset=-1"])
 def test_window_mistakes_are_invisible_before_the_window(model, tmp_path, name):
     ids = ids_of(W - 1)  # every key stays inside the window, even one key narrower
-    short = G.load_case(G.generate_case(model, ids, tmp_path / "short"))
-    cand = candidate(model, tmp_path, ids, CASES[name][0])
+    short = G.load_case(S.generate_case(model, ids, tmp_path / "short"))
+    cand = candidate(model, tmp_path, ids, name)
     assert compare_cases(short, cand, FP32).passed
 
 
 def test_with_attention_scores_stored_scale_and_window_mistakes_are_told_apart(model, tmp_path):
     ids = ids_of(W + 4)
-    ref = G.load_case(G.generate_case(model, ids, tmp_path / "ref_all", taps="all"))
+    ref = G.load_case(S.generate_case(model, ids, tmp_path / "ref_all", taps="all"))
     probs_only = {n: a for n, a in ref.activations.items() if not n.endswith("attn.scores")}
     # the query scale acts on the scores; the window acts at the mask, after them: scores agree, probs differ
-    scale = candidate(model, tmp_path, ids, Mistakes(query_scale=16.0), taps="all")
+    scale = candidate(model, tmp_path, ids, "query_scale=head_dim", taps="all")
     assert compare_cases(ref, scale, FP32).first_divergence.name == "layers.0.attn.scores"
-    window = candidate(model, tmp_path, ids, Mistakes(window_offset=1), taps="all")
+    window = candidate(model, tmp_path, ids, "window_offset=+1", taps="all")
     first = compare_cases(ref, window, FP32).first_divergence
     head, query, key = first.max_abs_index
     assert first.name == "layers.0.attn.probs" and query - key == W  # the key exactly `window` back
@@ -99,7 +100,7 @@ def test_with_attention_scores_stored_scale_and_window_mistakes_are_told_apart(m
 @pytest.mark.parametrize("name, ids_kind", [("no_bos", "no_bos"), ("double_bos", "double_bos")])
 def test_a_missing_or_doubled_bos_is_named(model, reference, tmp_path, name, ids_kind):
     ids = reference.token_ids[1:] if ids_kind == "no_bos" else np.concatenate([[2], reference.token_ids])
-    cand = candidate(model, tmp_path, ids, Mistakes())
+    cand = G.load_case(G.write_case(tmp_path / "cand", model.forward(ids, taps="default"), ids))
     result = compare_cases(reference, cand, FP32)
     assert result.first_divergence.name == "embed" and result.first_divergence.status == "shape"
     assert "<bos>" in result.input_mismatch
@@ -113,7 +114,7 @@ def test_a_bos_mistake_is_named_even_when_the_candidate_records_the_reference_id
 
 
 def test_two_mistakes_at_once_are_named_together(model, reference, tmp_path):
-    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(exact_gelu=True, drop_final_softcap=True))
+    cand = candidate(model, tmp_path, reference.token_ids, combine(find(CFG, "exact_gelu"), find(CFG, "drop_final_softcap")))
     diag = diagnose(model, reference, cand, FP32)
     assert diag.named[0].verdict == "matches"
     assert set(diag.named[0].variant.name.split(" + ")) == {"exact_gelu", "drop_final_softcap"}
@@ -144,7 +145,7 @@ def test_the_reference_model_must_have_the_recorded_weights(model, reference, tm
 
 
 def test_cli_compare_and_diagnose_name_the_mistake(model, reference, tmp_path, capsys):
-    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(drop_attn_softcap=True))
+    cand = candidate(model, tmp_path, reference.token_ids, "drop_attn_softcap")
     assert cli(["compare", str(reference.path), str(cand.path)]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "FAIL: first diverging tap: layers.0.attn.context (layer 0, attn.context)" in out
@@ -156,7 +157,7 @@ def test_cli_compare_and_diagnose_name_the_mistake(model, reference, tmp_path, c
 def test_json_reports_carry_the_diagnosis(model, reference, tmp_path, capsys):
     import json
 
-    cand = candidate(model, tmp_path, reference.token_ids, Mistakes(norm_offset=2.0))
+    cand = candidate(model, tmp_path, reference.token_ids, "norm_offset=2")
     assert cli(["compare", str(reference.path), str(cand.path), "--json"]) == 1
     case = json.loads(capsys.readouterr().out)["cases"][0]
     assert case["first_divergence"] == "layers.0.pre_attn_norm"
@@ -167,7 +168,7 @@ def test_json_reports_carry_the_diagnosis(model, reference, tmp_path, capsys):
 
 
 def test_a_residual_stream_candidate_is_diagnosed_from_what_it_has(model, reference, tmp_path):
-    acts = model.forward(reference.token_ids, taps="residual", mistakes=Mistakes(drop_attn_softcap=True))
+    acts = inject(model, "drop_attn_softcap").forward(reference.token_ids, taps="residual")
     cand = G.load_case(G.write_case(tmp_path / "resid", acts, reference.token_ids))
     result = compare_cases(reference, cand, FP32)
     assert result.first_divergence.name == "layers.0.output"  # the coarsest place the candidate can show
@@ -178,12 +179,12 @@ def test_compare_still_reports_when_the_reference_model_is_not_here(model, tmp_p
     import json
 
     ids = ids_of(W + 2)
-    ref_dir = G.generate_case(model, ids, tmp_path / "ref")
+    ref_dir = S.generate_case(model, ids, tmp_path / "ref")
     m = json.loads((ref_dir / G.MANIFEST).read_text())
     m["model"]["path"] = str(tmp_path / "gone")
     m["manifest_sha256"] = G._manifest_checksum(m)
     (ref_dir / G.MANIFEST).write_text(json.dumps(m))
-    cand = candidate(model, tmp_path, ids, Mistakes(exact_gelu=True))
+    cand = candidate(model, tmp_path, ids, "exact_gelu")
     assert cli(["compare", str(ref_dir), str(cand.path)]) == 1
     captured = capsys.readouterr()
     assert "first diverging tap: layers.0.mlp.hidden" in " ".join(captured.out.split())

@@ -19,7 +19,7 @@ import gemma2_ref as g2
 from gemma2_ref.data import DATA_DIR
 from gemma2_ref.distill import (distillation_loss, distillation_per_token, entropy, kl_loss, kl_per_token,
                                 log_softmax)
-from gemma2_ref.weights import random_weights, save_checkpoint
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SCRIPTS = DATA_DIR.parent.parent / "scripts"

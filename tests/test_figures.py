@@ -19,9 +19,9 @@ def embedded_figures() -> set[str]:
     return names
 
 
-def test_chapters_embed_the_five_required_figures():
-    assert {"masks.png", "rope_frequencies.png", "softcap.png", "attention_map.png",
-            "divergence.png"} <= embedded_figures()
+def test_chapters_embed_the_required_figures():
+    assert {"block_diagram.png", "masks.png", "rope_frequencies.png", "softcap.png", "rmsnorm.png",
+            "attention_map.png", "divergence.png", "kv_cache.png", "distillation.png"} <= embedded_figures()
 
 
 def test_figures_script_runs_headless_and_makes_every_embedded_figure(tmp_path):

@@ -20,7 +20,7 @@ import gemma2_ref as g2
 from gemma2_ref.cli import main
 from gemma2_ref.generate import (EMPTY, KVCache, TextStream, generate, greedy, sample_next, top_k_filter,
                                  top_p_filter)
-from gemma2_ref.weights import random_weights, save_checkpoint
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 from hf_reference import hf_config, load_reference, make_checkpoint
 
 WINDOW = 5

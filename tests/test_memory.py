@@ -12,8 +12,9 @@ import pytest
 
 import gemma2_ref as g2
 from gemma2_ref.generate import KVCache
-from gemma2_ref.weights import (EMBEDDING, MappedFiles, bf16_bits_to_f32, random_weights, save_checkpoint,
-                                to_compute_dtype, write_safetensors, read_safetensors_header)
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.weights import (EMBEDDING, MappedFiles, bf16_bits_to_f32, to_compute_dtype, write_safetensors,
+                                read_safetensors_header)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 import gemma2_ref as g2
 from conftest import rel_l2
+from gemma2_ref.fast import attention_in_blocks
+from gemma2_ref.taps import NO_TAPS
 from gemma2_ref.model import (attention, attention_mask, gelu_exact, gelu_tanh, rms_norm, rope,
                               rope_frequencies, soft_cap)
 
@@ -118,8 +120,10 @@ def test_attention_equals_the_definition_one_query_at_a_time(window, block_bytes
     rng = _rng(3)
     q, k, v = rng.normal(size=(2, 13, 4, 8)) * 4, rng.normal(size=(2, 13, 2, 8)) * 4, rng.normal(size=(2, 13, 2, 8))
     pos = np.arange(13)
-    fast = attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0, max_scores_bytes=block_bytes)
-    np.testing.assert_allclose(fast, _naive_attention(q, k, v, window, 8 ** -0.5, 50.0), rtol=1e-10, atol=1e-12)
+    naive = _naive_attention(q, k, v, window, 8 ** -0.5, 50.0)
+    np.testing.assert_allclose(attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0), naive, rtol=1e-10, atol=1e-12)
+    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
+    np.testing.assert_allclose(blocked, naive, rtol=1e-10, atol=1e-12)
 
 
 def test_attention_does_not_care_about_the_order_keys_are_stored_in():

@@ -14,8 +14,9 @@ from safetensors.torch import load_file as st_load_torch
 from safetensors.torch import save_file as st_save_torch
 
 import gemma2_ref as g2
-from gemma2_ref.weights import (WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, random_weights,
-                                read_safetensors_header, save_checkpoint, write_safetensors)
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.weights import (WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, read_safetensors_header,
+                                write_safetensors)
 
 CFG = g2.PRESETS["tiny"].replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
                                  vocab_size=300)
@@ -217,3 +218,17 @@ def test_the_bundled_bf16_weights_convert_exactly_as_torch_converts_them():
     theirs = st_load_torch(model.path / "model.safetensors")  # numpy has no bf16: torch is the referee
     for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
         np.testing.assert_array_equal(model.weights.tensor(name), theirs[name].float().numpy())
+
+
+def test_forward_runs_on_plain_arrays_as_it_does_on_a_memory_mapped_checkpoint(tmp_path):
+    """A REPL needs no files: model.forward takes any provider of embedding(), layer(i), final_norm()."""
+    from gemma2_ref.loader import ArrayWeights
+    from gemma2_ref.model import forward
+
+    tensors = random_weights(CFG, seed=3)
+    ids = np.array([2, 7, 9, 11, 40])
+    in_memory = forward(ArrayWeights.from_tensors(CFG, tensors), CFG, ids, taps="residual")
+    on_disk = g2.load_model(save_checkpoint(tmp_path / "ck", CFG, tensors, "F32")).forward(ids, taps="residual")
+    assert in_memory.keys() == on_disk.keys()
+    for name in on_disk:
+        np.testing.assert_array_equal(in_memory[name], on_disk[name])

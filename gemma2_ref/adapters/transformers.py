@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
-from ..model import select_taps
+from ..taps import select_taps, tap_names
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
@@ -43,7 +43,6 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 def reachable_taps(cfg) -> list[str]:
     """The canonical taps this adapter can capture, in execution order."""
-    from ..model import tap_names
     ends = ("embed", "final_norm", "logits_raw", "logits")
     return [n for n in tap_names(cfg) if n in ends or n.split(".", 2)[-1] in REACHABLE]
 
@@ -126,6 +125,12 @@ def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.nd
             h.remove()
     out = {name: got[name].detach().float().cpu().numpy() for name in got}
     return out if batched else {name: a[0] for name, a in out.items()}
+
+
+def backend_options(checkpoint, args) -> dict:
+    """`gemma2-ref golden --backend transformers`: load the model once for every case of a suite."""
+    return {"attn_implementation": args.attn_implementation,
+            "hf_model": load(checkpoint, args.dtype, args.attn_implementation)}
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",

@@ -1,6 +1,6 @@
 """Benchmark: the NumPy forward against transformers' eager float32 forward, same weights, same inputs.
 
-`gemma2-ref bench` (and `benchmarks/run.py`) does, in one run:
+`python benchmarks/bench.py` (or `gemma2-ref bench` from a source checkout) does, in one run:
 
 1. builds (once, then reuses from `--cache-dir`) random checkpoints with the real 2B shapes in the real
    Hugging Face layout: bf16 safetensors shards + index + config.json. One with all 26 layers (memory), one
@@ -26,90 +26,18 @@ import platform
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, Gemma2Config, alternating_layer_types
-from .weights import EMBEDDING, FINAL_NORM, expected_tensors, write_safetensors_blocks
+if __package__ in (None, ""):  # run as a script from a source checkout: import the package beside it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noqa: E402
+from gemma2_ref.config import PRESETS, Gemma2Config  # noqa: E402
 
 GiB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("GEMMA2_REF_BENCH_CACHE", Path.home() / ".cache" / "gemma2-ref" / "bench"))
-CHECKPOINT_FORMAT = 1  # bump when the generator below changes, so cached checkpoints are rebuilt
-
-
-# -- random checkpoints with real shapes, written a block at a time -------------------------------------------
-
-def bench_config(preset: str, layers: int | None = None) -> Gemma2Config:
-    """The preset's shapes with `layers` decoder layers (alternating sliding / global, as released)."""
-    base = PRESETS[preset]
-    n = layers or base.num_hidden_layers
-    return base.replace(num_hidden_layers=n, layer_types=tuple(alternating_layer_types(n)))
-
-
-def tensor_std(name: str, shape: tuple[int, ...]) -> float:
-    """Norm weights ~ N(0, 0.3^2), embedding ~ N(0, 1/D), Linear ~ N(0, 1/fan_in) (as weights.random_weights)."""
-    if len(shape) == 1:
-        return 0.3
-    return 1.0 / np.sqrt(shape[1])
-
-
-def random_rows(name: str, shape: tuple[int, ...], seed: int, block_rows: int):
-    """The tensor's values, float32, a block of rows at a time. The generator is seeded from the tensor's
-    name, so layer i holds the same numbers in a 4-layer and in a 26-layer checkpoint."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    std = np.float32(tensor_std(name, shape))
-    rows = shape[0]
-    inner = shape[1:]
-    for r0 in range(0, rows, block_rows):
-        block = rng.standard_normal((min(block_rows, rows - r0), *inner), dtype=np.float32)
-        block *= std
-        yield block
-
-
-def write_random_shard(path: Path, shapes: dict[str, tuple[int, ...]], seed: int,
-                       block_bytes: int = 64 << 20) -> int:
-    """One bf16 safetensors file of random tensors, generated and written a block of rows at a time, so
-    building never holds more than `block_bytes` of float32. Returns the number of tensor bytes."""
-    specs = {}
-    for name, shape in shapes.items():
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
-        block_rows = max(1, block_bytes // max(1, row_bytes))
-        specs[name] = ("BF16", shape, lambda name=name, shape=shape, rows=block_rows:
-                       random_rows(name, shape, seed, rows))
-    return write_safetensors_blocks(path, specs, metadata={"format": "pt"})
-
-
-def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int = 0, layers_per_shard: int = 4,
-                            log=print) -> Path:
-    """A random bf16 checkpoint in the Hugging Face layout (config.json, model-0000k-of-0000n.safetensors,
-    model.safetensors.index.json). Reused when `directory` already holds one built with the same config."""
-    directory = Path(directory)
-    marker = directory / "bench-checkpoint.json"
-    want = {"format": CHECKPOINT_FORMAT, "seed": seed, "config": cfg.to_hf_dict()}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    shapes = expected_tensors(cfg)
-    groups = [{n: shapes[n] for n in (EMBEDDING, FINAL_NORM)}]
-    for first in range(0, cfg.num_hidden_layers, layers_per_shard):
-        prefixes = tuple(f"model.layers.{i}." for i in range(first, min(cfg.num_hidden_layers,
-                                                                          first + layers_per_shard)))
-        groups.append({n: s for n, s in shapes.items() if n.startswith(prefixes)})
-    weight_map, total, t0 = {}, 0, time.perf_counter()
-    for k, group in enumerate(groups, start=1):
-        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        total += write_random_shard(directory / file, group, seed)
-        weight_map.update({n: file for n in group})
-        log(f"  wrote {directory / file} ({k}/{len(groups)}, {total / GiB:.2f} GiB so far, "
-            f"{time.perf_counter() - t0:.0f} s)")
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-    marker.write_text(json.dumps(want, indent=2) + "\n")
-    return directory
 
 
 # -- the machine --------------------------------------------------------------------------------------------
@@ -176,7 +104,7 @@ class NumpyRunner:
 
     def start_decode(self, prompt: np.ndarray, steps: int):
         """Prefill the prompt into a fresh KV cache; returns (cache, first greedy token)."""
-        from .generate import KVCache
+        from gemma2_ref.generate import KVCache
         cache = KVCache(self.model.config, capacity=len(prompt) + steps + 1)
         return cache, int(np.argmax(self.model.forward(prompt, kv_cache=cache, logits_at="last")["logits"][-1]))
 
@@ -316,7 +244,7 @@ class Worker:
         self.kind = kind
         self.stderr = open(log_dir / f"worker-{kind}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gemma2_ref.bench", "--worker", kind, str(directory), "--threads", str(threads)],
+            [sys.executable, str(Path(__file__).resolve()), "--worker", kind, str(directory), "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=thread_env(threads))
         self.hello = self._read()
 
@@ -393,7 +321,7 @@ def memory_estimate(cfg: Gemma2Config, seq: int, logits_at: str = "last", itemsi
 # -- the driver ----------------------------------------------------------------------------------------------
 
 def run_memory(kind: str, directory: Path, threads: int, seq: int, logits_at: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "gemma2_ref.bench", "--memory-worker", kind, str(directory),
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", kind, str(directory),
                            "--threads", str(threads), "--seq", str(seq), "--logits-at", logits_at],
                           capture_output=True, text=True, env=thread_env(threads))
     if proc.returncode != 0:
@@ -414,8 +342,8 @@ def torch_available() -> str | None:
 def run_benchmark(args, log=print) -> dict:
     preset = "tiny" if args.small else "2b"
     seqs = [int(s) for s in str(args.seq).split(",") if s]
-    full_cfg = bench_config(preset)
-    time_cfg = bench_config(preset, args.layers or full_cfg.num_hidden_layers)
+    full_cfg = preset_config(preset)
+    time_cfg = preset_config(preset, args.layers or full_cfg.num_hidden_layers)
     cache = Path(args.cache_dir)
     log(f"checkpoints in {cache} (built once, then reused)")
     time_dir = build_random_checkpoint(cache / f"{preset}-{time_cfg.num_hidden_layers}L-seed{args.seed}",
@@ -695,7 +623,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma2_ref.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--logits-at", default="last", help=argparse.SUPPRESS)

@@ -1,0 +1,144 @@
+"""Loading a model: a checkpoint directory (or a bundled model's name) -> config + memory-mapped weights.
+
+    model = load_model("tiny")                      # or a Hugging Face checkpoint directory
+    model.forward(ids, taps="all")                  # model.py's forward with this model's config and weights
+
+How much of the converted model to keep between forwards is a memory decision made here, once:
+`keep_converted=False` streams every layer from the memory-mapped files on every forward (least memory),
+`True` keeps them all, `"auto"` keeps as many layers as fit in half of the RAM available now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import PRESETS, Gemma2Config, load_config
+from .data import bundled_names, bundled_path
+from .model import LayerWeights, forward
+from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
+
+COMPUTE_DTYPES = ("float32", "float64")
+AUTO_KEEP_FRACTION = 0.5  # "auto" keeps converted layers within this fraction of the available RAM
+
+
+class Model:
+    """A loaded checkpoint: its config, its weights (anything with embedding(), layer(i), final_norm()), the
+    compute dtype, and the embedding normalizer when it is not sqrt(D) in the compute dtype (model.embed)."""
+
+    def __init__(self, config: Gemma2Config, weights, dtype, path=None, normalizer: str | None = None):
+        self.config, self.weights, self.dtype, self.path = config, weights, np.dtype(dtype), path
+        self.normalizer = normalizer
+
+    def forward(self, ids, taps=None, **kw) -> dict[str, np.ndarray]:
+        """{"logits": (S, V) or (B, S, V), **taps}. `taps`: "all", "default", "residual", names or globs."""
+        return forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits after the final soft-cap: (S, V), or (B, S, V) for a batch."""
+        return self.forward(ids, None)["logits"]
+
+    @property
+    def is_large(self) -> bool:
+        """Worth a progress line per layer, and worth asking before re-running it many times."""
+        return self.config.parameter_counts()["total"] > 50_000_000
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({self.path or 'in memory'}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
+                f"H={c.num_attention_heads}/K={c.num_key_value_heads}, compute {self.dtype})")
+
+
+class ArrayWeights:
+    """Plain in-memory arrays as a weights provider (the three methods `forward` calls): for a REPL, or for
+    weights made in code. `from_tensors` takes checkpoint-named arrays, e.g. checkpoints.random_weights."""
+
+    def __init__(self, embedding: np.ndarray, layers: list, final_norm: np.ndarray):
+        self._embedding, self.layers, self._final_norm = embedding, layers, final_norm
+
+    @classmethod
+    def from_tensors(cls, cfg: Gemma2Config, tensors: dict, dtype=np.float32) -> "ArrayWeights":
+        def t(name):
+            return np.asarray(tensors[name], dtype=dtype)
+        layers = [LayerWeights(**{ours: t(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
+                  for i in range(cfg.num_hidden_layers)]
+        return cls(t(EMBEDDING), layers, t(FINAL_NORM))
+
+    def embedding(self) -> np.ndarray:
+        return self._embedding
+
+    def layer(self, i: int) -> LayerWeights:
+        return self.layers[i]
+
+    def final_norm(self) -> np.ndarray:
+        return self._final_norm
+
+    def close(self) -> None:
+        pass
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available now (Linux MemAvailable), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def keep_budget(cfg: Gemma2Config, dtype, keep_converted) -> int | None:
+    """Bytes of converted layers to keep: 0 (stream), None (all), or what "auto" allows now."""
+    if keep_converted is True:
+        return None
+    if keep_converted is False:
+        return 0
+    if keep_converted != "auto":
+        raise ValueError(f"keep_converted must be True, False or 'auto', not {keep_converted!r}")
+    available = available_memory()
+    itemsize = np.dtype(dtype).itemsize
+    embedding = cfg.vocab_size * cfg.hidden_size * itemsize  # always kept: the output head needs it
+    if available is None:
+        return 2 << 30
+    return max(0, int(AUTO_KEEP_FRACTION * available) - embedding)
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A checkpoint directory, or the name of a bundled model ("tiny"), as a directory path."""
+    name = str(path_or_name)
+    path = Path(path_or_name)
+    if path.is_dir():
+        return path
+    bundled = bundled_path(name)
+    if bundled is not None:
+        return bundled
+    if name in PRESETS:
+        raise ValueError(f"{name!r} is a config preset without weights: pass a checkpoint directory "
+                         f"(config.json + *.safetensors), e.g. a download of google/gemma-2-{name}. "
+                         f"Bundled models: {', '.join(bundled_names())}")
+    raise FileNotFoundError(f"{name}: not a directory, nor a bundled model ({', '.join(bundled_names())})")
+
+
+def load_model(path_or_preset: str | Path, dtype: str = "float32", keep_converted=False) -> Model:
+    """Load a Gemma 2 checkpoint (Hugging Face layout) or a bundled model by name.
+
+    Every tensor's presence, shape and dtype is checked against config.json before anything is returned;
+    the weights stay memory-mapped in their stored dtype and are converted to `dtype` ("float32" or
+    "float64") one layer at a time. `keep_converted`: False (stream), True (keep all), "auto" (keep what fits
+    in half the available RAM): see the module docstring."""
+    if str(dtype) not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, not {dtype!r}")
+    path = resolve_checkpoint(path_or_preset)
+    cfg = load_config(path)
+    refs = index_checkpoint(path, cfg)
+    return Model(cfg, Weights(refs, cfg, np.dtype(dtype), keep_budget(cfg, dtype, keep_converted)), dtype, path)

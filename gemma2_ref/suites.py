@@ -1,0 +1,156 @@
+"""Suites: the inputs that expose Gemma 2's known failure modes, run through our forward into golden cases.
+
+    generate_suite(model, tokenizer, "golden/")     every case of the coverage suite, plus suite.json
+
+`coverage_inputs` says which cases and why. Cases of big models are kept within memory and disk budgets
+(`case_plan`): a 4098-token window case of a 9B model keeps the residual taps of its last 4 positions.
+The case format itself (write, read, verify) is golden.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .golden import model_info, write_case, write_suite
+from .taps import tap_bytes
+from .tokenizer import BOS
+
+
+def run_case(model, ids, taps="default", progress=None) -> dict[str, np.ndarray]:
+    """Our forward with taps, the activations a golden stores (logits always included). `model` may be a
+    mistaken one (mistakes.inject)."""
+    return model.forward(ids, taps=taps, progress=progress)
+
+
+def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
+                  progress=None, positions=None) -> Path:
+    """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
+    acts = run_case(model, ids, taps, progress=progress)
+    return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
+                      compute_dtype=str(model.dtype), description=description, positions=positions)
+
+
+# -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
+
+PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "
+           "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
+           "appear in text, and so do names, code and questions: what comes next? ")
+QUESTION = "Why soft-cap scores?"
+SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
+
+
+@dataclass
+class CaseInput:
+    name: str
+    description: str
+    ids: list | np.ndarray
+    text: str | None = None
+
+
+def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
+    """The coverage suite for a model with sliding window W (4096 for the released models):
+
+    short      a short prompt with one <bos>
+    window     W + 2 tokens: positions W-1, W, W+1 exist, so the first key leaves the window (sliding layers
+               differ from global ones, and an off-by-one window shows)
+    no_bos     the short prompt without <bos> (lm-evaluation-harness #2049)
+    double_bos the short prompt with <bos><bos> (a chat template plus an added BOS)
+    chat       a user turn in the Gemma chat template
+    batch      two different prompts of equal length, as one (2, S) batch (no padding)
+    special_tokens  text that contains <start_of_turn> / <end_of_turn> itself: one id each (106, 107), which a
+               tokenizer that does not mark them special splits into pieces (llama.cpp #8244)
+    long       2W + 2 tokens: positions far past the window, every sliding layer's keys fully replaced twice
+    """
+    W = cfg.sliding_window
+    if 2 * W + 2 > cfg.max_position_embeddings:
+        raise ValueError(f"the long case needs {2 * W + 2} positions, the model's context is "
+                         f"{cfg.max_position_embeddings}")
+    short_text = "The cat sat on the mat."
+    short = tokenizer.encode(short_text, bos=True)
+    long_ids = tokenizer.encode(PASSAGE, bos=True)
+    body = tokenizer.encode(PASSAGE, bos=False)
+    while len(long_ids) < 2 * W + 2:
+        long_ids += body
+    window_ids, long_ids = long_ids[: W + 2], long_ids[: 2 * W + 2]
+    special_ids = tokenizer.encode(SPECIAL_TEXT, bos=True)
+    a = tokenizer.encode("Windows slide.", bos=True)
+    b = tokenizer.encode("Caps bound logits.", bos=True)
+    n = min(len(a), len(b))
+    chat_ids = tokenizer.encode_chat(QUESTION)
+    return [
+        CaseInput("short", "a short prompt, one <bos>", short, short_text),
+        CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
+                            f"of {W}", window_ids, tokenizer.decode(window_ids, skip_special=False)),
+        CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
+        CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
+        CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
+        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]),
+                  None),
+        CaseInput("special_tokens", "text containing <start_of_turn> and <end_of_turn>: one id each",
+                  special_ids, SPECIAL_TEXT),
+        CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
+                  long_ids, tokenizer.decode(long_ids, skip_special=False)),
+    ]
+
+
+SUITES = {"coverage": coverage_inputs}
+
+
+MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
+MAX_TAP_MEMORY = 8 << 30  # in memory while running: beyond this a case records the "residual" taps only
+LAST_ROWS = 4  # for the window case: positions W-2, W-1, W, W+1
+
+
+def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int] | None, list[str]]:
+    """The taps and stored positions that keep one case within the memory and disk budgets, and notes."""
+    ids = np.asarray(ids)
+    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[0]))
+    notes = []
+    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_TAP_MEMORY and taps != "residual":
+        notes.append(f"taps reduced to 'residual': {taps!r} for {seq} tokens would need "
+                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**30:.0f} GiB of memory")
+        taps = "residual"
+    positions = None
+    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_CASE_BYTES and seq > LAST_ROWS:
+        positions = (seq - LAST_ROWS, seq)
+        notes.append(f"only positions {seq - LAST_ROWS}..{seq - 1} stored (the full case would take "
+                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**20:.0f} MiB)")
+    return taps, positions, notes
+
+
+def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", model_name=None,
+                   log=None, write=None) -> Path:
+    """Write every case of a suite under out_dir, plus suite.json.
+
+    Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
+    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions)`
+    writes one case; default: our forward. Give another to produce the suite with another backend."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = model_info(model, model_name, progress=log is not None)
+    if write is None:
+        progress = None
+        if log is not None and model.is_large:
+            progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
+
+        def write(ids, case_dir, text, description, case_taps, positions):
+            generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
+                          progress=progress, positions=positions)
+    inputs = SUITES[name](model.config, tokenizer)
+    entries = []
+    for case in inputs:
+        ids = np.asarray(case.ids)
+        case_taps, positions, notes = case_plan(model.config, taps, ids, model.dtype.itemsize)
+        if log:
+            log(f"  case {case.name}: {ids.shape} tokens" + "".join(f"; {n}" for n in notes))
+        description = case.description + "".join(f"; {n}" for n in notes)
+        write(ids, out_dir / case.name, case.text, description, case_taps, positions)
+        entries.append({"name": case.name, "description": description})
+    return write_suite(out_dir, name, entries,
+                       {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
+                        "sliding_window": model.config.sliding_window, "taps": taps})

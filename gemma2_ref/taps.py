@@ -1,0 +1,134 @@
+"""Taps: the canonical names of every intermediate tensor, their shapes, and the recorder the forward offers
+them to. One table serves the forward, the golden budgets, the adapters and the tests.
+
+    embed                                    (S, D)
+    layers.{i}.input ... layers.{i}.output   LAYER_TAPS, per layer, in execution order
+    final_norm (S, D), logits_raw (S, V), logits (S, V)
+
+A leading batch axis is added when the forward is given a (batch, seq) input. docs/architecture.md lists
+each tap's meaning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import numpy as np
+
+from .config import Gemma2Config
+
+LAYER_TAPS = (
+    "input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope", "attn.k_rope",
+    "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
+    "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output",
+)
+LARGE_TAPS = ("attn.scores", "attn.probs")  # (H, S, T) each: opt-in only
+FINAL_TAPS = ("final_norm", "logits_raw", "logits")
+
+
+def tap_names(cfg: Gemma2Config) -> list[str]:
+    """Every canonical tap name, in execution order."""
+    names = ["embed"]
+    for i in range(cfg.num_hidden_layers):
+        names += [f"layers.{i}.{t}" for t in LAYER_TAPS]
+    return names + list(FINAL_TAPS)
+
+
+def tap_kind(name: str) -> str:
+    """"layers.3.attn.q_rope" -> "attn.q_rope"; "embed", "logits" stay as they are."""
+    return name.split(".", 2)[2] if name.startswith("layers.") else name
+
+
+def tap_shape(cfg: Gemma2Config, name: str, seq: int, keys: int | None = None) -> tuple[int, ...]:
+    """The shape of one sequence's tap (no batch axis): `seq` query positions, `keys` key positions
+    (default `seq`: a prefill; a decode step attends to its cache)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kind = tap_kind(name)
+    if kind in ("attn.q_proj", "attn.q_rope"):
+        return (seq, H, Dh)
+    if kind in ("attn.k_proj", "attn.k_rope", "attn.v_proj"):
+        return (seq, K, Dh)
+    if kind in LARGE_TAPS:
+        return (H, seq, seq if keys is None else keys)
+    if kind == "attn.context":
+        return (seq, H * Dh)
+    if kind in ("mlp.gate", "mlp.up", "mlp.hidden"):
+        return (seq, F)
+    if kind in ("logits_raw", "logits"):
+        return (seq, V)
+    return (seq, D)
+
+
+def select_taps(cfg: Gemma2Config, which) -> list[str]:
+    """Resolve a tap set: "all", "default" (all but scores/probs), "residual", or names / glob patterns."""
+    names = tap_names(cfg)
+    if which is None:
+        return ["logits"]
+    if isinstance(which, str) and which in ("all", "default", "residual"):
+        if which == "all":
+            return names
+        if which == "default":
+            return [n for n in names if not n.endswith(LARGE_TAPS)]
+        return [n for n in names if n in ("embed", "final_norm", "logits") or n.endswith(".output")]
+    patterns = [which] if isinstance(which, str) else list(which)
+    chosen = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ValueError(f"tap pattern {pattern!r} matches no tap of this model; tap names look like "
+                             f"'embed', 'layers.0.attn.q_rope', 'layers.*.output', 'logits'")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
+
+
+def canonical_order(names) -> list[str]:
+    """Tap names in execution order (embed, layers by number and step, final_norm, logits_raw, logits);
+    names that are not canonical taps come last, sorted."""
+
+    def key(name: str):
+        if name == "embed":
+            return (0, 0, 0, name)
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if m and m.group(2) in LAYER_TAPS:
+            return (1, int(m.group(1)), LAYER_TAPS.index(m.group(2)), name)
+        if name in FINAL_TAPS:
+            return (2, FINAL_TAPS.index(name), 0, name)
+        return (3, 0, 0, name)
+
+    return sorted(names, key=key)
+
+
+def sequence_axis(name: str, ndim: int, batched: bool) -> int:
+    """The query-position axis of a tap: 0 for (S, ...), 1 for (H, S, T) scores/probs; +1 with a batch."""
+    return (1 if name.endswith(LARGE_TAPS) else 0) + (1 if batched else 0)
+
+
+def tap_bytes(cfg: Gemma2Config, taps, batch: int, seq: int, itemsize: int = 4, rows: int | None = None) -> int:
+    """Bytes the taps of one case take: `seq` tokens run, `rows` query positions stored (default all)."""
+    names = set(select_taps(cfg, taps)) | {"logits"}
+    per_row = sum(int(np.prod(tap_shape(cfg, n, 1, keys=seq))) for n in names)
+    return per_row * batch * (seq if rows is None else rows) * itemsize
+
+
+class Taps:
+    """Records the requested intermediates (copies, so later in-place work cannot change them)."""
+
+    def __init__(self, wanted, prefix: str = "", out: dict | None = None):
+        self.wanted = wanted if isinstance(wanted, (set, frozenset)) else set(wanted)
+        self.prefix = prefix
+        self.out = {} if out is None else out
+
+    def wants(self, name: str) -> bool:
+        return self.prefix + name in self.wanted
+
+    def __call__(self, name: str, value: np.ndarray) -> None:
+        if self.prefix + name in self.wanted:
+            self.out[self.prefix + name] = np.array(value, copy=True)
+
+    def layer(self, i: int) -> "Taps":
+        return Taps(self.wanted, f"layers.{i}.", self.out)
+
+
+NO_TAPS = Taps(frozenset())

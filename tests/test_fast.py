@@ -1,0 +1,68 @@
+"""fast.py computes model.py's formulas with less memory or a better BLAS split: the same values.
+
+Where the two run the same element-wise operations in the same order (the in-place soft-cap) they are
+equal bit for bit on any machine. Where they call BLAS differently (weight-first matmul, attention over
+trimmed key ranges), a BLAS may sum in another order: they agree to float rounding everywhere, and bit for bit
+on the machine that made the committed goldens (opt-in: GEMMA2_REF_SAME_MACHINE=1)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from gemma2_ref.fast import attention_in_blocks, linear, soft_cap_
+from gemma2_ref.model import attention, gelu_tanh, soft_cap
+from gemma2_ref.taps import NO_TAPS
+
+SAME_MACHINE = os.environ.get("GEMMA2_REF_SAME_MACHINE") == "1"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tokens", [1, 3, 128, 255, 256, 300, 1023, 1024, 1100])
+@pytest.mark.parametrize("d_in, d_out", [(96, 200), (77, 513), (256, 72)])
+def test_linear_is_x_times_w_transposed_whichever_matrix_goes_first(tokens, dtype, d_in, d_out):
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((1, tokens, d_in)).astype(dtype)
+    w = rng.standard_normal((d_out, d_in)).astype(dtype)
+    y = linear(x, w)
+    assert y.shape == (1, tokens, d_out) and y.flags.c_contiguous
+    exact = (x[0].astype(np.float64) @ w.T.astype(np.float64))[None]
+    eps = np.finfo(dtype).eps
+    assert np.abs(y - exact).max() <= 4 * eps * np.sqrt(d_in) * np.abs(exact).max()  # float rounding only
+    if SAME_MACHINE:
+        np.testing.assert_array_equal(y, (x[0] @ w.T)[None])
+
+
+def test_in_place_soft_cap_equals_the_formula_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, s, 20000) for s in (1e-3, 1.0, 10.0, 300.0)]).astype(np.float32)
+    expected = soft_cap(x, 30.0)
+    y = x.copy()
+    assert soft_cap_(y, 30.0) is y
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(soft_cap_(x.copy(), None), x)
+
+
+def test_the_formulas_are_pure_and_what_they_say():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, s, 20000) for s in (1e-3, 1.0, 10.0, 300.0)]).astype(np.float32)
+    f = np.float32
+    formula = f(0.5) * x * (1 + np.tanh(f(np.sqrt(2 / np.pi)) * (x + f(0.044715) * x * x * x)))
+    np.testing.assert_array_equal(gelu_tanh(x), formula)
+    np.testing.assert_array_equal(soft_cap(x, 30.0), np.tanh(x / f(30.0)) * f(30.0))
+    before = x.copy()
+    gelu_tanh(x), soft_cap(x, 50.0)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
+def test_attention_in_query_blocks_over_trimmed_keys_equals_attention_at_once(window, block_bytes):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 17, 4, 8)).astype(np.float32) * 3
+    k = rng.standard_normal((2, 17, 2, 8)).astype(np.float32) * 3
+    v = rng.standard_normal((2, 17, 2, 8)).astype(np.float32)
+    pos = np.arange(17)
+    whole = attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0)
+    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
+    np.testing.assert_allclose(blocked, whole, rtol=2e-6, atol=1e-6)
