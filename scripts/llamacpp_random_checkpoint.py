@@ -22,10 +22,7 @@ import numpy as np
 
 import gemma2_ref as g2
 from gemma2_ref.data import bundled_path
-try:  # where gemma2_ref keeps them since the loader refactor on main
-    from gemma2_ref.checkpoints import random_weights, save_checkpoint
-except ImportError:  # before it
-    from gemma2_ref.weights import random_weights, save_checkpoint
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
 RANDOM_CFG = g2.PRESETS["tiny"].replace(query_pre_attn_scalar=64.0, sliding_window=8)
 RANDOM_IDS = np.concatenate([[2], np.random.default_rng(1).integers(3, 2048, 20)])  # (21,): <bos> + 20

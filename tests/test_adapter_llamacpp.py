@@ -26,6 +26,7 @@ from gemma2_ref.adapters import load_adapter
 from gemma2_ref.adapters import llamacpp as adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.data import bundled_path
+from gemma2_ref.suites import generate_case
 from llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
 
 
@@ -39,7 +40,7 @@ def random_case(llama, tmp_path_factory):
     """(checkpoint, our golden with every tap) for the random checkpoint past its window."""
     d = tmp_path_factory.mktemp("llamacpp")
     ckpt = random_checkpoint(d / "random")
-    ours = G.load_case(G.generate_case(g2.load_model(ckpt), RANDOM_IDS, d / "ours", taps="all"))
+    ours = G.load_case(generate_case(g2.load_model(ckpt), RANDOM_IDS, d / "ours", taps="all"))
     return ckpt, ours
 
 
@@ -143,7 +144,7 @@ def test_tiny_model_shows_llamacpp_scaling_queries_by_head_dim(llama, tmp_path):
     tiny = bundled_path("tiny")
     tok = g2.load_tokenizer("tiny")
     ids = np.array(tok.encode("The object is a value, and the function returns", bos=True))
-    ours = G.load_case(G.generate_case(g2.load_model(tiny), ids, tmp_path / "ours", taps="all"))
+    ours = G.load_case(generate_case(g2.load_model(tiny), ids, tmp_path / "ours", taps="all"))
     cand = G.load_case(adapter.write_golden(tiny, ids, tmp_path / "llama", dtype="f32", taps="all"))
     for profile in ("fp32", "fp16", "bf16", "q8"):
         assert compare_cases(ours, cand, PROFILES[profile]).first_divergence.name == "layers.0.attn.scores"
