@@ -514,6 +514,12 @@ def gguf_type(path: Path) -> str:
     return gguf.LlamaFileType(value).name if value in gguf.LlamaFileType._value2member_map_ else str(value)
 
 
+def backend_options(checkpoint, args) -> dict:
+    """`gemma2-ref golden --backend llama.cpp [--gguf FILE] [--dtype f32|bf16|f16|q8_0]`: the given GGUF, or
+    None: each case then converts through the cache, so a suite converts once."""
+    return {"gguf": getattr(args, "gguf", None)}
+
+
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "f32", taps="default", text: str | None = None,
                  description: str | None = None, positions=None, gguf=None,
                  kv_cache_type: str | None = None) -> Path:
