@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: import 
 
 from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noqa: E402
 from gemma2_ref.config import PRESETS, Gemma2Config  # noqa: E402
+from gemma2_ref.options import COUNT, SEED, number  # noqa: E402
 
 GiB = 1 << 30
 DEFAULT_CACHE = Path(os.environ.get("GEMMA2_REF_BENCH_CACHE", Path.home() / ".cache" / "gemma2-ref" / "bench"))
@@ -573,25 +574,36 @@ def large_model_table(results: dict) -> str:
 
 # -- command line ------------------------------------------------------------------------------------------------
 
+COUNT_OR_ZERO = number(int, 0, what="an integer >= 0 (0 skips)")
+
+
+def lengths(text: str) -> str:
+    """--seq: comma-separated token counts, each >= 1."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items or not all(COUNT(s) for s in items):  # COUNT raises the usage error
+        raise argparse.ArgumentTypeError(f"expected token counts such as 128,512,2048, got {text!r}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true",
                    help="the bundled tiny model's shapes: runs in seconds (what CI runs)")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=COUNT, default=None,
                    help="decoder layers in the timing checkpoint (default 4 for 2B; memory always uses all)")
-    p.add_argument("--seq", default=None, help="prefill lengths, comma-separated (default 128,512,2048)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="tokens to decode (default 16; 0 skips)")
-    p.add_argument("--decode-prompt", type=int, default=None, help="prompt length before decoding (default 128)")
-    p.add_argument("--memory-seq", type=int, default=None, help="prefill length of the memory runs (default 512)")
+    p.add_argument("--seq", type=lengths, default=None, help="prefill lengths, comma-separated (default 128,512,2048)")
+    p.add_argument("--decode-tokens", type=COUNT_OR_ZERO, default=None, help="tokens to decode (default 16; 0 skips)")
+    p.add_argument("--decode-prompt", type=COUNT, default=None, help="prompt length before decoding (default 128)")
+    p.add_argument("--memory-seq", type=COUNT, default=None, help="prefill length of the memory runs (default 512)")
     p.add_argument("--full-memory", action="store_true",
                    help="also measure the full model with every layer converted, and in torch (2B: ~10 GiB each)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
-    p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads for every implementation")
-    p.add_argument("--profile", type=int, default=None,
+    p.add_argument("--repeats", type=COUNT, default=3, help="timed runs per measurement; the best counts")
+    p.add_argument("--threads", type=COUNT, default=2, help="BLAS / torch threads for every implementation")
+    p.add_argument("--profile", type=COUNT_OR_ZERO, default=None,
                    help="cProfile a NumPy prefill of this many tokens and decode steps (default 512; 0 skips)")
     p.add_argument("--no-torch", action="store_true", help="NumPy only (no transformers comparison)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                    help=f"where the random checkpoints are built and reused (default {DEFAULT_CACHE})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random weights")
     p.add_argument("--out", default="bench-results.json", help="write the results here (JSON; and .md beside it)")
 
 

@@ -15,6 +15,8 @@ from . import commands as run
 from .adapters import BACKENDS
 from .commands import BENCH_SCRIPT, eprint
 from .config import ConfigError
+from .options import (COUNT, FRACTION, NONNEGATIVE, PROBABILITY, SEED, Parser, UsageError, conflict, position_range,
+                      tap_set)
 from .tokenizer import TokenizerError
 from .weights import WeightsError
 
@@ -63,7 +65,7 @@ def add_run(sub):
                        description="Run the forward pass on a prompt and print the most likely next tokens "
                                    "with their probabilities (softmax of the soft-capped logits).")
     add_model_and_prompt(p)
-    p.add_argument("--top-k", type=int, default=10, help="how many candidates to show (default 10)")
+    p.add_argument("--top-k", type=COUNT, default=10, help="how many candidates to show (default 10)")
     p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(handler=run.run)
@@ -81,13 +83,13 @@ def add_generate(sub):
                                    "layer on every step instead (slow, but runs a big model in little RAM).")
     add_model_and_prompt(p, chat_help="wrap the prompt in the Gemma chat template as a user turn, then "
                                       "generate the model turn")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--max-new-tokens", type=COUNT, default=64, help="at most this many new tokens (default 64)")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0,
                    help="sampling temperature; 0 (default) is greedy decoding")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--top-k", type=COUNT, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=PROBABILITY, default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability reaches p")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed, for reproducible sampling")
     p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
     p.add_argument("--stream-weights", action="store_true",
@@ -119,16 +121,19 @@ def add_golden(sub):
                                    "activations.safetensors (canonical tap names) + manifest.json (sha256 of the "
                                    "weights, tokenizer and every tensor, stats, producer version and commit). "
                                    "The same inputs give bit-identical tensors. Regenerate the repository's "
-                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/")
+                                   "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/ "
+                                   "--force")
     src = add_model_and_prompt(p)
     src.add_argument("--suite", choices=["coverage"],
                      help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
                           "double_bos, chat, batch")
-    p.add_argument("--out", required=True, help="output directory (a case, or a suite of case directories)")
-    p.add_argument("--taps", default="default",
+    p.add_argument("--out", required=True, help="output directory (a case, or a suite of case directories); it "
+                                                "must not exist or be empty, unless --force")
+    p.add_argument("--force", action="store_true", help="replace a golden case or suite already at --out")
+    p.add_argument("--taps", default="default", type=tap_set,
                    help="tap set: default (all but attention scores/probs), all, residual, or comma-separated "
                         "names / globs such as 'embed,layers.*.output,logits' (default: default)")
-    p.add_argument("--positions", metavar="START:STOP",
+    p.add_argument("--positions", metavar="START:STOP", type=position_range,
                    help="store only these query positions of every tap (long prompts of big models), e.g. "
                         "4094:4098; the suite does this by itself for cases over 256 MiB")
     p.add_argument("--backend", choices=["gemma2_ref", *BACKENDS], default="gemma2_ref",
@@ -144,14 +149,16 @@ def add_golden(sub):
 
 def _add_profile_args(p):
     from .compare import PROFILES
-    p.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+    p.add_argument("--profile", default="auto", choices=["auto", "measured", *PROFILES],
                    help="tolerance profile (default auto: from the candidate's compute dtype, bfloat16 -> bf16, "
-                        "float16 -> fp16, else fp32)")
-    p.add_argument("--rtol", type=float, help="override: max relative L2 error per tap")
-    p.add_argument("--atol", type=float, help="override: max abs error per tap, as a fraction of the tap's absmax")
-    p.add_argument("--kl", type=float, help="override: max per-token KL divergence of the logits (nats)")
-    p.add_argument("--top1", type=float, help="override: min top-1 agreement of the logits (fraction)")
-    p.add_argument("--top5", type=float, help="override: min top-5 overlap of the logits (fraction)")
+                        "float16 -> fp16, else fp32). measured: each tap's limit a multiple of the error of the "
+                        "reference re-run with the candidate's bfloat16 / float16 rounding (needs the model)")
+    p.add_argument("--rtol", type=NONNEGATIVE, help="override: max relative L2 error per tap")
+    p.add_argument("--atol", type=NONNEGATIVE,
+                   help="override: max abs error per tap, as a fraction of the tap's absmax")
+    p.add_argument("--kl", type=NONNEGATIVE, help="override: max per-token KL divergence of the logits (nats)")
+    p.add_argument("--top1", type=FRACTION, help="override: min top-1 agreement of the logits (fraction)")
+    p.add_argument("--top5", type=FRACTION, help="override: min top-5 overlap of the logits (fraction)")
     p.add_argument("--name-map", action="append", metavar="RULE_OR_JSON",
                    help="rename the candidate's tensors: THEIR=CANONICAL ({i} = layer number, trailing * = "
                         "prefix), repeatable, or a JSON file {their: canonical}; e.g. 'blk.{i}.attn_norm="
@@ -175,9 +182,10 @@ def add_compare(sub):
     p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
     _add_profile_args(p)
     p.add_argument("--all-taps", action="store_true", help="print every tap's metrics, not just the layer table")
-    p.add_argument("--diagnose", dest="diagnose", action="store_true", default=None,
-                   help="on failure, always run the diagnosis (re-runs the model ~15 times)")
-    p.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--diagnose", dest="diagnose", action="store_true", default=None,
+                      help="on failure, always run the diagnosis (re-runs the model ~15 times)")
+    when.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
     p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
     p.set_defaults(handler=run.compare)
 
@@ -204,7 +212,7 @@ SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_gol
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gemma2-ref",
         description="Gemma 2 in plain NumPy: run real checkpoints exactly, write golden activations, and "
                     "check other backends against them. MODEL is a Hugging Face checkpoint directory "
@@ -219,18 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        eprint(e)
+        return 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    try:
-        return args.handler(args)
-    except (ConfigError, WeightsError, TokenizerError, FileNotFoundError, ValueError) as e:
-        eprint(f"gemma2-ref {args.command}: error: {e}")
+    clash = conflict(args)
+    if clash:
+        eprint(f"gemma2-ref {args.command}: error: {clash} (see gemma2-ref {args.command} --help)")
         return 2
-    except KeyboardInterrupt:
-        eprint("interrupted")
-        return 130
+    with run.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
+        try:
+            code = args.handler(args)
+            after_success()
+            return code
+        except (ConfigError, WeightsError, TokenizerError, ValueError) as e:
+            eprint(f"gemma2-ref {args.command}: error: {e}")
+            return 2
+        except OSError as e:  # a missing path, permissions, a full disk: name the path and the reason
+            eprint(f"gemma2-ref {args.command}: error: {run.os_error_message(e)}")
+            return 2
+        except KeyboardInterrupt:
+            eprint("interrupted")
+            return 130
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@ library's functions, print. No numerics and no policy here: those live in the mo
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import inspect
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ import gemma2_ref as g2
 
 from .config import GLOBAL
 from .golden import sha256_file
+from .inputs import InputError, check_position_range, check_prompt, parse_token_ids
 from .model import softmax
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -22,6 +27,37 @@ BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 def eprint(*args, **kw):
     print(*args, file=sys.stderr, **kw)
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError as one sentence: the path, what the system said, and what to do."""
+    if not e.strerror:  # raised by gemma2_ref with its own message
+        return str(e)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    advice = {errno.ENOSPC: "free some space or write somewhere else",
+              errno.EDQUOT: "free some space or write somewhere else",
+              errno.EFBIG: "the file is larger than this file system or process allows; write somewhere else",
+              errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to",
+              errno.EROFS: "choose a writable location", errno.ENOTDIR: "a part of the path is a file"}
+    return f"{paths + ': ' if paths else ''}{e.strerror}" + (f" ({advice[e.errno]})" if e.errno in advice else "")
+
+
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):
+    """Warnings as one line each on stderr (e.g. a config.json without a soft-cap), as they happen; NumPy's
+    overflow warnings once each, and only when the caller reports success (an error names the NaN / Inf)."""
+    numeric = []
+
+    def show(message, category, *_, **__):
+        if not issubclass(category, RuntimeWarning):
+            eprint(prefix + str(message))
+        elif str(message) not in numeric:
+            numeric.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield lambda: [eprint(f"{prefix}NumPy: {m}") for m in numeric]
 
 
 def layer_progress(label: str = "layers"):
@@ -46,14 +82,17 @@ def load_model_verbose(name: str, dtype: str = "float32", keep_converted=False, 
     return model
 
 
-def prompt_ids(args, model_dir) -> tuple[list[int], object]:
-    """Token ids from --tokens, or from --prompt (with --chat / --no-bos) and the model's tokenizer."""
-    if getattr(args, "tokens", None):
-        return [int(t) for t in args.tokens.replace(",", " ").split()], None
-    tok = g2.load_tokenizer(model_dir)
+def prompt_ids(args, model) -> tuple[list[int], object]:
+    """Token ids from --tokens, or from --prompt (with --chat / --no-bos) and the model's tokenizer, checked
+    against the model (inside its vocabulary, at most its context) before any work."""
+    if getattr(args, "tokens", None) is not None:
+        return check_prompt(parse_token_ids(args.tokens), model.config, "--tokens"), None
+    tok = g2.load_tokenizer(model.path)
     if getattr(args, "chat", False):
-        return tok.encode_chat(args.prompt), tok
-    return tok.encode(args.prompt, bos=not getattr(args, "no_bos", False)), tok
+        ids = tok.encode_chat(args.prompt)
+    else:
+        ids = tok.encode(args.prompt, bos=not getattr(args, "no_bos", False))
+    return check_prompt(ids, model.config, "--prompt"), tok
 
 
 def info(args) -> int:
@@ -101,7 +140,7 @@ def tokenize(args) -> int:
 
 def run(args) -> int:
     model = load_model_verbose(args.model, args.dtype, quiet=args.json)
-    ids, tok = prompt_ids(args, model.path)
+    ids, tok = prompt_ids(args, model)
     if tok is None and (model.path / "tokenizer.model").is_file():
         tok = g2.load_tokenizer(model.path)
     t0 = time.perf_counter()
@@ -127,25 +166,24 @@ def generate(args) -> int:
     from .generate import TextStream, generate
 
     model = load_model_verbose(args.model, args.dtype, keep_converted=False if args.stream_weights else "auto")
-    ids, tok = prompt_ids(args, model.path)
+    ids, tok = prompt_ids(args, model)
     if tok is None and (model.path / "tokenizer.model").is_file():
         tok = g2.load_tokenizer(model.path)
     stop_ids = tok.stop_ids if tok is not None else model.config.eos_token_ids
     stream = TextStream(tok, prefix=ids) if tok is not None else None
+    prompt = [tok.decode(ids) if tok is not None and not args.chat else ""]  # printed with the first token
 
     def on_token(token: int) -> None:
-        if token in stop_ids:
-            return
-        text = stream.push(token) if stream is not None else f"{token} "
+        text = prompt.pop() if prompt else ""
+        if token not in stop_ids:
+            text += stream.push(token) if stream is not None else f"{token} "
         print(text, end="", flush=True)
 
-    if tok is not None:
-        print(tok.decode(ids) if not args.chat else "", end="", flush=True)
     progress = layer_progress("prefill layers") if model.is_large else None
     result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, stop_ids=stop_ids, on_token=on_token,
                       progress=progress)
-    print(stream.flush() if stream is not None else "", flush=True)
+    print((prompt.pop() if prompt else "") + (stream.flush() if stream is not None else ""), flush=True)
     if args.show_ids:
         print("prompt ids:", " ".join(map(str, ids)))
         print("new ids:   ", " ".join(map(str, result.tokens)))
@@ -184,55 +222,96 @@ def taps_arg(taps: str):
 def golden(args) -> int:
     from . import golden, suites
     from .adapters import load_adapter
+    from .taps import select_taps
 
+    out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over a golden
     taps = taps_arg(args.taps)
     ours = args.backend == "gemma2_ref"
+    if ours and args.dtype not in g2.COMPUTE_DTYPES:
+        raise InputError(f"--dtype {args.dtype}: gemma2_ref computes in {' or '.join(g2.COMPUTE_DTYPES)}; "
+                         f"bfloat16 and float16 are for another backend (--backend transformers)")
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
+    try:
+        select_taps(model.config, taps)
+    except ValueError as e:
+        raise InputError(f"--taps: {e}") from None
     write = None
     if not ours:
         adapter = load_adapter(args.backend)
         options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
 
-        def write(ids, case_dir, text, description, case_taps=taps, positions=None):
+        def write(ids, case_dir, text, description, case_taps=taps, positions=None, **padding):
+            if padding and "attention_mask" not in inspect.signature(adapter.write_golden).parameters:
+                raise NotImplementedError(f"the {args.backend} adapter does not run padded batches")
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
-                                 description=description, positions=positions, **options)
+                                 description=description, positions=positions, **padding, **options)
     if args.suite:
         tok = g2.load_tokenizer(model.path)
-        eprint(f"writing suite {args.suite} to {args.out}")
-        suites.generate_suite(model, tok, args.out, args.suite, taps, model_name=args.model, log=eprint,
-                              write=write)
+        eprint(f"writing suite {args.suite} to {out}")
+        with golden.atomic_directory(out) as tmp:  # cases, then suite.json, then the rename: all or nothing
+            suites.generate_suite(model, tok, tmp, args.suite, taps, model_name=args.model, log=eprint,
+                                  write=write)
         print(args.out)
         return 0
-    ids, tok = prompt_ids(args, model.path)
-    text = None if args.tokens else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
-    positions = None
-    if args.positions:
-        start, _, stop = args.positions.partition(":")
-        positions = (int(start or 0), int(stop or len(ids)))
-    if write is not None:
-        write(np.asarray(ids), Path(args.out), text, None, taps, positions)
-    else:
-        progress = layer_progress() if model.is_large else None
-        info = golden.model_info(model, args.model, progress=True)
-        acts = suites.run_case(model, np.asarray(ids), taps, progress=progress)
-        golden.write_case(args.out, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
-                          positions=positions)
+    ids, tok = prompt_ids(args, model)
+    text = None if args.tokens is not None else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
+    positions = check_position_range(args.positions, len(ids)) if args.positions else None
+    with golden.atomic_directory(out) as tmp:
+        if write is not None:
+            write(np.asarray(ids), tmp, text, None, taps, positions)
+        else:
+            progress = layer_progress() if model.is_large else None
+            info = golden.model_info(model, args.model, progress=True)
+            acts = suites.run_case(model, np.asarray(ids), taps, progress=progress)
+            golden.write_case(tmp, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
+                              positions=positions)
     print(args.out)
     return 0
 
 
-def profile_for(args, candidate):
+def profile_for(args, candidate, reference=None):
+    """The tolerance profile the options ask for; "measured" is a function of each reference case."""
     from .compare import auto_profile, get_profile
+    if args.profile == "measured":
+        from .diagnose import load_reference_model
+        from .measured import DTYPE_OF_PROFILE, measured_profile
+        dtype = DTYPE_OF_PROFILE.get(auto_profile(candidate))
+        if dtype is None:
+            raise ValueError(f"--profile measured needs a bfloat16 or float16 candidate; {candidate.path} says its "
+                             f"compute dtype is {candidate.compute_dtype!r}")
+        model = load_reference_model(first_case(reference), getattr(args, "model", None), log=eprint)
+        return lambda case: measured_profile(model, case, dtype)
     name = auto_profile(candidate) if args.profile == "auto" else args.profile
     return get_profile(name, rel_l2=args.rtol, max_rel=args.atol, kl=args.kl, top1=args.top1, top5=args.top5)
 
 
 def name_map(rules):
-    if not rules:
+    """--name-map: rules THEIR=CANONICAL (repeatable), or one JSON file {their: canonical}."""
+    files = [r for r in rules or [] if "=" not in r]
+    if not files:
+        return rules or None
+    path = Path(files[0])
+    if len(rules) > 1 or not path.is_file():
+        raise InputError(f"--name-map {files[0]!r}: " + ("no such file" if not path.is_file() else "a file cannot "
+                         "be combined with rules") + "; give rules THEIR=CANONICAL (repeatable) or one JSON file "
+                         "{their: canonical}")
+    try:
+        mapping = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--name-map {path}: not valid JSON ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise InputError(f"--name-map {path}: expected a JSON object {{their name: canonical name}}")
+    return mapping
+
+
+def model_option(args):
+    """--model for the diagnosis, resolved now: a wrong path is the user's, not the reference's."""
+    if args.model is None:
         return None
-    if len(rules) == 1 and rules[0].endswith(".json") and Path(rules[0]).is_file():
-        return json.loads(Path(rules[0]).read_text())
-    return rules
+    try:
+        return g2.resolve_checkpoint(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"--model: {e}") from None
 
 
 def first_case(golden_obj):
@@ -245,10 +324,11 @@ def compare(args) -> int:
     from . import diagnose as D
     from .golden import load_golden
 
-    ref = load_golden(args.reference)
+    model = model_option(args)
+    ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
-    profile = profile_for(args, first_case(cand))
-    results, diagnoses, skipped = D.compare_and_diagnose(ref, cand, profile, args.diagnose, args.model, log=eprint)
+    profile = profile_for(args, first_case(cand), ref)
+    results, diagnoses, skipped = D.compare_and_diagnose(ref, cand, profile, args.diagnose, model, log=eprint)
     if skipped:
         eprint(f"({skipped}: run `gemma2-ref diagnose {args.reference} {args.candidate}` or pass --diagnose)"
                if "large" in skipped else f"({skipped})")
@@ -279,12 +359,16 @@ def diagnose(args) -> int:
     from . import diagnose as D
     from .golden import Suite, load_golden
 
-    ref = load_golden(args.reference)
+    model_path = model_option(args)
+    ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
-    profile = profile_for(args, first_case(cand))
+    if isinstance(ref, Suite) != isinstance(cand, Suite):
+        raise InputError(f"diagnose a case with a case and a suite with a suite: {args.reference} is a "
+                         f"{'suite' if isinstance(ref, Suite) else 'case'}, {args.candidate} is not")
+    profile = profile_for(args, first_case(cand), ref)
     pairs = list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases])) \
         if isinstance(ref, Suite) else [(ref, cand)]
-    model = D.load_reference_model(pairs[0][0], args.model, log=eprint)
+    model = D.load_reference_model(pairs[0][0], model_path, log=eprint)
     out, explained = [], True
     for r, c in pairs:
         if c is None:
@@ -292,7 +376,8 @@ def diagnose(args) -> int:
             explained = False
             continue
         eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
-        diag = D.diagnose(model, r, c, profile, log=eprint if model.is_large else None)
+        case_profile = profile if isinstance(profile, C.Profile) else profile(r)
+        diag = D.diagnose(model, r, c, case_profile, log=eprint if model.is_large else None)
         explained &= diag.base.passed or bool(diag.named)
         out.append((r, diag))
     if args.json:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .golden import Case, Suite, keep_positions
 from .model import log_softmax
-from .taps import canonical_order, sequence_axis
+from .taps import LARGE_TAPS, canonical_order, sequence_axis
 from .tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
 
@@ -45,8 +45,17 @@ class Profile:
     top1: float  # min fraction of positions whose top-1 token agrees (ties within tolerance excused)
     top5: float  # min mean top-5 overlap
     why: str = ""
+    per_tap: dict | None = None  # {tap: (rel_l2, max_rel)}: limits of their own (the measured profile)
+
+    def limits(self, tap: str) -> tuple[float, float]:
+        """(rel L2, max abs / absmax) limits of one tap."""
+        return (self.per_tap or {}).get(tap, (self.rel_l2, self.max_rel))
 
     def describe(self) -> str:
+        if self.per_tap:
+            rel = [v[0] for v in self.per_tap.values()]
+            return (f"{self.name}: per-tap limits, rel L2 {min(rel):.2g} to {max(rel):.2g}; logits KL <= "
+                    f"{self.kl:.2g} nats, top-1 >= {self.top1:.2g}, top-5 overlap >= {self.top5:.2g}")
         return (f"{self.name}: rel L2 <= {self.rel_l2:g}, max abs <= {self.max_rel:g} x tap absmax, "
                 f"logits KL <= {self.kl:g} nats, top-1 >= {self.top1:g}, top-5 overlap >= {self.top5:g}")
 
@@ -116,6 +125,7 @@ class TapResult:
     failed: list = field(default_factory=list)  # which metrics exceeded their limit
     scale_fit: dict | None = None  # a failing tap that is the reference times one number: {"scale", "rel_l2_after"}
     past_window: dict | None = None  # the rows whose attention differs between sliding and global, on their own
+    non_finite: dict | None = None  # {"candidate"/"reference": {"nan", "inf", "first"}} where NaN / Inf appear
 
     @property
     def layer(self) -> str:
@@ -131,7 +141,8 @@ class TapResult:
             return f"{self.name}: not in the candidate"
         if self.status == "shape":
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
-        s = (f"{self.name}: rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
+        s = f"{self.name}: {describe_non_finite(self.non_finite)}; " if self.non_finite else f"{self.name}: "
+        s += (f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
         if self.scale_fit:
             s += (f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
@@ -145,6 +156,21 @@ class TapResult:
             s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
                   f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}")
         return s
+
+
+def count_non_finite(a: np.ndarray) -> dict | None:
+    """{"nan": count, "inf": count, "first": index of the first} for an array holding NaN or Inf, else None."""
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    nan = int(np.isnan(a).sum())
+    return {"nan": nan, "inf": int(bad.sum()) - nan, "first": [int(i) for i in np.argwhere(bad)[0]]}
+
+
+def describe_non_finite(found: dict) -> str:
+    """"2 NaN and 0 Inf in the candidate, first at index (0, 5)" for each side that has them."""
+    return "; ".join(f"{f['nan']} NaN and {f['inf']} Inf in the {side}, first at index {tuple(f['first'])}"
+                     for side, f in found.items())
 
 
 def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
@@ -189,12 +215,17 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, [int(i) for i in idx], scale,
                     max_rel, rel_l2, cosine)
-    if rel_l2 > profile.rel_l2:
+    found = {side: f for side, f in (("candidate", count_non_finite(c)), ("reference", count_non_finite(r))) if f}
+    if found:
+        res.non_finite = found
+        res.failed.append("non_finite")
+    rel_limit, max_limit = profile.limits(name)
+    if rel_l2 > rel_limit:
         res.failed.append("rel_l2")
-    if max_rel > profile.max_rel:
+    if max_rel > max_limit:
         res.failed.append("max_rel")
     if name == "logits" and ref.ndim >= 1 and ref.size and not bad.any():
-        res.logits = logits_metrics(ref, cand, tie=2 * profile.rel_l2)
+        res.logits = logits_metrics(ref, cand, tie=2 * rel_limit)
         if res.logits["kl_max"] > profile.kl:
             res.failed.append("kl")
         if res.logits["top1"] < profile.top1:
@@ -203,11 +234,11 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
             res.failed.append("top5")
     if res.failed:
         res.status = "fail"
-        res.scale_fit = fit_scale(r, c, profile) if not bad.any() else None
+        res.scale_fit = fit_scale(name, r, c, profile) if not bad.any() else None
     return res
 
 
-def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
+def fit_scale(name: str, r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
     """The one number s with c ~ s r (least squares), when it explains the error: what is left after it is
     within the profile, or under a tenth of the error before. A wrong scale outside the catalogue (a query
     multiplied by 32 where 32^-0.5 is right) then still gets a lead."""
@@ -217,7 +248,7 @@ def fit_scale(r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
     s = float(np.vdot(r, c)) / rr
     before = float(np.linalg.norm(c - r)) / math.sqrt(rr)
     after = float(np.linalg.norm(c - s * r)) / math.sqrt(rr)
-    if abs(s - 1) < 1e-6 or after > max(profile.rel_l2, 0.1 * before):
+    if abs(s - 1) < 1e-6 or after > max(profile.limits(name)[0], 0.1 * before):
         return None
     return {"scale": s, "rel_l2_after": after}
 
@@ -276,7 +307,7 @@ class CaseComparison:
         for t in self.compared:
             if t is first:
                 return None
-            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.rel_l2:
+            if t.rel_l2 is not None and t.rel_l2 >= 0.5 * self.profile.limits(t.name)[0]:
                 return t
         return None
 
@@ -307,7 +338,8 @@ def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     if r.shape != c.shape:
         return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
     where = np.argwhere(r != c)
-    return f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(where[0])})"
+    return (f"the candidate ran different token ids ({len(where)} differ, first at index "
+            f"{tuple(int(i) for i in where[0])})")
 
 
 SPECIAL_TOKENS = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", START_OF_TURN: "<start_of_turn>",
@@ -367,18 +399,47 @@ def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> 
     return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
 
 
-def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
+def keep_tokens(activations: dict, attention_mask) -> dict:
+    """A padded batch's taps at its tokens only, (B, S, ...) -> (N, ...) for its N tokens: what padding rows
+    hold is nobody's business. Scores and probs (B, H, S, T) keep the tokens' query rows, as (N, H, T), with
+    the padding key columns zeroed (a correct model gives them probability 0, and compares the rest)."""
+    if attention_mask is None:
+        return activations
+    mask = np.asarray(attention_mask, dtype=bool)  # (B, S)
+    out = {}
+    for name, a in activations.items():
+        if name.endswith(LARGE_TAPS):
+            a = np.where(mask[:, None, None, :], a, 0).transpose(0, 2, 1, 3)  # (B, S, H, T)
+        out[name] = a[mask]
+    return out
+
+
+def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, dict, str | None]:
+    """The reference's taps and `acts` cut to what both hold: the same query positions, and for a padded
+    batch the tokens only. Returns (reference view, acts view, a note or None)."""
+    ref_view, view, note = align_positions(reference.activations, reference.positions, acts, acts_positions,
+                                           reference.batched)
+    if reference.attention_mask is not None and reference.positions is None and acts_positions is None:
+        ref_view, view = keep_tokens(ref_view, reference.attention_mask), keep_tokens(view, reference.attention_mask)
+        note = f"padded batch: the {int(reference.attention_mask.sum())} tokens' rows compared, not the padding"
+    return ref_view, view, note
+
+
+def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
+    """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
+    profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
+    if not ref.verified:
+        notes.append("the reference was not hash-verified (no manifest, token ids unknown)")
     if not cand.verified:
         notes.append("the candidate was not hash-verified")
-    ref_acts, cand_acts, note = align_positions(ref.activations, ref.positions, cand.activations, cand.positions,
-                                                ref.batched)
+    ref_acts, cand_acts, note = comparable(ref, cand.activations, cand.positions)
     if note:
         notes.append(note)
     result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
                                  str(cand.path), ref.token_ids, cand.token_ids, notes)
     config = (ref.manifest.get("model") or {}).get("config") or {}
-    if config.get("sliding_window"):
+    if config.get("sliding_window") and ref.attention_mask is None:
         first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
         judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
                                first_position, ref.batched)
@@ -391,7 +452,7 @@ def compare_cases(ref: Case, cand: Case, profile: Profile) -> CaseComparison:
     return result
 
 
-def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile: Profile) -> list[CaseComparison]:
+def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile) -> list[CaseComparison]:
     """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails)."""
     if isinstance(ref, Suite) != isinstance(cand, Suite):
         raise ValueError(f"compare a case with a case and a suite with a suite: {ref.path} is a "
@@ -473,7 +534,8 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     if not result.taps:
         lines.append("FAIL: nothing to compare")
         return "\n".join(lines)
-    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap"]
+    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  "
+                  f"first failing tap"]
     for row in layer_table(result.taps):
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
@@ -515,12 +577,14 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
     """Why a tap failed, one phrase per exceeded limit."""
     out = []
     for f in t.failed:
-        if f == "shape":
+        if f == "non_finite":
+            out.append(describe_non_finite(t.non_finite))
+        elif f == "shape":
             out.append(f"shape {t.candidate_shape} in the candidate, {t.shape} in the reference")
         elif f == "rel_l2":
-            out.append(f"rel L2 {t.rel_l2:.3g} > {p.rel_l2:g}")
+            out.append(f"rel L2 {t.rel_l2:.3g} > {p.limits(t.name)[0]:.3g}")
         elif f == "max_rel":
-            out.append(f"max abs / absmax {t.max_rel:.3g} > {p.max_rel:g}")
+            out.append(f"max abs / absmax {t.max_rel:.3g} > {p.limits(t.name)[1]:.3g}")
         elif f == "kl":
             out.append(f"KL {t.logits['kl_max']:.3g} > {p.kl:g}")
         elif f == "top1":
@@ -530,7 +594,7 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
         elif f == "past_window":
             w = t.past_window
             out.append(f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
-                       f"/ max {w['max_rel']:.3g} (limits {p.rel_l2:g} / {p.max_rel:g})")
+                       f"/ max {w['max_rel']:.3g} (limits {p.limits(t.name)[0]:.3g} / {p.limits(t.name)[1]:.3g})")
     return out
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,10 @@ PAPER_VOCAB_SIZE = 256128
 
 class ConfigError(ValueError):
     """A config.json that gemma2_ref cannot run faithfully. The message names the key."""
+
+
+class ConfigWarning(UserWarning):
+    """A config.json that runs, but not as the released Gemma 2 does. The message names the key."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,16 @@ class Gemma2Config:
             raise ConfigError(f"`layer_types` has unknown kinds {bad}; expected {SLIDING!r} or {GLOBAL!r}")
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"`hidden_activation` must be one of {ACTIVATIONS}, found {self.hidden_activation!r}")
-        if not self.query_pre_attn_scalar > 0:
-            raise ConfigError(f"`query_pre_attn_scalar` must be positive, found {self.query_pre_attn_scalar!r}")
+        for key in ("query_pre_attn_scalar", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"`{key}` must be a positive finite number, found {value!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and math.isfinite(self.rms_norm_eps)
+                and self.rms_norm_eps >= 0):
+            raise ConfigError(f"`rms_norm_eps` must be a finite number >= 0, found {self.rms_norm_eps!r}")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings <= 0:
+            raise ConfigError(f"`max_position_embeddings` must be a positive integer, "
+                              f"found {self.max_position_embeddings!r}")
 
     # -- derived quantities -------------------------------------------------------------------
     @property
@@ -209,10 +223,15 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     rope_scaling = d.get("rope_scaling")
     if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
         raise fail(f"`rope_scaling` is {rope_scaling!r}; Gemma 2 uses no RoPE scaling")
-    if theta_old is not None and theta_new is not None and float(theta_old) != float(theta_new):
+    try:
+        theta_old = _number(d, "rope_theta", None, float)
+        theta_new = _number({"rope_parameters.rope_theta": theta_new}, "rope_parameters.rope_theta", None, float)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    if theta_old is not None and theta_new is not None and theta_old != theta_new:
         raise fail(f"contradictory RoPE base: `rope_theta` is {theta_old} but "
                    f"`rope_parameters.rope_theta` is {theta_new}")
-    rope_theta = float(theta_new if theta_new is not None else theta_old if theta_old is not None else 10000.0)
+    rope_theta = theta_new if theta_new is not None else theta_old if theta_old is not None else 10000.0
 
     # Activation: `hidden_activation` (newer) and `hidden_act` (older); both must be the tanh GELU.
     acts = {k: d[k] for k in ("hidden_activation", "hidden_act") if d.get(k) is not None}
@@ -234,7 +253,6 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
         raise fail(f"`layer_types` must be a list, found {layer_types!r}")
 
     eos = d.get("eos_token_id", [1, 107])
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     sliding_window = d.get("sliding_window", 4096)
     if sliding_window is None:
         raise fail("`sliding_window` is null; Gemma 2's even layers need a window (4096 in the release)")
@@ -242,27 +260,43 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     if cache_impl not in (None, "hybrid"):
         raise fail(f"`cache_implementation` is {cache_impl!r}; Gemma 2's is 'hybrid' (sliding + global)")
 
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if key in d and d[key] is None:
+            warnings.warn(ConfigWarning(
+                f"{source}: `{key}` is null: this model runs without Gemma 2's "
+                f"{'attention' if key.startswith('attn') else 'final'} soft-cap (the release uses "
+                f"{50.0 if key.startswith('attn') else 30.0}), so it is not Gemma 2 and its goldens will not match "
+                f"one"), stacklevel=2)
+
     try:
         return Gemma2Config(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=num_layers, num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
-            query_pre_attn_scalar=float(d["query_pre_attn_scalar"]), sliding_window=sliding_window,
-            layer_types=tuple(layer_types),
-            attn_logit_softcapping=_optional_float(d, "attn_logit_softcapping", 50.0),
-            final_logit_softcapping=_optional_float(d, "final_logit_softcapping", 30.0),
-            rope_theta=rope_theta, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            pad_token_id=int(d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0),
-            eos_token_ids=eos_ids, bos_token_id=int(d.get("bos_token_id", 2)),
+            query_pre_attn_scalar=_number(d, "query_pre_attn_scalar", None, float),
+            sliding_window=sliding_window, layer_types=tuple(layer_types),
+            attn_logit_softcapping=_number(d, "attn_logit_softcapping", 50.0, float),
+            final_logit_softcapping=_number(d, "final_logit_softcapping", 30.0, float),
+            rope_theta=rope_theta, rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
+            max_position_embeddings=_number(d, "max_position_embeddings", 8192, int),
+            pad_token_id=_number(d, "pad_token_id", 0, int) or 0,
+            eos_token_ids=tuple(_number({"eos_token_id": t}, "eos_token_id", None, int)
+                                for t in (eos if isinstance(eos, list) else [eos])),
+            bos_token_id=_number(d, "bos_token_id", 2, int),
         )
     except ConfigError as e:
         raise fail(str(e)) from None
 
 
-def _optional_float(d: dict, key: str, default: float) -> float | None:
+def _number(d: dict, key: str, default, kind):
+    """d[key] (or `default` when absent) as `kind` (int or float); null stays None. Errors name the key."""
     value = d.get(key, default)
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not (math.isfinite(value) and value == int(value))):
+        raise ConfigError(f"`{key}` must be {'an integer' if kind is int else 'a number'}, found {value!r}")
+    return kind(value)
 
 
 def load_config(path_or_preset: str | Path) -> Gemma2Config:

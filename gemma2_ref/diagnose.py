@@ -2,7 +2,8 @@
 
 The reference model is re-run once per known mistake (mistakes.py: each a config, weight or input
 transform of the correct model), with the taps the candidate holds. Each variant is compared with the
-candidate exactly as the reference was. A variant is named when it explains the candidate far better than the correct model does:
+candidate exactly as the reference was. A variant is named when it explains the candidate far better than
+the correct model does:
 
     matches          the candidate passes the profile against the variant: indistinguishable from it
     explains the first divergence
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compare import CaseComparison, Profile, align_positions, compare_activations, wrap
+from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
 from .golden import Case
 from . import mistakes as M
 from .mistakes import Mistake, inject, known_mistakes
@@ -130,8 +131,13 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         ids = variant.apply_ids(ref_ids)
         if ids is None:
             return None
-        trace = inject(model, variant).forward(ids, taps=wanted)
+        positions = variant.apply_positions(reference.attention_mask)
+        if positions is False:
+            return None
+        trace = inject(model, variant).forward(ids, taps=wanted, positions=positions)
         trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
+        trace, cand_view = keep_tokens(trace, reference.attention_mask), keep_tokens(cand_view,
+                                                                                     reference.attention_mask)
         cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",
                                   candidate=str(candidate.path))
         if base_first is not None:
@@ -268,15 +274,17 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
         ids = mistake.apply_ids(reference.token_ids)
         if ids is None or np.shape(ids) != np.shape(reference.token_ids):
             continue  # another input: the token ids themselves differ, which compare always reports
-        trace = inject(model, mistake).forward(ids, taps=wanted)
-        ref_view, trace, _ = align_positions(reference.activations, reference.positions, trace, None,
-                                             reference.batched)
+        positions = mistake.apply_positions(reference.attention_mask)
+        if positions is False:
+            continue
+        trace = inject(model, mistake).forward(ids, taps=wanted, positions=positions)
+        ref_view, trace, _ = comparable(reference, trace)
         if compare_activations(ref_view, trace, profile).passed:
             blind.append(mistake.name)
     return blind
 
 
-def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failures: bool | None = None,
+def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool | None = None,
                          model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
     """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
     or (None, the default) when the reference's model is at hand and small enough to re-run ~20 times. With
@@ -310,8 +318,8 @@ def compare_and_diagnose(reference, candidate, profile: Profile, diagnose_failur
     if not model.is_large:
         for r in results:
             if r.passed and r.reference in refs:
-                r.blind_spots = blind_spots(model, refs[r.reference], profile)
-    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], profile,
+                r.blind_spots = blind_spots(model, refs[r.reference], r.profile)
+    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], r.profile,
                                        log=log if model.is_large else None)
                  for r in failed if r.reference in refs and r.candidate in cands}
     return results, diagnoses, None

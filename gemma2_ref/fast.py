@@ -5,11 +5,15 @@ function here bit for bit against the formula it stands in for:
 
     linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows)
     soft_cap_            cap * tanh(x / cap) in place: the final logits are (S, 256000)
+    gelu_tanh_           the tanh GELU in place, in the formula's order of operations: (S, F) is the largest
+                         activation of a layer, and the formula's temporaries cost 2x its time
     attention_in_blocks  attention() over blocks of queries, each on the key range its mask lets through,
                          so a long prompt never holds a whole (H, S, S) score matrix
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -46,6 +50,21 @@ def soft_cap_(x: np.ndarray, cap: float | None) -> np.ndarray:
     return x
 
 
+def gelu_tanh_(x: np.ndarray) -> np.ndarray:
+    """model.gelu_tanh(x), overwriting x: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Returns x."""
+    f = x.dtype.type
+    t = f(0.044715) * x  # the one new buffer; x is needed to the end
+    t *= x
+    t *= x
+    t += x
+    t *= f(math.sqrt(2.0 / math.pi))
+    np.tanh(t, out=t)
+    t += 1
+    t *= f(0.5)  # (1 + tanh) / 2 is exact, so x * that equals (0.5 x)(1 + tanh)
+    np.multiply(t, x, out=x)
+    return x
+
+
 def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps,
                         max_scores_bytes: int = MAX_SCORES_BYTES) -> np.ndarray:
     """attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps) (model.attention) over blocks of queries.
@@ -58,7 +77,7 @@ def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, t
     if taps.wants("attn.scores") or taps.wants("attn.probs"):
         return attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps)
     block = max(1, min(S, max_scores_bytes // max(1, B * H * T * q.itemsize)))
-    keys_in_order = T <= 1 or bool(np.all(k_pos[1:] > k_pos[:-1]))
+    keys_in_order = k_pos.ndim == 1 and (T <= 1 or bool(np.all(k_pos[1:] > k_pos[:-1])))  # not per row
     context = np.empty((B, S, H * v.shape[-1]), dtype=q.dtype)
     for s0 in range(0, S, block):
         s1 = min(S, s0 + block)
@@ -67,6 +86,6 @@ def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, t
             if window is not None:  # the block's earliest query sees keys from (its position - window + 1)
                 lo = int(np.searchsorted(k_pos, q_pos[s0:s1].min() - window + 1, side="left"))
             hi = int(np.searchsorted(k_pos, q_pos[s0:s1].max(), side="right"))
-        context[:, s0:s1] = attend(q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[s0:s1], k_pos[lo:hi], window,
-                                   scale, softcap, taps)
+        context[:, s0:s1] = attend(q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[..., s0:s1], k_pos[..., lo:hi],
+                                   window, scale, softcap, taps)
     return context

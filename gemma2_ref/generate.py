@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Gemma2Config
+from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .model import softmax
 
-EMPTY = np.int64(1) << 62  # position of an unfilled slot: "in the future", so the causal mask hides it
 
 
 # -- the KV cache -----------------------------------------------------------------------------------------
@@ -214,9 +214,11 @@ class Generation:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
     def summary(self) -> str:
-        return (f"prefill {self.prefill_tokens} tokens in {self.prefill_seconds:.3f} s "
-                f"({self.prefill_tokens_per_s:.1f} tok/s), decode {self.decode_tokens} tokens in "
-                f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_s:.1f} tok/s), "
+        def rate(tokens_per_s):  # no rate for no tokens, rather than "nan tok/s"
+            return f" ({tokens_per_s:.1f} tok/s)" if tokens_per_s == tokens_per_s else ""
+        return (f"prefill {self.prefill_tokens} tokens in {self.prefill_seconds:.3f} s"
+                f"{rate(self.prefill_tokens_per_s)}, decode {self.decode_tokens} tokens in "
+                f"{self.decode_seconds:.3f} s{rate(self.decode_tokens_per_s)}, "
                 f"cache {self.cache_bytes / 2**20:.2f} MiB")
 
 

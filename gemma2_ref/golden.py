@@ -11,6 +11,12 @@ A golden *case* is a directory:
 
 A golden *suite* is a directory of cases plus `suite.json` listing them.
 
+Nothing half-written is ever accepted: a case (and the CLI's suite) is written into a temporary directory
+next to its destination and renamed into place when complete, so no reader ever sees half of one; an
+interruption or a full disk removes the temporary directory and leaves the destination as it was. A
+directory is a case or a suite, never both, and a reference suite must have its suite.json (written last)
+and every case it lists.
+
 `load_case` verifies every hash before it returns a single number: a golden that was edited, truncated or is
 missing a tap is refused with a message that names the file, the tap, and what was expected. The checksums
 detect accidents and careless edits; they are not a signature (anyone can recompute them).
@@ -22,9 +28,13 @@ forward is a fixed sequence of NumPy operations and the writer sorts names and p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import platform
+import secrets
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -109,6 +119,76 @@ def tensor_stats(a: np.ndarray) -> dict:
             "absmax": float(np.abs(x).max())}
 
 
+# -- where a golden is written: new or replaced whole, never half ------------------------------------------
+
+def golden_kind(path: Path) -> str | None:
+    """"case", "suite", "mixed" (both: refused everywhere) or None (not a golden) for an existing directory."""
+    case = (path / MANIFEST).is_file() or (path / ACTIVATIONS).is_file()
+    suite = (path / SUITE).is_file() or any((p / MANIFEST).is_file() for p in path.iterdir() if p.is_dir())
+    return "mixed" if case and suite else "case" if case else "suite" if suite else None
+
+
+def is_only_a_case(path: Path) -> bool:
+    """The directory holds a golden case's files and nothing else (what write_case may replace)."""
+    return golden_kind(path) == "case" and all(p.name in (MANIFEST, ACTIVATIONS) or p.name.endswith(".tmp")
+                                               for p in path.iterdir())
+
+
+def check_output(out, force: bool = False, option: str = "--out") -> Path:
+    """Where `gemma2-ref golden` may write: a new path, an empty directory, or with `force` an existing golden
+    case or suite (replaced whole once the new one is complete). Refuses anything else, naming `option`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GoldenError(f"{option} {out} is a file: give a directory path (it is created)")
+    if out.is_dir() and any(out.iterdir()):
+        kind = golden_kind(out)
+        if kind is None or kind == "mixed":
+            what = "both a golden case and a suite" if kind else "files that are not a golden case or suite"
+            raise GoldenError(f"{option} {out} holds {what} ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
+                              f"): choose a new or empty directory (this one is not replaced, even with --force)")
+        if not force:
+            raise GoldenError(f"{option} {out} already holds a golden {kind}: pass --force to replace it, or "
+                              f"choose a new or empty directory")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GoldenError(f"{option} {out}: {parent} is not writable; choose a location you may write to")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out):
+    """Yield a new temporary directory next to `out`; when the block completes it replaces `out` (two renames:
+    the old content, if any, is moved aside only once the new one is complete, then removed). On any failure,
+    an interruption included, the temporary directory and the parents it needed are removed: `out` stays as
+    it was."""
+    out = Path(os.path.abspath(out))  # "." and ".." have a parent to write the temporary directory in
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
+        if out.exists():
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists():
+                os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        if isinstance(e, OSError) and e.strerror and (e.filename is None or str(e.filename).startswith(str(tmp))):
+            reason = e.strerror if e.strerror.endswith("nothing was written") else f"{e.strerror}; nothing was written"
+            raise OSError(e.errno, reason, str(out)) from None  # name `out`, not the removed temporary
+        raise
+
+
 # -- writing ----------------------------------------------------------------------------------------------
 
 def describe_bos(token_ids) -> str:
@@ -139,7 +219,7 @@ def keep_positions(activations: dict, positions, batched: bool) -> dict:
 def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: dict | str | None = None,
                model: dict | None = None, text: str | None = None, compute_dtype: str | None = None,
                description: str | None = None, name_map=None, extra: dict | None = None,
-               positions: tuple[int, int] | None = None) -> Path:
+               positions: tuple[int, int] | None = None, attention_mask=None) -> Path:
     """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
 
     activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
@@ -150,9 +230,17 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     compute_dtype: the dtype the backend computed in ("bfloat16", "float32", ...); default: the arrays' dtype.
     positions:   (start, stop): store only these query positions of every tap (long prompts of big models);
                  the activations are given whole, token_ids stay whole.
+    attention_mask: for a padded batch, (batch, seq) with 1 for a token and 0 for padding; only the tokens'
+                 rows are compared (inputs.padded_positions gives the positions the forward ran).
+
+    The case is written into a temporary directory and renamed to `out_dir` when complete. An existing
+    `out_dir` is replaced only if it is empty or holds a case and nothing else.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or is_only_a_case(out_dir))):
+        found = "is a file" if not out_dir.is_dir() else \
+            f"holds {'a golden suite' if golden_kind(out_dir) else 'files that are not a golden case'}"
+        raise GoldenError(f"{out_dir} {found}: a case is written into a new or empty directory, or over a case")
     ids = np.asarray(token_ids)
     if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
         raise GoldenError(f"token_ids must be integers shaped (seq,) or (batch, seq), got {ids.dtype} {ids.shape}")
@@ -170,7 +258,17 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
         producer = ({"name": "gemma2_ref", "version": __version__, "commit": git_commit(), "numpy": np.__version__,
                      "machine": platform.machine()} if producer is None else {"name": producer})
     dtypes = sorted({str(a.dtype) for a in acts.values()})
-    write_safetensors(out_dir / ACTIVATIONS, acts)
+    with atomic_directory(out_dir) as tmp:
+        write_safetensors(tmp / ACTIVATIONS, acts)
+        manifest = case_manifest(acts, order, ids, producer, model, text, compute_dtype, dtypes, description,
+                                 positions, extra, tmp / ACTIVATIONS, attention_mask)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir
+
+
+def case_manifest(acts, order, ids, producer, model, text, compute_dtype, dtypes, description, positions, extra,
+                  activations_file: Path, attention_mask=None) -> dict:
+    """manifest.json of a case whose activations are written to `activations_file`."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "gemma2-ref golden case",
@@ -178,20 +276,19 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
         "producer": producer,
         "model": model,
         "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids),
-                  "positions": positions},
+                  "positions": positions,
+                  **({"attention_mask": np.asarray(attention_mask).astype(int).tolist()}
+                     if attention_mask is not None else {})},
         "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
-        "activations": {"file": ACTIVATIONS, "bytes": (out_dir / ACTIVATIONS).stat().st_size,
-                        "sha256": sha256_file(out_dir / ACTIVATIONS)},
+        "activations": {"file": ACTIVATIONS, "bytes": activations_file.stat().st_size,
+                        "sha256": sha256_file(activations_file)},
         "taps": [{"name": n, "shape": list(acts[n].shape), "dtype": str(acts[n].dtype),
                   "sha256": tensor_sha256(acts[n]), **tensor_stats(acts[n])} for n in order],
     }
     if extra:
         manifest["extra"] = extra
     manifest["manifest_sha256"] = _manifest_checksum(manifest)
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(out_dir / MANIFEST)
-    return out_dir
+    return manifest
 
 
 def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool = False,
@@ -246,6 +343,12 @@ class Case:
     def token_ids(self) -> np.ndarray | None:
         ids = (self.manifest.get("input") or {}).get("token_ids")
         return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def attention_mask(self) -> np.ndarray | None:
+        """A padded batch's (batch, seq) mask, 1 for a token and 0 for padding; None: no padding."""
+        m = (self.manifest.get("input") or {}).get("attention_mask")
+        return None if m is None else np.asarray(m, dtype=bool)
 
     @property
     def positions(self) -> tuple[int, int] | None:
@@ -369,38 +472,61 @@ class Suite:
 
 
 def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | None = None) -> Path:
-    """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]."""
+    """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]. Write it last,
+    once every case is written: its presence says the suite is complete."""
     out_dir = Path(out_dir)
     body = {"format_version": FORMAT_VERSION, "kind": "gemma2-ref golden suite", "name": name,
             **(info or {}), "cases": [{"name": c["name"], "description": c.get("description")} for c in cases]}
-    (out_dir / SUITE).write_text(json.dumps(body, indent=1) + "\n")
+    tmp = out_dir / (SUITE + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(out_dir / SUITE)
     return out_dir
 
 
 def load_suite(path: str | Path, verify: bool = True) -> Suite:
+    """A suite directory: suite.json and every case it lists (a listed case that is missing is refused)."""
     path = Path(path)
     try:
         info = json.loads((path / SUITE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GoldenError(f"{path / SUITE}: not valid JSON ({e})") from None
+    entries = info.get("cases") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and e.get("name")
+                                                                for e in entries):
+        raise GoldenError(f"{path / SUITE}: expected an object whose `cases` lists at least one {{\"name\": ...}}; "
+                          f"regenerate the suite with `gemma2-ref golden --suite`")
     cases = []
-    for entry in info.get("cases", []):
+    for entry in entries:
         case_dir = path / entry["name"]
         if not case_dir.is_dir():
-            raise GoldenError(f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist")
+            raise GoldenError(f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist: the "
+                              f"suite is incomplete. Regenerate it with `gemma2-ref golden --suite`")
         cases.append(load_case(case_dir, verify))
     return Suite(path, info, cases)
 
 
-def load_golden(path: str | Path, verify: bool = True, name_map=None) -> Case | Suite:
+def load_golden(path: str | Path, verify: bool = True, name_map=None, *, reference: bool = False) -> Case | Suite:
     """A case directory, a suite directory (with suite.json, or just case directories: a candidate written
-    case by case), or (candidates only) a bare .safetensors file."""
+    case by case), or a bare .safetensors file (unverified: it has no manifest).
+
+    `reference=True`: what the other side is held to, so a suite must have its suite.json (otherwise a
+    missing case would go unnoticed). A directory holding both a case and a suite is always refused."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return load_activations_file(path, name_map)
+    if not path.exists():
+        raise GoldenError(f"{path}: no such directory (expected a golden case or suite written by "
+                          f"`gemma2-ref golden`)")
+    kind = golden_kind(path) if path.is_dir() else None
+    if kind == "mixed":
+        raise GoldenError(f"{path} holds both a golden case ({MANIFEST}) and a suite (case directories or "
+                          f"{SUITE}): one of them would be ignored. Regenerate it into an empty directory")
     if (path / SUITE).is_file():
         return load_suite(path, verify)
     subcases = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
+    if subcases and reference:
+        raise GoldenError(f"{path}: a suite without {SUITE} (an interrupted `gemma2-ref golden --suite`?): as "
+                          f"the reference it cannot show which cases are missing. Regenerate it")
     if not (path / MANIFEST).exists() and subcases:  # a candidate suite written case by case, no suite.json
         cases = [load_case(p, verify) for p in subcases]
         if name_map:

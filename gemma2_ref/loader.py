@@ -17,6 +17,7 @@ import numpy as np
 from .config import PRESETS, Gemma2Config, load_config
 from .data import bundled_names, bundled_path
 from .model import LayerWeights, forward
+from .taps import NonFiniteError, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -32,8 +33,29 @@ class Model:
         self.normalizer = normalizer
 
     def forward(self, ids, taps=None, **kw) -> dict[str, np.ndarray]:
-        """{"logits": (S, V) or (B, S, V), **taps}. `taps`: "all", "default", "residual", names or globs."""
-        return forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
+        """{"logits": (S, V) or (B, S, V), **taps}. `taps`: "all", "default", "residual", names or globs.
+
+        Raises NonFiniteError if a recorded tap or the logits hold a NaN or Inf: a reference never hands
+        one out. It names the first tap where one appears (re-running with every tap, for a small model).
+        Not with `round_to`: that emulates a bfloat16 / float16 backend, which may overflow (measured.py)."""
+        out = forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
+        bad = first_non_finite(out) if kw.get("round_to") is None else None
+        if bad is not None:
+            cache = kw.get("kv_cache")
+            located = taps in ("all", "default")
+            if not located and not self.is_large and (cache is None or cache.length == np.shape(ids)[-1]):
+                # a prefill: the same values again, with every tap recorded, to see where they start
+                rerun = forward(self.weights, self.config, ids, "default", positions=kw.get("positions"),
+                                normalizer=self.normalizer)
+                bad, located = first_non_finite(rerun) or bad, True
+            name, index, nan, inf, size = bad
+            raise NonFiniteError(
+                f"{self.path or 'the model'}: the forward produced non-finite values, first at tap {name!r}"
+                f"{'' if located else ' (of those recorded)'} index {index} ({nan} NaN and {inf} Inf of its "
+                f"{size} values). A checkpoint's NaN or Inf weights are refused as they are converted, so the "
+                f"activations overflowed {self.dtype} (or in-memory weights are not finite): check the weights' "
+                f"scale and config.json's soft-caps")
+        return out
 
     def logits(self, ids) -> np.ndarray:
         """Logits after the final soft-cap: (S, V), or (B, S, V) for a batch."""

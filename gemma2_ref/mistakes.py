@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import GLOBAL, SLIDING
 from .loader import Model
+from .inputs import padded_positions
 from .tokenizer import BOS
 
 WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186"
@@ -46,7 +47,20 @@ class Mistake:
     norm_shift: float = 0.0  # added to every RMSNorm weight: -1 forgets the +1 of (1 + w), +1 doubles it
     ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
     normalizer: str | None = None  # model.embed's normalizer: "bfloat16", "float64", "unscaled"
-    layout: str | None = None  # "rope_interleaved" / "gqa_tiled": permuted weights (see LAYOUTS)
+    layout: str | None = None  # "rope_interleaved" / "gqa_tiled": permuted weights (see tap_view)
+    padding: str | None = None  # "unmasked": a padded batch run without its mask (padding attended)
+
+    def apply_positions(self, attention_mask):
+        """The positions the mistaken backend runs a padded batch at (None: the default 0..S-1, for an input
+        without padding); False: the mistake needs padding and there is none."""
+        if attention_mask is None:
+            return False if self.padding else None
+        if self.ids != "same":
+            return False  # another number of tokens: the padding mask does not fit them
+        mask = np.asarray(attention_mask, dtype=bool)
+        if self.padding == "unmasked":  # every token, padding included, at its index: padding is attended
+            return np.broadcast_to(np.arange(mask.shape[-1]), mask.shape).copy()
+        return padded_positions(mask)
 
     def apply_ids(self, ids):
         """The ids as the mistaken backend runs them (None: not applicable, e.g. no <bos> to drop)."""
@@ -68,7 +82,7 @@ class Mistake:
         if {"sliding_window", "layer_types"} & touched:
             touched.add("window")
         for what, value in (("norms", self.norm_shift), ("ids", self.ids != "same"),
-                            ("normalizer", self.normalizer), ("layout", self.layout)):
+                            ("normalizer", self.normalizer), ("layout", self.layout), ("padding", self.padding)):
             if value:
                 touched.add(what)
         return touched
@@ -78,7 +92,7 @@ def combine(a: Mistake, b: Mistake) -> Mistake:
     """Both mistakes at once (they must touch different things: see Mistake.changes)."""
     return Mistake(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}",
                    a.config + b.config, a.norm_shift + b.norm_shift, a.ids if a.ids != "same" else b.ids,
-                   a.normalizer or b.normalizer, a.layout or b.layout)
+                   a.normalizer or b.normalizer, a.layout or b.layout, a.padding or b.padding)
 
 
 # -- layout mistakes: the same arithmetic on permuted dimensions ------------------------------------------------
@@ -253,6 +267,8 @@ def known_mistakes(cfg) -> list[Mistake]:
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
         Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
                 "transformers #29402 (GeGLU with the tanh approximation)", config=(("hidden_activation", "gelu"),)),
+        Mistake("padding_not_masked", "a padded batch run without its attention mask: padding tokens are "
+                "attended and shift the positions", "transformers #32848", padding="unmasked"),
         Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
                 "lm-evaluation-harness #2049 (add_bos_token)", ids="no_bos"),
         Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",

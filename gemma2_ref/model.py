@@ -12,7 +12,8 @@ Every number comes from the config (config.py); arrays carry a batch axis inside
 intermediate is offered to a `Taps` recorder under its canonical name (taps.py). Float32 (default) or
 float64. Where released implementations round, we round the same way, explicitly: the embedding normalizer
 in the activation dtype, RMSNorm in (at least) float32, RoPE angles in the compute dtype. Three heavy steps
-call fast.py (same values, less memory): `linear`, the final soft-cap in place, attention in query blocks.
+call fast.py (same values, less memory or time): `linear`, GELU and the final soft-cap in place,
+attention in query blocks.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 
 from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
-from .fast import attention_in_blocks, linear, soft_cap_
-from .inputs import check_ids
+from .fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
+from .inputs import check_ids, check_positions
 from .taps import NO_TAPS, Taps, select_taps
 
 
@@ -84,11 +85,11 @@ def rope_frequencies(head_dim: int, theta: float, dtype=np.float32) -> np.ndarra
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     """Rotary position embedding, half-split layout ("rotate_half"): dimension j is paired with j + Dh/2.
 
-    x (B, S, heads, Dh), positions (S,). Angles are computed in x's dtype: float32, as transformers (its
-    PR #29285) and JAX gemma compute them before casting cos / sin to a bfloat16 activation dtype."""
+    x (B, S, heads, Dh), positions (S,) or per row (B, S). Angles are computed in x's dtype: float32, as
+    transformers (its PR #29285) and JAX gemma compute them before casting cos / sin to a bfloat16 dtype."""
     Dh = x.shape[-1]
-    angles = positions.astype(x.dtype)[:, None] * rope_frequencies(Dh, theta, x.dtype)  # (S, Dh/2)
-    angles = np.concatenate([angles, angles], axis=-1)[None, :, None, :]  # (1, S, 1, Dh)
+    angles = positions.astype(x.dtype)[..., None] * rope_frequencies(Dh, theta, x.dtype)  # ([B,] S, Dh/2)
+    angles = np.concatenate([angles, angles], axis=-1)[..., None, :]  # ([B,] S, 1, Dh)
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     rotated = np.concatenate([-x2, x1], axis=-1)
     return x * np.cos(angles) + rotated * np.sin(angles)
@@ -115,7 +116,8 @@ def gelu_exact(x: np.ndarray) -> np.ndarray:
     return (0.5 * x * (1.0 + erf)).astype(x.dtype, copy=False)
 
 
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_exact}  # config.hidden_activation -> function
+# config.hidden_activation -> the function; Gemma 2's is gelu_tanh above, computed in place (fast.gelu_tanh_)
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh_, "gelu": gelu_exact}
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -131,8 +133,10 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
-    """(S, T) True where query i may attend to key j: j <= i, and for a sliding layer i - window < j."""
-    delta = q_pos[:, None] - k_pos[None, :]  # how far back the key is
+    """(S, T) True where query i may attend to key j: j <= i, and for a sliding layer i - window < j.
+    Per-row positions (B, S), (B, T) give (B, S, T): a padding token sits at a position in the future
+    (inputs.EMPTY), so no real query sees it."""
+    delta = q_pos[..., :, None] - k_pos[..., None, :]  # how far back the key is
     allowed = delta >= 0
     if window is not None:
         allowed &= delta < window
@@ -143,34 +147,32 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
               window: int | None, scale: float, softcap: float | None, taps: Taps = NO_TAPS) -> np.ndarray:
     """Grouped-query attention with soft-capped scores: softmax(mask(cap(q k^T * scale))) v.
 
-    q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions, so the same function
-    serves a prefill and a KV-cache decode step (keys in any order, e.g. a ring buffer). Returns the context
+    q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions (or per row, (B, S) and
+    (B, T)), so the same function serves a prefill, a padded batch and a KV-cache decode step (keys in any
+    order, e.g. a ring buffer). Returns the context
     (B, S, H*Dh), heads merged. Each kv head serves G = H/K query heads: query head h uses kv head h // G."""
     B, S, H, Dh = q.shape
     T, K = k.shape[1], k.shape[2]
     G = H // K
     qg = q.reshape(B, S, K, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, G * S, Dh)  # a group's heads stacked
     scores = (qg @ k.transpose(0, 2, 3, 1)) * scale  # (B, K, G*S, T)
-    scores = soft_cap(scores, softcap).reshape(B, K, G, S, T)
-    taps("attn.scores", scores.reshape(B, H, S, T))
-    scores = np.where(attention_mask(q_pos, k_pos, window), scores, -np.inf)  # masked keys: probability 0
-    probs = softmax(scores)
-    taps("attn.probs", probs.reshape(B, H, S, T))
+    scores = taps("attn.scores", soft_cap(scores, softcap).reshape(B, H, S, T)).reshape(B, K, G, S, T)
+    allowed = attention_mask(q_pos, k_pos, window)  # (S, T), or (B, S, T) per row
+    allowed = allowed[:, None, None] if allowed.ndim == 3 else allowed
+    scores = np.where(allowed, scores, -np.inf)  # masked keys: probability 0
+    probs = taps("attn.probs", softmax(scores).reshape(B, H, S, T))
     context = probs.reshape(B, K, G * S, T) @ v.transpose(0, 2, 1, 3)  # (B, K, G*S, Dh)
     return context.reshape(B, K, G, S, Dh).transpose(0, 3, 1, 2, 4).reshape(B, S, H * Dh)
 
 
 def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TAPS) -> np.ndarray:
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)). x (B, S, D) -> (B, S, D) via (B, S, F)."""
-    gate = linear(x, w.gate_proj)
-    taps("mlp.gate", gate)
-    up = linear(x, w.up_proj)
-    taps("mlp.up", up)
-    hidden = activation(gate) * up
-    taps("mlp.hidden", hidden)
-    out = linear(hidden, w.down_proj)
-    taps("mlp.out", out)
-    return out
+    gate = taps("mlp.gate", linear(x, w.gate_proj))
+    up = taps("mlp.up", linear(x, w.up_proj))
+    hidden = activation(gate)  # in place on gate: its tap was copied
+    hidden *= up
+    hidden = taps("mlp.hidden", hidden)
+    return taps("mlp.out", linear(hidden, w.down_proj))
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
@@ -184,65 +186,55 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     attention runs over everything the cache holds for this layer."""
     B, S, D = x.shape
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-    taps("input", x)
+    x = taps("input", x)
 
-    h = rms_norm(x, w.pre_attn_norm, eps)
-    taps("pre_attn_norm", h)
-    q = linear(h, w.q_proj).reshape(B, S, H, Dh)
-    k = linear(h, w.k_proj).reshape(B, S, K, Dh)
-    v = linear(h, w.v_proj).reshape(B, S, K, Dh)
-    taps("attn.q_proj", q)
-    taps("attn.k_proj", k)
-    taps("attn.v_proj", v)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    taps("attn.q_rope", q)
-    taps("attn.k_rope", k)
+    h = taps("pre_attn_norm", rms_norm(x, w.pre_attn_norm, eps))
+    q = taps("attn.q_proj", linear(h, w.q_proj).reshape(B, S, H, Dh))
+    k = taps("attn.k_proj", linear(h, w.k_proj).reshape(B, S, K, Dh))
+    v = taps("attn.v_proj", linear(h, w.v_proj).reshape(B, S, K, Dh))
+    q = taps("attn.q_rope", rope(q, positions, cfg.rope_theta))
+    k = taps("attn.k_rope", rope(k, positions, cfg.rope_theta))
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
     context = attention_in_blocks(attention, q, k, v, positions, k_pos, cfg.window(layer),
                                   cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
-    taps("attn.context", context)
-    a = linear(context, w.o_proj)
-    taps("attn.out", a)
-    a = rms_norm(a, w.post_attn_norm, eps)
-    taps("post_attn_norm", a)
-    x = x + a
-    taps("resid_mid", x)
+    context = taps("attn.context", context)
+    a = taps("attn.out", linear(context, w.o_proj))
+    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps))
+    x = taps("resid_mid", x + a)
 
-    h = rms_norm(x, w.pre_ffw_norm, eps)
-    taps("pre_ffw_norm", h)
+    h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
     m = mlp(h, w, ACTIVATIONS[cfg.hidden_activation], taps)
-    m = rms_norm(m, w.post_ffw_norm, eps)
-    taps("post_ffw_norm", m)
-    x = x + m
-    taps("output", x)
-    return x
+    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps))
+    return taps("output", x + m)
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None) -> dict[str, np.ndarray]:
+            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None,
+            round_to: str | None = None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
     memory-mapped checkpoint) or any object with those three methods, e.g. plain arrays in a REPL.
-    `positions` default to 0..S-1 (continuing after the cache when decoding). `logits_at="last"` computes
+    `positions` default to 0..S-1 (continuing after the cache when decoding); per row (B, S) for a padded
+    batch (inputs.padded_positions: padding at inputs.EMPTY). `logits_at="last"` computes
     the output head for the last position only (generation). `progress(done, total)` is called per layer.
-    `normalizer`: see `embed`."""
+    `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
+    dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
+    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile)."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
     wanted = [] if taps in (None, "none") else select_taps(cfg, taps)
-    rec = Taps(wanted)
+    rec = Taps(wanted, round_to=round_to)
     if positions is None:
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
-    positions = np.asarray(positions, dtype=np.int64)
+    positions = check_positions(positions, B, S)
 
     embedding = weights.embedding()
-    x = embed(ids, embedding, normalizer)  # (B, S, D)
-    rec("embed", x)
+    x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)
     n = cfg.num_hidden_layers
     for i in range(n):
         x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache)
@@ -251,12 +243,11 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     if kv_cache is not None:
         kv_cache.advance(S)
 
-    x = rms_norm(x, weights.final_norm(), cfg.rms_norm_eps)
-    rec("final_norm", x)
+    x = rec("final_norm", rms_norm(x, weights.final_norm(), cfg.rms_norm_eps))
     if logits_at == "last":
         x = x[:, -1:]
     logits = linear(x, embedding)  # (B, S, V): the output head is the embedding, transposed
-    rec("logits_raw", logits)
+    logits = rec("logits_raw", logits)
     logits = soft_cap_(logits, cfg.final_logit_softcapping)  # = soft_cap(logits, cap), in place: (S, V) is big
     out = {name: rec.out[name] for name in wanted if name in rec.out}
     out["logits"] = logits

@@ -15,22 +15,25 @@ from pathlib import Path
 import numpy as np
 
 from .golden import model_info, write_case, write_suite
+from .inputs import pad_batch, padded_positions
 from .taps import tap_bytes
 from .tokenizer import BOS
 
 
-def run_case(model, ids, taps="default", progress=None) -> dict[str, np.ndarray]:
+def run_case(model, ids, taps="default", progress=None, attention_mask=None) -> dict[str, np.ndarray]:
     """Our forward with taps, the activations a golden stores (logits always included). `model` may be a
-    mistaken one (mistakes.inject)."""
-    return model.forward(ids, taps=taps, progress=progress)
+    mistaken one (mistakes.inject). A padded batch gives its attention mask: each row's own positions."""
+    positions = None if attention_mask is None else padded_positions(attention_mask)
+    return model.forward(ids, taps=taps, progress=progress, positions=positions)
 
 
 def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None, positions=None) -> Path:
+                  progress=None, positions=None, attention_mask=None) -> Path:
     """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
-    acts = run_case(model, ids, taps, progress=progress)
+    acts = run_case(model, ids, taps, progress=progress, attention_mask=attention_mask)
     return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
-                      compute_dtype=str(model.dtype), description=description, positions=positions)
+                      compute_dtype=str(model.dtype), description=description, positions=positions,
+                      attention_mask=attention_mask)
 
 
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
@@ -39,6 +42,7 @@ PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets e
            "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
            "appear in text, and so do names, code and questions: what comes next? ")
 QUESTION = "Why soft-cap scores?"
+PADDED_TEXT = "A sliding window lets each token see only the recent past."
 SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
 
 
@@ -48,6 +52,7 @@ class CaseInput:
     description: str
     ids: list | np.ndarray
     text: str | None = None
+    attention_mask: np.ndarray | None = None  # a padded batch: 1 for a token, 0 for padding
 
 
 def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
@@ -63,6 +68,10 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     special_tokens  text that contains <start_of_turn> / <end_of_turn> itself: one id each (106, 107), which a
                tokenizer that does not mark them special splits into pieces (llama.cpp #8244)
     long       2W + 2 tokens: positions far past the window, every sliding layer's keys fully replaced twice
+    padded_batch        two prompts of different lengths as one batch, left-padded with <pad>, and its
+               attention mask: each row counts positions from its own first token, padding is never attended
+               (transformers #32848: only the last row right)
+    padded_batch_right  the same, right-padded
     """
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
@@ -80,6 +89,9 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     b = tokenizer.encode("Caps bound logits.", bos=True)
     n = min(len(a), len(b))
     chat_ids = tokenizer.encode_chat(QUESTION)
+    longer = tokenizer.encode(PADDED_TEXT, bos=True)
+    left, left_mask = pad_batch([longer, short], side="left")
+    right, right_mask = pad_batch([longer, short], side="right")
     return [
         CaseInput("short", "a short prompt, one <bos>", short, short_text),
         CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
@@ -93,6 +105,10 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                   special_ids, SPECIAL_TEXT),
         CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
                   long_ids, tokenizer.decode(long_ids, skip_special=False)),
+        CaseInput("padded_batch", f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
+                  left, None, left_mask),
+        CaseInput("padded_batch_right", f"prompts of {len(longer)} and {len(short)} tokens as one batch, "
+                                        f"right-padded", right, None, right_mask),
     ]
 
 
@@ -126,7 +142,8 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
     """Write every case of a suite under out_dir, plus suite.json.
 
     Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
-    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions)`
+    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions,
+    [attention_mask=])`
     writes one case; default: our forward. Give another to produce the suite with another backend."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
@@ -138,9 +155,9 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         if log is not None and model.is_large:
             progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
 
-        def write(ids, case_dir, text, description, case_taps, positions):
+        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None):
             generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
-                          progress=progress, positions=positions)
+                          progress=progress, positions=positions, attention_mask=attention_mask)
     inputs = SUITES[name](model.config, tokenizer)
     entries = []
     for case in inputs:
@@ -149,7 +166,13 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         if log:
             log(f"  case {case.name}: {ids.shape} tokens" + "".join(f"; {n}" for n in notes))
         description = case.description + "".join(f"; {n}" for n in notes)
-        write(ids, out_dir / case.name, case.text, description, case_taps, positions)
+        padding = {} if case.attention_mask is None else {"attention_mask": case.attention_mask}
+        try:
+            write(ids, out_dir / case.name, case.text, description, case_taps, positions, **padding)
+        except NotImplementedError as e:  # a backend without padded batches
+            if log:
+                log(f"  case {case.name} skipped: {e}")
+            continue
         entries.append({"name": case.name, "description": description})
     return write_suite(out_dir, name, entries,
                        {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 
 LAYER_TAPS = (
@@ -112,23 +113,51 @@ def tap_bytes(cfg: Gemma2Config, taps, batch: int, seq: int, itemsize: int = 4, 
     return per_row * batch * (seq if rows is None else rows) * itemsize
 
 
-class Taps:
-    """Records the requested intermediates (copies, so later in-place work cannot change them)."""
+class NonFiniteError(ValueError):
+    """The forward produced NaN or Inf. The message names the first tap (execution order), where, how many."""
 
-    def __init__(self, wanted, prefix: str = "", out: dict | None = None):
+
+def first_non_finite(trace: dict) -> tuple[str, tuple[int, ...], int, int, int] | None:
+    """The first tap in execution order holding a NaN or Inf: (name, index of the first one, NaN count,
+    Inf count, size), or None when every value is finite. One np.isfinite pass over what is recorded."""
+    for name in canonical_order(trace):
+        a = trace[name]
+        if not np.isfinite(a).all():
+            bad = ~np.isfinite(a)
+            nan = int(np.isnan(a).sum())
+            return name, tuple(int(i) for i in np.argwhere(bad)[0]), nan, int(bad.sum()) - nan, int(a.size)
+    return None
+
+
+class Taps:
+    """Every named intermediate passes through here: `x = taps("name", x)`. Records the requested ones
+    (copies, so later in-place work cannot change them). With `round_to` ("bfloat16" or "float16") it also
+    rounds each value to that dtype and returns the rounded one, so the rest of the forward computes on it:
+    a float32 forward then makes the rounding errors of a backend that stores its activations in that dtype."""
+
+    def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None):
         self.wanted = wanted if isinstance(wanted, (set, frozenset)) else set(wanted)
         self.prefix = prefix
         self.out = {} if out is None else out
+        self.round_to = round_to
+        if round_to not in (None, "bfloat16", "float16"):
+            raise ValueError(f"round_to must be 'bfloat16', 'float16' or None, not {round_to!r}")
 
     def wants(self, name: str) -> bool:
         return self.prefix + name in self.wanted
 
-    def __call__(self, name: str, value: np.ndarray) -> None:
+    def __call__(self, name: str, value: np.ndarray) -> np.ndarray:
+        if self.round_to == "bfloat16":
+            value = round_to_bf16(value.astype(np.float32, copy=False)).astype(value.dtype, copy=False)
+        elif self.round_to == "float16":
+            with np.errstate(over="ignore"):
+                value = value.astype(np.float16).astype(value.dtype)
         if self.prefix + name in self.wanted:
             self.out[self.prefix + name] = np.array(value, copy=True)
+        return value
 
     def layer(self, i: int) -> "Taps":
-        return Taps(self.wanted, f"layers.{i}.", self.out)
+        return Taps(self.wanted, f"layers.{i}.", self.out, self.round_to)
 
 
 NO_TAPS = Taps(frozenset())

@@ -65,8 +65,10 @@ class TensorRef:
     nbytes: int
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Parse a safetensors header and check every tensor's bytes lie inside the file."""
+def read_safetensors_header(path: Path, dtypes=tuple(STORAGE_DTYPES), what: str = "supported"
+                            ) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parse a safetensors header and check every tensor's bytes lie inside the file and its dtype is one of
+    `dtypes` (`what` says for what: "supported", "weights must be")."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -86,9 +88,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str,
     tensors = {}
     for name, info in header.items():
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        if dtype not in STORAGE_DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
-                               f"{', '.join(STORAGE_DTYPES)}")
+        if dtype not in dtypes:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; {what}: {', '.join(dtypes)}")
         expected = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[dtype].itemsize
         if end - begin != expected:
             raise WeightsError(f"{path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} "
@@ -135,16 +136,20 @@ def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, 
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for name in names:
-            st, shape, blocks = specs[name]
-            for block in blocks():
-                raw = f32_to_bf16_bits(np.asarray(block, np.float32)) if st == "BF16" \
-                    else np.asarray(block).astype(STORAGE_DTYPES[st])
-                f.write(np.ascontiguousarray(raw).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for name in names:
+                st, shape, blocks = specs[name]
+                for block in blocks():
+                    raw = f32_to_bf16_bits(np.asarray(block, np.float32)) if st == "BF16" \
+                        else np.asarray(block).astype(STORAGE_DTYPES[st])
+                    f.write(np.ascontiguousarray(raw).tobytes())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interruption: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return offset
 
 
@@ -201,6 +206,16 @@ def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype,
     else:
         out[...] = stored
     return out
+
+
+def non_finite_weight(ref: TensorRef, values: np.ndarray) -> WeightsError:
+    """A reference never computes with a NaN or infinite weight: name the file, the tensor, where and how many."""
+    bad = ~np.isfinite(values)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    nan = int(np.isnan(values).sum())
+    return WeightsError(f"{ref.file}: tensor {ref.name!r} holds non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
+                        f"Inf of {values.size}), the first at index {first}: the checkpoint is corrupt; "
+                        f"re-download or re-convert it")
 
 
 # -- the Gemma 2 tensors -----------------------------------------------------------------------------------
@@ -268,7 +283,7 @@ def index_checkpoint(directory: Path, cfg: Gemma2Config) -> dict[str, TensorRef]
     files, weight_map = checkpoint_files(directory)
     refs: dict[str, TensorRef] = {}
     for path in files:
-        tensors, _ = read_safetensors_header(path)
+        tensors, _ = read_safetensors_header(path, WEIGHT_DTYPES, "weights must be")
         for name, ref in tensors.items():
             if name in refs:
                 raise WeightsError(f"tensor {name!r} is stored twice: in {refs[name].file.name} and {path.name}")
@@ -326,6 +341,7 @@ class Weights:
         self._embedding: np.ndarray | None = None
         self._final_norm: np.ndarray | None = None
         self._layers: dict[int, LayerWeights] = {}
+        self._finite: set[str] = set()  # tensors whose values were checked (once: the files are read-only)
 
     @property
     def kept_layers(self) -> int:
@@ -357,6 +373,9 @@ class Weights:
             r1 = min(len(stored), r0 + rows)
             to_compute_dtype(stored[r0:r1], ref.dtype, self.dtype, out[r0:r1])
             self._maps.release(ref, r0 * row_bytes, r1 * row_bytes)
+            if name not in self._finite and not np.isfinite(out[r0:r1]).all():
+                raise non_finite_weight(ref, to_compute_dtype(stored, ref.dtype, self.dtype))  # all of it
+        self._finite.add(name)
         return out
 
     def embedding(self) -> np.ndarray:

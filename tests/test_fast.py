@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from gemma2_ref.fast import attention_in_blocks, linear, soft_cap_
+from gemma2_ref.fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
 from gemma2_ref.model import attention, gelu_tanh, soft_cap
 from gemma2_ref.taps import NO_TAPS
 
@@ -31,6 +31,15 @@ def test_linear_is_x_times_w_transposed_whichever_matrix_goes_first(tokens, dtyp
     assert np.abs(y - exact).max() <= 4 * eps * np.sqrt(d_in) * np.abs(exact).max()  # float rounding only
     if SAME_MACHINE:
         np.testing.assert_array_equal(y, (x[0] @ w.T)[None])
+
+
+def test_in_place_gelu_equals_the_formula_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, s, 20000) for s in (1e-3, 1.0, 10.0, 300.0)]).astype(np.float32)
+    expected = gelu_tanh(x)
+    y = x.copy()
+    assert gelu_tanh_(y) is y
+    np.testing.assert_array_equal(y, expected)
 
 
 def test_in_place_soft_cap_equals_the_formula_bit_for_bit():

@@ -18,7 +18,7 @@ from gemma2_ref.weights import write_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "golden"
-REGENERATE = "gemma2-ref golden tiny --suite coverage --taps all --out golden/"
+REGENERATE = "gemma2-ref golden tiny --suite coverage --taps all --out golden/ --force"
 SAME_MACHINE = os.environ.get("GEMMA2_REF_SAME_MACHINE") == "1"  # opt-in: bit-identity with this machine
 
 
@@ -108,7 +108,8 @@ def test_write_case_needs_numpy_only_and_maps_names(tmp_path):
 def test_coverage_suite_exposes_each_failure_mode():
     cfg = g2.PRESETS["tiny"].replace(sliding_window=8)
     inputs = {c.name: np.asarray(c.ids) for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
-    assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch", "special_tokens", "long"]
+    assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch", "special_tokens", "long",
+                            "padded_batch", "padded_batch_right"]
     assert len(inputs["long"]) == 2 * 8 + 2 and 106 in inputs["special_tokens"] and 107 in inputs["special_tokens"]
     assert len(inputs["window"]) == 8 + 2  # positions W-1, W and W+1 all exist
     assert inputs["short"][0] == 2 and inputs["short"][1] != 2

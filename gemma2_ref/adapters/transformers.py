@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
+from ..loader import resolve_checkpoint
 from ..taps import select_taps, tap_names
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
@@ -48,17 +49,19 @@ def reachable_taps(cfg) -> list[str]:
 
 
 def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
-    """Gemma2ForCausalLM.from_pretrained(path) in `dtype` with the chosen attention implementation."""
+    """Gemma2ForCausalLM.from_pretrained(path) in `dtype` with the chosen attention implementation. `path`: a
+    checkpoint directory or a bundled model's name ("tiny"), never a download."""
     import torch
     from transformers import Gemma2ForCausalLM
 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"transformers dtype must be one of {TORCH_DTYPES}, not {dtype!r}")
-    return Gemma2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+    return Gemma2ForCausalLM.from_pretrained(resolve_checkpoint(path), dtype=getattr(torch, dtype),
                                              attn_implementation=attn_implementation).eval()
 
 
-def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.ndarray]:
+def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
+            position_ids="from_mask") -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
     float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids."""
     import torch
@@ -119,7 +122,15 @@ def capture(hf_model, ids, taps="default", gemma_config=None) -> dict[str, np.nd
     try:
         with torch.no_grad():
             ids_t = torch.tensor(np.atleast_2d(np.asarray(ids)), dtype=torch.long)
-            got["logits"] = hf_model(input_ids=ids_t, use_cache=False).logits
+            extra = {}
+            if attention_mask is not None:  # a padded batch: the mask, and (unless asked not to) each row's
+                mask = np.asarray(attention_mask)  # positions counted from its first token, as generate() does
+                extra["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+                if isinstance(position_ids, str) and position_ids == "from_mask":
+                    position_ids = np.maximum(np.cumsum(mask, -1) - 1, 0)
+                if position_ids is not None:
+                    extra["position_ids"] = torch.tensor(np.asarray(position_ids), dtype=torch.long)
+            got["logits"] = hf_model(input_ids=ids_t, use_cache=False, **extra).logits
     finally:
         for h in hooks:
             h.remove()
@@ -135,20 +146,22 @@ def backend_options(checkpoint, args) -> dict:
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
-                 positions=None) -> Path:
-    """Run transformers on a checkpoint directory and write a golden case (producer: transformers)."""
+                 positions=None, attention_mask=None, position_ids="from_mask") -> Path:
+    """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
+    (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
+    row's positions counted from its first token (as transformers' generate() makes them)."""
     import torch
     import transformers
 
     from ..config import load_config
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
-    acts = capture(hf_model, ids, taps, cfg)
+    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
                 "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
                 "adapter": "gemma2_ref.adapters.transformers"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions)
+                      description=description, positions=positions, attention_mask=attention_mask)
