@@ -141,7 +141,11 @@ def add_golden(sub):
                         "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
-                        "transformers, mlx and jax-gemma (default float32)")
+                        "transformers, mlx and jax-gemma; for llama.cpp the GGUF type f32, bf16, f16 or q8_0 "
+                        "(default float32 = f32)")
+    p.add_argument("--gguf", metavar="FILE",
+                   help="llama.cpp: run this GGUF (its file type decides the compute dtype) instead of converting "
+                        "MODEL with llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--attn-implementation", default="eager",
                    help="transformers attention implementation (eager, sdpa, ...; default eager)")
     p.set_defaults(handler=run.golden)
@@ -211,7 +215,22 @@ def add_diagnose(sub):
 
 # -- main -------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_diagnose]
+def add_check_config(sub):
+    p = sub.add_parser("check-config", help="a GGUF's or config.json's hyper-parameters against the reference",
+                       description="Compare CANDIDATE (a GGUF, read with gguf-py, or another framework's "
+                                   "config.json) with REFERENCE (a checkpoint directory, its config.json, or a "
+                                   "bundled model): soft-caps, sliding window and which layers slide, query "
+                                   "scale, heads, head dim, RoPE base, eps, vocabulary, BOS/EOS/turn ids, "
+                                   "special-token marking, add-BOS. Keys a GGUF lacks are resolved as llama.cpp "
+                                   "resolves them. Exit code 0 all match, 1 a mismatch, 2 unreadable input.")
+    p.add_argument("reference", help="checkpoint directory, config.json, or bundled model name (tiny)")
+    p.add_argument("candidate", help="a .gguf file or a config.json")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=run.check_config)
+
+
+SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_diagnose,
+               add_check_config]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -241,6 +241,8 @@ def golden(args) -> int:
     if ours and args.dtype not in g2.COMPUTE_DTYPES:
         raise InputError(f"--dtype {args.dtype}: gemma2_ref computes in {' or '.join(g2.COMPUTE_DTYPES)}; "
                          f"bfloat16 and float16 are for another backend (--backend transformers)")
+    if getattr(args, "gguf", None) and args.backend != "llama.cpp":
+        raise InputError(f"--gguf is for --backend llama.cpp (the backend here is {args.backend})")
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
     try:
         select_taps(model.config, taps)
@@ -368,6 +370,13 @@ def compare(args) -> int:
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def check_config(args) -> int:
+    from .check_config import check
+    report = check(args.reference, args.candidate)
+    print(report.to_json() if args.json else report.format())
+    return report.exit_code
 
 
 def diagnose(args) -> int:

@@ -104,7 +104,8 @@ def get_profile(name: str = "fp32", **overrides) -> Profile:
 def auto_profile(candidate: Case) -> str:
     """The profile that fits the candidate's compute dtype: bfloat16 -> bf16, float16 -> fp16, else fp32."""
     dtype = str(candidate.compute_dtype or "")
-    return {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16"}.get(dtype, "fp32")
+    return {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+            "q8_0": "q8"}.get(dtype, "fp32")
 
 
 # -- metrics ----------------------------------------------------------------------------------------------

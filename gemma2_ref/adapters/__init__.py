@@ -20,6 +20,7 @@ BACKENDS = {
     "transformers": "gemma2_ref.adapters.transformers",  # Hugging Face transformers, forward hooks
     "mlx": "gemma2_ref.adapters.mlx",  # mlx-lm's Gemma 2 on MLX (CPU), submodules wrapped by recorders
     "jax-gemma": "gemma2_ref.adapters.jax_gemma",  # DeepMind's gemma (JAX/Flax), HF params converted, sown
+    "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
 }
 
 
