@@ -270,6 +270,8 @@ def golden(args) -> int:
     ids, tok = prompt_ids(args, model)
     text = None if args.tokens is not None else (tok.chat_prompt(args.prompt) if args.chat else args.prompt)
     positions = check_position_range(args.positions, len(ids)) if args.positions else None
+    if write is None:
+        check_budget(model, taps, ids, positions, out)
     with golden.atomic_directory(out) as tmp:
         if write is not None:
             write(np.asarray(ids), tmp, text, None, taps, positions)
@@ -281,6 +283,42 @@ def golden(args) -> int:
                               positions=positions)
     print(args.out)
     return 0
+
+
+def check_budget(model, taps, ids, positions, out) -> None:
+    """Refuse, before any work, a case that cannot fit in the RAM available now or on the disk, with the
+    numbers and the options that would fit; for a large model, say the estimate either way."""
+    import shutil
+
+    from .loader import available_memory
+    from .suites import case_budget, largest_prompt_that_fits
+
+    cfg, itemsize = model.config, model.dtype.itemsize
+    rows = None if positions is None else positions[1] - positions[0]
+    need = case_budget(cfg, taps, ids, rows, itemsize)
+    memory = available_memory()
+    parent = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    gib = 1 << 30
+    if model.is_large:
+        eprint(f"estimate: {need['memory'] / gib:.1f} GiB of memory ({need['taps'] / gib:.1f} GiB of taps), "
+               f"{need['disk'] / gib:.2f} GiB on disk; available {memory / gib if memory else float('nan'):.1f} "
+               f"GiB, {free / gib:.1f} GiB free")
+    if memory is not None and need["memory"] > memory:
+        residual = case_budget(cfg, "residual", ids, rows, itemsize)["memory"]
+        batch = np.atleast_2d(ids).shape[0]
+        fits = largest_prompt_that_fits(cfg, taps, batch, memory, itemsize)
+        fits_residual = largest_prompt_that_fits(cfg, "residual", batch, memory, itemsize)
+        options = ([f"--taps residual ({residual / gib:.1f} GiB)"] if residual <= memory else []) + \
+            [f"at most {fits} tokens with these taps", f"at most {fits_residual} with --taps residual"]
+        raise InputError(
+            f"this case needs about {need['memory'] / gib:.1f} GiB of memory (the forward, and "
+            f"{need['taps'] / gib:.1f} GiB of taps held and written) and {memory / gib:.1f} GiB is available: "
+            f"it would be killed. What fits: {', or '.join(options)}")
+    if need["disk"] > free:
+        raise InputError(f"this case writes about {need['disk'] / gib:.2f} GiB and {parent} has {free / gib:.2f} "
+                         f"GiB free: free some space, write elsewhere, or store fewer taps (--taps residual) or "
+                         f"positions (--positions START:STOP)")
 
 
 def profile_for(args, candidate, reference=None):

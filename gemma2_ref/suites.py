@@ -44,6 +44,57 @@ def generate_case(model, ids, out_dir, *, taps="default", text=None, description
                                  "row prefill + k of every tap is decode step k"}})
 
 
+# -- memory and disk, before running ---------------------------------------------------------------------
+
+def forward_memory(cfg, seq: int, logits_at: str = "last", itemsize: int = 4,
+                    max_scores_bytes: int = 256 << 20) -> dict:
+    """What a streaming forward of `seq` tokens holds at its peak (bytes): the compute-dtype embedding (it is
+    also the output head), one converted layer, and the largest activations (the MLP's three (S, F) arrays,
+    a block of attention scores, the logits). File pages are released after conversion and not counted."""
+    V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    layer = cfg.parameter_counts()["per_layer"] * itemsize
+    mlp = 3 * seq * F * itemsize  # gate, up, hidden
+    attention = (seq * (H + 2 * K) * Dh + seq * H * Dh) * itemsize * 2 + 2 * min(max_scores_bytes,
+                                                                                  H * seq * seq * itemsize)
+    residual = 6 * seq * D * itemsize
+    logits = 2 * (1 if logits_at == "last" else seq) * V * itemsize  # logits and the soft-cap's result
+    activations = max(mlp, attention) + residual + logits
+    # KV cache for generation: every position for global layers, `window` slots for sliding ones
+    per_position = 2 * K * Dh * itemsize
+    kv = sum(per_position * (min(seq, cfg.sliding_window) if cfg.is_sliding(i) else seq)
+             for i in range(cfg.num_hidden_layers))
+    embedding = V * D * itemsize
+    return {"seq": seq, "embedding": embedding, "layer": layer, "activations": activations, "kv_cache": kv,
+            "streaming_peak": embedding + layer + activations,
+            "bound": embedding + 3 * layer + (1 << 30),  # the issue's budget: embedding + 3 layers + 1 (1 << 30)
+            "all_layers_converted": embedding + cfg.num_hidden_layers * layer + activations,
+            "bf16_on_disk": (cfg.parameter_counts()["total"]) * 2}
+
+
+def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> dict:
+    """What writing one case of our forward needs (bytes): memory = the streaming forward with every
+    position's logits, plus the taps it records, plus the copy the writer stores; disk = the stored taps
+    (`rows` query positions; default all). Compared with what the machine has before anything runs."""
+    ids = np.asarray(ids)
+    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
+    forward = forward_memory(cfg, batch * seq, "all", itemsize)["streaming_peak"]
+    held = tap_bytes(cfg, taps, batch, seq, itemsize)
+    return {"memory": forward + 2 * held, "taps": held, "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows)}
+
+
+def largest_prompt_that_fits(cfg, taps, batch: int, available: int, itemsize: int = 4) -> int:
+    """The most tokens whose case_budget memory fits in `available` bytes (0 if none)."""
+    lo, hi = 0, cfg.max_position_embeddings
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if case_budget(cfg, taps, np.zeros((batch, mid), np.int64), itemsize=itemsize)["memory"] <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
 
 PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "

@@ -496,3 +496,33 @@ def test_any_option_value_gives_a_message_never_a_traceback(capsys, tmp_path_fac
     if code == 2:
         assert "error: " in err.splitlines()[-1], (argv, err)
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]  # nothing half-written left
+
+
+# -- a golden never dies of memory: estimate first, refuse clearly (issue "A golden never dies of memory") ------
+
+def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
+    import gemma2_ref as g2
+    from gemma2_ref import suites as S
+    from gemma2_ref.golden import ACTIVATIONS, load_case
+
+    model = g2.load_model("tiny")
+    ids = np.arange(2, 40)
+    for taps, rows in (("default", None), ("all", None), ("residual", 4)):
+        out = tmp_path / f"{taps}-{rows}"
+        positions = None if rows is None else (len(ids) - rows, len(ids))
+        S.generate_case(model, ids, out, taps=taps, positions=positions)
+        written = sum(a.nbytes for a in load_case(out).activations.values())
+        assert S.case_budget(model.config, taps, ids, rows)["disk"] == written
+        assert (out / ACTIVATIONS).stat().st_size >= written
+
+
+def test_a_case_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from gemma2_ref import loader
+
+    monkeypatch.setattr(loader, "available_memory", lambda: 40 << 20)  # 40 MiB: the tiny model's own 2 MiB fits
+    code = main(["golden", "tiny", "--tokens", " ".join(["2"] + ["651"] * 200), "--taps", "all",
+                "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert code == 2 and "it would be killed. What fits: --taps residual" in err, err
+    assert not (tmp_path / "g").exists()
+    assert main(["golden", "tiny", "--tokens", "2 651 652", "--out", str(tmp_path / "small")]) == 0
