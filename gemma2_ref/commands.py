@@ -298,7 +298,8 @@ def check_budget(model, taps, ids, positions, out) -> None:
     need = case_budget(cfg, taps, ids, rows, itemsize)
     memory = available_memory()
     parent = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.exists())
-    free = shutil.disk_usage(parent).free
+    usage = shutil.disk_usage(parent)
+    free = usage.free if usage.total else float("inf")  # a pseudo file system (/proc): its own error will say
     gib = 1 << 30
     if model.is_large:
         eprint(f"estimate: {need['memory'] / gib:.1f} GiB of memory ({need['taps'] / gib:.1f} GiB of taps), "
