@@ -149,8 +149,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
 
     q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions (or per row, (B, S) and
     (B, T)), so the same function serves a prefill, a padded batch and a KV-cache decode step (keys in any
-    order, e.g. a ring buffer). Returns the context
-    (B, S, H*Dh), heads merged. Each kv head serves G = H/K query heads: query head h uses kv head h // G."""
+    order, e.g. a ring buffer). Returns the context (B, S, H*Dh), heads merged. Each kv head serves G = H/K
+    query heads: query head h uses kv head h // G."""
     B, S, H, Dh = q.shape
     T, K = k.shape[1], k.shape[2]
     G = H // K
