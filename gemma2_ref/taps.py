@@ -41,6 +41,12 @@ def tap_kind(name: str) -> str:
     return name.split(".", 2)[2] if name.startswith("layers.") else name
 
 
+def taps_of_kinds(cfg: Gemma2Config, layer_kinds) -> list[str]:
+    """embed, the final taps, and each layer's taps whose kind is in `layer_kinds` (e.g. LAYER_TAPS), in
+    execution order: what an adapter whose backend exposes those kinds can capture."""
+    return [n for n in tap_names(cfg) if not n.startswith("layers.") or tap_kind(n) in layer_kinds]
+
+
 def tap_shape(cfg: Gemma2Config, name: str, seq: int, keys: int | None = None) -> tuple[int, ...]:
     """The shape of one sequence's tap (no batch axis): `seq` query positions, `keys` key positions
     (default `seq`: a prefill; a decode step attends to its cache)."""

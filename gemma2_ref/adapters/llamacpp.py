@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import select_taps, tap_names
+from ..taps import taps_of_kinds
 from ..config import load_config
 from ..golden import model_info_from_files, write_case
 
@@ -140,8 +141,7 @@ LAYER_NAME_RE = re.compile(r"(.+)-(\d+)")
 
 def reachable_taps(cfg) -> list[str]:
     """The canonical taps this adapter can capture, in execution order: all of them."""
-    ends = ("embed", "final_norm", "logits_raw", "logits")
-    return [n for n in tap_names(cfg) if n in ends or n.split(".", 2)[-1] in ALL_LAYER_TAPS]
+    return taps_of_kinds(cfg, ALL_LAYER_TAPS)
 
 
 def unreachable_taps(cfg) -> list[str]:

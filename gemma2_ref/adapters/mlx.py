@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..golden import model_info_from_files, write_case
-from ..taps import select_taps, tap_names
+from ..taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
@@ -44,8 +44,7 @@ MLX_DTYPES = ("float32", "bfloat16", "float16")
 
 def reachable_taps(cfg) -> list[str]:
     """The canonical taps this adapter can capture, in execution order."""
-    ends = ("embed", "final_norm", "logits_raw", "logits")
-    return [n for n in tap_names(cfg) if n in ends or n.split(".", 2)[-1] in REACHABLE]
+    return taps_of_kinds(cfg, REACHABLE)
 
 
 def load(path, dtype: str | None = "float32"):
