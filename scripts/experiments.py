@@ -167,10 +167,7 @@ def train_chat(name, model, train_enc, held_enc, steps, batch, lr, seed, eval_ev
             with torch.no_grad():
                 t_logits = teacher(ids)
             loss = turn_kd_loss(t_logits, model(ids), mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        tt.update(model, opt, loss)
         running.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             point = {"step": step + 1, "train_loss": float(np.mean(running)),

@@ -225,6 +225,14 @@ def optimizer(model, lr):
 
 
 @torch.no_grad()
+def update(model, opt, loss) -> None:
+    """One optimizer step on `loss`, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def evaluate(model, held, teacher=None, batch=32):
     """Held-out next-token CE (nats/token) and, given a teacher, the KD loss against it."""
     model.eval()
@@ -262,10 +270,7 @@ def train(name, model, train_stream, held, steps, batch, lr, eval_every, seed, b
             with torch.no_grad():
                 teacher_logits = teacher(ids)
             loss = kd_loss_torch(teacher_logits, logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(model, opt, loss)
         running.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             point = {"step": step + 1, "tokens": (step + 1) * batch * (SEQ_LEN - 1),
