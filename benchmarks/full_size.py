@@ -3,6 +3,7 @@ each in a fresh process, with its wall time and peak resident memory (VmHWM).
 
     python benchmarks/full_size.py --model 9b              # build (~18.5 GB), measure, delete the checkpoint
     python benchmarks/full_size.py --model 9b --keep DIR   # build into DIR and keep it
+    python benchmarks/full_size.py --model 27b --checkpoint DIR --runs generate   # reuse a built one
 
 Measured: `gemma2-ref golden` of a 64-token prompt with the default taps (twice: the two sha256s must agree),
 the 4098-token window case's estimate (refused or run within the memory budget), and `gemma2-ref generate` of
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noqa: E402
 
 GiB = 1 << 30
+RUNS = ("golden", "window", "generate")
 # Runs the CLI, then reports this process's peak resident memory: what one fresh `gemma2-ref` process needed.
 MEASURED = ("import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('gemma2_ref.cli', run_name='__main__')\n"
@@ -52,43 +54,55 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=["9b", "27b"], default="9b")
     p.add_argument("--keep", metavar="DIR", help="build the checkpoint here and keep it (default: a temporary "
                                                  "directory, deleted afterwards)")
+    p.add_argument("--checkpoint", metavar="DIR", help="use this already built checkpoint (not deleted)")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"which runs, comma-separated (default: all of "
+                                                          f"{','.join(RUNS)}); results merge into the JSON file")
     args = p.parse_args(argv)
+    wanted = args.runs.split(",")
+    if set(wanted) - set(RUNS):
+        p.error(f"--runs takes {','.join(RUNS)}")
     cfg = preset_config(args.model)
     need = cfg.parameter_counts()["total"] * 2
-    target = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=f"gemma2-ref-{args.model}-"))
+    given = args.checkpoint or args.keep
+    target = Path(given) if given else Path(tempfile.mkdtemp(prefix=f"gemma2-ref-{args.model}-"))
     target.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target).free
-    if free < need * 1.05:
+    if not args.checkpoint and free < need * 1.05:
         print(f"{target}: {free / GiB:.1f} GiB free, the {args.model} checkpoint needs {need / GiB:.1f} GiB: "
               f"free some space or pass --keep DIR on another disk", file=sys.stderr)
         return 2
-    results = {"model": args.model, "load_average_before": os.getloadavg(), "checkpoint_GiB": round(need / GiB, 1)}
+    path = Path(__file__).resolve().parent / f"full_size-{args.model}.json"
+    results = json.loads(path.read_text()) if path.is_file() and args.runs != ",".join(RUNS) else {}
+    results.update(model=args.model, load_average_before=os.getloadavg(), checkpoint_GiB=round(need / GiB, 1))
+    runs = results.setdefault("runs", {})
     try:
-        t0 = time.perf_counter()
-        build_random_checkpoint(target, cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-        results["build_seconds"] = round(time.perf_counter() - t0, 1)
+        if not args.checkpoint:
+            t0 = time.perf_counter()
+            build_random_checkpoint(target, cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            results["build_seconds"] = round(time.perf_counter() - t0, 1)
         ids64 = " ".join(["2"] + [str(651 + i) for i in range(63)])
         ids128 = " ".join(["2"] + [str(651 + i) for i in range(127)])
         ids4098 = " ".join(["2"] + [str(651 + i % 5000) for i in range(4097)])
         out = Path(tempfile.mkdtemp(prefix="gemma2-ref-golden-"))
-        runs = results["runs"] = {}
-        for n in (1, 2):
+        for n in (1, 2) if "golden" in wanted else ():
             runs[f"golden_64_run{n}"] = measure(["golden", str(target), "--tokens", ids64,
                                                  "--out", str(out / f"g{n}")])
         hashes = [json.loads((out / f"g{n}" / "manifest.json").read_text())["activations"]["sha256"]
                   for n in (1, 2) if (out / f"g{n}" / "manifest.json").is_file()]
-        results["golden_64_identical"] = len(hashes) == 2 and hashes[0] == hashes[1]
-        runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
-        runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
+        if "golden" in wanted:
+            results["golden_64_identical"] = len(hashes) == 2 and hashes[0] == hashes[1]
+        if "window" in wanted:
+            runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
+            runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
                                                        "residual", "--out", str(out / "wr")])
-        runs["generate_16_after_128"] = measure(["generate", str(target), "--tokens", ids128,
-                                                 "--max-new-tokens", "16"])
+        if "generate" in wanted:
+            runs["generate_16_after_128"] = measure(["generate", str(target), "--tokens", ids128,
+                                                     "--max-new-tokens", "16"])
         shutil.rmtree(out, ignore_errors=True)
     finally:
-        if not args.keep:
+        if not args.keep and not args.checkpoint:
             shutil.rmtree(target, ignore_errors=True)
     results["load_average_after"] = os.getloadavg()
-    path = Path(__file__).resolve().parent / f"full_size-{args.model}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
