@@ -278,48 +278,33 @@ def golden(args) -> int:
         else:
             progress = layer_progress() if model.is_large else None
             info = golden.model_info(model, args.model, progress=True)
-            acts = suites.run_case(model, np.asarray(ids), taps, progress=progress)
-            golden.write_case(tmp, acts, np.asarray(ids), model=info, text=text, compute_dtype=str(model.dtype),
-                              positions=positions)
+            suites.generate_case(model, np.asarray(ids), tmp, taps=taps, text=text, info=info, progress=progress,
+                                 positions=positions)
     print(args.out)
     return 0
 
 
 def check_budget(model, taps, ids, positions, out) -> None:
     """Refuse, before any work, a case that cannot fit in the RAM available now or on the disk, with the
-    numbers and the options that would fit; for a large model, say the estimate either way."""
+    numbers and the options that would fit (suites.budget_refusal); for a large model, say the estimate."""
     import shutil
 
     from .loader import available_memory
-    from .suites import case_budget, largest_prompt_that_fits
+    from .suites import budget_refusal, case_budget
 
     cfg, itemsize = model.config, model.dtype.itemsize
     rows = None if positions is None else positions[1] - positions[0]
-    need = case_budget(cfg, taps, ids, rows, itemsize)
     memory = available_memory()
     parent = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.exists())
     usage = shutil.disk_usage(parent)
     free = usage.free if usage.total else float("inf")  # a pseudo file system (/proc): its own error will say
-    gib = 1 << 30
     if model.is_large:
-        eprint(f"estimate: {need['memory'] / gib:.1f} GiB of memory ({need['taps'] / gib:.1f} GiB of taps), "
-               f"{need['disk'] / gib:.2f} GiB on disk; available {memory / gib if memory else float('nan'):.1f} "
-               f"GiB, {free / gib:.1f} GiB free")
-    if memory is not None and need["memory"] > memory:
-        residual = case_budget(cfg, "residual", ids, rows, itemsize)["memory"]
-        batch = np.atleast_2d(ids).shape[0]
-        fits = largest_prompt_that_fits(cfg, taps, batch, memory, itemsize)
-        fits_residual = largest_prompt_that_fits(cfg, "residual", batch, memory, itemsize)
-        options = ([f"--taps residual ({residual / gib:.1f} GiB)"] if residual <= memory else []) + \
-            [f"at most {fits} tokens with these taps", f"at most {fits_residual} with --taps residual"]
-        raise InputError(
-            f"this case needs about {need['memory'] / gib:.1f} GiB of memory (the forward, and "
-            f"{need['taps'] / gib:.1f} GiB of taps held and written) and {memory / gib:.1f} GiB is available: "
-            f"it would be killed. What fits: {', or '.join(options)}")
-    if need["disk"] > free:
-        raise InputError(f"this case writes about {need['disk'] / gib:.2f} GiB and {parent} has {free / gib:.2f} "
-                         f"GiB free: free some space, write elsewhere, or store fewer taps (--taps residual) or "
-                         f"positions (--positions START:STOP)")
+        need, gib = case_budget(cfg, taps, ids, rows, itemsize), 1 << 30
+        eprint(f"estimate: {need['memory'] / gib:.1f} GiB of memory (taps streamed to disk), {need['disk'] / gib:.2f}"
+               f" GiB on disk; available {memory / gib if memory else float('nan'):.1f} GiB, {free / gib:.1f} GiB free")
+    refusal = budget_refusal(cfg, taps, ids, rows, itemsize, memory, free)
+    if refusal:
+        raise InputError(refusal)
 
 
 def profile_for(args, candidate, reference=None):

@@ -211,15 +211,17 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None,
-            round_to: str | None = None) -> dict[str, np.ndarray]:
+            kv_cache=None, logits_at="all", progress=None, normalizer: str | None = None,
+            round_to: str | None = None, sink=None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
     memory-mapped checkpoint) or any object with those three methods, e.g. plain arrays in a REPL.
     `positions` default to 0..S-1 (continuing after the cache when decoding); per row (B, S) for a padded
     batch (inputs.padded_positions: padding at inputs.EMPTY). `logits_at="last"` computes
-    the output head for the last position only (generation). `progress(done, total)` is called per layer.
+    the output head for the last position only (generation), `(start, stop)` for those positions only (a
+    golden storing only them; logits_raw too). `progress(done, total)` is called per layer. `sink(name, value)`
+    receives each requested tap as it is produced, shaped as the returned dict would hold it (taps.Taps).
     `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
     dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
     own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile)."""
@@ -227,7 +229,9 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
     wanted = [] if taps in (None, "none") else select_taps(cfg, taps)
-    rec = Taps(wanted, round_to=round_to)
+    if sink is not None and not batched:
+        sink = (lambda name, value, batched_sink=sink: batched_sink(name, value[0]))  # as the dict holds it
+    rec = Taps(wanted, round_to=round_to, sink=sink)
     if positions is None:
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
@@ -246,6 +250,8 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     x = rec("final_norm", rms_norm(x, weights.final_norm(), cfg.rms_norm_eps))
     if logits_at == "last":
         x = x[:, -1:]
+    elif logits_at != "all":
+        x = x[:, slice(*logits_at)]
     logits = linear(x, embedding)  # (B, S, V): the output head is the embedding, transposed
     logits = rec("logits_raw", logits)
     logits = soft_cap_(logits, cfg.final_logit_softcapping)  # = soft_cap(logits, cap), in place: (S, V) is big

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .golden import model_info, write_case, write_suite
+from .golden import CaseWriter, model_info, write_case, write_suite
 from .generate import decode_taps
 from .inputs import pad_batch, padded_positions
-from .taps import tap_bytes
+from .taps import LARGE_TAPS, NonFiniteError, first_non_finite, select_taps, tap_bytes, tap_shape
 from .tokenizer import BOS
 
 
@@ -34,23 +34,58 @@ def run_case(model, ids, taps="default", progress=None, attention_mask=None,
 
 def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
                   progress=None, positions=None, attention_mask=None, prefill: int | None = None) -> Path:
-    """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite)."""
-    acts = run_case(model, ids, taps, progress=progress, attention_mask=attention_mask, prefill=prefill)
-    return write_case(out_dir, acts, np.asarray(ids), model=info or model_info(model), text=text,
-                      compute_dtype=str(model.dtype), description=description, positions=positions,
-                      attention_mask=attention_mask, extra=None if prefill is None else {"decode": {
-                          "prefill": prefill, "steps": len(ids) - prefill,
-                          "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
-                                 "row prefill + k of every tap is decode step k"}})
+    """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite).
+
+    A prefill case is streamed: each tap goes to disk as the forward produces it (golden.CaseWriter), and the
+    output head runs only for the stored positions, so memory holds one layer's activations and the logits
+    kept, whatever the number of taps (case_budget). A decode case (`prefill`) is written whole."""
+    ids = np.asarray(ids)
+    fields = dict(model=info or model_info(model), text=text, compute_dtype=str(model.dtype),
+                  description=description, positions=positions, attention_mask=attention_mask)
+    if prefill is not None:
+        return write_case(out_dir, decode_taps(model, ids, prefill, taps), ids, extra={"decode": {
+            "prefill": prefill, "steps": len(ids) - prefill,
+            "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
+                   "row prefill + k of every tap is decode step k"}}, **fields)
+    cfg, batch = model.config, () if ids.ndim == 1 else ids.shape[:1]
+    seq, rows = ids.shape[-1], ids.shape[-1] if positions is None else positions[1] - positions[0]
+    names = select_taps(cfg, taps) + ["logits"]
+    specs = {n: (batch + stored_shape(cfg, n, seq, rows), model.dtype) for n in dict.fromkeys(names)}
+    with CaseWriter(out_dir, ids, specs, **fields) as case:
+        def sink(name, value):
+            check_finite(model, name, value)
+            case.add(name, value)
+        out = model.forward(ids, taps=taps, progress=progress, sink=sink, logits_at=positions or "all",
+                            positions=None if attention_mask is None else padded_positions(attention_mask))
+        sink("logits", out["logits"])
+    return Path(out_dir)
+
+
+def stored_shape(cfg, name: str, seq: int, rows: int) -> tuple[int, ...]:
+    """A tap's shape in a case of `seq` tokens that stores `rows` query positions (no batch axis)."""
+    shape = tap_shape(cfg, name, seq)
+    return (shape[0], rows, *shape[2:]) if name.endswith(LARGE_TAPS) else (rows, *shape[1:])
+
+
+def check_finite(model, name: str, value) -> None:
+    """A reference never writes a NaN or Inf: refuse at the first tap holding one, named (loader.Model)."""
+    bad = first_non_finite({name: value})
+    if bad is not None:
+        _, index, nan, inf, size = bad
+        raise NonFiniteError(f"{model.path or 'the model'}: the forward produced non-finite values, first at tap "
+                             f"{name!r} index {index} ({nan} NaN and {inf} Inf of its {size} values): the "
+                             f"activations overflowed {model.dtype}; check the weights' scale and config.json's "
+                             f"soft-caps")
 
 
 # -- memory and disk, before running ---------------------------------------------------------------------
 
-def forward_memory(cfg, seq: int, logits_at: str = "last", itemsize: int = 4,
+def forward_memory(cfg, seq: int, logits_at="last", itemsize: int = 4,
                     max_scores_bytes: int = 256 << 20) -> dict:
     """What a streaming forward of `seq` tokens holds at its peak (bytes): the compute-dtype embedding (it is
     also the output head), one converted layer, and the largest activations (the MLP's three (S, F) arrays,
-    a block of attention scores, the logits). File pages are released after conversion and not counted."""
+    a block of attention scores, the logits of `logits_at`: "last", "all" or a number of positions).
+    File pages are released after conversion and not counted."""
     V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     layer = cfg.parameter_counts()["per_layer"] * itemsize
@@ -58,7 +93,8 @@ def forward_memory(cfg, seq: int, logits_at: str = "last", itemsize: int = 4,
     attention = (seq * (H + 2 * K) * Dh + seq * H * Dh) * itemsize * 2 + 2 * min(max_scores_bytes,
                                                                                   H * seq * seq * itemsize)
     residual = 6 * seq * D * itemsize
-    logits = 2 * (1 if logits_at == "last" else seq) * V * itemsize  # logits and the soft-cap's result
+    rows = {"last": 1, "all": seq}.get(logits_at, logits_at)
+    logits = 2 * rows * V * itemsize  # logits and the soft-cap's result
     activations = max(mlp, attention) + residual + logits
     # KV cache for generation: every position for global layers, `window` slots for sliding ones
     per_position = 2 * K * Dh * itemsize
@@ -73,14 +109,18 @@ def forward_memory(cfg, seq: int, logits_at: str = "last", itemsize: int = 4,
 
 
 def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> dict:
-    """What writing one case of our forward needs (bytes): memory = the streaming forward with every
-    position's logits, plus the taps it records, plus the copy the writer stores; disk = the stored taps
-    (`rows` query positions; default all). Compared with what the machine has before anything runs."""
+    """What writing one case of our forward needs (bytes). The case is streamed (generate_case), so memory
+    = the forward (one layer's activations, the output head for the stored positions only) plus the largest
+    tap on its way to disk; disk = the stored taps (`rows` query positions; default all). Compared with what
+    the machine has before anything runs (budget_refusal)."""
     ids = np.asarray(ids)
     batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
-    forward = forward_memory(cfg, batch * seq, "all", itemsize)["streaming_peak"]
-    held = tap_bytes(cfg, taps, batch, seq, itemsize)
-    return {"memory": forward + 2 * held, "taps": held, "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows)}
+    stored = seq if rows is None else rows
+    forward = forward_memory(cfg, batch * seq, batch * stored, itemsize)["streaming_peak"]
+    largest = batch * itemsize * max([int(np.prod(tap_shape(cfg, n, seq))) for n in select_taps(cfg, taps)
+                                      if n not in ("logits_raw", "logits")] + [0])  # those: in `forward`
+    return {"memory": forward + largest, "forward": forward, "largest_tap": largest,
+            "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows)}
 
 
 def largest_prompt_that_fits(cfg, taps, batch: int, available: int, itemsize: int = 4) -> int:
@@ -93,6 +133,35 @@ def largest_prompt_that_fits(cfg, taps, batch: int, available: int, itemsize: in
         else:
             hi = mid - 1
     return lo
+
+
+def budget_refusal(cfg, taps, ids, rows: int | None, itemsize: int, memory: int | None, free: float) -> str | None:
+    """Why a case cannot run here, with the numbers and the options that would fit, or None when it fits:
+    `memory` bytes of RAM available (None: unknown), `free` bytes of disk where it is written."""
+    gib = 1 << 30
+    need = case_budget(cfg, taps, ids, rows, itemsize)
+    ids = np.asarray(ids)
+    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
+    if memory is not None and need["memory"] > memory:
+        options = []
+        for label, t, r in (("--taps residual", "residual", rows), ("--positions START:STOP of 64 positions "
+                            "(the logits only there)", taps, min(64, seq)), ("both", "residual", min(64, seq))):
+            fit = case_budget(cfg, t, ids, r, itemsize)["memory"]
+            if fit <= memory and (t, r) != (taps, rows):
+                options.append(f"{label} ({fit / gib:.1f} GiB)")
+                break
+        options.append(f"at most {largest_prompt_that_fits(cfg, taps, batch, memory, itemsize)} tokens")
+        return (f"this case needs about {need['memory'] / gib:.1f} GiB of memory (the forward, its logits at "
+                f"{batch * (rows or seq)} positions, the largest tap on its way to disk) and {memory / gib:.1f} "
+                f"GiB is available: it would be killed. What fits: {', or '.join(options)}")
+    if need["disk"] > free:
+        options = [f"{label} ({d / gib:.2f} GiB)" for label, d in (
+            ("--taps residual", tap_bytes(cfg, "residual", batch, seq, itemsize, rows)),
+            ("--positions START:STOP of 64 positions", tap_bytes(cfg, taps, batch, seq, itemsize, min(64, seq))))
+            if d <= free]
+        return (f"this case writes about {need['disk'] / gib:.2f} GiB and {free / gib:.2f} GiB is free there. "
+                f"Write elsewhere, free some space" + "".join(f", or {o}" for o in options))
+    return None
 
 
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
@@ -188,19 +257,15 @@ SUITES = {"coverage": coverage_inputs}
 
 
 MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
-MAX_TAP_MEMORY = 8 << 30  # in memory while running: beyond this a case records the "residual" taps only
 LAST_ROWS = 4  # for the window case: positions W-2, W-1, W, W+1
 
 
 def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int] | None, list[str]]:
-    """The taps and stored positions that keep one case within the memory and disk budgets, and notes."""
+    """The taps and stored positions that keep one case within the disk budget, and notes. Memory needs no
+    plan: a case is streamed to disk (generate_case), its memory is the forward's (case_budget)."""
     ids = np.asarray(ids)
     batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[0]))
     notes = []
-    if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_TAP_MEMORY and taps != "residual":
-        notes.append(f"taps reduced to 'residual': {taps!r} for {seq} tokens would need "
-                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**30:.0f} GiB of memory")
-        taps = "residual"
     positions = None
     if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_CASE_BYTES and seq > LAST_ROWS:
         positions = (seq - LAST_ROWS, seq)

@@ -137,15 +137,19 @@ def first_non_finite(trace: dict) -> tuple[str, tuple[int, ...], int, int, int] 
 
 class Taps:
     """Every named intermediate passes through here: `x = taps("name", x)`. Records the requested ones
-    (copies, so later in-place work cannot change them). With `round_to` ("bfloat16" or "float16") it also
+    (copies, so later in-place work cannot change them), or hands each to `sink(name, value)` the moment it
+    is produced (golden.CaseWriter writes it to disk there, so a case's taps are never all in memory; the
+    sink must be done with the value when it returns). With `round_to` ("bfloat16" or "float16") it also
     rounds each value to that dtype and returns the rounded one, so the rest of the forward computes on it:
     a float32 forward then makes the rounding errors of a backend that stores its activations in that dtype."""
 
-    def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None):
+    def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None,
+                 sink=None):
         self.wanted = wanted if isinstance(wanted, (set, frozenset)) else set(wanted)
         self.prefix = prefix
         self.out = {} if out is None else out
         self.round_to = round_to
+        self.sink = sink
         if round_to not in (None, "bfloat16", "float16"):
             raise ValueError(f"round_to must be 'bfloat16', 'float16' or None, not {round_to!r}")
 
@@ -159,11 +163,14 @@ class Taps:
             with np.errstate(over="ignore"):
                 value = value.astype(np.float16).astype(value.dtype)
         if self.prefix + name in self.wanted:
-            self.out[self.prefix + name] = np.array(value, copy=True)
+            if self.sink is not None:
+                self.sink(self.prefix + name, value)
+            else:
+                self.out[self.prefix + name] = np.array(value, copy=True)
         return value
 
     def layer(self, i: int) -> "Taps":
-        return Taps(self.wanted, f"layers.{i}.", self.out, self.round_to)
+        return Taps(self.wanted, f"layers.{i}.", self.out, self.round_to, self.sink)
 
 
 NO_TAPS = Taps(frozenset())

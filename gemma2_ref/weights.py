@@ -126,19 +126,10 @@ def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, 
     The file is written under a temporary name and renamed, so a reader never sees half a file.
     Returns the number of tensor bytes."""
     names = sorted(specs)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name in names:
-        st, shape, _ = specs[name]
-        n = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[st].itemsize
-        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    head, offsets = safetensors_header({name: spec[:2] for name, spec in specs.items()}, metadata)
     tmp = Path(str(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
             f.write(head)
             for name in names:
                 st, shape, blocks = specs[name]
@@ -150,7 +141,26 @@ def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, 
     except BaseException:  # a full disk, an interruption: leave no half-written file behind
         tmp.unlink(missing_ok=True)
         raise
-    return offset
+    return sum(stop - start for start, stop in offsets.values())
+
+
+def safetensors_header(specs: dict, metadata: dict[str, str] | None = None) -> tuple[bytes, dict]:
+    """The bytes a safetensors file starts with (length + JSON header, padded to 8) for tensors
+    {name: (safetensors dtype, shape)} laid out in sorted-name order, and {name: (start, stop)}: each tensor's
+    absolute byte range in the file. Deterministic: the same specs give the same bytes."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(specs):
+        st, shape = specs[name]
+        n = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[st].itemsize
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    start = 8 + len(head)
+    offsets = {name: (start + h["data_offsets"][0], start + h["data_offsets"][1])
+               for name, h in header.items() if name != "__metadata__"}
+    return struct.pack("<Q", len(head)) + head, offsets
 
 
 class MappedFiles:

@@ -519,10 +519,11 @@ def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
 def test_a_case_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     from gemma2_ref import loader
 
-    monkeypatch.setattr(loader, "available_memory", lambda: 40 << 20)  # 40 MiB: the tiny model's own 2 MiB fits
+    # 7 MiB: 200 tokens need 8.9 MiB (the forward's logits at every position); storing 64 positions fits
+    monkeypatch.setattr(loader, "available_memory", lambda: 7 << 20)
     code = main(["golden", "tiny", "--tokens", " ".join(["2"] + ["651"] * 200), "--taps", "all",
                 "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err
-    assert code == 2 and "it would be killed. What fits: --taps residual" in err, err
+    assert code == 2 and "it would be killed. What fits: --positions START:STOP of 64 positions" in err, err
     assert not (tmp_path / "g").exists()
     assert main(["golden", "tiny", "--tokens", "2 651 652", "--out", str(tmp_path / "small")]) == 0

@@ -246,8 +246,9 @@ def test_a_real_models_window_case_is_kept_within_memory_and_disk_budgets():
     cfg = g2.PRESETS["9b"]
     ids = np.full(cfg.sliding_window + 2, 5)
     taps, positions, notes = S.case_plan(cfg, "default", ids)
-    assert taps == "residual" and positions == (4094, 4098)  # positions W-2 .. W+1
+    assert taps == "default" and positions == (4094, 4098)  # positions W-2 .. W+1
     assert tap_bytes(cfg, taps, 1, 4098, rows=4) < S.MAX_CASE_BYTES
+    assert S.case_budget(cfg, taps, ids, rows=4)["memory"] < 12 << 30  # streamed: the forward, not 68 GiB of taps
     assert S.case_plan(g2.PRESETS["tiny"], "default", np.full(34, 5)) == ("default", None, [])
 
 
