@@ -236,6 +236,10 @@ def golden(args) -> int:
     from .taps import select_taps
 
     out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over a golden
+    for left in golden.interrupted_writes(out):
+        size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
+        eprint(f"note: {left} ({size / 2**20:.1f} MiB) was left by an interrupted run (never a golden); delete it "
+               f"to take the space back")
     taps = taps_arg(args.taps)
     ours = args.backend == "gemma2_ref"
     if ours and args.dtype not in g2.COMPUTE_DTYPES:

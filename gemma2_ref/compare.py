@@ -159,13 +159,32 @@ class TapResult:
         return s
 
 
+BLOCK_VALUES = 1 << 22  # values per float64 block: a tap is compared a block at a time, never copied whole
+
+
+def value_blocks(a: np.ndarray, row: int = 1):
+    """(offset, block) over a tap's values in C order, float64, BLOCK_VALUES at a time (a multiple of `row`
+    values: whole rows of length `row`). A tap of one block is the whole tap: the sums below are then exactly
+    the unblocked NumPy expressions."""
+    flat = a.reshape(-1)
+    step = max(row, BLOCK_VALUES // row * row)
+    for i in range(0, flat.size, step):
+        yield i, flat[i:i + step].astype(np.float64)
+
+
 def count_non_finite(a: np.ndarray) -> dict | None:
     """{"nan": count, "inf": count, "first": index of the first} for an array holding NaN or Inf, else None."""
-    bad = ~np.isfinite(a)
-    if not bad.any():
+    nan = inf = 0
+    first = None
+    for i, block in value_blocks(a):
+        bad = ~np.isfinite(block)
+        if bad.any():
+            n = int(np.isnan(block).sum())
+            nan, inf = nan + n, inf + int(bad.sum()) - n
+            first = first if first is not None else i + int(np.argmax(bad))
+    if first is None:
         return None
-    nan = int(np.isnan(a).sum())
-    return {"nan": nan, "inf": int(bad.sum()) - nan, "first": [int(i) for i in np.argwhere(bad)[0]]}
+    return {"nan": nan, "inf": inf, "first": [int(j) for j in np.unravel_index(first, a.shape)]}
 
 
 def describe_non_finite(found: dict) -> str:
@@ -179,22 +198,48 @@ def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
 
     A top-1 disagreement is excused when the reference prefers its token by less than `tie` x the
     position's logit standard deviation: within the profile's tolerance the two are tied."""
-    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    c = cand.reshape(-1, cand.shape[-1]).astype(np.float64)
-    lr, lc = log_softmax(r), log_softmax(c)
-    kl = np.maximum((np.exp(lr) * (lr - lc)).sum(axis=-1), 0.0)  # (positions,)
-    top_r, top_c = r.argmax(-1), c.argmax(-1)
-    rows = np.arange(len(r))
-    gap = r[rows, top_r] - r[rows, top_c]  # how much the reference prefers its own choice
-    agree = (top_r == top_c) | (gap <= tie * r.std(axis=-1))
-    k = min(5, r.shape[-1])
-    t5r = np.argpartition(-r, k - 1, axis=-1)[:, :k]
-    t5c = np.argpartition(-c, k - 1, axis=-1)[:, :k]
-    overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(t5r, t5c)])
+    V = ref.shape[-1]
+    kl, agree, exact, overlap = [], [], [], []
+    for (_, r), (_, c) in zip(value_blocks(ref, V), value_blocks(cand, V)):
+        r, c = r.reshape(-1, V), c.reshape(-1, V)  # a block of positions
+        lr, lc = log_softmax(r), log_softmax(c)
+        kl.append(np.maximum((np.exp(lr) * (lr - lc)).sum(axis=-1), 0.0))  # (positions,)
+        top_r, top_c = r.argmax(-1), c.argmax(-1)
+        rows = np.arange(len(r))
+        gap = r[rows, top_r] - r[rows, top_c]  # how much the reference prefers its own choice
+        agree.append((top_r == top_c) | (gap <= tie * r.std(axis=-1)))
+        exact.append(top_r == top_c)
+        k = min(5, V)
+        t5r = np.argpartition(-r, k - 1, axis=-1)[:, :k]
+        t5c = np.argpartition(-c, k - 1, axis=-1)[:, :k]
+        overlap.append(np.array([len(set(a) & set(b)) / k for a, b in zip(t5r, t5c)]))
+    kl, agree, exact, overlap = (np.concatenate(x) for x in (kl, agree, exact, overlap))
     pos = np.unravel_index(int(kl.argmax()), ref.shape[:-1])
     return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_max_position": [int(i) for i in pos],
-            "top1": float(agree.mean()), "top1_exact": float((top_r == top_c).mean()),
+            "top1": float(agree.mean()), "top1_exact": float(exact.mean()),
             "top1_disagreements": int((~agree).sum()), "top5": float(overlap.mean())}
+
+
+def error_sums(ref: np.ndarray, cand: np.ndarray) -> dict:
+    """What compare_tap's metrics are made of, in float64, a block at a time: the largest |c - r| (Inf where
+    the candidate is not finite) and its flat index, max |r|, and the dot products r.r, d.d, c.c, r.c with
+    d = c - r and the candidate's non-finite values taken as 0."""
+    out = {"max_abs": -1.0, "at": 0, "scale": 0.0, "rr": 0.0, "dd": 0.0, "cc": 0.0, "rc": 0.0, "bad": False}
+    for (i, r), (_, c) in zip(value_blocks(ref), value_blocks(cand)):
+        diff = np.abs(c - r)
+        bad = ~np.isfinite(c)
+        diff[bad] = np.inf
+        j = int(np.argmax(diff))
+        if diff[j] > out["max_abs"]:
+            out["max_abs"], out["at"] = float(diff[j]), i + j
+        out["scale"] = max(out["scale"], float(np.abs(r).max()))
+        d, cz = np.where(bad, 0, c - r), np.where(bad, 0, c)
+        out["rr"] += float(r.dot(r))
+        out["dd"] += float(d.dot(d))
+        out["cc"] += float(cz.dot(cz))
+        out["rc"] += float(r.dot(cz))
+        out["bad"] |= bool(bad.any())
+    return out
 
 
 def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Profile) -> TapResult:
@@ -202,21 +247,16 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
         return TapResult(name, "missing", shape=list(ref.shape))
     if ref.shape != cand.shape:
         return TapResult(name, "shape", shape=list(ref.shape), candidate_shape=list(cand.shape), failed=["shape"])
-    r, c = ref.astype(np.float64), cand.astype(np.float64)
-    diff = np.abs(c - r)
-    bad = ~np.isfinite(c)
-    diff[bad] = np.inf
-    idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
-    max_abs = float(diff[idx]) if diff.size else 0.0
-    scale = float(np.abs(r).max()) if r.size else 0.0
-    nr, nd = float(np.linalg.norm(r)), float(np.linalg.norm(np.where(bad, 0, c - r)))
-    nc = float(np.linalg.norm(np.where(bad, 0, c)))
-    rel_l2 = math.inf if bad.any() else (nd / nr if nr > 0 else (0.0 if nd == 0 else math.inf))
-    cosine = float(np.vdot(r, np.where(bad, 0, c)) / (nr * nc)) if nr > 0 and nc > 0 else float(nr == nc)
+    e = error_sums(ref, cand) if ref.size else None
+    idx = [int(i) for i in np.unravel_index(e["at"], ref.shape)] if e else []
+    max_abs, scale, bad = (e["max_abs"], e["scale"], e["bad"]) if e else (0.0, 0.0, False)
+    nr, nd, nc = (math.sqrt(e[k]) for k in ("rr", "dd", "cc")) if e else (0.0, 0.0, 0.0)
+    rel_l2 = math.inf if bad else (nd / nr if nr > 0 else (0.0 if nd == 0 else math.inf))
+    cosine = float(e["rc"] / (nr * nc)) if nr > 0 and nc > 0 else float(nr == nc)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, [int(i) for i in idx], scale,
-                    max_rel, rel_l2, cosine)
-    found = {side: f for side, f in (("candidate", count_non_finite(c)), ("reference", count_non_finite(r))) if f}
+    res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, idx, scale, max_rel, rel_l2, cosine)
+    found = {side: f for side, f in (("candidate", count_non_finite(cand)), ("reference", count_non_finite(ref)))
+             if f}
     if found:
         res.non_finite = found
         res.failed.append("non_finite")
@@ -225,7 +265,7 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
         res.failed.append("rel_l2")
     if max_rel > max_limit:
         res.failed.append("max_rel")
-    if name == "logits" and ref.ndim >= 1 and ref.size and not bad.any():
+    if name == "logits" and ref.ndim >= 1 and ref.size and not bad:
         res.logits = logits_metrics(ref, cand, tie=2 * rel_limit)
         if res.logits["kl_max"] > profile.kl:
             res.failed.append("kl")
@@ -235,20 +275,21 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
             res.failed.append("top5")
     if res.failed:
         res.status = "fail"
-        res.scale_fit = fit_scale(name, r, c, profile) if not bad.any() else None
+        res.scale_fit = fit_scale(name, ref, cand, profile, e) if e and not bad else None
     return res
 
 
-def fit_scale(name: str, r: np.ndarray, c: np.ndarray, profile: Profile) -> dict | None:
+def fit_scale(name: str, ref: np.ndarray, cand: np.ndarray, profile: Profile, sums: dict) -> dict | None:
     """The one number s with c ~ s r (least squares), when it explains the error: what is left after it is
     within the profile, or under a tenth of the error before. A wrong scale outside the catalogue (a query
-    multiplied by 32 where 32^-0.5 is right) then still gets a lead."""
-    rr = float(np.vdot(r, r))
+    multiplied by 32 where 32^-0.5 is right) then still gets a lead. `sums`: error_sums(ref, cand)."""
+    rr = sums["rr"]
     if rr == 0:
         return None
-    s = float(np.vdot(r, c)) / rr
-    before = float(np.linalg.norm(c - r)) / math.sqrt(rr)
-    after = float(np.linalg.norm(c - s * r)) / math.sqrt(rr)
+    s = sums["rc"] / rr
+    before = math.sqrt(sums["dd"]) / math.sqrt(rr)
+    left = sum(float(np.square(c - s * r).sum()) for (_, r), (_, c) in zip(value_blocks(ref), value_blocks(cand)))
+    after = math.sqrt(left) / math.sqrt(rr)
     if abs(s - 1) < 1e-6 or after > max(profile.limits(name)[0], 0.1 * before):
         return None
     return {"scale": s, "rel_l2_after": after}
@@ -256,11 +297,14 @@ def fit_scale(name: str, r: np.ndarray, c: np.ndarray, profile: Profile) -> dict
 
 def first_failing_row(ref: np.ndarray, cand: np.ndarray, rel_limit: float) -> int | None:
     """The first position (row) whose own relative L2 error exceeds the limit: in a decode case, the step."""
-    r = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    c = cand.reshape(cand.shape[0], -1).astype(np.float64)
-    err = np.linalg.norm(c - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
-    bad = np.flatnonzero(~(err <= rel_limit))  # NaN counts as bad
-    return int(bad[0]) if len(bad) else None
+    row = int(np.prod(ref.shape[1:]))
+    for (i, r), (_, c) in zip(value_blocks(ref, row), value_blocks(cand, row)):
+        r, c = r.reshape(-1, row), c.reshape(-1, row)
+        err = np.linalg.norm(c - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
+        bad = np.flatnonzero(~(err <= rel_limit))  # NaN counts as bad
+        if len(bad):
+            return i // row + int(bad[0])
+    return None
 
 
 def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int,

@@ -29,6 +29,7 @@ forward is a fixed sequence of NumPy operations and the writer sorts names and p
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import mmap
@@ -171,6 +172,15 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GoldenError(f"{option} {out}: {parent} is not writable; choose a location you may write to")
     return out
+
+
+def interrupted_writes(out) -> list[Path]:
+    """Temporary directories next to `out` that a killed run (SIGKILL, power loss: no cleanup could run)
+    left behind. Never a golden (no reader looks there); reported so their space can be taken back."""
+    out = Path(os.path.abspath(out))
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for ext in ("tmp", "old") for p in out.parent.glob(f".{glob.escape(out.name)}.*.{ext}"))
 
 
 @contextlib.contextmanager

@@ -110,13 +110,34 @@ class ArrayWeights:
 
 
 def available_memory() -> int | None:
-    """Bytes of RAM available now (Linux MemAvailable), or None where that cannot be read."""
+    """Bytes of memory this process may still take now, or None where that cannot be read: the system's
+    MemAvailable, lowered by an address-space limit (`ulimit -v`, RLIMIT_AS: the limit less what the process
+    has mapped) and by a cgroup v2 memory limit (a container's memory.max less its memory.current)."""
+    limits = []
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+        limits.append(int(info["MemAvailable"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError):
-        return None
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            limits.append(max(0, soft - mapped))
+    except (ImportError, OSError, StopIteration, ValueError):
+        pass
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(max(0, int(high) - int((cgroup / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def keep_budget(cfg: Gemma2Config, dtype, keep_converted) -> int | None:

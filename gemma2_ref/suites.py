@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fast import MAX_SCORES_BYTES
 from .golden import CaseWriter, model_info, write_case, write_suite
 from .generate import decode_taps
 from .inputs import pad_batch, padded_positions
@@ -80,18 +81,18 @@ def check_finite(model, name: str, value) -> None:
 
 # -- memory and disk, before running ---------------------------------------------------------------------
 
-def forward_memory(cfg, seq: int, logits_at="last", itemsize: int = 4,
-                    max_scores_bytes: int = 256 << 20) -> dict:
+def forward_memory(cfg, seq: int, logits_at="last", itemsize: int = 4, whole_scores: bool = False) -> dict:
     """What a streaming forward of `seq` tokens holds at its peak (bytes): the compute-dtype embedding (it is
     also the output head), one converted layer, and the largest activations (the MLP's three (S, F) arrays,
-    a block of attention scores, the logits of `logits_at`: "last", "all" or a number of positions).
+    a block of attention scores and the softmax's temporaries (every query's when the scores or probs taps are
+    recorded: `whole_scores`), the logits of `logits_at`: "last", "all" or a number of positions).
     File pages are released after conversion and not counted."""
     V, D, F = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     layer = cfg.parameter_counts()["per_layer"] * itemsize
     mlp = 3 * seq * F * itemsize  # gate, up, hidden
-    attention = (seq * (H + 2 * K) * Dh + seq * H * Dh) * itemsize * 2 + 2 * min(max_scores_bytes,
-                                                                                  H * seq * seq * itemsize)
+    scores = H * seq * seq * itemsize if whole_scores else min(MAX_SCORES_BYTES, H * seq * seq * itemsize)
+    attention = (seq * (H + 2 * K) * Dh + seq * H * Dh) * itemsize * 2 + 4 * scores  # capped, masked, exp, probs
     residual = 6 * seq * D * itemsize
     rows = {"last": 1, "all": seq}.get(logits_at, logits_at)
     logits = 2 * rows * V * itemsize  # logits and the soft-cap's result
@@ -116,7 +117,8 @@ def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> d
     ids = np.asarray(ids)
     batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
     stored = seq if rows is None else rows
-    forward = forward_memory(cfg, batch * seq, batch * stored, itemsize)["streaming_peak"]
+    whole_scores = any(n.endswith(LARGE_TAPS) for n in select_taps(cfg, taps))
+    forward = forward_memory(cfg, batch * seq, batch * stored, itemsize, whole_scores)["streaming_peak"]
     largest = batch * itemsize * max([int(np.prod(tap_shape(cfg, n, seq))) for n in select_taps(cfg, taps)
                                       if n not in ("logits_raw", "logits")] + [0])  # those: in `forward`
     return {"memory": forward + largest, "forward": forward, "largest_tap": largest,
