@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
-from .golden import Case
+from .golden import Case, keep_rows
 from . import mistakes as M
 from .mistakes import Mistake, inject, known_mistakes
 from .taps import tap_names
@@ -107,6 +107,23 @@ def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> Var
     return None
 
 
+def variant_trace(model, ids, wanted: list[str], positions, candidate: Case, seq: int):
+    """The taps of `model` (a variant) that the candidate can be compared with, and the positions they hold.
+    When the candidate stores only some positions and the variant's input keeps the reference's length, only
+    those rows are kept as each tap is produced (the forward's sink) and the output head runs only there: a
+    variant of a long case costs what the candidate stores, not the whole forward's taps."""
+    rows = candidate.positions if np.shape(ids)[-1] == seq else None
+    if rows is None:
+        return model.forward(ids, taps=wanted, positions=positions), None
+    kept = {}
+
+    def keep(name, value):
+        kept[name] = np.array(keep_rows(name, value, rows, candidate.batched, seq), copy=True)
+
+    kept["logits"] = model.forward(ids, taps=wanted, positions=positions, sink=keep, logits_at=rows)["logits"]
+    return kept, rows
+
+
 def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None,
              combine: bool = True) -> Diagnosis:
     """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
@@ -134,8 +151,9 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         positions = variant.apply_positions(reference.attention_mask)
         if positions is False:
             return None
-        trace = inject(model, variant).forward(ids, taps=wanted, positions=positions)
-        trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
+        trace, rows = variant_trace(inject(model, variant), ids, wanted, positions, candidate, len(ref_ids[-1])
+                                    if candidate.batched else len(ref_ids))
+        trace, cand_view, _ = align_positions(trace, rows, cand_acts, candidate.positions, candidate.batched)
         trace, cand_view = keep_tokens(trace, reference.attention_mask), keep_tokens(cand_view,
                                                                                      reference.attention_mask)
         cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",

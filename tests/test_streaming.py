@@ -182,3 +182,17 @@ def test_a_run_killed_mid_case_leaves_nothing_a_later_command_accepts(tmp_path, 
     assert main(["golden", "tiny", "--tokens", "2 651 652", "--out", str(out)]) == 0  # the same --out works
     assert f"{left[0]} " in capsys.readouterr().err  # and names what the killed run left
     G.load_case(out)
+
+
+def test_diagnose_reruns_a_variant_only_at_the_positions_the_candidate_stores(tmp_path, tiny):
+    from gemma2_ref.diagnose import diagnose, variant_trace
+    from gemma2_ref.mistakes import inject
+
+    reference = G.load_case(REPO / "golden" / "window")  # 34 tokens, window 32: every position stored
+    ids = reference.token_ids
+    S.generate_case(inject(tiny, "no_sliding_window"), ids, tmp_path / "cand", taps="default", positions=(30, 34))
+    candidate = G.load_case(tmp_path / "cand")
+    trace, rows = variant_trace(tiny, ids, candidate.tap_names, None, candidate, len(ids))
+    assert tuple(rows) == (30, 34) and trace["layers.0.mlp.up"].shape[0] == 4 and trace["logits"].shape[0] == 4
+    diag = diagnose(tiny, reference, candidate, C.PROFILES["fp32"])
+    assert diag.named[0].variant.name == "no_sliding_window" and diag.named[0].verdict == "matches"
