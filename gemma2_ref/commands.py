@@ -203,8 +203,10 @@ def generate(args) -> int:
     eprint(f"{result.summary()}; stopped: {reason}")
     kept, layers = model.weights.kept_layers, model.config.num_hidden_layers
     if not args.stream_weights and kept < layers:
-        eprint(f"kept {kept} of {layers} layers converted (half the available RAM); the other {layers - kept} "
-               f"were converted again at every step")
+        resident = getattr(model.weights, "resident_layers", 0)
+        eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (half the "
+               f"available RAM); {layers - kept} were converted again at every step, "
+               f"{layers - kept - resident} of them read from the checkpoint's files")
     return 0
 
 

@@ -5,7 +5,8 @@
 
 How much of the converted model to keep between forwards is a memory decision made here, once:
 `keep_converted=False` streams every layer from the memory-mapped files on every forward (least memory),
-`True` keeps them all, `"auto"` keeps as many layers as fit in half of the RAM available now.
+`True` keeps them all, `"auto"` spends half of the RAM available now on keeping layers: their stored (bf16)
+bytes in memory first, then converted ones (keep_budget).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .taps import NonFiniteError, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
-AUTO_KEEP_FRACTION = 0.5  # "auto" keeps converted layers within this fraction of the available RAM
+AUTO_KEEP_FRACTION = 0.5  # "auto" keeps layers (stored bytes, then converted) within this fraction of the RAM
 
 
 class Model:
@@ -140,20 +141,33 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def keep_budget(cfg: Gemma2Config, dtype, keep_converted) -> int | None:
-    """Bytes of converted layers to keep: 0 (stream), None (all), or what "auto" allows now."""
+def keep_budget(cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: int | None = None
+                ) -> tuple[int | None, int]:
+    """(bytes of converted layers to keep, bytes of stored layer bytes to keep resident): (0, 0) streams,
+    (None, 0) keeps every layer converted, "auto" splits what the RAM available now allows.
+
+    "auto" spends AUTO_KEEP_FRACTION of the available memory, less the converted embedding (always kept: it
+    is the output head), on layers: first every layer's stored bytes as far as they fit (half the bytes of
+    float32 for bf16, and nothing read from disk again), then what is left on keeping layers 0, 1, ...
+    converted, each in place of its stored bytes. A 9B in 24 GiB: every layer resident as bf16, a few
+    converted; a 27B: a dozen of its 46 layers resident, the rest read from disk at every step."""
     if keep_converted is True:
-        return None
+        return None, 0
     if keep_converted is False:
-        return 0
+        return 0, 0
     if keep_converted != "auto":
         raise ValueError(f"keep_converted must be True, False or 'auto', not {keep_converted!r}")
     available = available_memory()
     itemsize = np.dtype(dtype).itemsize
-    embedding = cfg.vocab_size * cfg.hidden_size * itemsize  # always kept: the output head needs it
-    if available is None:
-        return 2 << 30
-    return max(0, int(AUTO_KEEP_FRACTION * available) - embedding)
+    embedding = cfg.vocab_size * cfg.hidden_size * itemsize
+    budget = 2 << 30 if available is None else max(0, int(AUTO_KEEP_FRACTION * available) - embedding)
+    layers, per_layer = cfg.num_hidden_layers, cfg.parameter_counts()["per_layer"]
+    stored = per_layer * 2 if stored_layer_bytes is None else stored_layer_bytes
+    converted = per_layer * itemsize
+    if budget < layers * stored or converted <= stored:
+        return 0, budget
+    upgraded = min(layers, (budget - layers * stored) // (converted - stored))
+    return upgraded * converted, (layers - upgraded) * stored
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
@@ -184,4 +198,6 @@ def load_model(path_or_preset: str | Path, dtype: str = "float32", keep_converte
     path = resolve_checkpoint(path_or_preset)
     cfg = load_config(path)
     refs = index_checkpoint(path, cfg)
-    return Model(cfg, Weights(refs, cfg, np.dtype(dtype), keep_budget(cfg, dtype, keep_converted)), dtype, path)
+    stored = sum(ref.nbytes for name, ref in refs.items() if name.startswith("model.layers.0."))
+    keep, resident = keep_budget(cfg, dtype, keep_converted, stored)
+    return Model(cfg, Weights(refs, cfg, np.dtype(dtype), keep, resident), dtype, path)

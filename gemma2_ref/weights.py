@@ -340,22 +340,31 @@ class Weights:
     so peak memory is the embedding plus a layer or two, not the whole model in float32.
     `keep_bytes` converted layers are kept for the next forward (decoding runs the forward once per token):
     0 keeps none (streaming), None keeps all; a budget keeps layers 0, 1, ... while they fit in it and
-    converts the rest on every forward. The values are the same either way: conversion is exact.
+    converts the rest on every forward. `resident_bytes`: of the layers not kept converted, the next ones
+    keep their *stored* bytes in memory (bf16: half of float32) while they fit, so converting them again is
+    a shift in memory, not a read from disk: a decode step of a model whose float32 layers do not fit in RAM
+    then reads nothing from disk (a 9B's bf16 layers do fit), and the OS page cache, which a model larger than
+    it would empty on every step, is not relied on. The values are the same either way: conversion is exact.
     """
 
     def __init__(self, refs: dict[str, TensorRef], cfg: Gemma2Config, dtype=np.float32,
-                 keep_bytes: int | None = 0):
+                 keep_bytes: int | None = 0, resident_bytes: int = 0):
         self.refs, self.cfg, self.dtype = refs, cfg, np.dtype(dtype)
-        self.keep_bytes = keep_bytes
+        self.keep_bytes, self.resident_bytes = keep_bytes, resident_bytes
         self._maps = MappedFiles()
         self._embedding: np.ndarray | None = None
         self._final_norm: np.ndarray | None = None
         self._layers: dict[int, LayerWeights] = {}
+        self._resident: dict[str, np.ndarray] = {}  # tensor name -> its stored bytes, copied out of the file
         self._finite: set[str] = set()  # tensors whose values were checked (once: the files are read-only)
 
     @property
     def kept_layers(self) -> int:
         return len(self._layers)
+
+    @property
+    def resident_layers(self) -> int:
+        return len({name.split(".")[2] for name in self._resident})
 
     @property
     def files(self) -> list[Path]:
@@ -373,7 +382,8 @@ class Weights:
         """A tensor in the compute dtype, converted a block of rows at a time; each block's file pages are
         released once converted, so converting costs the compute-dtype bytes, not those plus the file's."""
         ref = self.refs[name]
-        stored = self._maps.array(ref)
+        resident = self._resident.get(name)
+        stored = self._maps.array(ref) if resident is None else resident
         out = np.empty(ref.shape, self.dtype)
         if stored.ndim == 0 or stored.size == 0:
             return to_compute_dtype(stored, ref.dtype, self.dtype, out)
@@ -382,7 +392,8 @@ class Weights:
         for r0 in range(0, len(stored), rows):
             r1 = min(len(stored), r0 + rows)
             to_compute_dtype(stored[r0:r1], ref.dtype, self.dtype, out[r0:r1])
-            self._maps.release(ref, r0 * row_bytes, r1 * row_bytes)
+            if resident is None:
+                self._maps.release(ref, r0 * row_bytes, r1 * row_bytes)
             if name not in self._finite and not np.isfinite(out[r0:r1]).all():
                 raise non_finite_weight(ref, to_compute_dtype(stored, ref.dtype, self.dtype))  # all of it
         self._finite.add(name)
@@ -402,13 +413,23 @@ class Weights:
     def layer(self, i: int) -> LayerWeights:
         if i in self._layers:
             return self._layers[i]
-        w = LayerWeights(**{ours: self.tensor(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
+        names = [f"model.layers.{i}.{hf}" for hf in HF_LAYER_NAMES.values()]
+        w = LayerWeights(**{ours: self.tensor(name) for ours, name in zip(HF_LAYER_NAMES, names)})
         kept = sum(layer.nbytes for layer in self._layers.values())
         if self.keep_bytes is None or kept + w.nbytes <= self.keep_bytes:
             self._layers[i] = w
+            for name in names:
+                self._resident.pop(name, None)
+        elif names[0] not in self._resident:
+            stored = sum(self.refs[name].nbytes for name in names)
+            if sum(a.nbytes for a in self._resident.values()) + stored <= self.resident_bytes:
+                for name in names:  # read once more from the file (its page cache, just read), then never
+                    self._resident[name] = np.array(self._maps.array(self.refs[name]))
+                    self._maps.release(self.refs[name])
         return w
 
     def close(self):
         self._layers.clear()
+        self._resident.clear()
         self._embedding = self._final_norm = None
         self._maps.close()

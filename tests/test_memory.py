@@ -50,6 +50,36 @@ def test_streaming_and_keep_converted_decode_bit_identically(tiny_bf16_dir):
     np.testing.assert_array_equal(steps[0], steps[1])
 
 
+def test_layers_kept_converted_resident_as_bf16_or_streamed_decode_bit_identically(tiny_bf16_dir, monkeypatch):
+    """keep_converted="auto" on a machine with little RAM: layer 0 kept converted, layers 1-2 keep their bf16
+    bytes in memory, layer 3 is read from the file at every step; the same logits as streaming, step by step."""
+    from gemma2_ref import loader
+
+    cfg = g2.PRESETS["tiny"]
+    per_layer = cfg.parameter_counts()["per_layer"]
+    embedding = cfg.vocab_size * cfg.hidden_size * 4
+    budget = 5 * per_layer * 2 + 100  # 4 bf16 layers resident, and the 2 more bytes one float32 layer takes
+    monkeypatch.setattr(loader, "available_memory", lambda: 2 * (embedding + budget))
+    assert loader.keep_budget(cfg, "float32", "auto") == (per_layer * 4, 3 * per_layer * 2)
+    budget = 3 * per_layer * 2 + 100  # 3 of the 4 layers' bf16 bytes: nothing converted, layer 3 streamed
+    monkeypatch.setattr(loader, "available_memory", lambda: 2 * (embedding + budget))
+    assert loader.keep_budget(cfg, "float32", "auto") == (0, budget)
+    mixed = g2.load_model(tiny_bf16_dir, keep_converted="auto")
+    mixed.weights.keep_bytes, mixed.weights.resident_bytes = per_layer * 4, 2 * per_layer * 2
+    streamed = g2.load_model(tiny_bf16_dir)
+    caches = [KVCache(cfg, capacity=64) for _ in range(2)]
+    steps = [m.forward(IDS[:20], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip((streamed, mixed), caches)]
+    assert (mixed.weights.kept_layers, mixed.weights.resident_layers) == (1, 2)
+    assert sorted(mixed.weights._resident) == sorted(f"model.layers.{i}.{n}" for i in (1, 2)
+                                                     for n in g2.weights.HF_LAYER_NAMES.values())
+    for _ in range(4):
+        np.testing.assert_array_equal(steps[0], steps[1])
+        token = int(np.argmax(steps[0]))
+        steps = [m.forward([token], kv_cache=c, logits_at="last")["logits"][-1]
+                 for m, c in zip((streamed, mixed), caches)]
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
 def test_streaming_keeps_no_layer_and_keep_converted_keeps_every_layer(tiny_bf16_dir):
     streamed = g2.load_model(tiny_bf16_dir)
     kept = g2.load_model(tiny_bf16_dir, keep_converted=True)
