@@ -6,9 +6,10 @@ each in a fresh process, with its wall time and peak resident memory (VmHWM).
     python benchmarks/full_size.py --model 27b --checkpoint DIR --runs generate   # reuse a built one
 
 Measured: `gemma2-ref golden` of a 64-token prompt with the default taps (twice: the two sha256s must agree),
-the 4098-token window case's estimate (refused or run within the memory budget), and `gemma2-ref generate` of
-16 greedy tokens after a 128-token prompt (layers kept converted as far as half the RAM allows, the rest
-streamed). Results go to benchmarks/full_size-<model>.json.
+the 4098-token window case (the default taps: refused up front when the disk cannot hold them; `--taps
+residual`: streamed to disk), and `gemma2-ref generate` of 16 greedy tokens after a 128-token prompt, with
+layers kept in memory as `keep_converted="auto"` allows and with every layer streamed (`--stream-weights`).
+Results go to benchmarks/full_size-<model>.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noqa: E402
 
 GiB = 1 << 30
-RUNS = ("golden", "window", "generate")
+RUNS = ("golden", "window", "generate", "generate-streamed")
 # Runs the CLI, then reports this process's peak resident memory: what one fresh `gemma2-ref` process needed.
 MEASURED = ("import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('gemma2_ref.cli', run_name='__main__')\n"
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", metavar="DIR", help="build the checkpoint here and keep it (default: a temporary "
                                                  "directory, deleted afterwards)")
     p.add_argument("--checkpoint", metavar="DIR", help="use this already built checkpoint (not deleted)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the 128-token prompt")
     p.add_argument("--runs", default=",".join(RUNS), help=f"which runs, comma-separated (default: all of "
                                                           f"{','.join(RUNS)}); results merge into the JSON file")
     args = p.parse_args(argv)
@@ -94,10 +96,13 @@ def main(argv=None) -> int:
         if "window" in wanted:
             runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
             runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
-                                                       "residual", "--out", str(out / "wr")])
-        if "generate" in wanted:
-            runs["generate_16_after_128"] = measure(["generate", str(target), "--tokens", ids128,
-                                                     "--max-new-tokens", "16"])
+                                                           "residual", "--out", str(out / "wr")])
+            written = [f.stat().st_size for f in (out / "wr").glob("*")]
+            runs["golden_window_4098_residual"]["bytes_on_disk"] = sum(written) if written else None
+        for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
+            if run in wanted:
+                runs[f"{run.replace('-', '_')}_{args.new_tokens}_after_128"] = measure(
+                    ["generate", str(target), "--tokens", ids128, "--max-new-tokens", str(args.new_tokens), *extra])
         shutil.rmtree(out, ignore_errors=True)
     finally:
         if not args.keep and not args.checkpoint:

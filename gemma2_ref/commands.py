@@ -204,7 +204,7 @@ def generate(args) -> int:
     kept, layers = model.weights.kept_layers, model.config.num_hidden_layers
     if not args.stream_weights and kept < layers:
         resident = getattr(model.weights, "resident_layers", 0)
-        eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (half the "
+        eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (3/4 of the "
                f"available RAM); {layers - kept} were converted again at every step, "
                f"{layers - kept - resident} of them read from the checkpoint's files")
     return 0

@@ -5,7 +5,7 @@
 
 How much of the converted model to keep between forwards is a memory decision made here, once:
 `keep_converted=False` streams every layer from the memory-mapped files on every forward (least memory),
-`True` keeps them all, `"auto"` spends half of the RAM available now on keeping layers: their stored (bf16)
+`True` keeps them all, `"auto"` spends three quarters of the RAM available now on keeping layers: their stored (bf16)
 bytes in memory first, then converted ones (keep_budget).
 """
 
@@ -22,7 +22,7 @@ from .taps import NonFiniteError, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
-AUTO_KEEP_FRACTION = 0.5  # "auto" keeps layers (stored bytes, then converted) within this fraction of the RAM
+AUTO_KEEP_FRACTION = 0.75  # "auto" keeps layers (stored bytes, then converted) within this fraction of the RAM
 
 
 class Model:
@@ -192,7 +192,7 @@ def load_model(path_or_preset: str | Path, dtype: str = "float32", keep_converte
     Every tensor's presence, shape and dtype is checked against config.json before anything is returned;
     the weights stay memory-mapped in their stored dtype and are converted to `dtype` ("float32" or
     "float64") one layer at a time. `keep_converted`: False (stream), True (keep all), "auto" (keep what fits
-    in half the available RAM): see the module docstring."""
+    in 3/4 of the available RAM): see the module docstring."""
     if str(dtype) not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}, not {dtype!r}")
     path = resolve_checkpoint(path_or_preset)
