@@ -583,6 +583,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"where the random checkpoints are built and reused (default {DEFAULT_CACHE})")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random weights")
     p.add_argument("--out", default="bench-results.json", help="write the results here (JSON; and .md beside it)")
+    p.add_argument("--full-size", choices=["9b", "27b"], default=None,
+                   help="instead: build a random checkpoint with the real 9B or 27B shapes and measure golden, the "
+                        "window case and generate in fresh processes (benchmarks/full_size.py; 18 / 54 GB of disk)")
 
 
 def apply_defaults(args) -> None:
@@ -597,6 +600,13 @@ def apply_defaults(args) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "full_size", None):
+        import importlib.util  # benchmarks/full_size.py, beside this file
+
+        spec = importlib.util.spec_from_file_location("full_size", Path(__file__).with_name("full_size.py"))
+        full_size = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(full_size)
+        return full_size.main(["--model", args.full_size])
     apply_defaults(args)
     results = run_benchmark(args, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     report = format_report(results)

@@ -39,15 +39,28 @@ MEASURED = ("import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
 
 
 def measure(args: list[str]) -> dict:
+    """Run `gemma2-ref ARGS` in a fresh process; its progress lines are shown as they come (one line, redrawn)."""
+    command = "gemma2-ref " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in args)
+    print(f"running {command}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURED, *args], cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a full stdout pipe would block the child
+        proc = subprocess.Popen([sys.executable, "-c", MEASURED, *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            print(f"\r  {time.perf_counter() - t0:7.1f} s  {lines[-1].strip()[:100]:100s}", end="", file=sys.stderr,
+                  flush=True)
+        proc.wait()
+        out.seek(0)
+        stdout = out.read()
     seconds = time.perf_counter() - t0
-    hwm = next((int(line.split()[1]) * 1024 for line in proc.stderr.splitlines() if line.startswith("VmHWM_KiB")),
-               None)
-    last = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("VmHWM")][-3:]
-    return {"command": "gemma2-ref " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in args),
-            "exit": proc.returncode, "seconds": round(seconds, 1), "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None,
-            "stdout_tail": proc.stdout.strip().splitlines()[-2:], "stderr_tail": last}
+    print(file=sys.stderr)
+    hwm = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM_KiB")), None)
+    last = [line for line in lines if line.strip() and not line.startswith("VmHWM")][-3:]
+    return {"command": command, "exit": proc.returncode, "seconds": round(seconds, 1),
+            "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None, "stdout_tail": stdout.strip().splitlines()[-2:],
+            "stderr_tail": last}
 
 
 def main(argv=None) -> int:
