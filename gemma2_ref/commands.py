@@ -296,7 +296,7 @@ def check_budget(model, taps, ids, positions, out) -> None:
     import shutil
 
     from .loader import available_memory
-    from .suites import budget_refusal, case_budget
+    from .suites import budget_refusal, case_budget, size_text
 
     cfg, itemsize = model.config, model.dtype.itemsize
     rows = None if positions is None else positions[1] - positions[0]
@@ -305,9 +305,9 @@ def check_budget(model, taps, ids, positions, out) -> None:
     usage = shutil.disk_usage(parent)
     free = usage.free if usage.total else float("inf")  # a pseudo file system (/proc): its own error will say
     if model.is_large:
-        need, gib = case_budget(cfg, taps, ids, rows, itemsize), 1 << 30
-        eprint(f"estimate: {need['memory'] / gib:.1f} GiB of memory (taps streamed to disk), {need['disk'] / gib:.2f}"
-               f" GiB on disk; available {memory / gib if memory else float('nan'):.1f} GiB, {free / gib:.1f} GiB free")
+        need = case_budget(cfg, taps, ids, rows, itemsize)
+        eprint(f"estimate: {size_text(need['memory'])} of memory (taps streamed to disk), {size_text(need['disk'])} "
+               f"on disk; available {size_text(memory) if memory else 'unknown'}, {size_text(free)} free")
     refusal = budget_refusal(cfg, taps, ids, rows, itemsize, memory, free)
     if refusal:
         raise InputError(refusal)

@@ -137,10 +137,14 @@ def largest_prompt_that_fits(cfg, taps, batch: int, available: int, itemsize: in
     return lo
 
 
+def size_text(n: float) -> str:
+    """Bytes for a person: "3.2 GiB", or "7.9 MiB" below a GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def budget_refusal(cfg, taps, ids, rows: int | None, itemsize: int, memory: int | None, free: float) -> str | None:
     """Why a case cannot run here, with the numbers and the options that would fit, or None when it fits:
     `memory` bytes of RAM available (None: unknown), `free` bytes of disk where it is written."""
-    gib = 1 << 30
     need = case_budget(cfg, taps, ids, rows, itemsize)
     ids = np.asarray(ids)
     batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
@@ -150,18 +154,18 @@ def budget_refusal(cfg, taps, ids, rows: int | None, itemsize: int, memory: int 
                             "(the logits only there)", taps, min(64, seq)), ("both", "residual", min(64, seq))):
             fit = case_budget(cfg, t, ids, r, itemsize)["memory"]
             if fit <= memory and (t, r) != (taps, rows):
-                options.append(f"{label} ({fit / gib:.1f} GiB)")
+                options.append(f"{label} ({size_text(fit)})")
                 break
         options.append(f"at most {largest_prompt_that_fits(cfg, taps, batch, memory, itemsize)} tokens")
-        return (f"this case needs about {need['memory'] / gib:.1f} GiB of memory (the forward, its logits at "
-                f"{batch * (rows or seq)} positions, the largest tap on its way to disk) and {memory / gib:.1f} "
-                f"GiB is available: it would be killed. What fits: {', or '.join(options)}")
+        return (f"this case needs about {size_text(need['memory'])} of memory (the forward, its logits at "
+                f"{batch * (rows or seq)} positions, the largest tap on its way to disk) and {size_text(memory)} "
+                f"is available: it would be killed. What fits: {', or '.join(options)}")
     if need["disk"] > free:
-        options = [f"{label} ({d / gib:.2f} GiB)" for label, d in (
+        options = [f"{label} ({size_text(d)})" for label, d in (
             ("--taps residual", tap_bytes(cfg, "residual", batch, seq, itemsize, rows)),
             ("--positions START:STOP of 64 positions", tap_bytes(cfg, taps, batch, seq, itemsize, min(64, seq))))
             if d <= free]
-        return (f"this case writes about {need['disk'] / gib:.2f} GiB and {free / gib:.2f} GiB is free there. "
+        return (f"this case writes about {size_text(need['disk'])} and {size_text(free)} is free there. "
                 f"Write elsewhere, free some space" + "".join(f", or {o}" for o in options))
     return None
 

@@ -519,11 +519,14 @@ def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
 def test_a_case_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     from gemma2_ref import loader
 
-    # 7 MiB: 200 tokens need 8.9 MiB (the forward's logits at every position); storing 64 positions fits
-    monkeypatch.setattr(loader, "available_memory", lambda: 7 << 20)
+    # 9 MiB: 200 tokens need 10.1 MiB (the forward's logits at every position), 9.6 with --taps residual;
+    # storing 64 positions needs 8.0
+    monkeypatch.setattr(loader, "available_memory", lambda: 9 << 20)
     code = main(["golden", "tiny", "--tokens", " ".join(["2"] + ["651"] * 200), "--taps", "all",
                 "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err
-    assert code == 2 and "it would be killed. What fits: --positions START:STOP of 64 positions" in err, err
+    assert code == 2 and "needs about 10.1 MiB of memory" in err, err
+    assert "it would be killed. What fits: --positions START:STOP of 64 positions (the logits only there) (8.0 MiB)" \
+        in err, err
     assert not (tmp_path / "g").exists()
     assert main(["golden", "tiny", "--tokens", "2 651 652", "--out", str(tmp_path / "small")]) == 0
