@@ -59,10 +59,10 @@ def test_layers_kept_converted_resident_as_bf16_or_streamed_decode_bit_identical
     per_layer = cfg.parameter_counts()["per_layer"]
     embedding = cfg.vocab_size * cfg.hidden_size * 4
     budget = 5 * per_layer * 2 + 100  # 4 bf16 layers resident, and the 2 more bytes one float32 layer takes
-    monkeypatch.setattr(loader, "available_memory", lambda: 2 * (embedding + budget))
+    monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
     assert loader.keep_budget(cfg, "float32", "auto") == (per_layer * 4, 3 * per_layer * 2)
     budget = 3 * per_layer * 2 + 100  # 3 of the 4 layers' bf16 bytes: nothing converted, layer 3 streamed
-    monkeypatch.setattr(loader, "available_memory", lambda: 2 * (embedding + budget))
+    monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
     assert loader.keep_budget(cfg, "float32", "auto") == (0, budget)
     mixed = g2.load_model(tiny_bf16_dir, keep_converted="auto")
     mixed.weights.keep_bytes, mixed.weights.resident_bytes = per_layer * 4, 2 * per_layer * 2
