@@ -5,7 +5,8 @@ unmodified forward runs:
 
     a config change     a soft-cap dropped (`attn_logit_softcapping=None`), every layer global, the window
                         one too wide or narrow (`sliding_window` +-1), a wrong `query_pre_attn_scalar`, the
-                        exact erf GELU (`hidden_activation="gelu"`, as Hugging Face's config names it)
+                        exact erf GELU (`hidden_activation="gelu"`, as Hugging Face's config names it), a
+                        post-norm skipped (`post_attn_norm=False`: the Gemma 1 layer)
     a weight change     RMSNorm's scale (1 + w) with the +1 forgotten or applied twice: every norm weight
                         shifted by -1 or +1
     an input change     the leading <bos> dropped, or doubled
@@ -265,6 +266,12 @@ def known_mistakes(cfg) -> list[Mistake]:
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),
         Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
+        Mistake("no_post_attn_norm", "the attention output added to the residual stream without the "
+                "post-attention RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                config=(("post_attn_norm", False),)),
+        Mistake("no_post_ffw_norm", "the MLP output added to the residual stream without the post-feed-forward "
+                "RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                config=(("post_ffw_norm", False),)),
         Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
                 "transformers #29402 (GeGLU with the tanh approximation)", config=(("hidden_activation", "gelu"),)),
         Mistake("padding_not_masked", "a padded batch run without its attention mask: padding tokens are "

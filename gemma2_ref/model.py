@@ -182,6 +182,9 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
         h   = x + post_attn_norm(attention(pre_attn_norm(x)))
         out = h + post_ffw_norm(mlp(pre_ffw_norm(h)))
 
+    (A config without a post-norm, `post_attn_norm=False` / `post_ffw_norm=False`, is the Gemma 1 layer: the
+    sub-block's output is added as it is, and its tap holds that output.)
+
     x (B, S, D). With `kv_cache` (see generate.py), this step's keys/values are added to the cache and
     attention runs over everything the cache holds for this layer."""
     B, S, D = x.shape
@@ -201,12 +204,12 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
                                   cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
     context = taps("attn.context", context)
     a = taps("attn.out", linear(context, w.o_proj))
-    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps))
+    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps) if cfg.post_attn_norm else a)
     x = taps("resid_mid", x + a)
 
     h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
     m = mlp(h, w, ACTIVATIONS[cfg.hidden_activation], taps)
-    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps))
+    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps) if cfg.post_ffw_norm else m)
     return taps("output", x + m)
 
 
