@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
+from .generate import decode_taps
 from .golden import Case
 from . import mistakes as M
 from .mistakes import Mistake, inject, known_mistakes
@@ -81,6 +82,20 @@ def _rel_l2_at(comparison: CaseComparison, name: str) -> float:
     return t.rel_l2
 
 
+def decode_of(case: Case) -> dict | None:
+    """A decode case's {"prefill": P, "steps": N} (manifest extra.decode), or None."""
+    return (case.manifest.get("extra") or {}).get("decode")
+
+
+def run_variant(model, mistake: Mistake, ids, taps, positions, decode: dict | None):
+    """The mistaken model's taps on a case's input, or None where the mistake cannot act: a decode-loop
+    mistake runs the case's decode loop (a prefill, then one token per forward through the KV cache), and
+    needs a decode case."""
+    if mistake.decode:
+        return None if decode is None else decode_taps(inject(model, mistake), ids, decode["prefill"], taps)
+    return inject(model, mistake).forward(ids, taps=taps, positions=positions)
+
+
 def _position(tap, order: list[str]) -> int:
     """Where a first divergence sits in execution order (no divergence: after everything)."""
     return len(order) if tap is None else order.index(tap.name) if tap.name in order else len(order) - 1
@@ -134,7 +149,9 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         positions = variant.apply_positions(reference.attention_mask)
         if positions is False:
             return None
-        trace = inject(model, variant).forward(ids, taps=wanted, positions=positions)
+        trace = run_variant(model, variant, ids, wanted, positions, decode_of(reference))
+        if trace is None:
+            return None
         trace, cand_view, _ = align_positions(trace, None, cand_acts, candidate.positions, candidate.batched)
         trace, cand_view = keep_tokens(trace, reference.attention_mask), keep_tokens(cand_view,
                                                                                      reference.attention_mask)
@@ -277,7 +294,9 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
         positions = mistake.apply_positions(reference.attention_mask)
         if positions is False:
             continue
-        trace = inject(model, mistake).forward(ids, taps=wanted, positions=positions)
+        trace = run_variant(model, mistake, ids, wanted, positions, decode_of(reference))
+        if trace is None:
+            continue
         ref_view, trace, _ = comparable(reference, trace)
         if compare_activations(ref_view, trace, profile).passed:
             blind.append(mistake.name)

@@ -176,7 +176,7 @@ def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TA
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
-                  taps: Taps = NO_TAPS, kv_cache=None) -> np.ndarray:
+                  taps: Taps = NO_TAPS, kv_cache=None, rope_positions: np.ndarray | None = None) -> np.ndarray:
     """One Gemma 2 block, with norms both before *and* after each sub-block:
 
         h   = x + post_attn_norm(attention(pre_attn_norm(x)))
@@ -186,7 +186,8 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     sub-block's output is added as it is, and its tap holds that output.)
 
     x (B, S, D). With `kv_cache` (see generate.py), this step's keys/values are added to the cache and
-    attention runs over everything the cache holds for this layer."""
+    attention runs over everything the cache holds for this layer. `rope_positions`: where RoPE puts the
+    tokens, when a backend's differ from the `positions` the mask uses (default: the same)."""
     B, S, D = x.shape
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     x = taps("input", x)
@@ -195,8 +196,9 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     q = taps("attn.q_proj", linear(h, w.q_proj).reshape(B, S, H, Dh))
     k = taps("attn.k_proj", linear(h, w.k_proj).reshape(B, S, K, Dh))
     v = taps("attn.v_proj", linear(h, w.v_proj).reshape(B, S, K, Dh))
-    q = taps("attn.q_rope", rope(q, positions, cfg.rope_theta))
-    k = taps("attn.k_rope", rope(k, positions, cfg.rope_theta))
+    rope_positions = positions if rope_positions is None else rope_positions
+    q = taps("attn.q_rope", rope(q, rope_positions, cfg.rope_theta))
+    k = taps("attn.k_rope", rope(k, rope_positions, cfg.rope_theta))
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
@@ -215,7 +217,7 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
             kv_cache=None, logits_at: str = "all", progress=None, normalizer: str | None = None,
-            round_to: str | None = None) -> dict[str, np.ndarray]:
+            round_to: str | None = None, rope_positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
@@ -225,7 +227,9 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     the output head for the last position only (generation). `progress(done, total)` is called per layer.
     `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
     dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
-    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile)."""
+    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile).
+    `rope_positions`: the positions RoPE rotates by, when they are not `positions` (a decode loop whose
+    counter stopped advancing: generate.py); the mask and the cache keep using `positions`."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
@@ -235,12 +239,14 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
     positions = check_positions(positions, B, S)
+    if rope_positions is not None:
+        rope_positions = check_positions(rope_positions, B, S)
 
     embedding = weights.embedding()
     x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)
     n = cfg.num_hidden_layers
     for i in range(n):
-        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache)
+        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache, rope_positions)
         if progress is not None:
             progress(i + 1, n)
     if kv_cache is not None:
