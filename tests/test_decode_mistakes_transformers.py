@@ -2,6 +2,8 @@
 with the adapter (`prefill=`: a prefill, then one token per call through the cache), and named by `diagnose`
 from those activations alone. Our side re-runs each mistake through generate.py's cache; transformers' side
 never runs gemma2_ref code, only a patched cache layer, a patched mask function or other position ids.
+Clean decodes (dynamic and static cache; float32, and bfloat16 / float16 under their fixed and measured
+profiles) raise no alarm, and in bfloat16 each mistake is still found and named under the measured profile.
 
 The case is the coverage suite's decode case for a window of W = 8: a prefill of W + W/4 = 10 tokens (past
 the window), then 2W = 16 one-token steps (every sliding layer's ring wraps twice)."""
@@ -20,6 +22,7 @@ from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases, format_report
 from gemma2_ref.diagnose import diagnose, format_diagnosis
+from gemma2_ref.measured import measured_profile
 from hf_reference import hf_config, make_checkpoint
 
 W, PREFILL, STEPS = 8, 10, 16
@@ -137,6 +140,31 @@ def test_transformers_own_decode_raises_no_alarm(checkpoint, reference, hf, ids,
     cand = transformers_decode(checkpoint, hf, ids, tmp_path / "cand", **kw)
     result = compare_cases(reference, cand, FP32)
     assert result.passed, format_report(result)
+
+
+@pytest.mark.parametrize("dtype, fixed", [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_transformers_own_decode_in_half_precision_passes_its_fixed_and_measured_profiles(checkpoint, model,
+                                                                                          reference, ids, tmp_path,
+                                                                                          dtype, fixed):
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default",
+                                            hf_model=adapter.load(checkpoint, dtype), prefill=PREFILL))
+    for profile in (PROFILES[fixed], measured_profile(model, reference, dtype)):
+        result = compare_cases(reference, cand, profile)
+        assert result.passed, format_report(result)
+
+
+@pytest.mark.parametrize("name", list(DECODE_MISTAKES))
+def test_a_decode_loop_mistake_in_a_bfloat16_transformers_run_is_named_under_the_measured_profile(
+        checkpoint, model, reference, ids, tmp_path, monkeypatch, name):
+    make, tap, _ = DECODE_MISTAKES[name]
+    hf16 = adapter.load(checkpoint, "bfloat16")
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype="bfloat16", taps="default",
+                                            hf_model=hf16, prefill=PREFILL, **make(monkeypatch, hf16, ids)))
+    measured = measured_profile(model, reference, "bfloat16")
+    result = compare_cases(reference, cand, measured)
+    assert not result.passed and result.first_divergence.name == tap, format_report(result)
+    diag = diagnose(model, reference, cand, measured, combine=False)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
 
 
 def test_a_decode_loop_mistake_is_not_tried_on_a_prefill_case(model, ids, tmp_path):
