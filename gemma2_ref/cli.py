@@ -202,8 +202,9 @@ def add_diagnose(sub):
                        description="Re-run the reference golden's model (verified against the manifest's weight "
                                    "sha256s; or --model) with each known mistake injected (attention / final "
                                    "soft-cap dropped, sliding window missing or off by one, wrong query scale, "
-                                   "normalizer rounding, RMSNorm (1 + w) offset, exact GELU, missing or doubled "
-                                   "<bos>) and name the variants that match the candidate far better than the "
+                                   "normalizer rounding, RMSNorm (1 + w) offset, a post-norm skipped, exact GELU, "
+                                   "missing or doubled <bos>, RoPE and GQA layouts; on a decode case the KV-cache "
+                                   "loop's mistakes: see README) and name the variants that match the candidate far better than the "
                                    "correct model does, with the evidence. Exit code 0 when the candidate passes "
                                    "or a mistake is named, 1 when it fails unexplained.")
     p.add_argument("reference", help="golden case or suite directory")

@@ -58,6 +58,10 @@ class Gemma2Config:
     pad_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1, 107)
     bos_token_id: int = 2
+    # Gemma 2's layer normalises each sub-block's output before the residual add; False is the Gemma 1 (and
+    # Llama) layer without that norm: no config.json says so, a port that reused Gemma 1 code runs it
+    post_attn_norm: bool = True
+    post_ffw_norm: bool = True
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

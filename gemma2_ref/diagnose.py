@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
+from .generate import decode_taps
 from .golden import Case, keep_rows
 from . import mistakes as M
 from .mistakes import Mistake, inject, known_mistakes
@@ -79,6 +80,26 @@ def _rel_l2_at(comparison: CaseComparison, name: str) -> float:
     if t is None or t.status in ("shape", "missing") or t.rel_l2 is None:
         return math.inf
     return t.rel_l2
+
+
+def decode_of(case: Case) -> dict | None:
+    """A decode case's {"prefill": P, "steps": N} (manifest extra.decode), or None."""
+    return (case.manifest.get("extra") or {}).get("decode")
+
+
+def run_variant(model, mistake: Mistake, ids, taps, positions, decode: dict | None, candidate: Case | None = None):
+    """The mistaken model's taps on a case's input and the positions they hold (None: all), or (None, None)
+    where the mistake cannot act: a decode-loop mistake runs the case's decode loop (a prefill, then one token
+    per forward through the KV cache), and needs a decode case. A prefill keeps only the positions the
+    `candidate` stores (variant_trace)."""
+    if mistake.decode:
+        if decode is None:
+            return None, None
+        return decode_taps(inject(model, mistake), ids, decode["prefill"], taps), None
+    if candidate is None or candidate.positions is None or candidate.token_ids is None:
+        return inject(model, mistake).forward(ids, taps=taps, positions=positions), None
+    seq = candidate.token_ids.shape[-1]
+    return variant_trace(inject(model, mistake), ids, taps, positions, candidate, seq)
 
 
 def _position(tap, order: list[str]) -> int:
@@ -151,8 +172,9 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         positions = variant.apply_positions(reference.attention_mask)
         if positions is False:
             return None
-        trace, rows = variant_trace(inject(model, variant), ids, wanted, positions, candidate, len(ref_ids[-1])
-                                    if candidate.batched else len(ref_ids))
+        trace, rows = run_variant(model, variant, ids, wanted, positions, decode_of(reference), candidate)
+        if trace is None:
+            return None
         trace, cand_view, _ = align_positions(trace, rows, cand_acts, candidate.positions, candidate.batched)
         trace, cand_view = keep_tokens(trace, reference.attention_mask), keep_tokens(cand_view,
                                                                                      reference.attention_mask)
@@ -295,7 +317,9 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
         positions = mistake.apply_positions(reference.attention_mask)
         if positions is False:
             continue
-        trace = inject(model, mistake).forward(ids, taps=wanted, positions=positions)
+        trace, _ = run_variant(model, mistake, ids, wanted, positions, decode_of(reference))
+        if trace is None:
+            continue
         ref_view, trace, _ = comparable(reference, trace)
         if compare_activations(ref_view, trace, profile).passed:
             blind.append(mistake.name)

@@ -5,10 +5,14 @@ unmodified forward runs:
 
     a config change     a soft-cap dropped (`attn_logit_softcapping=None`), every layer global, the window
                         one too wide or narrow (`sliding_window` +-1), a wrong `query_pre_attn_scalar`, the
-                        exact erf GELU (`hidden_activation="gelu"`, as Hugging Face's config names it)
+                        exact erf GELU (`hidden_activation="gelu"`, as Hugging Face's config names it), a
+                        post-norm skipped (`post_attn_norm=False`: the Gemma 1 layer)
     a weight change     RMSNorm's scale (1 + w) with the +1 forgotten or applied twice: every norm weight
                         shifted by -1 or +1
     an input change     the leading <bos> dropped, or doubled
+    the decode loop     the KV cache's ring indexed one slot off, its unfilled slots attended, positions that
+                        stop advancing, a sliding layer keeping every key (generate.py makes each, through
+                        the cache: only a decode case, `generate.decode_taps`, shows them)
     the normalizer      sqrt(D) rounded to another dtype than the activations' (model.embed's argument:
                         config and weights cannot express it)
 
@@ -49,6 +53,7 @@ class Mistake:
     normalizer: str | None = None  # model.embed's normalizer: "bfloat16", "float64", "unscaled"
     layout: str | None = None  # "rope_interleaved" / "gqa_tiled": permuted weights (see tap_view)
     padding: str | None = None  # "unmasked": a padded batch run without its mask (padding attended)
+    decode: str | None = None  # a decode-loop mistake (generate.DECODE_MISTAKES): only a KV-cache decode shows it
 
     def apply_positions(self, attention_mask):
         """The positions the mistaken backend runs a padded batch at (None: the default 0..S-1, for an input
@@ -82,7 +87,8 @@ class Mistake:
         if {"sliding_window", "layer_types"} & touched:
             touched.add("window")
         for what, value in (("norms", self.norm_shift), ("ids", self.ids != "same"),
-                            ("normalizer", self.normalizer), ("layout", self.layout), ("padding", self.padding)):
+                            ("normalizer", self.normalizer), ("layout", self.layout), ("padding", self.padding),
+                            ("decode", self.decode)):
             if value:
                 touched.add(what)
         return touched
@@ -92,7 +98,7 @@ def combine(a: Mistake, b: Mistake) -> Mistake:
     """Both mistakes at once (they must touch different things: see Mistake.changes)."""
     return Mistake(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}",
                    a.config + b.config, a.norm_shift + b.norm_shift, a.ids if a.ids != "same" else b.ids,
-                   a.normalizer or b.normalizer, a.layout or b.layout, a.padding or b.padding)
+                   a.normalizer or b.normalizer, a.layout or b.layout, a.padding or b.padding, a.decode or b.decode)
 
 
 # -- layout mistakes: the same arithmetic on permuted dimensions ------------------------------------------------
@@ -265,10 +271,32 @@ def known_mistakes(cfg) -> list[Mistake]:
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),
         Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
                 "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
+        Mistake("no_post_attn_norm", "the attention output added to the residual stream without the "
+                "post-attention RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                config=(("post_attn_norm", False),)),
+        Mistake("no_post_ffw_norm", "the MLP output added to the residual stream without the post-feed-forward "
+                "RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                config=(("post_ffw_norm", False),)),
         Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
                 "transformers #29402 (GeGLU with the tanh approximation)", config=(("hidden_activation", "gelu"),)),
         Mistake("padding_not_masked", "a padded batch run without its attention mask: padding tokens are "
                 "attended and shift the positions", "transformers #32848", padding="unmasked"),
+    ]
+    if SLIDING in cfg.layer_types and W > 1:
+        out += [
+            Mistake("decode_ring_off_by_one", "the KV cache's ring one slot short (W - 1 slots): a decode step "
+                    "writes its key over the oldest key still inside the window, so each decode query sees W - 1 "
+                    "keys", "ring-buffer KV caches (no public bug number recorded)", decode="ring_off_by_one"),
+            Mistake("decode_window_ignored", "after the prefill a sliding layer keeps every key and attends to "
+                    "all of them (the cache ignores the window)", "transformers #31775 / #31848",
+                    decode="window_ignored"),
+        ]
+    out += [
+        Mistake("decode_unmasked_slots", "a static cache's unfilled slots not masked: their zero keys and values "
+                "attended", "transformers #31953 / #32188 (static cache)", decode="unmasked_slots"),
+        Mistake("decode_positions_stuck", "positions not advancing in decode: every step rotated by RoPE at the "
+                "first decode step's position", "decode loops (no public bug number recorded)",
+                decode="positions_stuck"),
         Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
                 "lm-evaluation-harness #2049 (add_bos_token)", ids="no_bos"),
         Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",

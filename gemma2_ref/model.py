@@ -176,14 +176,18 @@ def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TA
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
-                  taps: Taps = NO_TAPS, kv_cache=None) -> np.ndarray:
+                  taps: Taps = NO_TAPS, kv_cache=None, rope_positions: np.ndarray | None = None) -> np.ndarray:
     """One Gemma 2 block, with norms both before *and* after each sub-block:
 
         h   = x + post_attn_norm(attention(pre_attn_norm(x)))
         out = h + post_ffw_norm(mlp(pre_ffw_norm(h)))
 
+    (A config without a post-norm, `post_attn_norm=False` / `post_ffw_norm=False`, is the Gemma 1 layer: the
+    sub-block's output is added as it is, and its tap holds that output.)
+
     x (B, S, D). With `kv_cache` (see generate.py), this step's keys/values are added to the cache and
-    attention runs over everything the cache holds for this layer."""
+    attention runs over everything the cache holds for this layer. `rope_positions`: where RoPE puts the
+    tokens, when a backend's differ from the `positions` the mask uses (default: the same)."""
     B, S, D = x.shape
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     x = taps("input", x)
@@ -192,8 +196,9 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     q = taps("attn.q_proj", linear(h, w.q_proj).reshape(B, S, H, Dh))
     k = taps("attn.k_proj", linear(h, w.k_proj).reshape(B, S, K, Dh))
     v = taps("attn.v_proj", linear(h, w.v_proj).reshape(B, S, K, Dh))
-    q = taps("attn.q_rope", rope(q, positions, cfg.rope_theta))
-    k = taps("attn.k_rope", rope(k, positions, cfg.rope_theta))
+    rope_positions = positions if rope_positions is None else rope_positions
+    q = taps("attn.q_rope", rope(q, rope_positions, cfg.rope_theta))
+    k = taps("attn.k_rope", rope(k, rope_positions, cfg.rope_theta))
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
@@ -201,18 +206,19 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
                                   cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
     context = taps("attn.context", context)
     a = taps("attn.out", linear(context, w.o_proj))
-    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps))
+    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps) if cfg.post_attn_norm else a)
     x = taps("resid_mid", x + a)
 
     h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
     m = mlp(h, w, ACTIVATIONS[cfg.hidden_activation], taps)
-    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps))
+    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps) if cfg.post_ffw_norm else m)
     return taps("output", x + m)
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
             kv_cache=None, logits_at="all", progress=None, normalizer: str | None = None,
-            round_to: str | None = None, sink=None) -> dict[str, np.ndarray]:
+            round_to: str | None = None, sink=None, rope_positions: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
@@ -224,7 +230,9 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     receives each requested tap as it is produced, shaped as the returned dict would hold it (taps.Taps).
     `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
     dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
-    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile)."""
+    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile).
+    `rope_positions`: the positions RoPE rotates by, when they are not `positions` (a decode loop whose
+    counter stopped advancing: generate.py); the mask and the cache keep using `positions`."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
@@ -236,12 +244,14 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
         start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
     positions = check_positions(positions, B, S)
+    if rope_positions is not None:
+        rope_positions = check_positions(rope_positions, B, S)
 
     embedding = weights.embedding()
     x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)
     n = cfg.num_hidden_layers
     for i in range(n):
-        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache)
+        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache, rope_positions)
         if progress is not None:
             progress(i + 1, n)
     if kv_cache is not None:

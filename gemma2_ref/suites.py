@@ -176,7 +176,7 @@ PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets e
            "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
            "appear in text, and so do names, code and questions: what comes next? ")
 QUESTION = "Why soft-cap scores?"
-DECODE_FULL_WINDOW = 512  # up to this sliding window the decode case wraps every ring buffer twice
+DECODE_FULL_WINDOW = 512  # up to this sliding window the decode case's steps wrap every ring buffer twice
 PADDED_TEXT = "A sliding window lets each token see only the recent past."
 SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
 
@@ -208,10 +208,11 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                attention mask: each row counts positions from its own first token, padding is never attended
                (transformers #32848: only the last row right)
     padded_batch_right  the same, right-padded
-    decode     a prefill of W/4 tokens, then one token at a time through the KV cache, to 2W + 4 positions:
-               every sliding layer's ring buffer wraps twice; row W/4 + k of each tap is decode step k.
-               For a window over DECODE_FULL_WINDOW (the released 4096: 8000 one-token forwards of a 9B on a
-               CPU are days) the prefill is W - 2 tokens and 4 steps cross the window once
+    decode     a prefill of P = W + W/4 tokens (past the window: the ring keeps only its last W keys, and a
+               sliding layer's prefill differs from a global one's), then 2W one-token steps through the KV
+               cache: every sliding layer's ring buffer wraps twice in decode; row P + k of each tap is decode
+               step k. For a window over DECODE_FULL_WINDOW (the released 4096: 8000 one-token forwards of a
+               9B on a CPU are days) the prefill is W + 2 tokens and 4 steps follow
     """
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
@@ -221,12 +222,11 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     short = tokenizer.encode(short_text, bos=True)
     long_ids = tokenizer.encode(PASSAGE, bos=True)
     body = tokenizer.encode(PASSAGE, bos=False)
-    while len(long_ids) < 2 * W + 4:
+    prefill, steps = (W + max(1, W // 4), 2 * W) if W <= DECODE_FULL_WINDOW else (W + 2, 4)
+    steps = max(1, min(steps, cfg.max_position_embeddings - prefill))
+    while len(long_ids) < max(2 * W + 2, prefill + steps):
         long_ids += body
-    window_ids, decode_ids, long_ids = long_ids[: W + 2], long_ids[: 2 * W + 4], long_ids[: 2 * W + 2]
-    prefill = max(1, W // 4)
-    if W > DECODE_FULL_WINDOW:
-        decode_ids, prefill = long_ids[: W + 2], W - 2
+    window_ids, decode_ids, long_ids = long_ids[: W + 2], long_ids[: prefill + steps], long_ids[: 2 * W + 2]
     special_ids = tokenizer.encode(SPECIAL_TEXT, bos=True)
     a = tokenizer.encode("Windows slide.", bos=True)
     b = tokenizer.encode("Caps bound logits.", bos=True)
@@ -248,9 +248,9 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                   special_ids, SPECIAL_TEXT),
         CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
                   long_ids, tokenizer.decode(long_ids, skip_special=False)),
-        CaseInput("decode", f"a prefill of {prefill} tokens, then {len(decode_ids) - prefill} one-token steps "
-                            f"through the KV cache (the sliding window of {W} "
-                            f"{'wraps twice' if W <= DECODE_FULL_WINDOW else 'is crossed once'})",
+        CaseInput("decode", f"a prefill of {prefill} tokens (past the sliding window of {W}), then {steps} "
+                            f"one-token steps through the KV cache"
+                            f"{' (every ring buffer wraps twice)' if steps >= 2 * W else ''}",
                   decode_ids, tokenizer.decode(decode_ids, skip_special=False), prefill=prefill),
         CaseInput("padded_batch", f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
                   left, None, left_mask),

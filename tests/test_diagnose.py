@@ -34,6 +34,8 @@ CASES = {
     "norm_offset=0": "layers.0.pre_attn_norm",
     "norm_offset=2": "layers.0.pre_attn_norm",
     "exact_gelu": "layers.0.mlp.hidden",
+    "no_post_attn_norm": "layers.0.post_attn_norm",
+    "no_post_ffw_norm": "layers.0.post_ffw_norm",
 }
 
 

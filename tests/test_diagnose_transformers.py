@@ -181,3 +181,26 @@ def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_f
     diag = diagnose(ours, reference, cand, PROFILES["fp16"])
     assert diag.named and diag.named[0].variant.name == "fp16_overflow", format_diagnosis(diag)
     assert "the reference reaches" in diag.named[0].variant.what
+
+
+# -- a skipped post-norm: transformers' own layer with its post-norm module replaced by the identity ---------------
+
+def without(hf, norm: str):
+    """Every decoder layer's `norm` (post_attention_layernorm / post_feedforward_layernorm) an identity: the
+    Gemma 1 layer, which adds the sub-block's output to the residual stream as it is."""
+    for layer in hf.model.layers:
+        setattr(layer, norm, torch.nn.Identity())
+    return hf
+
+
+@pytest.mark.parametrize("name, norm, tap", [("no_post_attn_norm", "post_attention_layernorm", "post_attn_norm"),
+                                             ("no_post_ffw_norm", "post_feedforward_layernorm", "post_ffw_norm")])
+def test_a_post_norm_skipped_in_transformers_is_found_at_that_norm_and_named(checkpoint, model, reference, ids,
+                                                                              tmp_path, name, norm, tap):
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", taps="default",
+                                            hf_model=without(hf_with(checkpoint), norm)))
+    result = compare_cases(reference, cand, FP32)
+    assert not result.passed and result.first_divergence.name == f"layers.0.{tap}"
+    diag = diagnose(model, reference, cand, FP32)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches", format_diagnosis(diag)

@@ -302,3 +302,22 @@ def test_cli_generate_chat_sampling_is_reproducible_with_a_seed():
 def test_cli_generate_refuses_a_negative_temperature():
     code, _, err = run_cli("generate", "tiny", "--prompt", "x", "--temperature", "-1")
     assert code == 2 and "temperature" in err
+
+
+@pytest.mark.parametrize("name", ["decode_ring_off_by_one", "decode_unmasked_slots", "decode_positions_stuck",
+                                  "decode_window_ignored"])
+def test_a_model_with_a_decode_loop_mistake_generates_through_it(name):
+    """A decode-loop mistake is a change of the cache and the loop, so `generate` makes it as `decode_taps`
+    does (teacher-forced on the tokens generate chose), and the correct model's logits differ."""
+    from gemma2_ref.generate import decode_taps
+    from gemma2_ref.mistakes import inject
+
+    model = g2.load_model("tiny")
+    bad = inject(model, name)
+    W = model.config.sliding_window
+    prompt = np.arange(2, W + 10)
+    out = generate(bad, prompt, max_new_tokens=8, stop_ids=(), keep_logits=True)
+    ids = np.concatenate([prompt, out.tokens])  # all of them: the same cache capacity as generate's
+    taps = decode_taps(bad, ids, len(prompt), taps=["logits"])
+    np.testing.assert_allclose(np.stack(out.logits), taps["logits"][len(prompt) - 1:-1], rtol=1e-5, atol=1e-5)
+    assert np.abs(np.stack(out.logits) - model.logits(ids)[len(prompt) - 1:-1]).max() > 1e-3

@@ -60,14 +60,15 @@ def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
 
 
 def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
-            position_ids="from_mask", prefill: int | None = None) -> dict[str, np.ndarray]:
+            position_ids="from_mask", prefill: int | None = None, cache=None) -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
     float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids.
 
     `prefill`: transformers' own KV-cache path instead: ids[:prefill] in one call, then one token per call
     with the returned `past_key_values` (teacher-forced, as gemma2_ref.generate.decode_taps), each step's
     taps stacked after the prefill's; `position_ids` then, if given, are each step's (B, 1) positions as
-    a list (to reproduce a decode-loop mistake), else transformers advances them itself."""
+    a list (to reproduce a decode-loop mistake), else transformers advances them itself. `cache`: the
+    transformers Cache to decode through (e.g. a StaticCache), instead of the DynamicCache the model makes."""
     import torch
 
     from ..config import config_from_hf_dict
@@ -140,7 +141,7 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
                 got["logits"] = hf_model(input_ids=ids_t, use_cache=False, **extra).logits
                 steps = [dict(got)]
             else:
-                steps, past = [], None
+                steps, past = [], cache
                 for s0, s1 in [(0, prefill)] + [(p, p + 1) for p in range(prefill, ids_t.shape[1])]:
                     got.clear()
                     step_kw = {} if isinstance(position_ids, str) or position_ids is None else {
@@ -163,7 +164,8 @@ def backend_options(checkpoint, args) -> dict:
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
-                 positions=None, attention_mask=None, position_ids="from_mask", prefill: int | None = None) -> Path:
+                 positions=None, attention_mask=None, position_ids="from_mask", prefill: int | None = None,
+                 cache=None) -> Path:
     """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
     (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
     row's positions counted from its first token (as transformers' generate() makes them)."""
@@ -175,7 +177,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
-    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill)
+    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill, cache)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
                 "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
                 "adapter": "gemma2_ref.adapters.transformers"}

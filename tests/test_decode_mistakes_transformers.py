@@ -1,0 +1,176 @@
+"""The decode-loop mistakes, made in transformers' own KV-cache decode (its caches, its masks, its RoPE), captured
+with the adapter (`prefill=`: a prefill, then one token per call through the cache), and named by `diagnose`
+from those activations alone. Our side re-runs each mistake through generate.py's cache; transformers' side
+never runs gemma2_ref code, only a patched cache layer, a patched mask function or other position ids.
+Clean decodes (dynamic and static cache; float32, and bfloat16 / float16 under their fixed and measured
+profiles) raise no alarm, and in bfloat16 each mistake is still found and named under the measured profile.
+
+The case is the coverage suite's decode case for a window of W = 8: a prefill of W + W/4 = 10 tokens (past
+the window), then 2W = 16 one-token steps (every sliding layer's ring wraps twice)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma2ForCausalLM
+from transformers.cache_utils import DynamicCache, StaticCache
+
+import gemma2_ref as g2
+from gemma2_ref import golden as G
+from gemma2_ref import suites as S
+from gemma2_ref.adapters import transformers as adapter
+from gemma2_ref.compare import PROFILES, compare_cases, format_report
+from gemma2_ref.diagnose import diagnose, format_diagnosis
+from gemma2_ref.measured import measured_profile
+from hf_reference import hf_config, make_checkpoint
+
+W, PREFILL, STEPS = 8, 10, 16
+OVERRIDES = dict(vocab_size=300, hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, query_pre_attn_scalar=24, sliding_window=W, num_hidden_layers=4)
+FP32 = PROFILES["fp32"]
+MODELING = "transformers.models.gemma2.modeling_gemma2"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("hf_decode"), hf_config(**OVERRIDES), seed=11, scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return g2.load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.concatenate([[2], np.random.default_rng(3).integers(3, 300, PREFILL + STEPS - 1)])
+
+
+@pytest.fixture(scope="module")
+def reference(model, ids, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "decode"
+    return G.load_case(S.generate_case(model, ids, out, taps="default", prefill=PREFILL))
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return Gemma2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_the_coverage_suites_decode_case_has_this_shape(model):
+    case = next(c for c in S.coverage_inputs(model.config, g2.load_tokenizer("tiny")) if c.name == "decode")
+    assert (case.prefill, len(case.ids) - case.prefill) == (W + W // 4, 2 * W)
+
+
+# -- how transformers is made to commit each mistake -----------------------------------------------------------
+
+def ring_one_slot_short(monkeypatch, hf, ids):
+    """transformers' own cache built for a window one shorter than the mask's: its sliding layers keep W - 2
+    keys, so each decode query loses the oldest key of its window, as a ring written one slot ahead does."""
+    short = copy.deepcopy(hf.config)
+    short.sliding_window = W - 1
+    return {"cache": DynamicCache(config=short)}
+
+
+def static_cache_unmasked(monkeypatch, hf, ids):
+    """transformers' StaticCache (zero-filled, sized for the whole case) with masks that let every slot at or
+    past the last written position through: its unfilled slots are attended (#31953 / #32188)."""
+    import transformers.models.gemma2.modeling_gemma2 as modeling
+
+    def unmasking(create):
+        def patched(**kw):
+            filled = int(kw["position_ids"].max()) + 1
+            return create(**kw, or_mask_function=lambda b, h, q, kv: kv >= filled)
+        return patched
+
+    for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
+        monkeypatch.setattr(modeling, name, unmasking(getattr(modeling, name)))
+    return {"cache": StaticCache(config=hf.config, max_cache_len=len(ids))}
+
+
+def positions_stuck(monkeypatch, hf, ids):
+    """Every decode step's position_ids (RoPE) at the first decode step's; transformers masks by the cache."""
+    return {"position_ids": [np.arange(PREFILL)[None]] + [np.array([[PREFILL]])] * STEPS}
+
+
+def window_ignored(monkeypatch, hf, ids):
+    """A cache built for every layer global (sliding layers keep every key) and, for one-token steps, the
+    global causal mask on the sliding layers too: the window applies in the prefill only."""
+    import transformers.models.gemma2.modeling_gemma2 as modeling
+
+    everywhere_global = copy.deepcopy(hf.config)
+    everywhere_global.layer_types = ["full_attention"] * len(hf.config.layer_types)
+    sliding, causal = modeling.create_sliding_window_causal_mask, modeling.create_causal_mask
+    monkeypatch.setattr(modeling, "create_sliding_window_causal_mask",
+                        lambda **kw: causal(**kw) if kw["inputs_embeds"].shape[1] == 1 else sliding(**kw))
+    return {"cache": DynamicCache(config=everywhere_global)}
+
+
+# name -> (how transformers makes it, the first diverging tap, where in the case it first acts)
+DECODE_MISTAKES = {
+    "decode_ring_off_by_one": (ring_one_slot_short, "layers.0.attn.context", "decode step 0"),
+    "decode_unmasked_slots": (static_cache_unmasked, "layers.1.attn.context", "the prefill"),
+    "decode_positions_stuck": (positions_stuck, "layers.0.attn.context", "decode step 1"),
+    "decode_window_ignored": (window_ignored, "layers.0.attn.context", "decode step 0"),
+}
+
+
+def transformers_decode(checkpoint, hf, ids, out, **kw):
+    return G.load_case(adapter.write_golden(checkpoint, ids, out, hf_model=hf, taps="default", prefill=PREFILL, **kw))
+
+
+@pytest.mark.parametrize("name", list(DECODE_MISTAKES))
+def test_a_decode_loop_mistake_made_in_transformers_is_found_at_its_step_and_named(checkpoint, model, reference, hf,
+                                                                                    ids, tmp_path, monkeypatch, name):
+    make, tap, step = DECODE_MISTAKES[name]
+    cand = transformers_decode(checkpoint, hf, ids, tmp_path / "cand", **make(monkeypatch, hf, ids))
+    result = compare_cases(reference, cand, FP32)
+    assert not result.passed
+    assert result.first_divergence.name == tap, format_report(result)
+    assert any(f"{tap} first fails at position" in n and f": {step} (" in n for n in result.notes), result.notes
+    diag = diagnose(model, reference, cand, FP32, combine=False)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches", format_diagnosis(diag)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_transformers_own_decode_raises_no_alarm(checkpoint, reference, hf, ids, tmp_path, cache):
+    kw = {} if cache == "dynamic" else {"cache": StaticCache(config=hf.config, max_cache_len=len(ids))}
+    cand = transformers_decode(checkpoint, hf, ids, tmp_path / "cand", **kw)
+    result = compare_cases(reference, cand, FP32)
+    assert result.passed, format_report(result)
+
+
+@pytest.mark.parametrize("dtype, fixed", [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_transformers_own_decode_in_half_precision_passes_its_fixed_and_measured_profiles(checkpoint, model,
+                                                                                          reference, ids, tmp_path,
+                                                                                          dtype, fixed):
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default",
+                                            hf_model=adapter.load(checkpoint, dtype), prefill=PREFILL))
+    for profile in (PROFILES[fixed], measured_profile(model, reference, dtype)):
+        result = compare_cases(reference, cand, profile)
+        assert result.passed, format_report(result)
+
+
+@pytest.mark.parametrize("name", list(DECODE_MISTAKES))
+def test_a_decode_loop_mistake_in_a_bfloat16_transformers_run_is_named_under_the_measured_profile(
+        checkpoint, model, reference, ids, tmp_path, monkeypatch, name):
+    make, tap, _ = DECODE_MISTAKES[name]
+    hf16 = adapter.load(checkpoint, "bfloat16")
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype="bfloat16", taps="default",
+                                            hf_model=hf16, prefill=PREFILL, **make(monkeypatch, hf16, ids)))
+    measured = measured_profile(model, reference, "bfloat16")
+    result = compare_cases(reference, cand, measured)
+    assert not result.passed and result.first_divergence.name == tap, format_report(result)
+    diag = diagnose(model, reference, cand, measured, combine=False)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
+
+
+def test_a_decode_loop_mistake_is_not_tried_on_a_prefill_case(model, ids, tmp_path):
+    """Only a KV-cache decode can show a decode-loop mistake: on a plain prefill case it is not re-run."""
+    ref = G.load_case(S.generate_case(model, ids, tmp_path / "ref", taps="default"))
+    cand = G.load_case(G.write_case(tmp_path / "cand", g2.mistakes.inject(model, "window_offset=-1").forward(
+        ids, taps="default"), ids, producer="some backend"))
+    diag = diagnose(model, ref, cand, FP32, combine=False)
+    assert not any(r.variant.decode for r in diag.results)
