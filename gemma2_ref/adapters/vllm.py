@@ -69,8 +69,8 @@ ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": 
 
 
 def reachable_taps(cfg) -> list[str]:
-    """The canonical taps this adapter can capture, in execution order."""
-    return taps_of_kinds(cfg, REACHABLE)
+    """The canonical taps this adapter can capture, in execution order (logits_raw is not one: see above)."""
+    return [n for n in taps_of_kinds(cfg, REACHABLE) if n != "logits_raw"]
 
 
 def load(path, dtype: str = "float32", max_model_len: int | None = None):
@@ -208,12 +208,21 @@ def place_logits(final_norm, calls, seq: int):
     return torch.stack(out)
 
 
-def capture(llm, ids, cfg, taps="default") -> dict[str, np.ndarray]:
-    """ids (S,) or (B, S): each row its own prefill (vLLM runs a batch as separate requests anyway), stacked."""
+def capture(llm, ids, cfg, taps="default", attention_mask=None) -> dict[str, np.ndarray]:
+    """ids (S,) or (B, S); each row is its own request (vLLM batches requests, it never pads them), its taps
+    stacked. A padded batch (`attention_mask` (B, S), 1 for a token): each row's tokens run alone, positions from
+    0 as its mask counts them, and the padding rows of every tap are zeros (compare looks at token rows only)."""
     if np.ndim(ids) == 1:
         return capture_one(llm, ids, cfg, taps)
-    rows = [capture_one(llm, row, cfg, taps) for row in np.asarray(ids)]
-    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+    ids = np.asarray(ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    rows = [capture_one(llm, row[keep], cfg, taps) for row, keep in zip(ids, mask)]
+    out = {}
+    for name in rows[0]:
+        out[name] = np.zeros((len(rows), ids.shape[1], *rows[0][name].shape[1:]), np.float32)
+        for b, row in enumerate(rows):
+            out[name][b, mask[b]] = row[name]
+    return out
 
 
 def backend_options(checkpoint, args) -> dict:
@@ -222,10 +231,11 @@ def backend_options(checkpoint, args) -> dict:
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, llm=None) -> Path:
+                 description: str | None = None, positions=None, llm=None, attention_mask=None) -> Path:
     """Run vLLM's CPU engine on a checkpoint directory and write a golden case (producer: vllm).
 
-    llm: a `vllm.LLM` from `load` (the same checkpoint and dtype) to reuse; starting one takes ~20 s."""
+    llm: a `vllm.LLM` from `load` (the same checkpoint and dtype) to reuse; starting one takes ~20 s;
+    attention_mask: (B, S), 1 for a token, for a padded batch (each row's tokens run as their own request)."""
     import torch
     import vllm
 
@@ -237,10 +247,10 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     computed = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     if computed != dtype:
         raise ValueError(f"the vLLM engine passed computes in {computed}, not {dtype}: load one with dtype={dtype!r}")
-    acts = capture(llm, ids, cfg, taps)
+    acts = capture(llm, ids, cfg, taps, attention_mask)
     impl = type(model_of(llm).model.layers[0].self_attn.attn.impl).__name__  # CPUAttentionBackendImpl
     producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
                 "attention_impl": impl, "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions)
+                      description=description, positions=positions, attention_mask=attention_mask)
