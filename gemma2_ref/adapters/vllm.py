@@ -103,9 +103,14 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def capture_one(llm, ids, cfg, taps="default") -> dict[str, np.ndarray]:
+def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> dict[str, np.ndarray]:
     """Run one sequence `ids` (S,) through vLLM; the requested canonical taps it can reach (`cfg`: our
-    Gemma2Config of the same checkpoint) as float32 NumPy arrays (bfloat16 values are exact in float32)."""
+    Gemma2Config of the same checkpoint) as float32 NumPy arrays (bfloat16 values are exact in float32).
+
+    `prefill`: vLLM's decode path instead: ids[:prefill] as the prompt, then ids[prefill:] generated one token
+    per forward through its paged KV cache, teacher-forced: after the hook has kept each sampled row's logits,
+    it hands the sampler a row where only the next token of `ids` is possible. The taps are vLLM's own; only
+    the choice of the next token is ours. Row prefill + k of every tap is decode step k."""
     import torch
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -175,15 +180,34 @@ def capture_one(llm, ids, cfg, taps="default") -> dict[str, np.ndarray]:
                                                         keep(p + "mlp.out", _first(out))))
         on_out(layer.post_feedforward_layernorm, lambda args, out, p=p: keep(p + "post_ffw_norm", _first(out)))
     on_out(base.norm, lambda args, out: (keep(f"layers.{L - 1}.output", out[1]), keep("final_norm", out[0])))
-    on_out(model.logits_processor, lambda args, out: logit_calls.append((args[1].detach().clone(),
-                                                                         out.detach().clone())))
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    prompt = [int(t) for t in (ids if prefill is None else ids[:prefill])]
+    forced = [int(t) for t in ids[len(prompt):]]  # the tokens the decode steps must be fed, in order
+
+    steps = [0]  # sampling calls so far: decode step k feeds forced[k]
+
+    def logits_hook(m, args, out):
+        logit_calls.append((args[1].detach().clone(), out.detach().clone()))
+        newest = got["final_norm"][-1]  # this forward's final_norm: vLLM samples from its last row
+        if out.shape[0] != 1 or not torch.equal(args[1][0], newest[-1]):
+            return None  # the prompt-logprob rows
+        step, steps[0] = steps[0], steps[0] + 1
+        if step >= len(forced):
+            return None
+        only = torch.full_like(out, torch.finfo(out.dtype).min)
+        only[:, forced[step]] = 0.0
+        return only  # the sampler sees only ids[prefill + step]; the logits kept above are vLLM's
+
+    hooks.append(model.logits_processor.register_forward_hook(logits_hook))
+    params = SamplingParams(max_tokens=len(forced) + 1, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
     try:
         with torch.no_grad():
-            llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids])], params, use_tqdm=False)
+            result = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
     finally:
         for h in hooks:
             h.remove()
+    fed = list(result[0].outputs[0].token_ids)[:len(forced)]
+    if fed != forced:
+        raise RuntimeError(f"vLLM did not take the forced tokens: fed {fed[:8]}..., wanted {forced[:8]}...")
     acts = {name: torch.cat(parts) for name, parts in got.items()}
     acts["logits"] = place_logits(acts["final_norm"], logit_calls, len(ids))
     return {name: a.float().numpy() for name, a in acts.items() if name in wanted}
@@ -208,15 +232,17 @@ def place_logits(final_norm, calls, seq: int):
     return torch.stack(out)
 
 
-def capture(llm, ids, cfg, taps="default", attention_mask=None) -> dict[str, np.ndarray]:
+def capture(llm, ids, cfg, taps="default", attention_mask=None, prefill: int | None = None) -> dict[str, np.ndarray]:
     """ids (S,) or (B, S); each row is its own request (vLLM batches requests, it never pads them), its taps
     stacked. A padded batch (`attention_mask` (B, S), 1 for a token): each row's tokens run alone, positions from
     0 as its mask counts them, and the padding rows of every tap are zeros (compare looks at token rows only)."""
     if np.ndim(ids) == 1:
-        return capture_one(llm, ids, cfg, taps)
+        return capture_one(llm, ids, cfg, taps, prefill)
+    if attention_mask is not None and prefill is not None:
+        raise NotImplementedError("the vllm adapter runs a padded batch or a decode, not both at once")
     ids = np.asarray(ids)
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    rows = [capture_one(llm, row[keep], cfg, taps) for row, keep in zip(ids, mask)]
+    rows = [capture_one(llm, row[keep], cfg, taps, prefill) for row, keep in zip(ids, mask)]
     out = {}
     for name in rows[0]:
         out[name] = np.zeros((len(rows), ids.shape[1], *rows[0][name].shape[1:]), np.float32)
@@ -231,11 +257,13 @@ def backend_options(checkpoint, args) -> dict:
 
 
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, llm=None, attention_mask=None) -> Path:
+                 description: str | None = None, positions=None, llm=None, attention_mask=None,
+                 prefill: int | None = None) -> Path:
     """Run vLLM's CPU engine on a checkpoint directory and write a golden case (producer: vllm).
 
     llm: a `vllm.LLM` from `load` (the same checkpoint and dtype) to reuse; starting one takes ~20 s;
-    attention_mask: (B, S), 1 for a token, for a padded batch (each row's tokens run as their own request)."""
+    attention_mask: (B, S), 1 for a token, for a padded batch (each row's tokens run as their own request);
+    prefill: a decode case, ids[:prefill] as the prompt and the rest fed one token per step (capture_one)."""
     import torch
     import vllm
 
@@ -247,10 +275,12 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     computed = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
     if computed != dtype:
         raise ValueError(f"the vLLM engine passed computes in {computed}, not {dtype}: load one with dtype={dtype!r}")
-    acts = capture(llm, ids, cfg, taps, attention_mask)
+    acts = capture(llm, ids, cfg, taps, attention_mask, prefill)
     impl = type(model_of(llm).model.layers[0].self_attn.attn.impl).__name__  # CPUAttentionBackendImpl
     producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
                 "attention_impl": impl, "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions, attention_mask=attention_mask)
+                      description=description, positions=positions, attention_mask=attention_mask,
+                      extra=None if prefill is None else {"decode": {"prefill": prefill,
+                                                                     "steps": int(np.shape(ids)[-1]) - prefill}})
