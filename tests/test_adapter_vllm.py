@@ -13,7 +13,7 @@ Measured, worst over every reachable tap (rel L2 / max abs as a fraction of the 
 vLLM's CPU attention honours both the attention soft-cap and the per-layer sliding window that
 models/gemma2.py passes it (gemma2.py:154-156, 165-166; v1/attention/backends/cpu_attn.py:313-324, 450-452): past
 the window float32 agrees with ours to float32 noise, where the reference made with `no_sliding_window` or
-`drop_attn_softcap` fails against it. The engine starts once per module and dtype (about 20 s on the shared
+`drop_attn_softcap` fails against it. The engine starts once per process, checkpoint and dtype (about 20 s on the shared
 2-core VM; each case then takes well under a second).
 """
 
@@ -44,16 +44,8 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def engines(adapter):
-    """One vllm.LLM per (checkpoint, dtype), started on first use: start-up is the slow part."""
-    started = {}
-
-    def engine(checkpoint, dtype="float32"):
-        key = (str(checkpoint), dtype)
-        if key not in started:
-            started[key] = adapter.load(checkpoint, dtype)
-        return started[key]
-
-    return engine
+    """The vllm.LLM for (checkpoint, dtype): started on first use (the slow part), then kept by the adapter."""
+    return lambda checkpoint, dtype="float32": adapter.load(checkpoint, dtype)
 
 
 def window_ids(seed: int = 11) -> np.ndarray:
@@ -129,3 +121,11 @@ def test_the_cli_writes_a_vllm_candidate(adapter, tmp_path, capsys):
                 "--out", str(tmp_path / "vllm")]) == 0
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "vllm")]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_decode_steps_through_the_paged_kv_cache_keep_the_window(adapter, engines, tiny_random_dir, tmp_path):
+    ids, prefill = window_ids(), W - 4  # one-token steps at positions W-4 .. W+1: the window starts to slide
+    ours, theirs = golden_pair(adapter, engines, tiny_random_dir, ids, tmp_path, taps="default", prefill=prefill)
+    assert theirs.manifest["extra"]["decode"] == {"prefill": prefill, "steps": len(ids) - prefill}
+    result = compare_cases(ours, theirs, PROFILES["fp32"])
+    assert result.passed, "\n".join(t.summary() for t in result.taps if not t.ok)

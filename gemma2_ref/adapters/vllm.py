@@ -73,9 +73,15 @@ def reachable_taps(cfg) -> list[str]:
     return [n for n in taps_of_kinds(cfg, REACHABLE) if n != "logits_raw"]
 
 
+# Engines started in this process, kept until it exits: vLLM's distributed state (its model-parallel groups) is
+# one per process, and shutting one engine down tears it down under every other engine still running here.
+_ENGINES: dict[tuple, object] = {}
+
+
 def load(path, dtype: str = "float32", max_model_len: int | None = None):
-    """A `vllm.LLM` on a Hugging Face checkpoint directory (or a bundled model's name), computing in `dtype`.
-    `max_model_len`: the longest sequence it will run (default: the config's max_position_embeddings)."""
+    """A `vllm.LLM` on a Hugging Face checkpoint directory (or a bundled model's name), computing in `dtype`;
+    the same one again for the same arguments (see _ENGINES). `max_model_len`: the longest sequence it will
+    run (default: the config's max_position_embeddings)."""
     if dtype not in VLLM_DTYPES:
         raise ValueError(f"vllm dtype must be one of {VLLM_DTYPES}, not {dtype!r}")
     for key, value in ENVIRONMENT.items():
@@ -84,10 +90,13 @@ def load(path, dtype: str = "float32", max_model_len: int | None = None):
 
     from ..config import load_config
 
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path).resolve()
     length = max_model_len or load_config(path).max_position_embeddings
-    return LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=length,
-               max_num_batched_tokens=length, max_num_seqs=1, enable_prefix_caching=False, seed=0)
+    key = (str(path), dtype, length)
+    if key not in _ENGINES:
+        _ENGINES[key] = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=length,
+                            max_num_batched_tokens=length, max_num_seqs=1, enable_prefix_caching=False, seed=0)
+    return _ENGINES[key]
 
 
 def model_of(llm):
