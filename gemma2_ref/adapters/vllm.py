@@ -66,7 +66,7 @@ from ..taps import select_taps, taps_of_kinds
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
              "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
-VLLM_DTYPES = ("float32", "bfloat16", "float16")
+VLLM_DTYPES = ("float32", "bfloat16")  # the two measured here (README, "Backends we checked")
 # The engine core in this process (hooks reach its model); a small KV cache (GiB): these are test-sized runs.
 ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
