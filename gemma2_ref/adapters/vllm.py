@@ -288,9 +288,9 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     if computed != dtype:
         raise ValueError(f"the vLLM engine passed computes in {computed}, not {dtype}: load one with dtype={dtype!r}")
     acts = capture(llm, ids, cfg, taps, attention_mask, prefill)
-    impl = type(model_of(llm).model.layers[0].self_attn.attn.impl).__name__  # CPUAttentionBackendImpl
+    attn = model_of(llm).model.layers[0].self_attn.attn
     producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
-                "attention_impl": impl, "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
+                "attention_impl": type(attn.impl).__name__, "attention_isa": getattr(attn, "isa", None), "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
                       description=description, positions=positions, attention_mask=attention_mask,
