@@ -7,7 +7,8 @@ model, live here and torch forward hooks reach it), eager (no torch.compile, no 
 step. Each sequence is one `generate` call with `max_tokens=1` and `prompt_logprobs=0`: one prefill over every
 token, the same path a served prompt takes (a decode case: a prefill, then teacher-forced one-token steps through
 its paged KV cache, see capture_one; a batch: one request per row). The hooks keep a copy of each tensor when it
-is made (vLLM's fused add+norm and its rotary embedding write in place), and undo vLLM's fusions:
+is made (the rotary embedding writes q and k in place, rotary_embedding/base.py:308-318, into qkv_proj's output;
+fused add+norm is registered `allow_inplace=True`, ir/ops/layernorm.py:43), and undo vLLM's fusions:
 
     embed                     layer 0's hidden_states argument: `embed_input_ids` (gemma2.py:282-283, the
                               normalizer a buffer in the model dtype, gemma2.py:276-277) is a method, not a module
@@ -84,7 +85,9 @@ _ENGINES: dict[tuple, object] = {}
 def load(path, dtype: str = "float32", max_model_len: int | None = None):
     """A `vllm.LLM` on a Hugging Face checkpoint directory (or a bundled model's name), computing in `dtype`;
     the same one again for the same arguments (see _ENGINES). `max_model_len`: the longest sequence it will
-    run (default: the config's max_position_embeddings)."""
+    run (default: the config's max_position_embeddings). The KV cache is VLLM_CPU_KVCACHE_SPACE GiB (1 unless
+    set): a released checkpoint at its full 8192 tokens needs more (2B in float32: 26 layers x 2 x 4 kv heads x
+    256 x 4 bytes = 213 KB a token), and vLLM says so when it starts."""
     if dtype not in VLLM_DTYPES:
         raise ValueError(f"vllm dtype must be one of {VLLM_DTYPES}, not {dtype!r}")
     for key, value in ENVIRONMENT.items():
@@ -136,7 +139,7 @@ def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> di
 
     def keep(name, value, heads=None):
         if name in wanted or name == "final_norm":  # final_norm: it places the logits rows
-            value = value.detach().clone()  # fused add+norm and rotary work in place: copy now
+            value = value.detach().clone()  # rotary (and maybe add+norm) overwrite in place: copy now
             got.setdefault(name, []).append(value if heads is None else value.reshape(value.shape[0], heads, Dh))
 
     def on_out(module, fn):
@@ -290,7 +293,8 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     acts = capture(llm, ids, cfg, taps, attention_mask, prefill)
     attn = model_of(llm).model.layers[0].self_attn.attn
     producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
-                "attention_impl": type(attn.impl).__name__, "attention_isa": getattr(attn, "isa", None), "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
+                "attention_impl": type(attn.impl).__name__, "attention_isa": getattr(attn, "isa", None),
+                "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
                       description=description, positions=positions, attention_mask=attention_mask,
