@@ -141,8 +141,8 @@ def add_golden(sub):
                         "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
-                        "transformers, mlx and jax-gemma; for llama.cpp the GGUF type f32, bf16, f16 or q8_0 "
-                        "(default float32 = f32)")
+                        "transformers, mlx and jax-gemma; float32 or bfloat16 for vllm; for llama.cpp the GGUF "
+                        "type f32, bf16, f16 or q8_0 (default float32 = f32)")
     p.add_argument("--gguf", metavar="FILE",
                    help="llama.cpp: run this GGUF (its file type decides the compute dtype) instead of converting "
                         "MODEL with llama.cpp's convert_hf_to_gguf.py")
