@@ -21,6 +21,7 @@ BACKENDS = {
     "mlx": "gemma2_ref.adapters.mlx",  # mlx-lm's Gemma 2 on MLX (CPU), submodules wrapped by recorders
     "jax-gemma": "gemma2_ref.adapters.jax_gemma",  # DeepMind's gemma (JAX/Flax), HF params converted, sown
     "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
+    "keras-hub": "gemma2_ref.adapters.keras_hub",  # KerasHub's GemmaBackbone (Keras 3, JAX), layer calls recorded
 }
 
 
