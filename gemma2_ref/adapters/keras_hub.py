@@ -85,6 +85,9 @@ def _import_keras():
     import keras
     import keras_hub
 
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"the keras-hub adapter runs Keras on JAX, but Keras was already imported with the "
+                           f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=jax before anything imports keras")
     return keras, keras_hub
 
 
