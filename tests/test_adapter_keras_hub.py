@@ -7,8 +7,8 @@ Measured, worst rel L2 over every tap (all 84 of the tiny model), fp32 profile l
     bundled tiny, KerasHub as shipped             FAIL at layers.0.attn.scores: scores x 0.709 = (32/64)^0.5,
                                                   --diagnose: query_scale=head_dim (64) MATCHES
     bundled tiny, query scale repaired            7.96e-7 (window, 34 tokens), 7.4e-7 (long, 66): PASS
-    random, query_pre_attn_scalar = head_dim, 66  1.4e-6: PASS as shipped (the 2B / 9B setting)
-    the same without attention soft-cap, fused    1.35e-6: PASS, sliding window honoured on the fused path
+    random, query_pre_attn_scalar = head_dim, 66  4.5e-6: PASS as shipped (the 2B / 9B setting)
+    the same without attention soft-cap, fused    4.2e-6: PASS, sliding window honoured on the fused path
 
 KerasHub's decoder block hands its attention layer query_head_dim_normalize=True whatever the config says
 (keras_hub/src/models/gemma/gemma_decoder_block.py:68), so a model whose query_pre_attn_scalar is not head_dim
@@ -100,7 +100,7 @@ def test_a_checkpoint_whose_query_pre_attn_scalar_is_head_dim_passes_as_shipped(
     result = compare_cases(ours(ckpt, ids, tmp_path, "default"), theirs(adapter, ckpt, ids, tmp_path),
                            PROFILES["fp32"])
     assert result.passed, failing(result)
-    assert max(t.rel_l2 for t in result.compared) < 2e-5  # measured 1.4e-6
+    assert max(t.rel_l2 for t in result.compared) < 2e-5  # measured 4.5e-6
 
 
 def test_flash_attention_is_refused_on_cpu_for_a_soft_capped_model(adapter, repaired, tmp_path):
@@ -111,6 +111,7 @@ def test_flash_attention_is_refused_on_cpu_for_a_soft_capped_model(adapter, repa
                              flash_attention=True)
 
 
+@pytest.mark.filterwarnings("ignore::gemma2_ref.config.ConfigWarning")  # no attention soft-cap: not Gemma 2
 def test_forced_flash_attention_keeps_the_sliding_window(adapter, tmp_path):
     """keras-hub #2186 (window off under flash attention) is fixed: the window mask is applied before the
     branch (gemma_attention.py:153-159). Without attention soft-cap the fused branch runs on CPU."""

@@ -216,8 +216,16 @@ def capture(backbone, ids, cfg, taps="default", attention_mask=None, flash_atten
     batched = np.ndim(ids) == 2
     ids2 = np.atleast_2d(np.asarray(ids)).astype(np.int32)
     mask = np.ones_like(ids2) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask)).astype(np.int32)
-    with _recording(backbone, keep, flash_attention):
-        final = backbone({"token_ids": ids2, "padding_mask": mask})
+    try:
+        with _recording(backbone, keep, flash_attention):
+            final = backbone({"token_ids": ids2, "padding_mask": mask})
+    except ValueError as e:
+        if flash_attention and "attn_logits_soft_cap is only supported for JAX on TPU" in str(e):
+            raise ValueError("flash_attention=True: KerasHub's fused branch hands the attention soft-cap to "
+                             "keras.ops.dot_product_attention, and Keras answers: attn_logits_soft_cap is only "
+                             "supported for JAX on TPU (keras/src/ops/nn.py:2925-2932). KerasHub itself never takes "
+                             "this branch on CPU (gemma_attention.py:120-135); run without flash attention") from None
+        raise
     head = backbone.token_embedding
     got["final_norm"] = final
     got["logits"] = head(final, reverse=True)
