@@ -141,13 +141,19 @@ def add_golden(sub):
                         "through its adapter in gemma2_ref/adapters/ (a candidate)")
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
-                        "transformers, mlx and jax-gemma; float32 or bfloat16 for vllm; for llama.cpp the GGUF "
-                        "type f32, bf16, f16 or q8_0 (default float32 = f32)")
+                        "transformers, mlx, jax-gemma and keras-hub; float32 or bfloat16 for vllm; for llama.cpp "
+                        "the GGUF type f32, bf16, f16 or q8_0 (default float32 = f32)")
     p.add_argument("--gguf", metavar="FILE",
                    help="llama.cpp: run this GGUF (its file type decides the compute dtype) instead of converting "
                         "MODEL with llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--attn-implementation", default="eager",
                    help="transformers attention implementation (eager, sdpa, ...; default eager)")
+    p.add_argument("--flash-attention", action="store_true",
+                   help="keras-hub: force its fused attention branch (keras.ops.dot_product_attention), which it "
+                        "takes on TPU / GPU only; on CPU Keras refuses it for a model with attention soft-cap")
+    p.add_argument("--fix-query-scale", action="store_true",
+                   help="keras-hub: hand each attention layer the query scale its decoder block drops "
+                        "(gemma_decoder_block.py:68), to check that line is the whole difference")
     p.set_defaults(handler=run.golden)
 
 

@@ -249,6 +249,9 @@ def golden(args) -> int:
                          f"bfloat16 and float16 are for another backend (--backend transformers)")
     if getattr(args, "gguf", None) and args.backend != "llama.cpp":
         raise InputError(f"--gguf is for --backend llama.cpp (the backend here is {args.backend})")
+    for flag in ("flash_attention", "fix_query_scale"):
+        if getattr(args, flag, False) and args.backend != "keras-hub":
+            raise InputError(f"--{flag.replace('_', '-')} is for --backend keras-hub (the backend here is {args.backend})")
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
     try:
         select_taps(model.config, taps)

@@ -22,6 +22,7 @@ BACKENDS = {
     "jax-gemma": "gemma2_ref.adapters.jax_gemma",  # DeepMind's gemma (JAX/Flax), HF params converted, sown
     "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
     "vllm": "gemma2_ref.adapters.vllm",  # vLLM's CPU engine in-process, torch forward hooks, fusions undone
+    "keras-hub": "gemma2_ref.adapters.keras_hub",  # KerasHub's GemmaBackbone (Keras 3, JAX), layer calls recorded
 }
 
 
