@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +40,20 @@ MEASURED = ("import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
             "    print(f'VmHWM_KiB {hwm}', file=sys.stderr)\n")
 
 
-def measure(args: list[str]) -> dict:
-    """Run `gemma2-ref ARGS` in a fresh process; its progress lines are shown as they come (one line, redrawn)."""
+def layer_rate(lines: list[str]) -> dict | None:
+    """From the last "layers: k/N  (t s)" progress line: layers done, seconds per layer, the whole forward's."""
+    for line in reversed(lines):
+        m = re.search(r"layers: (\d+)/(\d+)\s+\(([\d.]+) s\)", line)
+        if m:
+            done, total, seconds = int(m.group(1)), int(m.group(2)), float(m.group(3))
+            return {"layers_done": done, "layers": total, "seconds_per_layer": round(seconds / done, 1),
+                    "forward_seconds_extrapolated": round(seconds / done * total, 1)}
+    return None
+
+
+def measure(args: list[str], limit: float | None = None) -> dict:
+    """Run `gemma2-ref ARGS` in a fresh process; its progress lines are shown as they come (one line, redrawn).
+    Past `limit` seconds the run is stopped and its rate per layer extrapolated to the whole forward."""
     command = "gemma2-ref " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in args)
     print(f"running {command}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -47,20 +61,28 @@ def measure(args: list[str]) -> dict:
         proc = subprocess.Popen([sys.executable, "-c", MEASURED, *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.PIPE, text=True)
         lines = []
+        timer = threading.Timer(limit, proc.kill) if limit else None
+        if timer:
+            timer.start()
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
             print(f"\r  {time.perf_counter() - t0:7.1f} s  {lines[-1].strip()[:100]:100s}", end="", file=sys.stderr,
                   flush=True)
         proc.wait()
+        if timer:
+            timer.cancel()
         out.seek(0)
         stdout = out.read()
     seconds = time.perf_counter() - t0
     print(file=sys.stderr)
     hwm = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM_KiB")), None)
     last = [line for line in lines if line.strip() and not line.startswith("VmHWM")][-3:]
-    return {"command": command, "exit": proc.returncode, "seconds": round(seconds, 1),
-            "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None, "stdout_tail": stdout.strip().splitlines()[-2:],
-            "stderr_tail": last}
+    result = {"command": command, "exit": proc.returncode, "seconds": round(seconds, 1),
+              "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None, "stdout_tail": stdout.strip().splitlines()[-2:],
+              "stderr_tail": last}
+    if limit and proc.returncode == -9:
+        result.update(stopped_after_seconds=limit, rate=layer_rate(lines))
+    return result
 
 
 def main(argv=None) -> int:
@@ -70,6 +92,8 @@ def main(argv=None) -> int:
                                                  "directory, deleted afterwards)")
     p.add_argument("--checkpoint", metavar="DIR", help="use this already built checkpoint (not deleted)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the 128-token prompt")
+    p.add_argument("--window-minutes", type=float, default=40, help="stop the window case after this long and "
+                                                                    "extrapolate its time per layer (default 40)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"which runs, comma-separated (default: all of "
                                                           f"{','.join(RUNS)}); results merge into the JSON file")
     args = p.parse_args(argv)
@@ -109,7 +133,8 @@ def main(argv=None) -> int:
         if "window" in wanted:
             runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
             runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
-                                                           "residual", "--out", str(out / "wr")])
+                                                           "residual", "--out", str(out / "wr")],
+                                                          limit=args.window_minutes * 60)
             written = [f.stat().st_size for f in (out / "wr").glob("*")]
             runs["golden_window_4098_residual"]["bytes_on_disk"] = sum(written) if written else None
         for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
