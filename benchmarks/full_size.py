@@ -130,6 +130,10 @@ def main(argv=None) -> int:
                   for n in (1, 2) if (out / f"g{n}" / "manifest.json").is_file()]
         if "golden" in wanted:
             results["golden_64_identical"] = len(hashes) == 2 and hashes[0] == hashes[1]
+        for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
+            if run in wanted:
+                runs[f"{run.replace('-', '_')}_{args.new_tokens}_after_128"] = measure(
+                    ["generate", str(target), "--tokens", ids128, "--max-new-tokens", str(args.new_tokens), *extra])
         if "window" in wanted:
             runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
             runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
@@ -137,10 +141,6 @@ def main(argv=None) -> int:
                                                           limit=args.window_minutes * 60)
             written = [f.stat().st_size for f in (out / "wr").glob("*")]
             runs["golden_window_4098_residual"]["bytes_on_disk"] = sum(written) if written else None
-        for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
-            if run in wanted:
-                runs[f"{run.replace('-', '_')}_{args.new_tokens}_after_128"] = measure(
-                    ["generate", str(target), "--tokens", ids128, "--max-new-tokens", str(args.new_tokens), *extra])
         shutil.rmtree(out, ignore_errors=True)
     finally:
         if not args.keep and not args.checkpoint:
