@@ -151,7 +151,7 @@ def budget_refusal(cfg, taps, ids, rows: int | None, itemsize: int, memory: int 
     if memory is not None and need["memory"] > memory:
         options = []
         for label, t, r in (("--taps residual", "residual", rows), ("--positions START:STOP of 64 positions "
-                            "(the logits only there)", taps, min(64, seq)), ("both", "residual", min(64, seq))):
+                            "(the logits only there)", taps, min(64, seq)), ("--taps residual and 64 positions", "residual", min(64, seq))):
             fit = case_budget(cfg, t, ids, r, itemsize)["memory"]
             if fit <= memory and (t, r) != (taps, rows):
                 options.append(f"{label} ({size_text(fit)})")
