@@ -49,14 +49,18 @@ class Model:
                 rerun = forward(self.weights, self.config, ids, "default", positions=kw.get("positions"),
                                 normalizer=self.normalizer)
                 bad, located = first_non_finite(rerun) or bad, True
-            name, index, nan, inf, size = bad
-            raise NonFiniteError(
-                f"{self.path or 'the model'}: the forward produced non-finite values, first at tap {name!r}"
-                f"{'' if located else ' (of those recorded)'} index {index} ({nan} NaN and {inf} Inf of its "
-                f"{size} values). A checkpoint's NaN or Inf weights are refused as they are converted, so the "
-                f"activations overflowed {self.dtype} (or in-memory weights are not finite): check the weights' "
-                f"scale and config.json's soft-caps")
+            raise self.non_finite_error(bad, located)
         return out
+
+    def non_finite_error(self, bad, located: bool = True) -> NonFiniteError:
+        """The error for taps.first_non_finite's finding `bad`; `located`: every tap up to it was looked at."""
+        name, index, nan, inf, size = bad
+        return NonFiniteError(
+            f"{self.path or 'the model'}: the forward produced non-finite values, first at tap {name!r}"
+            f"{'' if located else ' (of those recorded)'} index {index} ({nan} NaN and {inf} Inf of its "
+            f"{size} values). A checkpoint's NaN or Inf weights are refused as they are converted, so the "
+            f"activations overflowed {self.dtype} (or in-memory weights are not finite): check the weights' "
+            f"scale and config.json's soft-caps")
 
     def logits(self, ids) -> np.ndarray:
         """Logits after the final soft-cap: (S, V), or (B, S, V) for a batch."""

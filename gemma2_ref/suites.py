@@ -18,7 +18,7 @@ from .fast import MAX_SCORES_BYTES
 from .golden import CaseWriter, model_info, write_case, write_suite
 from .generate import decode_taps
 from .inputs import pad_batch, padded_positions
-from .taps import LARGE_TAPS, NonFiniteError, first_non_finite, select_taps, tap_bytes, tap_shape
+from .taps import LARGE_TAPS, first_non_finite, select_taps, tap_bytes, tap_shape
 from .tokenizer import BOS
 
 
@@ -72,11 +72,7 @@ def check_finite(model, name: str, value) -> None:
     """A reference never writes a NaN or Inf: refuse at the first tap holding one, named (loader.Model)."""
     bad = first_non_finite({name: value})
     if bad is not None:
-        _, index, nan, inf, size = bad
-        raise NonFiniteError(f"{model.path or 'the model'}: the forward produced non-finite values, first at tap "
-                             f"{name!r} index {index} ({nan} NaN and {inf} Inf of its {size} values): the "
-                             f"activations overflowed {model.dtype}; check the weights' scale and config.json's "
-                             f"soft-caps")
+        raise model.non_finite_error(bad)
 
 
 # -- memory and disk, before running ---------------------------------------------------------------------
@@ -117,9 +113,10 @@ def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> d
     ids = np.asarray(ids)
     batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
     stored = seq if rows is None else rows
-    whole_scores = any(n.endswith(LARGE_TAPS) for n in select_taps(cfg, taps))
+    names = select_taps(cfg, taps)
+    whole_scores = any(n.endswith(LARGE_TAPS) for n in names)
     forward = forward_memory(cfg, batch * seq, batch * stored, itemsize, whole_scores)["streaming_peak"]
-    largest = batch * itemsize * max([int(np.prod(tap_shape(cfg, n, seq))) for n in select_taps(cfg, taps)
+    largest = batch * itemsize * max([int(np.prod(tap_shape(cfg, n, seq))) for n in names
                                       if n not in ("logits_raw", "logits")] + [0])  # those: in `forward`
     return {"memory": forward + largest, "forward": forward, "largest_tap": largest,
             "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows)}
