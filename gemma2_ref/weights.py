@@ -413,19 +413,21 @@ class Weights:
     def layer(self, i: int) -> LayerWeights:
         if i in self._layers:
             return self._layers[i]
-        names = [f"model.layers.{i}.{hf}" for hf in HF_LAYER_NAMES.values()]
-        w = LayerWeights(**{ours: self.tensor(name) for ours, name in zip(HF_LAYER_NAMES, names)})
+        refs = [self.refs[f"model.layers.{i}.{hf}"] for hf in HF_LAYER_NAMES.values()]
+        converted = sum(int(np.prod(ref.shape)) for ref in refs) * self.dtype.itemsize
         kept = sum(layer.nbytes for layer in self._layers.values())
-        if self.keep_bytes is None or kept + w.nbytes <= self.keep_bytes:
+        keep = self.keep_bytes is None or kept + converted <= self.keep_bytes
+        resident = sum(a.nbytes for a in self._resident.values())
+        if not keep and refs[0].name not in self._resident and \
+                resident + sum(ref.nbytes for ref in refs) <= self.resident_bytes:
+            for ref in refs:  # read from the file this once; converted from memory from now on
+                self._resident[ref.name] = np.array(self._maps.array(ref))
+                self._maps.release(ref)
+        w = LayerWeights(**{ours: self.tensor(ref.name) for ours, ref in zip(HF_LAYER_NAMES, refs)})
+        if keep:
             self._layers[i] = w
-            for name in names:
-                self._resident.pop(name, None)
-        elif names[0] not in self._resident:
-            stored = sum(self.refs[name].nbytes for name in names)
-            if sum(a.nbytes for a in self._resident.values()) + stored <= self.resident_bytes:
-                for name in names:  # read once more from the file (its page cache, just read), then never
-                    self._resident[name] = np.array(self._maps.array(self.refs[name]))
-                    self._maps.release(self.refs[name])
+            for ref in refs:
+                self._resident.pop(ref.name, None)
         return w
 
     def close(self):
