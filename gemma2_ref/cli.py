@@ -78,9 +78,11 @@ def add_generate(sub):
                        description="Continue a prompt token by token (greedy unless --temperature > 0), "
                                    "printing text as it is produced. Stops on <eos> or <end_of_turn>. "
                                    "Prefill and decode speed and the KV cache size are reported on stderr. "
-                                   "Converted weights are kept in memory when the model fits in about half "
-                                   "of the available RAM (fast decode); --stream-weights converts each "
-                                   "layer on every step instead (slow, but runs a big model in little RAM).")
+                                   "Layers are kept in memory within 3/4 of the available RAM (their bf16 "
+                                   "bytes first, then converted ones), so a decode step need not read the "
+                                   "checkpoint again; --stream-weights converts each layer from the files on "
+                                   "every step instead (least memory; as fast when the OS page cache holds "
+                                   "the checkpoint).")
     add_model_and_prompt(p, chat_help="wrap the prompt in the Gemma chat template as a user turn, then "
                                       "generate the model turn")
     p.add_argument("--max-new-tokens", type=COUNT, default=64, help="at most this many new tokens (default 64)")

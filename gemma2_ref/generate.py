@@ -285,8 +285,8 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
     emitting a token in `stop_ids` (<eos>, <end_of_turn>), after `max_new_tokens`, or at the model's
     context length. `on_token(token)` is called as each token is chosen (streaming). `taps` are recorded
     for every forward (see the module docstring for decode-step shapes). `progress(done, total)` is passed
-    to the prefill forward. Load the model with `keep_converted=True` unless it does not fit in memory:
-    otherwise every decode step converts every layer's weights again."""
+    to the prefill forward. Load the model with `keep_converted=True` (or "auto") unless it does not fit in
+    memory: otherwise every decode step converts every layer's weights again."""
     prompt = np.asarray(ids)
     if prompt.ndim != 1:
         raise ValueError(f"generate takes one prompt, a 1-D sequence of token ids; got shape {prompt.shape}")

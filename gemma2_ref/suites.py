@@ -2,8 +2,8 @@
 
     generate_suite(model, tokenizer, "golden/")     every case of the coverage suite, plus suite.json
 
-`coverage_inputs` says which cases and why. Cases of big models are kept within memory and disk budgets
-(`case_plan`): a 4098-token window case of a 9B model keeps the residual taps of its last 4 positions.
+`coverage_inputs` says which cases and why. Cases are streamed to disk (`generate_case`) and kept within the
+disk budget (`case_plan`): a 4098-token window case of a 9B model keeps the taps of its last 4 positions.
 The case format itself (write, read, verify) is golden.py's.
 """
 
@@ -282,7 +282,7 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
     """Write every case of a suite under out_dir, plus suite.json.
 
     Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
-    the residual taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions,
+    the taps of its last 4 positions. `write(ids, case_dir, text, description, taps, positions,
     [attention_mask=])`
     writes one case; default: our forward. Give another to produce the suite with another backend."""
     if name not in SUITES:
