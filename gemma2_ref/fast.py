@@ -3,10 +3,12 @@
 Read model.py for what Gemma 2 computes; this file only changes *how*, and tests/test_fast.py checks each
 function here bit for bit against the formula it stands in for:
 
-    linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows)
+    linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows),
+                         and for the MLP's gate and up at any length, left column-major (no transposing copy)
     soft_cap_            cap * tanh(x / cap) in place: the final logits are (S, 256000)
-    gelu_tanh_           the tanh GELU in place, in the formula's order of operations: (S, F) is the largest
-                         activation of a layer, and the formula's temporaries cost 2x its time
+    gelu_tanh_           the tanh GELU in place, in the formula's order of operations, a cache-sized block at a
+                         time: (S, F) is the largest activation of a layer, and the formula's temporaries and
+                         passes over memory cost 2x-4x its time
     attention_in_blocks  attention() over blocks of queries, each on the key range its mask lets through,
                          so a long prompt never holds a whole (H, S, S) score matrix
 """
@@ -23,17 +25,24 @@ import numpy as np
 # transposing copy costs more than the better thread split saves.
 WEIGHT_FIRST_ROWS = 256
 
+GELU_BLOCK = 1 << 17  # values: 512 KiB of float32 and as much scratch, within a core's L2 cache
 MAX_SCORES_BYTES = 256 << 20  # one block of attention scores (B, H, block, keys) at most
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T for a checkpoint weight stored (out, in); one BLAS call over all leading axes."""
+def linear(x: np.ndarray, w: np.ndarray, contiguous: bool = True) -> np.ndarray:
+    """x @ w.T for a checkpoint weight stored (out, in); one BLAS call over all leading axes.
+
+    contiguous=False: the result may be a transposed view (column-major rows), the same values without the
+    copy that makes them row-major; for results whose next uses are elementwise and another linear (the
+    MLP's gate and up: (S, F) is a layer's largest activation, and that copy was 6% of its time)."""
     rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    if len(rows) < WEIGHT_FIRST_ROWS and rows.dtype == w.dtype == np.float32:
+    if rows.dtype == w.dtype == np.float32 and (len(rows) < WEIGHT_FIRST_ROWS or not contiguous):
         # The same products and sums (bit-identical in float32; float64 kernels may differ in the last
         # bit, so float64 keeps x @ w.T), but OpenBLAS shares a matmul between its threads along the rows
         # of the first matrix: a short prompt or a decode step has too few rows, so the weight goes first.
-        y = np.ascontiguousarray((w @ rows.T).T)
+        y = (w @ rows.T).T  # (tokens, out), column-major
+        if contiguous:
+            y = np.ascontiguousarray(y)
     else:
         y = rows @ w.T
     return y.reshape(*x.shape[:-1], w.shape[0])
@@ -51,9 +60,24 @@ def soft_cap_(x: np.ndarray, cap: float | None) -> np.ndarray:
 
 
 def gelu_tanh_(x: np.ndarray) -> np.ndarray:
-    """model.gelu_tanh(x), overwriting x: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Returns x."""
+    """model.gelu_tanh(x), overwriting x: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Returns x.
+
+    Nine passes over x: done a block of GELU_BLOCK values at a time, each block stays in cache through all
+    nine instead of each pass reading (S, F) from memory (2x faster at 2048 x 9216)."""
+    flat = np.ravel(x, order="K")  # x's values in memory order: a view when x is contiguous in any axis order
+    if not np.may_share_memory(flat, x):  # a strided view of something larger: one block, in place on x
+        return _gelu_tanh_block(x, np.empty_like(x))
+    t = np.empty(min(flat.size, GELU_BLOCK), x.dtype)  # the one new buffer; x is needed to the end
+    for start in range(0, flat.size, GELU_BLOCK):
+        block = flat[start:start + GELU_BLOCK]
+        _gelu_tanh_block(block, t[:block.size])
+    return x
+
+
+def _gelu_tanh_block(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """gelu_tanh_ on x, with t (x's shape) as scratch: the formula's operations in its order."""
     f = x.dtype.type
-    t = f(0.044715) * x  # the one new buffer; x is needed to the end
+    np.multiply(f(0.044715), x, out=t)
     t *= x
     t *= x
     t += x
