@@ -5,7 +5,9 @@ transform of the correct model), with the taps the candidate holds. Each variant
 candidate exactly as the reference was. A variant is named when it explains the candidate far better than
 the correct model does:
 
-    matches          the candidate passes the profile against the variant: indistinguishable from it
+    matches          the candidate passes the profile against the variant: indistinguishable from it, and at
+                     the reference's first diverging tap it is >= 2x closer (rel L2) to the variant than to the
+                     reference (a variant that barely moves that tap only tips a borderline tolerance over)
     explains the first divergence
                      at the reference's first diverging tap the candidate is >= 10x closer (rel L2) to the
                      variant than to the reference, and the variant's own first divergence comes later
@@ -30,6 +32,7 @@ from .mistakes import Mistake, inject, known_mistakes
 from .taps import tap_names
 
 EXPLAIN_RATIO = 10.0
+MATCH_RATIO = 2.0
 
 Variant = Mistake  # a variant of the reference model is the model with one known mistake (mistakes.py)
 known_variants = known_mistakes
@@ -189,7 +192,7 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             ratio = 1.0
         later = _position(cmp.first_divergence, order) > _position(base_first, order)
         verdict = ""
-        if cmp.passed:
+        if cmp.passed and (base_first is None or ratio >= MATCH_RATIO):
             verdict = "matches"
         elif ratio >= EXPLAIN_RATIO and later:
             verdict = "explains the first divergence"
