@@ -117,7 +117,7 @@ class ArrayWeights:
 def available_memory() -> int | None:
     """Bytes of memory this process may still take now, or None where that cannot be read: the system's
     MemAvailable, lowered by an address-space limit (`ulimit -v`, RLIMIT_AS: the limit less what the process
-    has mapped) and by a cgroup v2 memory limit (a container's memory.max less its memory.current)."""
+    has mapped) and by the memory limits of the cgroups the process is in (cgroup_headroom)."""
     limits = []
     try:
         with open("/proc/meminfo") as f:
@@ -135,14 +135,46 @@ def available_memory() -> int | None:
             limits.append(max(0, soft - mapped))
     except (ImportError, OSError, StopIteration, ValueError):
         pass
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        high = (cgroup / "memory.max").read_text().strip()
-        if high != "max":
-            limits.append(max(0, int(high) - int((cgroup / "memory.current").read_text())))
-    except (OSError, ValueError):
-        pass
+    headroom = cgroup_headroom()
+    if headroom is not None:
+        limits.append(headroom)
     return min(limits) if limits else None
+
+
+def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+                    ) -> int | None:
+    """The least (limit - usage) over the memory-limited cgroups this process is in, or None without one.
+
+    cgroup v2 (`0::/path`): memory.max less memory.current of the process's group and each group above it;
+    cgroup v1 (`N:memory:/path`, older Docker hosts): memory.limit_in_bytes less memory.usage_in_bytes.
+    Inside a container the path is usually `/`: the container's own limit sits at the root of `root`."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    groups = []  # (directory, limit file, usage file, "no limit" value)
+    for line in lines:
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and controllers == "":
+            groups.append((root, path, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            groups.append((root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    if not groups:
+        groups = [(root, "/", "memory.max", "memory.current"), (root / "memory", "/", "memory.limit_in_bytes",
+                                                                 "memory.usage_in_bytes")]
+    headroom = []
+    for base, path, limit_file, usage_file in groups:
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the group itself, then each parent up to the root
+            group = base.joinpath(*parts[:depth])
+            try:
+                limit = (group / limit_file).read_text().strip()
+                usage = int((group / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                headroom.append(max(0, int(limit) - usage))
+    return min(headroom) if headroom else None
 
 
 def keep_budget(cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: int | None = None

@@ -126,3 +126,36 @@ def test_converted_tensor_does_not_keep_its_file_pages_resident(tmp_path):
     assert _rss_file_bytes() - before < 4 << 20
     assert int(stored.sum(dtype=np.uint64)) == touched  # the data is still there, read back from the cache
     maps.close()
+
+
+def _cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_memory_budget_sees_the_cgroup_limit_of_the_process_and_its_parents(tmp_path, version):
+    """A container's (or a systemd slice's) memory limit, not the host's MemAvailable, is what "auto" may
+    spend: the tightest limit less usage of the process's own cgroup and every group above it."""
+    from gemma2_ref.loader import cgroup_headroom
+    GiB = 1 << 30
+    if version == "v2":
+        membership = "0::/jobs/job1\n"
+        files = {"memory.max": "max\n", "memory.current": str(30 * GiB),
+                 "jobs/memory.max": str(20 * GiB), "jobs/memory.current": str(12 * GiB),  # the parent: 8 GiB left
+                 "jobs/job1/memory.max": str(16 * GiB), "jobs/job1/memory.current": str(6 * GiB)}  # 10 left
+    else:
+        membership = "12:cpu,cpuacct:/jobs/job1\n4:memory:/jobs/job1\n"
+        files = {"memory/memory.limit_in_bytes": str((1 << 63) - 4096), "memory/memory.usage_in_bytes": str(30 * GiB),
+                 "memory/jobs/memory.limit_in_bytes": str(20 * GiB), "memory/jobs/memory.usage_in_bytes": str(12 * GiB),
+                 "memory/jobs/job1/memory.limit_in_bytes": str(16 * GiB),
+                 "memory/jobs/job1/memory.usage_in_bytes": str(6 * GiB)}
+    root = _cgroup_tree(tmp_path / "cgroup", files)
+    (tmp_path / "self").write_text(membership)
+    assert cgroup_headroom(root, tmp_path / "self") == 8 * GiB
+    (root / ("jobs/memory.max" if version == "v2" else "memory/jobs/memory.limit_in_bytes")).write_text(
+        "max\n" if version == "v2" else str((1 << 63) - 4096))  # no limit above the process: its own counts
+    assert cgroup_headroom(root, tmp_path / "self") == 10 * GiB
+    assert cgroup_headroom(tmp_path / "none", tmp_path / "self") is None  # no cgroup files: no limit known
