@@ -3,8 +3,7 @@
 Read model.py for what Gemma 2 computes; this file only changes *how*, and tests/test_fast.py checks each
 function here bit for bit against the formula it stands in for:
 
-    linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows),
-                         and for the MLP's gate and up at any length, left column-major (no transposing copy)
+    linear               x @ w.T, weight-first for few rows (OpenBLAS splits a matmul's threads by rows)
     soft_cap_            cap * tanh(x / cap) in place: the final logits are (S, 256000)
     gelu_tanh_           the tanh GELU in place, in the formula's order of operations, a cache-sized block at a
                          time: (S, F) is the largest activation of a layer, and the formula's temporaries and
@@ -29,20 +28,14 @@ GELU_BLOCK = 1 << 17  # values: 512 KiB of float32 and as much scratch, within a
 MAX_SCORES_BYTES = 256 << 20  # one block of attention scores (B, H, block, keys) at most
 
 
-def linear(x: np.ndarray, w: np.ndarray, contiguous: bool = True) -> np.ndarray:
-    """x @ w.T for a checkpoint weight stored (out, in); one BLAS call over all leading axes.
-
-    contiguous=False: the result may be a transposed view (column-major rows), the same values without the
-    copy that makes them row-major; for results whose next uses are elementwise and another linear (the
-    MLP's gate and up: (S, F) is a layer's largest activation, and that copy was 6% of its time)."""
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T for a checkpoint weight stored (out, in); one BLAS call over all leading axes."""
     rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    if rows.dtype == w.dtype == np.float32 and (len(rows) < WEIGHT_FIRST_ROWS or not contiguous):
+    if len(rows) < WEIGHT_FIRST_ROWS and rows.dtype == w.dtype == np.float32:
         # The same products and sums (bit-identical in float32; float64 kernels may differ in the last
         # bit, so float64 keeps x @ w.T), but OpenBLAS shares a matmul between its threads along the rows
         # of the first matrix: a short prompt or a decode step has too few rows, so the weight goes first.
-        y = (w @ rows.T).T  # (tokens, out), column-major
-        if contiguous:
-            y = np.ascontiguousarray(y)
+        y = np.ascontiguousarray((w @ rows.T).T)
     else:
         y = rows @ w.T
     return y.reshape(*x.shape[:-1], w.shape[0])

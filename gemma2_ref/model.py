@@ -167,9 +167,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
 
 def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TAPS) -> np.ndarray:
     """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)). x (B, S, D) -> (B, S, D) via (B, S, F)."""
-    # (B, S, F) each, maybe column-major (fast.linear): only elementwise ops and down_proj read them
-    gate = taps("mlp.gate", linear(x, w.gate_proj, contiguous=False))
-    up = taps("mlp.up", linear(x, w.up_proj, contiguous=False))
+    gate = taps("mlp.gate", linear(x, w.gate_proj))
+    up = taps("mlp.up", linear(x, w.up_proj))
     hidden = activation(gate)  # in place on gate: its tap was copied
     hidden *= up
     hidden = taps("mlp.hidden", hidden)

@@ -166,7 +166,7 @@ class Taps:
             if self.sink is not None:
                 self.sink(self.prefix + name, value)
             else:
-                self.out[self.prefix + name] = np.array(value, copy=True, order="C")
+                self.out[self.prefix + name] = np.array(value, copy=True)
         return value
 
     def layer(self, i: int) -> "Taps":
