@@ -80,9 +80,10 @@ def add_generate(sub):
                                    "Prefill and decode speed and the KV cache size are reported on stderr. "
                                    "Layers are kept in memory within 3/4 of the available RAM (their bf16 "
                                    "bytes first, then converted ones), so a decode step need not read the "
-                                   "checkpoint again; --stream-weights converts each layer from the files on "
-                                   "every step instead (least memory; as fast when the OS page cache holds "
-                                   "the checkpoint).")
+                                   "checkpoint again; a checkpoint whose layers do not all fit (9B, 27B in "
+                                   "24 GiB) is streamed, its layers converted from the files (and the OS "
+                                   "page cache) at every step. --stream-weights always streams (least "
+                                   "memory).")
     add_model_and_prompt(p, chat_help="wrap the prompt in the Gemma chat template as a user turn, then "
                                       "generate the model turn")
     p.add_argument("--max-new-tokens", type=COUNT, default=64, help="at most this many new tokens (default 64)")

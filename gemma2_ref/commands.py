@@ -204,9 +204,13 @@ def generate(args) -> int:
     kept, layers = model.weights.kept_layers, model.config.num_hidden_layers
     if not args.stream_weights and kept < layers:
         resident = getattr(model.weights, "resident_layers", 0)
-        eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (3/4 of the "
-               f"available RAM); {layers - kept} were converted again at every step, "
-               f"{layers - kept - resident} of them read from the checkpoint's files")
+        if kept == resident == 0:
+            eprint(f"every layer streamed from the checkpoint's files at every step: its {layers} layers do not "
+                   f"all fit in 3/4 of the available RAM (--stream-weights would do the same)")
+        else:
+            eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (3/4 of "
+                   f"the available RAM); {layers - kept} were converted again at every step, "
+                   f"{layers - kept - resident} of them read from the checkpoint's files")
     return 0
 
 

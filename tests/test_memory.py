@@ -61,9 +61,9 @@ def test_layers_kept_converted_resident_as_bf16_or_streamed_decode_bit_identical
     budget = 5 * per_layer * 2 + 100  # 4 bf16 layers resident, and the 2 more bytes one float32 layer takes
     monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
     assert loader.keep_budget(cfg, "float32", "auto") == (per_layer * 4, 3 * per_layer * 2)
-    budget = 3 * per_layer * 2 + 100  # 3 of the 4 layers' bf16 bytes: nothing converted, layer 3 streamed
+    budget = 3 * per_layer * 2 + 100  # 3 of the 4 layers' bf16 bytes: the checkpoint does not fit, all stream
     monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
-    assert loader.keep_budget(cfg, "float32", "auto") == (0, budget)
+    assert loader.keep_budget(cfg, "float32", "auto") == (0, 0)
     mixed = g2.load_model(tiny_bf16_dir, keep_converted="auto")
     mixed.weights.keep_bytes, mixed.weights.resident_bytes = per_layer * 4, 2 * per_layer * 2
     streamed = g2.load_model(tiny_bf16_dir)
@@ -138,20 +138,24 @@ def _cgroup_tree(root: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_the_memory_budget_sees_the_cgroup_limit_of_the_process_and_its_parents(tmp_path, version):
     """A container's (or a systemd slice's) memory limit, not the host's MemAvailable, is what "auto" may
-    spend: the tightest limit less usage of the process's own cgroup and every group above it."""
+    spend: the tightest limit less usage of the process's own cgroup and every group above it, where usage
+    leaves out the inactive page cache (reclaimed first: a previous run's cached checkpoint is not in use)."""
     from gemma2_ref.loader import cgroup_headroom
     GiB = 1 << 30
     if version == "v2":
         membership = "0::/jobs/job1\n"
         files = {"memory.max": "max\n", "memory.current": str(30 * GiB),
                  "jobs/memory.max": str(20 * GiB), "jobs/memory.current": str(12 * GiB),  # the parent: 8 GiB left
-                 "jobs/job1/memory.max": str(16 * GiB), "jobs/job1/memory.current": str(6 * GiB)}  # 10 left
+                 "jobs/job1/memory.max": str(16 * GiB), "jobs/job1/memory.current": str(8 * GiB),
+                 "jobs/job1/memory.stat": f"anon {5 * GiB}\nfile {3 * GiB}\ninactive_file {2 * GiB}\n"}  # 10 left
     else:
         membership = "12:cpu,cpuacct:/jobs/job1\n4:memory:/jobs/job1\n"
         files = {"memory/memory.limit_in_bytes": str((1 << 63) - 4096), "memory/memory.usage_in_bytes": str(30 * GiB),
                  "memory/jobs/memory.limit_in_bytes": str(20 * GiB), "memory/jobs/memory.usage_in_bytes": str(12 * GiB),
                  "memory/jobs/job1/memory.limit_in_bytes": str(16 * GiB),
-                 "memory/jobs/job1/memory.usage_in_bytes": str(6 * GiB)}
+                 "memory/jobs/job1/memory.usage_in_bytes": str(8 * GiB),
+                 "memory/jobs/job1/memory.stat": f"cache {3 * GiB}\ninactive_file {GiB}\n"
+                                                 f"total_inactive_file {2 * GiB}\n"}
     root = _cgroup_tree(tmp_path / "cgroup", files)
     (tmp_path / "self").write_text(membership)
     assert cgroup_headroom(root, tmp_path / "self") == 8 * GiB
@@ -159,3 +163,21 @@ def test_the_memory_budget_sees_the_cgroup_limit_of_the_process_and_its_parents(
         "max\n" if version == "v2" else str((1 << 63) - 4096))  # no limit above the process: its own counts
     assert cgroup_headroom(root, tmp_path / "self") == 10 * GiB
     assert cgroup_headroom(tmp_path / "none", tmp_path / "self") is None  # no cgroup files: no limit known
+
+
+def test_generate_streams_a_checkpoint_whose_layers_do_not_all_fit_and_says_so(tiny_bf16_dir, monkeypatch, capsys):
+    from gemma2_ref import loader
+    from gemma2_ref.cli import main
+    cfg = g2.load_model(tiny_bf16_dir).config
+    embedding = cfg.vocab_size * cfg.hidden_size * 4
+    per_layer_bf16 = cfg.parameter_counts()["per_layer"] * 2
+    budget = (cfg.num_hidden_layers - 1) * per_layer_bf16  # every layer but one: nothing kept
+    monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
+    assert main(["generate", str(tiny_bf16_dir), "--tokens", "2 651 652", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "every layer streamed from the checkpoint's files at every step" in err, err
+    budget = cfg.num_hidden_layers * per_layer_bf16 + 100  # every layer's stored bytes fit: all resident
+    monkeypatch.setattr(loader, "available_memory", lambda: (embedding + budget) / loader.AUTO_KEEP_FRACTION)
+    assert main(["generate", str(tiny_bf16_dir), "--tokens", "2 651 652", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"kept 0 of {cfg.num_hidden_layers} layers converted and {cfg.num_hidden_layers} as stored bytes" in err, err
