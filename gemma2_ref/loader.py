@@ -154,7 +154,7 @@ def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path
         lines = membership.read_text().splitlines()
     except OSError:
         lines = []
-    groups = []  # (directory, limit file, usage file, "no limit" value)
+    groups = []  # (controller directory, the process's group path in it, limit file, usage file)
     for line in lines:
         number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if number == "0" and controllers == "":
@@ -170,12 +170,13 @@ def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path
         for depth in range(len(parts), -1, -1):  # the group itself, then each parent up to the root
             group = base.joinpath(*parts[:depth])
             try:
-                limit = (group / limit_file).read_text().strip()
+                text = (group / limit_file).read_text().strip()
+                limit = None if text == "max" else int(text)
                 usage = int((group / usage_file).read_text()) - inactive_file(group)
             except (OSError, ValueError):
                 continue
-            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
-                headroom.append(max(0, int(limit) - usage))
+            if limit is not None and limit < 1 << 60:  # v1 writes "no limit" as ~2^63
+                headroom.append(max(0, limit - usage))
     return min(headroom) if headroom else None
 
 
@@ -197,8 +198,8 @@ def keep_budget(cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: in
     "auto" spends AUTO_KEEP_FRACTION of the available memory, less the converted embedding (always kept: it
     is the output head), on layers: first every layer's stored bytes as far as they fit (half the bytes of
     float32 for bf16, and nothing read from disk again), then what is left on keeping layers 0, 1, ...
-    converted, each in place of its stored bytes. A 9B in 24 GiB: every layer resident as bf16, a few
-    converted. When not every layer's stored bytes fit (a 27B in 24 GiB), nothing is kept: the layers
+    converted, each in place of its stored bytes (a 2B in 12 GiB: every layer resident as bf16, some
+    converted). When not every layer's stored bytes fit (a 9B or 27B in 24 GiB), nothing is kept: the layers
     stream from the files and the OS page cache keeps what it can of them (see below)."""
     if keep_converted is True:
         return None, 0
