@@ -57,7 +57,9 @@ then keras-hub itself with --no-deps: README). KERAS_BACKEND is set to jax unles
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,11 @@ def reachable_taps(cfg, flash_attention: bool = False) -> list[str]:
 
 def _import_keras():
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    if "tensorflow" not in sys.modules and importlib.util.find_spec("vllm") and importlib.util.find_spec("triton"):
+        # `import keras_hub` imports vLLM when it is installed (keras_hub/src/vllm/registry.py), vLLM imports
+        # triton, and triton's LLVM loaded after TensorFlow's (which keras_hub imports) aborts the process ("Option
+        # 'bitcode-mdindex-threshold' registered more than once"). Loaded first, all three coexist.
+        import triton  # noqa: F401
     import keras
     import keras_hub
 
