@@ -52,6 +52,18 @@ def make_checkpoint(directory: Path, config: HFGemma2Config, seed: int = 0, dtyp
     return Path(directory)
 
 
+# The model the diagnosis tests run transformers' mistakes on, where each known mistake shows:
+# query_pre_attn_scalar (24) != head_dim (16) != D/H (18), sqrt(72) = 8.485 is 8.5 in bfloat16, a window of 8
+DIAGNOSABLE_WINDOW = 8
+DIAGNOSABLE = dict(vocab_size=300, hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, query_pre_attn_scalar=24, sliding_window=DIAGNOSABLE_WINDOW, num_hidden_layers=4)
+
+
+def diagnosable_checkpoint(directory: Path) -> Path:
+    """The DIAGNOSABLE model, random (seed 11, scale 2: activations large enough for every mistake to show)."""
+    return make_checkpoint(directory, hf_config(**DIAGNOSABLE), seed=11, scale=2.0)
+
+
 def load_reference(directory: Path, attn_implementation: str = "eager", dtype=torch.float32):
     """The saved checkpoint loaded back by transformers, for computing in `dtype`."""
     return Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype,

@@ -23,18 +23,16 @@ from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases, format_report
 from gemma2_ref.diagnose import diagnose, format_diagnosis
 from gemma2_ref.measured import measured_profile
-from hf_reference import hf_config, make_checkpoint
+from hf_reference import DIAGNOSABLE_WINDOW, diagnosable_checkpoint
 
-W, PREFILL, STEPS = 8, 10, 16
-OVERRIDES = dict(vocab_size=300, hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, query_pre_attn_scalar=24, sliding_window=W, num_hidden_layers=4)
+W, PREFILL, STEPS = DIAGNOSABLE_WINDOW, 10, 16
 FP32 = PROFILES["fp32"]
 MODELING = "transformers.models.gemma2.modeling_gemma2"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("hf_decode"), hf_config(**OVERRIDES), seed=11, scale=2.0)
+    return diagnosable_checkpoint(tmp_path_factory.mktemp("hf_decode"))
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,15 @@ from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.diagnose import diagnose, format_diagnosis
-from hf_reference import hf_config, make_checkpoint
+from hf_reference import DIAGNOSABLE, DIAGNOSABLE_WINDOW, diagnosable_checkpoint, hf_config, make_checkpoint
 
-W = 8
-# query_pre_attn_scalar (24) != head_dim (16) != D/H (18); sqrt(72) = 8.485 is 8.5 in bfloat16
-OVERRIDES = dict(vocab_size=300, hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, query_pre_attn_scalar=24, sliding_window=W, num_hidden_layers=4)
+W = DIAGNOSABLE_WINDOW
 FP32 = PROFILES["fp32"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("hf_diag"), hf_config(**OVERRIDES), seed=11, scale=2.0)
+    return diagnosable_checkpoint(tmp_path_factory.mktemp("hf_diag"))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +59,7 @@ def shift_norms(hf, shift: float):
 
 def bf16_normalizer(hf):
     emb = hf.model.embed_tokens
-    emb.embed_scale = torch.tensor(math.sqrt(OVERRIDES["hidden_size"])).to(torch.bfloat16).float()
+    emb.embed_scale = torch.tensor(math.sqrt(DIAGNOSABLE["hidden_size"])).to(torch.bfloat16).float()
     return hf
 
 
@@ -167,7 +164,7 @@ def test_a_shipped_bug_class_made_in_transformers_is_named(checkpoint, model, re
 
 
 def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_float16_range(tmp_path):
-    cfg = hf_config(**{**OVERRIDES, "num_hidden_layers": 2})
+    cfg = hf_config(**{**DIAGNOSABLE, "num_hidden_layers": 2})
     ck = make_checkpoint(tmp_path / "big", cfg, seed=2, scale=2.0)
     with torch.no_grad():  # an embedding so large that the residual stream leaves float16's range
         hf = Gemma2ForCausalLM.from_pretrained(ck, dtype=torch.float32)
