@@ -342,9 +342,9 @@ class Weights:
     0 keeps none (streaming), None keeps all; a budget keeps layers 0, 1, ... while they fit in it and
     converts the rest on every forward. `resident_bytes`: of the layers not kept converted, the next ones
     keep their *stored* bytes in memory (bf16: half of float32) while they fit, so converting them again is
-    a shift in memory, not a read from disk: a decode step of a model whose float32 layers do not fit in RAM
-    then reads nothing from disk (a 9B's bf16 layers do fit), and the OS page cache, which a model larger than
-    it would empty on every step, is not relied on. The values are the same either way: conversion is exact.
+    a shift in memory, not a read from the files (loader.keep_budget gives both budgets; it gives none to a
+    checkpoint whose stored layers do not all fit, where the OS page cache does as well). The values are the
+    same either way: conversion is exact.
     """
 
     def __init__(self, refs: dict[str, TensorRef], cfg: Gemma2Config, dtype=np.float32,
