@@ -7,7 +7,9 @@ MODEL is a checkpoint directory (Hugging Face layout) or the name of a bundled m
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 import gemma2_ref as g2
 
@@ -271,6 +273,17 @@ def main(argv=None) -> int:
     if clash:
         eprint(f"gemma2-ref {args.command}: error: {clash} (see gemma2-ref {args.command} --help)")
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        return run_handler(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_handler(args) -> int:
+    """The subcommand, with every error it may raise turned into one line and its exit code."""
     with run.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
         try:
             code = args.handler(args)
@@ -285,6 +298,17 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             eprint("interrupted")
             return 130
+        except Terminated:
+            eprint("terminated")
+            return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every cleanup runs as for Ctrl-C (temporaries removed)."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -237,11 +237,19 @@ def taps_arg(taps: str):
 
 
 def golden(args) -> int:
+    from . import golden
+
+    out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over our golden
+    with golden.output_lock(out):  # one writer per --out: a second is refused while this one lives
+        golden.check_output(out, args.force)  # again, now that no other writer can change it
+        return write_golden(args, out)
+
+
+def write_golden(args, out) -> int:
     from . import golden, suites
     from .adapters import load_adapter
     from .taps import select_taps
 
-    out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over a golden
     for left in golden.interrupted_writes(out):
         size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
         eprint(f"note: {left} ({size / 2**20:.1f} MiB) was left by an interrupted run (never a golden); delete it "

@@ -54,6 +54,8 @@ FORMAT_VERSION = 1
 ACTIVATIONS = "activations.safetensors"
 MANIFEST = "manifest.json"
 SUITE = "suite.json"
+CASE_KIND = "gemma2-ref golden case"
+SUITE_KIND = "gemma2-ref golden suite"
 
 
 class GoldenError(ValueError):
@@ -147,24 +149,70 @@ def golden_kind(path: Path) -> str | None:
     return "mixed" if case and suite else "case" if case else "suite" if suite else None
 
 
+def _written_by_us(manifest: Path, kind: str) -> bool:
+    """The JSON file is one gemma2-ref wrote: an object of our `kind` (read only up to 64 MiB)."""
+    try:
+        if not manifest.is_file() or manifest.is_symlink() or manifest.stat().st_size > 64 * 2**20:
+            return False
+        body = json.loads(manifest.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("kind") == kind
+
+
+def foreign_entry(path: Path) -> str | None:
+    """The first entry of the directory that gemma2-ref did not write (sorted by name), or None when every
+    entry is ours: a case's own two files (its manifest of our kind), or a suite's suite.json and case
+    directories. Only a directory with no foreign entry may be replaced; a symlink never is."""
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+    names = {p.name for p in entries}
+    if MANIFEST in names or ACTIVATIONS in names:  # a case: exactly its two files
+        for p in entries:
+            if p.name not in (MANIFEST, ACTIVATIONS) or p.is_symlink() or not p.is_file():
+                return p.name
+        return None if _written_by_us(path / MANIFEST, CASE_KIND) else MANIFEST
+    for p in entries:  # a suite: suite.json and cases
+        if p.name == SUITE:
+            if not _written_by_us(p, SUITE_KIND):
+                return p.name
+        elif p.is_symlink() or not p.is_dir():
+            return p.name
+        else:
+            inner = foreign_entry(p)
+            if inner is not None or not (p / MANIFEST).exists():
+                return f"{p.name}/{inner or ''}"
+    return None
+
+
 def is_only_a_case(path: Path) -> bool:
     """The directory holds a golden case's files and nothing else (what write_case may replace)."""
-    return golden_kind(path) == "case" and all(p.name in (MANIFEST, ACTIVATIONS) or p.name.endswith(".tmp")
-                                               for p in path.iterdir())
+    return golden_kind(path) == "case" and foreign_entry(path) is None
 
 
 def check_output(out, force: bool = False, option: str = "--out") -> Path:
     """Where `gemma2-ref golden` may write: a new path, an empty directory, or with `force` an existing golden
-    case or suite (replaced whole once the new one is complete). Refuses anything else, naming `option`."""
+    case or suite that holds nothing gemma2-ref did not write (replaced whole once the new one is complete).
+    Refuses anything else, naming `option` and the first entry that is not ours."""
+    if str(out).strip() == "":
+        raise GoldenError(f"{option} is empty: give the directory to write (it is created)")
     out = Path(out)
+    if out.is_symlink():
+        raise GoldenError(f"{option} {out} is a symbolic link: give the directory itself (a link is never replaced)")
     if out.exists() and not out.is_dir():
         raise GoldenError(f"{option} {out} is a file: give a directory path (it is created)")
     if out.is_dir() and any(out.iterdir()):
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise GoldenError(f"{option} {out} is the current directory or holds it: choose a new or empty "
+                              f"directory (it is never replaced)")
         kind = golden_kind(out)
-        if kind is None or kind == "mixed":
-            what = "both a golden case and a suite" if kind else "files that are not a golden case or suite"
-            raise GoldenError(f"{option} {out} holds {what} ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
-                              f"): choose a new or empty directory (this one is not replaced, even with --force)")
+        foreign = foreign_entry(out) if kind in ("case", "suite") else None
+        if kind is None or kind == "mixed" or foreign is not None:
+            what = ("both a golden case and a suite" if kind == "mixed" else
+                    f"{foreign}, which gemma2-ref did not write" if foreign is not None else
+                    "files that are not a golden case or suite")
+            shown = ', '.join(sorted(p.name for p in out.iterdir())[:4])
+            raise GoldenError(f"{option} {out} holds {what} ({shown}): choose a new or empty directory (this one "
+                              f"is not replaced, even with --force)")
         if not force:
             raise GoldenError(f"{option} {out} already holds a golden {kind}: pass --force to replace it, or "
                               f"choose a new or empty directory")
@@ -174,13 +222,69 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out, option: str = "--out"):
+    """Hold `.NAME.lock` next to `out` (its writer's host and pid) for the whole write: a second writer to the
+    same `out` is refused while the first is alive; a lock left by a dead process on this host is taken over."""
+    out = Path(os.path.abspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    me = f"{platform.node()} {os.getpid()}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                host, pid = None, None  # being written this instant, or not ours: look again
+            if host == platform.node() and pid is not None and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its writer died
+                continue
+            if host is not None:
+                raise GoldenError(f"{option} {out} is being written by another gemma2-ref (pid {pid} on {host}, "
+                                  f"lock {lock}): wait for it to finish, or choose another directory") from None
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise GoldenError(f"{option} {out}: the lock {lock} could not be taken; if no gemma2-ref is writing "
+                          f"there, delete it")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == me:
+                lock.unlink()
+
+
 def interrupted_writes(out) -> list[Path]:
     """Temporary directories next to `out` that a killed run (SIGKILL, power loss: no cleanup could run)
-    left behind. Never a golden (no reader looks there); reported so their space can be taken back."""
+    left behind. Never a golden (no reader looks there); reported so their space can be taken back. A
+    temporary of a live writer on this host (its pid is in the name) is not one."""
     out = Path(os.path.abspath(out))
     if not out.parent.is_dir():
         return []
-    return sorted(p for ext in ("tmp", "old") for p in out.parent.glob(f".{glob.escape(out.name)}.*.{ext}"))
+    left = []
+    for ext in ("tmp", "old"):
+        for p in out.parent.glob(f".{glob.escape(out.name)}.*.{ext}"):
+            pid = p.name[len(out.name) + 2:].split(".")[0]
+            if not (pid.isdigit() and _pid_alive(int(pid))):
+                left.append(p)
+    return sorted(left)
 
 
 @contextlib.contextmanager
@@ -188,15 +292,16 @@ def atomic_directory(out):
     """Yield a new temporary directory next to `out`; when the block completes it replaces `out` (two renames:
     the old content, if any, is moved aside only once the new one is complete, then removed). On any failure,
     an interruption included, the temporary directory and the parents it needed are removed: `out` stays as
-    it was."""
+    it was. The temporary's name holds this process's pid, so a concurrent run never mistakes it for a
+    leftover."""
     out = Path(os.path.abspath(out))  # "." and ".." have a parent to write the temporary directory in
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         tmp.mkdir()
         yield tmp
-        old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
+        old = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.old"
         if out.exists():
             os.rename(out, old)
         try:
@@ -409,7 +514,7 @@ def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dt
     dtypes = sorted({e["dtype"] for e in entries})
     manifest = {
         "format_version": FORMAT_VERSION,
-        "kind": "gemma2-ref golden case",
+        "kind": CASE_KIND,
         "description": description,
         "producer": producer,
         "model": model,
@@ -624,7 +729,7 @@ def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | 
     """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]. Write it last,
     once every case is written: its presence says the suite is complete."""
     out_dir = Path(out_dir)
-    body = {"format_version": FORMAT_VERSION, "kind": "gemma2-ref golden suite", "name": name,
+    body = {"format_version": FORMAT_VERSION, "kind": SUITE_KIND, "name": name,
             **(info or {}), "cases": [{"name": c["name"], "description": c.get("description")} for c in cases]}
     tmp = out_dir / (SUITE + ".tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n")
