@@ -294,7 +294,7 @@ def prompt_ids(n: int, vocab_size: int, seed: int = 1) -> np.ndarray:
 
 # -- memory arithmetic -----------------------------------------------------------------------------------------
 
-memory_estimate = forward_memory  # the arithmetic lives in gemma2_ref/suites.py: golden refuses by it too
+memory_estimate = forward_memory  # the arithmetic lives in gemma2_ref/verify/suites.py: golden refuses by it too
 
 
 # -- the driver ----------------------------------------------------------------------------------------------

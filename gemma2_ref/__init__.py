@@ -12,13 +12,17 @@ docs/architecture.md maps the modules and the contracts (API, tap names, golden 
 
 from __future__ import annotations
 
-from .config import PRESETS, ConfigError, Gemma2Config, load_config
+from . import _moved
+
+_moved.install()  # the flat module names of before the layers: gemma2_ref.golden, gemma2_ref.loader, ...
+
+from .model.config import PRESETS, ConfigError, Gemma2Config, load_config
 from .data import bundled_names, bundled_path
-from .loader import COMPUTE_DTYPES, Model, load_model, resolve_checkpoint
-from .model import forward
-from .taps import select_taps, tap_names
-from .tokenizer import Tokenizer, load_tokenizer
-from .weights import Weights, WeightsError, index_checkpoint
+from .storage.loader import COMPUTE_DTYPES, Model, load_model, resolve_checkpoint
+from .model.gemma2 import forward
+from .model.taps import select_taps, tap_names
+from .model.tokenizer import Tokenizer, load_tokenizer
+from .storage.weights import Weights, WeightsError, index_checkpoint
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@
    over positions. `kd_loss_torch` is the torch twin of gemma2_ref.distill.distillation_loss and is
    checked equal to it on a real batch before training.
 
-The model in torch is `TorchGemma2`, a compact twin of gemma2_ref/model.py with Hugging Face parameter
+The model in torch is `TorchGemma2`, a compact twin of gemma2_ref/model/gemma2.py with Hugging Face parameter
 names (2.5x faster than transformers' Gemma2ForCausalLM on CPU for these sizes). After training, the
 saved bf16 checkpoints are loaded three ways -- this twin, transformers' Gemma2ForCausalLM (eager), and
 gemma2_ref's NumPy forward -- and their logits must agree: that pins the twin to the real architecture.
@@ -74,7 +74,7 @@ def held_out_windows(held: np.ndarray, bos: int) -> torch.Tensor:
     return windows(held, starts, bos)
 
 
-# -- the model: a torch twin of gemma2_ref/model.py, parameters named as in the HF checkpoint ------------
+# -- the model: a torch twin of gemma2_ref/model/gemma2.py, parameters named as in the HF checkpoint ------------
 
 def rms_norm(x, w, eps):
     x32 = x.float()

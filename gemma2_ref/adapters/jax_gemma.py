@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..golden import model_info_from_files, write_case
-from ..taps import select_taps, taps_of_kinds
+from ..verify.golden import model_info_from_files, write_case
+from ..model.taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
@@ -177,7 +177,7 @@ def load(checkpoint, dtype: str = "float32", query_norm=None):
     import jax.numpy as jnp
     from gemma.gm.nn._transformer import Transformer
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     if dtype not in JAX_DTYPES:
         raise ValueError(f"jax-gemma dtype must be one of {JAX_DTYPES}, not {dtype!r}")
@@ -296,7 +296,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     import gemma
     import jax
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)

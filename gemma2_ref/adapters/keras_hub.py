@@ -64,8 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..golden import model_info_from_files, write_case
-from ..taps import select_taps, taps_of_kinds
+from ..verify.golden import model_info_from_files, write_case
+from ..model.taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm",
@@ -118,7 +118,7 @@ def load(checkpoint, dtype: str = "float32", fix_query_scale: bool = False):
 
     fix_query_scale: hand each attention layer the backbone's `query_head_dim_normalize`, which
     GemmaDecoderBlock drops (gemma_decoder_block.py:68 passes True): KerasHub with that one line repaired."""
-    from ..config import load_config
+    from ..model.config import load_config
 
     if dtype not in KERAS_DTYPES:
         raise ValueError(f"keras-hub dtype must be one of {KERAS_DTYPES}, not {dtype!r}")
@@ -276,7 +276,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     keras, keras_hub = _import_keras()
     import jax
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint)

@@ -65,9 +65,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import select_taps, tap_names
-from ..taps import taps_of_kinds
-from ..config import load_config
-from ..golden import model_info_from_files, write_case
+from ..model.taps import taps_of_kinds
+from ..model.config import load_config
+from ..verify.golden import model_info_from_files, write_case
 
 # GGUF outtype (convert_hf_to_gguf.py --outtype) -> the compute dtype the manifest records. llama.cpp's CPU
 # matmuls convert activations to the weights' "vec_dot_type" (bf16, f16, q8_0), so that is what they compute in.

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..golden import model_info_from_files, write_case
-from ..taps import select_taps, taps_of_kinds
+from ..verify.golden import model_info_from_files, write_case
+from ..model.taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
@@ -192,7 +192,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", tap
     import mlx.core as mx
     import mlx_lm
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     check_padding(attention_mask)
     checkpoint = Path(checkpoint)

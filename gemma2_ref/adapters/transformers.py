@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..golden import model_info_from_files, write_case
-from ..loader import resolve_checkpoint
-from ..taps import select_taps, taps_of_kinds
+from ..verify.golden import model_info_from_files, write_case
+from ..storage.loader import resolve_checkpoint
+from ..model.taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
@@ -71,7 +71,7 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
     transformers Cache to decode through (e.g. a StaticCache), instead of the DynamicCache the model makes."""
     import torch
 
-    from ..config import config_from_hf_dict
+    from ..model.config import config_from_hf_dict
 
     cfg = gemma_config or config_from_hf_dict(hf_model.config.to_dict(), "transformers config")
     wanted = set(select_taps(cfg, taps)) | {"logits"}
@@ -172,7 +172,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     import torch
     import transformers
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)

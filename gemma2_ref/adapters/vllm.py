@@ -60,9 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..golden import model_info_from_files, write_case
-from ..loader import resolve_checkpoint
-from ..taps import select_taps, taps_of_kinds
+from ..verify.golden import model_info_from_files, write_case
+from ..storage.loader import resolve_checkpoint
+from ..model.taps import select_taps, taps_of_kinds
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
@@ -94,7 +94,7 @@ def load(path, dtype: str = "float32", max_model_len: int | None = None):
         os.environ.setdefault(key, value)
     from vllm import LLM
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     path = resolve_checkpoint(path).resolve()
     length = max_model_len or load_config(path).max_position_embeddings
@@ -282,7 +282,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     import torch
     import vllm
 
-    from ..config import load_config
+    from ..model.config import load_config
 
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = load_config(checkpoint)

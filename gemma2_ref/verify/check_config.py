@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from ..model.config import ConfigError, load_config
 
 # GGUF token types (gguf-py gguf/constants.py TokenType; llama.h llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -400,7 +400,7 @@ def resolve_reference(reference) -> Path:
     path = Path(reference)
     if path.exists():
         return path
-    from .data import bundled_path
+    from ..data import bundled_path
 
     bundled = bundled_path(str(reference))
     if bundled is None:

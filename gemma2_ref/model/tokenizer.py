@@ -123,7 +123,7 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.model file, a checkpoint directory holding one, or a bundled model's name ("tiny")."""
-    from .data import bundled_names, bundled_path
+    from ..data import bundled_names, bundled_path
 
     p = Path(path)
     if p.is_dir():

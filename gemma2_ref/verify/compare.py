@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .golden import Case, Suite, keep_positions
-from .model import log_softmax
-from .taps import LARGE_TAPS, canonical_order, sequence_axis
-from .tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
+from ..model.gemma2 import log_softmax
+from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
+from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
 
 # -- tolerance profiles -----------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, Gemma2Config, load_config
-from .data import bundled_names, bundled_path
-from .model import LayerWeights, forward
-from .taps import NonFiniteError, first_non_finite
+from ..model.config import PRESETS, Gemma2Config, load_config
+from ..data import bundled_names, bundled_path
+from ..model.gemma2 import LayerWeights, forward
+from ..model.taps import NonFiniteError, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters.names import apply_name_map
-from .taps import canonical_order, sequence_axis
-from .tokenizer import BOS
-from .weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, safetensors_header
+from .names import apply_name_map
+from ..model.taps import canonical_order, sequence_axis
+from ..model.tokenizer import BOS
+from ..storage.weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, safetensors_header
 
 FORMAT_VERSION = 1
 ACTIVATIONS = "activations.safetensors"
@@ -414,7 +414,7 @@ def our_producer(producer: dict | str | None) -> dict:
         return producer
     if producer is not None:
         return {"name": producer}
-    from . import __version__
+    from .. import __version__
     return {"name": "gemma2_ref", "version": __version__, "commit": git_commit(), "numpy": np.__version__,
             "machine": platform.machine()}
 
@@ -538,7 +538,7 @@ def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool
     """What a manifest records about a checkpoint: where it came from, its config, sha256 of its files.
 
     A bundled model is recorded by name (its path differs between checkouts); a directory by its path."""
-    from .weights import checkpoint_files
+    from ..storage.weights import checkpoint_files
 
     directory = Path(directory)
     files, _ = checkpoint_files(directory)
@@ -555,7 +555,7 @@ def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool
 
 def model_info(model, given_name: str | None = None, progress: bool = False) -> dict:
     """model_info_from_files for a loaded gemma2_ref Model; `given_name` as the user named it ("tiny")."""
-    from .data import bundled_path
+    from ..data import bundled_path
 
     bundled = given_name is not None and bundled_path(str(given_name)) is not None
     return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled,

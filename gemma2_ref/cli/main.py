@@ -14,13 +14,13 @@ import threading
 import gemma2_ref as g2
 
 from . import commands as run
-from .adapters import BACKENDS
+from ..adapters import BACKENDS
 from .commands import BENCH_SCRIPT, eprint
-from .config import ConfigError
+from ..model.config import ConfigError
 from .options import (COUNT, FRACTION, NONNEGATIVE, PROBABILITY, SEED, Parser, UsageError, conflict, position_range,
                       tap_set)
-from .tokenizer import TokenizerError
-from .weights import WeightsError
+from ..model.tokenizer import TokenizerError
+from ..storage.weights import WeightsError
 
 
 def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat template as a user turn"):
@@ -163,7 +163,7 @@ def add_golden(sub):
 
 
 def _add_profile_args(p):
-    from .compare import PROFILES
+    from ..verify.compare import PROFILES
     p.add_argument("--profile", default="auto", choices=["auto", "measured", *PROFILES],
                    help="tolerance profile (default auto: from the candidate's compute dtype, bfloat16 -> bf16, "
                         "float16 -> fp16, else fp32). measured: each tap's limit a multiple of the error of the "
@@ -182,7 +182,7 @@ def _add_profile_args(p):
 
 
 def add_compare(sub):
-    from .compare import profile_help
+    from ..verify.compare import profile_help
     p = sub.add_parser("compare", help="compare a candidate's activations with a golden: first divergence",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Compare CANDIDATE with REFERENCE tap by tap in execution order: relative L2 "

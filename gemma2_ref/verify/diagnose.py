@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
-from .generate import decode_taps
+from ..model.generate import decode_taps
 from .golden import Case, keep_rows
 from . import mistakes as M
 from .mistakes import Mistake, inject, known_mistakes
-from .taps import tap_names
+from ..model.taps import tap_names
 
 EXPLAIN_RATIO = 10.0
 MATCH_RATIO = 2.0
@@ -275,7 +275,7 @@ def format_diagnosis(diag: Diagnosis) -> str:
 def load_reference_model(reference: Case, model_path=None, log=None, verify: bool = True):
     """The checkpoint the reference golden was made from: `model_path` if given, else the one its manifest
     names (a bundled model by name, a directory by path). Its files' sha256 must match the manifest."""
-    from . import load_model
+    from .. import load_model
     from .golden import GoldenError
 
     info = reference.manifest.get("model") or {}

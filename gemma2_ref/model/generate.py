@@ -56,7 +56,7 @@ import numpy as np
 
 from .config import GLOBAL, Gemma2Config
 from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
-from .model import softmax
+from .gemma2 import softmax
 from .taps import LARGE_TAPS, select_taps
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters.names import apply_name_map
+from .names import apply_name_map
 from .compare import CaseComparison, format_report, get_profile
 from .diagnose import compare_and_diagnose, format_diagnosis
 from .golden import FORMAT_VERSION, Case, load_golden

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bfloat16 import bf16_bits_to_f32, f32_to_bf16_bits, round_to_bf16  # noqa: F401 (re-exported)
-from .config import Gemma2Config
-from .model import LayerWeights
+from ..model.bfloat16 import bf16_bits_to_f32, f32_to_bf16_bits, round_to_bf16  # noqa: F401 (re-exported)
+from ..model.config import Gemma2Config
+from ..model.gemma2 import LayerWeights
 
 
 class WeightsError(ValueError):

@@ -17,12 +17,12 @@ import numpy as np
 
 import gemma2_ref as g2
 
-from .config import GLOBAL
-from .golden import sha256_file
-from .inputs import InputError, check_position_range, check_prompt, parse_token_ids
-from .model import softmax
+from ..model.config import GLOBAL
+from ..verify.golden import sha256_file
+from ..model.inputs import InputError, check_position_range, check_prompt, parse_token_ids
+from ..model.gemma2 import softmax
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
 
 
 def eprint(*args, **kw):
@@ -172,7 +172,7 @@ def warn_if_not_instruction_tuned(name: str) -> None:
 
 
 def generate(args) -> int:
-    from .generate import TextStream, generate
+    from ..model.generate import TextStream, generate
 
     model = load_model_verbose(args.model, args.dtype, keep_converted=False if args.stream_weights else "auto")
     ids, tok = prompt_ids(args, model)
@@ -237,7 +237,7 @@ def taps_arg(taps: str):
 
 
 def golden(args) -> int:
-    from . import golden
+    from ..verify import golden
 
     out = golden.check_output(args.out, args.force)  # before any work: new, empty, or --force over our golden
     with golden.output_lock(out):  # one writer per --out: a second is refused while this one lives
@@ -246,9 +246,9 @@ def golden(args) -> int:
 
 
 def write_golden(args, out) -> int:
-    from . import golden, suites
-    from .adapters import load_adapter
-    from .taps import select_taps
+    from ..verify import golden, suites
+    from ..adapters import load_adapter
+    from ..model.taps import select_taps
 
     for left in golden.interrupted_writes(out):
         size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
@@ -310,8 +310,8 @@ def check_budget(model, taps, ids, positions, out) -> None:
     numbers and the options that would fit (suites.budget_refusal); for a large model, say the estimate."""
     import shutil
 
-    from .loader import available_memory
-    from .suites import budget_refusal, case_budget, size_text
+    from ..storage.loader import available_memory
+    from ..verify.suites import budget_refusal, case_budget, size_text
 
     cfg, itemsize = model.config, model.dtype.itemsize
     rows = None if positions is None else positions[1] - positions[0]
@@ -330,10 +330,10 @@ def check_budget(model, taps, ids, positions, out) -> None:
 
 def profile_for(args, candidate, reference=None):
     """The tolerance profile the options ask for; "measured" is a function of each reference case."""
-    from .compare import auto_profile, get_profile
+    from ..verify.compare import auto_profile, get_profile
     if args.profile == "measured":
-        from .diagnose import load_reference_model
-        from .measured import DTYPE_OF_PROFILE, measured_profile
+        from ..verify.diagnose import load_reference_model
+        from ..verify.measured import DTYPE_OF_PROFILE, measured_profile
         dtype = DTYPE_OF_PROFILE.get(auto_profile(candidate))
         if dtype is None:
             raise ValueError(f"--profile measured needs a bfloat16 or float16 candidate; {candidate.path} says its "
@@ -374,14 +374,14 @@ def model_option(args):
 
 
 def first_case(golden_obj):
-    from .golden import Suite
+    from ..verify.golden import Suite
     return golden_obj.cases[0] if isinstance(golden_obj, Suite) else golden_obj
 
 
 def compare(args) -> int:
-    from . import compare as C
-    from . import diagnose as D
-    from .golden import load_golden
+    from ..verify import compare as C
+    from ..verify import diagnose as D
+    from ..verify.golden import load_golden
 
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
@@ -411,23 +411,23 @@ def compare(args) -> int:
                 "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
                 if ok < len(results) else ""))
     if args.plot:
-        from .plot import plot_comparisons
+        from ..verify.plot import plot_comparisons
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
     return 0 if all(r.passed for r in results) else 1
 
 
 def check_config(args) -> int:
-    from .check_config import check
+    from ..verify.check_config import check
     report = check(args.reference, args.candidate)
     print(report.to_json() if args.json else report.format())
     return report.exit_code
 
 
 def diagnose(args) -> int:
-    from . import compare as C
-    from . import diagnose as D
-    from .golden import Suite, load_golden
+    from ..verify import compare as C
+    from ..verify import diagnose as D
+    from ..verify.golden import Suite, load_golden
 
     model_path = model_option(args)
     ref = load_golden(args.reference, reference=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, Gemma2Config, alternating_layer_types
+from ..model.config import PRESETS, Gemma2Config, alternating_layer_types
 from .weights import EMBEDDING, FINAL_NORM, STORAGE_DTYPES, WeightsError, expected_tensors, write_safetensors_blocks
 
 GiB = 1 << 30

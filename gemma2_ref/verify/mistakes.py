@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GLOBAL, SLIDING
-from .loader import Model
-from .inputs import padded_positions
-from .tokenizer import BOS
+from ..model.config import GLOBAL, SLIDING
+from ..storage.loader import Model
+from ..model.inputs import padded_positions
+from ..model.tokenizer import BOS
 
 WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186"
 SCALE_REFS = ("9B 224 for 256: transformers #31891, llama.cpp #8444, gemma_pytorch #71; "

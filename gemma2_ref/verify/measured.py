@@ -33,7 +33,7 @@ DTYPE_OF_PROFILE = {"bf16": "bfloat16", "fp16": "float16"}
 def measured_profile(model, reference, dtype: str = "bfloat16") -> Profile:
     """Per-tap limits for comparing a `dtype` candidate with `reference` (a golden Case of `model`)."""
     from .compare import comparable
-    from .inputs import padded_positions
+    from ..model.inputs import padded_positions
 
     floor = PROFILES["fp32"]
     wanted = [n for n in reference.tap_names if n in reference.activations]

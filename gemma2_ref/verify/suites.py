@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .fast import MAX_SCORES_BYTES
+from ..model.fast import MAX_SCORES_BYTES
 from .golden import CaseWriter, model_info, write_case, write_suite
-from .generate import decode_taps
-from .inputs import pad_batch, padded_positions
-from .taps import LARGE_TAPS, first_non_finite, select_taps, tap_bytes, tap_shape
-from .tokenizer import BOS
+from ..model.generate import decode_taps
+from ..model.inputs import pad_batch, padded_positions
+from ..model.taps import LARGE_TAPS, first_non_finite, select_taps, tap_bytes, tap_shape
+from ..model.tokenizer import BOS
 
 
 def run_case(model, ids, taps="default", progress=None, attention_mask=None,

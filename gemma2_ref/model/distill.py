@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import model
+from . import gemma2 as model
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
