@@ -237,9 +237,23 @@ def output_lock(out, option: str = "--out"):
     """Hold `.NAME.lock` next to `out` (its writer's host and pid) for the whole write: a second writer to the
     same `out` is refused while the first is alive; a lock left by a dead process on this host is taken over."""
     out = Path(os.path.abspath(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     lock = out.parent / f".{out.name}.lock"
     me = f"{platform.node()} {os.getpid()}\n"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield from _hold_lock(lock, me, out, option)
+    except OSError as e:
+        if e.filename is not None and str(e.filename) in (str(lock), str(out.parent)):
+            raise OSError(e.errno, f"{e.strerror}; nothing was written", str(out)) from None
+        raise
+    finally:
+        for p in created:  # the parents made for the lock, unless the golden is in them now
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _hold_lock(lock: Path, me: str, out: Path, option: str):
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
