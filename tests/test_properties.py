@@ -186,8 +186,8 @@ def test_a_batch_gives_the_same_result_as_its_rows(tiny_random_dir):
     batch = model.forward(ids, taps=["layers.*.output"])
     for row in range(2):
         single = model.forward(ids[row], taps=["layers.*.output"])
-        for name in single:
-            np.testing.assert_allclose(batch[name][row], single[name], rtol=1e-5, atol=1e-5)
+        for name in single:  # a matmul of other shape rounds differently: the rows agree to float32 rounding
+            assert rel_l2(batch[name][row], single[name]) < 1e-5, name
 
 
 def test_every_tap_has_the_shape_design_md_gives(tiny_random_dir):

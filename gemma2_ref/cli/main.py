@@ -290,10 +290,10 @@ def run_handler(args) -> int:
             after_success()
             return code
         except (ConfigError, WeightsError, TokenizerError, ValueError) as e:
-            eprint(f"gemma2-ref {args.command}: error: {e}")
+            eprint(one_line(f"gemma2-ref {args.command}: error: {e}"))
             return 2
         except OSError as e:  # a missing path, permissions, a full disk: name the path and the reason
-            eprint(f"gemma2-ref {args.command}: error: {run.os_error_message(e)}")
+            eprint(one_line(f"gemma2-ref {args.command}: error: {run.os_error_message(e)}"))
             return 2
         except KeyboardInterrupt:
             eprint("interrupted")
@@ -301,6 +301,15 @@ def run_handler(args) -> int:
         except Terminated:
             eprint("terminated")
             return 143
+
+
+CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def one_line(message: str) -> str:
+    """An error message as one printable line: a control character a user typed (a path holding a carriage
+    return, a newline) shown as its escape instead of breaking the line."""
+    return message.translate(CONTROL)
 
 
 class Terminated(BaseException):
