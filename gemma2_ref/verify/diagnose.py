@@ -28,7 +28,7 @@ from .compare import CaseComparison, Profile, align_positions, comparable, compa
 from ..model.generate import decode_taps
 from .golden import Case, keep_rows
 from . import mistakes as M
-from .mistakes import Mistake, inject, known_mistakes
+from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
 from ..model.taps import tap_names
 
 EXPLAIN_RATIO = 10.0
@@ -111,8 +111,6 @@ def _position(tap, order: list[str]) -> int:
 
 
 FLOAT16_MAX = 65504.0
-FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
-                        "float16 run", "exllamav2 #539, llama.cpp #8240 (the 27B in float16)")
 
 
 def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> VariantResult | None:
