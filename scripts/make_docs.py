@@ -85,6 +85,33 @@ def mistake_names() -> str:
     return ", ".join(f"`{n}`" for n in names) + "\n"
 
 
+def sample_report() -> str:
+    """What `gemma2-ref compare golden/window mine/window` prints for a candidate made with a sliding window one
+    key too wide, holding only embed, the attention contexts, the layer outputs and the logits: run, not typed."""
+    import tempfile
+
+    import gemma2_ref as g2
+    from gemma2_ref.cli.main import main
+    from gemma2_ref.verify.golden import load_case, write_case
+    from gemma2_ref.verify.mistakes import inject
+
+    reference = load_case(ROOT / "golden" / "window")
+    taps = ["embed", "layers.*.attn.context", "layers.*.output", "logits"]
+    acts = inject(g2.load_model("tiny"), "window_offset=+1").forward(reference.token_ids, taps=taps)
+    here = Path.cwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)  # the report names its inputs as given: golden/window, mine/window
+        try:
+            os.symlink(ROOT / "golden", "golden")
+            write_case("mine/window", acts, reference.token_ids, producer={"name": "my-backend", "version": "0.3"})
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                main(["compare", "golden/window", "mine/window"])
+        finally:
+            os.chdir(here)
+    return "```text\n$ gemma2-ref compare golden/window mine/window\n" + out.getvalue().rstrip() + "\n```\n"
+
+
 # -- the taps ---------------------------------------------------------------------------------------------------
 
 class Symbol(str):
@@ -177,6 +204,10 @@ def commands() -> str:
     return table(["command", "what it does"], rows)
 
 
+def command_names() -> str:
+    return "`gemma2-ref " + " | ".join(subcommands()) + "`\n"
+
+
 def command_help(name: str) -> str:
     parsers = subcommands()
     if name not in parsers:
@@ -189,8 +220,8 @@ def help_pages() -> str:
     return "\n".join(f"### gemma2-ref {name}\n\n{command_help(name)}" for name in subcommands())
 
 
-GENERATORS = {"mistakes": mistakes, "mistake-names": mistake_names, "taps": taps, "profiles": profiles,
-              "backends": backends, "commands": commands, "help": command_help, "help-all": help_pages}
+GENERATORS = {"mistakes": mistakes, "mistake-names": mistake_names, "sample-report": sample_report, "taps": taps, "profiles": profiles,
+              "backends": backends, "commands": commands, "command-names": command_names, "help": command_help, "help-all": help_pages}
 
 
 # -- pages ------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ REFS = {
     "rope_theta": "config defaults of other families",
     "rope_layout": "Meta / GPT-J layout confusion in converters",
     "gqa_mapping": "repeat vs repeat_interleave in GQA ports",
-    "normalizer": "transformers #29402",
+    "normalizer": "transformers #29402, gemma_pytorch #67",
     "embed_unscaled": "porting from Llama",
     "norm_offset": "gemma2-facts: RMSNorm (1 + w) (no public bug number recorded)",
     "post_norm": "porting from Gemma 1",
