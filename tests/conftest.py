@@ -1,15 +1,4 @@
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (hf_reference)
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.fixture(scope="session")
