@@ -34,13 +34,11 @@ from ..model.taps import tap_names
 EXPLAIN_RATIO = 10.0
 MATCH_RATIO = 2.0
 
-Variant = Mistake  # a variant of the reference model is the model with one known mistake (mistakes.py)
-known_variants = known_mistakes
 
 
 @dataclass
 class VariantResult:
-    variant: Variant
+    variant: Mistake  # a variant of the reference model: the model with this one known mistake
     comparison: CaseComparison
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
     verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
@@ -203,7 +201,7 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
     overflow = fp16_overflow(reference, candidate, base)
     if overflow is not None:
         diag.results.append(overflow)
-    for variant in known_variants(model.config):
+    for variant in known_mistakes(model.config):
         if log:
             log(f"  variant {variant.name}")
         result = run(variant)
