@@ -46,8 +46,9 @@ def test_a_new_mistake_appears_in_the_catalogue_without_editing_the_generator(mo
     known = M.known_mistakes
     new = M.Mistake("rope_positions=reversed", "positions counted from the end", "example thread #1")
     monkeypatch.setattr(M, "known_mistakes", lambda cfg: known(cfg) + [new])
-    assert "| `rope_positions=reversed` | positions counted from the end | - | example thread #1 |" in \
-        make_docs.render("mistakes")
+    assert "| `rope_positions=reversed` | positions counted from the end | - | example thread #1 |" in make_docs.render(
+        "mistakes"
+    )
     assert "`rope_positions=reversed`" in make_docs.render("mistake-names")
 
 
@@ -67,8 +68,11 @@ def test_the_tap_table_takes_its_shapes_from_tap_shape(monkeypatch):
     from gemma2_ref.model import taps
 
     real = taps.tap_shape
-    monkeypatch.setattr(taps, "tap_shape", lambda cfg, name, seq, keys=None: (
-        (keys, seq) if name.endswith("attn.probs") else real(cfg, name, seq, keys)))
+    monkeypatch.setattr(
+        taps,
+        "tap_shape",
+        lambda cfg, name, seq, keys=None: (keys, seq) if name.endswith("attn.probs") else real(cfg, name, seq, keys),
+    )
     assert "| `layers.{i}.attn.probs` | (T, S) |" in make_docs.render("taps")
 
 
@@ -111,6 +115,7 @@ def test_every_backend_has_its_page():
 
 # -- the README: a front door --------------------------------------------------------------------------------
 
+
 def test_readme_is_under_200_lines():
     assert len(README.read_text().splitlines()) < 200
 
@@ -122,8 +127,11 @@ def test_readme_shows_golden_compare_diagnose_in_its_first_screen():
 
 
 def test_readme_test_command_is_the_one_ci_runs():
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(("python3 -m venv",
-                                                                                                "CMAKE_ARGS="))]
+    ci = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith(("python3 -m venv", "CMAKE_ARGS="))
+    ]
     assert len(ci) == 2
     readme = README.read_text().splitlines()
     assert all(line in readme for line in ci), ci
@@ -142,6 +150,11 @@ def doc_pages():
 def test_relative_links_resolve(page):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
-    missing = [t for t in targets if "://" not in t and not (page.parent / t).exists()
-               and str((page.parent / t).resolve().relative_to(ROOT)) not in PENDING_PAGES]
+    missing = [
+        t
+        for t in targets
+        if "://" not in t
+        and not (page.parent / t).exists()
+        and str((page.parent / t).resolve().relative_to(ROOT)) not in PENDING_PAGES
+    ]
     assert not missing, f"{page.name} links to missing files: {missing}"
