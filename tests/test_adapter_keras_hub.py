@@ -25,7 +25,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
 import gemma2_ref as g2  # noqa: E402
-from backends import require  # noqa: E402
+from tests.helpers.backends import require  # noqa: E402
 from gemma2_ref import golden as G  # noqa: E402
 from gemma2_ref import suites as S  # noqa: E402
 from gemma2_ref.adapters import load_adapter  # noqa: E402

@@ -27,7 +27,7 @@ from gemma2_ref.adapters import llamacpp as adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.data import bundled_path
 from gemma2_ref.suites import generate_case
-from llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
+from tests.helpers.llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
 
 
 @pytest.fixture(scope="module")

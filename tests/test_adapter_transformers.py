@@ -12,7 +12,7 @@ from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
-from hf_reference import hf_config, make_checkpoint
+from tests.helpers.hf_reference import hf_config, make_checkpoint
 
 CONFIGS = {
     # 2B ratios: head_dim = query_pre_attn_scalar, H*Dh != D

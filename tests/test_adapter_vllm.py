@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.adapters import load_adapter

@@ -10,7 +10,7 @@ import gemma2_ref as g2
 from gemma2_ref.adapters import llamacpp as adapter
 from gemma2_ref.check_config import check
 from gemma2_ref.data import bundled_path
-from llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
+from tests.helpers.llamacpp_cases import RANDOM_IDS, backends, random_checkpoint
 
 SOFTCAP_KEYS = ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gemma2_ref as g2
-from conftest import rel_l2
-from hf_reference import hf_config, load_reference, make_checkpoint, reference_run
+from tests.helpers.numerics import rel_l2
+from tests.helpers.hf_reference import hf_config, load_reference, make_checkpoint, reference_run
 
 LOGITS_MAX_ABS = 1e-4
 LOGITS_REL_L2 = 1e-5

@@ -23,7 +23,7 @@ from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases, format_report
 from gemma2_ref.diagnose import diagnose, format_diagnosis
 from gemma2_ref.measured import measured_profile
-from hf_reference import DIAGNOSABLE_WINDOW, diagnosable_checkpoint
+from tests.helpers.hf_reference import DIAGNOSABLE_WINDOW, diagnosable_checkpoint
 
 W, PREFILL, STEPS = DIAGNOSABLE_WINDOW, 10, 16
 FP32 = PROFILES["fp32"]

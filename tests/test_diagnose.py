@@ -9,8 +9,8 @@ from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
-from gemma2_ref.diagnose import diagnose, format_diagnosis, known_variants, load_reference_model
-from gemma2_ref.mistakes import combine, find, inject
+from gemma2_ref.diagnose import diagnose, format_diagnosis, load_reference_model
+from gemma2_ref.mistakes import combine, find, inject, known_mistakes
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
 W = 8  # sliding window of the test model
@@ -135,7 +135,7 @@ def test_correct_but_less_precise_candidates_are_not_blamed_on_a_mistake(model, 
 
 
 def test_every_variant_explains_itself_with_a_public_reference(model):
-    for v in known_variants(model.config):
+    for v in known_mistakes(model.config):
         assert v.what and v.refs, v.name
 
 

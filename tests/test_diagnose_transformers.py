@@ -18,7 +18,7 @@ from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.diagnose import diagnose, format_diagnosis
-from hf_reference import DIAGNOSABLE, DIAGNOSABLE_WINDOW, diagnosable_checkpoint, hf_config, make_checkpoint
+from tests.helpers.hf_reference import DIAGNOSABLE, DIAGNOSABLE_WINDOW, diagnosable_checkpoint, hf_config, make_checkpoint
 
 W = DIAGNOSABLE_WINDOW
 FP32 = PROFILES["fp32"]

@@ -336,7 +336,7 @@ def test_a_case_is_never_written_into_a_suite(capsys, tmp_path):
         G.write_case(suite, acts, [2, 3])
     assert G.load_golden(suite, reference=True).name == "coverage"
     # a directory mixing the two (copied by hand) is refused, as a reference and as a candidate
-    for f in (G.MANIFEST, G.ACTIVATIONS):
+    for f in (G.MANIFEST, G.ACTIVATIONS_FILE):
         shutil.copy(suite / "short" / f, suite / f)
     for role in ("reference", "candidate"):
         argv = [suite, SHORT] if role == "reference" else [SHORT, suite]
@@ -503,7 +503,7 @@ def test_any_option_value_gives_a_message_never_a_traceback(capsys, tmp_path_fac
 def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
     import gemma2_ref as g2
     from gemma2_ref import suites as S
-    from gemma2_ref.golden import ACTIVATIONS, load_case
+    from gemma2_ref.golden import ACTIVATIONS_FILE, load_case
 
     model = g2.load_model("tiny")
     ids = np.arange(2, 40)
@@ -513,7 +513,7 @@ def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
         S.generate_case(model, ids, out, taps=taps, positions=positions)
         written = sum(a.nbytes for a in load_case(out).activations.values())
         assert S.case_budget(model.config, taps, ids, rows)["disk"] == written
-        assert (out / ACTIVATIONS).stat().st_size >= written
+        assert (out / ACTIVATIONS_FILE).stat().st_size >= written
 
 
 def test_a_case_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):

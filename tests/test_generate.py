@@ -21,7 +21,7 @@ from gemma2_ref.cli import main
 from gemma2_ref.generate import (EMPTY, KVCache, TextStream, generate, greedy, sample_next, top_k_filter,
                                  top_p_filter)
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
-from hf_reference import hf_config, load_reference, make_checkpoint
+from tests.helpers.hf_reference import hf_config, load_reference, make_checkpoint
 
 WINDOW = 5
 SMALL = g2.PRESETS["tiny"].replace(vocab_size=512, hidden_size=64, intermediate_size=128, head_dim=16,

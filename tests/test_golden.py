@@ -45,10 +45,10 @@ def rewrite_manifest(case_dir: Path, manifest: dict, fix_checksum: bool = True) 
 
 def rewrite_activations(case_dir: Path, tensors: dict) -> None:
     """Replace the activations file and update the manifest's file hash: only the tap checks remain."""
-    write_safetensors(case_dir / G.ACTIVATIONS, tensors)
+    write_safetensors(case_dir / G.ACTIVATIONS_FILE, tensors)
     m = manifest_of(case_dir)
-    m["activations"].update(bytes=(case_dir / G.ACTIVATIONS).stat().st_size,
-                            sha256=G.sha256_file(case_dir / G.ACTIVATIONS))
+    m["activations"].update(bytes=(case_dir / G.ACTIVATIONS_FILE).stat().st_size,
+                            sha256=G.sha256_file(case_dir / G.ACTIVATIONS_FILE))
     rewrite_manifest(case_dir, m)
 
 
@@ -76,7 +76,7 @@ def test_round_trip_gives_back_every_tap_bit_for_bit(tiny, case):
 def test_the_safetensors_package_reads_our_activations(case):
     from safetensors.numpy import load_file
 
-    theirs = load_file(str(case / G.ACTIVATIONS))
+    theirs = load_file(str(case / G.ACTIVATIONS_FILE))
     ours = G.load_case(case).activations
     assert sorted(theirs) == sorted(ours)
     for name in ours:
@@ -88,7 +88,7 @@ def test_regenerating_a_case_gives_identical_files(tmp_path, tiny):
     info = G.model_info(tiny, "tiny")
     a = S.generate_case(tiny, ids, tmp_path / "a", taps="all", info=info)
     b = S.generate_case(tiny, ids, tmp_path / "b", taps="all", info=info)
-    assert (a / G.ACTIVATIONS).read_bytes() == (b / G.ACTIVATIONS).read_bytes()
+    assert (a / G.ACTIVATIONS_FILE).read_bytes() == (b / G.ACTIVATIONS_FILE).read_bytes()
     assert (a / G.MANIFEST).read_text() == (b / G.MANIFEST).read_text()
 
 
@@ -145,19 +145,19 @@ def test_committed_golden_suite_matches_a_regenerated_one_under_the_fp32_profile
 # -- refusing damaged goldens ---------------------------------------------------------------------------------
 
 def test_one_changed_byte_in_a_tensor_is_refused(case):
-    data = bytearray((case / G.ACTIVATIONS).read_bytes())
+    data = bytearray((case / G.ACTIVATIONS_FILE).read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's bytes
-    (case / G.ACTIVATIONS).write_bytes(bytes(data))
+    (case / G.ACTIVATIONS_FILE).write_bytes(bytes(data))
     with pytest.raises(G.GoldenError, match="sha256 .* does not match .*modified"):
         G.load_case(case)
 
 
 def test_a_changed_byte_that_leaves_every_tensor_intact_is_refused(case):
-    data = bytearray((case / G.ACTIVATIONS).read_bytes())
+    data = bytearray((case / G.ACTIVATIONS_FILE).read_bytes())
     header_end = 8 + int.from_bytes(data[:8], "little")
     assert data[header_end - 1:header_end] == b" "  # the header's JSON is padded with spaces
     data[header_end - 1] = ord("\t")  # still valid JSON, same tensors: only the file's sha256 sees it
-    (case / G.ACTIVATIONS).write_bytes(bytes(data))
+    (case / G.ACTIVATIONS_FILE).write_bytes(bytes(data))
     with pytest.raises(G.GoldenError, match="activations.safetensors: sha256 .* does not match the manifest"):
         G.load_case(case)
 
@@ -188,13 +188,13 @@ def test_a_manifest_that_is_not_json_is_refused(case):
 
 
 def test_a_truncated_activations_file_is_refused(case):
-    data = (case / G.ACTIVATIONS).read_bytes()
-    (case / G.ACTIVATIONS).write_bytes(data[:-100])
+    data = (case / G.ACTIVATIONS_FILE).read_bytes()
+    (case / G.ACTIVATIONS_FILE).write_bytes(data[:-100])
     with pytest.raises(G.GoldenError, match="truncated"):
         G.load_case(case)
 
 
-@pytest.mark.parametrize("missing", [G.MANIFEST, G.ACTIVATIONS])
+@pytest.mark.parametrize("missing", [G.MANIFEST, G.ACTIVATIONS_FILE])
 def test_a_missing_file_is_refused(case, missing):
     (case / missing).unlink()
     with pytest.raises(G.GoldenError, match=f"{missing}: missing"):
@@ -233,9 +233,9 @@ def test_cli_writes_a_case_for_a_prompt(tmp_path, capsys):
 
 
 def test_cli_refuses_a_tampered_golden_with_a_clear_error(case, capsys):
-    data = bytearray((case / G.ACTIVATIONS).read_bytes())
+    data = bytearray((case / G.ACTIVATIONS_FILE).read_bytes())
     data[-1] ^= 0xFF
-    (case / G.ACTIVATIONS).write_bytes(bytes(data))
+    (case / G.ACTIVATIONS_FILE).write_bytes(bytes(data))
     assert cli(["compare", str(case), str(case)]) == 2
     assert "does not match the manifest" in capsys.readouterr().err
 

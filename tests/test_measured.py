@@ -15,7 +15,7 @@ from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.measured import MARGIN_REL_L2, measured_profile
 from gemma2_ref.model import select_taps
-from hf_reference import hf_config, make_checkpoint
+from tests.helpers.hf_reference import hf_config, make_checkpoint
 
 TINY = g2.bundled_path("tiny")
 WINDOW = G.load_case("golden/window")  # 34 tokens past the tiny model's window of 32, every tap

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.backends import require  # noqa: E402
+from tests.helpers.backends import require  # noqa: E402
 from walkthrough import make_notebooks, runner  # noqa: E402
 
 CHAPTERS = runner.chapters()

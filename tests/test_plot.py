@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref import suites as S
 from gemma2_ref.compare import PROFILES, compare_activations
 from gemma2_ref.plot import _depth, plot_comparisons, plot_divergence

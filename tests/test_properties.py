@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gemma2_ref as g2
-from conftest import rel_l2
+from tests.helpers.numerics import rel_l2
 from gemma2_ref.fast import attention_in_blocks
 from gemma2_ref.taps import NO_TAPS
 from gemma2_ref.model import (attention, attention_mask, gelu_exact, gelu_tanh, rms_norm, rope,

@@ -36,7 +36,7 @@ def test_a_streamed_case_is_bit_identical_to_one_written_whole(tmp_path, tiny, t
     S.generate_case(tiny, ids, tmp_path / "streamed", taps=taps, positions=positions)
     G.write_case(tmp_path / "whole", tiny.forward(ids, taps=taps), ids, model=g2.golden.model_info(tiny),
                  compute_dtype="float32", positions=positions)
-    streamed, whole = (tmp_path / d / G.ACTIVATIONS for d in ("streamed", "whole"))
+    streamed, whole = (tmp_path / d / G.ACTIVATIONS_FILE for d in ("streamed", "whole"))
     m1, m2 = (json.loads((tmp_path / d / G.MANIFEST).read_text()) for d in ("streamed", "whole"))
     assert m1["input"] == m2["input"]
     if positions is None:
@@ -176,7 +176,7 @@ def test_a_run_killed_mid_case_leaves_nothing_a_later_command_accepts(tmp_path, 
     assert proc.returncode == -9
     assert not out.exists()
     left = G.interrupted_writes(out)
-    assert len(left) == 1 and (left[0] / G.ACTIVATIONS).exists() and not (left[0] / G.MANIFEST).exists()
+    assert len(left) == 1 and (left[0] / G.ACTIVATIONS_FILE).exists() and not (left[0] / G.MANIFEST).exists()
     for path in (out, left[0]):
         with pytest.raises(G.GoldenError):
             G.load_golden(path)

@@ -428,6 +428,7 @@ def diagnose(args) -> int:
     from ..verify import compare as C
     from ..verify import diagnose as D
     from ..verify.golden import Suite, load_golden
+    from ..verify.mistakes import known_mistakes
 
     model_path = model_option(args)
     ref = load_golden(args.reference, reference=True)
@@ -445,7 +446,7 @@ def diagnose(args) -> int:
             eprint(f"case {r.name}: missing from the candidate suite")
             explained = False
             continue
-        eprint(f"case {r.name}: re-running {len(D.known_variants(model.config))} variants")
+        eprint(f"case {r.name}: re-running {len(known_mistakes(model.config))} variants")
         case_profile = profile if isinstance(profile, C.Profile) else profile(r)
         diag = D.diagnose(model, r, c, case_profile, log=eprint if model.is_large else None)
         explained &= diag.base.passed or bool(diag.named)

@@ -13,7 +13,7 @@ import threading
 
 import gemma2_ref as g2
 
-from . import commands as run
+from . import commands
 from ..adapters import BACKENDS
 from .commands import BENCH_SCRIPT, eprint
 from ..model.config import ConfigError
@@ -44,7 +44,7 @@ def add_info(sub):
     p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the files")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=run.info)
+    p.set_defaults(handler=commands.info)
 
 
 # -- tokenize ---------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def add_tokenize(sub):
     p.add_argument("--no-bos", action="store_true", help="do not start with <bos> (Gemma expects one)")
     p.add_argument("--chat", action="store_true", help="wrap TEXT in the Gemma chat template as a user turn")
     p.add_argument("--json", action="store_true", help="print the ids as a JSON list only")
-    p.set_defaults(handler=run.tokenize)
+    p.set_defaults(handler=commands.tokenize)
 
 
 # -- run --------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def add_run(sub):
     p.add_argument("--top-k", type=COUNT, default=10, help="how many candidates to show (default 10)")
     p.add_argument("--dtype", choices=g2.COMPUTE_DTYPES, default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=run.run)
+    p.set_defaults(handler=commands.run)
 
 
 # -- generate ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def add_generate(sub):
     p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
     p.add_argument("--stream-weights", action="store_true",
                    help="convert each layer's weights on every forward instead of keeping them converted")
-    p.set_defaults(handler=run.generate)
+    p.set_defaults(handler=commands.generate)
 
 
 # -- bench ------------------------------------------------------------------------------------------------
@@ -112,10 +112,10 @@ def add_bench(sub):
                                    "resident memory of the full 26-layer model. Writes JSON and Markdown. "
                                    f"Runs {BENCH_SCRIPT.relative_to(BENCH_SCRIPT.parents[1])} of a source "
                                    "checkout (it needs torch and transformers).")
-    bench = run.bench_module()
+    bench = commands.bench_module()
     if bench is not None:
         bench.add_arguments(p)
-    p.set_defaults(handler=lambda args: run.bench(args, bench))
+    p.set_defaults(handler=lambda args: commands.bench(args, bench))
 
 
 # -- golden / compare / diagnose ----------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def add_golden(sub):
     p.add_argument("--fix-query-scale", action="store_true",
                    help="keras-hub: hand each attention layer the query scale its decoder block drops "
                         "(gemma_decoder_block.py:68), to check that line is the whole difference")
-    p.set_defaults(handler=run.golden)
+    p.set_defaults(handler=commands.golden)
 
 
 def _add_profile_args(p):
@@ -205,7 +205,7 @@ def add_compare(sub):
                       help="on failure, always run the diagnosis (re-runs the model ~15 times)")
     when.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
     p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
-    p.set_defaults(handler=run.compare)
+    p.set_defaults(handler=commands.compare)
 
 
 def add_diagnose(sub):
@@ -222,7 +222,7 @@ def add_diagnose(sub):
     p.add_argument("candidate", help="candidate case or suite directory, or a bare .safetensors of activations")
     p.add_argument("--model", help="checkpoint directory (default: the one the reference manifest names)")
     _add_profile_args(p)
-    p.set_defaults(handler=run.diagnose)
+    p.set_defaults(handler=commands.diagnose)
 
 
 # -- main -------------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def add_check_config(sub):
     p.add_argument("reference", help="checkpoint directory, config.json, or bundled model name (tiny)")
     p.add_argument("candidate", help="a .gguf file or a config.json")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p.set_defaults(handler=run.check_config)
+    p.set_defaults(handler=commands.check_config)
 
 
 SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_diagnose,
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
 
 def run_handler(args) -> int:
     """The subcommand, with every error it may raise turned into one line and its exit code."""
-    with run.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
+    with commands.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
         try:
             code = args.handler(args)
             after_success()
@@ -293,7 +293,7 @@ def run_handler(args) -> int:
             eprint(one_line(f"gemma2-ref {args.command}: error: {e}"))
             return 2
         except OSError as e:  # a missing path, permissions, a full disk: name the path and the reason
-            eprint(one_line(f"gemma2-ref {args.command}: error: {run.os_error_message(e)}"))
+            eprint(one_line(f"gemma2-ref {args.command}: error: {commands.os_error_message(e)}"))
             return 2
         except KeyboardInterrupt:
             eprint("interrupted")

@@ -23,7 +23,7 @@ from pathlib import Path
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
 
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # Gemma 2's, and the exact GELU a port may wrongly use
+HIDDEN_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # Gemma 2's, and the exact GELU a port may wrongly use
 
 # The paper counts a 256128-row vocabulary; the released embeddings have 256000 rows.
 PAPER_VOCAB_SIZE = 256128
@@ -82,8 +82,9 @@ class Gemma2Config:
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise ConfigError(f"`layer_types` has unknown kinds {bad}; expected {SLIDING!r} or {GLOBAL!r}")
-        if self.hidden_activation not in ACTIVATIONS:
-            raise ConfigError(f"`hidden_activation` must be one of {ACTIVATIONS}, found {self.hidden_activation!r}")
+        if self.hidden_activation not in HIDDEN_ACTIVATIONS:
+            raise ConfigError(f"`hidden_activation` must be one of {HIDDEN_ACTIVATIONS}, "
+                              f"found {self.hidden_activation!r}")
         for key in ("query_pre_attn_scalar", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -117,7 +117,7 @@ def gelu_exact(x: np.ndarray) -> np.ndarray:
 
 
 # config.hidden_activation -> the function; Gemma 2's is gelu_tanh above, computed in place (fast.gelu_tanh_)
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh_, "gelu": gelu_exact}
+ACTIVATION_FUNCTIONS = {"gelu_pytorch_tanh": gelu_tanh_, "gelu": gelu_exact}
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -210,7 +210,7 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     x = taps("resid_mid", x + a)
 
     h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
-    m = mlp(h, w, ACTIVATIONS[cfg.hidden_activation], taps)
+    m = mlp(h, w, ACTIVATION_FUNCTIONS[cfg.hidden_activation], taps)
     m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps) if cfg.post_ffw_norm else m)
     return taps("output", x + m)
 

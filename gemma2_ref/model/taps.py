@@ -6,7 +6,7 @@ them to. One table serves the forward, the golden budgets, the adapters and the 
     final_norm (S, D), logits_raw (S, V), logits (S, V)
 
 A leading batch axis is added when the forward is given a (batch, seq) input. docs/architecture.md lists
-each tap's meaning.
+each tap's meaning (MEANING).
 """
 
 from __future__ import annotations
@@ -26,6 +26,34 @@ LAYER_TAPS = (
 )
 LARGE_TAPS = ("attn.scores", "attn.probs")  # (H, S, T) each: opt-in only
 FINAL_TAPS = ("final_norm", "logits_raw", "logits")
+
+# What each tap holds (docs/architecture.md's tap table is generated from this and tap_shape: scripts/make_docs.py)
+MEANING = {
+    "embed": "embedding rows x normalizer sqrt(D) (rounded to the activation dtype)",
+    "input": "residual stream entering layer i",
+    "pre_attn_norm": "input RMSNorm output",
+    "attn.q_proj": "query projection, heads split, before RoPE",
+    "attn.k_proj": "key projection, heads split, before RoPE",
+    "attn.v_proj": "value projection, heads split",
+    "attn.q_rope": "queries after RoPE",
+    "attn.k_rope": "keys after RoPE",
+    "attn.scores": "q·k x scale, soft-capped, before the mask (opt-in: large)",
+    "attn.probs": "after the causal / sliding mask and softmax (opt-in: large)",
+    "attn.context": "probs @ v, heads merged, before o_proj",
+    "attn.out": "after o_proj",
+    "post_attn_norm": "post-attention RMSNorm output (with `post_attn_norm=False`, the Gemma 1 layer: `attn.out`)",
+    "resid_mid": "residual after the attention block",
+    "pre_ffw_norm": "pre-feed-forward RMSNorm output",
+    "mlp.gate": "gate projection",
+    "mlp.up": "up projection",
+    "mlp.hidden": "gelu_tanh(gate) * up",
+    "mlp.out": "after the down projection",
+    "post_ffw_norm": "post-feed-forward RMSNorm output (with `post_ffw_norm=False`: `mlp.out`)",
+    "output": "residual stream leaving layer i",
+    "final_norm": "final RMSNorm output",
+    "logits_raw": "tied unembedding, before the final soft-cap",
+    "logits": "after the final soft-cap",
+}
 
 
 def tap_names(cfg: Gemma2Config) -> list[str]:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..model.config import ConfigError, load_config
+from .mistakes import REFS
 
 # GGUF token types (gguf-py gguf/constants.py TokenType; llama.h llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -46,16 +47,16 @@ TOKEN_TYPE_NAMES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 
 START_OF_TURN, END_OF_TURN = 106, 107
 TURN_TEXT = {START_OF_TURN: "<start_of_turn>", END_OF_TURN: "<end_of_turn>"}
 
+# The public threads come from the one list, mistakes.REFS.
 REPORTS = {
     "softcap_key": "GGUF converted before llama.cpp #8197 (llama.cpp #8156): re-convert with a current "
-                   "convert_hf_to_gguf.py; loaders that copy the key into a config run with no soft-cap "
-                   "(vLLM #30427, transformers #42881)",
-    "softcap": "soft-cap value differs (llama.cpp #8156 / #8197, vLLM #5908 / #30427, transformers #42881)",
-    "window": "sliding window missing, too wide or on the wrong layers (llama.cpp #8227, transformers #32522 / "
-              "#35681 / #31848, keras-hub #2186, SGLang #1746)",
-    "query_scale": "wrong query scale (transformers #31891, llama.cpp #8444 / #13951, gemma_pytorch #71)",
-    "special": "special tokens not marked: the chat tokens are split into pieces (llama.cpp #8244, #8349)",
-    "bos": "BOS missing or doubled (lm-evaluation-harness #2049, llama-cpp-python #1561)",
+                   f"convert_hf_to_gguf.py; loaders that copy the key into a config run with no soft-cap "
+                   f"({REFS['softcap_key']})",
+    "softcap": f"soft-cap value differs ({REFS['attn_softcap']}; {REFS['softcap_key']})",
+    "window": f"sliding window missing, too wide or on the wrong layers ({REFS['window']}; {REFS['sliding_layers']})",
+    "query_scale": f"wrong query scale ({REFS['query_scale']})",
+    "special": f"special tokens not marked: the chat tokens are split into pieces ({REFS['special_tokens']})",
+    "bos": f"BOS missing or doubled ({REFS['no_bos']}; {REFS['double_bos']})",
     "eos": "generation does not stop where Gemma ends a turn (stop on <eos> 1 and <end_of_turn> 107)",
     "shape": "a different model shape: this is not the reference model, or a converter bug",
 }

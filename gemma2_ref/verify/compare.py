@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .golden import Case, Suite, keep_positions
+from .mistakes import REFS
 from ..model.gemma2 import log_softmax
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
@@ -416,7 +417,7 @@ def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:
     pieces = cand[n: ends[0]]
     return (f"the candidate's tokenizer split {SPECIAL_TOKENS[int(ref[n])]} (id {int(ref[n])}, at index {n}) into "
             f"{len(pieces)} pieces, ids {[int(i) for i in pieces]}: it does not mark the chat tokens special "
-            f"(llama.cpp #8244; `gemma2-ref tokenize` shows the pieces)")
+            f"({REFS['special_tokens']}; `gemma2-ref tokenize` shows the pieces)")
 
 
 def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str] | None = None,

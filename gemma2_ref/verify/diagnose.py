@@ -28,19 +28,17 @@ from .compare import CaseComparison, Profile, align_positions, comparable, compa
 from ..model.generate import decode_taps
 from .golden import Case, keep_rows
 from . import mistakes as M
-from .mistakes import Mistake, inject, known_mistakes
+from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
 from ..model.taps import tap_names
 
 EXPLAIN_RATIO = 10.0
 MATCH_RATIO = 2.0
 
-Variant = Mistake  # a variant of the reference model is the model with one known mistake (mistakes.py)
-known_variants = known_mistakes
 
 
 @dataclass
 class VariantResult:
-    variant: Variant
+    variant: Mistake  # a variant of the reference model: the model with this one known mistake
     comparison: CaseComparison
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
     verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
@@ -111,8 +109,6 @@ def _position(tap, order: list[str]) -> int:
 
 
 FLOAT16_MAX = 65504.0
-FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
-                        "float16 run", "exllamav2 #539, llama.cpp #8240 (the 27B in float16)")
 
 
 def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> VariantResult | None:
@@ -205,7 +201,7 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
     overflow = fp16_overflow(reference, candidate, base)
     if overflow is not None:
         diag.results.append(overflow)
-    for variant in known_variants(model.config):
+    for variant in known_mistakes(model.config):
         if log:
             log(f"  variant {variant.name}")
         result = run(variant)

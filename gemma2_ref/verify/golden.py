@@ -51,7 +51,7 @@ from ..model.tokenizer import BOS
 from ..storage.weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, safetensors_header
 
 FORMAT_VERSION = 1
-ACTIVATIONS = "activations.safetensors"
+ACTIVATIONS_FILE = "activations.safetensors"
 MANIFEST = "manifest.json"
 SUITE = "suite.json"
 CASE_KIND = "gemma2-ref golden case"
@@ -144,7 +144,7 @@ def tap_entry(name: str, a: np.ndarray) -> dict:
 
 def golden_kind(path: Path) -> str | None:
     """"case", "suite", "mixed" (both: refused everywhere) or None (not a golden) for an existing directory."""
-    case = (path / MANIFEST).is_file() or (path / ACTIVATIONS).is_file()
+    case = (path / MANIFEST).is_file() or (path / ACTIVATIONS_FILE).is_file()
     suite = (path / SUITE).is_file() or any((p / MANIFEST).is_file() for p in path.iterdir() if p.is_dir())
     return "mixed" if case and suite else "case" if case else "suite" if suite else None
 
@@ -166,9 +166,9 @@ def foreign_entry(path: Path) -> str | None:
     directories. Only a directory with no foreign entry may be replaced; a symlink never is."""
     entries = sorted(path.iterdir(), key=lambda p: p.name)
     names = {p.name for p in entries}
-    if MANIFEST in names or ACTIVATIONS in names:  # a case: exactly its two files
+    if MANIFEST in names or ACTIVATIONS_FILE in names:  # a case: exactly its two files
         for p in entries:
-            if p.name not in (MANIFEST, ACTIVATIONS) or p.is_symlink() or not p.is_file():
+            if p.name not in (MANIFEST, ACTIVATIONS_FILE) or p.is_symlink() or not p.is_file():
                 return p.name
         return None if _written_by_us(path / MANIFEST, CASE_KIND) else MANIFEST
     for p in entries:  # a suite: suite.json and cases
@@ -478,7 +478,7 @@ class CaseWriter:
     def __enter__(self) -> "CaseWriter":
         self._tmp = self._stack.enter_context(atomic_directory(self.out_dir))
         head, self._offsets = safetensors_header({n: (ST_DTYPE[d], shape) for n, (shape, d) in self.specs.items()})
-        self._file = self._stack.enter_context(open(self._tmp / ACTIVATIONS, "wb"))
+        self._file = self._stack.enter_context(open(self._tmp / ACTIVATIONS_FILE, "wb"))
         self._file.write(head)
         self._file.truncate(len(head) + self.nbytes)  # every tap's place exists; each is written into it
         self._file.flush()
@@ -517,7 +517,7 @@ class CaseWriter:
         self._file.close()
         entries = [self.entries[n] for n in canonical_order(self.entries)]
         manifest = case_manifest(entries, self.ids, positions=self.positions,
-                                 activations_file=self._tmp / ACTIVATIONS, **self.fields)
+                                 activations_file=self._tmp / ACTIVATIONS_FILE, **self.fields)
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -537,7 +537,7 @@ def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dt
                   **({"attention_mask": np.asarray(attention_mask).astype(int).tolist()}
                      if attention_mask is not None else {})},
         "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
-        "activations": {"file": ACTIVATIONS, "bytes": activations_file.stat().st_size,
+        "activations": {"file": ACTIVATIONS_FILE, "bytes": activations_file.stat().st_size,
                         "sha256": sha256_file(activations_file)},
         "taps": entries,
     }
@@ -666,12 +666,12 @@ def load_case(path: str | Path, verify: bool = True) -> Case:
     """Load a golden case directory, verifying the manifest checksum, the file's sha256, the set of taps,
     and every tap's shape, dtype and sha256. Raises GoldenError naming what does not match."""
     path = Path(path)
-    mpath, apath = path / MANIFEST, path / ACTIVATIONS
+    mpath, apath = path / MANIFEST, path / ACTIVATIONS_FILE
     if not path.is_dir():
-        raise GoldenError(f"{path}: not a golden case directory (expected {MANIFEST} and {ACTIVATIONS} in it)")
+        raise GoldenError(f"{path}: not a golden case directory (expected {MANIFEST} and {ACTIVATIONS_FILE} in it)")
     for p in (mpath, apath):
         if not p.is_file():
-            raise GoldenError(f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS}; "
+            raise GoldenError(f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS_FILE}; "
                               f"regenerate it with `gemma2-ref golden`")
     try:
         manifest = json.loads(mpath.read_text())

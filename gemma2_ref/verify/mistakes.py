@@ -35,9 +35,73 @@ from ..storage.loader import Model
 from ..model.inputs import padded_positions
 from ..model.tokenizer import BOS
 
-WINDOW_REFS = "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186"
-SCALE_REFS = ("9B 224 for 256: transformers #31891, llama.cpp #8444, gemma_pytorch #71; "
-              "27B head_dim for 144: ferrox #40")
+# The public threads where each mistake was reported: the one list. The catalogue below, check-config's reports
+# (check_config.REPORTS), compare's leads and docs/compare-and-diagnose.md (scripts/make_docs.py) all read it.
+REFS = {
+    "attn_softcap": "vLLM #5908 / #7419, llama.cpp #8156 / #8197, transformers #31887",
+    "final_softcap": "llama.cpp #8156 / #8197 (GGUFs converted before the soft-cap keys existed)",
+    "softcap_key": "vLLM #30427, transformers #42881",
+    "window": "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186, SGLang #1056",
+    "sliding_layers": "transformers #31775 / #31786 / #31848",
+    "query_scale": ("9B 224 for 256: transformers #31891, llama.cpp #8444, gemma_pytorch #71; "
+                    "27B head_dim for 144: ferrox #40, llama.cpp #13951 (proposed)"),
+    "rope_theta": "config defaults of other families",
+    "rope_layout": "Meta / GPT-J layout confusion in converters",
+    "gqa_mapping": "repeat vs repeat_interleave in GQA ports",
+    "normalizer": "transformers #29402, gemma_pytorch #67",
+    "embed_unscaled": "porting from Llama",
+    "norm_offset": "gemma2-facts: RMSNorm (1 + w) (no public bug number recorded)",
+    "post_norm": "porting from Gemma 1",
+    "gelu": "transformers #29402 (GeGLU with the tanh approximation)",
+    "padding": "transformers #32848",
+    "ring": "ring-buffer KV caches (no public bug number recorded)",
+    "cache_window": "transformers #31775 / #31848",
+    "static_cache": "transformers #31953 / #32188 (static cache)",
+    "positions": "decode loops (no public bug number recorded)",
+    "no_bos": "lm-evaluation-harness #2049 (add_bos_token)",
+    "double_bos": "lm-evaluation-harness #3333, llama-cpp-python #1561",
+    "special_tokens": "llama.cpp #8244, #8349",
+    "fp16_overflow": "exllamav2 #539, llama.cpp #8240 (the 27B in float16)",
+}
+
+# Where each mistake first shows in a comparison with every tap stored (name without its "(value)"): the
+# catalogue's third column (docs/compare-and-diagnose.md); tests/test_diagnose.py checks the prefill ones.
+SHOWS_AT = {
+    "drop_attn_softcap": "`layers.0.attn.scores` (else `.probs`, `.context`)",
+    "drop_final_softcap": "`logits` (not `logits_raw`)",
+    "no_sliding_window": "the first sliding layer's `attn.probs` / `attn.context`, only at positions >= W - 1",
+    "window_offset=+1": "the first sliding layer's `attn.probs` / `attn.context`, only at positions >= W - 1",
+    "window_offset=-1": "the first sliding layer's `attn.probs` / `attn.context`, only at positions >= W - 1",
+    "query_scale": "`layers.0.attn.scores` (else `.probs`, `.context`)",
+    "sliding_layers=odd": "`layers.0.attn.*` past the window",
+    "rope_theta": "`layers.0.attn.q_rope`",
+    "rope_layout=interleaved": "`layers.0.attn.q_rope`",
+    "gqa_mapping=tiled": "`layers.0.attn.scores` (else `.context`)",
+    "normalizer_dtype=bfloat16": "`embed`",
+    "normalizer_dtype=float64": "`embed` (in a bfloat16 run only: float32 rounds sqrt(D) the same)",
+    "embed_unscaled": "`embed`",
+    "norm_offset=0": "`layers.0.pre_attn_norm`",
+    "norm_offset=2": "`layers.0.pre_attn_norm`",
+    "no_post_attn_norm": "`layers.0.post_attn_norm`",
+    "no_post_ffw_norm": "`layers.0.post_ffw_norm`",
+    "exact_gelu": "`layers.0.mlp.hidden`",
+    "padding_not_masked": "the first layer's `attn.*` of the shorter rows (a padded batch)",
+    "decode_ring_off_by_one": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
+    "decode_window_ignored": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
+    "decode_unmasked_slots": ("`decode` case: the first layer with unfilled slots (a global one once the ring is "
+                              "full), `attn.context`, from the prefill on"),
+    "decode_positions_stuck": "`decode` case: `layers.0.attn.q_rope` (else `.context`) at decode step 1",
+    "no_bos": "`embed` (shape), and the manifests' token ids",
+    "double_bos": "`embed` (shape), and the manifests' token ids",
+    "fp16_overflow": "the first tap where the reference's absmax exceeds 65504",
+}
+
+
+def shows_at(name: str) -> str:
+    """Where the mistake called `name` first shows ("" when not recorded): SHOWS_AT by name, else by the
+    family before "=" (query_scale=..., rope_theta=...)."""
+    stem = name.split(" (")[0]
+    return SHOWS_AT.get(stem) or SHOWS_AT.get(stem.split("=")[0], "")
 
 
 @dataclass(frozen=True)
@@ -217,19 +281,19 @@ def known_mistakes(cfg) -> list[Mistake]:
     W = cfg.sliding_window
     out = [
         Mistake("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
-                "kernels without soft-capping)", "vLLM #5908 / #7419, llama.cpp #8156 / #8197, transformers #31887",
+                "kernels without soft-capping)", REFS["attn_softcap"],
                 config=(("attn_logit_softcapping", None),)),
         Mistake("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
-                "llama.cpp #8156 / #8197 (GGUFs converted before the soft-cap keys existed)",
+                REFS["final_softcap"],
                 config=(("final_logit_softcapping", None),)),
         Mistake("no_sliding_window", f"sliding-window layers attend globally (only visible beyond the window "
-                f"of {W})", WINDOW_REFS, config=(("layer_types", (GLOBAL,) * cfg.num_hidden_layers),)),
+                f"of {W})", REFS["window"], config=(("layer_types", (GLOBAL,) * cfg.num_hidden_layers),)),
         Mistake("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
-                "back", WINDOW_REFS, config=(("sliding_window", W + 1),)),
+                "back", REFS["window"], config=(("sliding_window", W + 1),)),
     ]
     if W > 1:
         out.append(Mistake("window_offset=-1", "sliding window off by one: a query sees one key fewer",
-                           WINDOW_REFS, config=(("sliding_window", W - 1),)))
+                           REFS["window"], config=(("sliding_window", W - 1),)))
     scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
               "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
     seen = {float(cfg.query_pre_attn_scalar)}
@@ -238,68 +302,78 @@ def known_mistakes(cfg) -> list[Mistake]:
             seen.add(float(value))
             out.append(Mistake(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
                                f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
-                               f"{cfg.query_pre_attn_scalar:g}^-0.5", SCALE_REFS,
+                               f"{cfg.query_pre_attn_scalar:g}^-0.5", REFS["query_scale"],
                                config=(("query_pre_attn_scalar", float(value)),)))
     slides = [cfg.layer_types[i] for i in range(cfg.num_hidden_layers)]
     if len(set(slides)) > 1:
         swapped = tuple(GLOBAL if t != GLOBAL else SLIDING for t in slides)
         out.append(Mistake("sliding_layers=odd", "the sliding window on the other layers (1, 3, 5, ... instead of "
-                           "0, 2, 4, ...)", "transformers #31775 / #31786 / #31848",
+                           "0, 2, 4, ...)", REFS["sliding_layers"],
                            config=(("layer_types", swapped),)))
     for theta in (1e4, 1e5, 5e5, 1e6):
         if theta != cfg.rope_theta:
             out.append(Mistake(f"rope_theta={theta:.0e}".replace("e+0", "e"), f"RoPE base {theta:g} instead of "
                                f"{cfg.rope_theta:g} (another "
-                               "family's config default)", "config defaults of other families",
+                               "family's config default)", REFS["rope_theta"],
                                config=(("rope_theta", theta),)))
     out.append(Mistake("rope_layout=interleaved", "RoPE rotates pairs (2i, 2i+1) instead of (i, i + head_dim/2)",
-                       "Meta / GPT-J layout confusion in converters", layout="rope_interleaved"))
+                       REFS["rope_layout"], layout="rope_interleaved"))
     if 1 < cfg.num_key_value_heads < cfg.num_attention_heads:
         out.append(Mistake("gqa_mapping=tiled", "query head h uses kv head h % K instead of h // (H/K) (repeat "
-                           "where repeat_interleave is right)", "repeat vs repeat_interleave in GQA ports",
+                           "where repeat_interleave is right)", REFS["gqa_mapping"],
                            layout="gqa_tiled"))
     out += [
         Mistake("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
                 "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
-                "transformers #29402", normalizer="bfloat16"),
+                REFS["normalizer"], normalizer="bfloat16"),
         Mistake("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
-                "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)", "transformers #29402",
+                "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)", REFS["normalizer"],
                 normalizer="float64"),
-        Mistake("embed_unscaled", "embedding not multiplied by sqrt(D) (a port from Llama)", "porting from Llama",
+        Mistake("embed_unscaled", "embedding not multiplied by sqrt(D) (a port from Llama)", REFS["embed_unscaled"],
                 normalizer="unscaled"),
         Mistake("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
-                "gemma2-facts: RMSNorm (1 + w)", norm_shift=-1.0),
+                REFS["norm_offset"], norm_shift=-1.0),
         Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
-                "gemma2-facts: RMSNorm (1 + w)", norm_shift=1.0),
+                REFS["norm_offset"], norm_shift=1.0),
         Mistake("no_post_attn_norm", "the attention output added to the residual stream without the "
-                "post-attention RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                "post-attention RMSNorm (the Gemma 1 / Llama layer reused)", REFS["post_norm"],
                 config=(("post_attn_norm", False),)),
         Mistake("no_post_ffw_norm", "the MLP output added to the residual stream without the post-feed-forward "
-                "RMSNorm (the Gemma 1 / Llama layer reused)", "porting from Gemma 1",
+                "RMSNorm (the Gemma 1 / Llama layer reused)", REFS["post_norm"],
                 config=(("post_ffw_norm", False),)),
         Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
-                "transformers #29402 (GeGLU with the tanh approximation)", config=(("hidden_activation", "gelu"),)),
+                REFS["gelu"], config=(("hidden_activation", "gelu"),)),
         Mistake("padding_not_masked", "a padded batch run without its attention mask: padding tokens are "
-                "attended and shift the positions", "transformers #32848", padding="unmasked"),
+                "attended and shift the positions", REFS["padding"], padding="unmasked"),
     ]
     if SLIDING in cfg.layer_types and W > 1:
         out += [
             Mistake("decode_ring_off_by_one", "the KV cache's ring one slot short (W - 1 slots): a decode step "
                     "writes its key over the oldest key still inside the window, so each decode query sees W - 1 "
-                    "keys", "ring-buffer KV caches (no public bug number recorded)", decode="ring_off_by_one"),
+                    "keys", REFS["ring"], decode="ring_off_by_one"),
             Mistake("decode_window_ignored", "after the prefill a sliding layer keeps every key and attends to "
-                    "all of them (the cache ignores the window)", "transformers #31775 / #31848",
+                    "all of them (the cache ignores the window)", REFS["cache_window"],
                     decode="window_ignored"),
         ]
     out += [
         Mistake("decode_unmasked_slots", "a static cache's unfilled slots not masked: their zero keys and values "
-                "attended", "transformers #31953 / #32188 (static cache)", decode="unmasked_slots"),
+                "attended", REFS["static_cache"], decode="unmasked_slots"),
         Mistake("decode_positions_stuck", "positions not advancing in decode: every step rotated by RoPE at the "
-                "first decode step's position", "decode loops (no public bug number recorded)",
+                "first decode step's position", REFS["positions"],
                 decode="positions_stuck"),
         Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
-                "lm-evaluation-harness #2049 (add_bos_token)", ids="no_bos"),
+                REFS["no_bos"], ids="no_bos"),
         Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
-                "lm-evaluation-harness #3333, llama-cpp-python #1561", ids="double_bos"),
+                REFS["double_bos"], ids="double_bos"),
     ]
     return out
+
+
+# Named by diagnose from the reference's range, never re-run: no transform of the model makes it.
+FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
+                        "float16 run", REFS["fp16_overflow"])
+
+
+def catalogue(cfg) -> list[Mistake]:
+    """Every mistake diagnose can name for this model: those it re-runs (known_mistakes), then fp16_overflow."""
+    return known_mistakes(cfg) + [FP16_OVERFLOW]

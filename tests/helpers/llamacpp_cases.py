@@ -6,15 +6,13 @@ reuse them."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from .backends import require
+from .scripts import load_script
 
-from backends import require
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 # the random checkpoint past its window (released tokenizer files), its 21 ids: one definition for the tests
-# and the README's commands
-from llamacpp_random_checkpoint import RANDOM_CFG, RANDOM_IDS, random_checkpoint  # noqa: E402,F401
+# and the commands of docs/backends/llamacpp.md
+_random = load_script("llamacpp_random_checkpoint")
+RANDOM_CFG, RANDOM_IDS, random_checkpoint = _random.RANDOM_CFG, _random.RANDOM_IDS, _random.random_checkpoint
 
 INSTALL_LLAMA = ("CMAKE_ARGS=-DGGML_NATIVE=OFF pip install -e '.[llamacpp]' (builds llama-cpp-python 0.3.36 "
                  "from source, ~7 min)")
