@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, Suite, keep_positions
+from .golden import Case, GoldenError, Suite, keep_positions
 from ..model.gemma2 import log_softmax
+from ..model.jsonfile import is_number
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
@@ -46,6 +47,16 @@ class Profile:
     top5: float  # min mean top-5 overlap
     why: str = ""
     per_tap: dict | None = None  # {tap: (rel_l2, max_rel)}: limits of their own (the measured profile)
+
+    def __post_init__(self):
+        """Limits are finite numbers >= 0 (agreements in [0, 1]): a NaN limit would let every candidate pass."""
+        checks = [(k, getattr(self, k), None) for k in ("rel_l2", "max_rel", "kl")]
+        checks += [(k, getattr(self, k), 1.0) for k in ("top1", "top5")]
+        checks += [(f"per_tap[{tap!r}]", v, None) for tap, pair in (self.per_tap or {}).items() for v in pair]
+        for key, value, high in checks:
+            if not (is_number(value) and value >= 0 and (high is None or value <= high)):
+                raise ValueError(f"profile {self.name!r}: `{key}` is {value!r}; a limit is a finite number >= 0"
+                                 + (" and <= 1 (a fraction)" if high else ""))
 
     def limits(self, tap: str) -> tuple[float, float]:
         """(rel L2, max abs / absmax) limits of one tap."""
@@ -142,7 +153,9 @@ class TapResult:
             return f"{self.name}: not in the candidate"
         if self.status == "shape":
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
-        s = f"{self.name}: {describe_non_finite(self.non_finite)}; " if self.non_finite else f"{self.name}: "
+        if self.non_finite:  # its errors are not numbers: say where the NaN / Inf are instead
+            return f"{self.name}: {describe_non_finite(self.non_finite)}"
+        s = f"{self.name}: "
         s += (f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
         if self.scale_fit:
@@ -479,8 +492,31 @@ def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, 
     return ref_view, view, note
 
 
+def check_compare_arguments(ref, cand, profile) -> None:
+    """compare_cases' arguments are what it compares: two loaded cases and a profile (or a function giving one)."""
+    for what, value in (("reference", ref), ("candidate", cand)):
+        if not isinstance(value, Case):
+            raise TypeError(f"compare_cases: the {what} is {type(value).__name__} {value!r:.60}, expected a golden "
+                            f"Case: load it first with gemma2_ref.golden.load_golden(path)")
+    if not (isinstance(profile, Profile) or callable(profile)):
+        raise TypeError(f"compare_cases: the profile is {type(profile).__name__} {profile!r:.60}, expected a Profile "
+                        f"(gemma2_ref.compare.PROFILES['fp32'] or get_profile(name, ...)) or a function of the "
+                        f"reference case giving one")
+
+
+def refuse_non_finite_reference(result: CaseComparison) -> None:
+    """A reference golden is never NaN or Inf (the reference refuses to produce one): name its first such tap."""
+    bad = next((t for t in result.taps if t.non_finite and "reference" in t.non_finite), None)
+    if bad is not None:
+        f = bad.non_finite["reference"]
+        raise GoldenError(f"{result.reference}: the reference holds non-finite values, first at tap {bad.name!r} "
+                          f"({f['nan']} NaN and {f['inf']} Inf, the first at index {tuple(f['first'])}): it is not "
+                          f"a golden gemma2-ref wrote; regenerate it with `gemma2-ref golden`")
+
+
 def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
+    check_compare_arguments(ref, cand, profile)
     profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
     if not ref.verified:
@@ -492,6 +528,7 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
         notes.append(note)
     result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
                                  str(cand.path), ref.token_ids, cand.token_ids, notes)
+    refuse_non_finite_reference(result)
     config = (ref.manifest.get("model") or {}).get("config") or {}
     if config.get("sliding_window") and ref.attention_mask is None:
         first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
@@ -548,6 +585,8 @@ def layer_table(taps: list[TapResult]) -> list[dict]:
         if not t.ok:
             row["failed"] += 1
             row["first_failure"] = row["first_failure"] or t.name
+        if t.non_finite:
+            row["non_finite"] = True
         if t.rel_l2 is not None:
             row["worst_rel_l2"] = max(row["worst_rel_l2"], t.rel_l2)
             row["worst_max_rel"] = max(row["worst_max_rel"], t.max_rel)
@@ -601,8 +640,8 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
             continue
-        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  {row['worst_rel_l2']:>12.3g}  "
-                     f"{row['worst_max_rel']:>16.3g}  {row['first_failure'] or ''}")
+        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  {number_cell(row, 'worst_rel_l2', 12)}  "
+                     f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}")
     if all_taps:
         lines += ["", "per tap, execution order:"] + [f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}"
                                                      for t in result.taps if t.status != "missing"]
@@ -615,6 +654,10 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
                            f"{lg['top5']:.1%}", 8)]
     first = result.first_divergence
     lines.append("")
+    non_finite = next((t for t in result.taps if t.non_finite), None)
+    if non_finite is not None:
+        lines.append(wrap(f"NON-FINITE the candidate's first tap holding NaN or Inf is {non_finite.name}: "
+                          f"{describe_non_finite(non_finite.non_finite)}", 11))
     if result.passed:
         lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
         if result.blind_spots:
@@ -632,6 +675,15 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
             lines.append(wrap(f"      the error grew earlier: {lead.name} already has rel L2 {lead.rel_l2:.3g} (half "
                               f"the limit or more): look there first", 6))
     return "\n".join(lines)
+
+
+def number_cell(row: dict, key: str, width: int) -> str:
+    """A layer table cell: the worst error, or, where it is not a number, why ("NaN/Inf": a tap holds them;
+    "shape": shapes differ), never a bare "inf"."""
+    value = row[key]
+    if math.isfinite(value):
+        return f"{value:>{width}.3g}"
+    return f"{'NaN/Inf' if row.get('non_finite') else 'shape':>{width}}"
 
 
 def failure_reasons(t: TapResult, p: Profile) -> list[str]:
