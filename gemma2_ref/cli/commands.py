@@ -383,6 +383,9 @@ def compare(args) -> int:
     from ..verify import diagnose as D
     from ..verify.golden import load_golden
 
+    if args.plot:  # before any work: the figure is drawn last
+        from ..verify.optional import require
+        require("matplotlib", "--plot")
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
@@ -406,21 +409,32 @@ def compare(args) -> int:
                 print()
                 print(D.format_diagnosis(diagnoses[r.reference]))
         if len(results) > 1:
-            ok = sum(r.passed for r in results)
-            print(f"\nsuite: {ok} of {len(results)} cases pass" + (
-                "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
-                if ok < len(results) else ""))
+            print("\n" + suite_verdict(results))
     if args.plot:
         from ..verify.plot import plot_comparisons
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
-    return 0 if all(r.passed for r in results) else 1
+    return 0 if all(r.passed or r.not_checked for r in results) else 1
+
+
+def suite_verdict(results) -> str:
+    """suite: N of M checked cases pass; failing: ...; not checked (the candidate's backend cannot run them): ..."""
+    checked = [r for r in results if not r.not_checked]
+    failing = [Path(r.reference).name for r in checked if not r.passed]
+    unchecked = [Path(r.reference).name for r in results if r.not_checked]
+    return (f"suite: {len(checked) - len(failing)} of {len(checked)} {'checked ' if unchecked else ''}cases pass"
+            + (f"; failing: {', '.join(failing)}" if failing else "")
+            + (f"; not checked ({len(unchecked)}, the candidate's backend cannot run them): {', '.join(unchecked)}"
+               if unchecked else ""))
 
 
 def check_config(args) -> int:
     from ..verify.check_config import check
     report = check(args.reference, args.candidate)
-    print(report.to_json() if args.json else report.format())
+    if report.error:  # an unreadable input is an error: on stderr, one line (--json still gets its document)
+        eprint(f"gemma2-ref check-config: error: {report.error}")
+    if args.json or not report.error:
+        print(report.to_json() if args.json else report.format())
     return report.exit_code
 
 

@@ -265,7 +265,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
                    f"{shown(layer_types)}")
 
     eos = d.get("eos_token_id", [1, 107])
-    if isinstance(eos, list) and (not eos or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos)):
+    if isinstance(eos, list) and (not eos or any(t is None for t in eos)):  # the rest: _number, item by item
         raise fail(f"`eos_token_id` must be an integer or a non-empty list of integers, found {shown(eos)}")
     sliding_window = d.get("sliding_window", 4096)
     if sliding_window is None:

@@ -117,3 +117,15 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """A finite JSON number (true and false are not)."""
     return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def strict(value):
+    """`value` ready for strict JSON: every NaN or infinite float written as the string "nan" / "inf" / "-inf"
+    (json.dumps would write the bare NaN no JSON reader accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value

@@ -113,7 +113,8 @@ def tensor_ref(path: Path, name: str, info, dtypes, what: str, data_start: int, 
                            f"data_offsets)")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in dtypes:
-        raise WeightsError(f"{where} has dtype {shown(dtype)}; {what}: {', '.join(dtypes)}")
+        raise WeightsError(f"{where} has dtype {dtype if isinstance(dtype, str) else shown(dtype)}; {what}: "
+                           f"{', '.join(dtypes)}")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise WeightsError(f"{where}: `shape` is {shown(shape)}; expected a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)

@@ -565,7 +565,8 @@ def model_info(model, given_name: str | None = None, progress: bool = False) -> 
     """model_info_from_files for a loaded gemma2_ref Model; `given_name` as the user named it ("tiny")."""
     from ..data import bundled_path
 
-    bundled = given_name is not None and bundled_path(str(given_name)) is not None
+    where = bundled_path(str(given_name)) if given_name is not None else None
+    bundled = where is not None and model.path is not None and Path(model.path).resolve() == where.resolve()
     return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled,
                                  progress)
 
@@ -819,6 +820,12 @@ def load_suite(path: str | Path, verify: bool = True) -> Suite:
                                                                 and e["name"] for e in entries):
         raise GoldenError(f"{path / SUITE}: expected an object whose `cases` lists at least one {{\"name\": ...}}; "
                           f"regenerate the suite with `gemma2-ref golden --suite`")
+    skipped = info.get("skipped")
+    if skipped is not None and not (isinstance(skipped, list) and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("reason"), str)
+            for e in skipped)):
+        raise GoldenError(f"{path / SUITE}: `skipped` is {shown(skipped)}; expected a list of {{\"name\": case, "
+                          f"\"reason\": why its backend could not write it}}")
     cases = []
     for entry in entries:
         if Path(entry["name"]).name != entry["name"] or entry["name"] in (".", ".."):
