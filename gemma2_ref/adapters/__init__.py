@@ -26,9 +26,10 @@ BACKENDS = {
 }
 
 
-# backend name -> the frameworks its adapter imports (verify/optional.py says which pip install brings each)
+# backend name -> the frameworks its adapter imports, the one whose install brings the others last
+# (verify/optional.py says which pip install brings each)
 NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx", "mlx_lm"), "jax-gemma": ("jax", "gemma"),
-         "llama.cpp": ("llama_cpp", "gguf"), "vllm": ("torch", "vllm"), "keras-hub": ("keras", "keras_hub")}
+         "llama.cpp": ("gguf", "llama_cpp"), "vllm": ("torch", "vllm"), "keras-hub": ("keras", "keras_hub")}
 
 
 def load_adapter(backend: str):

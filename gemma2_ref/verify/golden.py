@@ -197,6 +197,24 @@ def is_only_a_case(path: Path) -> bool:
     return golden_kind(path) == "case" and foreign_entry(path) is None
 
 
+def blocking_parent(out: Path) -> str | None:
+    """The nearest existing parent of `out` when it is not a directory, and what it is instead (a file, a
+    symbolic link loop, a dangling link), as "PATH is ..."; None when `out` can be made there."""
+    for parent in out.parents:
+        if parent.is_dir():
+            return None
+        if parent.is_symlink():
+            try:
+                parent.resolve(strict=True)
+            except RuntimeError:
+                return f"{parent} is a symbolic link loop"
+            except OSError:
+                return f"{parent} is a dangling symbolic link (to {os.readlink(parent)})"
+        if parent.exists():
+            return f"{parent} is a file"
+    return None
+
+
 def check_output(out, force: bool = False, option: str = "--out") -> Path:
     """Where `gemma2-ref golden` may write: a new path, an empty directory, or with `force` an existing golden
     case or suite that holds nothing gemma2-ref did not write (replaced whole once the new one is complete).
@@ -206,6 +224,9 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
     out = Path(out)
     if out.is_symlink():
         raise GoldenError(f"{option} {out} is a symbolic link: give the directory itself (a link is never replaced)")
+    blocked = blocking_parent(out)
+    if blocked:
+        raise GoldenError(f"{option} {out}: {blocked}: no directory can be made inside it; choose another location")
     if out.exists() and not out.is_dir():
         raise GoldenError(f"{option} {out} is a file: give a directory path (it is created)")
     if out.is_dir() and any(out.iterdir()):
@@ -701,11 +722,14 @@ def check_manifest_input(given, bad) -> None:
         raise bad("input", given, "an object {text, token_ids, shape, bos, positions}")
     ids = given.get("token_ids")
     if ids is not None:
-        rows = ids if ids and isinstance(ids[0], list) else [ids] if isinstance(ids, list) else None
-        if (rows is None or not rows or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows)
+        batched = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+        rows = ids if batched else [ids]
+        if (not isinstance(ids, list) or not ids or any(not isinstance(r, list) or not r or len(r) != len(rows[0])
+                                                        for r in rows)
                 or not all(is_int(t) for r in rows for t in r)):
-            raise bad("input.token_ids", ids, "a list of integer token ids, or a list of equal-length such lists")
-        shape = [len(rows[0])] if not isinstance(ids[0], list) else [len(rows), len(rows[0])]
+            raise bad("input.token_ids", ids, "a non-empty list of integer token ids, or a list of equal-length "
+                                              "such lists")
+        shape = [len(rows), len(rows[0])] if batched else [len(ids)]
         if given.get("shape") is not None and given["shape"] != shape:
             raise bad("input.shape", given["shape"], f"{shape}, the shape of input.token_ids")
         mask = given.get("attention_mask")

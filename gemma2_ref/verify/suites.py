@@ -262,10 +262,11 @@ SUITES = {"coverage": coverage_inputs}
 def suite_case_names(name: str = "coverage") -> list[str]:
     """The cases a suite writes, in order, from its definition (run for the bundled tiny model: the names do
     not depend on the model). `gemma2-ref golden --help` lists them."""
+    from ..data import bundled_path
     from ..model.config import PRESETS
     from ..model.tokenizer import load_tokenizer
 
-    return [case.name for case in SUITES[name](PRESETS["tiny"], load_tokenizer("tiny"))]
+    return [case.name for case in SUITES[name](PRESETS["tiny"], load_tokenizer(bundled_path("tiny")))]
 
 
 MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
