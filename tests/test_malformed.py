@@ -217,7 +217,7 @@ ROWS = [
     ("index-shard-outside", with_index({"weight_map": {"w": "../../../etc/passwd"}}),
      ["index.json", "'../../../etc/passwd', outside the checkpoint directory"]),
     ("index-shard-absolute", with_index({"weight_map": {"w": "/etc/passwd"}}), ["outside the checkpoint directory"]),
-    ("index-shard-absent", with_index({"weight_map": {"w": "gone.safetensors"}}), ["gone.safetensors does not exist"]),
+    ("index-shard-absent", with_index({"weight_map": {"w": "gone.safetensors"}}), ["are not in", "gone.safetensors"]),
     ("index-deep", with_index(DEEP), ["index.json", "nested"]),
     # model.safetensors that is not a file
     ("weights-directory", weights_as("directory"), ["model.safetensors is a directory"]),

@@ -19,6 +19,7 @@ import gemma2_ref as g2
 
 from ..model.config import GLOBAL
 from ..verify.golden import sha256_file
+from ..model.jsonfile import JSONFileError, read_json
 from ..model.inputs import InputError, check_position_range, check_prompt, parse_token_ids
 from ..model.gemma2 import softmax
 
@@ -355,9 +356,9 @@ def name_map(rules):
                          "be combined with rules") + "; give rules THEIR=CANONICAL (repeatable) or one JSON file "
                          "{their: canonical}")
     try:
-        mapping = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--name-map {path}: not valid JSON ({e})") from None
+        mapping = read_json(path)
+    except JSONFileError as e:
+        raise InputError(f"--name-map {e}") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise InputError(f"--name-map {path}: expected a JSON object {{their name: canonical name}}")
     return mapping

@@ -311,6 +311,9 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
     if index.exists() or index.is_symlink():
         weight_map = read_weight_map(index)
         files = [directory / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not (f.exists() or f.is_symlink())]
+        if absent:
+            raise WeightsError(f"{index} lists shard(s) that are not in {directory}: {', '.join(absent)}")
         for f in files:
             problem = not_a_file(f)
             if problem:

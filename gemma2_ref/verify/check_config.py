@@ -220,7 +220,8 @@ class GGUFFacts:
         arch = getattr(self, "arch", None)
         expected = GGUF_KINDS.get(key[len(arch) + 1:] if arch and key.startswith(arch + ".") else key)
         if expected is not None and not gguf_value_is(value, expected):
-            raise ConfigCheckError(f"{self.path}: GGUF key {key} is {shown(value)}; expected {GGUF_KIND_TEXT[expected]}: "
+            raise ConfigCheckError(f"{self.path}: GGUF key {key} is {shown(value)}; expected "
+                                   f"{GGUF_KIND_TEXT[expected]}: "
                                    f"the file is damaged or was not written by a GGUF converter")
         return value
 

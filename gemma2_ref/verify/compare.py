@@ -389,7 +389,8 @@ class CaseComparison:
                 "profile": asdict(self.profile), "first_divergence": first.name if first else None,
                 "error_lead": (self.error_lead() or first).name if first else None,
                 "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
-                "notes": self.notes, "blind_spots": self.blind_spots, "not_checked": self.not_checked, "taps": [asdict(t) for t in self.taps],
+                "notes": self.notes, "blind_spots": self.blind_spots, "not_checked": self.not_checked,
+                "taps": [asdict(t) for t in self.taps],
                 "layers": layer_table(self.taps)}
 
 
@@ -651,7 +652,8 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
             continue
-        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  {number_cell(row, 'worst_rel_l2', 12)}  "
+        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  "
+                     f"{number_cell(row, 'worst_rel_l2', 12)}  "
                      f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}")
     if all_taps:
         lines += ["", "per tap, execution order:"] + [f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}"
@@ -736,5 +738,6 @@ def json_safe(obj):
 
 
 def to_json(results: list[CaseComparison], extra: dict | None = None) -> str:
-    body = {"passed": all(r.passed or r.not_checked for r in results), "cases": [r.to_dict() for r in results], **(extra or {})}
+    body = {"passed": all(r.passed or r.not_checked for r in results), "cases": [r.to_dict() for r in results],
+            **(extra or {})}
     return json.dumps(json_safe(body), indent=1, allow_nan=False)
