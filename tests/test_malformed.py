@@ -184,6 +184,20 @@ def tokenizer_file(content):
     return make
 
 
+def reference_tokenizer_config(body):
+    """check-config against a reference checkpoint whose tokenizer_config.json is `body`."""
+    def make(tmp_path):
+        d = checkpoint(tmp_path)
+        (d / "tokenizer_config.json").write_text(json.dumps(body))
+        return ["check-config", d, d / "config.json"]
+    return make
+
+
+def json_file(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "f.json").write_text(text)
+    return tmp_path / "f.json"
+
+
 ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 # one row per class of malformed input: (id, how to make it, what the one line must name)
 ROWS = [
@@ -271,6 +285,12 @@ ROWS = [
     ("check-config-softcap-string", candidate_config(set_key("final_logit_softcapping", "30")),
      ["`final_logit_softcapping`"]),
     ("check-config-deep", candidate_config(None, text="{" + '"a": ' + DEEP + "}"), ["candidate.json", "nested"]),
+    ("check-config-tokenizer-config", reference_tokenizer_config({"added_tokens_decoder": [1]}),
+     ["tokenizer_config.json", "`added_tokens_decoder` is [1]"]),
+    ("check-config-add-bos-string", reference_tokenizer_config({"add_bos_token": "yes"}),
+     ["tokenizer_config.json", "`add_bos_token`"]),
+    ("name-map-deep", lambda tmp_path: ["compare", SHORT, SHORT, "--name-map", json_file(tmp_path, DEEP)],
+     ["--name-map", "nested"]),
 ]
 
 
@@ -589,6 +609,15 @@ def test_any_config_json_is_parsed_or_refused_with_a_config_error(change):
         config_from_hf_dict(d, "x/config.json")
     except ConfigError as e:
         assert str(e).startswith("x/config.json: ")
+
+
+def test_a_json_file_larger_than_the_bound_is_refused_before_it_is_read(tmp_path):
+    from gemma2_ref.model.jsonfile import read_json
+
+    path = json_file(tmp_path, "[" + "0, " * 100 + "0]")
+    assert read_json(path) == [0] * 101
+    with pytest.raises(JSONFileError, match=r"f.json: 303 bytes, larger than the 100 a JSON file"):
+        read_json(path, max_bytes=100)
 
 
 @settings(max_examples=200, deadline=None)

@@ -455,7 +455,11 @@ def diagnose(args) -> int:
         if isinstance(ref, Suite) else [(ref, cand)]
     model = D.load_reference_model(pairs[0][0], model_path, log=eprint)
     out, explained = [], True
+    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []} if isinstance(cand, Suite) else {}
     for r, c in pairs:
+        if c is None and r.name in skipped:
+            eprint(f"case {r.name}: not checked: the candidate has no `{r.name}` case ({skipped[r.name]})")
+            continue
         if c is None:
             eprint(f"case {r.name}: missing from the candidate suite")
             explained = False
