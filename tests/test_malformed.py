@@ -549,12 +549,18 @@ def test_golden_help_lists_every_case_the_coverage_suite_writes(capsys):
 
 # -- a closed pipe ------------------------------------------------------------------------------------------
 
-def test_tokenize_into_a_closed_pipe_exits_quietly():
-    cmd = [sys.executable, "-m", "gemma2_ref.cli", "tokenize", "tiny", "word " * 20000]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    p.stdout.readline()
-    p.stdout.close()  # as `| head -1` does
+@pytest.mark.parametrize("words", [20000, 2], ids=["while-printing", "at-the-last-flush"])
+def test_tokenize_into_a_closed_pipe_exits_quietly(words):
+    cmd = [sys.executable, "-m", "gemma2_ref.cli", "tokenize", "tiny", "word " * words]
+    read, write = os.pipe()
+    if words < 100:
+        os.close(read)  # closed before a byte is written: the buffered output fails when flushed
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(REPO)}  # buffered
+    p = subprocess.Popen(cmd, stdout=write, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    os.close(write)
+    if words >= 100:
+        with os.fdopen(read, "rb") as reader:
+            reader.readline()  # then closed, as `| head -1` does
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and err == ""
 

@@ -290,6 +290,7 @@ def run_handler(args) -> int:
     with run.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
         try:
             code = args.handler(args)
+            sys.stdout.flush()  # here, not at exit: a reader that closed the pipe is then seen (quietly)
             after_success()
             return code
         except (ConfigError, WeightsError, TokenizerError, ValueError) as e:
