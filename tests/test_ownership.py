@@ -105,6 +105,21 @@ def test_a_symlinked_out_is_never_replaced(capsys, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("parent", ["loop", "dangling", "file"])
+def test_an_out_inside_what_is_not_a_directory_says_what_it_is(capsys, tmp_path, parent):
+    p = tmp_path / "p"
+    if parent == "file":
+        p.write_text("mine")
+    else:
+        p.symlink_to(p.name if parent == "loop" else "gone")
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "golden", "tiny", "--tokens", "2", "--out", p / "g")
+    says = {"loop": "is a symbolic link loop", "dangling": "is a dangling symbolic link (to gone)",
+            "file": "is a file"}[parent]
+    assert code == 2 and f"--out {p / 'g'}: {p} {says}: no directory can be made inside it" in err
+    assert snapshot(tmp_path) == before
+
+
 def test_a_second_writer_is_refused_while_the_first_lives(capsys, tmp_path):
     out = tmp_path / "out"
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

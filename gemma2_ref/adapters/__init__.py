@@ -26,8 +26,18 @@ BACKENDS = {
 }
 
 
+# backend name -> the frameworks its adapter imports, the one whose install brings the others last
+# (verify/optional.py says which pip install brings each)
+NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx", "mlx_lm"), "jax-gemma": ("jax", "gemma"),
+         "llama.cpp": ("gguf", "llama_cpp"), "vllm": ("torch", "vllm"), "keras-hub": ("keras", "keras_hub")}
+
+
 def load_adapter(backend: str):
-    """The adapter module for a backend name in BACKENDS."""
+    """The adapter module for a backend name in BACKENDS, once its frameworks are known to import (a missing
+    one: MissingDependency, one line with the pip install that brings it)."""
+    from ..verify.optional import check_installed
+
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; adapters exist for: {', '.join(BACKENDS)}")
+    check_installed(NEEDS.get(backend, ()), f"--backend {backend}")
     return importlib.import_module(BACKENDS[backend])

@@ -19,6 +19,7 @@ import gemma2_ref as g2
 
 from ..model.config import GLOBAL
 from ..verify.golden import sha256_file
+from ..model.jsonfile import JSONFileError, read_json
 from ..model.inputs import InputError, check_position_range, check_prompt, parse_token_ids
 from ..model.gemma2 import softmax
 
@@ -355,9 +356,9 @@ def name_map(rules):
                          "be combined with rules") + "; give rules THEIR=CANONICAL (repeatable) or one JSON file "
                          "{their: canonical}")
     try:
-        mapping = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"--name-map {path}: not valid JSON ({e})") from None
+        mapping = read_json(path)
+    except JSONFileError as e:
+        raise InputError(f"--name-map {e}") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise InputError(f"--name-map {path}: expected a JSON object {{their name: canonical name}}")
     return mapping
@@ -383,6 +384,9 @@ def compare(args) -> int:
     from ..verify import diagnose as D
     from ..verify.golden import load_golden
 
+    if args.plot:  # before any work: the figure is drawn last
+        from ..verify.optional import require
+        require("matplotlib", "--plot")
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
@@ -406,21 +410,32 @@ def compare(args) -> int:
                 print()
                 print(D.format_diagnosis(diagnoses[r.reference]))
         if len(results) > 1:
-            ok = sum(r.passed for r in results)
-            print(f"\nsuite: {ok} of {len(results)} cases pass" + (
-                "; failing: " + ", ".join(Path(r.reference).name for r in results if not r.passed)
-                if ok < len(results) else ""))
+            print("\n" + suite_verdict(results))
     if args.plot:
         from ..verify.plot import plot_comparisons
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
-    return 0 if all(r.passed for r in results) else 1
+    return 0 if all(r.passed or r.not_checked for r in results) else 1
+
+
+def suite_verdict(results) -> str:
+    """suite: N of M checked cases pass; failing: ...; not checked (the candidate's backend cannot run them): ..."""
+    checked = [r for r in results if not r.not_checked]
+    failing = [Path(r.reference).name for r in checked if not r.passed]
+    unchecked = [Path(r.reference).name for r in results if r.not_checked]
+    return (f"suite: {len(checked) - len(failing)} of {len(checked)} {'checked ' if unchecked else ''}cases pass"
+            + (f"; failing: {', '.join(failing)}" if failing else "")
+            + (f"; not checked ({len(unchecked)}, the candidate's backend cannot run them): {', '.join(unchecked)}"
+               if unchecked else ""))
 
 
 def check_config(args) -> int:
     from ..verify.check_config import check
     report = check(args.reference, args.candidate)
-    print(report.to_json() if args.json else report.format())
+    if report.error:  # an unreadable input is an error: on stderr, one line (--json still gets its document)
+        eprint(f"gemma2-ref check-config: error: {report.error}")
+    if args.json or not report.error:
+        print(report.to_json() if args.json else report.format())
     return report.exit_code
 
 
@@ -441,7 +456,11 @@ def diagnose(args) -> int:
         if isinstance(ref, Suite) else [(ref, cand)]
     model = D.load_reference_model(pairs[0][0], model_path, log=eprint)
     out, explained = [], True
+    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []} if isinstance(cand, Suite) else {}
     for r, c in pairs:
+        if c is None and r.name in skipped:
+            eprint(f"case {r.name}: not checked: the candidate has no `{r.name}` case ({skipped[r.name]})")
+            continue
         if c is None:
             eprint(f"case {r.name}: missing from the candidate suite")
             explained = False

@@ -7,6 +7,7 @@ MODEL is a checkpoint directory (Hugging Face layout) or the name of a bundled m
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -18,9 +19,10 @@ from ..adapters import BACKENDS
 from .commands import BENCH_SCRIPT, eprint
 from ..model.config import ConfigError
 from .options import (COUNT, FRACTION, NONNEGATIVE, PROBABILITY, SEED, Parser, UsageError, conflict, position_range,
-                      tap_set)
+                      tap_set, utf8_text)
 from ..model.tokenizer import TokenizerError
 from ..storage.weights import WeightsError
+from ..verify.optional import MissingDependency, missing
 
 
 def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat template as a user turn"):
@@ -28,7 +30,7 @@ def add_model_and_prompt(p, chat_help: str = "wrap the prompt in the Gemma chat 
     --prompt/--tokens group, for a subcommand that offers one more source of input."""
     p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to encode with the model's tokenizer")
+    src.add_argument("--prompt", type=utf8_text, help="text to encode with the model's tokenizer")
     src.add_argument("--tokens", help="token ids instead of text, e.g. '2 651 1234'")
     p.add_argument("--chat", action="store_true", help=chat_help)
     p.add_argument("--no-bos", action="store_true", help="do not prepend <bos> to --prompt (Gemma expects one)")
@@ -53,7 +55,7 @@ def add_tokenize(sub):
     p = sub.add_parser("tokenize", help="show the token ids and pieces of a text",
                        description="Encode TEXT with the model's tokenizer.model and show ids and pieces.")
     p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
-    p.add_argument("text")
+    p.add_argument("text", type=utf8_text)
     p.add_argument("--no-bos", action="store_true", help="do not start with <bos> (Gemma expects one)")
     p.add_argument("--chat", action="store_true", help="wrap TEXT in the Gemma chat template as a user turn")
     p.add_argument("--json", action="store_true", help="print the ids as a JSON list only")
@@ -129,9 +131,10 @@ def add_golden(sub):
                                    "suite with: gemma2-ref golden tiny --suite coverage --taps all --out golden/ "
                                    "--force")
     src = add_model_and_prompt(p)
-    src.add_argument("--suite", choices=["coverage"],
-                     help="coverage: short, window (positions W-1, W, W+1 of the sliding window W), no_bos, "
-                          "double_bos, chat, batch")
+    from ..verify.suites import SUITES, suite_case_names
+    src.add_argument("--suite", choices=list(SUITES),
+                     help="coverage: the cases " + ", ".join(suite_case_names("coverage")) + " (window: positions "
+                          "W-1, W, W+1 of the sliding window W; see gemma2_ref/verify/suites.py)")
     p.add_argument("--out", required=True, help="output directory (a case, or a suite of case directories); it "
                                                 "must not exist or be empty, unless --force")
     p.add_argument("--force", action="store_true", help="replace a golden case or suite already at --out")
@@ -287,11 +290,21 @@ def run_handler(args) -> int:
     with commands.one_line_warnings(f"gemma2-ref {args.command}: warning: ") as after_success:
         try:
             code = args.handler(args)
+            sys.stdout.flush()  # here, not at exit: a reader that closed the pipe is then seen (quietly)
             after_success()
             return code
         except (ConfigError, WeightsError, TokenizerError, ValueError) as e:
             eprint(one_line(f"gemma2-ref {args.command}: error: {e}"))
             return 2
+        except ModuleNotFoundError as e:  # an optional dependency: the pip install line (verify/optional.py)
+            found = e if isinstance(e, MissingDependency) else missing(e, f"gemma2-ref {args.command}")
+            if found is None:
+                raise
+            eprint(f"gemma2-ref {args.command}: error: {found}")
+            return 2
+        except BrokenPipeError:  # `gemma2-ref tokenize ... | head`: the reader has all it wanted
+            quiet_stdout()
+            return 0
         except OSError as e:  # a missing path, permissions, a full disk: name the path and the reason
             eprint(one_line(f"gemma2-ref {args.command}: error: {commands.os_error_message(e)}"))
             return 2
@@ -310,6 +323,13 @@ def one_line(message: str) -> str:
     """An error message as one printable line: a control character a user typed (a path holding a carriage
     return, a newline) shown as its escape instead of breaking the line."""
     return message.translate(CONTROL)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into the closed pipe stays silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class Terminated(BaseException):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 class UsageError(Exception):
@@ -29,6 +30,9 @@ def number(kind, low=None, high=None, above=False, what=""):
         if not (math.isfinite(value) and (low is None or value > low or (value == low and not above))
                 and (high is None or value <= high)):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if kind is float and value != 0 and abs(value) < sys.float_info.min:
+            raise argparse.ArgumentTypeError(f"{text!r} underflows: a number this small is not one a computation "
+                                             f"can use (the smallest is {sys.float_info.min:.3g}); give 0 or more")
         return value
     return parse
 
@@ -38,6 +42,18 @@ SEED = number(int, 0, what="an integer >= 0")
 NONNEGATIVE = number(float, 0.0, what="a finite number >= 0")
 FRACTION = number(float, 0.0, 1.0, what="a fraction in [0, 1]")
 PROBABILITY = number(float, 0.0, 1.0, above=True, what="a probability in (0, 1]")
+
+
+def utf8_text(text: str) -> str:
+    """--prompt and TEXT: what the command line gave, which must be UTF-8 (the tokenizer reads nothing else;
+    Python hands undecodable bytes over as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (byte 0x{raw.hex()} at character {e.start}): give the "
+                                         f"text in UTF-8, e.g. convert it with iconv -t UTF-8") from None
+    return text
 
 
 def position_range(text: str) -> tuple[int, int | None]:

@@ -14,11 +14,12 @@ google/gemma-2-2b, -9b and -27b.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .jsonfile import JSONFileError, read_json, shown
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -79,6 +80,9 @@ class Gemma2Config:
             raise ConfigError(
                 f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
                 f"{self.num_hidden_layers}")
+        if not all(isinstance(t, str) for t in self.layer_types):
+            raise ConfigError(f"`layer_types` must be strings ({SLIDING!r} or {GLOBAL!r}), found "
+                              f"{shown(list(self.layer_types))}")
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise ConfigError(f"`layer_types` has unknown kinds {bad}; expected {SLIDING!r} or {GLOBAL!r}")
@@ -226,6 +230,9 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
             raise fail(f"`rope_parameters.rope_type` is {rope_type!r}; Gemma 2 uses plain ('default') RoPE")
         theta_new = rope_parameters.get("rope_theta")
     rope_scaling = d.get("rope_scaling")
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise fail(f"`rope_scaling` must be an object or null, found {shown(rope_scaling)}; Gemma 2 uses no RoPE "
+                   f"scaling (null)")
     if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
         raise fail(f"`rope_scaling` is {rope_scaling!r}; Gemma 2 uses no RoPE scaling")
     try:
@@ -241,7 +248,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     # Activation: `hidden_activation` (newer) and `hidden_act` (older); both must be the tanh GELU.
     acts = {k: d[k] for k in ("hidden_activation", "hidden_act") if d.get(k) is not None}
     for key, act in acts.items():
-        if act not in _TANH_GELU:
+        if not isinstance(act, str) or act not in _TANH_GELU:
             raise fail(f"`{key}` is {act!r}; Gemma 2 uses the tanh approximation of GELU "
                        f"('gelu_pytorch_tanh')")
 
@@ -254,10 +261,13 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     layer_types = d.get("layer_types")
     if layer_types is None:
         layer_types = alternating_layer_types(num_layers) if isinstance(num_layers, int) else []
-    elif not isinstance(layer_types, list):
-        raise fail(f"`layer_types` must be a list, found {layer_types!r}")
+    elif not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise fail(f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found "
+                   f"{shown(layer_types)}")
 
     eos = d.get("eos_token_id", [1, 107])
+    if isinstance(eos, list) and (not eos or any(t is None for t in eos)):  # the rest: _number, item by item
+        raise fail(f"`eos_token_id` must be an integer or a non-empty list of integers, found {shown(eos)}")
     sliding_window = d.get("sliding_window", 4096)
     if sliding_window is None:
         raise fail("`sliding_window` is null; Gemma 2's even layers need a window (4096 in the release)")
@@ -316,7 +326,7 @@ def load_config(path_or_preset: str | Path) -> Gemma2Config:
         raise ConfigError(
             f"{path}: no config.json here, and {name!r} is not a preset (presets: {', '.join(PRESETS)})")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data = read_json(path)
+    except JSONFileError as e:
+        raise ConfigError(str(e)) from None
     return config_from_hf_dict(data, source=str(path))

@@ -26,7 +26,7 @@ import numpy as np
 from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 from .fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
-from .inputs import check_ids, check_positions
+from .inputs import check_context, check_ids, check_positions
 from .taps import NO_TAPS, Taps, select_taps
 
 
@@ -240,8 +240,9 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     if sink is not None and not batched:
         sink = (lambda name, value, batched_sink=sink: batched_sink(name, value[0]))  # as the dict holds it
     rec = Taps(wanted, round_to=round_to, sink=sink)
+    start = kv_cache.length if kv_cache is not None else 0
+    check_context(start + S, cfg, "the token ids" if kv_cache is None else "the cache plus these token ids")
     if positions is None:
-        start = kv_cache.length if kv_cache is not None else 0
         positions = np.arange(start, start + S)
     positions = check_positions(positions, B, S)
     if rope_positions is not None:

@@ -49,6 +49,7 @@ position of each column.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -222,14 +223,59 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 1.1754944e-38, the smallest normal float32
+
+
+def min_temperature(peak: float) -> float:
+    """The smallest temperature T for which logits / T stays finite in float32, when |logit| <= `peak`.
+
+    Sampling divides the logits by T. After Gemma 2's final soft-cap c, |logit| <= c (c * tanh, |tanh| <= 1),
+    so every logit / T is at most c / T, finite in float32 while c / T <= FLOAT32_MAX: T >= c / FLOAT32_MAX
+    (30 / 3.4e38 = 8.8e-38 for Gemma 2), rounded up to the next float32 so that the division in float32 stays
+    finite too, and never below the smallest normal float32 (a subnormal temperature has lost its precision).
+    Below it, logit / T is inf, softmax gives NaN, and a sampler silently returns a fixed token."""
+    t = np.float32(peak / FLOAT32_MAX)
+    if float(t) < peak / FLOAT32_MAX:
+        t = np.nextafter(t, np.float32(np.inf))
+    return max(float(t), FLOAT32_TINY)
+
+
+def check_sampling(temperature, top_k=None, top_p=None) -> None:
+    """The sampling settings, refused with a line naming the argument: a NaN, an Inf, a negative."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if 0 < temperature < FLOAT32_TINY:
+        raise ValueError(f"temperature {temperature!r} underflows float32 (the smallest normal is "
+                         f"{FLOAT32_TINY:.8g}): give 0 for greedy decoding or a temperature >= {FLOAT32_TINY:.8g}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
     """The next token from one row of logits (V,). temperature 0: greedy, and top_k / top_p are ignored.
-    Otherwise, as Hugging Face does it: logits / temperature, then top-k, then top-p, then one draw."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    Otherwise, as Hugging Face does it: logits / temperature, then top-k, then top-p, then one draw.
+    Logits holding NaN or +Inf, or a temperature below min_temperature(max |logit|), are refused: either
+    would make every probability NaN and the draw meaningless."""
+    check_sampling(temperature, top_k, top_p)
+    logits = np.asarray(logits)
+    bad = np.flatnonzero(np.isnan(logits) | (logits == np.inf))
+    if len(bad):
+        raise ValueError(f"the logits hold {'NaN' if np.isnan(logits.flat[bad[0]]) else '+Inf'} at token "
+                         f"{int(bad[0])} ({len(bad)} such of {logits.size}): no token can be chosen from them")
     if temperature == 0:
         return greedy(logits)
+    finite = logits[np.isfinite(logits)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    if temperature < min_temperature(peak):
+        raise ValueError(f"temperature {temperature!r} is too small for these logits: max |logit| {peak:.6g} / "
+                         f"temperature overflows float32; the smallest is {min_temperature(peak):.8g} (or 0 for "
+                         f"greedy decoding)")
     x = np.asarray(logits, np.float64) / temperature
     if top_k is not None:
         x = top_k_filter(x, top_k)
@@ -297,7 +343,12 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
     if len(prompt) > context:
         raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's context "
                          f"(max_position_embeddings = {context})")
-    sample_next(np.zeros(2), temperature, top_k, top_p, np.random.default_rng(0))  # validate the settings
+    check_sampling(temperature, top_k, top_p)
+    cap = cfg.final_logit_softcapping
+    if cap is not None and 0 < temperature < min_temperature(cap):
+        raise ValueError(f"temperature {temperature!r} is below {min_temperature(cap):.8g}, the smallest for which "
+                         f"logits / temperature stays finite in float32 (|logits| <= final_logit_softcapping = "
+                         f"{cap:g}): give 0 for greedy decoding or a larger temperature")
     rng = np.random.default_rng(seed)
     stop = {int(t) for t in stop_ids}
     cache = KVCache(cfg, capacity=min(len(prompt) + max_new_tokens, context), mistake=decode_mistake(model))

@@ -101,8 +101,15 @@ class Tokenizer:
         Gemma 2 has no system role. Content is stripped of surrounding whitespace, as the template does."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)):
+            raise TokenizerError(f"chat_prompt takes a string or a list of messages {{\"role\", \"content\"}}, "
+                                 f"got {type(messages).__name__}")
         text = "<bos>"
         for n, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise TokenizerError(f"message {n} is {message!r:.80}; each message is {{\"role\": \"user\" or "
+                                     f"\"model\", \"content\": text}}")
             role = {"assistant": "model"}.get(message["role"], message["role"])
             if role == "system":
                 raise TokenizerError("Gemma 2's chat template has no system role: put the instructions in the "
@@ -123,13 +130,14 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.model file, a checkpoint directory holding one, or a bundled model's name ("tiny")."""
-    from ..data import bundled_names, bundled_path
+    from ..data import bundled_names, local_or_bundled
 
     p = Path(path)
-    if p.is_dir():
+    found = local_or_bundled(str(path)) if not isinstance(path, Path) else None
+    if found is not None:
+        p = found / "tokenizer.model"
+    elif p.is_dir():
         p = p / "tokenizer.model"
-    elif not p.exists() and bundled_path(str(path)) is not None:
-        p = bundled_path(str(path)) / "tokenizer.model"
     elif not p.exists():
         raise TokenizerError(f"{path}: no such file or directory, and not a bundled model "
                              f"({', '.join(bundled_names())})")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.config import PRESETS, Gemma2Config, alternating_layer_types
+from ..model.jsonfile import JSONFileError, read_json
 from .weights import EMBEDDING, FINAL_NORM, STORAGE_DTYPES, WeightsError, expected_tensors, write_safetensors_blocks
 
 GiB = 1 << 30
@@ -104,6 +105,14 @@ def save_checkpoint(directory: str | Path, cfg: Gemma2Config, tensors: dict[str,
     return Path(directory)
 
 
+def cached_recipe(marker: Path) -> dict | None:
+    """What a random checkpoint's marker says it was built from; None when unreadable (it is rebuilt)."""
+    try:
+        return read_json(marker)
+    except (OSError, JSONFileError):
+        return None
+
+
 def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int = 0, layers_per_shard: int = 4,
                             log=print) -> Path:
     """A random bf16 checkpoint of any size, generated and written a block of rows at a time (never more than
@@ -111,7 +120,7 @@ def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int 
     directory = Path(directory)
     marker = directory / "random-checkpoint.json"
     want = {"format": CHECKPOINT_FORMAT, "seed": seed, "config": cfg.to_hf_dict()}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if marker.is_file() and cached_recipe(marker) == want:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.config import PRESETS, Gemma2Config, load_config
-from ..data import bundled_names, bundled_path
+from ..data import bundled_names, local_or_bundled
 from ..model.gemma2 import LayerWeights, forward
 from ..model.taps import NonFiniteError, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
@@ -230,12 +230,9 @@ def keep_budget(cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: in
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
     """A checkpoint directory, or the name of a bundled model ("tiny"), as a directory path."""
     name = str(path_or_name)
-    path = Path(path_or_name)
-    if path.is_dir():
-        return path
-    bundled = bundled_path(name)
-    if bundled is not None:
-        return bundled
+    found = local_or_bundled(name)
+    if found is not None:
+        return found
     if name in PRESETS:
         raise ValueError(f"{name!r} is a config preset without weights: pass a checkpoint directory "
                          f"(config.json + *.safetensors), e.g. a download of google/gemma-2-{name}. "

@@ -30,6 +30,7 @@ listed by `model.safetensors.index.json` ({"weight_map": {tensor name: shard fil
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -41,6 +42,7 @@ import numpy as np
 from ..model.bfloat16 import bf16_bits_to_f32, f32_to_bf16_bits, round_to_bf16  # noqa: F401 (re-exported)
 from ..model.config import Gemma2Config
 from ..model.gemma2 import LayerWeights
+from ..model.jsonfile import JSONFileError, is_int, kind, loads, read_json, shown
 
 
 class WeightsError(ValueError):
@@ -67,9 +69,13 @@ class TensorRef:
 
 def read_safetensors_header(path: Path, dtypes=tuple(STORAGE_DTYPES), what: str = "supported"
                             ) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Parse a safetensors header and check every tensor's bytes lie inside the file and its dtype is one of
-    `dtypes` (`what` says for what: "supported", "weights must be")."""
+    """Parse a safetensors header and check it before any tensor is touched: every field's JSON type, the
+    dtype one of `dtypes` (`what` says for what: "supported", "weights must be"), the shape a list of
+    non-negative integers, the byte range [begin, end) of exactly the shape's size, inside the file, and no
+    two tensors sharing a byte. Each error is one line naming the file, the tensor and the field."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a directory, not a safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -80,25 +86,59 @@ def read_safetensors_header(path: Path, dtypes=tuple(STORAGE_DTYPES), what: str 
             raise WeightsError(f"{path}: not a safetensors file, or truncated (header claims {n} bytes, "
                                f"file has {size})")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+            header = loads(f.read(n), f"{path}: its safetensors header")
+        except JSONFileError as e:
+            raise WeightsError(str(e)) from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is {kind(header)}; expected a JSON object "
+                           f"{{tensor name: {{dtype, shape, data_offsets}}}}")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: `__metadata__` must be an object of strings, found {shown(metadata)}")
     data_start = 8 + n
-    tensors = {}
-    for name, info in header.items():
-        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        if dtype not in dtypes:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {dtype}; {what}: {', '.join(dtypes)}")
-        expected = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[dtype].itemsize
-        if end - begin != expected:
-            raise WeightsError(f"{path}: tensor {name!r} of shape {list(shape)} {dtype} should take {expected} "
-                               f"bytes, header says {end - begin}")
-        if data_start + end > size:
-            raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
-                               f"has {size} bytes. Re-download or re-convert this file.")
-        tensors[name] = TensorRef(path, name, dtype, shape, data_start + begin, end - begin)
+    tensors = {name: tensor_ref(path, name, info, dtypes, what, data_start, size) for name, info in header.items()}
+    check_no_overlap(path, tensors.values())
     return tensors, metadata
+
+
+def tensor_ref(path: Path, name: str, info, dtypes, what: str, data_start: int, size: int) -> TensorRef:
+    """One header entry, checked field by field, as a TensorRef."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise WeightsError(f"{where}: its entry is {kind(info)}; expected an object with dtype, shape and "
+                           f"data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise WeightsError(f"{where}: its entry has no `{missing[0]}` (a safetensors entry needs dtype, shape and "
+                           f"data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in dtypes:
+        raise WeightsError(f"{where} has dtype {dtype if isinstance(dtype, str) else shown(dtype)}; {what}: "
+                           f"{', '.join(dtypes)}")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise WeightsError(f"{where}: `shape` is {shown(shape)}; expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise WeightsError(f"{where}: `data_offsets` is {shown(offsets)}; expected [begin, end], integers with "
+                           f"0 <= begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise WeightsError(f"{where} of shape {shape} {dtype} should take {expected} bytes, header says "
+                           f"{end - begin}")
+    if data_start + end > size:
+        raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
+                           f"has {size} bytes. Re-download or re-convert this file.")
+    return TensorRef(path, name, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def check_no_overlap(path: Path, refs) -> None:
+    """No two tensors of one file share a byte (a converter bug: editing one would change the other)."""
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs if r.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise WeightsError(f"{path}: tensors {first!r} and {second!r} overlap (the second starts at byte {begin} "
+                               f"of the file, the first ends at {end}): the header is corrupt; re-convert this file")
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtype: str | None = None,
@@ -268,24 +308,71 @@ def expected_tensors(cfg: Gemma2Config) -> dict[str, tuple[int, ...]]:
 def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint directory, and the index's weight map if sharded."""
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") \
-                from None
+    if index.exists() or index.is_symlink():
+        weight_map = read_weight_map(index)
         files = [directory / f for f in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
+        absent = [f.name for f in files if not (f.exists() or f.is_symlink())]
         if absent:
             raise WeightsError(f"{index} lists shard(s) that are not in {directory}: {', '.join(absent)}")
+        for f in files:
+            problem = not_a_file(f)
+            if problem:
+                raise WeightsError(f"{index} lists the shard {f.name}, but {f} {problem}")
         return files, weight_map
     single = directory / "model.safetensors"
-    if single.is_file():
+    if single.exists() or single.is_symlink():
+        problem = not_a_file(single)
+        if problem:
+            raise WeightsError(f"{single} {problem}: a checkpoint's weights are a safetensors file")
         return [single], None
     found = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = (f" Found {', '.join(found)} but no model.safetensors.index.json to say which tensor is where."
             if found else " Is this a Hugging Face checkpoint directory (config.json + *.safetensors)?")
     raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a file ("is a directory", "is a dangling symbolic link", ...), or None."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "is a symbolic link loop"
+        except OSError:
+            return f"is a dangling symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "is a directory"
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's `weight_map`: {tensor name: shard file name}, each shard a plain name
+    inside the checkpoint directory (never an absolute path or one climbing out with ..)."""
+    problem = not_a_file(index)
+    if problem:
+        raise WeightsError(f"{index} {problem}: a sharded checkpoint's index is a JSON file")
+    try:
+        body = read_json(index)
+    except JSONFileError as e:
+        raise WeightsError(str(e)) from None
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = kind(body) if not isinstance(body, dict) else f"`weight_map` {shown(weight_map)}"
+        raise WeightsError(f"{index}: not a valid safetensors index: expected an object whose `weight_map` is a "
+                           f"non-empty object {{tensor name: shard file}}, found {found}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise WeightsError(f"{index}: `weight_map` gives tensor {name!r} the shard {shown(shard)}; expected "
+                               f"a file name")
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts:
+            raise WeightsError(f"{index}: `weight_map` puts tensor {name!r} in {shard!r}, outside the checkpoint "
+                               f"directory: a shard is a file name inside it")
+    return weight_map
 
 
 def index_checkpoint(directory: Path, cfg: Gemma2Config) -> dict[str, TensorRef]:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..model.config import ConfigError, load_config
+from ..model.jsonfile import JSONFileError, is_int, is_number, kind, read_json, shown, strict
 from .mistakes import REFS
 
 # GGUF token types (gguf-py gguf/constants.py TokenType; llama.h llama_token_type)
@@ -125,8 +126,8 @@ class ConfigReport:
     def to_json(self) -> str:
         return json.dumps({"reference": self.reference, "candidate": self.candidate,
                            "candidate_kind": self.candidate_kind, "exit_code": self.exit_code,
-                           "error": self.error, "fields": [asdict(f) | {"ok": f.ok} for f in self.fields]},
-                          indent=1, default=str)
+                           "error": self.error, "fields": strict([asdict(f) | {"ok": f.ok} for f in self.fields])},
+                          indent=1, default=str, allow_nan=False)
 
 
 def show(v) -> str:
@@ -161,7 +162,7 @@ def reference_facts(path: Path) -> dict:
     }
     tok_config = directory / "tokenizer_config.json"
     if tok_config.is_file():
-        tc = json.loads(tok_config.read_text())
+        tc = checked_tokenizer_config(read_json(tok_config), tok_config)
         facts["add_bos_token"] = bool(tc.get("add_bos_token", True))
         facts["add_eos_token"] = bool(tc.get("add_eos_token", False))
         for tid, entry in (tc.get("added_tokens_decoder") or {}).items():
@@ -171,26 +172,93 @@ def reference_facts(path: Path) -> dict:
     return facts
 
 
+def checked_tokenizer_config(tc, path: Path) -> dict:
+    """tokenizer_config.json's keys that check-config reads: add_bos_token / add_eos_token booleans,
+    added_tokens_decoder an object {token id: {"special": bool, ...}}."""
+    def bad(key, value, expected):
+        return JSONFileError(f"{path}: `{key}` is {shown(value)}; expected {expected}")
+
+    if not isinstance(tc, dict):
+        raise bad("(the whole file)", tc, "a JSON object")
+    for key in ("add_bos_token", "add_eos_token"):
+        if tc.get(key) is not None and not isinstance(tc[key], bool):
+            raise bad(key, tc[key], "true or false")
+    decoder = tc.get("added_tokens_decoder")
+    if decoder is not None and not isinstance(decoder, dict):
+        raise bad("added_tokens_decoder", decoder, "an object {token id: {content, special, ...}}")
+    for tid, entry in (decoder or {}).items():
+        if not tid.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("special", False), bool):
+            raise bad(f"added_tokens_decoder.{tid}", entry, "a token id (digits) mapped to an object whose "
+                                                           "`special` is true or false")
+    return tc
+
+
 # -- a GGUF candidate ---------------------------------------------------------------------------------------
 
 class GGUFFacts:
     """A GGUF's metadata through gguf-py's reader; `get(key)` is None for an absent key."""
 
     def __init__(self, path: Path):
-        import gguf
+        from .optional import require
 
+        gguf = require("gguf", "check-config on a GGUF file")
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on a damaged file
             raise ConfigCheckError(f"{path}: gguf could not read it as GGUF ({type(e).__name__}: {e})") from None
+        self.path = path
         self.arch = self.get("general.architecture") or "?"
 
     def get(self, key: str):
+        """The key's value, None when absent; a value of the wrong type for its key is refused, naming both."""
         f = self.reader.fields.get(key)
-        return None if f is None else f.contents()
+        if f is None:
+            return None
+        try:
+            value = f.contents()
+        except Exception as e:  # gguf-py on a damaged field
+            raise ConfigCheckError(f"{self.path}: GGUF key {key}: unreadable ({type(e).__name__}: {e})") from None
+        arch = getattr(self, "arch", None)
+        expected = GGUF_KINDS.get(key[len(arch) + 1:] if arch and key.startswith(arch + ".") else key)
+        if expected is not None and not gguf_value_is(value, expected):
+            raise ConfigCheckError(f"{self.path}: GGUF key {key} is {shown(value)}; expected "
+                                   f"{GGUF_KIND_TEXT[expected]}: "
+                                   f"the file is damaged or was not written by a GGUF converter")
+        return value
 
     def arch_key(self, suffix: str) -> str:
         return f"{self.arch}.{suffix}"
+
+
+# The type each GGUF key gemma2-ref reads must have (keys under the architecture without its prefix)
+GGUF_KINDS = {
+    **dict.fromkeys(("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                     "attention.head_count_kv", "attention.key_length", "context_length",
+                     "attention.sliding_window", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id"), "count"),
+    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping", "rope.freq_base",
+                     "attention.layer_norm_rms_epsilon"), "number"),
+    **dict.fromkeys(("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"), "bool"),
+    "general.architecture": "str", "tokenizer.ggml.tokens": "strings", "tokenizer.ggml.token_type": "counts",
+    "attention.sliding_window_pattern": "pattern",
+}
+GGUF_KIND_TEXT = {"count": "an integer >= 0", "number": "a finite number", "bool": "true or false",
+                  "str": "a string", "strings": "a list of strings", "counts": "a list of integers",
+                  "pattern": "an integer >= 0 or a list of booleans (one per layer)"}
+
+
+def gguf_value_is(value, kind: str) -> bool:
+    if kind == "count":
+        return is_int(value) and value >= 0
+    if kind == "number":
+        return is_number(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind in ("strings", "counts"):
+        return isinstance(value, list) and all(isinstance(v, str) if kind == "strings" else is_int(v) for v in value)
+    return (is_int(value) and value >= 0) or (isinstance(value, list) and all(isinstance(v, bool) for v in value))
 
 
 def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
@@ -335,10 +403,11 @@ def special_tokens_field(ref: dict, g: GGUFFacts, tokens: list) -> Field:
 
 # -- a config.json candidate --------------------------------------------------------------------------------
 
-def compare_config_json(ref: dict, d: dict) -> list[Field]:
+def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list[Field]:
     """Another framework's config.json, read key by key (not through gemma2_ref's parser, which would refuse
     or default exactly the values we want to see)."""
     out: list[Field] = []
+    d = checked_candidate(d, source)
 
     def one(name, value, key, report="", tolerance=0.0, note=""):
         if value is None:
@@ -367,7 +436,7 @@ def compare_config_json(ref: dict, d: dict) -> list[Field]:
     q = d.get("query_pre_attn_scalar")
     one("query_pre_attn_scalar", None if q is None else float(q), "query_pre_attn_scalar", REPORTS["query_scale"],
         1e-9)
-    rope = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))
+    rope = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))  # both checked numbers
     one("rope_theta", None if rope is None else float(rope), "rope_theta / rope_parameters.rope_theta", "", 1e-6)
     one("rms_norm_eps", d.get("rms_norm_eps"), "rms_norm_eps", "", 1e-6)
     one("bos_token_id", d.get("bos_token_id"), "bos_token_id", REPORTS["bos"])
@@ -378,6 +447,41 @@ def compare_config_json(ref: dict, d: dict) -> list[Field]:
                      else "mismatch", "eos_token_id", "", REPORTS["eos"]))
     one("pad_token_id", d.get("pad_token_id"), "pad_token_id")
     return out
+
+
+CANDIDATE_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size", "sliding_window",
+                    "bos_token_id", "pad_token_id")
+CANDIDATE_NUMBERS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "rope_theta",
+                     "rms_norm_eps")
+
+
+def checked_candidate(d: dict, source: str) -> dict:
+    """A candidate config.json's keys that check-config reads, each of its type or null (absent): one line
+    naming the file, the key and the value otherwise (a list where a number belongs is not a mismatch)."""
+    def bad(key, expected):
+        value = d[key] if key in d else d["rope_parameters"]["rope_theta"]
+        return ConfigCheckError(f"{source}: `{key}` is {shown(value)}; expected {expected} (or null)")
+
+    for key in CANDIDATE_COUNTS:
+        if d.get(key) is not None and not (is_int(d[key]) and d[key] >= 0):
+            raise bad(key, "an integer >= 0")
+    for key in CANDIDATE_NUMBERS:
+        if d.get(key) is not None and not is_number(d[key]):
+            raise bad(key, "a finite number")
+    rope = d.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise bad("rope_parameters", "an object {rope_type, rope_theta}")
+    if rope and rope.get("rope_theta") is not None and not is_number(rope["rope_theta"]):
+        raise bad("rope_parameters.rope_theta", "a finite number")
+    types = d.get("layer_types")
+    if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        raise bad("layer_types", "a list of strings (\"sliding_attention\" or \"full_attention\")")
+    eos = d.get("eos_token_id")
+    if eos is not None and not ((is_int(eos) and eos >= 0) or (
+            isinstance(eos, list) and eos and all(is_int(t) and t >= 0 for t in eos))):
+        raise bad("eos_token_id", "an integer or a non-empty list of integers")
+    return d
 
 
 # -- entry point --------------------------------------------------------------------------------------------
@@ -416,7 +520,7 @@ def check(reference, candidate) -> ConfigReport:
     report = ConfigReport(str(reference), str(candidate), "?")
     try:
         ref = reference_facts(resolve_reference(reference))
-    except (ConfigError, OSError, json.JSONDecodeError) as e:
+    except (ConfigError, OSError, JSONFileError) as e:
         report.error = f"reference: {e}"
         return report
     try:
@@ -426,12 +530,12 @@ def check(reference, candidate) -> ConfigReport:
         else:
             path = candidate / "config.json" if candidate.is_dir() else candidate
             try:
-                d = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigCheckError(f"{path}: not valid JSON ({e})") from None
+                d = read_json(path)
+            except JSONFileError as e:
+                raise ConfigCheckError(str(e)) from None
             if not isinstance(d, dict):
-                raise ConfigCheckError(f"{path}: expected a JSON object")
-            report.fields = compare_config_json(ref, d)
+                raise ConfigCheckError(f"{path}: expected a JSON object, found {kind(d)}")
+            report.fields = compare_config_json(ref, d, str(path))
     except (ConfigCheckError, OSError) as e:
         report.error = str(e)
     return report

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, Suite, keep_positions
+from .golden import Case, GoldenError, Suite, keep_positions
 from .mistakes import REFS
 from ..model.gemma2 import log_softmax
+from ..model.jsonfile import is_number
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
 
@@ -47,6 +48,16 @@ class Profile:
     top5: float  # min mean top-5 overlap
     why: str = ""
     per_tap: dict | None = None  # {tap: (rel_l2, max_rel)}: limits of their own (the measured profile)
+
+    def __post_init__(self):
+        """Limits are finite numbers >= 0 (agreements in [0, 1]): a NaN limit would let every candidate pass."""
+        checks = [(k, getattr(self, k), None) for k in ("rel_l2", "max_rel", "kl")]
+        checks += [(k, getattr(self, k), 1.0) for k in ("top1", "top5")]
+        checks += [(f"per_tap[{tap!r}]", v, None) for tap, pair in (self.per_tap or {}).items() for v in pair]
+        for key, value, high in checks:
+            if not (is_number(value) and value >= 0 and (high is None or value <= high)):
+                raise ValueError(f"profile {self.name!r}: `{key}` is {value!r}; a limit is a finite number >= 0"
+                                 + (" and <= 1 (a fraction)" if high else ""))
 
     def limits(self, tap: str) -> tuple[float, float]:
         """(rel L2, max abs / absmax) limits of one tap."""
@@ -143,7 +154,9 @@ class TapResult:
             return f"{self.name}: not in the candidate"
         if self.status == "shape":
             return f"{self.name}: shape {self.candidate_shape} in the candidate, {self.shape} in the reference"
-        s = f"{self.name}: {describe_non_finite(self.non_finite)}; " if self.non_finite else f"{self.name}: "
+        if self.non_finite:  # its errors are not numbers: say where the NaN / Inf are instead
+            return f"{self.name}: {describe_non_finite(self.non_finite)}"
+        s = f"{self.name}: "
         s += (f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
              f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
         if self.scale_fit:
@@ -342,6 +355,7 @@ class CaseComparison:
     notes: list[str]
     input_mismatch: str | None = None
     blind_spots: list[str] | None = None  # known mistakes this case cannot show under this profile (diagnose)
+    not_checked: str | None = None  # why the candidate has no such case (its backend cannot run it): no failure
 
     @property
     def compared(self) -> list[TapResult]:
@@ -376,7 +390,8 @@ class CaseComparison:
                 "profile": asdict(self.profile), "first_divergence": first.name if first else None,
                 "error_lead": (self.error_lead() or first).name if first else None,
                 "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
-                "notes": self.notes, "blind_spots": self.blind_spots, "taps": [asdict(t) for t in self.taps],
+                "notes": self.notes, "blind_spots": self.blind_spots, "not_checked": self.not_checked,
+                "taps": [asdict(t) for t in self.taps],
                 "layers": layer_table(self.taps)}
 
 
@@ -480,8 +495,31 @@ def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, 
     return ref_view, view, note
 
 
+def check_compare_arguments(ref, cand, profile) -> None:
+    """compare_cases' arguments are what it compares: two loaded cases and a profile (or a function giving one)."""
+    for what, value in (("reference", ref), ("candidate", cand)):
+        if not isinstance(value, Case):
+            raise TypeError(f"compare_cases: the {what} is {type(value).__name__} {value!r:.60}, expected a golden "
+                            f"Case: load it first with gemma2_ref.golden.load_golden(path)")
+    if not (isinstance(profile, Profile) or callable(profile)):
+        raise TypeError(f"compare_cases: the profile is {type(profile).__name__} {profile!r:.60}, expected a Profile "
+                        f"(gemma2_ref.compare.PROFILES['fp32'] or get_profile(name, ...)) or a function of the "
+                        f"reference case giving one")
+
+
+def refuse_non_finite_reference(result: CaseComparison) -> None:
+    """A reference golden is never NaN or Inf (the reference refuses to produce one): name its first such tap."""
+    bad = next((t for t in result.taps if t.non_finite and "reference" in t.non_finite), None)
+    if bad is not None:
+        f = bad.non_finite["reference"]
+        raise GoldenError(f"{result.reference}: the reference holds non-finite values, first at tap {bad.name!r} "
+                          f"({f['nan']} NaN and {f['inf']} Inf, the first at index {tuple(f['first'])}): it is not "
+                          f"a golden gemma2-ref wrote; regenerate it with `gemma2-ref golden`")
+
+
 def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     """`profile`: a Profile, or a function of the reference case giving one (the measured profile)."""
+    check_compare_arguments(ref, cand, profile)
     profile = profile if isinstance(profile, Profile) else profile(ref)
     notes = list(cand.notes)
     if not ref.verified:
@@ -493,6 +531,7 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
         notes.append(note)
     result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
                                  str(cand.path), ref.token_ids, cand.token_ids, notes)
+    refuse_non_finite_reference(result)
     config = (ref.manifest.get("model") or {}).get("config") or {}
     if config.get("sliding_window") and ref.attention_mask is None:
         first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
@@ -514,8 +553,9 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     return result
 
 
-def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile) -> list[CaseComparison]:
-    """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails)."""
+def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) -> list[CaseComparison]:
+    """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails, unless its
+    suite.json says why its backend could not write it: then it is not checked). `log(line)`: progress."""
     if isinstance(ref, Suite) != isinstance(cand, Suite):
         raise ValueError(f"compare a case with a case and a suite with a suite: {ref.path} is a "
                          f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
@@ -523,10 +563,16 @@ def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile) -> list[Case
     if isinstance(ref, Case):
         return [compare_cases(ref, cand, profile)]
     by_name = {c.name: c for c in cand.cases}
+    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []}
     out = []
-    for case in ref.cases:
+    for n, case in enumerate(ref.cases):
+        if log is not None:
+            log(f"case {n + 1}/{len(ref.cases)} {case.name}: comparing")
         if case.name in by_name:
             out.append(compare_cases(case, by_name[case.name], profile))
+        elif case.name in skipped:
+            out.append(CaseComparison(str(case.path), f"{cand.path}/{case.name}", profile, [], [], [],
+                                      not_checked=f"the candidate has no `{case.name}` case ({skipped[case.name]})"))
         else:
             out.append(CaseComparison(str(case.path), f"{cand.path}/{case.name}", profile, [], [],
                                       [f"case {case.name!r} is missing from the candidate suite"]))
@@ -549,6 +595,8 @@ def layer_table(taps: list[TapResult]) -> list[dict]:
         if not t.ok:
             row["failed"] += 1
             row["first_failure"] = row["first_failure"] or t.name
+        if t.non_finite:
+            row["non_finite"] = True
         if t.rel_l2 is not None:
             row["worst_rel_l2"] = max(row["worst_rel_l2"], t.rel_l2)
             row["worst_max_rel"] = max(row["worst_max_rel"], t.max_rel)
@@ -593,6 +641,9 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         lines.append(f"note       {note}")
     if result.input_mismatch:
         lines.append(f"INPUT      {result.input_mismatch}")
+    if result.not_checked:
+        lines.append(f"NOT CHECKED: {result.not_checked}")
+        return "\n".join(lines)
     if not result.taps:
         lines.append("FAIL: nothing to compare")
         return "\n".join(lines)
@@ -602,8 +653,9 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
             continue
-        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  {row['worst_rel_l2']:>12.3g}  "
-                     f"{row['worst_max_rel']:>16.3g}  {row['first_failure'] or ''}")
+        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  "
+                     f"{number_cell(row, 'worst_rel_l2', 12)}  "
+                     f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}")
     if all_taps:
         lines += ["", "per tap, execution order:"] + [f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}"
                                                      for t in result.taps if t.status != "missing"]
@@ -616,6 +668,10 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
                            f"{lg['top5']:.1%}", 8)]
     first = result.first_divergence
     lines.append("")
+    non_finite = next((t for t in result.taps if t.non_finite), None)
+    if non_finite is not None:
+        lines.append(wrap(f"NON-FINITE the candidate's first tap holding NaN or Inf is {non_finite.name}: "
+                          f"{describe_non_finite(non_finite.non_finite)}", 11))
     if result.passed:
         lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
         if result.blind_spots:
@@ -635,10 +691,21 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     return "\n".join(lines)
 
 
+def number_cell(row: dict, key: str, width: int) -> str:
+    """A layer table cell: the worst error, or, where it is not a number, why ("NaN/Inf": a tap holds them;
+    "shape": shapes differ), never a bare "inf"."""
+    value = row[key]
+    if math.isfinite(value):
+        return f"{value:>{width}.3g}"
+    return f"{'NaN/Inf' if row.get('non_finite') else 'shape':>{width}}"
+
+
 def failure_reasons(t: TapResult, p: Profile) -> list[str]:
     """Why a tap failed, one phrase per exceeded limit."""
     out = []
     for f in t.failed:
+        if f in ("rel_l2", "max_rel") and "non_finite" in t.failed:
+            continue  # an error with NaN / Inf in it is not a number: where they are is the reason
         if f == "non_finite":
             out.append(describe_non_finite(t.non_finite))
         elif f == "shape":
@@ -672,5 +739,6 @@ def json_safe(obj):
 
 
 def to_json(results: list[CaseComparison], extra: dict | None = None) -> str:
-    body = {"passed": all(r.passed for r in results), "cases": [r.to_dict() for r in results], **(extra or {})}
+    body = {"passed": all(r.passed or r.not_checked for r in results), "cases": [r.to_dict() for r in results],
+            **(extra or {})}
     return json.dumps(json_safe(body), indent=1, allow_nan=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -337,9 +338,9 @@ def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool 
     from .golden import Suite
 
     suites = isinstance(reference, Suite) or isinstance(candidate, Suite)
-    results = compare_goldens(reference, candidate, profile) if suites else [compare_cases(reference, candidate,
-                                                                                          profile)]
-    failed = [r for r in results if not r.passed]
+    results = compare_goldens(reference, candidate, profile, log) if suites else [compare_cases(reference, candidate,
+                                                                                               profile)]
+    failed = [r for r in results if not r.passed and not r.not_checked]
     if diagnose_failures is False:
         return results, {}, None
     refs = {str(c.path): c for c in (reference.cases if isinstance(reference, Suite) else [reference])}
@@ -356,11 +357,16 @@ def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool 
     if model.is_large and not diagnose_failures:
         return results, {}, (f"diagnosis skipped for a large model: it re-runs the model about "
                              f"{len(known_mistakes(model.config))} times; ask for it explicitly") if failed else None
-    if not model.is_large:
+    if not model.is_large and (diagnose_failures or not suites):  # a suite's passing cases: only if asked
         for r in results:
             if r.passed and r.reference in refs:
                 r.blind_spots = blind_spots(model, refs[r.reference], r.profile)
-    diagnoses = {r.reference: diagnose(model, refs[r.reference], cands[r.candidate], r.profile,
-                                       log=log if model.is_large else None)
-                 for r in failed if r.reference in refs and r.candidate in cands}
+    diagnoses = {}
+    for r in failed:
+        if r.reference in refs and r.candidate in cands:
+            if log is not None:
+                log(f"case {Path(r.reference).name} fails: diagnosing (re-running {len(known_mistakes(model.config))} "
+                    f"known mistakes)")
+            diagnoses[r.reference] = diagnose(model, refs[r.reference], cands[r.candidate], r.profile,
+                                              log=log if model.is_large else None)
     return results, diagnoses, None

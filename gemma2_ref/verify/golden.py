@@ -32,6 +32,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import mmap
 import os
 import platform
@@ -47,6 +48,7 @@ import numpy as np
 
 from .names import apply_name_map
 from ..model.taps import canonical_order, sequence_axis
+from ..model.jsonfile import JSONFileError, is_int, read_json, shown
 from ..model.tokenizer import BOS
 from ..storage.weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, safetensors_header
 
@@ -135,9 +137,15 @@ def tensor_stats(a: np.ndarray) -> dict:
 
 
 def tap_entry(name: str, a: np.ndarray) -> dict:
-    """The manifest's record of one stored tap: shape, dtype, sha256 of its bytes, statistics."""
-    return {"name": name, "shape": list(a.shape), "dtype": str(a.dtype), "sha256": tensor_sha256(a),
-            **tensor_stats(a)}
+    """The manifest's record of one stored tap: shape, dtype, sha256 of its bytes, statistics. A candidate's
+    tap holding NaN or Inf has null statistics and a note saying how many (manifest.json stays JSON)."""
+    stats = tensor_stats(a)
+    entry = {"name": name, "shape": list(a.shape), "dtype": str(a.dtype), "sha256": tensor_sha256(a)}
+    if all(v is None or math.isfinite(v) for v in stats.values()):
+        return {**entry, **stats}
+    nan, finite = int(np.isnan(a).sum()), int(np.isfinite(a).sum())
+    return {**entry, **{k: None for k in stats}, "note": f"holds {nan} NaN and {a.size - finite - nan} Inf of its "
+                                                          f"{a.size} values: no statistics"}
 
 
 # -- where a golden is written: new or replaced whole, never half ------------------------------------------
@@ -152,10 +160,10 @@ def golden_kind(path: Path) -> str | None:
 def _written_by_us(manifest: Path, kind: str) -> bool:
     """The JSON file is one gemma2-ref wrote: an object of our `kind` (read only up to 64 MiB)."""
     try:
-        if not manifest.is_file() or manifest.is_symlink() or manifest.stat().st_size > 64 * 2**20:
+        if not manifest.is_file() or manifest.is_symlink():
             return False
-        body = json.loads(manifest.read_text())
-    except (OSError, ValueError, RecursionError):
+        body = read_json(manifest)
+    except (OSError, JSONFileError):
         return False
     return isinstance(body, dict) and body.get("kind") == kind
 
@@ -189,6 +197,24 @@ def is_only_a_case(path: Path) -> bool:
     return golden_kind(path) == "case" and foreign_entry(path) is None
 
 
+def blocking_parent(out: Path) -> str | None:
+    """The nearest existing parent of `out` when it is not a directory, and what it is instead (a file, a
+    symbolic link loop, a dangling link), as "PATH is ..."; None when `out` can be made there."""
+    for parent in out.parents:
+        if parent.is_dir():
+            return None
+        if parent.is_symlink():
+            try:
+                parent.resolve(strict=True)
+            except RuntimeError:
+                return f"{parent} is a symbolic link loop"
+            except OSError:
+                return f"{parent} is a dangling symbolic link (to {os.readlink(parent)})"
+        if parent.exists():
+            return f"{parent} is a file"
+    return None
+
+
 def check_output(out, force: bool = False, option: str = "--out") -> Path:
     """Where `gemma2-ref golden` may write: a new path, an empty directory, or with `force` an existing golden
     case or suite that holds nothing gemma2-ref did not write (replaced whole once the new one is complete).
@@ -198,6 +224,9 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
     out = Path(out)
     if out.is_symlink():
         raise GoldenError(f"{option} {out} is a symbolic link: give the directory itself (a link is never replaced)")
+    blocked = blocking_parent(out)
+    if blocked:
+        raise GoldenError(f"{option} {out}: {blocked}: no directory can be made inside it; choose another location")
     if out.exists() and not out.is_dir():
         raise GoldenError(f"{option} {out} is a file: give a directory path (it is created)")
     if out.is_dir() and any(out.iterdir()):
@@ -518,7 +547,7 @@ class CaseWriter:
         entries = [self.entries[n] for n in canonical_order(self.entries)]
         manifest = case_manifest(entries, self.ids, positions=self.positions,
                                  activations_file=self._tmp / ACTIVATIONS_FILE, **self.fields)
-        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
 
 def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dtype, description, positions,
@@ -571,7 +600,8 @@ def model_info(model, given_name: str | None = None, progress: bool = False) -> 
     """model_info_from_files for a loaded gemma2_ref Model; `given_name` as the user named it ("tiny")."""
     from ..data import bundled_path
 
-    bundled = given_name is not None and bundled_path(str(given_name)) is not None
+    where = bundled_path(str(given_name)) if given_name is not None else None
+    bundled = where is not None and model.path is not None and Path(model.path).resolve() == where.resolve()
     return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled,
                                  progress)
 
@@ -662,6 +692,74 @@ class MappedTensors(Mapping):
         return len(self.refs)
 
 
+def check_manifest(manifest, mpath: Path) -> dict:
+    """A case's manifest.json, checked for the type and range of every field the tool reads, before any is
+    used: one line naming the file, the key, what it holds and what was expected."""
+    def bad(key: str, value, expected: str) -> GoldenError:
+        return GoldenError(f"{mpath}: `{key}` is {shown(value)}; expected {expected}. Regenerate the case with "
+                           f"`gemma2-ref golden` (or write it with gemma2_ref.golden.write_case)")
+
+    if not isinstance(manifest, dict):
+        raise bad("(the whole file)", manifest, "a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise GoldenError(f"{mpath}: format_version {manifest.get('format_version')!r}, this gemma2_ref reads "
+                          f"{FORMAT_VERSION}")
+    for key in ("producer", "model", "extra"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise bad(key, manifest[key], "an object or null")
+    if not isinstance(manifest.get("compute_dtype"), (str, type(None))):
+        raise bad("compute_dtype", manifest["compute_dtype"], "a dtype name such as \"float32\"")
+    activations = manifest.get("activations")
+    if not (isinstance(activations, dict) and is_int(activations.get("bytes")) and activations["bytes"] >= 0
+            and isinstance(activations.get("sha256"), str)):
+        raise bad("activations", activations, "an object {file, bytes: an integer, sha256: a string}")
+    taps = manifest.get("taps")
+    if not isinstance(taps, list):
+        raise bad("taps", taps, "a list of objects {name, shape, dtype, sha256, ...}")
+    for n, tap in enumerate(taps):
+        if not (isinstance(tap, dict) and isinstance(tap.get("name"), str) and isinstance(tap.get("dtype"), str)
+                and isinstance(tap.get("sha256"), str) and isinstance(tap.get("shape"), list)
+                and all(is_int(d) and d >= 0 for d in tap["shape"])):
+            raise bad(f"taps[{n}]", tap, "an object with a string `name`, `dtype` and `sha256` and a `shape` "
+                                         "list of non-negative integers")
+    names = [t["name"] for t in taps]
+    if len(set(names)) != len(names):
+        raise bad("taps", next(n for n in names if names.count(n) > 1), "each tap listed once")
+    check_manifest_input(manifest.get("input"), bad)
+    return manifest
+
+
+def check_manifest_input(given, bad) -> None:
+    """The manifest's `input`: token ids (seq,) or (batch, seq) of integers, a mask of the same shape, and
+    stored positions [start, stop) inside the sequence."""
+    if not isinstance(given, dict):
+        raise bad("input", given, "an object {text, token_ids, shape, bos, positions}")
+    ids = given.get("token_ids")
+    if ids is not None:
+        batched = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+        rows = ids if batched else [ids]
+        if (not isinstance(ids, list) or not ids or any(not isinstance(r, list) or not r or len(r) != len(rows[0])
+                                                        for r in rows)
+                or not all(is_int(t) for r in rows for t in r)):
+            raise bad("input.token_ids", ids, "a non-empty list of integer token ids, or a list of equal-length "
+                                              "such lists")
+        shape = [len(rows), len(rows[0])] if batched else [len(ids)]
+        if given.get("shape") is not None and given["shape"] != shape:
+            raise bad("input.shape", given["shape"], f"{shape}, the shape of input.token_ids")
+        mask = given.get("attention_mask")
+        if mask is not None and (not isinstance(mask, list) or len(shape) != 2 or len(mask) != shape[0] or not all(
+                isinstance(r, list) and len(r) == shape[1] and all(v in (0, 1) and not isinstance(v, float)
+                                                                   for v in r) for r in mask)):
+            raise bad("input.attention_mask", mask, f"a {shape} list of 0 and 1 (the shape of input.token_ids, "
+                                                    f"batched)")
+        positions = given.get("positions")
+        if positions is not None and not (isinstance(positions, list) and len(positions) == 2 and all(
+                is_int(p) for p in positions) and 0 <= positions[0] < positions[1] <= shape[-1]):
+            raise bad("input.positions", positions, f"null or [start, stop] with 0 <= start < stop <= {shape[-1]}")
+    elif given.get("positions") is not None or given.get("attention_mask") is not None:
+        raise bad("input.token_ids", None, "the token ids the positions and mask refer to")
+
+
 def load_case(path: str | Path, verify: bool = True) -> Case:
     """Load a golden case directory, verifying the manifest checksum, the file's sha256, the set of taps,
     and every tap's shape, dtype and sha256. Raises GoldenError naming what does not match."""
@@ -674,12 +772,9 @@ def load_case(path: str | Path, verify: bool = True) -> Case:
             raise GoldenError(f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS_FILE}; "
                               f"regenerate it with `gemma2-ref golden`")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GoldenError(f"{mpath}: not valid JSON ({e}); the manifest was edited or truncated") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
-        raise GoldenError(f"{mpath}: format_version {found!r}, this gemma2_ref reads {FORMAT_VERSION}")
+        manifest = check_manifest(read_json(mpath), mpath)
+    except JSONFileError as e:
+        raise GoldenError(f"{e}; the manifest was edited or truncated") from None
     if verify:
         recorded, actual = manifest.get("manifest_sha256"), _manifest_checksum(manifest)
         if recorded != actual:
@@ -755,16 +850,25 @@ def load_suite(path: str | Path, verify: bool = True) -> Suite:
     """A suite directory: suite.json and every case it lists (a listed case that is missing is refused)."""
     path = Path(path)
     try:
-        info = json.loads((path / SUITE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GoldenError(f"{path / SUITE}: not valid JSON ({e})") from None
+        info = read_json(path / SUITE)
+    except JSONFileError as e:
+        raise GoldenError(str(e)) from None
     entries = info.get("cases") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and e.get("name")
-                                                                for e in entries):
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                                and e["name"] for e in entries):
         raise GoldenError(f"{path / SUITE}: expected an object whose `cases` lists at least one {{\"name\": ...}}; "
                           f"regenerate the suite with `gemma2-ref golden --suite`")
+    skipped = info.get("skipped")
+    if skipped is not None and not (isinstance(skipped, list) and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("reason"), str)
+            for e in skipped)):
+        raise GoldenError(f"{path / SUITE}: `skipped` is {shown(skipped)}; expected a list of {{\"name\": case, "
+                          f"\"reason\": why its backend could not write it}}")
     cases = []
     for entry in entries:
+        if Path(entry["name"]).name != entry["name"] or entry["name"] in (".", ".."):
+            raise GoldenError(f"{path / SUITE} lists the case {entry['name']!r}: a case is a directory inside the "
+                              f"suite, named without a path")
         case_dir = path / entry["name"]
         if not case_dir.is_dir():
             raise GoldenError(f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist: the "

@@ -147,8 +147,9 @@ def _title(comparison, profile, first) -> str:
 def plot_divergence(comparison, path, profile=None) -> Path:
     """Draw `comparison` (a compare.CaseComparison) to `path` (PNG, SVG or PDF by its suffix) and return it.
     `profile`: whose limits to draw (default: the one the comparison used)."""
-    import matplotlib
+    from .optional import require
 
+    matplotlib = require("matplotlib", "--plot (drawing the comparison)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

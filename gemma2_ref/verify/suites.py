@@ -259,6 +259,16 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
 SUITES = {"coverage": coverage_inputs}
 
 
+def suite_case_names(name: str = "coverage") -> list[str]:
+    """The cases a suite writes, in order, from its definition (run for the bundled tiny model: the names do
+    not depend on the model). `gemma2-ref golden --help` lists them."""
+    from ..data import bundled_path
+    from ..model.config import PRESETS
+    from ..model.tokenizer import load_tokenizer
+
+    return [case.name for case in SUITES[name](PRESETS["tiny"], load_tokenizer(bundled_path("tiny")))]
+
+
 MAX_CASE_BYTES = 256 << 20  # on disk: beyond this a case keeps only its last LAST_ROWS positions
 LAST_ROWS = 4  # for the window case: positions W-2, W-1, W, W+1
 
@@ -299,7 +309,7 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
             generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
                           progress=progress, positions=positions, attention_mask=attention_mask, prefill=prefill)
     inputs = SUITES[name](model.config, tokenizer)
-    entries = []
+    entries, skipped = [], []
     for case in inputs:
         ids = np.asarray(case.ids)
         case_taps, positions, notes = case_plan(model.config, taps, ids, model.dtype.itemsize)
@@ -314,8 +324,10 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         except NotImplementedError as e:  # a backend without padded batches
             if log:
                 log(f"  case {case.name} skipped: {e}")
+            skipped.append({"name": case.name, "reason": str(e)})  # compare says "not checked", and why
             continue
         entries.append({"name": case.name, "description": description})
     return write_suite(out_dir, name, entries,
                        {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
-                        "sliding_window": model.config.sliding_window, "taps": taps})
+                        "sliding_window": model.config.sliding_window, "taps": taps,
+                        **({"skipped": skipped} if skipped else {})})
