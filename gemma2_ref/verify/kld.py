@@ -144,6 +144,7 @@ class CorpusComparison:
     thresholds: dict
     top_k: int | None
     failures: list[str] = field(default_factory=list)
+    kld: np.ndarray | None = None  # (n_chunks, R) per position, for --plot
 
     @property
     def passed(self) -> bool:
@@ -206,7 +207,8 @@ def compare_corpus(reference, candidate, thresholds: dict | None = None, tokeniz
                               for k in ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_max", "same_top1")}}
               for c in range(len(v["kld"]))]
     return CorpusComparison(str(ref.path), str(candidate), stats, chunks,
-                            worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures)
+                            worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures,
+                            v["kld"])
 
 
 def worst_positions(ref: CorpusGolden, v: dict, n: int, tokenizer) -> list[dict]:
