@@ -426,6 +426,8 @@ def write_corpus(model, out_dir, *, text=None, tokens=None, ctx: int | None = No
         write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         for t in tasks:
             (out_dir / llamacpp_part(t.shard)).unlink(missing_ok=True)
+        for leftover in [*out_dir.glob("shard-*.safetensors.tmp"), *out_dir.glob(".*.tmp")]:
+            leftover.unlink(missing_ok=True)  # a killed writer's temporaries (the lock says none is alive)
     return out_dir
 
 
