@@ -5,7 +5,7 @@ Per scored position, p the reference's distribution, q the candidate's, t the ac
 
     nll        -log q(t) and -log p(t); PPL = exp(mean nll)                                  (:201-206, :1889-1897)
     KLD        sum_i p_i (log p_i - log q_i)                                                  (:210-231)
-    Δp         q(t) - p(t); RMS Δp = sqrt(mean Δp²)                                            (:238-245, :1966-1971)
+    Δp         q(t) - p(t); RMS Δp = sqrt(mean Δp²)                                         (:238-245, :1966-1971)
     same top   argmax q == argmax p (each the first of equal maxima)                          (:192-199, :219-236)
 
 and over the corpus, as llama-perplexity reports them (its `mean_and_uncertainty` and `covariance`, :1745-1762):
