@@ -60,36 +60,36 @@ def backend_record(name: str, dtype: str, model) -> dict:
 
 def measure(model: str, out: Path, ctx: int, chunks: int) -> list[dict]:
     rows = []
-    refs = {}
-    for top_k in ("all", 32, 8):
-        path = out / f"{Path(model).name}-ref-{top_k}"
-        t0 = time.perf_counter()
-        C.write_corpus(model, path, ctx=ctx, chunks=chunks, top_k=top_k)
-        refs[top_k] = path
-        print(f"{model} reference top-k {top_k}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    ref = out / f"{Path(model).name}-ref-all"
+    t0 = time.perf_counter()
+    C.write_corpus(model, ref, ctx=ctx, chunks=chunks, top_k="all")
+    print(f"{model} reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     for name, dtype in CANDIDATES:
         path = out / f"{Path(model).name}-{name}-{dtype}"
-        C.write_corpus(model, path, backend=backend_record(name, dtype, model), reference=refs["all"])
-        exact = K.compare_corpus(refs["all"], path).stats
+        C.write_corpus(model, path, backend=backend_record(name, dtype, model), reference=ref)
+        exact = K.compare_corpus(ref, path).stats
         row = {"model": Path(model).name, "backend": name, "dtype": dtype, **{k: exact[k] for k in K.JSON_KEYS}}
         for k in (32, 8):
-            s = truncated_stats(C.load_corpus(refs[k]), C.load_corpus(path), k)
+            s = truncated_stats(C.load_corpus(ref), C.load_corpus(path), k)
             row[f"kld_mean_top{k}"], row[f"bound_top{k}"] = s["kld_mean"], s["kld_truncation_bound"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
 
 
-def truncated_stats(ref_k, cand_all, k: int) -> dict:
-    """The statistics a top-k candidate would give: the full-distribution candidate's log-probs at the top-k
-    reference's ids (the same model and logits; what `corpus --reference REF_K` stores)."""
+def truncated_stats(ref_all, cand_all, k: int) -> dict:
+    """The statistics `--top-k k` gives: the reference's k most likely ids (corpus.top_k_ids of its full
+    distribution, as `corpus --top-k k` stores them) and both sides' log-probs there, from the two full goldens."""
     import numpy as np
 
     parts = []
-    for i in range(len(ref_k.shards)):
-        r, c = ref_k.shard(i), cand_all.shard(i)
-        virtual = dict(c, logprobs=np.take_along_axis(np.asarray(c["logprobs"]), np.asarray(r["ids"]), axis=-1))
-        parts.append(K.position_values(r, virtual, k))
+    for i in range(len(ref_all.shards)):
+        r, c = ref_all.shard(i), cand_all.shard(i)
+        lp_r, lp_c = np.asarray(r["logprobs"]), np.asarray(c["logprobs"])
+        ids = np.stack([C.top_k_ids(row, k) for row in lp_r.astype(np.float64)])
+        ref_k = dict(r, logprobs=np.take_along_axis(lp_r, ids, axis=-1))
+        cand_k = dict(c, logprobs=np.take_along_axis(lp_c, ids, axis=-1))
+        parts.append(K.position_values(ref_k, cand_k, k))
     return K.summary({n: np.concatenate([p[n] for p in parts]) for n in parts[0]})
 
 
