@@ -422,7 +422,7 @@ def compare(args) -> int:
 
 def corpus(args) -> int:
     """`gemma2-ref corpus`: a reference corpus golden, or a candidate backend's against --reference."""
-    from ..verify.corpus import DEFAULT_TOP_K, write_corpus
+    from ..verify.corpus import write_corpus
 
     if args.workers is not None or args.ray_address is not None:
         raise InputError("--workers and --ray-address need the Ray executor (issue 26), which this build does not "
@@ -442,7 +442,7 @@ def corpus(args) -> int:
                      chunks=args.chunks, kld_out=args.kld_out)
     else:
         write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
-                     top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, dtype=args.dtype or "float32",
+                     top_k=args.top_k, dtype=args.dtype or "float32",
                      kld_out=args.kld_out, shard_chunks=args.shard_chunks)
     eprint(f"corpus golden: {args.out}")
     return 0
