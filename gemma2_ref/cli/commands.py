@@ -444,7 +444,7 @@ def corpus(args) -> int:
         write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
                      top_k=args.top_k, dtype=args.dtype or "float32",
                      kld_out=args.kld_out, shard_chunks=args.shard_chunks)
-    eprint(f"corpus golden: {args.out}")
+    print(args.out)  # as `golden` does: the directory written, on stdout
     return 0
 
 
