@@ -34,8 +34,13 @@ mkdir -p "$CACHE/bin"
 LIB=$("$PY" -c 'import llama_cpp, pathlib; p = pathlib.Path(llama_cpp.__file__).parent.parent / "lib"; print(p)' \
       2>/dev/null || true)
 if [ -n "$LIB" ] && [ -e "$LIB/libllama-common.so" ] && [ -z "${GEMMA2_REF_LLAMA_PERPLEXITY_CMAKE:-}" ]; then
+  # main.cpp plus the one line it lacks: common_log_main() is leaked on purpose (common/log.cpp:452-457, llama.cpp
+  # #22142), so without a flush the last lines (the final statistics) are lost when the process exits.
+  printf '%s\n' '#include "log.h"' 'int llama_perplexity(int argc, char ** argv);' \
+    'int main(int argc, char ** argv) { int r = llama_perplexity(argc, argv); common_log_flush(common_log_main()); return r; }' \
+    > "$WORK/main.cpp"
   nice -n 10 ${CXX:-g++} -std=c++17 -O2 -I"$SRC/common" -I"$SRC/include" -I"$SRC/ggml/include" -I"$SRC/vendor" \
-    "$SRC/tools/perplexity/perplexity.cpp" "$SRC/tools/perplexity/main.cpp" -L"$LIB" -lllama-common -lllama \
+    "$SRC/tools/perplexity/perplexity.cpp" "$WORK/main.cpp" -L"$LIB" -lllama-common -lllama \
     -lggml -lggml-base -lpthread -Wl,--disable-new-dtags,-rpath,"$LIB" -o "$BIN.partial"
   mv "$BIN.partial" "$BIN"
   rm -rf "$WORK"
