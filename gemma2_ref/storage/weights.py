@@ -54,6 +54,8 @@ class WeightsError(ValueError):
 # safetensors dtype -> (NumPy storage dtype, bytes per element)
 STORAGE_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 WEIGHT_DTYPES = ("BF16", "F16", "F32")
+# what our writers may also store (token ids in a corpus golden); never accepted as a weight
+TENSOR_DTYPES = {**STORAGE_DTYPES, "I32": np.dtype("<i4")}
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def tensor_ref(path: Path, name: str, info, dtypes, what: str, data_start: int, 
         raise WeightsError(f"{where}: `data_offsets` is {shown(offsets)}; expected [begin, end], integers with "
                            f"0 <= begin <= end")
     begin, end = offsets
-    expected = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    expected = math.prod(shape) * TENSOR_DTYPES[dtype].itemsize
     if end - begin != expected:
         raise WeightsError(f"{where} of shape {shape} {dtype} should take {expected} bytes, header says "
                            f"{end - begin}")
@@ -175,7 +177,7 @@ def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, 
                 st, shape, blocks = specs[name]
                 for block in blocks():
                     raw = f32_to_bf16_bits(np.asarray(block, np.float32)) if st == "BF16" \
-                        else np.asarray(block).astype(STORAGE_DTYPES[st])
+                        else np.asarray(block).astype(TENSOR_DTYPES[st])
                     f.write(np.ascontiguousarray(raw).tobytes())
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interruption: leave no half-written file behind
@@ -192,7 +194,7 @@ def safetensors_header(specs: dict, metadata: dict[str, str] | None = None) -> t
     offset = 0
     for name in sorted(specs):
         st, shape = specs[name]
-        n = int(np.prod(shape, dtype=np.int64)) * STORAGE_DTYPES[st].itemsize
+        n = int(np.prod(shape, dtype=np.int64)) * TENSOR_DTYPES[st].itemsize
         header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
