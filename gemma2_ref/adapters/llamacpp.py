@@ -67,7 +67,7 @@ import numpy as np
 from .. import select_taps, tap_names
 from ..model.taps import taps_of_kinds
 from ..model.config import load_config
-from ..verify.golden import model_info_from_files, write_case
+from ..verify.golden import model_info_from_files, sha256_file, write_case
 
 # GGUF outtype (convert_hf_to_gguf.py --outtype) -> the compute dtype the manifest records. llama.cpp's CPU
 # matmuls convert activations to the weights' "vec_dot_type" (bf16, f16, q8_0), so that is what they compute in.
@@ -545,3 +545,108 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "f32", taps="default"
                 "adapter": "gemma2_ref.adapters.llamacpp", "unreachable_taps": unreachable_taps(cfg)}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer, model=info, text=text,
                       compute_dtype=OUTTYPES[outtype], description=description, positions=positions)
+
+
+# -- corpus goldens (verify/corpus.py): a GGUF's logits of a chunk's scored rows, as llama-perplexity runs it --
+
+# llama.cpp's quantizer (llama_model_quantize, what the llama-quantize tool calls) from the f32 GGUF
+QUANTIZED = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def quantize(f32_gguf: Path, ftype: str) -> Path:
+    """`llama-quantize F32.gguf OUT.gguf TYPE` through llama.cpp's C API, cached next to its input."""
+    import llama_cpp
+
+    out = f32_gguf.with_name(f32_gguf.stem.removesuffix("-f32") + f"-{ftype}-quantized.gguf")
+    if out.is_file():
+        return out
+    quiet_llama_logs()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTIZED[ftype]
+    params.nthread = min(2, os.cpu_count() or 1)
+    partial = out.with_suffix(f".{os.getpid()}.partial")
+    status = llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(partial).encode(), ctypes.byref(params))
+    if status != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise LlamaCppError(f"llama.cpp's quantizer failed on {f32_gguf} to {ftype} (status {status})")
+    partial.replace(out)
+    return out
+
+
+def corpus_gguf(checkpoint, dtype: str | None, gguf=None) -> Path:
+    """The GGUF a corpus candidate runs: the given one, or MODEL converted (f32 / bf16 / f16) and quantized."""
+    if gguf is not None:
+        if not Path(gguf).is_file():
+            raise LlamaCppError(f"--gguf {gguf}: no such file")
+        return Path(gguf)
+    from ..storage.loader import resolve_checkpoint
+
+    dtype = ALIASES.get(dtype or "f32", dtype or "f32")
+    checkpoint = resolve_checkpoint(checkpoint)
+    if dtype in ("f32", "bf16", "f16"):
+        return convert(checkpoint, dtype)
+    if dtype not in QUANTIZED:
+        raise ValueError(f"--dtype {dtype}: llama.cpp runs f32, bf16, f16 or a quantization: "
+                         f"{', '.join(QUANTIZED)}")
+    return quantize(convert(checkpoint, "f32"), dtype)
+
+
+def corpus_backend(checkpoint, dtype: str | None, gguf=None) -> dict:
+    """The candidate record of `gemma2-ref corpus --backend llama.cpp`: the GGUF (made here once), its type."""
+    import llama_cpp
+
+    path = corpus_gguf(checkpoint, dtype, gguf)
+    return {"dtype": dtype or FILE_TYPES.get(gguf_type(path), gguf_type(path)), "gguf": str(path.resolve()),
+            "gguf_sha256": sha256_file(path), "gguf_file_type": gguf_type(path),
+            "kv_cache_type": "f16", "flash_attn": "auto",
+            "producer": {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__,
+                         "adapter": "gemma2_ref.adapters.llamacpp"}}
+
+
+class CorpusEngine:
+    """A GGUF loaded once with one context of n_ctx = ctx, llama.cpp's defaults otherwise (f16 KV cache, flash
+    attention auto), as llama-perplexity runs it; closed with the process."""
+
+    def __init__(self, gguf: Path, ctx: int, n_threads: int | None = None):
+        import llama_cpp
+
+        quiet_llama_logs()
+        llama_cpp.llama_backend_init()
+        self.lib = llama_cpp
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self.model:
+            raise LlamaCppError(f"{gguf}: llama.cpp could not load this GGUF (see its error above)")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = ctx, ctx, min(512, ctx), 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads or min(2, os.cpu_count() or 1)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise LlamaCppError("llama.cpp could not create a context (see its error above)")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+
+    def logits(self, ids: np.ndarray, start: int, stop: int) -> np.ndarray:
+        lib, S = self.lib, len(ids)
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)  # a fresh cache per chunk (:1785)
+        b = self.batch
+        b.n_tokens = S
+        for p, tok in enumerate(ids.tolist()):
+            b.token[p], b.pos[p], b.n_seq_id[p], b.logits[p] = tok, p, 1, int(start <= p < stop)
+            b.seq_id[p][0] = 0
+        status = lib.llama_decode(self.ctx, b)
+        if status != 0:
+            raise LlamaCppError(f"llama_decode returned {status} for a chunk of {S} tokens")
+        n = stop - start
+        return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n * self.n_vocab,)).reshape(
+            n, self.n_vocab).copy()
+
+
+def corpus_model(checkpoint, dtype: str, gguf=None, ctx: int | None = None) -> CorpusEngine:
+    return CorpusEngine(Path(gguf) if gguf else corpus_gguf(checkpoint, dtype), ctx)
+
+
+def corpus_logits(engine: CorpusEngine, ids, start: int, stop: int) -> np.ndarray:
+    """(stop - start, V) float32 logits of rows [start, stop) of one chunk (<bos> already first)."""
+    return engine.logits(np.asarray(ids), start, stop)

@@ -186,3 +186,33 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
                       description=description, positions=positions, attention_mask=attention_mask,
                       extra=None if prefill is None else {"decode": {"prefill": prefill,
                                                                      "steps": int(np.shape(ids)[-1]) - prefill}})
+
+
+# -- corpus goldens (verify/corpus.py): the candidate's logits of a chunk's scored rows, nothing written -------
+
+def corpus_backend(checkpoint, dtype: str | None, gguf=None) -> dict:
+    """The candidate record of `gemma2-ref corpus --backend transformers`: dtype and versions."""
+    import torch
+    import transformers
+
+    dtype = dtype or "float32"
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"--dtype {dtype}: transformers computes in one of {', '.join(TORCH_DTYPES)}")
+    return {"dtype": dtype, "attn_implementation": "eager",
+            "producer": {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
+                         "adapter": "gemma2_ref.adapters.transformers"}}
+
+
+def corpus_model(checkpoint, dtype: str, gguf=None, ctx: int | None = None):
+    """Gemma2ForCausalLM in `dtype`, eager attention (the soft-capped one), loaded once per worker."""
+    return load(checkpoint, dtype, "eager")
+
+
+def corpus_logits(hf_model, ids, start: int, stop: int) -> np.ndarray:
+    """(stop - start, V) float32 logits (after the final soft-cap) of rows [start, stop) of one chunk."""
+    import torch
+
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor(np.asarray(ids)[None], dtype=torch.long), use_cache=False,
+                       logits_to_keep=slice(start, stop))
+    return out.logits[0].float().numpy()

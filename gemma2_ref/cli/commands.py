@@ -381,8 +381,11 @@ def first_case(golden_obj):
 def compare(args) -> int:
     from ..verify import compare as C
     from ..verify import diagnose as D
+    from ..verify.corpus import is_corpus_golden
     from ..verify.golden import load_golden
 
+    if is_corpus_golden(args.reference):
+        return compare_corpus(args)
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
@@ -415,6 +418,66 @@ def compare(args) -> int:
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
     return 0 if all(r.passed for r in results) else 1
+
+
+def corpus(args) -> int:
+    """`gemma2-ref corpus`: a reference corpus golden, or a candidate backend's against --reference."""
+    from ..verify.corpus import DEFAULT_TOP_K, write_corpus
+
+    if args.workers is not None or args.ray_address is not None:
+        raise InputError("--workers and --ray-address need the Ray executor (issue 26), which this build does not "
+                         "have: drop them to compute the shards here, one after another")
+    candidate = args.backend is not None or args.reference is not None
+    if candidate and (args.backend is None or args.reference is None):
+        raise InputError("a candidate needs both --backend NAME and --reference REF (the reference corpus golden)")
+    if args.mistake is not None and args.backend != "gemma2-ref":
+        raise InputError("--mistake goes with --backend gemma2-ref (a known mistake injected into the reference)")
+    if args.gguf is not None and args.backend != "llama.cpp":
+        raise InputError("--gguf goes with --backend llama.cpp")
+    if candidate:
+        if args.top_k is not None:
+            raise InputError("--top-k cannot go with --reference: the ids scored are the reference's")
+        write_corpus(args.model, args.out, backend=candidate_backend(args), reference=args.reference,
+                     shard_chunks=args.shard_chunks, text=args.text, tokens=args.tokens, ctx=args.ctx,
+                     chunks=args.chunks, kld_out=args.kld_out)
+    else:
+        write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
+                     top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, dtype=args.dtype or "float32",
+                     kld_out=args.kld_out, shard_chunks=args.shard_chunks)
+    eprint(f"corpus golden: {args.out}")
+    return 0
+
+
+def candidate_backend(args) -> dict:
+    """The candidate's backend record: the adapter module that runs it, its dtype, its GGUF, its versions."""
+    from ..adapters import BACKENDS, load_adapter
+
+    if args.backend == "gemma2-ref":
+        from ..verify.corpus import REFERENCE_BACKEND
+        return {"name": REFERENCE_BACKEND, "dtype": args.dtype or "float32", "mistake": args.mistake}
+    record = load_adapter(args.backend).corpus_backend(args.model, args.dtype, gguf=args.gguf)
+    return {"name": args.backend, "adapter": BACKENDS[args.backend], **record}
+
+
+def compare_corpus(args) -> int:
+    """`gemma2-ref compare REF CAND` on corpus goldens (CAND may be a llama.cpp base file)."""
+    from ..verify.corpus import load_corpus
+    from ..verify.kld import compare_corpus as run_compare, format_report, to_json
+
+    ref = load_corpus(args.reference)
+    limits = {k: v for k, v in (("kld_mean", args.kl), ("kld_p99", args.kld_p99), ("same_top1", args.top1))
+              if v is not None}
+    tok = None
+    with contextlib.suppress(Exception):  # the worst positions' text, when the reference's tokenizer is here
+        from ..storage.loader import resolve_checkpoint
+        m = ref.manifest["model"]
+        tok = g2.load_tokenizer(resolve_checkpoint(m["name"] if m.get("bundled") else m["path"]))
+    result = run_compare(ref, args.candidate, limits, tokenizer=tok)
+    print(to_json(result) if args.json else format_report(result))
+    if args.plot:
+        from ..verify.plot import plot_corpus
+        eprint(f"plot: {plot_corpus(result, args.plot)}")
+    return 0 if result.passed else 1
 
 
 def check_config(args) -> int:

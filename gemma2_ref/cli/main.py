@@ -205,7 +205,50 @@ def add_compare(sub):
                       help="on failure, always run the diagnosis (re-runs the model ~15 times)")
     when.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
     p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
+    p.add_argument("--kld-p99", type=NONNEGATIVE, help="corpus goldens: max 99th percentile of the KLD (nats); "
+                   "--kl is the max mean KLD, --top1 the min same-top-1 fraction")
     p.set_defaults(handler=run.compare)
+
+
+def add_corpus(sub):
+    from ..verify.corpus import DEFAULT_SHARD_CHUNKS, DEFAULT_TOP_K
+    p = sub.add_parser("corpus", help="reference (or a backend's) next-token distributions over a corpus, as "
+                                      "llama-perplexity chunks and scores it",
+                       description="Write a corpus golden: the corpus in chunks of --ctx tokens, each chunk's first "
+                                   "token replaced by <bos>, its second half scored (llama-perplexity's "
+                                   "convention); per scored position the top-k ids and log-probs, the exact "
+                                   "log-sum-exp and the next token's log-prob, in shards written atomically, a "
+                                   "manifest last. The same command after an interruption resumes. With --backend "
+                                   "and --reference: a candidate on the reference's corpus, for `gemma2-ref compare "
+                                   "REF CAND`. See docs/corpus.md.")
+    p.add_argument("model", help="checkpoint directory or bundled model name (tiny)")
+    p.add_argument("--out", required=True, help="the corpus golden directory (created; resumed if it holds a "
+                                                "partial one of the same command)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a UTF-8 text file, tokenized with the model's tokenizer, <bos> first "
+                                    "(default: the bundled held-out text of the tiny models' corpus)")
+    src.add_argument("--tokens", help="a file of token ids: whitespace-separated integers or a 1-D .npy")
+    p.add_argument("--ctx", type=COUNT, help="tokens per chunk (llama-perplexity's -c; even; default 512 or the "
+                                             "model's context if smaller)")
+    p.add_argument("--chunks", type=COUNT, help="use only the first N chunks (llama-perplexity's --chunks)")
+    p.add_argument("--top-k", default=None, metavar="K|all",
+                   help=f"ids stored per scored position (default {DEFAULT_TOP_K}; 'all': the whole distribution)")
+    p.add_argument("--kld-out", metavar="FILE", help="also write llama.cpp's KL-divergence base file (for "
+                                                     "`llama-perplexity --kl-divergence-base FILE --kl-divergence`)")
+    p.add_argument("--dtype", help="compute dtype: float32 (default) / float64 for gemma2-ref; float32 / bfloat16 "
+                                   "for transformers; f32 / bf16 / f16 / q8_0 / q4_0 for llama.cpp (a GGUF converted "
+                                   "and quantized with llama.cpp's own tools)")
+    p.add_argument("--backend", choices=["gemma2-ref", "transformers", "llama.cpp"],
+                   help="a candidate backend (needs --reference); gemma2-ref with --mistake shows a known mistake")
+    p.add_argument("--gguf", help="llama.cpp: this GGUF instead of converting MODEL")
+    p.add_argument("--reference", metavar="REF", help="the reference corpus golden: the corpus, chunking and ids "
+                                                      "to score come from it")
+    p.add_argument("--mistake", help="--backend gemma2-ref: inject this known mistake (gemma2-ref diagnose's names)")
+    p.add_argument("--shard-chunks", type=COUNT, default=DEFAULT_SHARD_CHUNKS, help="chunks per shard (default "
+                                                                                    f"{DEFAULT_SHARD_CHUNKS})")
+    p.add_argument("--workers", type=COUNT, help="shards computed in parallel (needs Ray: the Ray executor)")
+    p.add_argument("--ray-address", help="a Ray cluster to run the shards on (needs Ray: the Ray executor)")
+    p.set_defaults(handler=run.corpus)
 
 
 def add_diagnose(sub):
@@ -241,8 +284,8 @@ def add_check_config(sub):
     p.set_defaults(handler=run.check_config)
 
 
-SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_diagnose,
-               add_check_config]
+SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_corpus,
+               add_diagnose, add_check_config]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ A corpus golden is a directory:
         logsumexp       (n, R) F64       the exact log-sum-exp of the row's logits (logits = logprob + it)
         target_logprob  (n, R) F64       the log-probability of the actual next token
         top1            (n, R) I32       this model's own argmax (the first of equal maxima, as llama.cpp)
+        min_logprob     (n, R) F64       this model's smallest log-probability (bounds a top-k KLD's tail)
     manifest.json             written last: the plan plus each shard's sha256; its absence marks a partial
                               golden, which is never accepted as a reference or a candidate
 
@@ -181,13 +182,15 @@ def top_k_ids(logprobs: np.ndarray, k: int) -> np.ndarray:
 
 def score_rows(logits: np.ndarray, targets: np.ndarray, top_k: int | None, ref_ids: np.ndarray | None) -> dict:
     """The stored values of one chunk's rows (see the module docstring), a block of rows at a time."""
-    out: dict[str, list] = {"ids": [], "logprobs": [], "logsumexp": [], "target_logprob": [], "top1": []}
+    out: dict[str, list] = {"ids": [], "logprobs": [], "logsumexp": [], "target_logprob": [], "top1": [],
+                            "min_logprob": []}
     for b in range(0, len(logits), ROW_BLOCK):
         lp, lse = log_softmax_rows(logits[b:b + ROW_BLOCK])
         rows = np.arange(len(lp))
         out["logsumexp"].append(lse)
         out["target_logprob"].append(lp[rows, targets[b:b + ROW_BLOCK]])
         out["top1"].append(np.argmax(lp, axis=1).astype(np.int32))
+        out["min_logprob"].append(lp.min(axis=1))
         if top_k is None:
             out["logprobs"].append(lp.astype(np.float32))
             continue
@@ -240,7 +243,7 @@ def run_shard(task: ShardTask, out_dir, model=None) -> dict:
 
 
 SHARD_DTYPES = {"tokens": "I32", "ids": "I32", "logprobs": "F32", "logsumexp": "F64", "target_logprob": "F64",
-                "top1": "I32"}
+                "top1": "I32", "min_logprob": "F64"}
 
 
 def write_shard(path: Path, arrays: dict, task: ShardTask) -> None:

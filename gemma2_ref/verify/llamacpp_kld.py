@@ -155,11 +155,12 @@ def candidate_shard(base: LlamaBase, chunks: tuple[int, int], ref_ids: np.ndarra
                     tokens: np.ndarray) -> dict[str, np.ndarray]:
     """The values a candidate shard holds (corpus.score_rows), from the base file's rows of these chunks."""
     first = first_scored(base.n_ctx)
-    out = {"logprobs": [], "target_logprob": [], "top1": []}
+    out = {"logprobs": [], "target_logprob": [], "top1": [], "min_logprob": []}
     for j, c in enumerate(range(*chunks)):
         lp = base.logprobs(c)
         rows = np.arange(len(lp))
         out["target_logprob"].append(lp[rows, tokens[j, first + 1:]].astype(np.float64))
         out["top1"].append(np.argmax(lp, axis=1).astype(np.int32))  # the first maximum, as :219-224
+        out["min_logprob"].append(lp.min(axis=1).astype(np.float64))
         out["logprobs"].append(lp if ref_ids is None else np.take_along_axis(lp, np.asarray(ref_ids[j]), axis=1))
     return {name: np.stack(v) for name, v in out.items()}

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Build llama.cpp's own `llama-perplexity` from the llama.cpp vendored in the llama-cpp-python sdist of the
+# installed version (the same llama.cpp the llama.cpp adapter runs), for tests/test_corpus_llamacpp.py.
+#
+#   scripts/build_llama_perplexity.sh            # prints the binary's path; builds once, then cached
+#
+# Cache: $GEMMA2_REF_LLAMA_PERPLEXITY_DIR, default ${XDG_CACHE_HOME:-~/.cache}/gemma2-ref/llama-perplexity-VERSION.
+# The sdist: $LLAMA_CPP_SDIST (a downloaded llama_cpp_python-VERSION.tar.gz) or `pip download`.
+# Only the llama-perplexity target, portable code (-DGGML_NATIVE=OFF), niced.
+set -eu
+PY=${PYTHON:-python3}
+VERSION=${LLAMA_CPP_VERSION:-$("$PY" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')}
+CACHE=${GEMMA2_REF_LLAMA_PERPLEXITY_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gemma2-ref/llama-perplexity-$VERSION}
+BIN=$CACHE/bin/llama-perplexity
+if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
+mkdir -p "$CACHE"
+WORK=$(mktemp -d "$CACHE/build.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SDIST=${LLAMA_CPP_SDIST:-}
+if [ -z "$SDIST" ]; then
+  "$PY" -m pip download --no-deps --no-binary :all: -q -d "$WORK" "llama-cpp-python==$VERSION" >&2
+  SDIST=$(ls "$WORK"/llama_cpp_python-*.tar.gz)
+fi
+tar xzf "$SDIST" -C "$WORK"
+SRC=$(ls -d "$WORK"/llama_cpp_python-*/vendor/llama.cpp)
+start=$(date +%s)
+nice -n 10 cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+  -DBUILD_SHARED_LIBS=OFF >&2
+nice -n 10 cmake --build "$WORK/build" --target llama-perplexity -j "${JOBS:-2}" >&2
+mkdir -p "$CACHE/bin"
+cp "$WORK/build/bin/llama-perplexity" "$BIN.partial" && mv "$BIN.partial" "$BIN"
+echo "built in $(( $(date +%s) - start )) s" >&2
+echo "$BIN"
