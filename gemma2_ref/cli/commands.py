@@ -424,9 +424,7 @@ def corpus(args) -> int:
     """`gemma2-ref corpus`: a reference corpus golden, or a candidate backend's against --reference."""
     from ..verify.corpus import DEFAULT_TOP_K, write_corpus
 
-    if args.workers is not None or args.ray_address is not None:
-        raise InputError("--workers and --ray-address need the Ray executor (issue 26), which this build does not "
-                         "have: drop them to compute the shards here, one after another")
+    executor = corpus_executor(args)
     candidate = args.backend is not None or args.reference is not None
     if candidate and (args.backend is None or args.reference is None):
         raise InputError("a candidate needs both --backend NAME and --reference REF (the reference corpus golden)")
@@ -439,13 +437,23 @@ def corpus(args) -> int:
             raise InputError("--top-k cannot go with --reference: the ids scored are the reference's")
         write_corpus(args.model, args.out, backend=candidate_backend(args), reference=args.reference,
                      shard_chunks=args.shard_chunks, text=args.text, tokens=args.tokens, ctx=args.ctx,
-                     chunks=args.chunks, kld_out=args.kld_out)
+                     chunks=args.chunks, kld_out=args.kld_out, executor=executor)
     else:
         write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
                      top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, dtype=args.dtype or "float32",
-                     kld_out=args.kld_out, shard_chunks=args.shard_chunks)
+                     kld_out=args.kld_out, shard_chunks=args.shard_chunks, executor=executor)
     eprint(f"corpus golden: {args.out}")
     return 0
+
+
+def corpus_executor(args):
+    """None (the shards here, one after another) for --workers 1; else the Ray executor (verify/corpus_ray.py),
+    Ray's presence checked before any work."""
+    if (args.workers or 1) == 1 and args.ray_address is None:
+        return None
+    from ..verify.corpus_ray import RayExecutor, import_ray
+    import_ray("--ray-address" if args.ray_address else f"--workers {args.workers}")
+    return RayExecutor(workers=args.workers, address=args.ray_address, blas_threads=args.blas_threads)
 
 
 def candidate_backend(args) -> dict:
