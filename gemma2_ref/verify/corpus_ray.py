@@ -206,6 +206,12 @@ def task_attempt() -> int:
     return ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
 
 
+def max_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ShardWorker:
     """One Ray actor: checks what it can see, loads the model once, then runs shards as they come. `load` and
     `run` default to corpus.load_worker_model / corpus.run_shard (tests give stand-ins)."""
@@ -234,7 +240,7 @@ class ShardWorker:
             result = dict(self.run_shard(task, self.out_dir, self.model))
         except Exception as e:  # noqa: BLE001 (returned, so the driver raises it as itself, naming the shard)
             return {"shard": task.shard, "error": e, "node": node_name(), "pid": os.getpid()}
-        result.update(node=node_name(), pid=os.getpid(), attempt=task_attempt())
+        result.update(node=node_name(), pid=os.getpid(), attempt=task_attempt(), max_rss_bytes=max_rss_bytes())
         return result
 
 
@@ -265,14 +271,23 @@ class RayExecutor:
         self.temp_dir, self.log, self.load, self.run = temp_dir, log, load, run
         self.retried: list[int] = []
         self.worker_info: list[dict] = []
+        self.timings: dict[str, float] = {}  # perf_counter at "start", "cluster" (up), "ready" (models loaded), "done"
 
     def __call__(self, tasks, out_dir):
         tasks = list(tasks)
         if not tasks:
             return
+        self.timings = {"start": time.perf_counter()}
         with self.cluster() as ray:
+            self.timings["cluster"] = time.perf_counter()
             actors = self.start_workers(ray, tasks[0], os.path.abspath(out_dir), len(tasks))
-            yield from self.run_pool(ray, actors, tasks)
+            self.timings["ready"] = time.perf_counter()
+            try:
+                yield from self.run_pool(ray, actors, tasks)
+            finally:
+                for a in actors:  # a cluster this executor did not start is left as it was found
+                    ray.kill(a, no_restart=True)
+            self.timings["done"] = time.perf_counter()
             self.log(f"ray: {len(tasks)} shards on {len(actors)} workers"
                      + (f"; ran again after a worker died: {', '.join(map(str, sorted(self.retried)))}"
                         if self.retried else "; none ran twice"))
@@ -294,13 +309,13 @@ class RayExecutor:
         actor = ray.remote(ShardWorker).options(
             num_cpus=self.blas_threads, max_restarts=self.retries, max_task_retries=self.retries,
             runtime_env={"env_vars": blas_env(self.blas_threads)}, scheduling_strategy="SPREAD")
-        actors = [actor.remote(first_task, out_dir, self.load, self.run) for _ in range(self.worker_count(ray, n_tasks))]
-        pending = {a.ready.remote(): a for a in actors}
-        done, waiting = ray.wait(list(pending), num_returns=len(pending), timeout=self.start_timeout)
+        n = self.worker_count(ray, n_tasks)
+        actors = [actor.remote(first_task, out_dir, self.load, self.run) for _ in range(n)]
+        done, waiting = ray.wait([a.ready.remote() for a in actors], num_returns=n, timeout=self.start_timeout)
         if waiting:
             have = ray.cluster_resources().get("CPU", 0)
-            raise ClusterError(f"only {len(done)} of {len(actors)} Ray workers started within {self.start_timeout:.0f} s "
-                               f"(each needs {self.blas_threads} CPU and the model in memory; the cluster has {have:g} "
+            raise ClusterError(f"only {len(done)} of {n} Ray workers started within {self.start_timeout:.0f} s (each "
+                               f"needs {self.blas_threads} CPU and the model in memory; the cluster has {have:g} "
                                f"CPUs): give fewer --workers, or look at the nodes' logs (ray status)")
         self.worker_info = ray.get(done)
         for info in self.worker_info:
