@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import signal
-import subprocess
+import socket
 import time
 from pathlib import Path
 
@@ -92,14 +91,35 @@ def kill_session(sid: int, grace: float = 15.0) -> list[int]:
 
 
 def listeners() -> list[tuple[str, int]]:
-    """(local address, pid) of every listening TCP socket on this machine (ss -tlnpH)."""
-    out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
+    """(local address, pid) of every listening TCP socket of this machine's processes (from /proc/net/tcp and
+    tcp6, state 0A, and each process's socket inodes: no `ss` needed)."""
+    listening = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A":
+                    listening[f[9]] = hex_address(f[1].split(":")[0], v6)
     found = []
-    for line in out.splitlines():
-        fields = line.split()
-        for pid in re.findall(r"pid=(\d+)", line):
-            found.append((fields[3].rsplit(":", 1)[0], int(pid)))
+    for pid in all_pids():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
+                    if inode in listening:
+                        found.append((listening[inode], pid))
     return found
+
+
+def hex_address(h: str, v6: bool) -> str:
+    """/proc/net/tcp's address: 4 bytes (or 16, as four 32-bit words) in host (little-endian) order."""
+    raw = bytes.fromhex(h)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if not v6:
+        return socket.inet_ntop(socket.AF_INET, words)
+    addr = socket.inet_ntop(socket.AF_INET6, words)
+    return addr[len("::ffff:"):] if addr.startswith("::ffff:") else addr
 
 
 def marker_dir(out_dir) -> Path:
