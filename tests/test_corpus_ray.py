@@ -235,3 +235,44 @@ def test_cli_driver_killed_then_rerun_resumes_byte_identical(tmp_path):
     _, err_ref, code_ref = finish(ref, 300)
     assert code_ref == 0, err_ref[-2000:]
     assert golden_bytes(tmp_path / "g") == golden_bytes(tmp_path / "ref")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_address_with_nothing_there_is_one_line_not_a_hang(tmp_path):
+    pytest.importorskip("ray")
+    port = free_port()
+    t0 = time.monotonic()
+    run = cli("corpus", "tiny", "--out", str(tmp_path / "g"), "--ray-address", f"127.0.0.1:{port}")
+    _, err, code = finish(run, 120)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"nothing answers at 127.0.0.1:{port}" in err and "ray start --head" in err, err
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "g").exists()
+
+
+def test_cli_joins_a_ray_start_head_on_loopback(tmp_path, serial_golden):
+    pytest.importorskip("ray")
+    port, temp = free_port(), tempfile.mkdtemp(prefix="g2r-head-", dir="/tmp")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address",
+                             "127.0.0.1", "--port", str(port), "--include-dashboard=false", "--num-cpus", "2",
+                             "--temp-dir", temp, "--disable-usage-stats"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, out[-3000:]
+        run = cli("corpus", "tiny", "--out", str(tmp_path / "g"), "--ray-address", f"127.0.0.1:{port}",
+                  "--workers", "2", "--ctx", "64", "--chunks", "8", "--shard-chunks", "1")
+        _, err, code = finish(run, 300)
+        assert code == 0, err[-3000:]
+        assert "2 workers ready" in err, err[-2000:]
+        head_pids = set(rc.session_pids(head.pid))
+        addrs = {addr for addr, pid in rc.listeners() if pid in head_pids}
+        assert addrs == {"127.0.0.1"}, addrs
+        assert golden_bytes(tmp_path / "g") == golden_bytes(serial_golden)
+    finally:
+        rc.kill_session(head.pid)

@@ -451,8 +451,10 @@ def corpus_executor(args):
     Ray's presence checked before any work."""
     if (args.workers or 1) == 1 and args.ray_address is None:
         return None
-    from ..verify.corpus_ray import RayExecutor, import_ray
+    from ..verify.corpus_ray import RayExecutor, check_reachable, import_ray
     import_ray("--ray-address" if args.ray_address else f"--workers {args.workers}")
+    if args.ray_address is not None:
+        check_reachable(args.ray_address)
     return RayExecutor(workers=args.workers, address=args.ray_address, blas_threads=args.blas_threads)
 
 

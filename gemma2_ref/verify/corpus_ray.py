@@ -131,16 +131,47 @@ def local_cluster(cpus: int, temp_dir: str | None = None):
         stop_leftovers(started)
 
 
+def address_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of --ray-address HOST:PORT (or ray://HOST:PORT); None for "auto" (the cluster of this node)."""
+    if address == "auto":
+        return None
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray-address {address}: give HOST:PORT, the address `ray start --head` printed "
+                           f"(e.g. 10.0.0.1:6379), or auto")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A head that does not answer is one line now, not Ray's minutes of retries (ray.init waits for its GCS)."""
+    hp = address_host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"--ray-address {address}: nothing answers at {hp[0]}:{hp[1]} ({e.strerror or e}): start "
+                           f"the head with `ray start --head --port {hp[1]}` (docs/corpus-ray.md)") from None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @contextlib.contextmanager
 def joined_cluster(address: str):
-    """A running cluster (`ray start --head` on one node, `ray start --address` on the others); left running."""
+    """A running cluster (`ray start --head` on one node, `ray start --address` on the others); left running.
+    A head on 127.0.0.1 is reached there (Ray would otherwise replace it by this machine's network address)."""
     ray = import_ray("--ray-address")
+    check_reachable(address)
+    hp = address_host_port(address)
+    local = hp is not None and is_loopback(hp[0])
     try:
-        ray.init(address=address, logging_level="ERROR")
+        with loopback_only(ray) if local else contextlib.nullcontext():
+            ray.init(address=address, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClusterError(f"--ray-address {address}: cannot join a Ray cluster there ({first}); start one with "
-                           f"`ray start --head` (docs/corpus.md, Ray section)") from None
+        raise ClusterError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(e)}); start one "
+                           f"with `ray start --head` (docs/corpus-ray.md)") from None
     try:
         yield ray
     finally:
