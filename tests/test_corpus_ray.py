@@ -256,8 +256,12 @@ def test_ray_address_with_nothing_there_is_one_line_not_a_hang(tmp_path):
 
 def test_cli_joins_a_ray_start_head_on_loopback(tmp_path, serial_golden):
     pytest.importorskip("ray")
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
     port, temp = free_port(), tempfile.mkdtemp(prefix="g2r-head-", dir="/tmp")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    token = Path(temp) / "token"  # Ray 2.60's token authentication, as docs/corpus-ray.md's recipe sets it up
+    token.write_text(generate_new_authentication_token())
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **auth)
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address",
                              "127.0.0.1", "--port", str(port), "--include-dashboard=false", "--num-cpus", "2",
                              "--temp-dir", temp, "--disable-usage-stats"], env=env, stdout=subprocess.PIPE,
@@ -266,7 +270,7 @@ def test_cli_joins_a_ray_start_head_on_loopback(tmp_path, serial_golden):
         out, _ = head.communicate(timeout=180)
         assert head.returncode == 0, out[-3000:]
         run = cli("corpus", "tiny", "--out", str(tmp_path / "g"), "--ray-address", f"127.0.0.1:{port}",
-                  "--workers", "2", "--ctx", "64", "--chunks", "8", "--shard-chunks", "1")
+                  "--workers", "2", "--ctx", "64", "--chunks", "8", "--shard-chunks", "1", env=auth)
         _, err, code = finish(run, 300)
         assert code == 0, err[-3000:]
         assert "2 workers ready" in err, err[-2000:]

@@ -170,8 +170,9 @@ def joined_cluster(address: str):
         with loopback_only(ray) if local else contextlib.nullcontext():
             ray.init(address=address, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(e)}); start one "
-                           f"with `ray start --head` (docs/corpus-ray.md)") from None
+        raise ClusterError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(e)}); a head "
+                           f"with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN_PATH) "
+                           f"here too; see docs/corpus-ray.md") from None
     try:
         yield ray
     finally:
