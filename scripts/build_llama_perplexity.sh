@@ -14,15 +14,18 @@ CACHE=${GEMMA2_REF_LLAMA_PERPLEXITY_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gemma2-
 BIN=$CACHE/bin/llama-perplexity
 if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
 mkdir -p "$CACHE"
-WORK=$(mktemp -d "$CACHE/build.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-SDIST=${LLAMA_CPP_SDIST:-}
-if [ -z "$SDIST" ]; then
-  "$PY" -m pip download --no-deps --no-binary :all: -q -d "$WORK" "llama-cpp-python==$VERSION" >&2
-  SDIST=$(ls "$WORK"/llama_cpp_python-*.tar.gz)
+WORK=$CACHE/build  # kept until the binary is in place: an interrupted build resumes where it stopped
+mkdir -p "$WORK"
+SRC=$(ls -d "$WORK"/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null || true)
+if [ -z "$SRC" ]; then
+  SDIST=${LLAMA_CPP_SDIST:-}
+  if [ -z "$SDIST" ]; then
+    "$PY" -m pip download --no-deps --no-binary :all: -q -d "$WORK" "llama-cpp-python==$VERSION" >&2
+    SDIST=$(ls "$WORK"/llama_cpp_python-*.tar.gz)
+  fi
+  tar xzf "$SDIST" -C "$WORK"
+  SRC=$(ls -d "$WORK"/llama_cpp_python-*/vendor/llama.cpp)
 fi
-tar xzf "$SDIST" -C "$WORK"
-SRC=$(ls -d "$WORK"/llama_cpp_python-*/vendor/llama.cpp)
 start=$(date +%s)
 nice -n 10 cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
@@ -30,5 +33,6 @@ nice -n 10 cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release 
 nice -n 10 cmake --build "$WORK/build" --target llama-perplexity -j "${JOBS:-2}" >&2
 mkdir -p "$CACHE/bin"
 cp "$WORK/build/bin/llama-perplexity" "$BIN.partial" && mv "$BIN.partial" "$BIN"
+rm -rf "$WORK"
 echo "built in $(( $(date +%s) - start )) s" >&2
 echo "$BIN"

@@ -426,6 +426,8 @@ def write_corpus(model, out_dir, *, text=None, tokens=None, ctx: int | None = No
         write_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         for t in tasks:
             (out_dir / llamacpp_part(t.shard)).unlink(missing_ok=True)
+        for leftover in [*out_dir.glob("shard-*.safetensors.tmp"), *out_dir.glob(".*.tmp")]:
+            leftover.unlink(missing_ok=True)  # a killed writer's temporaries (the lock says none is alive)
     return out_dir
 
 
@@ -486,7 +488,9 @@ def prepare_output(out_dir: Path, plan: dict) -> str:
             raise CorpusError(f"--out {out_dir} holds files that are not a corpus golden ({shown}): choose a new "
                               f"or empty directory")
         if found != json.loads(canonical_json(plan)):
-            key = next((k for k in sorted(set(found) | set(plan)) if found.get(k) != plan.get(k)), "?")
+            first = ["ctx", "n_chunks", "top_k", "backend", "corpus", "model", "reference", "llamacpp_base"]
+            keys = first + sorted((set(found) | set(plan)) - set(first))
+            key = next((k for k in keys if found.get(k) != json.loads(canonical_json(plan)).get(k)), "?")
             raise CorpusError(f"--out {out_dir} holds a corpus golden of another command (its plan.json differs in "
                               f"{key!r}): choose another --out, or run the command that made it")
         return "complete" if (out_dir / MANIFEST).is_file() else "resume"

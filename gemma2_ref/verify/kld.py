@@ -5,7 +5,7 @@ Per scored position, p the reference's distribution, q the candidate's, t the ac
 
     nll        -log q(t) and -log p(t); PPL = exp(mean nll)                                  (:201-206, :1889-1897)
     KLD        sum_i p_i (log p_i - log q_i)                                                  (:210-231)
-    Δp         q(t) - p(t); RMS Δp = sqrt(mean Δp²)                                            (:238-245, :1966-1971)
+    Δp         q(t) - p(t); RMS Δp = sqrt(mean Δp²)                                         (:238-245, :1966-1971)
     same top   argmax q == argmax p (each the first of equal maxima)                          (:192-199, :219-236)
 
 and over the corpus, as llama-perplexity reports them (its `mean_and_uncertainty` and `covariance`, :1745-1762):
@@ -144,6 +144,7 @@ class CorpusComparison:
     thresholds: dict
     top_k: int | None
     failures: list[str] = field(default_factory=list)
+    kld: np.ndarray | None = None  # (n_chunks, R) per position, for --plot
 
     @property
     def passed(self) -> bool:
@@ -206,7 +207,8 @@ def compare_corpus(reference, candidate, thresholds: dict | None = None, tokeniz
                               for k in ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_max", "same_top1")}}
               for c in range(len(v["kld"]))]
     return CorpusComparison(str(ref.path), str(candidate), stats, chunks,
-                            worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures)
+                            worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures,
+                            v["kld"])
 
 
 def worst_positions(ref: CorpusGolden, v: dict, n: int, tokenizer) -> list[dict]:

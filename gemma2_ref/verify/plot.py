@@ -209,3 +209,32 @@ def plot_comparisons(comparisons, path) -> list[Path]:
         return [plot_divergence(c, path) for c in drawable]
     return [plot_divergence(c, path.with_name(f"{path.stem}-{Path(str(c.candidate)).name}{path.suffix}"))
             for c in drawable]
+
+
+def plot_corpus(result, path) -> Path:
+    """`compare REF CAND --plot` on corpus goldens: the KLD of every scored position along the corpus (log scale,
+    chunk boundaries dotted, the mean-KLD limit dashed) and the histogram of log10 KLD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kld = np.asarray(result.kld)  # (n_chunks, R)
+    floor = 1e-12
+    flat = np.maximum(kld.reshape(-1), floor)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), gridspec_kw={"height_ratios": [2, 1]})
+    top.semilogy(flat, lw=0.6, color="#2171b5")
+    for c in range(1, kld.shape[0]):
+        top.axvline(c * kld.shape[1], color="#bdbdbd", lw=0.5, ls=":")
+    top.axhline(result.thresholds["kld_mean"], color="#d62728", ls="--", lw=1, label="mean-KLD limit")
+    top.set(xlabel="scored position (chunk after chunk)", ylabel="KLD (nats)",
+            title=f"{Path(result.candidate).name} vs {Path(result.reference).name}: mean KLD "
+                  f"{result.stats['kld_mean']:.3g}, p99 {result.stats['kld_p99']:.3g}")
+    top.legend(loc="upper right")
+    bottom.hist(np.log10(flat), bins=60, color="#6baed6")
+    bottom.set(xlabel="log10 KLD", ylabel="positions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
