@@ -221,7 +221,7 @@ def test_cli_driver_killed_then_rerun_resumes_byte_identical(tmp_path):
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(30)
-    time.sleep(3)  # a worker notices its raylet died within PARENT_POLL_SECONDS
+    time.sleep(3)  # the raylet dies with its driver (Ray's fate sharing) and Ray ends its workers
     alive = [p for p in rc.session_pids(first.pid) if "ShardWorker" in rc.cmdline(p)]
     rc.kill_session(first.pid)
     assert not alive, "a Ray worker outlived its killed driver (it could write into --out during the rerun)"

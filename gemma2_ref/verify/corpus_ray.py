@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +38,6 @@ INSTALL_RAY = f"pip install 'gemma2-ref[ray]' (or {RAY_REQUIREMENT})"
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LOOPBACK = "127.0.0.1"
 OBJECT_STORE_BYTES = 128 << 20  # results are a few hundred bytes; the shards go to the shared file system
-PARENT_POLL_SECONDS = 0.5
 
 
 class ClusterError(CorpusError):
@@ -219,19 +217,6 @@ def visibility_problem(task, out_dir) -> str | None:
     return None
 
 
-def exit_with_parent(poll: float = PARENT_POLL_SECONDS) -> None:
-    """End this worker when its raylet dies (a local cluster's raylet dies with a SIGKILLed driver): a worker
-    left running would go on writing into --out while the rerun of the command resumes there."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-raylet", daemon=True).start()
-
-
 def task_attempt() -> int:
     """0 the first time the running Ray task runs, k after k retries (Ray keeps the count per task)."""
     import ray
@@ -250,7 +235,6 @@ class ShardWorker:
 
     def __init__(self, first_task, out_dir, load=None, run=None):
         from . import corpus
-        exit_with_parent()
         self.run_shard = run or corpus.run_shard
         self.out_dir = out_dir
         self.model = None
