@@ -116,6 +116,13 @@ def test_workers_1_without_ray_runs_here(tmp_path, monkeypatch):
     assert (out / "manifest.json").is_file()
 
 
+def test_blas_threads_without_ray_workers_is_refused_not_ignored(tmp_path, capsys):
+    assert main(["corpus", "tiny", "--out", str(tmp_path / "g"), "--blas-threads", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--blas-threads is for Ray workers" in err[0] and "OPENBLAS_NUM_THREADS" in err[0], err
+    assert not (tmp_path / "g").exists()
+
+
 def test_visibility_problem_names_the_path_a_worker_cannot_see(tmp_path):
     tasks, out = stand_in_tasks(tmp_path)
     assert visibility_problem(tasks[0], out) is None

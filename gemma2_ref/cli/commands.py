@@ -450,12 +450,15 @@ def corpus_executor(args):
     """None (the shards here, one after another) for --workers 1; else the Ray executor (verify/corpus_ray.py),
     Ray's presence checked before any work."""
     if (args.workers or 1) == 1 and args.ray_address is None:
+        if args.blas_threads is not None:
+            raise InputError("--blas-threads is for Ray workers (--workers 2 or more, or --ray-address); this process "
+                             "uses NumPy's BLAS as configured: set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead")
         return None
     from ..verify.corpus_ray import RayExecutor, check_reachable, import_ray
     import_ray("--ray-address" if args.ray_address else f"--workers {args.workers}")
     if args.ray_address is not None:
         check_reachable(args.ray_address)
-    return RayExecutor(workers=args.workers, address=args.ray_address, blas_threads=args.blas_threads)
+    return RayExecutor(workers=args.workers, address=args.ray_address, blas_threads=args.blas_threads or 1)
 
 
 def candidate_backend(args) -> dict:

@@ -252,8 +252,8 @@ def add_corpus(sub):
                                                  "here, without Ray. Needs `pip install 'gemma2-ref[ray]'`")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (`ray start --head` printed it; every "
                                                          "node sees MODEL and --out at the same paths)")
-    p.add_argument("--blas-threads", type=COUNT, default=1, help="BLAS threads of each Ray worker (default 1); a "
-                                                                 "shard's bytes depend on it, not on the workers")
+    p.add_argument("--blas-threads", type=COUNT, help="BLAS threads of each Ray worker (default 1); a shard's bytes "
+                                                      "depend on it, not on the number of workers")
     p.set_defaults(handler=run.corpus)
 
 
