@@ -182,3 +182,7 @@ def slow_real_run(task, out_dir, model):
     mark_started(task, out_dir)
     time.sleep(1.5)
     return run_shard(task, out_dir, model)
+
+
+def load_fails(task):
+    raise MemoryError("Unable to allocate 3.5 GiB for an array with shape (256000, 3584)")

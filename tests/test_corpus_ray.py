@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +86,7 @@ def cluster():
         left = [p for p in started if pid_alive(p) and p != os.getpid()]
         assert not left, f"Ray processes left after shutdown: {left}"
         assert not [p for p in rc.all_pids() if temp in rc.cmdline(p)], "a process of the test cluster survived"
+        shutil.rmtree(temp, ignore_errors=True)  # Ray's session logs
 
 
 def stand_in_tasks(tmp_path, n=4, model=None):
@@ -215,6 +217,16 @@ def test_node_that_cannot_see_the_checkpoint_is_named_not_a_hang(cluster, tmp_pa
     assert time.monotonic() - t0 < 100
 
 
+def test_worker_that_cannot_load_the_model_says_why_naming_the_node(cluster, tmp_path):
+    tasks, out = stand_in_tasks(tmp_path, n=2)
+    ex = RayExecutor(workers=2, start_timeout=120, load=rc.load_fails, run=rc.stand_in_run, log=lambda m: None)
+    with pytest.raises(ClusterError) as e:
+        list(ex(tasks, out))
+    msg = str(e.value)
+    assert f"node {socket.gethostname()}" in msg and "could not load the model: MemoryError" in msg, msg
+    assert "shared file system" not in msg, msg
+
+
 # -- the command line, its own cluster --------------------------------------------------------------------
 
 def test_cli_driver_killed_then_rerun_resumes_byte_identical(tmp_path):
@@ -287,3 +299,4 @@ def test_cli_joins_a_ray_start_head_on_loopback(tmp_path, serial_golden):
         assert golden_bytes(tmp_path / "g") == golden_bytes(serial_golden)
     finally:
         rc.kill_session(head.pid)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -336,8 +336,9 @@ class RayExecutor:
         self.worker_info = ray.get(done)
         for info in self.worker_info:
             if info["problem"] is not None:
-                raise ClusterError(f"Ray worker on node {info['node']} (pid {info['pid']}) {info['problem']}: every "
-                                   f"node needs the checkpoint and --out at the same path (a shared file system)")
+                advice = "" if info["problem"].startswith("could not load") else \
+                    ": every node needs the checkpoint and --out at the same path (a shared file system)"
+                raise ClusterError(f"Ray worker on node {info['node']} (pid {info['pid']}) {info['problem']}{advice}")
         self.log(f"ray: {len(actors)} workers ready on "
                  f"{', '.join(sorted({i['node'] for i in self.worker_info}))}, {self.blas_threads} BLAS thread(s) each")
         return actors
