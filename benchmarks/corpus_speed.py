@@ -48,7 +48,7 @@ def bench(model: str, out: Path, ctx: int, chunks: int) -> list[dict]:
     text.write_text(C.BUNDLED_CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
     rows = []
     ref = out / f"{name}-ref"
-    rows.append({"model": name, "engine": "gemma2-ref reference (float32, top-32)",
+    rows.append({"model": name, "engine": f"gemma2-ref reference (float32, top-{C.DEFAULT_TOP_K})",
                  "seconds": timed(lambda: C.write_corpus(model, ref, text=text, ctx=ctx, chunks=chunks,
                                                          log=lambda m: None))})
     for backend, dtype in (("transformers", "float32"), ("llama.cpp", "f32")):

@@ -37,7 +37,9 @@ def random_2b(directory: Path) -> Path:
 
     if (directory / "config.json").is_file():
         return directory
-    cfg = g2.PRESETS["2b"].replace(num_hidden_layers=2, vocab_size=2048, max_position_embeddings=1024)
+    from gemma2_ref.model.config import alternating_layer_types
+    cfg = g2.PRESETS["2b"].replace(num_hidden_layers=2, layer_types=alternating_layer_types(2), vocab_size=2048,
+                                   max_position_embeddings=1024)
     save_checkpoint(directory, cfg, random_weights(cfg, seed=11, scale=2.0), "BF16",
                     tokenizer=g2.bundled_path("tiny") / "tokenizer.model")
     config = json.loads((directory / "config.json").read_text())

@@ -422,7 +422,7 @@ def compare(args) -> int:
 
 def corpus(args) -> int:
     """`gemma2-ref corpus`: a reference corpus golden, or a candidate backend's against --reference."""
-    from ..verify.corpus import DEFAULT_TOP_K, write_corpus
+    from ..verify.corpus import write_corpus
 
     executor = corpus_executor(args)
     candidate = args.backend is not None or args.reference is not None
@@ -440,9 +440,9 @@ def corpus(args) -> int:
                      chunks=args.chunks, kld_out=args.kld_out, executor=executor)
     else:
         write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
-                     top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k, dtype=args.dtype or "float32",
+                     top_k=args.top_k, dtype=args.dtype or "float32",
                      kld_out=args.kld_out, shard_chunks=args.shard_chunks, executor=executor)
-    eprint(f"corpus golden: {args.out}")
+    print(args.out)  # as `golden` does: the directory written, on stdout
     return 0
 
 

@@ -232,7 +232,8 @@ def add_corpus(sub):
                                              "model's context if smaller)")
     p.add_argument("--chunks", type=COUNT, help="use only the first N chunks (llama-perplexity's --chunks)")
     p.add_argument("--top-k", default=None, metavar="K|all",
-                   help=f"ids stored per scored position (default {DEFAULT_TOP_K}; 'all': the whole distribution)")
+                   help=f"ids stored per scored position (default {DEFAULT_TOP_K}, or the vocabulary if smaller; 'all': "
+                        "the whole distribution)")
     p.add_argument("--kld-out", metavar="FILE", help="also write llama.cpp's KL-divergence base file (for "
                                                      "`llama-perplexity --kl-divergence-base FILE --kl-divergence`)")
     p.add_argument("--dtype", help="compute dtype: float32 (default) / float64 for gemma2-ref; float32 / bfloat16 "

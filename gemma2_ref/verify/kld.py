@@ -179,7 +179,8 @@ def compare_corpus(reference, candidate, thresholds: dict | None = None, tokeniz
     from .llamacpp_kld import candidate_shard, check_against_reference, is_base_file, read_base_file
 
     ref = reference if isinstance(reference, CorpusGolden) else load_corpus(reference)
-    base = read_base_file(candidate) if is_base_file(candidate) else None
+    given = isinstance(candidate, CorpusGolden)
+    base = read_base_file(candidate) if not given and is_base_file(candidate) else None
     cand = None if base is not None else candidate if isinstance(candidate, CorpusGolden) else load_corpus(candidate)
     if base is not None:
         check_against_reference(base, ref)
@@ -206,7 +207,7 @@ def compare_corpus(reference, candidate, thresholds: dict | None = None, tokeniz
     chunks = [{"chunk": c, **{k: summary({n: a[c:c + 1] for n, a in v.items()})[k]
                               for k in ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_max", "same_top1")}}
               for c in range(len(v["kld"]))]
-    return CorpusComparison(str(ref.path), str(candidate), stats, chunks,
+    return CorpusComparison(str(ref.path), str(candidate.path if given else candidate), stats, chunks,
                             worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures,
                             v["kld"])
 
