@@ -265,7 +265,7 @@ def test_bad_base_files_are_refused_naming_the_file(capsys, tmp_path, ref_all):
     (["--text", "{empty}"], "is empty"),
     (["--text", "{latin1}"], "not UTF-8"),
     (["--tokens", "{outside}"], "outside the vocabulary"),
-    (["--workers", "2"], "need the Ray executor"),
+    (["--ray-address", "nohost"], "--ray-address"),  # HOST:PORT expected (or, without Ray: what to install)
     (["--backend", "transformers"], "needs both --backend NAME and --reference"),
 ])
 def test_bad_corpus_options_are_one_line_and_exit_2(capsys, tmp_path, args, expected):

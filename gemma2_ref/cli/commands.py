@@ -436,9 +436,7 @@ def corpus(args) -> int:
     """`gemma2-ref corpus`: a reference corpus golden, or a candidate backend's against --reference."""
     from ..verify.corpus import write_corpus
 
-    if args.workers is not None or args.ray_address is not None:
-        raise InputError("--workers and --ray-address need the Ray executor (issue 26), which this build does not "
-                         "have: drop them to compute the shards here, one after another")
+    executor = corpus_executor(args)
     candidate = args.backend is not None or args.reference is not None
     if candidate and (args.backend is None or args.reference is None):
         raise InputError("a candidate needs both --backend NAME and --reference REF (the reference corpus golden)")
@@ -451,13 +449,28 @@ def corpus(args) -> int:
             raise InputError("--top-k cannot go with --reference: the ids scored are the reference's")
         write_corpus(args.model, args.out, backend=candidate_backend(args), reference=args.reference,
                      shard_chunks=args.shard_chunks, text=args.text, tokens=args.tokens, ctx=args.ctx,
-                     chunks=args.chunks, kld_out=args.kld_out)
+                     chunks=args.chunks, kld_out=args.kld_out, executor=executor)
     else:
         write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
                      top_k=args.top_k, dtype=args.dtype or "float32",
-                     kld_out=args.kld_out, shard_chunks=args.shard_chunks)
+                     kld_out=args.kld_out, shard_chunks=args.shard_chunks, executor=executor)
     print(args.out)  # as `golden` does: the directory written, on stdout
     return 0
+
+
+def corpus_executor(args):
+    """None (the shards here, one after another) for --workers 1; else the Ray executor (verify/corpus_ray.py),
+    Ray's presence checked before any work."""
+    if (args.workers or 1) == 1 and args.ray_address is None:
+        if args.blas_threads is not None:
+            raise InputError("--blas-threads is for Ray workers (--workers 2 or more, or --ray-address); this process "
+                             "uses NumPy's BLAS as configured: set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead")
+        return None
+    from ..verify.corpus_ray import RayExecutor, check_reachable, import_ray
+    import_ray("--ray-address" if args.ray_address else f"--workers {args.workers}")
+    if args.ray_address is not None:
+        check_reachable(args.ray_address)
+    return RayExecutor(workers=args.workers, address=args.ray_address, blas_threads=args.blas_threads or 1)
 
 
 def candidate_backend(args) -> dict:

@@ -250,8 +250,14 @@ def add_corpus(sub):
     p.add_argument("--mistake", help="--backend gemma2-ref: inject this known mistake (gemma2-ref diagnose's names)")
     p.add_argument("--shard-chunks", type=COUNT, default=DEFAULT_SHARD_CHUNKS, help="chunks per shard (default "
                                                                                     f"{DEFAULT_SHARD_CHUNKS})")
-    p.add_argument("--workers", type=COUNT, help="shards computed in parallel (needs Ray: the Ray executor)")
-    p.add_argument("--ray-address", help="a Ray cluster to run the shards on (needs Ray: the Ray executor)")
+    p.add_argument("--workers", type=COUNT, help="Ray workers computing shards in parallel on a local cluster of this "
+                                                 "machine (bound to 127.0.0.1); with --ray-address, workers to start "
+                                                 "there (default: the cluster's CPUs / --blas-threads). Default 1: "
+                                                 "here, without Ray. Needs `pip install 'gemma2-ref[ray]'`")
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (`ray start --head` printed it; every "
+                                                         "node sees MODEL and --out at the same paths)")
+    p.add_argument("--blas-threads", type=COUNT, help="BLAS threads of each Ray worker (default 1); a shard's bytes "
+                                                      "depend on it, not on the number of workers")
     p.set_defaults(handler=commands.corpus)
 
 
