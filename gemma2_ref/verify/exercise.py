@@ -29,6 +29,8 @@ import numpy as np
 
 from ..model import gemma2 as G
 from ..model.taps import NO_TAPS
+from ..model.tokenizer import load_tokenizer
+from ..storage.loader import load_model
 from .compare import CaseComparison, compare_activations, get_profile
 from .diagnose import Diagnosis, diagnose
 from .golden import Case
@@ -247,15 +249,13 @@ def check(model, module, names, ids, reference: dict, profile, path: Path, label
 
 def check_file(path, only=None, model=None, log=None) -> list[Result]:
     """Each written function of the learner's file on its own, then all of them together."""
-    import gemma2_ref as g2
-
     path = Path(path)
     module = load_solution(path)
     unknown = [n for n in (only or []) if n not in NAMES]
     if unknown:
         raise ExerciseError(f"--only {', '.join(unknown)}: not an exercise; the functions are {', '.join(NAMES)}")
-    model = model or g2.load_model("tiny")
-    ids = np.array(g2.load_tokenizer("tiny").encode(TEXT))
+    model = model or load_model("tiny")
+    ids = np.array(load_tokenizer("tiny").encode(TEXT))
     reference = run_case(model, ids)
     profile = get_profile("fp32")
     results = []
@@ -317,7 +317,6 @@ def explain_failure(r: Result) -> list[str]:
 def main_check(path, only=None, log=None) -> int:
     """`gemma2-ref exercise check`: print the report, return the exit code."""
     results = check_file(path, only, log=log)
-    import gemma2_ref as g2
-    print(format_results(results, path, len(g2.load_tokenizer("tiny").encode(TEXT))))
+    print(format_results(results, path, len(load_tokenizer("tiny").encode(TEXT))))
     sys.stdout.flush()
     return exit_code(results)
