@@ -85,7 +85,9 @@ def inference(plt, log: dict, out: Path) -> Path:
         bars = ax.bar([i + 0.38 * k for i in range(len(labels))], ppl, width=0.38, color=colour,
                       label=f"{length.split()[1]}-token sequences")
         ax.bar_label(bars, [f"{p:.1f}" for p in ppl], fontsize=8)
-    ax.set_xticks([i + 0.19 for i in range(len(labels))], [f"window {v}" if v[0].isdigit() else v for v in labels])
+    ax.set_xticks([i + 0.19 for i in range(len(labels))],  # two lines each: one line overlaps its neighbours
+                  [f"window {v}".replace(" (", "\n(") if v[0].isdigit() else v.replace(" ", "\n", 1) for v in labels],
+                  fontsize=9)
     ax.set_ylabel("held-out perplexity")
     ax.set_title("tiny (trained with window 32), window changed at inference")
     ax.legend()
@@ -94,7 +96,7 @@ def inference(plt, log: dict, out: Path) -> Path:
     bars = bx.bar(range(len(labels)), ppl, color="C2", width=0.5)
     bx.bar_label(bars, [f"{p:.2f}\ntop-1 {s['variants'][v]['top1_agreement_with_trained']:.2%}"
                         for p, v in zip(ppl, labels)], fontsize=8)
-    bx.set_xticks(range(len(labels)), labels, fontsize=8)
+    bx.set_xticks(range(len(labels)), [v.replace(" cap", "\ncap", 1) for v in labels], fontsize=8)
     bx.set_ylabel("held-out perplexity (128-token sequences)")
     bx.set_ylim(0, max(ppl) * 1.2)
     bx.set_title("tiny, soft-caps removed at inference")

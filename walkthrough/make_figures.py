@@ -35,6 +35,7 @@ ATTENTION_PROMPT = "The assert statement is a convenient way to insert debugging
 LONG_PROMPT = ("Assert statements are a convenient way to insert debugging assertions into a program. "
                "The simple form is equivalent to: if debug, if not expression, raise AssertionError. "
                "The extended form is equivalent to: if debug, if not expression1, raise AssertionError(expression2).")
+DIVERGENCE_PROMPT = LONG_PROMPT.rsplit(" The extended form", 1)[0]  # chapter 13's golden case: its first two sentences
 DIVERGENCE_MISTAKES = [  # (title, mistakes): chapter 13
     ("attention soft-cap dropped", "drop_attn_softcap"),
     ("query scale head_dim (64) instead of 32", "query_scale=head_dim"),
@@ -74,19 +75,22 @@ def masks(plt, out: Path) -> Path:
 
 def rope_figure(plt, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for Dh, label in [(64, "tiny (head_dim 64)"), (128, "27B (head_dim 128)"), (256, "2B/9B (head_dim 256)")]:
+    # Plotted against the pair index i itself: against i / (Dh/2) the three curves would be one line, since
+    # 10000^(-2i/Dh) depends on i / Dh only. Same span of frequencies, more pairs to cover it for larger Dh.
+    for Dh, label, style in [(64, "tiny (head_dim 64)", "o-"), (128, "27B (head_dim 128)", "-"),
+                             (256, "2B/9B (head_dim 256)", "--")]:
         f = rope_frequencies(Dh, 10000.0, np.float64)
         i = np.arange(Dh // 2)
-        axes[0].semilogy(i / (Dh // 2), f, label=label)
-        axes[1].semilogy(i / (Dh // 2), 2 * np.pi / f, label=label)
+        axes[0].semilogy(i, f, style, label=label, markersize=2.5)
+        axes[1].semilogy(i, 2 * np.pi / f, style, label=label, markersize=2.5)
     axes[0].set_title("frequency f_i = 10000^(-2i/Dh) (radians per token)")
     axes[1].set_title("wavelength 2 pi / f_i (tokens)")
     axes[1].axhline(8192, color="gray", ls="--", lw=1)
-    axes[1].text(0.02, 8192 * 1.3, "context 8192", color="gray")
+    axes[1].text(1, 8192 * 1.3, "context 8192", color="gray")
     axes[1].axhline(4096, color="gray", ls=":", lw=1)
-    axes[1].text(0.02, 4096 / 2.2, "window 4096", color="gray")
+    axes[1].text(1, 4096 / 2.2, "window 4096", color="gray")
     for ax in axes:
-        ax.set_xlabel("pair index i / (Dh/2)")
+        ax.set_xlabel("pair index i (dimensions i and i + Dh/2)")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -146,7 +150,7 @@ def divergence_map(plt, out: Path, model, tok) -> Path:
 
     cmap = plt.get_cmap("turbo", len(DIVERGENCE_LEVELS) - 1)
     norm = BoundaryNorm(DIVERGENCE_LEVELS, cmap.N)
-    ids = tok.encode(LONG_PROMPT)
+    ids = tok.encode(DIVERGENCE_PROMPT)
     good = model.forward(ids, taps="default")
     rows = [t for t in LAYER_TAPS if t not in LARGE_TAPS and t != "input"]
     L = model.config.num_hidden_layers
@@ -258,7 +262,8 @@ def block_diagram(plt, out: Path) -> Path:
     steps_attn = [(1.6, "pre_attn_norm: RMSNorm, scale (1 + w)", PLAIN, "pre_attn_norm"),
                   (2.9, "q = h Wq,  k = h Wk,  v = h Wv\n(grouped-query: K = H/2 kv heads)", NEW_IN_GEMMA2, "attn.q_proj ..."),
                   (4.2, "RoPE on q and k (theta 10000, half-split)", PLAIN, "attn.q_rope"),
-                  (5.5, "scores = q k^T * query_pre_attn_scalar^-0.5", PLAIN, None),
+                  (5.5, "scores = q k^T * query_pre_attn_scalar^-0.5\n(27B: 144^-0.5, not head_dim^-0.5)",
+                   NEW_IN_GEMMA2, None),
                   (6.8, "soft_cap(scores, 50)", NEW_IN_GEMMA2, "attn.scores"),
                   (8.1, "mask: causal; window 4096 on even layers\nsoftmax (float32), then probs @ v",
                    NEW_IN_GEMMA2, "attn.probs"),

@@ -515,6 +515,11 @@ def check_config(args) -> int:
     return report.exit_code
 
 
+def exercise_check(args) -> int:
+    from ..verify.exercise import main_check
+    return main_check(args.file, args.only)
+
+
 def diagnose(args) -> int:
     from ..verify import compare as C
     from ..verify import diagnose as D

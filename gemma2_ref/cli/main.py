@@ -294,8 +294,25 @@ def add_check_config(sub):
     p.set_defaults(handler=commands.check_config)
 
 
+def add_exercise(sub):
+    p = sub.add_parser("exercise", help="check your own Gemma 2 functions (walkthrough/exercises/my_gemma.py)",
+                       description="Exercises of the walkthrough: your functions run inside the reference forward.")
+    ex = p.add_subparsers(dest="exercise_command", metavar="ACTION", required=True)
+    c = ex.add_parser("check", help="run each function of FILE inside the tiny model's forward and diagnose it",
+                      description="Each function FILE has written (embed, rms_norm, rope, soft_cap, attention_mask, "
+                                  "attention, gelu_tanh, mlp, decoder_layer) replaces the reference's in the "
+                                  "forward of the bundled tiny model; every tap is compared with the reference's "
+                                  "(fp32 profile); a failing function gets its first diverging tap and the known "
+                                  "Gemma 2 mistake it matches, with the chapter to read. Exit code 0 when every "
+                                  "written function passes, 1 when one fails (or none is written), 2 when FILE "
+                                  "does not import or lacks a function.")
+    c.add_argument("file", help="your copy of walkthrough/exercises/my_gemma.py")
+    c.add_argument("--only", nargs="+", metavar="FUNCTION", help="check only these functions")
+    c.set_defaults(handler=commands.exercise_check)
+
+
 SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_corpus,
-               add_diagnose, add_check_config]
+               add_diagnose, add_check_config, add_exercise]
 
 
 def build_parser() -> argparse.ArgumentParser:

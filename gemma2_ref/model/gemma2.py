@@ -85,8 +85,9 @@ def rope_frequencies(head_dim: int, theta: float, dtype=np.float32) -> np.ndarra
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     """Rotary position embedding, half-split layout ("rotate_half"): dimension j is paired with j + Dh/2.
 
-    x (B, S, heads, Dh), positions (S,) or per row (B, S). Angles are computed in x's dtype: float32, as
-    transformers (its PR #29285) and JAX gemma compute them before casting cos / sin to a bfloat16 dtype."""
+    x (B, S, heads, Dh), positions (S,) or per row (B, S). Angles are positions * frequencies in x's dtype:
+    float32, as transformers computes them (its PR #29285) before casting cos / sin to the activation dtype.
+    JAX gemma divides positions by timescales instead and keeps cos / sin in float32: last-bit differences."""
     Dh = x.shape[-1]
     angles = positions.astype(x.dtype)[..., None] * rope_frequencies(Dh, theta, x.dtype)  # ([B,] S, Dh/2)
     angles = np.concatenate([angles, angles], axis=-1)[..., None, :]  # ([B,] S, 1, Dh)
