@@ -275,7 +275,8 @@ def write_golden(args, out) -> int:
         options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
 
         def write(ids, case_dir, text, description, case_taps=taps, positions=None, **padding):
-            for key, what in (("attention_mask", "padded batches"), ("prefill", "a KV-cache decode")):
+            for key, what in (("attention_mask", "padded batches"), ("prefill", "a KV-cache decode"),
+                              ("chunks", "a chunked prefill")):
                 if key in padding and key not in inspect.signature(adapter.write_golden).parameters:
                     raise NotImplementedError(f"the {args.backend} adapter does not run {what}")
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,

@@ -271,7 +271,7 @@ class MistakenTaps(Taps):
     def __call__(self, name, value):
         s = self.step
         if s == "norm_cast_before_scale" and name == "rms.normed":
-            value = round_to_dtype(value, self.round_to or "bfloat16")
+            value = round_to_dtype(value, self.round_to)  # in a float32 run: nothing to cast to
         elif s == "norm_scale_in_bf16" and name == "rms.scale":
             value = round_to_bf16(value.astype(np.float32)).astype(value.dtype)
         elif s == "norm_variance_in_bf16" and name == "rms.squares":
