@@ -302,3 +302,22 @@ def test_clean_transformers_in_each_dtype_names_nothing(checkpoint, model, refer
     for profile in profiles:
         diag = diagnose(model, reference, cand, profile, combine=False)
         assert diag.base.passed and not diag.named, format_diagnosis(diag)
+
+
+@pytest.mark.parametrize("made, named, ruled_out", [
+    ("no_sliding_window", "no_sliding_window", "sliding_layers=odd"),
+    ("sliding_layers=odd", "sliding_layers=odd", "no_sliding_window")])
+def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(checkpoint, model, reference, ids,
+                                                                               tmp_path, made, named, ruled_out):
+    """No window and the window on the odd layers agree at layer 0 (global in both) and part at layer 1: the
+    candidate's later taps tell them apart, so one is named and the other listed as ruled out at that tap."""
+    types = {"no_sliding_window": ["full_attention"] * 4,
+             "sliding_layers=odd": ["full_attention", "sliding_attention"] * 2}[made]
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", taps="default",
+                                            hf_model=hf_with(checkpoint, layer_types=types)))
+    diag = diagnose(model, reference, cand, FP32)
+    assert [r.variant.name for r in diag.named] == [named], format_diagnosis(diag)
+    ruled = {r.variant.name: r.ruled_out_at for r in diag.results if r.ruled_out_at}
+    assert ruled_out in ruled and ruled[ruled_out].startswith("layers.1."), format_diagnosis(diag)
+    assert f"{ruled_out} at layers.1." in format_diagnosis(diag)
+    assert {"variant": ruled_out, "at": ruled[ruled_out]} in diag.to_dict()["ruled_out"]
