@@ -49,7 +49,12 @@ TURN_TEXT = {START_OF_TURN: "<start_of_turn>", END_OF_TURN: "<end_of_turn>"}
 REPORTS = {
     "softcap_key": "GGUF converted before llama.cpp #8197 (llama.cpp #8156): re-convert with a current "
                    "convert_hf_to_gguf.py; loaders that copy the key into a config run with no soft-cap "
-                   "(vLLM #30427, transformers #42881)",
+                   "(vLLM #30427, transformers #42881, ollama #5341)",
+    "window_key": "GGUF without the sliding-window key (converted before llama.cpp #8227; ollama #5341): "
+                  "re-convert with a current convert_hf_to_gguf.py; a loader without a default runs every layer "
+                  "globally",
+    "head_dim": "head_dim derived as hidden_size / num_attention_heads, which Gemma 2 does not use (litgpt "
+                "#1545): set it from the released config.json",
     "softcap": "soft-cap value differs (llama.cpp #8156 / #8197, vLLM #5908 / #30427, transformers #42881)",
     "window": "sliding window missing, too wide or on the wrong layers (llama.cpp #8227, transformers #32522 / "
               "#35681 / #31848, keras-hub #2186, SGLang #1746)",
@@ -216,6 +221,9 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
                   "max_position_embeddings": "context_length"}
     for name, suffix in shape_keys.items():
         key_field(name, g.arch_key(suffix), REPORTS["shape"])
+    n_embd, n_head = g.get(g.arch_key("embedding_length")), g.get(g.arch_key("attention.head_count"))
+    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, n_embd, n_head,
+                     "llama.cpp then takes n_embd / n_head")
     # soft-caps: llama.cpp falls back to Gemma 2's values, but the GGUF is still wrong for every other loader
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         key_field(name, g.arch_key(name), REPORTS["softcap_key"], 50.0 if name.startswith("attn") else 30.0,
@@ -223,8 +231,9 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
                   "loaders run without a soft-cap", 1e-6, pass_fallback=False)
         if out[-1].status == "mismatch":
             out[-1].report = REPORTS["softcap"]
-    key_field("sliding_window", g.arch_key("attention.sliding_window"), REPORTS["window"], 4096,
-              "llama.cpp uses 4096 (src/models/gemma2.cpp:5)")
+    key_field("sliding_window", g.arch_key("attention.sliding_window"), REPORTS["window_key"], 4096,
+              "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default",
+              pass_fallback=False)
     out.append(sliding_layers_field(ref, g))
     out.append(query_scale_field(ref, g))
     key_field("rope_theta", g.arch_key("rope.freq_base"), "", 10000.0,
@@ -246,6 +255,20 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
     key_field("add_eos_token", "tokenizer.ggml.add_eos_token", "", False,
               "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)")
     return out
+
+
+def head_dim_derived(field: Field, ref: dict, hidden, heads, absent_note: str) -> None:
+    """Name a head_dim that is hidden_size / heads where the reference's is not (litgpt #1545): the value a
+    converter derives when it does not read head_dim, or what a loader falls back to when the key is absent."""
+    if not hidden or not heads or hidden % heads or hidden // heads == ref["head_dim"]:
+        return
+    derived = hidden // heads
+    if field.status == "missing":
+        field.note = f"key absent; {absent_note} = {hidden} / {heads} = {derived}, not {ref['head_dim']}"
+        field.report = REPORTS["head_dim"]
+    elif field.status == "mismatch" and field.candidate == derived:
+        field.note = f"{derived} = hidden_size / num_attention_heads ({hidden} / {heads})"
+        field.report = REPORTS["head_dim"]
 
 
 def close(a, b, tolerance: float) -> bool:
@@ -349,6 +372,8 @@ def compare_config_json(ref: dict, d: dict) -> list[Field]:
     for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
         one(name, d.get(name), name, REPORTS["shape"])
+    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, d.get("hidden_size"),
+                     d.get("num_attention_heads"), "loaders then take hidden_size / num_attention_heads")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         one(name, d.get(name), name, REPORTS["softcap"], 1e-6,
             "" if d.get(name) is not None else "absent or null: no soft-cap is applied")
