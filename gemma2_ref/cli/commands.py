@@ -425,6 +425,19 @@ def check_config(args) -> int:
     return report.exit_code
 
 
+def check_tokenizer(args) -> int:
+    from ..verify import tokenizer_check as T
+
+    if args.texts:
+        print(json.dumps(list(T.TEXTS), ensure_ascii=False, indent=1))
+        return 0
+    if not args.candidate:
+        raise InputError("check-tokenizer needs CANDIDATE.json (or --texts to print the texts to tokenize)")
+    report = T.check_tokenizer(g2.load_tokenizer(args.model), T.read_candidate(args.candidate))
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
+    return 0 if report.passed else 1
+
+
 def diagnose(args) -> int:
     from ..verify import compare as C
     from ..verify import diagnose as D
