@@ -10,7 +10,7 @@ and optionally the ids its generation stops on. The report gives the first text 
 differing position, and the known mistake the difference is (TOKENIZER_MISTAKES), judged from the candidate's
 ids alone, read through the reference vocabulary:
 
-    special_tokens_not_parsed   the candidate's pieces spell the same text, without the special tokens' ids
+    special_tokens_not_parsed   the candidate's pieces spell the same text, with a special token spelled in pieces
     add_space_prefix            they spell " " + the text (SentencePiece's add_dummy_prefix)
     whitespace_runs_split       the same text, without the reference's pieces made of whitespace only
     no_byte_fallback            <unk> where the reference has byte pieces
@@ -128,8 +128,8 @@ def name_difference(sp, text: str, reference: list[int], candidate: list[int], s
         return "no_byte_fallback"
     if said == " " + text:
         return "add_space_prefix"
-    if said == text and special & set(reference) and not special & set(candidate):
-        return "special_tokens_not_parsed"
+    if said == text and any(candidate.count(i) < reference.count(i) for i in special & set(reference)):
+        return "special_tokens_not_parsed"  # the same text, a special token (or more) spelled in pieces
     if said == text and whitespace_pieces(sp, reference) - whitespace_pieces(sp, candidate):
         return "whitespace_runs_split"
     return None
