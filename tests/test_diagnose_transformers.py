@@ -178,6 +178,7 @@ def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_f
     diag = diagnose(ours, reference, cand, PROFILES["fp16"])
     assert diag.named and diag.named[0].variant.name == "fp16_overflow", format_diagnosis(diag)
     assert "the reference reaches" in diag.named[0].variant.what
+    assert "at embed, first of its taps past 65504: run in bfloat16 or float32" in diag.named[0].variant.what
 
 
 # -- a skipped post-norm: transformers' own layer with its post-norm module replaced by the identity ---------------
@@ -321,3 +322,25 @@ def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(ch
     assert ruled_out in ruled and ruled[ruled_out].startswith("layers.1."), format_diagnosis(diag)
     assert f"{ruled_out} at layers.1." in format_diagnosis(diag)
     assert {"variant": ruled_out, "at": ruled[ruled_out]} in diag.to_dict()["ruled_out"]
+
+
+def test_rmsnorm_variance_accumulated_in_bfloat16_is_named_under_the_measured_profile_on_a_wide_model(tmp_path,
+                                                                                                      monkeypatch):
+    """At D = 1024 a running bfloat16 sum of the squares loses enough (SGLang #27540) to leave bfloat16's noise:
+    transformers in bfloat16 with that RMSNorm fails the measured profile at the first norm and is named (84x
+    closer to the variant, re-run with bfloat16 rounding, than to the reference). (1 + w) in bfloat16 stays
+    within the noise there too."""
+    from gemma2_ref.measured import measured_profile
+
+    wide = {**DIAGNOSABLE, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 2}
+    ck = make_checkpoint(tmp_path / "wide", hf_config(**wide), seed=11, scale=2.0)
+    ours = g2.load_model(ck)
+    ids = np.concatenate([[2], np.random.default_rng(3).integers(3, 300, 12)])
+    reference = G.load_case(S.generate_case(ours, ids, tmp_path / "ref", taps="default"))
+    measured = measured_profile(ours, reference, "bfloat16")
+    cand = bf16_candidate(ck, ids, tmp_path / "cand", monkeypatch, rms_variance_in_bf16)
+    result = compare_cases(reference, cand, measured)
+    assert not result.passed and result.first_divergence.name == "layers.0.pre_attn_norm", format_report(result)
+    diag = diagnose(ours, reference, cand, measured, combine=False)
+    assert [r.variant.name for r in diag.named] == ["norm_variance_in_bf16"], format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches"

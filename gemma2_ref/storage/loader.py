@@ -19,7 +19,7 @@ from ..model.config import PRESETS, Gemma2Config, load_config
 from ..data import bundled_names, bundled_path
 from ..model.gemma2 import LayerWeights, forward
 from ..model.generate import KVCache
-from ..model.taps import NonFiniteError, first_non_finite
+from ..model.taps import NonFiniteError, Taps, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -42,7 +42,8 @@ class Model:
         one out. It names the first tap where one appears (re-running with every tap, for a small model).
         Not with `round_to`: that emulates a bfloat16 / float16 backend, which may overflow (measured.py)."""
         out = forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
-        bad = first_non_finite(out) if kw.get("round_to") is None else None
+        emulating = kw.get("round_to") or (taps.round_to if isinstance(taps, Taps) else None)
+        bad = first_non_finite(out) if emulating is None else None
         if bad is not None:
             cache = kw.get("kv_cache")
             located = taps in ("all", "default")
