@@ -80,7 +80,8 @@ class Diagnosis:
         return {"first_divergence": first.name if first else None, "passed": self.base.passed,
                 "passes_profile": self.passes_profile,
                 "named": [r.to_dict() for r in self.named],
-                "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at} for r in self.results if r.ruled_out_at],
+                "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at}
+                              for r in self.results if r.ruled_out_at],
                 "variants": [r.to_dict() for r in self.results + self.combined]}
 
 
