@@ -77,7 +77,17 @@ def mistakes() -> str:
         f"\nListed for the bundled `{first}` model. A name with a value in parentheses follows the model, and "
         "a query scale or RoPE base equal to the model's own is left out"
     )
-    return text + note + (": " + "; ".join(extra) + ".\n" if extra else ".\n")
+    text += note + (": " + "; ".join(extra) + ".\n" if extra else ".\n")
+    return text + "\n" + tokenizer_mistakes()
+
+
+def tokenizer_mistakes() -> str:
+    """The tokenizer's known mistakes, named by `gemma2-ref check-tokenizer` (verify/tokenizer_check.py)."""
+    from gemma2_ref.verify.tokenizer_check import TOKENIZER_MISTAKES
+
+    rows = [[f"`{name}`", what, refs] for name, (what, refs) in TOKENIZER_MISTAKES.items()]
+    return ("The tokenizer's, named by `gemma2-ref check-tokenizer` from a candidate's token ids:\n\n"
+            + table(["mistake", "what the tokenizer does", "public threads"], rows))
 
 
 def mistake_names() -> str:

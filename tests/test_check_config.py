@@ -141,3 +141,33 @@ def test_unreadable_inputs_exit_2_and_name_the_file(modules, tmp_path):
         assert report.exit_code == 2 and words in report.error, report.error
     report = check(tmp_path / "nowhere", tiny / "config.json")
     assert report.exit_code == 2 and report.error.startswith("reference:")
+
+
+def test_a_gguf_without_the_sliding_window_key_is_named_with_the_key(modules, released, tmp_path):
+    """ollama #5341: GGUFs converted before the key existed; llama.cpp falls back to 4096, other loaders do not."""
+    _, gguf = modules
+    ckpt, good = released
+    old = without_keys(gguf, good, tmp_path / "old.gguf", ["gemma2.attention.sliding_window"])
+    report = check(ckpt, old)
+    assert report.exit_code == 1
+    failed = {f.name: f for f in report.failed}
+    assert list(failed) == ["sliding_window"], report.format()
+    assert failed["sliding_window"].key == "gemma2.attention.sliding_window"
+    assert "ollama #5341" in failed["sliding_window"].report
+    assert "gemma2.attention.sliding_window" in report.format()
+
+
+@pytest.mark.parametrize("head_dim", ["derived", "absent"])
+def test_a_head_dim_derived_as_hidden_size_over_heads_is_named(tmp_path, head_dim):
+    """litgpt #1545: head_dim taken as hidden_size / heads (the tiny model: 128 / 4 = 32, its head_dim is 64)."""
+    tiny = bundled_path("tiny")
+    config = json.loads((tiny / "config.json").read_text())
+    if head_dim == "derived":
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report = check(tiny, tmp_path / "config.json")
+    failed = {f.name: f for f in report.failed}
+    assert list(failed) == ["head_dim"] and "litgpt #1545" in failed["head_dim"].report, report.format()
+    assert "128 / 4" in failed["head_dim"].note and failed["head_dim"].key == "head_dim"

@@ -172,17 +172,17 @@ def test_suites_are_compared_case_by_case(tmp_path, run, capsys):
     S.generate_suite(model, tok, tmp_path / "ref", model_name="tiny", taps="residual")
     S.generate_suite(model, tok, tmp_path / "cand", model_name="tiny", taps="residual")
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand")]) == 0
-    assert "suite: 11 of 11 cases pass" in capsys.readouterr().out
+    assert "suite: 12 of 12 cases pass" in capsys.readouterr().out
     bad = G.load_case(tmp_path / "cand" / "chat")
     acts = perturbed(bad.activations, "layers.1.output", 1e-2)
     G.write_case(tmp_path / "cand" / "chat", acts, bad.token_ids)
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--no-diagnose"]) == 1
-    assert "suite: 10 of 11 cases pass; failing: chat" in capsys.readouterr().out
+    assert "suite: 11 of 12 cases pass; failing: chat" in capsys.readouterr().out
     (tmp_path / "cand" / "suite.json").unlink()  # a backend writing case by case need not write suite.json
     (tmp_path / "cand" / "batch" / "manifest.json").rename(tmp_path / "batch-manifest.json")
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--no-diagnose"]) == 1
     out = capsys.readouterr().out
-    assert "case 'batch' is missing from the candidate suite" in out and "9 of 11 cases pass" in out
+    assert "case 'batch' is missing from the candidate suite" in out and "10 of 12 cases pass" in out
 
 
 # -- assert_matches_golden ------------------------------------------------------------------------------------

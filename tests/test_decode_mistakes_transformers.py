@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import Gemma2ForCausalLM
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer, StaticCache
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
@@ -105,8 +105,25 @@ def window_ignored(monkeypatch, hf, ids):
     return {"cache": DynamicCache(config=everywhere_global)}
 
 
+def window_from_query(monkeypatch, hf, ids):
+    """keras-hub #1738: a one-token step's sliding mask built from the query length (1): only its own key."""
+    import transformers.models.gemma2.modeling_gemma2 as modeling
+
+    sliding = modeling.create_sliding_window_causal_mask
+    monkeypatch.setattr(modeling, "create_sliding_window_causal_mask", lambda **kw: sliding(
+        **kw, and_mask_function=lambda b, h, q, kv: kv >= q) if kw["inputs_embeds"].shape[1] == 1 else sliding(**kw))
+    return {}
+
+
+def positions_from_sliding_cache(monkeypatch, hf, ids):
+    """transformers #38156: the position read from a sliding layer's cache length, which stops at W."""
+    return {"position_ids": [np.arange(PREFILL)[None]] + [np.array([[min(PREFILL + k, W)]]) for k in range(STEPS)]}
+
+
 # name -> (how transformers makes it, the first diverging tap, where in the case it first acts)
 DECODE_MISTAKES = {
+    "decode_window_from_query": (window_from_query, "layers.0.attn.context", "decode step 0"),
+    "decode_positions_from_sliding_cache": (positions_from_sliding_cache, "layers.0.attn.context", "decode step 0"),
     "decode_ring_off_by_one": (ring_one_slot_short, "layers.0.attn.context", "decode step 0"),
     "decode_unmasked_slots": (static_cache_unmasked, "layers.1.attn.context", "the prefill"),
     "decode_positions_stuck": (positions_stuck, "layers.0.attn.context", "decode step 1"),
@@ -172,3 +189,66 @@ def test_a_decode_loop_mistake_is_not_tried_on_a_prefill_case(model, ids, tmp_pa
         ids, taps="default"), ids, producer="some backend"))
     diag = diagnose(model, ref, cand, FP32, combine=False)
     assert not any(r.variant.decode for r in diag.results)
+
+
+# -- a chunked prefill: the coverage suite's chunked case, through transformers' cache with its own ring layer ------
+
+CHUNKS = (W, W + W // 2) + (1,) * (W // 4)
+
+
+class RingWrittenFirst(DynamicSlidingWindowLayer):
+    """A sliding layer keeping its last 2W keys (executorch's ring), a chunk written in before its queries
+    attend: what the chunk pushed out is gone for the chunk's own first queries (executorch #20346)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)[:, :, -2 * self.sliding_window:]
+        self.values = torch.cat([self.values, value_states], dim=-2)[:, :, -2 * self.sliding_window:]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length):
+        kv_length = min(self.cumulative_length + query_length, 2 * self.sliding_window)
+        return kv_length, self.cumulative_length + query_length - kv_length
+
+
+def ring_written_first(hf):
+    cache = DynamicCache(config=hf.config)
+    cache.layers = [RingWrittenFirst(sliding_window=W) if layer.is_sliding else layer for layer in cache.layers]
+    return cache
+
+
+@pytest.fixture(scope="module")
+def chunked_ids():
+    return np.concatenate([[2], np.random.default_rng(4).integers(3, 300, sum(CHUNKS) - 1)])
+
+
+@pytest.fixture(scope="module")
+def chunked_reference(model, chunked_ids, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "chunked"
+    return G.load_case(S.generate_case(model, chunked_ids, out, taps="default", prefill=W, chunks=CHUNKS))
+
+
+def test_the_coverage_suites_chunked_case_has_these_chunks(model):
+    case = next(c for c in S.coverage_inputs(model.config, g2.load_tokenizer("tiny")) if c.name == "chunked")
+    assert case.chunks == CHUNKS and len(case.ids) == sum(CHUNKS)
+
+
+def test_transformers_chunked_prefill_raises_no_alarm(checkpoint, hf, chunked_ids, chunked_reference, tmp_path):
+    cand = G.load_case(adapter.write_golden(checkpoint, chunked_ids, tmp_path / "cand", hf_model=hf, taps="default",
+                                            prefill=W, chunks=CHUNKS))
+    result = compare_cases(chunked_reference, cand, FP32)
+    assert result.passed, format_report(result)
+
+
+def test_a_chunk_written_into_the_ring_before_attending_in_transformers_is_found_in_that_chunk_and_named(
+        checkpoint, model, hf, chunked_ids, chunked_reference, tmp_path):
+    cand = G.load_case(adapter.write_golden(checkpoint, chunked_ids, tmp_path / "cand", hf_model=hf, taps="default",
+                                            prefill=W, chunks=CHUNKS, cache=ring_written_first(hf)))
+    result = compare_cases(chunked_reference, cand, FP32)
+    assert not result.passed and result.first_divergence.name == "layers.0.attn.context", format_report(result)
+    assert any(": chunk 1 (" in n for n in result.notes), result.notes
+    diag = diagnose(model, chunked_reference, cand, FP32, combine=False)
+    assert diag.named and diag.named[0].variant.name == "prefill_chunk_overflows_ring", format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches", format_diagnosis(diag)

@@ -16,7 +16,7 @@ import gemma2_ref as g2
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
-from gemma2_ref.compare import PROFILES, compare_cases
+from gemma2_ref.compare import PROFILES, compare_cases, format_report
 from gemma2_ref.diagnose import diagnose, format_diagnosis
 from tests.helpers.hf_reference import DIAGNOSABLE, DIAGNOSABLE_WINDOW, diagnosable_checkpoint, hf_config, make_checkpoint
 
@@ -178,6 +178,7 @@ def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_f
     diag = diagnose(ours, reference, cand, PROFILES["fp16"])
     assert diag.named and diag.named[0].variant.name == "fp16_overflow", format_diagnosis(diag)
     assert "the reference reaches" in diag.named[0].variant.what
+    assert "at embed, first of its taps past 65504: run in bfloat16 or float32" in diag.named[0].variant.what
 
 
 # -- a skipped post-norm: transformers' own layer with its post-norm module replaced by the identity ---------------
@@ -201,3 +202,145 @@ def test_a_post_norm_skipped_in_transformers_is_found_at_that_norm_and_named(che
     diag = diagnose(model, reference, cand, FP32)
     assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
     assert diag.named[0].verdict == "matches", format_diagnosis(diag)
+
+
+# -- issue 28: the norm mapping, the shifted logits, and the arithmetic of RMSNorm in bfloat16 ------------------
+
+@torch.no_grad()
+def norms_swapped(hf):
+    """A Llama converter's mapping: HF's post_attention_layernorm loaded as the pre-FFN norm and back."""
+    for layer in hf.model.layers:
+        a, b = layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight
+        tmp = a.clone()
+        a.copy_(b)
+        b.copy_(tmp)
+    return hf
+
+
+@torch.no_grad()
+def centred_unembedding(hf):
+    """TransformerLens's center_unembed: the output head's rows minus their mean over the vocabulary (untied
+    from the embedding, which keeps its values), so each row of raw logits loses its mean before the soft-cap."""
+    w = hf.lm_head.weight.detach().clone()
+    hf.lm_head.weight = torch.nn.Parameter(w - w.mean(dim=0, keepdim=True))
+    return hf
+
+
+@pytest.mark.parametrize("name, make", [("norm_swap", lambda ck: norms_swapped(hf_with(ck))),
+                                        ("logits_shifted", lambda ck: centred_unembedding(hf_with(ck)))])
+def test_a_norm_mapping_or_logit_shift_made_in_transformers_is_named(checkpoint, model, reference, ids, tmp_path,
+                                                                      name, make):
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint),
+                                            taps="default"))
+    diag = diagnose(model, reference, cand, FP32, combine=False)
+    assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches", format_diagnosis(diag)
+
+
+def rms_cast_before_scale(self, x):
+    """Llama's order: the normalised x cast to the activation dtype, then times (1 + w)."""
+    normed = self._norm(x.float()).type_as(x)
+    return (normed.float() * (1.0 + self.weight.float())).type_as(x)
+
+
+def rms_scale_in_bf16(self, x):
+    """(1 + w) computed in the weight's bfloat16."""
+    return (self._norm(x.float()) * (1.0 + self.weight.to(torch.bfloat16)).float()).type_as(x)
+
+
+def rms_variance_in_bf16(self, x):
+    """The mean of squares accumulated in bfloat16: each square and each running sum a bfloat16."""
+    squares = x.to(torch.bfloat16) * x.to(torch.bfloat16)
+    total = torch.zeros(squares.shape[:-1] + (1,), dtype=torch.bfloat16)
+    for j in range(squares.shape[-1]):
+        total = total + squares[..., j:j + 1]
+    variance = (total / squares.shape[-1]).float()
+    return (x.float() * torch.rsqrt(variance + self.eps) * (1.0 + self.weight.float())).type_as(x)
+
+
+PRECISION = {"norm_cast_before_scale": rms_cast_before_scale, "norm_scale_in_bf16": rms_scale_in_bf16,
+             "norm_variance_in_bf16": rms_variance_in_bf16}
+
+
+def bf16_candidate(checkpoint, ids, out, monkeypatch=None, norm=None):
+    if norm is not None:
+        monkeypatch.setattr(f"{MODELING}.Gemma2RMSNorm.forward", norm)
+    return G.load_case(adapter.write_golden(checkpoint, ids, out, dtype="bfloat16", taps="default",
+                                            hf_model=adapter.load(checkpoint, "bfloat16")))
+
+
+@pytest.fixture(scope="module")
+def measured(model, reference):
+    from gemma2_ref.measured import measured_profile
+    return measured_profile(model, reference, "bfloat16")
+
+
+@pytest.mark.parametrize("name", list(PRECISION))
+def test_an_rmsnorm_precision_mistake_in_bfloat16_transformers_within_bfloat16_noise_is_a_stated_blind_spot(
+        checkpoint, model, reference, ids, measured, tmp_path, monkeypatch, name):
+    """On this model (D = 72) each of RMSNorm's arithmetic mistakes moves a bfloat16 run by about one more
+    bfloat16 rounding per norm: the measured profile (4x the reference's own bfloat16 error) passes it, so
+    nothing is named, and the case says it could not have seen the mistake (a blind spot of the measured
+    profile here), rather than misnaming it."""
+    from gemma2_ref.diagnose import blind_spots
+
+    cand = bf16_candidate(checkpoint, ids, tmp_path / "cand", monkeypatch, PRECISION[name])
+    result = compare_cases(reference, cand, measured)
+    assert result.passed, format_report(result)
+    assert name in blind_spots(model, reference, measured)
+
+
+@pytest.mark.parametrize("dtype, fixed", [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")])
+def test_clean_transformers_in_each_dtype_names_nothing(checkpoint, model, reference, ids, tmp_path, dtype, fixed):
+    """Zero false alarms: transformers as it is, in float32, bfloat16 and float16, against our float32 golden:
+    its fixed profile and (half precision) the measured one pass, and a diagnosis under the tight fp32 profile
+    names no mistake for the float32 run."""
+    from gemma2_ref.measured import measured_profile
+
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default",
+                                            hf_model=adapter.load(checkpoint, dtype)))
+    profiles = [PROFILES[fixed]] + ([measured_profile(model, reference, dtype)] if dtype != "float32" else [])
+    for profile in profiles:
+        diag = diagnose(model, reference, cand, profile, combine=False)
+        assert diag.base.passed and not diag.named, format_diagnosis(diag)
+
+
+@pytest.mark.parametrize("made, named, ruled_out", [
+    ("no_sliding_window", "no_sliding_window", "sliding_layers=odd"),
+    ("sliding_layers=odd", "sliding_layers=odd", "no_sliding_window")])
+def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(checkpoint, model, reference, ids,
+                                                                               tmp_path, made, named, ruled_out):
+    """No window and the window on the odd layers agree at layer 0 (global in both) and part at layer 1: the
+    candidate's later taps tell them apart, so one is named and the other listed as ruled out at that tap."""
+    types = {"no_sliding_window": ["full_attention"] * 4,
+             "sliding_layers=odd": ["full_attention", "sliding_attention"] * 2}[made]
+    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", taps="default",
+                                            hf_model=hf_with(checkpoint, layer_types=types)))
+    diag = diagnose(model, reference, cand, FP32)
+    assert [r.variant.name for r in diag.named] == [named], format_diagnosis(diag)
+    ruled = {r.variant.name: r.ruled_out_at for r in diag.results if r.ruled_out_at}
+    assert ruled_out in ruled and ruled[ruled_out].startswith("layers.1."), format_diagnosis(diag)
+    assert f"{ruled_out} at layers.1." in format_diagnosis(diag)
+    assert {"variant": ruled_out, "at": ruled[ruled_out]} in diag.to_dict()["ruled_out"]
+
+
+def test_rmsnorm_variance_accumulated_in_bfloat16_is_named_under_the_measured_profile_on_a_wide_model(tmp_path,
+                                                                                                      monkeypatch):
+    """At D = 1024 a running bfloat16 sum of the squares loses enough (SGLang #27540) to leave bfloat16's noise:
+    transformers in bfloat16 with that RMSNorm fails the measured profile at the first norm and is named (84x
+    closer to the variant, re-run with bfloat16 rounding, than to the reference). (1 + w) in bfloat16 stays
+    within the noise there too."""
+    from gemma2_ref.measured import measured_profile
+
+    wide = {**DIAGNOSABLE, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 2}
+    ck = make_checkpoint(tmp_path / "wide", hf_config(**wide), seed=11, scale=2.0)
+    ours = g2.load_model(ck)
+    ids = np.concatenate([[2], np.random.default_rng(3).integers(3, 300, 12)])
+    reference = G.load_case(S.generate_case(ours, ids, tmp_path / "ref", taps="default"))
+    measured = measured_profile(ours, reference, "bfloat16")
+    cand = bf16_candidate(ck, ids, tmp_path / "cand", monkeypatch, rms_variance_in_bf16)
+    result = compare_cases(reference, cand, measured)
+    assert not result.passed and result.first_divergence.name == "layers.0.pre_attn_norm", format_report(result)
+    diag = diagnose(ours, reference, cand, measured, combine=False)
+    assert [r.variant.name for r in diag.named] == ["norm_variance_in_bf16"], format_diagnosis(diag)
+    assert diag.named[0].verdict == "matches"

@@ -109,7 +109,7 @@ def test_coverage_suite_exposes_each_failure_mode():
     cfg = g2.PRESETS["tiny"].replace(sliding_window=8)
     inputs = {c.name: np.asarray(c.ids) for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
     assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch", "special_tokens", "long",
-                            "decode", "padded_batch", "padded_batch_right"]
+                            "decode", "chunked", "padded_batch", "padded_batch_right"]
     assert len(inputs["long"]) == 2 * 8 + 2 and 106 in inputs["special_tokens"] and 107 in inputs["special_tokens"]
     assert len(inputs["window"]) == 8 + 2  # positions W-1, W and W+1 all exist
     assert inputs["short"][0] == 2 and inputs["short"][1] != 2
@@ -117,6 +117,15 @@ def test_coverage_suite_exposes_each_failure_mode():
     assert inputs["double_bos"][:3].tolist()[:2] == [2, 2]
     assert inputs["chat"][:2].tolist() == [2, 106]
     assert inputs["batch"].shape[0] == 2 and not np.array_equal(*inputs["batch"])
+    chunked = next(c for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny")) if c.name == "chunked")
+    assert chunked.chunks[:2] == (8, 12) and max(chunked.chunks) > 8 and sum(chunked.chunks) == len(chunked.ids)
+
+
+def test_the_chunked_case_is_left_out_where_its_tokens_do_not_fit_the_context():
+    """A released model (window 4096, context 8192): 11W/4 tokens do not fit, and a 2W ring cannot overflow."""
+    names = [c.name for c in S.coverage_inputs(g2.PRESETS["tiny"].replace(sliding_window=200),
+                                               g2.load_tokenizer("tiny"))]
+    assert "chunked" not in names and "decode" in names
 
 
 def test_committed_golden_suite_matches_a_regenerated_one_under_the_fp32_profile(tmp_path):

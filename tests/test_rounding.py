@@ -11,6 +11,7 @@ import numpy as np
 import gemma2_ref as g2
 from gemma2_ref.bfloat16 import round_to_bf16
 from gemma2_ref.model import embed, rms_norm, rope, rope_frequencies
+from gemma2_ref.verify.mistakes import normalizer_value
 
 
 def test_the_normalizer_is_sqrt_d_rounded_to_the_activation_dtype_before_the_multiply():
@@ -21,8 +22,8 @@ def test_the_normalizer_is_sqrt_d_rounded_to_the_activation_dtype_before_the_mul
     np.testing.assert_array_equal(x, E[ids] * np.float32(math.sqrt(E.shape[1])))
     unrounded = (E[ids].astype(np.float64) * math.sqrt(E.shape[1])).astype(np.float32)
     assert (x != unrounded).any()  # a float64 normalizer is a different model, and this test sees it
-    np.testing.assert_array_equal(embed(ids, E, "float64"), unrounded)
-    bf16 = embed(ids, E, "bfloat16")
+    np.testing.assert_array_equal(embed(ids, E, np.float64(math.sqrt(E.shape[1]))), unrounded)
+    bf16 = embed(ids, E, normalizer_value("bfloat16", E.dtype, E.shape[1]))
     np.testing.assert_array_equal(bf16, E[ids] * round_to_bf16(np.float32(math.sqrt(E.shape[1]))))
     assert round_to_bf16(np.float32(math.sqrt(3584))) == 59.75  # the 9B's sqrt(D) = 59.87 in bfloat16 (not 60)
     assert round_to_bf16(np.float32(math.sqrt(4608))) == 68.0  # the 27B's 67.88

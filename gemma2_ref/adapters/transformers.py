@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..verify.golden import model_info_from_files, write_case
+from ..verify.suites import decode_extra
 from ..storage.loader import resolve_checkpoint
 from ..model.taps import select_taps, taps_of_kinds
 
@@ -60,7 +61,7 @@ def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
 
 
 def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
-            position_ids="from_mask", prefill: int | None = None, cache=None) -> dict[str, np.ndarray]:
+            position_ids="from_mask", prefill: int | None = None, cache=None, chunks=None) -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
     float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids.
 
@@ -142,7 +143,9 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
                 steps = [dict(got)]
             else:
                 steps, past = [], cache
-                for s0, s1 in [(0, prefill)] + [(p, p + 1) for p in range(prefill, ids_t.shape[1])]:
+                sizes = list(chunks) if chunks is not None else [prefill] + [1] * (ids_t.shape[1] - prefill)
+                ends = np.cumsum(sizes)
+                for s0, s1 in zip([0, *ends[:-1]], ends):
                     got.clear()
                     step_kw = {} if isinstance(position_ids, str) or position_ids is None else {
                         "position_ids": torch.tensor(np.asarray(position_ids[len(steps)]), dtype=torch.long)}
@@ -165,10 +168,11 @@ def backend_options(checkpoint, args) -> dict:
 def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
                  taps="default", text: str | None = None, description: str | None = None, hf_model=None,
                  positions=None, attention_mask=None, position_ids="from_mask", prefill: int | None = None,
-                 cache=None) -> Path:
+                 cache=None, chunks=None) -> Path:
     """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
     (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
-    row's positions counted from its first token (as transformers' generate() makes them)."""
+    row's positions counted from its first token (as transformers' generate() makes them). `chunks`: with
+    `prefill`, the length of every forward through the cache (a chunked prefill; see `capture`)."""
     import torch
     import transformers
 
@@ -177,15 +181,16 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     checkpoint = resolve_checkpoint(checkpoint)
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
-    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill, cache)
+    acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill, cache, chunks)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
                 "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
                 "adapter": "gemma2_ref.adapters.transformers"}
     return write_case(out_dir, acts, np.asarray(ids), producer=producer,
                       model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
                       description=description, positions=positions, attention_mask=attention_mask,
-                      extra=None if prefill is None else {"decode": {"prefill": prefill,
-                                                                     "steps": int(np.shape(ids)[-1]) - prefill}})
+                      extra=None if prefill is None else {"decode": decode_extra(int(np.shape(ids)[-1]), prefill,
+                                                                                 chunks)})
+
 
 
 # -- corpus goldens (verify/corpus.py): the candidate's logits of a chunk's scored rows, nothing written -------

@@ -276,7 +276,8 @@ def write_golden(args, out) -> int:
         options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
 
         def write(ids, case_dir, text, description, case_taps=taps, positions=None, **padding):
-            for key, what in (("attention_mask", "padded batches"), ("prefill", "a KV-cache decode")):
+            for key, what in (("attention_mask", "padded batches"), ("prefill", "a KV-cache decode"),
+                              ("chunks", "a chunked prefill")):
                 if key in padding and key not in inspect.signature(adapter.write_golden).parameters:
                     raise NotImplementedError(f"the {args.backend} adapter does not run {what}")
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
@@ -518,6 +519,19 @@ def check_config(args) -> int:
 def exercise_check(args) -> int:
     from ..verify.exercise import main_check
     return main_check(args.file, args.only)
+
+
+def check_tokenizer(args) -> int:
+    from ..verify import tokenizer_check as T
+
+    if args.texts:
+        print(json.dumps(list(T.TEXTS), ensure_ascii=False, indent=1))
+        return 0
+    if not args.candidate:
+        raise InputError("check-tokenizer needs CANDIDATE.json (or --texts to print the texts to tokenize)")
+    report = T.check_tokenizer(g2.load_tokenizer(args.model), T.read_candidate(args.candidate))
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
+    return 0 if report.passed else 1
 
 
 def diagnose(args) -> int:

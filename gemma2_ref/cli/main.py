@@ -311,8 +311,25 @@ def add_exercise(sub):
     c.set_defaults(handler=commands.exercise_check)
 
 
+def add_check_tokenizer(sub):
+    p = sub.add_parser("check-tokenizer", help="a candidate tokenizer's ids for the tokenizer suite against the "
+                                               "reference tokenizer's",
+                       description="CANDIDATE.json holds {\"ids\": [[...], ...], \"stop_ids\": [...]}: the token ids "
+                                   "the candidate gives each text of the suite (`--texts` prints them, as a JSON "
+                                   "list; one <bos> added, special tokens parsed) and, optionally, the ids its "
+                                   "generation stops on. Reports the first differing text and position and names "
+                                   "the known tokenizer mistake. Exit code 0 all equal, 1 a difference, 2 "
+                                   "unreadable input.")
+    p.add_argument("candidate", nargs="?", help="the candidate's ids, a JSON file")
+    p.add_argument("--model", default="tiny", help="the reference tokenizer: a checkpoint directory or a bundled "
+                                                   "model (default tiny)")
+    p.add_argument("--texts", action="store_true", help="print the suite's texts (a JSON list) and exit")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(handler=commands.check_tokenizer)
+
+
 SUBCOMMANDS = [add_info, add_tokenize, add_run, add_generate, add_bench, add_golden, add_compare, add_corpus,
-               add_diagnose, add_check_config, add_exercise]
+               add_diagnose, add_check_config, add_check_tokenizer, add_exercise]
 
 
 def build_parser() -> argparse.ArgumentParser:

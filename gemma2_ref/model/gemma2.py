@@ -52,28 +52,30 @@ class LayerWeights:
 
 # -- the components ---------------------------------------------------------------------------------------
 
-def embed(ids: np.ndarray, embedding: np.ndarray, normalizer: str | None = None) -> np.ndarray:
+def embed(ids: np.ndarray, embedding: np.ndarray, normalizer=None) -> np.ndarray:
     """E[ids] * sqrt(D). The normalizer is a number *in the activation dtype*: in bfloat16, sqrt(3584) =
     59.87 is 59.75 and sqrt(4608) = 67.88 is 68.0, and a bfloat16 backend multiplies by those (transformers
     #29402 made Hugging Face's Gemma round it so).
 
-    `normalizer`, when it is not sqrt(D) in the compute dtype: "bfloat16" (what a bfloat16 backend multiplies
-    by), "float64" (never rounded: the mistake, in bf16), "unscaled" (1: a port from Llama forgot it)."""
+    `normalizer`: the number to multiply by, when it is not sqrt(D) in the compute dtype (a NumPy scalar: the
+    product is computed in its dtype and the result cast back; verify/mistakes.py gives the wrong ones)."""
     x = embedding[ids]  # (B, S, D)
-    sqrt_d = math.sqrt(embedding.shape[1])
-    normalizer = {None: np.array(sqrt_d, x.dtype), "float64": np.float64(sqrt_d), "unscaled": np.array(1, x.dtype),
-                  "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(x.dtype)}[normalizer]
+    if normalizer is None:
+        normalizer = np.array(math.sqrt(embedding.shape[1]), x.dtype)
     return (x * normalizer).astype(x.dtype, copy=False)
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, taps: Taps = NO_TAPS) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * (1 + w), computed in float32 (or wider), then cast back.
 
-    Gemma stores the scale as an offset from 1: a zero weight is the identity scale."""
+    Gemma stores the scale as an offset from 1: a zero weight is the identity scale. The steps are offered
+    to the recorder as `rms.*` (taps.NORM_STEPS: never recorded, never rounded by a correct recorder), so a
+    backend that rounds one of them can be modelled by a recorder (verify/mistakes.py)."""
     dtype = np.promote_types(x.dtype, np.float32)
     x32 = x.astype(dtype, copy=False)
-    inv_rms = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + dtype.type(eps))  # (B, S, 1)
-    return (x32 * inv_rms * (dtype.type(1.0) + w.astype(dtype))).astype(x.dtype, copy=False)
+    variance = taps("rms.variance", np.mean(taps("rms.squares", x32 * x32), axis=-1, keepdims=True))  # (B, S, 1)
+    normed = taps("rms.normed", x32 * (1.0 / np.sqrt(variance + dtype.type(eps))))
+    return (normed * taps("rms.scale", dtype.type(1.0) + w.astype(dtype))).astype(x.dtype, copy=False)
 
 
 def rope_frequencies(head_dim: int, theta: float, dtype=np.float32) -> np.ndarray:
@@ -177,7 +179,7 @@ def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TA
 
 
 def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
-                  taps: Taps = NO_TAPS, kv_cache=None, rope_positions: np.ndarray | None = None) -> np.ndarray:
+                  taps: Taps = NO_TAPS, kv_cache=None) -> np.ndarray:
     """One Gemma 2 block, with norms both before *and* after each sub-block:
 
         h   = x + post_attn_norm(attention(pre_attn_norm(x)))
@@ -187,19 +189,18 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     sub-block's output is added as it is, and its tap holds that output.)
 
     x (B, S, D). With `kv_cache` (see generate.py), this step's keys/values are added to the cache and
-    attention runs over everything the cache holds for this layer. `rope_positions`: where RoPE puts the
-    tokens, when a backend's differ from the `positions` the mask uses (default: the same)."""
+    attention runs over everything the cache holds for this layer (the keys' positions as the cache gives
+    them: the mask is built from those)."""
     B, S, D = x.shape
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
     x = taps("input", x)
 
-    h = taps("pre_attn_norm", rms_norm(x, w.pre_attn_norm, eps))
+    h = taps("pre_attn_norm", rms_norm(x, w.pre_attn_norm, eps, taps))
     q = taps("attn.q_proj", linear(h, w.q_proj).reshape(B, S, H, Dh))
     k = taps("attn.k_proj", linear(h, w.k_proj).reshape(B, S, K, Dh))
     v = taps("attn.v_proj", linear(h, w.v_proj).reshape(B, S, K, Dh))
-    rope_positions = positions if rope_positions is None else rope_positions
-    q = taps("attn.q_rope", rope(q, rope_positions, cfg.rope_theta))
-    k = taps("attn.k_rope", rope(k, rope_positions, cfg.rope_theta))
+    q = taps("attn.q_rope", rope(q, positions, cfg.rope_theta))
+    k = taps("attn.k_rope", rope(k, positions, cfg.rope_theta))
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
@@ -207,19 +208,18 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
                                   cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
     context = taps("attn.context", context)
     a = taps("attn.out", linear(context, w.o_proj))
-    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps) if cfg.post_attn_norm else a)
+    a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps, taps) if cfg.post_attn_norm else a)
     x = taps("resid_mid", x + a)
 
-    h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps))
+    h = taps("pre_ffw_norm", rms_norm(x, w.pre_ffw_norm, eps, taps))
     m = mlp(h, w, ACTIVATION_FUNCTIONS[cfg.hidden_activation], taps)
-    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps) if cfg.post_ffw_norm else m)
+    m = taps("post_ffw_norm", rms_norm(m, w.post_ffw_norm, eps, taps) if cfg.post_ffw_norm else m)
     return taps("output", x + m)
 
 
 def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at="all", progress=None, normalizer: str | None = None,
-            round_to: str | None = None, sink=None, rope_positions: np.ndarray | None = None
-            ) -> dict[str, np.ndarray]:
+            kv_cache=None, logits_at="all", progress=None, normalizer=None,
+            round_to: str | None = None, sink=None) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
@@ -231,35 +231,33 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     receives each requested tap as it is produced, shaped as the returned dict would hold it (taps.Taps).
     `normalizer`: see `embed`. `round_to` ("bfloat16", "float16"): every tapped intermediate is rounded to that
     dtype as it is produced, the way a backend storing activations in it rounds (taps.Taps); the reference's
-    own rounding error, from which the `measured` tolerance profile is set (compare.measured_profile).
-    `rope_positions`: the positions RoPE rotates by, when they are not `positions` (a decode loop whose
-    counter stopped advancing: generate.py); the mask and the cache keep using `positions`."""
+    own rounding error, from which the `measured` tolerance profile is set (verify/measured.py).
+    `taps` may also be a recorder (a taps.Taps, or a subclass modelling a backend's rounding): it then
+    decides what is recorded, rounded and sunk (`round_to` and `sink` are shorthands for building one)."""
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
-    wanted = [] if taps in (None, "none") else select_taps(cfg, taps)
-    if sink is not None and not batched:
-        sink = (lambda name, value, batched_sink=sink: batched_sink(name, value[0]))  # as the dict holds it
-    rec = Taps(wanted, round_to=round_to, sink=sink)
+    rec = taps if isinstance(taps, Taps) else Taps([] if taps in (None, "none") else select_taps(cfg, taps),
+                                                    round_to=round_to, sink=sink)
+    if rec.sink is not None and not batched:
+        rec = rec.unbatched_sink()  # the sink receives each tap shaped as the returned dict holds it
     start = kv_cache.length if kv_cache is not None else 0
     check_context(start + S, cfg, "the token ids" if kv_cache is None else "the cache plus these token ids")
     if positions is None:
         positions = np.arange(start, start + S)
     positions = check_positions(positions, B, S)
-    if rope_positions is not None:
-        rope_positions = check_positions(rope_positions, B, S)
 
     embedding = weights.embedding()
     x = rec("embed", embed(ids, embedding, normalizer))  # (B, S, D)
     n = cfg.num_hidden_layers
     for i in range(n):
-        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache, rope_positions)
+        x = decoder_layer(x, weights.layer(i), positions, cfg, i, rec.layer(i), kv_cache)
         if progress is not None:
             progress(i + 1, n)
     if kv_cache is not None:
         kv_cache.advance(S)
 
-    x = rec("final_norm", rms_norm(x, weights.final_norm(), cfg.rms_norm_eps))
+    x = rec("final_norm", rms_norm(x, weights.final_norm(), cfg.rms_norm_eps, rec))
     if logits_at == "last":
         x = x[:, -1:]
     elif logits_at != "all":
@@ -267,7 +265,7 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     logits = linear(x, embedding)  # (B, S, V): the output head is the embedding, transposed
     logits = rec("logits_raw", logits)
     logits = soft_cap_(logits, cfg.final_logit_softcapping)  # = soft_cap(logits, cap), in place: (S, V) is big
-    out = {name: rec.out[name] for name in wanted if name in rec.out}
+    out = {name: rec.out[name] for name in rec.ordered if name in rec.out}
     out["logits"] = logits
     if not batched:
         out = {name: value[0] for name, value in out.items()}

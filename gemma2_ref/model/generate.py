@@ -25,20 +25,10 @@ the ring itself (the slot it overwrites holds position p - W, outside the window
 The ring follows the config's window, so a model with a window mistake (mistakes.py: `sliding_window`
 +-1, every layer global) decodes through a cache sized for *its* window, as the mistaken backend would.
 
-The decode loop is where backends go wrong in ways a prefill never shows. Four such mistakes are known
-(mistakes.py names them `decode_<name>`), each a change of this loop, made when the model carries it
-(`Mistake.decode`: `decode_mistake(model)`), so a mistaken model decodes as the mistaken backend does:
-
-    ring_off_by_one   the ring one slot short, W - 1 slots (the keys a query sees *besides* its own), while
-                      a decode step writes its key before attending: it overwrites the oldest key still
-                      inside the window, so each decode query sees W - 1 keys (the prefill, attending to its
-                      own keys, is right)
-    unmasked_slots    a preallocated (static) cache attends to all its slots, the unfilled ones too: zero keys
-                      and values, read as if at position 0 (transformers #31953 / #32188)
-    positions_stuck   every decode step is rotated by RoPE at the first step's position: the loop's position
-                      counter never advances (the mask and the cache still use the true positions)
-    window_ignored    after the prefill a sliding layer keeps every key and attends to all of them, as a
-                      global layer does (its cache ignores the window: transformers #31848)
+The decode loop is where backends go wrong in ways a prefill never shows. The known ones (verify/mistakes.py,
+`decode_*` and `prefill_chunk_overflows_ring`) are not switches here: a mistaken model hands `generate` and
+`decode_taps` its own cache (`model.kv_cache(capacity)`, a KVCache subclass in verify/mistakes.py), so it
+decodes as the mistaken backend does, through this same loop.
 
 Taps work in decode steps too, with the same names and one position: (1, D), (1, H, Dh), ... The
 attention taps `attn.scores` / `attn.probs` then have one column per cache slot, (H, 1, T), in the cache's
@@ -55,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import GLOBAL, Gemma2Config
+from .config import Gemma2Config
 from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .gemma2 import softmax
 from .taps import LARGE_TAPS, select_taps
@@ -81,12 +71,9 @@ class KVCache:
     allocated on the first `update` (they take the batch size and dtype of the keys). `capacity`: the number
     of positions a global layer preallocates (e.g. prompt + new tokens); it grows by doubling if exceeded."""
 
-    def __init__(self, cfg: Gemma2Config, capacity: int | None = None, mistake: str | None = None):
-        if mistake not in (None, *DECODE_MISTAKES):
-            raise ValueError(f"unknown decode-loop mistake {mistake!r}; known: {', '.join(DECODE_MISTAKES)}")
+    def __init__(self, cfg: Gemma2Config, capacity: int | None = None):
         self.cfg = cfg
         self.capacity = capacity
-        self.mistake = mistake  # a decode-loop mistake to make (module docstring), or None
         self.length = 0
         self.prefill: int | None = None  # positions in the first forward (the first decode step's position)
         self.layers: list[LayerCache | None] = [None] * cfg.num_hidden_layers
@@ -101,21 +88,12 @@ class KVCache:
             seen = _append(c, k, v, positions)
         else:
             seen = _ring_update(c, k, v, positions)
-        if self.mistake == "unmasked_slots" and c.filled < len(c.pos):
-            return c.k, c.v, np.where(c.pos == EMPTY, 0, c.pos)  # every slot; an unfilled one "at position 0"
         return seen
 
     def advance(self, steps: int) -> None:
         if self.prefill is None:
             self.prefill = steps
         self.length += steps
-
-    def rope_positions(self, steps: int) -> np.ndarray | None:
-        """Where RoPE puts the next `steps` tokens: None (at their positions), or with "positions_stuck" a
-        decode step at the first decode step's position."""
-        if self.mistake != "positions_stuck" or self.prefill is None:
-            return None
-        return np.full(steps, self.prefill)
 
     # -- inspection ------------------------------------------------------------------------------------
     def key_positions(self, layer: int) -> np.ndarray:
@@ -131,9 +109,7 @@ class KVCache:
 
     def _allocate(self, layer: int, k: np.ndarray, steps: int) -> LayerCache:
         B, _, K, Dh = k.shape
-        window = None if self.mistake == "window_ignored" else self.cfg.window(layer)  # keep every key
-        if window is not None and self.mistake == "ring_off_by_one":
-            window -= 1  # a ring of W - 1 slots: a decode step overwrites the oldest key still in the window
+        window = self.cfg.window(layer)
         slots = window if window is not None else max(self.capacity or 0, self.length + steps, 1)
         return LayerCache(np.zeros((B, slots, K, Dh), k.dtype), np.zeros((B, slots, K, Dh), k.dtype),
                           np.full(slots, EMPTY, np.int64), window)
@@ -171,24 +147,6 @@ def _ring_update(c: LayerCache, k, v, positions):
     c.k[:, slots], c.v[:, slots], c.pos[slots] = k[:, keep], v[:, keep], positions[keep]
     c.filled = max(n, int(slots.max()) + 1)
     return k_all, v_all, pos_all
-
-
-DECODE_MISTAKES = ("ring_off_by_one", "unmasked_slots", "positions_stuck", "window_ignored")
-
-
-def decode_mistake(model) -> str | None:
-    """The decode-loop mistake a (mistakes.inject-ed) model makes, or None."""
-    return getattr(getattr(model, "mistake", None), "decode", None)
-
-
-def forward_cached(model, ids, cache: KVCache, **kw) -> dict[str, np.ndarray]:
-    """One forward through the cache (the prefill, or a decode step), as the decode loop runs it: with the
-    cache's mistake "positions_stuck" RoPE gets the stuck positions, and with "window_ignored" a decode step
-    runs every layer as a global one (its cache kept every key)."""
-    if cache.mistake == "window_ignored" and cache.prefill is not None:
-        model = copy.copy(model)  # the same weights, every layer global
-        model.config = model.config.replace(layer_types=(GLOBAL,) * model.config.num_hidden_layers)
-    return model.forward(ids, kv_cache=cache, rope_positions=cache.rope_positions(np.shape(ids)[-1]), **kw)
 
 
 # -- choosing the next token ------------------------------------------------------------------------------
@@ -351,13 +309,13 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
                          f"{cap:g}): give 0 for greedy decoding or a larger temperature")
     rng = np.random.default_rng(seed)
     stop = {int(t) for t in stop_ids}
-    cache = KVCache(cfg, capacity=min(len(prompt) + max_new_tokens, context), mistake=decode_mistake(model))
+    cache = model.kv_cache(min(len(prompt) + max_new_tokens, context))
     out = Generation(prefill_tokens=len(prompt))
     if max_new_tokens == 0:
         return out
 
     t0 = time.perf_counter()
-    step = forward_cached(model, prompt, cache, taps=taps, logits_at="last", progress=progress)
+    step = model.forward(prompt, taps=taps, kv_cache=cache, logits_at="last", progress=progress)
     out.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     while True:
@@ -375,31 +333,35 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
             break
         if len(out.tokens) == max_new_tokens:
             break
-        if cache.length >= context:
+        if len(prompt) + out.decode_tokens >= context:
             out.stop_reason = "context"
             break
-        step = forward_cached(model, [token], cache, taps=taps, logits_at="last")
+        step = model.forward([token], taps=taps, kv_cache=cache, logits_at="last")
         out.decode_tokens += 1
     out.decode_seconds = time.perf_counter() - t0 if out.decode_tokens else 0.0
     out.cache_bytes = cache.memory_bytes()
     return out
 
 
-def decode_taps(model, ids, prefill: int, taps="default") -> dict[str, np.ndarray]:
+def decode_taps(model, ids, prefill: int, taps="default", chunks=None) -> dict[str, np.ndarray]:
     """The taps of the KV-cache path, teacher-forced: a prefill of ids[:prefill], then ids[prefill:] one token
     per forward, each step's taps (one position) stacked after the prefill's along the positions: the same
     names and shapes as a full forward over `ids`, computed as a backend's decode loop computes them. Row
-    `prefill + k` is decode step k. Scores and probs are left out (each step attends to another number of
-    cache slots). A model with a decode-loop mistake (mistakes.inject) makes it, through a cache sized
-    for all of `ids` (a static cache: its unfilled slots are what "unmasked_slots" attends to)."""
+    `prefill + k` is decode step k. `chunks`: the lengths of the forwards instead (a chunked prefill, e.g.
+    (W, 2W, 1, 1, ...): chunks[0] is the prefill; they sum to len(ids)). Scores and probs are left out (each
+    step attends to another number of cache slots). The cache is the model's own (`model.kv_cache`, sized for
+    all of `ids`: a static cache), so a model with a decode-loop mistake (mistakes.inject) makes it."""
     ids = np.asarray(ids)
-    if ids.ndim != 1 or not 0 < prefill < len(ids):
-        raise ValueError(f"decode_taps takes 1-D ids and a prefill of 1 .. {len(ids) - 1} tokens, got {ids.shape} "
-                         f"and {prefill}")
+    sizes = list(chunks) if chunks is not None else [prefill] + [1] * (len(ids) - prefill)
+    if ids.ndim != 1 or not 0 < prefill < len(ids) or sizes[0] != prefill or sum(sizes) != len(ids) \
+            or min(sizes) < 1:
+        raise ValueError(f"decode_taps takes 1-D ids, a prefill of 1 .. {len(ids) - 1} tokens and chunks of at "
+                         f"least one token summing to {len(ids)}, starting with the prefill; got {ids.shape}, "
+                         f"{prefill} and {sizes[:8]}")
     names = [n for n in select_taps(model.config, taps) if not n.endswith(LARGE_TAPS)]
-    cache = KVCache(model.config, capacity=len(ids), mistake=decode_mistake(model))
-    steps = [forward_cached(model, ids[:prefill], cache, taps=names)]
-    steps += [forward_cached(model, ids[p:p + 1], cache, taps=names) for p in range(prefill, len(ids))]
+    cache = model.kv_cache(len(ids))
+    starts = np.cumsum([0] + sizes[:-1])
+    steps = [model.forward(ids[s:s + n], taps=names, kv_cache=cache) for s, n in zip(starts, sizes)]
     return {name: np.concatenate([s[name] for s in steps], axis=0) for name in steps[0]}
 
 

@@ -11,6 +11,7 @@ each tap's meaning (MEANING).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 
@@ -163,16 +164,22 @@ def first_non_finite(trace: dict) -> tuple[str, tuple[int, ...], int, int, int] 
     return None
 
 
+NORM_STEPS = ("rms.squares", "rms.variance", "rms.normed", "rms.scale")  # gemma2.rms_norm's inner steps
+
+
 class Taps:
     """Every named intermediate passes through here: `x = taps("name", x)`. Records the requested ones
     (copies, so later in-place work cannot change them), or hands each to `sink(name, value)` the moment it
     is produced (golden.CaseWriter writes it to disk there, so a case's taps are never all in memory; the
     sink must be done with the value when it returns). With `round_to` ("bfloat16" or "float16") it also
     rounds each value to that dtype and returns the rounded one, so the rest of the forward computes on it:
-    a float32 forward then makes the rounding errors of a backend that stores its activations in that dtype."""
+    a float32 forward then makes the rounding errors of a backend that stores its activations in that dtype.
+    RMSNorm's inner steps (NORM_STEPS) pass through untouched: a correct backend computes them in float32;
+    a subclass may round them (verify/mistakes.py: a backend that does not). `layer(i)` keeps the class."""
 
     def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None,
                  sink=None):
+        self.ordered = list(wanted)  # the requested names, in the order the forward returns them
         self.wanted = wanted if isinstance(wanted, (set, frozenset)) else set(wanted)
         self.prefix = prefix
         self.out = {} if out is None else out
@@ -185,11 +192,9 @@ class Taps:
         return self.prefix + name in self.wanted
 
     def __call__(self, name: str, value: np.ndarray) -> np.ndarray:
-        if self.round_to == "bfloat16":
-            value = round_to_bf16(value.astype(np.float32, copy=False)).astype(value.dtype, copy=False)
-        elif self.round_to == "float16":
-            with np.errstate(over="ignore"):
-                value = value.astype(np.float16).astype(value.dtype)
+        if name in NORM_STEPS:
+            return value
+        value = round_to_dtype(value, self.round_to)
         if self.prefix + name in self.wanted:
             if self.sink is not None:
                 self.sink(self.prefix + name, value)
@@ -198,7 +203,26 @@ class Taps:
         return value
 
     def layer(self, i: int) -> "Taps":
-        return Taps(self.wanted, f"layers.{i}.", self.out, self.round_to, self.sink)
+        """The recorder for layer i's taps (the same recorder, its names prefixed `layers.{i}.`)."""
+        inner = copy.copy(self)
+        inner.prefix = f"layers.{i}."
+        return inner
+
+    def unbatched_sink(self) -> "Taps":
+        """The same recorder whose sink receives one sequence's tap (the batch axis of one dropped)."""
+        inner, sink = copy.copy(self), self.sink
+        inner.sink = lambda name, value: sink(name, value[0])
+        return inner
+
+
+def round_to_dtype(value: np.ndarray, dtype: str | None) -> np.ndarray:
+    """`value` rounded to bfloat16 or float16 (kept in its own dtype); None: as it is."""
+    if dtype == "bfloat16":
+        return round_to_bf16(value.astype(np.float32, copy=False)).astype(value.dtype, copy=False)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return value.astype(np.float16).astype(value.dtype)
+    return value
 
 
 NO_TAPS = Taps(frozenset())

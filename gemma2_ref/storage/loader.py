@@ -18,7 +18,8 @@ import numpy as np
 from ..model.config import PRESETS, Gemma2Config, load_config
 from ..data import bundled_names, local_or_bundled
 from ..model.gemma2 import LayerWeights, forward
-from ..model.taps import NonFiniteError, first_non_finite
+from ..model.generate import KVCache
+from ..model.taps import NonFiniteError, Taps, first_non_finite
 from .weights import EMBEDDING, FINAL_NORM, HF_LAYER_NAMES, Weights, index_checkpoint
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -27,9 +28,10 @@ AUTO_KEEP_FRACTION = 0.75  # "auto" keeps layers (stored bytes, then converted) 
 
 class Model:
     """A loaded checkpoint: its config, its weights (anything with embedding(), layer(i), final_norm()), the
-    compute dtype, and the embedding normalizer when it is not sqrt(D) in the compute dtype (model.embed)."""
+    compute dtype, and the embedding normalizer when it is not sqrt(D) in the compute dtype (a number:
+    model.embed)."""
 
-    def __init__(self, config: Gemma2Config, weights, dtype, path=None, normalizer: str | None = None):
+    def __init__(self, config: Gemma2Config, weights, dtype, path=None, normalizer=None):
         self.config, self.weights, self.dtype, self.path = config, weights, np.dtype(dtype), path
         self.normalizer = normalizer
 
@@ -40,7 +42,8 @@ class Model:
         one out. It names the first tap where one appears (re-running with every tap, for a small model).
         Not with `round_to`: that emulates a bfloat16 / float16 backend, which may overflow (measured.py)."""
         out = forward(self.weights, self.config, ids, taps, normalizer=self.normalizer, **kw)
-        bad = first_non_finite(out) if kw.get("round_to") is None else None
+        emulating = kw.get("round_to") or (taps.round_to if isinstance(taps, Taps) else None)
+        bad = first_non_finite(out) if emulating is None else None
         if bad is not None:
             cache = kw.get("kv_cache")
             located = taps in ("all", "default")
@@ -61,6 +64,10 @@ class Model:
             f"{size} values). A checkpoint's NaN or Inf weights are refused as they are converted, so the "
             f"activations overflowed {self.dtype} (or in-memory weights are not finite): check the weights' "
             f"scale and config.json's soft-caps")
+
+    def kv_cache(self, capacity: int | None = None) -> KVCache:
+        """The KV cache this model decodes through (generate, decode_taps): global layers `capacity` slots."""
+        return KVCache(self.config, capacity)
 
     def logits(self, ids) -> np.ndarray:
         """Logits after the final soft-cap: (S, V), or (B, S, V) for a batch."""

@@ -58,6 +58,10 @@ REPORTS = {
     "query_scale": f"wrong query scale ({REFS['query_scale']})",
     "special": f"special tokens not marked: the chat tokens are split into pieces ({REFS['special_tokens']})",
     "bos": f"BOS missing or doubled ({REFS['no_bos']}; {REFS['double_bos']})",
+    "window_key": f"GGUF without the sliding-window key (converted before llama.cpp #8227): re-convert with a current "
+                  f"convert_hf_to_gguf.py; a loader without a default runs every layer globally ({REFS['window_key']})",
+    "head_dim": f"head_dim derived as hidden_size / num_attention_heads, which Gemma 2 does not use "
+                f"({REFS['head_dim']}): set it from the released config.json",
     "eos": "generation does not stop where Gemma ends a turn (stop on <eos> 1 and <end_of_turn> 107)",
     "shape": "a different model shape: this is not the reference model, or a converter bug",
 }
@@ -285,6 +289,9 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
                   "max_position_embeddings": "context_length"}
     for name, suffix in shape_keys.items():
         key_field(name, g.arch_key(suffix), REPORTS["shape"])
+    n_embd, n_head = g.get(g.arch_key("embedding_length")), g.get(g.arch_key("attention.head_count"))
+    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, n_embd, n_head,
+                     "llama.cpp then takes n_embd / n_head")
     # soft-caps: llama.cpp falls back to Gemma 2's values, but the GGUF is still wrong for every other loader
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         key_field(name, g.arch_key(name), REPORTS["softcap_key"], 50.0 if name.startswith("attn") else 30.0,
@@ -292,8 +299,9 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
                   "loaders run without a soft-cap", 1e-6, pass_fallback=False)
         if out[-1].status == "mismatch":
             out[-1].report = REPORTS["softcap"]
-    key_field("sliding_window", g.arch_key("attention.sliding_window"), REPORTS["window"], 4096,
-              "llama.cpp uses 4096 (src/models/gemma2.cpp:5)")
+    key_field("sliding_window", g.arch_key("attention.sliding_window"), REPORTS["window_key"], 4096,
+              "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default",
+              pass_fallback=False)
     out.append(sliding_layers_field(ref, g))
     out.append(query_scale_field(ref, g))
     key_field("rope_theta", g.arch_key("rope.freq_base"), "", 10000.0,
@@ -315,6 +323,20 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
     key_field("add_eos_token", "tokenizer.ggml.add_eos_token", "", False,
               "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)")
     return out
+
+
+def head_dim_derived(field: Field, ref: dict, hidden, heads, absent_note: str) -> None:
+    """Name a head_dim that is hidden_size / heads where the reference's is not (litgpt #1545): the value a
+    converter derives when it does not read head_dim, or what a loader falls back to when the key is absent."""
+    if not hidden or not heads or hidden % heads or hidden // heads == ref["head_dim"]:
+        return
+    derived = hidden // heads
+    if field.status == "missing":
+        field.note = f"key absent; {absent_note} = {hidden} / {heads} = {derived}, not {ref['head_dim']}"
+        field.report = REPORTS["head_dim"]
+    elif field.status == "mismatch" and field.candidate == derived:
+        field.note = f"{derived} = hidden_size / num_attention_heads ({hidden} / {heads})"
+        field.report = REPORTS["head_dim"]
 
 
 def close(a, b, tolerance: float) -> bool:
@@ -419,6 +441,8 @@ def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list
     for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
         one(name, d.get(name), name, REPORTS["shape"])
+    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, d.get("hidden_size"),
+                     d.get("num_attention_heads"), "loaders then take hidden_size / num_attention_heads")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         one(name, d.get(name), name, REPORTS["softcap"], 1e-6,
             "" if d.get(name) is not None else "absent or null: no soft-cap is applied")

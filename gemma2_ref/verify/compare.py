@@ -309,6 +309,21 @@ def fit_scale(name: str, ref: np.ndarray, cand: np.ndarray, profile: Profile, su
     return {"scale": s, "rel_l2_after": after}
 
 
+def decode_step_of(row: int, decode: dict) -> str:
+    """Which forward of a decode case (manifest extra.decode) computed `row`, in words."""
+    prefill, chunks = decode["prefill"], decode.get("chunks")
+    if chunks is None:
+        step = f"decode step {row - prefill}" if row >= prefill else "the prefill"
+        return f"{step} (prefill {prefill} tokens, then one token per forward through the KV cache)"
+    ends = np.cumsum(chunks)
+    k = int(np.searchsorted(ends, row, side="right"))
+    start = int(ends[k] - chunks[k])
+    last_chunk = max(i for i in range(k + 1) if chunks[i] > 1 or i == 0)
+    what = "the prefill" if k == 0 else f"chunk {k}" if chunks[k] > 1 else f"decode step {k - last_chunk - 1}"
+    return (f"{what} (forward {k} of the chunks {', '.join(map(str, chunks[:3]))}"
+            f"{', ...' if len(chunks) > 3 else ''}: positions {start}..{int(ends[k]) - 1})")
+
+
 def first_failing_row(ref: np.ndarray, cand: np.ndarray, rel_limit: float) -> int | None:
     """The first position (row) whose own relative L2 error exceeds the limit: in a decode case, the step."""
     row = int(np.prod(ref.shape[1:]))
@@ -542,9 +557,7 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     if first is not None and decode and first.status == "fail" and not ref.batched and ref.positions is None:
         row = first_failing_row(ref_acts[first.name], cand_acts[first.name], profile.limits(first.name)[0])
         if row is not None:
-            step = f"decode step {row - decode['prefill']}" if row >= decode["prefill"] else "the prefill"
-            result.notes.append(f"{first.name} first fails at position {row}: {step} (prefill "
-                                f"{decode['prefill']} tokens, then one token per forward through the KV cache)")
+            result.notes.append(f"{first.name} first fails at position {row}: {decode_step_of(row, decode)}")
     if first is not None and first.scale_fit and first.name.endswith("attn.scores") and config:
         implied = float(config["query_pre_attn_scalar"]) / first.scale_fit["scale"] ** 2
         result.notes.append(f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "

@@ -12,6 +12,13 @@ the correct model does:
                      at the reference's first diverging tap the candidate is >= 10x closer (rel L2) to the
                      variant than to the reference, and the variant's own first divergence comes later
                      (the candidate has this mistake and something else)
+    ruled out        it explains the first divergence, but another variant matches and a later tap (the
+                     variant's own first divergence) contradicts it: listed with that tap, not named
+
+A mistake of the arithmetic (mistakes.STEP_MISTAKES: RMSNorm's steps in bfloat16) exists only in a low-precision
+run, so against a bfloat16 / float16 candidate its variant is re-run with the candidate's rounding after every
+operation (the `measured` profile's emulation, forward(round_to=...)); the other variants run in the reference's
+dtype, as the reference did.
 
 Nothing about how the candidate was produced is used: only its activations and token ids.
 """
@@ -44,13 +51,15 @@ class VariantResult:
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
     verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
     remains: str | None = None  # for "explains": the looser profile the candidate passes against the variant
+    ruled_out_at: str | None = None  # explained the first divergence, but this later tap contradicts it
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
         return {"variant": self.variant.name, "what": self.variant.what, "refs": self.variant.refs,
                 "verdict": self.verdict, "ratio_at_first_divergence": _finite(self.ratio),
                 "passes_against_variant": self.comparison.passed,
-                "variant_first_divergence": first.name if first else None, "remains": self.remains}
+                "variant_first_divergence": first.name if first else None, "remains": self.remains,
+                "ruled_out_at": self.ruled_out_at}
 
 
 @dataclass
@@ -70,6 +79,8 @@ class Diagnosis:
         return {"first_divergence": first.name if first else None, "passed": self.base.passed,
                 "passes_profile": self.passes_profile,
                 "named": [r.to_dict() for r in self.named],
+                "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at}
+                              for r in self.results if r.ruled_out_at],
                 "variants": [r.to_dict() for r in self.results + self.combined]}
 
 
@@ -89,19 +100,31 @@ def decode_of(case: Case) -> dict | None:
     return (case.manifest.get("extra") or {}).get("decode")
 
 
-def run_variant(model, mistake: Mistake, ids, taps, positions, decode: dict | None, candidate: Case | None = None):
+def emulated_dtype(candidate: Case | None = None, profile: Profile | None = None) -> str | None:
+    """The low-precision dtype a candidate computed in ("bfloat16", "float16"), from its manifest or else the
+    profile it is judged by (measured-bfloat16, bf16, ...); None for a float32 one."""
+    if candidate is not None and candidate.compute_dtype in ("bfloat16", "float16"):
+        return candidate.compute_dtype
+    name = profile.name if profile is not None else ""
+    return {"bf16": "bfloat16", "fp16": "float16", "measured-bfloat16": "bfloat16",
+            "measured-float16": "float16"}.get(name)
+
+
+def run_variant(model, mistake: Mistake, ids, taps, positions, decode: dict | None, candidate: Case | None = None,
+                round_to: str | None = None):
     """The mistaken model's taps on a case's input and the positions they hold (None: all), or (None, None)
     where the mistake cannot act: a decode-loop mistake runs the case's decode loop (a prefill, then one token
     per forward through the KV cache), and needs a decode case. A prefill keeps only the positions the
-    `candidate` stores (variant_trace)."""
+    `candidate` stores (variant_trace). `round_to`: a step mistake's low-precision run (module docstring)."""
     if mistake.decode:
         if decode is None:
             return None, None
-        return decode_taps(inject(model, mistake), ids, decode["prefill"], taps), None
+        return decode_taps(inject(model, mistake), ids, decode["prefill"], taps, decode.get("chunks")), None
+    kw = {"round_to": round_to} if mistake.step and round_to else {}
     if candidate is None or candidate.positions is None or candidate.token_ids is None:
-        return inject(model, mistake).forward(ids, taps=taps, positions=positions), None
+        return inject(model, mistake).forward(ids, taps=taps, positions=positions, **kw), None
     seq = candidate.token_ids.shape[-1]
-    return variant_trace(inject(model, mistake), ids, taps, positions, candidate, seq)
+    return variant_trace(inject(model, mistake), ids, taps, positions, candidate, seq, **kw)
 
 
 def _position(tap, order: list[str]) -> int:
@@ -123,25 +146,27 @@ def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> Var
     for name in order[: order.index(first.name) + 1] if first.name in order else order:
         absmax = float(np.abs(reference.activations[name]).max())
         if absmax > FLOAT16_MAX:
-            what = f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}"
+            layer = f" (layer {name.split('.')[1]})" if name.startswith("layers.") else ""
+            what = (f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}{layer}, first of its taps "
+                    f"past 65504: run in bfloat16 or float32")
             return VariantResult(dataclasses.replace(FP16_OVERFLOW, what=what), base, math.inf, "overflows float16")
     return None
 
 
-def variant_trace(model, ids, wanted: list[str], positions, candidate: Case, seq: int):
+def variant_trace(model, ids, wanted: list[str], positions, candidate: Case, seq: int, **kw):
     """The taps of `model` (a variant) that the candidate can be compared with, and the positions they hold.
     When the candidate stores only some positions and the variant's input keeps the reference's length, only
     those rows are kept as each tap is produced (the forward's sink) and the output head runs only there: a
     variant of a long case costs what the candidate stores, not the whole forward's taps."""
     rows = candidate.positions if np.shape(ids)[-1] == seq else None
     if rows is None:
-        return model.forward(ids, taps=wanted, positions=positions), None
+        return model.forward(ids, taps=wanted, positions=positions, **kw), None
     kept = {}
 
     def keep(name, value):
         kept[name] = np.array(keep_rows(name, value, rows, candidate.batched, seq), copy=True)
 
-    kept["logits"] = model.forward(ids, taps=wanted, positions=positions, sink=keep, logits_at=rows)["logits"]
+    kept["logits"] = model.forward(ids, taps=wanted, positions=positions, sink=keep, logits_at=rows, **kw)["logits"]
     return kept, rows
 
 
@@ -172,7 +197,8 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         positions = variant.apply_positions(reference.attention_mask)
         if positions is False:
             return None
-        trace, rows = run_variant(model, variant, ids, wanted, positions, decode_of(reference), candidate)
+        trace, rows = run_variant(model, variant, ids, wanted, positions, decode_of(reference), candidate,
+                                  emulated_dtype(candidate, profile))
         if trace is None:
             return None
         trace, cand_view, _ = align_positions(trace, rows, cand_acts, candidate.positions, candidate.batched)
@@ -208,6 +234,7 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         result = run(variant)
         if result is not None:
             diag.results.append(result)
+    rule_out_contradicted(diag.results)
     partial = [r for r in diag.results if r.verdict == "explains the first divergence"]
     if combine and partial and not any(r.verdict == "matches" for r in diag.results):
         # Two mistakes at once: the best partial explanation plus each other single mistake.
@@ -222,6 +249,17 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             if result is not None and result.verdict == "matches":
                 diag.combined.append(result)
     return diag
+
+
+def rule_out_contradicted(results: list[VariantResult]) -> None:
+    """When a variant matches, a partial explanation is contradicted by a later tap, its own first divergence
+    (there the candidate leaves it, while the match holds everywhere): no longer named, listed as ruled out."""
+    if not any(r.verdict == "matches" for r in results):
+        return
+    for r in results:
+        if r.verdict == "explains the first divergence":
+            first = r.comparison.first_divergence
+            r.verdict, r.ruled_out_at, r.remains = "", first.name if first else "-", None
 
 
 def format_diagnosis(diag: Diagnosis) -> str:
@@ -261,7 +299,12 @@ def format_diagnosis(diag: Diagnosis) -> str:
             closer = f"at {at} the candidate is {r.ratio:.3g}x closer to this variant than to the reference (rel L2)"
         lines.append(wrap(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
         lines.append(wrap(f"      evidence: {closer}; {evidence}", 16))
-    others = [r for r in diag.results if not r.verdict]
+    ruled = [r for r in diag.results if r.ruled_out_at]
+    if ruled:
+        lines.append(wrap("  ruled out (they explain the first divergence, but a later tap contradicts them while "
+                          "the match holds there): " + ", ".join(f"{r.variant.name} at {r.ruled_out_at}"
+                                                                 for r in ruled), 6))
+    others = [r for r in diag.results if not r.verdict and not r.ruled_out_at]
     if others:
         lines.append(wrap("  not matching (at the first divergence, how many times closer the candidate is to the "
                           "variant than to the reference; shape mismatch = 0): " + ", ".join(
@@ -317,7 +360,8 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
         positions = mistake.apply_positions(reference.attention_mask)
         if positions is False:
             continue
-        trace, _ = run_variant(model, mistake, ids, wanted, positions, decode_of(reference))
+        trace, _ = run_variant(model, mistake, ids, wanted, positions, decode_of(reference),
+                               round_to=emulated_dtype(profile=profile))
         if trace is None:
             continue
         ref_view, trace, _ = comparable(reference, trace)

@@ -23,18 +23,20 @@ from ..model.tokenizer import BOS
 
 
 def run_case(model, ids, taps="default", progress=None, attention_mask=None,
-             prefill: int | None = None) -> dict[str, np.ndarray]:
+             prefill: int | None = None, chunks=None) -> dict[str, np.ndarray]:
     """Our forward with taps, the activations a golden stores (logits always included). `model` may be a
     mistaken one (mistakes.inject). A padded batch gives its attention mask: each row's own positions. A
-    decode case gives its `prefill`: the KV-cache path, then one token at a time (generate.decode_taps)."""
+    decode case gives its `prefill`: the KV-cache path, then one token at a time (generate.decode_taps), or
+    its `chunks` (a chunked prefill)."""
     if prefill is not None:
-        return decode_taps(model, ids, prefill, taps)
+        return decode_taps(model, ids, prefill, taps, chunks)
     positions = None if attention_mask is None else padded_positions(attention_mask)
     return model.forward(ids, taps=taps, progress=progress, positions=positions)
 
 
 def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None, positions=None, attention_mask=None, prefill: int | None = None) -> Path:
+                  progress=None, positions=None, attention_mask=None, prefill: int | None = None,
+                  chunks=None) -> Path:
     """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite).
 
     A prefill case is streamed: each tap goes to disk as the forward produces it (golden.CaseWriter), and the
@@ -44,10 +46,8 @@ def generate_case(model, ids, out_dir, *, taps="default", text=None, description
     fields = dict(model=info or model_info(model), text=text, compute_dtype=str(model.dtype),
                   description=description, positions=positions, attention_mask=attention_mask)
     if prefill is not None:
-        return write_case(out_dir, decode_taps(model, ids, prefill, taps), ids, extra={"decode": {
-            "prefill": prefill, "steps": len(ids) - prefill,
-            "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
-                   "row prefill + k of every tap is decode step k"}}, **fields)
+        return write_case(out_dir, decode_taps(model, ids, prefill, taps, chunks), ids,
+                          extra={"decode": decode_extra(len(ids), prefill, chunks)}, **fields)
     cfg, batch = model.config, () if ids.ndim == 1 else ids.shape[:1]
     seq, rows = ids.shape[-1], ids.shape[-1] if positions is None else positions[1] - positions[0]
     names = select_taps(cfg, taps) + ["logits"]
@@ -60,6 +60,18 @@ def generate_case(model, ids, out_dir, *, taps="default", text=None, description
                             positions=None if attention_mask is None else padded_positions(attention_mask))
         sink("logits", out["logits"])
     return Path(out_dir)
+
+
+def decode_extra(n: int, prefill: int, chunks=None) -> dict:
+    """A decode case's manifest `extra.decode`: the prefill, the steps after it, and for a chunked prefill the
+    length of every forward."""
+    if chunks is None:
+        return {"prefill": prefill, "steps": n - prefill,
+                "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
+                       "row prefill + k of every tap is decode step k"}
+    return {"prefill": prefill, "steps": n - prefill, "chunks": [int(c) for c in chunks],
+            "how": "the ids fed through the KV cache in forwards of `chunks` tokens each (teacher-forced), "
+                   "the first being the prefill; rows in the order of the ids"}
 
 
 def stored_shape(cfg, name: str, seq: int, rows: int) -> tuple[int, ...]:
@@ -186,6 +198,7 @@ class CaseInput:
     text: str | None = None
     attention_mask: np.ndarray | None = None  # a padded batch: 1 for a token, 0 for padding
     prefill: int | None = None  # a decode case: this many tokens in one forward, then one at a time
+    chunks: tuple[int, ...] | None = None  # a chunked prefill: the length of every forward (the first = prefill)
 
 
 def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
@@ -210,6 +223,11 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                cache: every sliding layer's ring buffer wraps twice in decode; row P + k of each tap is decode
                step k. For a window over DECODE_FULL_WINDOW (the released 4096: 8000 one-token forwards of a
                9B on a CPU are days) the prefill is W + 2 tokens and 4 steps follow
+    chunked    the KV cache fed in chunks: W tokens, then one chunk of 3W/2 (longer than the window), then W/4
+               one-token steps: a ring that takes a chunk before its queries attend (executorch #20346: 2W
+               slots) loses keys of the first chunk that the second one's first queries still see. Only when
+               the 11W/4 tokens fit the context (not the released models: W 4096, context 8192, where a 2W
+               ring cannot overflow)
     """
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
@@ -249,11 +267,26 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                             f"one-token steps through the KV cache"
                             f"{' (every ring buffer wraps twice)' if steps >= 2 * W else ''}",
                   decode_ids, tokenizer.decode(decode_ids, skip_special=False), prefill=prefill),
+        *chunked_case(cfg, tokenizer, long_ids + body * 4),
         CaseInput("padded_batch", f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
                   left, None, left_mask),
         CaseInput("padded_batch_right", f"prompts of {len(longer)} and {len(short)} tokens as one batch, "
                                         f"right-padded", right, None, right_mask),
     ]
+
+
+def chunked_case(cfg, tokenizer, ids) -> list[CaseInput]:
+    """The coverage suite's chunked-prefill case (coverage_inputs), or none where it does not fit the context."""
+    W = cfg.sliding_window
+    chunks = (W, W + W // 2) + (1,) * max(1, W // 4)
+    if sum(chunks) > cfg.max_position_embeddings or W < 4:
+        return []
+    while len(ids) < sum(chunks):
+        ids = ids + ids
+    ids = ids[: sum(chunks)]
+    return [CaseInput("chunked", f"{sum(chunks)} tokens through the KV cache in chunks of {W}, {W + W // 2} "
+                                 f"(longer than the sliding window of {W}), then {len(chunks) - 2} one-token steps",
+                      ids, tokenizer.decode(ids, skip_special=False), prefill=W, chunks=chunks)]
 
 
 SUITES = {"coverage": coverage_inputs}
@@ -305,9 +338,11 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         if log is not None and model.is_large:
             progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
 
-        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None):
+        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None,
+                  chunks=None):
             generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
-                          progress=progress, positions=positions, attention_mask=attention_mask, prefill=prefill)
+                          progress=progress, positions=positions, attention_mask=attention_mask, prefill=prefill,
+                          chunks=chunks)
     inputs = SUITES[name](model.config, tokenizer)
     entries, skipped = [], []
     for case in inputs:
@@ -319,6 +354,8 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         padding = {} if case.attention_mask is None else {"attention_mask": case.attention_mask}
         if case.prefill is not None:
             padding["prefill"] = case.prefill
+        if case.chunks is not None:
+            padding["chunks"] = case.chunks
         try:
             write(ids, out_dir / case.name, case.text, description, case_taps, positions, **padding)
         except NotImplementedError as e:  # a backend without padded batches
