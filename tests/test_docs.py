@@ -55,13 +55,14 @@ def test_a_new_mistake_appears_in_the_catalogue_without_editing_the_generator(mo
 def test_a_new_subcommand_appears_in_the_command_table_and_its_help(monkeypatch):
     main = importlib.import_module("gemma2_ref.cli.main")  # the module (gemma2_ref.cli.main is also the function)
 
-    def add_corpus(sub):
-        p = sub.add_parser("corpus", help="perplexity and KL divergence over a text")
+    def add_sweep(sub):
+        p = sub.add_parser("sweep", help="a made-up command, to see the tables follow the parser")
         p.add_argument("--chunk", type=int, help="tokens per chunk")
 
-    monkeypatch.setattr(main, "SUBCOMMANDS", main.SUBCOMMANDS + [add_corpus])
-    assert "| `gemma2-ref corpus` | perplexity and KL divergence over a text |" in make_docs.render("commands")
-    assert "--chunk CHUNK" in make_docs.render("help corpus")
+    monkeypatch.setattr(main, "SUBCOMMANDS", main.SUBCOMMANDS + [add_sweep])
+    assert "| `gemma2-ref sweep` | a made-up command, to see the tables follow the parser |" in make_docs.render(
+        "commands")
+    assert "--chunk CHUNK" in make_docs.render("help sweep")
 
 
 def test_the_tap_table_takes_its_shapes_from_tap_shape(monkeypatch):

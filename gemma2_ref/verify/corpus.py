@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.jsonfile import JSONFileError
+from ..model.jsonfile import read_json as bounded_json
 from ..model.tokenizer import BOS
 from ..storage.weights import WeightsError, read_safetensors_header, write_safetensors_blocks
 from .golden import GoldenError, model_info_from_files, our_producer, output_lock, sha256_file
@@ -501,9 +503,10 @@ def prepare_output(out_dir: Path, plan: dict) -> str:
 
 
 def read_json(path: Path):
+    """The file's JSON (the one bounded reader, model/jsonfile.py), or None when it is not JSON we can read."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        return bounded_json(path)
+    except (OSError, JSONFileError):
         return None
 
 

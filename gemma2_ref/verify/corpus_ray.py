@@ -23,7 +23,6 @@ Ray is an optional dependency (`pip install 'gemma2-ref[ray]'`), imported when a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -31,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..model.jsonfile import read_json
 from .corpus import PLAN, CorpusError, plan_sha256, say
 
 RAY_REQUIREMENT = "ray==2.60.0"  # pyproject.toml's `ray` extra
@@ -203,7 +203,7 @@ def visibility_problem(task, out_dir) -> str | None:
     out_dir = Path(out_dir)
     plan_file = out_dir / PLAN
     try:
-        plan = json.loads(plan_file.read_text())
+        plan = read_json(plan_file)
     except (OSError, ValueError):
         return f"cannot see the --out directory {out_dir} (no readable {PLAN} there)"
     if plan_sha256(plan) != task.plan:

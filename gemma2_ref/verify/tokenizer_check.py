@@ -19,10 +19,10 @@ ids alone, read through the reference vocabulary:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model.jsonfile import read_json
 from ..model.tokenizer import BOS, END_OF_TURN, EOS
 
 UNK = 3
@@ -169,7 +169,7 @@ def read_candidate(path, texts=TEXTS) -> dict:
     """A candidate file: JSON {"ids": [[int, ...], ...] one list per text, "stop_ids": [int, ...] (optional)}."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as e:
         raise TokenizerCheckError(f"{path}: not a readable JSON file ({e}); write {{\"ids\": [[...], ...]}} with "
                                   f"one list of token ids per text of `gemma2-ref check-tokenizer --texts`") from None
