@@ -4,7 +4,7 @@
 
 For each model a random bf16 checkpoint with the real shapes but few layers (`--layers`, default 4 / 4 / 2:
 every matrix has its real size, there are fewer of them) is built under --scratch, converted to bf16 and f32
-GGUFs by llama.cpp's own converter (`--no-llama` skips them), and then, each in a fresh process, one after the
+GGUFs by llama.cpp's own converter (`--gguf bf16` only the bf16 one, `--gguf ''` none), and then, each in a fresh process, one after the
 other and repeated `--repeats` times in turn (the machine may be shared: interleaved, the best counts):
 
 - **read**: the checkpoint's files read once from the page cache into one 64 MiB buffer (`readinto`), and
@@ -140,7 +140,7 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def build(preset: str, layers: int, scratch: Path, llama: bool, log) -> dict:
+def build(preset: str, layers: int, scratch: Path, ggufs: list[str], log) -> dict:
     from gemma2_ref.storage.checkpoints import build_random_checkpoint, preset_config
     from llamacpp_random_checkpoint import SPECIAL
     from gemma2_ref.data import bundled_path
@@ -160,11 +160,11 @@ def build(preset: str, layers: int, scratch: Path, llama: bool, log) -> dict:
         "add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>", "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()}}))
     out = {"checkpoint": ckpt, "build_seconds": round(time.perf_counter() - t0, 1), "config": cfg}
-    if llama:
+    if ggufs:
         from gemma2_ref.adapters.llamacpp import convert
         from gemma2_ref.verify.golden import model_info_from_files
         info = model_info_from_files(ckpt, cfg)
-        for outtype in ("bf16", "f32"):
+        for outtype in ggufs:
             t0 = time.perf_counter()
             out[f"gguf-{outtype}"] = convert(ckpt, outtype, info, out_dir=scratch)
             log(f"  {preset}: {outtype} GGUF in {time.perf_counter() - t0:.0f} s")
@@ -228,11 +228,10 @@ def run(args) -> dict:
     for preset in args.models:
         layers = args.layers.get(preset, MODELS[preset])
         log(f"{preset}: building {layers} layers under {args.scratch}")
-        built = build(preset, layers, args.scratch, not args.no_llama, log)
+        built = build(preset, layers, args.scratch, args.gguf, log)
         targets = {"read": built["checkpoint"], "scan": built["checkpoint"], "numpy": built["checkpoint"],
                    "numpy-before": built["checkpoint"]}
-        if not args.no_llama:
-            targets.update({"llama-bf16": built["gguf-bf16"], "llama-f32": built["gguf-f32"]})
+        targets.update({f"llama-{t}": built[f"gguf-{t}"] for t in args.gguf})
         runs = {k: [] for k in targets}
         loads = [load_average()]
         for r in range(args.repeats):
@@ -254,6 +253,18 @@ def run(args) -> dict:
             shutil.rmtree(built["checkpoint"], ignore_errors=True)
     results["load_average_after"] = load_average()
     return results
+
+
+def merge(parts: list[dict]) -> dict:
+    """Several runs' results as one: their models side by side, each run's command and loads kept."""
+    out = {**parts[0], "models": {}, "runs": []}
+    for part in parts:
+        out["models"].update(part["models"])
+        out["runs"].append({k: part[k] for k in ("command", "load_average_before", "load_average_after")})
+    out["command"] = "; ".join(r["command"] for r in out["runs"])
+    out["load_average_before"] = [r["load_average_before"] for r in out["runs"]]
+    out["load_average_after"] = [r["load_average_after"] for r in out["runs"]]
+    return out
 
 
 def report(results: dict) -> str:
@@ -300,19 +311,27 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="2b,9b,27b", type=lambda s: [m for m in s.split(",") if m])
     ap.add_argument("--layers", default="", help="e.g. 2b=4,9b=4,27b=2",
                     type=lambda s: {k: int(v) for k, v in (p.split("=") for p in s.split(",") if p)})
-    ap.add_argument("--scratch", type=Path, required=True, help="where the checkpoints and GGUFs are built")
+    ap.add_argument("--scratch", type=Path, help="where the checkpoints and GGUFs are built")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "floor.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--gguf", default="bf16,f32", type=lambda s: [t for t in s.split(",") if t],
+                    help="the GGUFs llama.cpp decodes ('' for none)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="no run: merge earlier results (one model each, e.g. run side by side) into --out")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and GGUFs")
     args = ap.parse_args(argv)
+    if not args.merge and args.scratch is None:
+        ap.error("--scratch DIR is needed to build the checkpoints")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    args.scratch.mkdir(parents=True, exist_ok=True)
-    results = run(args)
+    if args.merge:
+        results = merge([json.loads(p.read_text()) for p in args.merge])
+    else:
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        results = run(args)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(report(results))
     print(report(results))
