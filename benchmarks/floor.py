@@ -4,8 +4,9 @@
 
 For each model a random bf16 checkpoint with the real shapes but few layers (`--layers`, default 4 / 4 / 2:
 every matrix has its real size, there are fewer of them) is built under --scratch, converted to bf16 and f32
-GGUFs by llama.cpp's own converter (`--gguf bf16` only the bf16 one, `--gguf ''` none), and then, each in a fresh process, one after the
-other and repeated `--repeats` times in turn (the machine may be shared: interleaved, the best counts):
+GGUFs by llama.cpp's own converter (`--gguf bf16` only the bf16 one, `--gguf ''` none), and then, each in a
+fresh process, one after the other and repeated `--repeats` times in turn (the machine may be shared:
+interleaved, the best counts):
 
 - **read**: the checkpoint's files read once from the page cache into one 64 MiB buffer (`readinto`), and
   **scan**: read through a memory map (NumPy sums the mapped uint16s): the floor, the faster of the two;
