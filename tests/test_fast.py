@@ -90,3 +90,61 @@ def test_attention_in_query_blocks_over_trimmed_keys_equals_attention_at_once(wi
     blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
     np.testing.assert_allclose(blocked, whole, rtol=2e-6, atol=1e-6)
 
+
+
+# -- linear on a weight left as stored (a streamed layer): converted a block of rows at a time -------------
+
+def _bf16_weight(rng, d_out, d_in):
+    from gemma2_ref.bfloat16 import f32_to_bf16_bits
+    return f32_to_bf16_bits(rng.standard_normal((d_out, d_in), dtype=np.float32))  # (out, in) uint16 bits
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 15, 16, 64, 255, 256, 300])
+@pytest.mark.parametrize("d_in, d_out", [(96, 256), (77, 512), (256, 4096), (96, 200), (77, 513), (256, 4100)])
+@pytest.mark.parametrize("block_bytes", [1, 40_000, 1 << 30])  # one aligned block of rows, a few, all of them
+def test_linear_on_stored_bf16_equals_linear_on_the_converted_matrix(monkeypatch, tokens, d_in, d_out,
+                                                                     block_bytes):
+    """The same products and sums as converting the whole matrix first. A decode step (one row of x) on a
+    matrix whose rows are a multiple of 256 (every Gemma 2 projection) is bit-identical: OpenBLAS's
+    matrix-vector kernel sums each output in the same order in a block as in the whole matrix when both are
+    cut at aligned rows (blocks start at multiples of STORED_BLOCK_ALIGN; its threads split 513 rows unevenly,
+    and 1 output of 513 then differs in the last bit). A prefill's matrix product may be split by BLAS
+    differently for a block than for the whole matrix: float rounding."""
+    from gemma2_ref import fast
+    from gemma2_ref.bfloat16 import bf16_bits_to_f32
+    monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(fast, "STORED_PREFILL_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(tokens + d_out)
+    bits = _bf16_weight(rng, d_out, d_in)
+    x = rng.standard_normal((1, tokens, d_in)).astype(np.float32)
+    converted = linear(x, bf16_bits_to_f32(bits))
+    released = []
+    y = linear(x, fast.StoredWeight(bits, np.float32, release=lambda: released.append(1)))
+    assert y.shape == converted.shape and y.dtype == np.float32 and y.flags.c_contiguous
+    assert released == [1]  # the file pages may go once the product is done
+    if tokens == 1 and d_out % 256 == 0:
+        np.testing.assert_array_equal(y, converted)
+    exact = x[0].astype(np.float64) @ bf16_bits_to_f32(bits).T.astype(np.float64)
+    assert np.abs(y[0] - exact).max() <= 4 * np.finfo(np.float32).eps * np.sqrt(d_in) * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_linear_on_stored_weights_in_other_dtypes(monkeypatch, tokens):
+    """bf16 stored, float64 compute (every block widened exactly); float16 stored; float32 stored with a
+    float32 compute dtype: nothing to convert, the stored matrix itself is multiplied (bit-identical)."""
+    from gemma2_ref import fast
+    from gemma2_ref.bfloat16 import bf16_bits_to_f32
+    monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", 1)
+    monkeypatch.setattr(fast, "STORED_PREFILL_BLOCK_BYTES", 1)
+    rng = np.random.default_rng(tokens)
+    bits = _bf16_weight(rng, 300, 48)
+    x64 = rng.standard_normal((tokens, 48))
+    wide = linear(x64, fast.StoredWeight(bits, np.float64))
+    np.testing.assert_allclose(wide, x64 @ bf16_bits_to_f32(bits).astype(np.float64).T, rtol=1e-12, atol=1e-12)
+    half = bf16_bits_to_f32(bits).astype(np.float16)
+    x = x64.astype(np.float32)
+    np.testing.assert_allclose(linear(x, fast.StoredWeight(half, np.float32)), linear(x, half.astype(np.float32)),
+                               rtol=1e-5, atol=1e-5)
+    single = bf16_bits_to_f32(bits)
+    np.testing.assert_array_equal(linear(x, fast.StoredWeight(single, np.float32)), linear(x, single))
+    np.testing.assert_array_equal(np.asarray(fast.StoredWeight(bits, np.float32)), single)  # for a permutation

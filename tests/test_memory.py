@@ -50,6 +50,49 @@ def test_streaming_and_keep_converted_decode_bit_identically(tiny_bf16_dir):
     np.testing.assert_array_equal(steps[0], steps[1])
 
 
+def test_streamed_decode_converting_64_rows_at_a_time_is_bit_identical_to_converted_layers(tiny_bf16_dir,
+                                                                                           monkeypatch):
+    """A streamed layer's projections stay bf16 and linear() converts them a block of rows at a time: with
+    blocks of 64 rows (every matrix cut in several), each decode step's logits still equal those of the
+    layers converted whole, token for token (the prefill's blocks hold whole tiny matrices, as by default)."""
+    from gemma2_ref import fast
+    monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", 1)  # the minimum: STORED_BLOCK_ALIGN rows per block
+    models = [g2.load_model(tiny_bf16_dir), g2.load_model(tiny_bf16_dir, keep_converted=True)]
+    assert isinstance(models[0].weights.layer(0).gate_proj, fast.StoredWeight)
+    assert models[0].weights.layer(0).gate_proj.shape[0] > 4 * fast.STORED_BLOCK_ALIGN
+    caches = [KVCache(m.config, capacity=64) for m in models]
+    steps = [m.forward(IDS[:20], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip(models, caches)]
+    for _ in range(4):
+        np.testing.assert_array_equal(steps[0], steps[1])
+        token = int(np.argmax(steps[0]))
+        steps = [m.forward([token], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip(models, caches)]
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_a_streamed_forward_never_holds_a_float32_layer(tmp_path, tokens):
+    """The old streamed step converted each layer to a float32 copy (here 13 MiB) before multiplying; now a
+    decode step holds one cache-sized block of converted rows (fast.STORED_BLOCK_BYTES) and a prefill one
+    block of at most one matrix (the 4 MiB gate_proj here), never the layer."""
+    import tracemalloc
+    cfg = g2.PRESETS["tiny"].replace(hidden_size=256, intermediate_size=4096, vocab_size=512, num_hidden_layers=2,
+                                     layer_types=("sliding_attention", "full_attention"))
+    path = save_checkpoint(tmp_path / "ckpt", cfg, random_weights(cfg, seed=1), "BF16")
+    model = g2.load_model(path)
+    layer_f32 = cfg.parameter_counts()["per_layer"] * 4
+    cache = KVCache(cfg, capacity=16)
+    model.forward(np.arange(2, 8), kv_cache=cache, logits_at="last")  # the finite checks, once, before measuring
+    ids = np.arange(10, 10 + tokens)
+    tracemalloc.start()
+    try:
+        model.forward(ids, kv_cache=cache, logits_at="last")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    matrix_f32 = cfg.intermediate_size * cfg.hidden_size * 4
+    assert peak < (2 << 20 if tokens == 1 else matrix_f32 + (1 << 20)) < layer_f32 / 2, (peak, layer_f32)
+
+
 def test_layers_kept_converted_resident_as_bf16_or_streamed_decode_bit_identically(tiny_bf16_dir, monkeypatch):
     """keep_converted="auto" on a machine with little RAM: layer 0 kept converted, layers 1-2 keep their bf16
     bytes in memory, layer 3 is read from the file at every step; the same logits as streaming, step by step."""

@@ -32,7 +32,9 @@ from .taps import NO_TAPS, Taps, select_taps
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's weights in the compute dtype, named as the taps are. Linear weights are (out, in)."""
+    """One decoder layer's weights in the compute dtype, named as the taps are. Linear weights are (out, in):
+    arrays, or for a layer streamed from a checkpoint fast.StoredWeight (the stored bf16, which `linear`
+    converts a block at a time: the same values)."""
     q_proj: np.ndarray  # (H*Dh, D)
     k_proj: np.ndarray  # (K*Dh, D)
     v_proj: np.ndarray  # (K*Dh, D)

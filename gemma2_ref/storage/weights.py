@@ -41,6 +41,7 @@ import numpy as np
 
 from ..model.bfloat16 import bf16_bits_to_f32, f32_to_bf16_bits, round_to_bf16  # noqa: F401 (re-exported)
 from ..model.config import Gemma2Config
+from ..model.fast import StoredWeight
 from ..model.gemma2 import LayerWeights
 from ..model.jsonfile import JSONFileError, is_int, kind, loads, read_json, shown
 
@@ -286,6 +287,7 @@ HF_LAYER_NAMES = {
     "pre_ffw_norm": "pre_feedforward_layernorm.weight",
     "post_ffw_norm": "post_feedforward_layernorm.weight",
 }
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the (out, in) ones
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 
@@ -425,8 +427,9 @@ CONVERT_BLOCK_BYTES = 32 << 20  # stored bytes converted per step (bounds the fi
 class Weights:
     """The checkpoint's tensors, memory-mapped in their stored dtype, converted on demand.
 
-    `layer(i)` converts one layer to the compute dtype when the forward reaches it and lets it go after,
-    so peak memory is the embedding plus a layer or two, not the whole model in float32.
+    `layer(i)` of a layer not kept converted hands its projections over as stored (fast.StoredWeight):
+    `linear` converts them a cache-sized block of rows at a time inside the product, so a streamed forward
+    reads each stored byte once and no float32 copy of a layer is ever made; the norms are converted (D,).
     `keep_bytes` converted layers are kept for the next forward (decoding runs the forward once per token):
     0 keeps none (streaming), None keeps all; a budget keeps layers 0, 1, ... while they fit in it and
     converts the rest on every forward. `resident_bytes`: of the layers not kept converted, the next ones
@@ -488,6 +491,29 @@ class Weights:
         self._finite.add(name)
         return out
 
+    def streamed(self, name: str) -> StoredWeight:
+        """A linear weight as stored (its resident copy, or a view on the file), for `linear` to convert a
+        block of rows at a time; checked finite the first time (a pass over the stored bytes, once)."""
+        ref = self.refs[name]
+        resident = self._resident.get(name)
+        stored = self._maps.array(ref) if resident is None else resident
+        if name not in self._finite:
+            self._check_finite(ref, stored, release=resident is None)
+        return StoredWeight(stored, self.dtype, None if resident is not None else lambda: self._maps.release(ref))
+
+    def _check_finite(self, ref: TensorRef, stored: np.ndarray, release: bool) -> None:
+        """Raise non_finite_weight if any stored value is NaN or infinite, without converting: a bfloat16 is
+        not finite exactly when its 8 exponent bits are all ones."""
+        rows = max(1, CONVERT_BLOCK_BYTES // max(1, stored[0].nbytes))
+        for r0 in range(0, len(stored), rows):
+            block = stored[r0:r0 + rows]
+            bad = (block & 0x7F80) == 0x7F80 if ref.dtype == "BF16" else ~np.isfinite(block)
+            if release:
+                self._maps.release(ref, r0 * stored[0].nbytes, (r0 + len(block)) * stored[0].nbytes)
+            if bad.any():
+                raise non_finite_weight(ref, to_compute_dtype(stored, ref.dtype, self.dtype))
+        self._finite.add(ref.name)
+
     def embedding(self) -> np.ndarray:
         """(V, D) in the compute dtype; kept, since the output head needs it after the last layer."""
         if self._embedding is None:
@@ -512,7 +538,11 @@ class Weights:
             for ref in refs:  # read from the file this once; converted from memory from now on
                 self._resident[ref.name] = np.array(self._maps.array(ref))
                 self._maps.release(ref)
-        w = LayerWeights(**{ours: self.tensor(ref.name) for ours, ref in zip(HF_LAYER_NAMES, refs)})
+        if keep:
+            w = LayerWeights(**{ours: self.tensor(ref.name) for ours, ref in zip(HF_LAYER_NAMES, refs)})
+        else:
+            w = LayerWeights(**{ours: self.streamed(ref.name) if ours in PROJECTIONS else self.tensor(ref.name)
+                                for ours, ref in zip(HF_LAYER_NAMES, refs)})
         if keep:
             self._layers[i] = w
             for ref in refs:

@@ -335,10 +335,11 @@ def load_reference_model(reference: Case, model_path=None, log=None, verify: boo
 
 def verify_reference_model(model, reference: Case, log=None) -> None:
     """Refuse a model whose weight files are not the ones the golden records (sha256 of each file)."""
-    from .golden import GoldenError, sha256_file
+    from .golden import GoldenError
+    from .hashes import weights_sha256
 
     recorded = (reference.manifest.get("model") or {}).get("weights") or {}
-    found = {f.name: sha256_file(f, progress=log is not None) for f in model.weights.files}
+    found = weights_sha256(model.weights.files, progress=log is not None)
     if recorded and found != recorded:
         differ = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
         raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "

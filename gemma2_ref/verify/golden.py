@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hashes import sha256_file, weights_sha256
 from .names import apply_name_map
 from ..model.taps import canonical_order, sequence_axis
 from ..model.jsonfile import JSONFileError, is_int, read_json, shown
@@ -65,21 +66,6 @@ class GoldenError(ValueError):
 
 
 # -- hashing ----------------------------------------------------------------------------------------------
-
-def sha256_file(path: str | Path, progress: bool = False) -> str:
-    path = Path(path)
-    h = hashlib.sha256()
-    size, done = path.stat().st_size, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            done += len(chunk)
-            if progress and size > 1 << 28:
-                print(f"  hashing {path.name}: {100 * done / size:5.1f}%", end="\r", file=sys.stderr, flush=True)
-    if progress and size > 1 << 28:
-        print(file=sys.stderr)
-    return h.hexdigest()
-
 
 def _manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON (sorted keys, no spaces), without the checksum field."""
@@ -591,7 +577,7 @@ def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool
         "path": None if bundled else str(directory.resolve()),
         "bundled": bundled,
         "config": cfg.to_hf_dict(),
-        "weights": {f.name: sha256_file(f, progress) for f in sorted(files)},
+        "weights": weights_sha256(sorted(files), progress),  # remembered across runs: verify/hashes.py
         "tokenizer": {tok.name: sha256_file(tok)} if tok.is_file() else None,
     }
 

@@ -220,6 +220,8 @@ def gqa_tiled_order(heads: int, kv_heads: int) -> np.ndarray:
 
 def _permute_layer(cfg, w, layout: str):
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    w = dataclasses.replace(w, q_proj=np.asarray(w.q_proj), k_proj=np.asarray(w.k_proj),  # a streamed layer's
+                            o_proj=np.asarray(w.o_proj))  # projections are stored bf16 (fast.StoredWeight)
     if layout == "rope_interleaved":
         perm = rope_interleaved_order(Dh)
         rows = lambda m, heads: m.reshape(heads, Dh, -1)[:, perm].reshape(m.shape)  # noqa: E731
