@@ -400,7 +400,7 @@ def run_handler(args) -> int:
             return 143
 
 
-CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+CONTROL = {c: f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}" for c in (*range(32), *range(127, 160), 0x2028, 0x2029)}
 
 
 def one_line(message: str) -> str:
