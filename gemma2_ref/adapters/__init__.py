@@ -1,11 +1,9 @@
 """Adapters: run another Gemma 2 implementation and write its activations as a golden case under the
 canonical tap names (README.md's tap table), so `gemma2-ref compare` can check it against ours.
 
-Every adapter module offers the same two functions:
-
-    reachable_taps(cfg) -> list[str]      the canonical taps this backend can expose, in execution order
-    write_golden(checkpoint, ids, out_dir, *, dtype, taps, text=None, description=None, positions=None,
-                 **backend_options) -> Path
+Every adapter module declares the protocol in base.py: `CAPABILITIES` (padded batches, a KV-cache decode),
+`reachable_taps(cfg)`, `backend_options(checkpoint, args)` and `write_golden(checkpoint, ids, out_dir, *, dtype,
+taps, text, description, positions, **backend_options)`; `base.write_candidate` writes what it captured.
 
 Each imports its framework lazily: importing gemma2_ref never imports torch, JAX or MLX.
 For a backend without an adapter, write the case yourself with `gemma2_ref.golden.write_case` (NumPy only).
@@ -14,6 +12,8 @@ For a backend without an adapter, write the case yourself with `gemma2_ref.golde
 from __future__ import annotations
 
 import importlib
+
+from .base import check_protocol
 
 # backend name (as `gemma2-ref golden --backend` takes it) -> the adapter module
 BACKENDS = {
@@ -30,4 +30,6 @@ def load_adapter(backend: str):
     """The adapter module for a backend name in BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; adapters exist for: {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[backend])
+    module = importlib.import_module(BACKENDS[backend])
+    check_protocol(module)
+    return module
