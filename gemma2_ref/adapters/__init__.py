@@ -23,6 +23,7 @@ BACKENDS = {
     "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
     "vllm": "gemma2_ref.adapters.vllm",  # vLLM's CPU engine in-process, torch forward hooks, fusions undone
     "keras-hub": "gemma2_ref.adapters.keras_hub",  # KerasHub's GemmaBackbone (Keras 3, JAX), layer calls recorded
+    "onnxruntime-genai": "gemma2_ref.adapters.ort_genai",  # its model builder's ONNX graph, outputs added
 }
 
 
