@@ -217,8 +217,9 @@ def map_to_taps(raw: dict[str, np.ndarray], cfg, wanted: set) -> dict[str, np.nd
             out |= {p + "attn.q_proj": q.reshape(*q.shape[:-1], H, Dh), p + "attn.k_proj": k.reshape(*k.shape[:-1], K, Dh),
                     p + "attn.v_proj": v.reshape(*v.shape[:-1], K, Dh)}
         elif key.endswith(".present.key"):
-            if a.shape[2] == raw["embed"].shape[1]:  # a window cache shorter than the prompt holds fewer keys
-                out[key.removesuffix("present.key") + "attn.k_rope"] = a.transpose(0, 2, 1, 3)
+            S = raw["embed"].shape[1]  # a sliding layer's cache has the window's slots: the prompt's keys first,
+            if a.shape[2] >= S:  # unless the prompt is longer than the window (its ring then lost the oldest)
+                out[key.removesuffix("present.key") + "attn.k_rope"] = a[:, :, :S].transpose(0, 2, 1, 3)
         else:
             out[key] = a
     for i in range(cfg.num_hidden_layers):
