@@ -1,11 +1,9 @@
 """Adapters: run another Gemma 2 implementation and write its activations as a golden case under the
 canonical tap names (README.md's tap table), so `gemma2-ref compare` can check it against ours.
 
-Every adapter module offers the same two functions:
-
-    reachable_taps(cfg) -> list[str]      the canonical taps this backend can expose, in execution order
-    write_golden(checkpoint, ids, out_dir, *, dtype, taps, text=None, description=None, positions=None,
-                 **backend_options) -> Path
+Every adapter module declares the protocol in base.py: `CAPABILITIES` (padded batches, a KV-cache decode),
+`reachable_taps(cfg)`, `backend_options(checkpoint, args)` and `write_golden(checkpoint, ids, out_dir, *, dtype,
+taps, text, description, positions, **backend_options)`; `base.write_candidate` writes what it captured.
 
 Each imports its framework lazily: importing gemma2_ref never imports torch, JAX or MLX.
 For a backend without an adapter, write the case yourself with `gemma2_ref.golden.write_case` (NumPy only).
@@ -15,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+from .base import check_protocol
+
 # backend name (as `gemma2-ref golden --backend` takes it) -> the adapter module
 BACKENDS = {
     "transformers": "gemma2_ref.adapters.transformers",  # Hugging Face transformers, forward hooks
@@ -23,6 +23,7 @@ BACKENDS = {
     "llama.cpp": "gemma2_ref.adapters.llamacpp",  # llama-cpp-python on a GGUF, ggml's eval callback
     "vllm": "gemma2_ref.adapters.vllm",  # vLLM's CPU engine in-process, torch forward hooks, fusions undone
     "keras-hub": "gemma2_ref.adapters.keras_hub",  # KerasHub's GemmaBackbone (Keras 3, JAX), layer calls recorded
+    "onnxruntime-genai": "gemma2_ref.adapters.ort_genai",  # its model builder's ONNX graph, outputs added
 }
 
 
@@ -40,4 +41,6 @@ def load_adapter(backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; adapters exist for: {', '.join(BACKENDS)}")
     check_installed(NEEDS.get(backend, ()), f"--backend {backend}")
-    return importlib.import_module(BACKENDS[backend])
+    module = importlib.import_module(BACKENDS[backend])
+    check_protocol(module)
+    return module

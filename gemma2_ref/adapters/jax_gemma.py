@@ -36,13 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..verify.golden import model_info_from_files, write_case
-from ..model.taps import select_taps, taps_of_kinds
+from ..model.taps import taps_of_kinds
+from .base import Capabilities, wanted_taps, write_candidate
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
              "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
 JAX_DTYPES = ("float32", "bfloat16", "float16")
+
+
+CAPABILITIES = Capabilities(padded_batch=True)  # input_mask; no cache path here
 
 
 def reachable_taps(cfg) -> list[str]:
@@ -242,7 +245,7 @@ def run_sown(model, params, ids: np.ndarray, want_probs: bool, attention_mask=No
 def capture(model, params, ids, cfg, taps="default", attention_mask=None) -> dict[str, np.ndarray]:
     """Run gemma on ids (S,) or (B, S) (padded: with its `attention_mask`); the requested canonical taps it
     can reach as float32 NumPy arrays (bfloat16 values are exact in float32). No batch axis for 1-D ids."""
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    wanted = wanted_taps(cfg, taps)
     batched = np.ndim(ids) == 2
     ids2 = np.atleast_2d(np.asarray(ids))
     logits, sown = run_sown(model, params, ids2, any(n.endswith("attn.probs") for n in wanted), attention_mask)
@@ -304,8 +307,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     acts = capture(model, params, ids, cfg, taps, attention_mask)
     producer = {"name": "jax-gemma", "version": gemma.__version__, "jax": jax.__version__,
                 "flax": flax.__version__, "device": str(jax.devices()[0]), "dtype": dtype,
-                "query_pre_attn_norm": model.config.query_pre_attn_norm.name,
-                "adapter": "gemma2_ref.adapters.jax_gemma"}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
-                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions, attention_mask=attention_mask)
+                "query_pre_attn_norm": model.config.query_pre_attn_norm.name}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=dtype, text=text, description=description, positions=positions,
+                           attention_mask=attention_mask)

@@ -64,8 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..verify.golden import model_info_from_files, write_case
-from ..model.taps import select_taps, taps_of_kinds
+from ..model.taps import taps_of_kinds
+from .base import Capabilities, wanted_taps, write_candidate
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm",
@@ -74,6 +74,9 @@ REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_pro
 FUSED_UNREACHABLE = ("attn.scores", "attn.probs")  # the fused op computes them inside one call
 KERAS_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_THETA = 10_000.0  # CachedGemmaAttention.build: RotaryEmbedding(max_wavelength=10_000.0)
+
+
+CAPABILITIES = Capabilities(padded_batch=True)  # padding_mask; no cache path here
 
 
 def reachable_taps(cfg, flash_attention: bool = False) -> list[str]:
@@ -210,7 +213,7 @@ def capture(backbone, ids, cfg, taps="default", attention_mask=None, flash_atten
     """Run KerasHub's backbone on ids (S,) or (B, S) (its padding_mask: `attention_mask`, default all ones),
     then the tied head; the requested canonical taps as float32 NumPy arrays (bfloat16 values are exact in
     float32). No batch axis for 1-D ids."""
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    wanted = wanted_taps(cfg, taps)
     if flash_attention and any(n.endswith(FUSED_UNREACHABLE) for n in wanted):
         wanted -= {n for n in wanted if n.endswith(FUSED_UNREACHABLE)}
     H, Dh = cfg.num_attention_heads, cfg.head_dim
@@ -286,8 +289,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     producer = {"name": "keras-hub", "version": keras_hub.__version__, "keras": keras.__version__,
                 "keras_backend": keras.backend.backend(), "jax": jax.__version__, "device": str(jax.devices()[0]),
                 "dtype": computed, "flash_attention": bool(flash_attention),
-                "query_head_dim_normalize": bool(backbone.transformer_layers[0].attention.query_head_dim_normalize),
-                "adapter": "gemma2_ref.adapters.keras_hub"}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
-                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions, attention_mask=attention_mask)
+                "query_head_dim_normalize": bool(backbone.transformer_layers[0].attention.query_head_dim_normalize)}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=computed, text=text, description=description, positions=positions,
+                           attention_mask=attention_mask)

@@ -64,10 +64,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import select_taps, tap_names
+from .. import tap_names
 from ..model.taps import taps_of_kinds
 from ..model.config import load_config
-from ..verify.golden import model_info_from_files, sha256_file, write_case
+from ..verify.golden import model_info_from_files, sha256_file
+from .base import Capabilities, wanted_taps, write_candidate
 
 # GGUF outtype (convert_hf_to_gguf.py --outtype) -> the compute dtype the manifest records. llama.cpp's CPU
 # matmuls convert activations to the weights' "vec_dot_type" (bf16, f16, q8_0), so that is what they compute in.
@@ -137,6 +138,9 @@ ALL_LAYER_TAPS = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.
                   "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm",
                   "output")
 LAYER_NAME_RE = re.compile(r"(.+)-(\d+)")
+
+
+CAPABILITIES = Capabilities()  # one sequence per llama_decode; no padded batch, no decode case here
 
 
 def reachable_taps(cfg) -> list[str]:
@@ -328,7 +332,7 @@ def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
     if kv_cache_type not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache_type must be one of {list(KV_CACHE_TYPES)}, not {kv_cache_type!r}")
     ids = np.asarray(ids)
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    wanted = wanted_taps(cfg, taps)
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0
@@ -541,10 +545,10 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "f32", taps="default"
     producer = {"name": "llama.cpp", "version": llama_cpp.__version__,
                 "llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf_path.resolve()),
                 "gguf_file_type": file_type, "converted_here": not gguf,
-                "kv_cache_type": kv_cache_type, "flash_attn": False,
-                "adapter": "gemma2_ref.adapters.llamacpp", "unreachable_taps": unreachable_taps(cfg)}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer, model=info, text=text,
-                      compute_dtype=OUTTYPES[outtype], description=description, positions=positions)
+                "kv_cache_type": kv_cache_type, "flash_attn": False, "unreachable_taps": unreachable_taps(cfg)}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=OUTTYPES[outtype], text=text, description=description, positions=positions,
+                           model=info)
 
 
 # -- corpus goldens (verify/corpus.py): a GGUF's logits of a chunk's scored rows, as llama-perplexity runs it --

@@ -33,13 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..verify.golden import model_info_from_files, write_case
-from ..model.taps import select_taps, taps_of_kinds
+from ..model.taps import taps_of_kinds
+from .base import Capabilities, wanted_taps, write_candidate
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
              "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
 MLX_DTYPES = ("float32", "bfloat16", "float16")
+
+
+CAPABILITIES = Capabilities(padded_batch=True)  # right padding only (check_padding); no cache path here
 
 
 def reachable_taps(cfg) -> list[str]:
@@ -96,7 +99,7 @@ def capture(model, ids, cfg, taps="default") -> dict[str, np.ndarray]:
     No batch axis for 1-D ids."""
     import mlx.core as mx
 
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    wanted = wanted_taps(cfg, taps)
     kept = wanted | ({"layers.0.input"} if "embed" in wanted else set())  # embed is layer 0's input
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     got: dict[str, mx.array] = {}
@@ -201,7 +204,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", tap
     acts = capture(model, ids, cfg, taps)
     computed = stored_dtype(model)
     producer = {"name": "mlx-lm", "version": mlx_lm.__version__, "mlx": mx.__version__,
-                "device": str(mx.default_device()), "dtype": computed, "adapter": "gemma2_ref.adapters.mlx"}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
-                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions, attention_mask=attention_mask)
+                "device": str(mx.default_device()), "dtype": computed}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=computed, text=text, description=description, positions=positions,
+                           attention_mask=attention_mask)

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..verify.golden import model_info_from_files, write_case
-from ..verify.suites import decode_extra
 from ..storage.loader import resolve_checkpoint
-from ..model.taps import select_taps, taps_of_kinds
+from ..model.taps import taps_of_kinds
+from .base import Capabilities, wanted_taps, write_candidate
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
              "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
              "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
+CAPABILITIES = Capabilities(padded_batch=True, decode=True, chunked_prefill=True)  # attention_mask; past_key_values
 
 
 def reachable_taps(cfg) -> list[str]:
@@ -75,9 +75,7 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
     from ..model.config import config_from_hf_dict
 
     cfg = gemma_config or config_from_hf_dict(hf_model.config.to_dict(), "transformers config")
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
-    if prefill is not None:  # each decode step attends to another number of keys: no (H, S, T) taps
-        wanted = {n for n in wanted if not n.endswith(("attn.scores", "attn.probs"))}
+    wanted = wanted_taps(cfg, taps, decode=prefill is not None)
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     got: dict[str, torch.Tensor] = {}
     hooks = []
@@ -183,14 +181,10 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     cfg = load_config(checkpoint)
     acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill, cache, chunks)
     producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
-                "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype,
-                "adapter": "gemma2_ref.adapters.transformers"}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
-                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=dtype,
-                      description=description, positions=positions, attention_mask=attention_mask,
-                      extra=None if prefill is None else {"decode": decode_extra(int(np.shape(ids)[-1]), prefill,
-                                                                                 chunks)})
-
+                "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=dtype, text=text, description=description, positions=positions,
+                           attention_mask=attention_mask, prefill=prefill, chunks=chunks)
 
 
 # -- corpus goldens (verify/corpus.py): the candidate's logits of a chunk's scored rows, nothing written -------

@@ -60,9 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..verify.golden import model_info_from_files, write_case
 from ..storage.loader import resolve_checkpoint
-from ..model.taps import select_taps, taps_of_kinds
+from ..model.taps import taps_of_kinds
+from .base import Capabilities, wanted_taps, write_candidate
 
 REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
              "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
@@ -70,6 +70,9 @@ REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_pro
 VLLM_DTYPES = ("float32", "bfloat16")  # the two measured here (README, "Backends we checked")
 # The engine core in this process (hooks reach its model); a small KV cache (GiB): these are test-sized runs.
 ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+CAPABILITIES = Capabilities(padded_batch=True, decode=True)  # each row its own request; its paged KV cache
 
 
 def reachable_taps(cfg) -> list[str]:
@@ -130,7 +133,7 @@ def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> di
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    wanted = set(select_taps(cfg, taps)) | {"logits"}
+    wanted = wanted_taps(cfg, taps)
     L = cfg.num_hidden_layers
     H, K, Dh, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     got: dict[str, list] = {}  # name -> one tensor per forward call (a chunked prefill makes several)
@@ -294,9 +297,7 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     attn = model_of(llm).model.layers[0].self_attn.attn
     producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
                 "attention_impl": type(attn.impl).__name__, "attention_isa": getattr(attn, "isa", None),
-                "dtype": computed, "adapter": "gemma2_ref.adapters.vllm"}
-    return write_case(out_dir, acts, np.asarray(ids), producer=producer,
-                      model=model_info_from_files(checkpoint, cfg), text=text, compute_dtype=computed,
-                      description=description, positions=positions, attention_mask=attention_mask,
-                      extra=None if prefill is None else {"decode": {"prefill": prefill,
-                                                                     "steps": int(np.shape(ids)[-1]) - prefill}})
+                "dtype": computed}
+    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
+                           compute_dtype=computed, text=text, description=description, positions=positions,
+                           attention_mask=attention_mask, prefill=prefill)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import inspect
 import json
 import sys
 import time
@@ -273,13 +272,12 @@ def write_golden(args, out) -> int:
     write = None
     if not ours:
         adapter = load_adapter(args.backend)
-        options = adapter.backend_options(model.path, args) if hasattr(adapter, "backend_options") else {}
+        options = adapter.backend_options(model.path, args)
 
         def write(ids, case_dir, text, description, case_taps=taps, positions=None, **padding):
-            for key, what in (("attention_mask", "padded batches"), ("prefill", "a KV-cache decode"),
-                              ("chunks", "a chunked prefill")):
-                if key in padding and key not in inspect.signature(adapter.write_golden).parameters:
-                    raise NotImplementedError(f"the {args.backend} adapter does not run {what}")
+            refusal = adapter.CAPABILITIES.refusal(args.backend, padding)
+            if refusal:
+                raise NotImplementedError(refusal)
             adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
                                  description=description, positions=positions, **padding, **options)
     if args.suite:

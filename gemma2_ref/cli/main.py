@@ -150,7 +150,8 @@ def add_golden(sub):
     p.add_argument("--dtype", default="float32",
                    help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
                         "transformers, mlx, jax-gemma and keras-hub; float32 or bfloat16 for vllm; for llama.cpp "
-                        "the GGUF type f32, bf16, f16 or q8_0 (default float32 = f32)")
+                        "the GGUF type f32, bf16, f16 or q8_0 (default float32 = f32); for onnxruntime-genai the "
+                        "builder's CPU precision float32, int8 or int4")
     p.add_argument("--gguf", metavar="FILE",
                    help="llama.cpp: run this GGUF (its file type decides the compute dtype) instead of converting "
                         "MODEL with llama.cpp's convert_hf_to_gguf.py")

@@ -117,7 +117,7 @@ def auto_profile(candidate: Case) -> str:
     """The profile that fits the candidate's compute dtype: bfloat16 -> bf16, float16 -> fp16, else fp32."""
     dtype = str(candidate.compute_dtype or "")
     return {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
-            "q8_0": "q8"}.get(dtype, "fp32")
+            "q8_0": "q8", "int8": "q8"}.get(dtype, "fp32")
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
