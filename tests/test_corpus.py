@@ -13,31 +13,18 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from gemma2_ref.cli import main
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
 from gemma2_ref.verify import llamacpp_kld as L
+from tests.helpers.cli import cli
+from tests.helpers.cli import refused as refused_line
 
 REPO = Path(__file__).resolve().parent.parent
 CTX, CHUNKS = 64, 4  # tiny's window is 32: every chunk crosses it
 
 
-def cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def refused(capsys, *argv) -> str:
-    code, out, err = cli(capsys, *argv)
-    lines = [line for line in err.splitlines() if not line.startswith("corpus: shard")]
-    assert "Traceback" not in err
-    assert code == 2, err
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    return lines[0]
+    return refused_line(capsys, *argv, progress=("corpus: shard",))
 
 
 def quiet(msg):

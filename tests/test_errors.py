@@ -24,30 +24,11 @@ from gemma2_ref.cli import main
 from gemma2_ref.compare import PROFILES, compare_cases, describe_ids_difference, format_report
 from gemma2_ref.config import ConfigError, ConfigWarning, config_from_hf_dict
 from gemma2_ref.weights import WeightsError, write_safetensors
+from tests.helpers.cli import cli, refused
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = str(REPO / "golden" / "short")
 TINY = g2.bundled_path("tiny")
-
-
-def cli(capsys, *argv):
-    """(exit code, stdout, stderr) of `gemma2-ref ARGV`, run in this process: an uncaught exception fails the test."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(capsys, *argv) -> str:
-    """Run a command that must fail as a usage or input error; returns its one error line."""
-    code, out, err = cli(capsys, *argv)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if not line.startswith("loaded ")]
-    assert code == 2, err
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    return lines[0]
 
 
 def copy_of_tiny(tmp_path: Path, config: dict | None = None, weights=None, name: str = "model") -> Path:

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gemma2_ref as g2
-from gemma2_ref.cli import main
 from gemma2_ref.model.config import ConfigError, config_from_hf_dict
 from gemma2_ref.model.generate import FLOAT32_MAX, generate, min_temperature, sample_next
 from gemma2_ref.model.inputs import InputError
@@ -30,7 +29,9 @@ from gemma2_ref.model.jsonfile import JSONFileError, loads
 from gemma2_ref.model.tokenizer import TokenizerError
 from gemma2_ref.storage.weights import WeightsError, read_safetensors_header
 from gemma2_ref.verify import golden as G
-from gemma2_ref.verify.compare import PROFILES, compare_cases, get_profile
+from gemma2_ref.verify.compare import compare_cases, get_profile
+from tests.helpers.cli import cli
+from tests.helpers.cli import refused as refused_line
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "golden"
@@ -39,24 +40,9 @@ TINY = g2.bundled_path("tiny")
 DEEP = "[" * 100_000 + "]" * 100_000  # Python's json recurses once per level: a RecursionError, unless bounded
 
 
-def cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def refused(capsys, *argv) -> str:
     """The one error line of a command that must exit 2 (usage or input error), nothing on stdout."""
-    code, out, err = cli(capsys, *argv)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if not line.startswith("loaded ")]
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert out == "", out
-    return lines[0]
+    return refused_line(capsys, *argv, quiet_stdout=True)
 
 
 # -- building malformed files -------------------------------------------------------------------------------

@@ -15,16 +15,10 @@ from pathlib import Path
 import pytest
 
 from gemma2_ref import golden as G
-from gemma2_ref.cli import main
+from tests.helpers.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = REPO / "golden" / "short"
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 from .fast import attention_in_blocks, gelu_tanh_, linear, soft_cap_
 from .inputs import check_context, check_ids, check_positions

@@ -38,7 +38,6 @@ position of each column.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.jsonfile import read_json
-from ..model.tokenizer import BOS, END_OF_TURN, EOS
+from ..model.tokenizer import BOS, END_OF_TURN
 
 UNK = 3
 
