@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref.model.gemma2 import log_softmax
 from gemma2_ref.storage.checkpoints import random_weights, save_checkpoint
 from gemma2_ref.storage.loader import resolve_checkpoint

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.model import gemma2 as model_code
@@ -18,7 +18,7 @@ from gemma2_ref.model.bfloat16 import round_to_bf16
 from gemma2_ref.verify.compare import PROFILES, compare_cases
 from gemma2_ref.verify.mistakes import NORMS, TransformedWeights
 from gemma2_ref.verify.suites import SUITES
-from hf_reference import hf_config, make_checkpoint
+from tests.helpers.hf_reference import hf_config, make_checkpoint
 
 require("onnxruntime_genai", "pip install -e '.[ort-genai]'")
 from gemma2_ref.adapters import ort_genai as adapter  # noqa: E402

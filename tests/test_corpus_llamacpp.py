@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref.adapters import BACKENDS, load_adapter
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
-from llamacpp_cases import backends, random_checkpoint
+from tests.helpers.llamacpp_cases import backends, random_checkpoint
 
 CTX, CHUNKS = 64, 4  # 4 x 31 = 124 scored rows: llama-perplexity prints its statistics from 100
 

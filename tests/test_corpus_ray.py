@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-import ray_cluster as rc
+from tests.helpers import ray_cluster as rc
 from gemma2_ref.cli.main import main
 from gemma2_ref.storage.loader import resolve_checkpoint
 from gemma2_ref.verify import corpus as corpus_mod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends import require
+from tests.helpers.backends import require
 from gemma2_ref.adapters import BACKENDS, load_adapter
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
