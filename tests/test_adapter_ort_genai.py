@@ -1,5 +1,5 @@
 """The ONNX Runtime GenAI adapter: the model built by the engine's own builder, its intermediates read from the
-built graph, its decode and padded batches through the Generator. The verdicts of docs/backends/onnxruntime-genai.md
+built graph, its decode and padded batches through the Generator. The verdicts of docs/backends/ort_genai.md
 as tests: in float32 the engine differs from ours by the builder's two roundings and nothing else (sqrt(D) rounded
 to two decimals, builders/gemma.py:22; (1 + w) added in the checkpoint's bfloat16, builders/base.py:3163), its KV
 cache decodes right, and a left-padded batch runs with its padding attended (src/models/position_inputs.cpp)."""

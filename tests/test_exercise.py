@@ -245,6 +245,6 @@ def test_only_names_an_unknown_function_in_one_line(capsys):
 
 def test_the_reference_forward_is_restored_after_a_check(tmp_path):
     from gemma2_ref.model import gemma2 as G
-    before = {n: getattr(G, n) for n in ("rope", "attention", "attention_in_blocks", "ACTIVATIONS", "soft_cap_")}
+    before = {n: getattr(G, n) for n in ("rope", "attention", "attention_in_blocks", "ACTIVATION_FUNCTIONS", "soft_cap_")}
     report(solution_with(tmp_path, LEARNER_MISTAKES[0][2]))
     assert {n: getattr(G, n) for n in before} == before

@@ -88,7 +88,8 @@ def test_attention_in_query_blocks_over_trimmed_keys_equals_attention_at_once(wi
     pos = np.arange(17)
     whole = attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0)
     blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
-    np.testing.assert_allclose(blocked, whole, rtol=2e-6, atol=1e-6)
+    # blocks multiply matrices of other shapes: float32 rounding (1.2e-6 here with numpy 2.3.5's OpenBLAS), no more
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
 
 
 

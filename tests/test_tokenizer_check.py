@@ -102,8 +102,8 @@ def test_stopping_on_eos_only_is_named(tok):
 
 @pytest.fixture(scope="module")
 def llama():
-    from backends import require
-    from llamacpp_cases import INSTALL_LLAMA
+    from tests.helpers.backends import require
+    from tests.helpers.llamacpp_cases import INSTALL_LLAMA
 
     return require("llama_cpp", INSTALL_LLAMA)
 
@@ -122,7 +122,7 @@ def llama_candidate(llama_cpp, gguf_path, special=True):
 @pytest.fixture(scope="module")
 def released_gguf(llama, tmp_path_factory):
     from gemma2_ref.adapters import llamacpp as adapter
-    from llamacpp_cases import random_checkpoint
+    from tests.helpers.llamacpp_cases import random_checkpoint
 
     ckpt = random_checkpoint(tmp_path_factory.mktemp("released") / "random")
     return ckpt, adapter.convert(ckpt, "f32")

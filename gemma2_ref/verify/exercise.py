@@ -165,7 +165,9 @@ def adapters(module, names) -> dict:
     out = {}
     if "embed" in names:
         out["embed"] = lambda ids, embedding, normalizer=None: fn["embed"](ids, embedding)
-    for n in ("rms_norm", "rope", "attention_mask"):
+    if "rms_norm" in names:  # the reference offers its inner steps to the recorder: the learner's need not
+        out["rms_norm"] = lambda x, w, eps, taps=NO_TAPS: fn["rms_norm"](x, w, eps)
+    for n in ("rope", "attention_mask"):
         if n in names:
             out[n] = fn[n]
     if "soft_cap" in names:  # both caps: the scores' (attention) and the logits' (forward, in place)
@@ -177,14 +179,13 @@ def adapters(module, names) -> dict:
         out["attention_in_blocks"] = lambda attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps, **_: \
             attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps)
     if "gelu_tanh" in names:
-        out["ACTIVATIONS"] = {**G.ACTIVATIONS, "gelu_pytorch_tanh": fn["gelu_tanh"]}
+        out["ACTIVATION_FUNCTIONS"] = {**G.ACTIVATION_FUNCTIONS, "gelu_pytorch_tanh": fn["gelu_tanh"]}
     if "mlp" in names:
         learner_mlp = shaped("mlp", module.mlp, lambda x, w: x)
         out["mlp"] = lambda x, w, activation=None, taps=NO_TAPS: taps("mlp.out", learner_mlp(x, w))
     if "decoder_layer" in names:
         learner_layer = shaped("decoder_layer", module.decoder_layer, lambda x, *rest: x)
-        out["decoder_layer"] = (lambda x, w, positions, cfg, layer, taps=NO_TAPS, kv_cache=None,
-                                rope_positions=None:
+        out["decoder_layer"] = (lambda x, w, positions, cfg, layer, taps=NO_TAPS, kv_cache=None:
                                 taps("output", learner_layer(taps("input", x), w, positions, cfg, layer)))
     return out
 
@@ -254,7 +255,7 @@ def check_file(path, only=None, model=None, log=None) -> list[Result]:
     unknown = [n for n in (only or []) if n not in NAMES]
     if unknown:
         raise ExerciseError(f"--only {', '.join(unknown)}: not an exercise; the functions are {', '.join(NAMES)}")
-    model = model or load_model("tiny")
+    model = model or load_model("tiny", keep_converted=True)  # plain float32 arrays: a learner writes w.T
     ids = np.array(load_tokenizer("tiny").encode(TEXT))
     reference = run_case(model, ids)
     profile = get_profile("fp32")
