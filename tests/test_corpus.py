@@ -293,8 +293,11 @@ def test_sigkill_midway_then_the_same_command_gives_the_uninterrupted_bytes(tmp_
     import time
 
     args = ["corpus", "tiny", "--ctx", "32", "--chunks", "8", "--top-k", "16", "--shard-chunks", "1"]
-    C.write_corpus("tiny", tmp_path / "whole", ctx=32, chunks=8, top_k=16, shard_chunks=1, log=quiet)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # both runs in processes of their own, with the same BLAS threads: the bytes depend on the thread count,
+    # and another test of this session may have set OMP/OPENBLAS_NUM_THREADS in this process's environment
+    env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    whole = [sys.executable, "-m", "gemma2_ref.cli", *args, "--out", str(tmp_path / "whole")]
+    assert subprocess.run(whole, env=env, capture_output=True).returncode == 0
     cmd = [sys.executable, "-m", "gemma2_ref.cli", *args, "--out", str(tmp_path / "cut")]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
