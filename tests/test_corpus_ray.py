@@ -76,9 +76,10 @@ def cluster():
     ray.cloudpickle.register_pickle_by_value(rc)  # the stand-ins: tests/ is not on the workers' path
     temp = tempfile.mkdtemp(prefix="g2r-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     cm = local_cluster(2, temp_dir=temp)
+    before = set(rc.descendants(os.getpid()))  # children of earlier tests (vLLM's engine core, ...): not Ray's
     with rc.bounded(180, "starting a local Ray cluster"):
         ray = cm.__enter__()
-    started = cluster_pids(ray) | rc.descendants(os.getpid())
+    started = (cluster_pids(ray) | rc.descendants(os.getpid())) - before
     try:
         yield ray
     finally:
