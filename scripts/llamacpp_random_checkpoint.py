@@ -34,6 +34,11 @@ def random_checkpoint(directory: Path) -> Path:
     directory = Path(directory)
     save_checkpoint(directory, RANDOM_CFG, random_weights(RANDOM_CFG, seed=7, scale=2.0), "BF16",
                     tokenizer=bundled_path("tiny") / "tokenizer.model")
+    return released_token_files(directory)
+
+
+def released_token_files(directory: Path) -> Path:
+    """eos 1 in config.json and the released tokenizer_config.json's special tokens, as the HF checkpoints have."""
     config = json.loads((directory / "config.json").read_text())
     config["eos_token_id"] = 1
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -33,7 +33,7 @@ CANDIDATES = [("gemma2-ref", "float64"), ("transformers", "float32"), ("transfor
 
 def random_2b(directory: Path) -> Path:
     """2B's layer shapes, 2 layers, vocabulary 2048 (the bundled tokenizer), random bf16 weights."""
-    from llamacpp_random_checkpoint import SPECIAL
+    from llamacpp_random_checkpoint import released_token_files
 
     if (directory / "config.json").is_file():
         return directory
@@ -42,15 +42,7 @@ def random_2b(directory: Path) -> Path:
                                    max_position_embeddings=1024)
     save_checkpoint(directory, cfg, random_weights(cfg, seed=11, scale=2.0), "BF16",
                     tokenizer=g2.bundled_path("tiny") / "tokenizer.model")
-    config = json.loads((directory / "config.json").read_text())
-    config["eos_token_id"] = 1
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    entry = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>",
-        "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()}}, indent=2) + "\n")
-    return directory
+    return released_token_files(directory)
 
 
 def backend_record(name: str, dtype: str, model) -> dict:
