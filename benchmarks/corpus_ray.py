@@ -47,6 +47,7 @@ def load_average() -> list[float]:
 
 # -- what each configuration's process runs --------------------------------------------------------------
 
+
 def timed_serial(timings: dict):
     """corpus.serial_executor with the moments the model is loaded and the last shard written."""
     from gemma2_ref.verify.corpus import load_worker_model, run_shard
@@ -58,37 +59,59 @@ def timed_serial(timings: dict):
         for task in tasks:
             yield run_shard(task, out_dir, model)
         timings["done"] = time.perf_counter()
+
     return executor
 
 
 def run_config(name: str, checkpoint: str, tokens: str, ctx: int, chunks: int, out: str) -> dict:
     import contextlib
     import resource
+
     from gemma2_ref.verify.corpus import write_corpus
     from gemma2_ref.verify.corpus_ray import RayExecutor, local_cluster
 
     workers, _ = CONFIGS[name]
     results, timings = [], {}
     t0 = time.perf_counter()
-    with (contextlib.nullcontext() if workers is None else local_cluster(workers)):
-        executor = timed_serial(timings) if workers is None else \
-            RayExecutor(workers=workers, start_timeout=900, log=lambda m: None)
+    with contextlib.nullcontext() if workers is None else local_cluster(workers):
+        executor = (
+            timed_serial(timings)
+            if workers is None
+            else RayExecutor(workers=workers, start_timeout=900, log=lambda m: None)
+        )
 
         def collect(tasks, out_dir):
             for r in executor(tasks, out_dir):
                 results.append(r)
                 yield r
-        write_corpus(checkpoint, out, tokens=tokens, ctx=ctx, chunks=chunks, shard_chunks=1, top_k=32,
-                     executor=collect, log=lambda m: None)
+
+        write_corpus(
+            checkpoint,
+            out,
+            tokens=tokens,
+            ctx=ctx,
+            chunks=chunks,
+            shard_chunks=1,
+            top_k=32,
+            executor=collect,
+            log=lambda m: None,
+        )
         timings = timings if workers is None else executor.timings
         noop = noop_round_trip() if workers == 1 else None
     compute = timings["done"] - timings["ready"]
     n_tokens = sum(r["tokens"] for r in results)
     rss = [r["max_rss_bytes"] for r in results if "max_rss_bytes" in r]
-    report = {"config": name, "shards": len(results), "tokens": n_tokens, "wall_s": time.perf_counter() - t0,
-              "startup_s": timings["ready"] - t0, "compute_s": compute, "tokens_per_s": n_tokens / compute,
-              "worker_seconds": sum(r["seconds"] for r in results),
-              "max_rss_gib": (max(rss) if rss else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GiB}
+    report = {
+        "config": name,
+        "shards": len(results),
+        "tokens": n_tokens,
+        "wall_s": time.perf_counter() - t0,
+        "startup_s": timings["ready"] - t0,
+        "compute_s": compute,
+        "tokens_per_s": n_tokens / compute,
+        "worker_seconds": sum(r["seconds"] for r in results),
+        "max_rss_gib": (max(rss) if rss else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GiB,
+    }
     if workers == 1:  # shards one after another on one worker: what the driver saw beyond the worker's work
         report["ray_overhead_per_shard_ms"] = 1e3 * (compute - report["worker_seconds"]) / len(results)
         report["noop_round_trip_ms"] = noop
@@ -98,6 +121,7 @@ def run_config(name: str, checkpoint: str, tokens: str, ctx: int, chunks: int, o
 def noop_round_trip(calls: int = 200) -> float:
     """ms per call of a method that does nothing, on an actor of the running cluster (Ray's own cost)."""
     from gemma2_ref.verify.corpus_ray import import_ray
+
     ray = import_ray()
 
     class Noop:
@@ -113,6 +137,7 @@ def noop_round_trip(calls: int = 200) -> float:
 
 
 # -- the arithmetic ---------------------------------------------------------------------------------------
+
 
 def flops_per_token(cfg, ctx: int) -> float:
     """Multiply-adds x 2 per corpus token of a chunk of `ctx`: the projections and MLP of every layer, attention
@@ -154,6 +179,7 @@ def arithmetic_table(per_worker_flops: float, ctx: int, overhead_s: float, shard
 
 # -- the run ------------------------------------------------------------------------------------------------
 
+
 def shard_hashes(out: Path) -> dict[str, str]:
     """sha256 of each shard's tensor bytes (after the safetensors header, whose metadata holds the plan's hash,
     and the plan holds the git commit of the source: a commit made between two runs changes every header)."""
@@ -171,15 +197,42 @@ def run_all(args) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="corpus-ray-bench-"))
     tokens = scratch / "ids.npy"
     np.save(tokens, np.random.default_rng(0).integers(3, cfg.vocab_size, args.ctx * args.chunks, dtype=np.int64))
-    report = {"checkpoint": f"2B shapes, {args.layers} layers, random bf16", "ctx": args.ctx, "chunks": args.chunks,
-              "shard_chunks": 1, "top_k": 32, "cpus": os.cpu_count(), "runs": []}
+    report = {
+        "checkpoint": f"2B shapes, {args.layers} layers, random bf16",
+        "ctx": args.ctx,
+        "chunks": args.chunks,
+        "shard_chunks": 1,
+        "top_k": 32,
+        "cpus": os.cpu_count(),
+        "runs": [],
+    }
     for name, (_, threads) in CONFIGS.items():
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-                   MKL_NUM_THREADS=str(threads))
+        env = dict(
+            os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
+        )
         before = load_average()
-        done = subprocess.run([sys.executable, __file__, "--run", name, "--checkpoint", str(ckpt), "--tokens",
-                               str(tokens), "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--out",
-                               str(scratch / name)], env=env, capture_output=True, text=True, timeout=3600)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--run",
+                name,
+                "--checkpoint",
+                str(ckpt),
+                "--tokens",
+                str(tokens),
+                "--ctx",
+                str(args.ctx),
+                "--chunks",
+                str(args.chunks),
+                "--out",
+                str(scratch / name),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         run = json.loads(done.stdout.strip().splitlines()[-1])
@@ -188,14 +241,19 @@ def run_all(args) -> dict:
         print(f"{name}: {run['tokens_per_s']:.1f} tokens/s (load {before} -> {run['load_after']})", flush=True)
     runs = {r["config"]: r for r in report["runs"]}
     same = {name: r["shard_sha256"] for name, r in runs.items()}
-    report["bytes_equal"] = {"ray-1x1t vs ray-2x1t": same["ray-1x1t"] == same["ray-2x1t"],
-                             "serial-2t vs ray-1x1t": same["serial-2t"] == same["ray-1x1t"]}
+    report["bytes_equal"] = {
+        "ray-1x1t vs ray-2x1t": same["ray-1x1t"] == same["ray-2x1t"],
+        "serial-2t vs ray-1x1t": same["serial-2t"] == same["ray-1x1t"],
+    }
     per_worker = runs["ray-1x1t"]["tokens_per_s"] * flops_per_token(cfg, args.ctx)
     report["per_worker_gflops"] = per_worker / 1e9
-    report["arithmetic_300k"] = arithmetic_table(per_worker, args.ctx, runs["ray-1x1t"]["ray_overhead_per_shard_ms"]
-                                                 / 1e3, args.ctx)
-    report["measured_vs_formula_rss_gib"] = {"measured": runs["ray-1x1t"]["max_rss_gib"],
-                                             "formula_own": worker_bytes(cfg, args.ctx)["own_gib"]}
+    report["arithmetic_300k"] = arithmetic_table(
+        per_worker, args.ctx, runs["ray-1x1t"]["ray_overhead_per_shard_ms"] / 1e3, args.ctx
+    )
+    report["measured_vs_formula_rss_gib"] = {
+        "measured": runs["ray-1x1t"]["max_rss_gib"],
+        "formula_own": worker_bytes(cfg, args.ctx)["own_gib"],
+    }
     for r in report["runs"]:
         r.pop("shard_sha256")
     subprocess.run(["rm", "-rf", str(scratch)], check=False)
@@ -203,24 +261,36 @@ def run_all(args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Corpus on Ray: {report['checkpoint']}, {report['chunks']} chunks of {report['ctx']} tokens, one "
-             f"chunk per shard, top-k {report['top_k']}, {report['cpus']} CPUs.", "",
-             "| configuration | tokens/s (loaded model) | wall s (with start) | start s | peak RSS per process GiB "
-             "| load average before -> after |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Corpus on Ray: {report['checkpoint']}, {report['chunks']} chunks of {report['ctx']} tokens, one "
+        f"chunk per shard, top-k {report['top_k']}, {report['cpus']} CPUs.",
+        "",
+        "| configuration | tokens/s (loaded model) | wall s (with start) | start s | peak RSS per process GiB "
+        "| load average before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report["runs"]:
-        lines.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
-                     f"{r['max_rss_gib']:.2f} | {r['load_before']} -> {r['load_after']} |")
+        lines.append(
+            f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
+            f"{r['max_rss_gib']:.2f} | {r['load_before']} -> {r['load_after']} |"
+        )
     one = next(r for r in report["runs"] if r["config"] == "ray-1x1t")
-    lines += ["", f"Ray's overhead per shard (ray-1x1t: driver time per shard minus the worker's): "
-              f"{one['ray_overhead_per_shard_ms']:.1f} ms; a no-op actor call: {one['noop_round_trip_ms']:.2f} ms.",
-              f"Shard bytes equal: {report['bytes_equal']}.", "",
-              f"ARITHMETIC (not measured): {CORPUS_TOKENS:,} tokens at the measured {report['per_worker_gflops']:.1f} "
-              f"GFLOP/s per 1-thread worker, perfect scaling, chunks of {report['ctx']}:", "",
-              "| model | workers | hours | worker's own memory GiB | bf16 checkpoint mapped per node GiB |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Ray's overhead per shard (ray-1x1t: driver time per shard minus the worker's): "
+        f"{one['ray_overhead_per_shard_ms']:.1f} ms; a no-op actor call: {one['noop_round_trip_ms']:.2f} ms.",
+        f"Shard bytes equal: {report['bytes_equal']}.",
+        "",
+        f"ARITHMETIC (not measured): {CORPUS_TOKENS:,} tokens at the measured {report['per_worker_gflops']:.1f} "
+        f"GFLOP/s per 1-thread worker, perfect scaling, chunks of {report['ctx']}:",
+        "",
+        "| model | workers | hours | worker's own memory GiB | bf16 checkpoint mapped per node GiB |",
+        "|---|---|---|---|---|",
+    ]
     for r in report["arithmetic_300k"]:
-        lines.append(f"| {r['model']} | {r['workers']} | {r['hours']:.2f} | {r['own_gib']:.1f} | "
-                     f"{r['mapped_bf16_gib']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['workers']} | {r['hours']:.2f} | {r['own_gib']:.1f} | {r['mapped_bf16_gib']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

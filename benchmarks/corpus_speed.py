@@ -24,14 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gemma2_ref.verify import corpus as C  # noqa: E402
 from measure_corpus_kld import backend_record, random_2b  # noqa: E402
+
+from gemma2_ref.verify import corpus as C  # noqa: E402
 
 
 def llama_perplexity() -> Path | None:
     env = os.environ.get("GEMMA2_REF_LLAMA_PERPLEXITY")
-    path = Path(env) if env else Path.home() / ".cache" / "gemma2-ref" / "llama-perplexity-0.3.36" / "bin" / \
-        "llama-perplexity"
+    path = (
+        Path(env)
+        if env
+        else Path.home() / ".cache" / "gemma2-ref" / "llama-perplexity-0.3.36" / "bin" / "llama-perplexity"
+    )
     return path if path.is_file() else None
 
 
@@ -48,27 +52,67 @@ def bench(model: str, out: Path, ctx: int, chunks: int) -> list[dict]:
     text.write_text(C.BUNDLED_CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
     rows = []
     ref = out / f"{name}-ref"
-    rows.append({"model": name, "engine": f"gemma2-ref reference (float32, top-{C.DEFAULT_TOP_K})",
-                 "seconds": timed(lambda: C.write_corpus(model, ref, text=text, ctx=ctx, chunks=chunks,
-                                                         log=lambda m: None))})
+    rows.append(
+        {
+            "model": name,
+            "engine": f"gemma2-ref reference (float32, top-{C.DEFAULT_TOP_K})",
+            "seconds": timed(lambda: C.write_corpus(model, ref, text=text, ctx=ctx, chunks=chunks, log=lambda m: None)),
+        }
+    )
     for backend, dtype in (("transformers", "float32"), ("llama.cpp", "f32")):
         record = backend_record(backend, dtype, model)  # conversion outside the timing
-        rows.append({"model": name, "engine": f"{backend} {dtype} (our adapter)",
-                     "seconds": timed(lambda: C.write_corpus(model, out / f"{name}-{backend}", backend=record,
-                                                             reference=ref, log=lambda m: None))})
+        rows.append(
+            {
+                "model": name,
+                "engine": f"{backend} {dtype} (our adapter)",
+                "seconds": timed(
+                    lambda: C.write_corpus(
+                        model,
+                        out / f"{name}-{backend}",  # noqa: B023 (timed calls it at once)
+                        backend=record,  # noqa: B023
+                        reference=ref,
+                        log=lambda m: None,
+                    )
+                ),
+            }
+        )
         if backend == "llama.cpp":
             gguf = record["gguf"]
     binary = llama_perplexity()
     if binary is not None:
         t0 = time.perf_counter()
-        done = subprocess.run([str(binary), "-m", gguf, "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
-                               "--kl-divergence-base", str(out / f"{name}-llama.kld"), "-t", "2", "-b", str(ctx)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                str(binary),
+                "-m",
+                gguf,
+                "-f",
+                str(text),
+                "-c",
+                str(ctx),
+                "--chunks",
+                str(chunks),
+                "--kl-divergence-base",
+                str(out / f"{name}-llama.kld"),
+                "-t",
+                "2",
+                "-b",
+                str(ctx),
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         per_pass = re.search(r"([\d.]+) seconds per pass", done.stderr + done.stdout)
-        rows.append({"model": name, "engine": "llama-perplexity f32 (llama.cpp's tool)", "seconds": seconds,
-                     "scoring_seconds": float(per_pass.group(1)) * chunks if per_pass else None,
-                     "returncode": done.returncode})
+        rows.append(
+            {
+                "model": name,
+                "engine": "llama-perplexity f32 (llama.cpp's tool)",
+                "seconds": seconds,
+                "scoring_seconds": float(per_pass.group(1)) * chunks if per_pass else None,
+                "returncode": done.returncode,
+            }
+        )
     for r in rows:
         r["tokens"], r["tokens_per_s"] = tokens, tokens / r["seconds"]
     return rows
@@ -87,11 +131,19 @@ def main() -> None:
     for m in args.models.split(","):
         model = str(random_2b(args.out / "random-2b")) if m == "random-2b" else m
         rows += bench(model, args.out, args.ctx, args.chunks)
-    result = {"load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
-              "ctx": args.ctx, "chunks": args.chunks, "rows": rows}
+    result = {
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "ctx": args.ctx,
+        "chunks": args.chunks,
+        "rows": rows,
+    }
     (args.out / "corpus_speed.json").write_text(json.dumps(result, indent=1))
-    print(f"load average {load_before[0]:.1f} before, {result['load_average_after'][0]:.1f} after, "
-          f"{os.cpu_count()} cores; {args.chunks} chunks of {args.ctx} tokens\n")
+    print(
+        f"load average {load_before[0]:.1f} before, {result['load_average_after'][0]:.1f} after, "
+        f"{os.cpu_count()} cores; {args.chunks} chunks of {args.ctx} tokens\n"
+    )
     print("| model | engine | wall s (load included) | corpus tokens/s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['engine']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} |")

@@ -43,6 +43,7 @@ PROMPT = 16
 
 # -- the workers (each in its own process) ----------------------------------------------------------------
 
+
 def peak_rss() -> int:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return int(status["VmHWM"].split()[0]) * 1024
@@ -69,6 +70,7 @@ def worker_scan(ckpt: Path, steps: int) -> dict:
     import mmap
 
     import numpy as np
+
     times, total = [], 0
     for _ in range(steps):
         t0, total = time.perf_counter(), 0
@@ -76,7 +78,7 @@ def worker_scan(ckpt: Path, steps: int) -> dict:
             with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 a = np.frombuffer(m, np.uint64, count=len(m) // 8)
                 for start in range(0, len(a), 1 << 22):  # 32 MiB at a time, then let the pages go
-                    a[start:start + (1 << 22)].sum()
+                    a[start : start + (1 << 22)].sum()
                 total += len(m)
                 del a
         times.append(time.perf_counter() - t0)
@@ -114,9 +116,17 @@ def worker_llama(gguf: Path, steps: int, threads: int) -> dict:
     import llama_cpp
 
     from gemma2_ref.adapters.llamacpp import quiet_llama_logs
+
     quiet_llama_logs()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=PROMPT + steps + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=PROMPT, verbose=False, use_mmap=True)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=PROMPT + steps + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=PROMPT,
+        verbose=False,
+        use_mmap=True,
+    )
     llm.eval(list(range(2, 2 + PROMPT)))
     times = []
     for k in range(steps):
@@ -128,23 +138,29 @@ def worker_llama(gguf: Path, steps: int, threads: int) -> dict:
 
 def worker_main(kind: str, path: str, steps: int, threads: int) -> None:
     p = Path(path)
-    result = {"read": lambda: worker_read(p, steps), "scan": lambda: worker_scan(p, steps),
-              "numpy": lambda: worker_numpy(p, steps, False), "numpy-before": lambda: worker_numpy(p, steps, True),
-              "llama": lambda: worker_llama(p, steps, threads)}[kind]()
+    result = {
+        "read": lambda: worker_read(p, steps),
+        "scan": lambda: worker_scan(p, steps),
+        "numpy": lambda: worker_numpy(p, steps, False),
+        "numpy-before": lambda: worker_numpy(p, steps, True),
+        "llama": lambda: worker_llama(p, steps, threads),
+    }[kind]()
     result["peak_rss"] = peak_rss()
     print(json.dumps(result))
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
 
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def build(preset: str, layers: int, scratch: Path, ggufs: list[str], log) -> dict:
-    from gemma2_ref.storage.checkpoints import build_random_checkpoint, preset_config
     from llamacpp_random_checkpoint import SPECIAL
+
     from gemma2_ref.data import bundled_path
+    from gemma2_ref.storage.checkpoints import build_random_checkpoint, preset_config
 
     cfg = preset_config(preset, layers)
     ckpt = scratch / f"{preset}-{layers}l"
@@ -157,13 +173,23 @@ def build(preset: str, layers: int, scratch: Path, ggufs: list[str], log) -> dic
     config["eos_token_id"] = 1
     (ckpt / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     entry = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()}}))
+    (ckpt / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()},
+            }
+        )
+    )
     out = {"checkpoint": ckpt, "build_seconds": round(time.perf_counter() - t0, 1), "config": cfg}
     if ggufs:
         from gemma2_ref.adapters.llamacpp import convert
         from gemma2_ref.verify.golden import model_info_from_files
+
         info = model_info_from_files(ckpt, cfg)
         for outtype in ggufs:
             t0 = time.perf_counter()
@@ -173,11 +199,15 @@ def build(preset: str, layers: int, scratch: Path, ggufs: list[str], log) -> dic
 
 
 def run_worker(kind: str, path: Path, steps: int, threads: int) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     worker = "llama" if kind.startswith("llama") else kind
-    done = subprocess.run([sys.executable, __file__, "--worker", worker, str(path), str(steps), str(threads)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", worker, str(path), str(steps), str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"worker {kind} on {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,10 +220,17 @@ def best_step(kind: str, runs: list[dict]) -> dict:
         best = min(steps, key=lambda s: s["seconds"])
         per_layer = min(min(s["layers"][1:] or s["layers"]) for s in steps)  # layer 0 includes the lookup
         rest = min(s["rest"] for s in steps)
-        return {"step": best["seconds"], "per_layer": per_layer, "rest": rest,
-                "peak_rss": max(r["peak_rss"] for r in runs)}
-    return {"step": min(t for r in runs for t in r["seconds"]), "peak_rss": max(r["peak_rss"] for r in runs),
-            **({"bytes": runs[0]["bytes"]} if "bytes" in runs[0] else {})}
+        return {
+            "step": best["seconds"],
+            "per_layer": per_layer,
+            "rest": rest,
+            "peak_rss": max(r["peak_rss"] for r in runs),
+        }
+    return {
+        "step": min(t for r in runs for t in r["seconds"]),
+        "peak_rss": max(r["peak_rss"] for r in runs),
+        **({"bytes": runs[0]["bytes"]} if "bytes" in runs[0] else {}),
+    }
 
 
 def full_depth(preset: str, cfg, measured: dict) -> dict:
@@ -205,8 +242,13 @@ def full_depth(preset: str, cfg, measured: dict) -> dict:
     bytes_few, bytes_full = 2 * counts["total"], 2 * full_counts["total"]  # bf16
     floor = min(measured[k]["step"] for k in ("read", "scan") if k in measured)
     rate = measured["read"]["bytes"] / floor
-    out = {"layers": full.num_hidden_layers, "bf16_bytes": bytes_full, "floor_seconds": bytes_full / rate,
-           "read_rate_GBps": rate / 1e9, "bf16_bytes_built": bytes_few}
+    out = {
+        "layers": full.num_hidden_layers,
+        "bf16_bytes": bytes_full,
+        "floor_seconds": bytes_full / rate,
+        "read_rate_GBps": rate / 1e9,
+        "bf16_bytes_built": bytes_few,
+    }
     for kind in ("numpy", "numpy-before"):
         if kind in measured:
             m = measured[kind]
@@ -216,37 +258,55 @@ def full_depth(preset: str, cfg, measured: dict) -> dict:
             layer_share = cfg.num_hidden_layers * counts["per_layer"] / counts["total"]
             step = measured[kind]["step"]
             out[f"{kind}_seconds"] = step * (1 - layer_share) + step * layer_share * (
-                full.num_hidden_layers / cfg.num_hidden_layers)
+                full.num_hidden_layers / cfg.num_hidden_layers
+            )
     out["numpy_over_floor"] = out.get("numpy_seconds", float("nan")) / out["floor_seconds"]
     return out
 
 
 def run(args) -> dict:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    results = {"command": " ".join(["python", "benchmarks/floor.py", *sys.argv[1:]]), "models": {},
-               "threads": args.threads, "repeats": args.repeats, "steps": args.steps,
-               "load_average_before": load_average(), "machine": os.uname().machine, "cpus": os.cpu_count()}
+    results = {
+        "command": " ".join(["python", "benchmarks/floor.py", *sys.argv[1:]]),
+        "models": {},
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "load_average_before": load_average(),
+        "machine": os.uname().machine,
+        "cpus": os.cpu_count(),
+    }
     for preset in args.models:
         layers = args.layers.get(preset, MODELS[preset])
         log(f"{preset}: building {layers} layers under {args.scratch}")
         built = build(preset, layers, args.scratch, args.gguf, log)
-        targets = {"read": built["checkpoint"], "scan": built["checkpoint"], "numpy": built["checkpoint"],
-                   "numpy-before": built["checkpoint"]}
+        targets = {
+            "read": built["checkpoint"],
+            "scan": built["checkpoint"],
+            "numpy": built["checkpoint"],
+            "numpy-before": built["checkpoint"],
+        }
         targets.update({f"llama-{t}": built[f"gguf-{t}"] for t in args.gguf})
         runs = {k: [] for k in targets}
         loads = [load_average()]
         for r in range(args.repeats):
             for kind, path in targets.items():
                 runs[kind].append(run_worker(kind, path, args.steps, args.threads))
-                log(f"  {preset} repeat {r + 1}/{args.repeats} {kind}: "
-                    f"{best_step(kind, runs[kind][-1:])['step']:.3f} s/step (load {load_average()[0]})")
+                log(
+                    f"  {preset} repeat {r + 1}/{args.repeats} {kind}: "
+                    f"{best_step(kind, runs[kind][-1:])['step']:.3f} s/step (load {load_average()[0]})"
+                )
             loads.append(load_average())
         measured = {k: best_step(k, v) for k, v in runs.items()}
         cfg = built["config"]
         results["models"][preset] = {
-            "layers_built": layers, "bf16_bytes_built": 2 * cfg.parameter_counts()["total"],
-            "build_seconds": built["build_seconds"], "measured": measured, "load_averages": loads,
-            "full_depth_arithmetic": full_depth(preset, cfg, measured)}
+            "layers_built": layers,
+            "bf16_bytes_built": 2 * cfg.parameter_counts()["total"],
+            "build_seconds": built["build_seconds"],
+            "measured": measured,
+            "load_averages": loads,
+            "full_depth_arithmetic": full_depth(preset, cfg, measured),
+        }
         if not args.keep:
             for key in ("gguf-bf16", "gguf-f32"):
                 if key in built:
@@ -269,37 +329,55 @@ def merge(parts: list[dict]) -> dict:
 
 
 def report(results: dict) -> str:
-    lines = [f"Command: `{results['command']}`; {results['cpus']} CPUs, {results['threads']} threads, best of "
-             f"{results['repeats']} runs x {results['steps']} steps, interleaved; load average "
-             f"{results['load_average_before']} before, {results['load_average_after']} after.", "",
-             "| model | layers built | bf16 GB built | read once (floor) | numpy step | numpy before | llama.cpp bf16 "
-             "| llama.cpp f32 | numpy / floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{results['command']}`; {results['cpus']} CPUs, {results['threads']} threads, best of "
+        f"{results['repeats']} runs x {results['steps']} steps, interleaved; load average "
+        f"{results['load_average_before']} before, {results['load_average_after']} after.",
+        "",
+        "| model | layers built | bf16 GB built | read once (floor) | numpy step | numpy before | llama.cpp bf16 "
+        "| llama.cpp f32 | numpy / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for preset, m in results["models"].items():
         meas = m["measured"]
         floor = min(meas[k]["step"] for k in ("read", "scan"))
-        cell = lambda k: f"{meas[k]['step']:.3f} s" if k in meas else "-"  # noqa: E731
-        lines.append(f"| {preset} | {m['layers_built']} | {m['bf16_bytes_built'] / 1e9:.2f} | {floor:.3f} s | "
-                     f"{cell('numpy')} | {cell('numpy-before')} | {cell('llama-bf16')} | {cell('llama-f32')} | "
-                     f"{meas['numpy']['step'] / floor:.2f} |")
-    lines += ["", "Full depth, **arithmetic** (rest + layers x per layer; floor = full bf16 bytes / the read rate "
-              "measured; llama.cpp scaled by its bytes):", "",
-              "| model | layers | bf16 GB | floor | numpy step | numpy before | llama.cpp bf16 | llama.cpp f32 "
-              "| numpy / floor |", "|---|---|---|---|---|---|---|---|---|"]
+        cell = lambda k: f"{meas[k]['step']:.3f} s" if k in meas else "-"  # noqa: E731, B023 (called at once)
+        lines.append(
+            f"| {preset} | {m['layers_built']} | {m['bf16_bytes_built'] / 1e9:.2f} | {floor:.3f} s | "
+            f"{cell('numpy')} | {cell('numpy-before')} | {cell('llama-bf16')} | {cell('llama-f32')} | "
+            f"{meas['numpy']['step'] / floor:.2f} |"
+        )
+    lines += [
+        "",
+        "Full depth, **arithmetic** (rest + layers x per layer; floor = full bf16 bytes / the read rate "
+        "measured; llama.cpp scaled by its bytes):",
+        "",
+        "| model | layers | bf16 GB | floor | numpy step | numpy before | llama.cpp bf16 | llama.cpp f32 "
+        "| numpy / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for preset, m in results["models"].items():
         f = m["full_depth_arithmetic"]
-        cell = lambda k: f"{f[k]:.2f} s" if k in f else "-"  # noqa: E731
-        lines.append(f"| {preset} | {f['layers']} | {f['bf16_bytes'] / 1e9:.1f} | {f['floor_seconds']:.2f} s | "
-                     f"{cell('numpy_seconds')} | {cell('numpy-before_seconds')} | {cell('llama-bf16_seconds')} | "
-                     f"{cell('llama-f32_seconds')} | {f['numpy_over_floor']:.2f} |")
-    lines += ["", "Per layer and rest (embedding lookup, final norm, the float32 output head) of the numpy step:", "",
-              "| model | numpy per layer | numpy rest | before: per layer | before: rest | peak RSS numpy |",
-              "|---|---|---|---|---|---|"]
+        cell = lambda k: f"{f[k]:.2f} s" if k in f else "-"  # noqa: E731, B023 (called at once)
+        lines.append(
+            f"| {preset} | {f['layers']} | {f['bf16_bytes'] / 1e9:.1f} | {f['floor_seconds']:.2f} s | "
+            f"{cell('numpy_seconds')} | {cell('numpy-before_seconds')} | {cell('llama-bf16_seconds')} | "
+            f"{cell('llama-f32_seconds')} | {f['numpy_over_floor']:.2f} |"
+        )
+    lines += [
+        "",
+        "Per layer and rest (embedding lookup, final norm, the float32 output head) of the numpy step:",
+        "",
+        "| model | numpy per layer | numpy rest | before: per layer | before: rest | peak RSS numpy |",
+        "|---|---|---|---|---|---|",
+    ]
     for preset, m in results["models"].items():
         a, b = m["measured"]["numpy"], m["measured"].get("numpy-before")
-        lines.append(f"| {preset} | {a['per_layer']:.3f} s | {a['rest']:.3f} s | "
-                     f"{b['per_layer'] if b else float('nan'):.3f} s | {b['rest'] if b else float('nan'):.3f} s | "
-                     f"{a['peak_rss'] / GiB:.2f} GiB |")
+        lines.append(
+            f"| {preset} | {a['per_layer']:.3f} s | {a['rest']:.3f} s | "
+            f"{b['per_layer'] if b else float('nan'):.3f} s | {b['rest'] if b else float('nan'):.3f} s | "
+            f"{a['peak_rss'] / GiB:.2f} GiB |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -310,17 +388,30 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="2b,9b,27b", type=lambda s: [m for m in s.split(",") if m])
-    ap.add_argument("--layers", default="", help="e.g. 2b=4,9b=4,27b=2",
-                    type=lambda s: {k: int(v) for k, v in (p.split("=") for p in s.split(",") if p)})
+    ap.add_argument(
+        "--layers",
+        default="",
+        help="e.g. 2b=4,9b=4,27b=2",
+        type=lambda s: {k: int(v) for k, v in (p.split("=") for p in s.split(",") if p)},
+    )
     ap.add_argument("--scratch", type=Path, help="where the checkpoints and GGUFs are built")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "floor.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gguf", default="bf16,f32", type=lambda s: [t for t in s.split(",") if t],
-                    help="the GGUFs llama.cpp decodes ('' for none)")
-    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
-                    help="no run: merge earlier results (one model each, e.g. run side by side) into --out")
+    ap.add_argument(
+        "--gguf",
+        default="bf16,f32",
+        type=lambda s: [t for t in s.split(",") if t],
+        help="the GGUFs llama.cpp decodes ('' for none)",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="no run: merge earlier results (one model each, e.g. run side by side) into --out",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and GGUFs")
     args = ap.parse_args(argv)
     if not args.merge and args.scratch is None:

@@ -30,17 +30,21 @@ def main(scratch: Path) -> None:
             w = np.frombuffer(m, np.uint16).reshape(ROWS, COLS)
             x = np.random.default_rng(1).standard_normal((1, 1, COLS), dtype=np.float32)
             release = lambda: m.madvise(mmap.MADV_DONTNEED, 0, len(m))  # noqa: E731
-            runs = {"scan (floor)": lambda: (release(), w.view(np.uint64).sum()),
-                    "blocked (now)": lambda: fast.linear(x, fast.StoredWeight(w, np.float32, release)),
-                    "converted whole (before)": lambda: (release(),
-                                                         fast.linear(x, (w.astype(np.uint32) << 16).view(np.float32)))}
+            runs = {
+                "scan (floor)": lambda: (release(), w.view(np.uint64).sum()),
+                "blocked (now)": lambda: fast.linear(x, fast.StoredWeight(w, np.float32, release)),
+                "converted whole (before)": lambda: (
+                    release(),
+                    fast.linear(x, (w.astype(np.uint32) << 16).view(np.float32)),
+                ),
+            }
             best = {k: float("inf") for k in runs}
             for _ in range(5):
                 for k, run in runs.items():
                     t0 = time.perf_counter()
                     run()
                     best[k] = min(best[k], time.perf_counter() - t0)
-            del w
+            w = None  # the mmap closes only once no array views it
         print(f"load average {os.getloadavg()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")
         for k, t in best.items():
             print(f"  {k:26s} {t * 1000:7.1f} ms  {ROWS * COLS * 2 / t / 1e9:6.2f} GB/s of bf16")

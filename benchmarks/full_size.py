@@ -34,10 +34,12 @@ from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noq
 GiB = 1 << 30
 RUNS = ("golden", "window", "generate", "generate-streamed")
 # Runs the CLI, then reports this process's peak resident memory: what one fresh `gemma2-ref` process needed.
-MEASURED = ("import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
-            "try:\n    runpy.run_module('gemma2_ref.cli', run_name='__main__')\n"
-            "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-            "    print(f'VmHWM_KiB {hwm}', file=sys.stderr)\n")
+MEASURED = (
+    "import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('gemma2_ref.cli', run_name='__main__')\n"
+    "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "    print(f'VmHWM_KiB {hwm}', file=sys.stderr)\n"
+)
 
 
 def layer_rate(lines: list[str]) -> dict | None:
@@ -46,8 +48,12 @@ def layer_rate(lines: list[str]) -> dict | None:
         m = re.search(r"layers: (\d+)/(\d+)\s+\(([\d.]+) s\)", line)
         if m:
             done, total, seconds = int(m.group(1)), int(m.group(2)), float(m.group(3))
-            return {"layers_done": done, "layers": total, "seconds_per_layer": round(seconds / done, 1),
-                    "forward_seconds_extrapolated": round(seconds / done * total, 1)}
+            return {
+                "layers_done": done,
+                "layers": total,
+                "seconds_per_layer": round(seconds / done, 1),
+                "forward_seconds_extrapolated": round(seconds / done * total, 1),
+            }
     return None
 
 
@@ -58,16 +64,21 @@ def measure(args: list[str], limit: float | None = None) -> dict:
     print(f"running {command}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a full stdout pipe would block the child
-        proc = subprocess.Popen([sys.executable, "-c", MEASURED, *args], cwd=ROOT, stdout=out,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", MEASURED, *args], cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True
+        )
         lines = []
         timer = threading.Timer(limit, proc.kill) if limit else None
         if timer:
             timer.start()
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
-            print(f"\r  {time.perf_counter() - t0:7.1f} s  {lines[-1].strip()[:100]:100s}", end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\r  {time.perf_counter() - t0:7.1f} s  {lines[-1].strip()[:100]:100s}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         proc.wait()
         if timer:
             timer.cancel()
@@ -77,9 +88,14 @@ def measure(args: list[str], limit: float | None = None) -> dict:
     print(file=sys.stderr)
     hwm = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM_KiB")), None)
     last = [line for line in lines if line.strip() and not line.startswith("VmHWM")][-3:]
-    result = {"command": command, "exit": proc.returncode, "seconds": round(seconds, 1),
-              "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None, "stdout_tail": stdout.strip().splitlines()[-2:],
-              "stderr_tail": last}
+    result = {
+        "command": command,
+        "exit": proc.returncode,
+        "seconds": round(seconds, 1),
+        "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None,
+        "stdout_tail": stdout.strip().splitlines()[-2:],
+        "stderr_tail": last,
+    }
     if limit and proc.returncode == -9:
         result.update(stopped_after_seconds=limit, rate=layer_rate(lines))
     return result
@@ -88,14 +104,24 @@ def measure(args: list[str], limit: float | None = None) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["9b", "27b"], default="9b")
-    p.add_argument("--keep", metavar="DIR", help="build the checkpoint here and keep it (default: a temporary "
-                                                 "directory, deleted afterwards)")
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="build the checkpoint here and keep it (default: a temporary directory, deleted afterwards)",
+    )
     p.add_argument("--checkpoint", metavar="DIR", help="use this already built checkpoint (not deleted)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the 128-token prompt")
-    p.add_argument("--window-minutes", type=float, default=40, help="stop the window case after this long and "
-                                                                    "extrapolate its time per layer (default 40)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"which runs, comma-separated (default: all of "
-                                                          f"{','.join(RUNS)}); results merge into the JSON file")
+    p.add_argument(
+        "--window-minutes",
+        type=float,
+        default=40,
+        help="stop the window case after this long and extrapolate its time per layer (default 40)",
+    )
+    p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"which runs, comma-separated (default: all of {','.join(RUNS)}); results merge into the JSON file",
+    )
     args = p.parse_args(argv)
     wanted = args.runs.split(",")
     if set(wanted) - set(RUNS):
@@ -107,8 +133,11 @@ def main(argv=None) -> int:
     target.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target).free
     if not args.checkpoint and free < need * 1.05:
-        print(f"{target}: {free / GiB:.1f} GiB free, the {args.model} checkpoint needs {need / GiB:.1f} GiB: "
-              f"free some space or pass --keep DIR on another disk", file=sys.stderr)
+        print(
+            f"{target}: {free / GiB:.1f} GiB free, the {args.model} checkpoint needs {need / GiB:.1f} GiB: "
+            f"free some space or pass --keep DIR on another disk",
+            file=sys.stderr,
+        )
         return 2
     path = Path(__file__).resolve().parent / f"full_size-{args.model}.json"
     results = json.loads(path.read_text()) if path.is_file() and args.runs != ",".join(RUNS) else {}
@@ -124,21 +153,25 @@ def main(argv=None) -> int:
         ids4098 = " ".join(["2"] + [str(651 + i % 5000) for i in range(4097)])
         out = Path(tempfile.mkdtemp(prefix="gemma2-ref-golden-"))
         for n in (1, 2) if "golden" in wanted else ():
-            runs[f"golden_64_run{n}"] = measure(["golden", str(target), "--tokens", ids64,
-                                                 "--out", str(out / f"g{n}")])
-        hashes = [json.loads((out / f"g{n}" / "manifest.json").read_text())["activations"]["sha256"]
-                  for n in (1, 2) if (out / f"g{n}" / "manifest.json").is_file()]
+            runs[f"golden_64_run{n}"] = measure(["golden", str(target), "--tokens", ids64, "--out", str(out / f"g{n}")])
+        hashes = [
+            json.loads((out / f"g{n}" / "manifest.json").read_text())["activations"]["sha256"]
+            for n in (1, 2)
+            if (out / f"g{n}" / "manifest.json").is_file()
+        ]
         if "golden" in wanted:
             results["golden_64_identical"] = len(hashes) == 2 and hashes[0] == hashes[1]
         for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
             if run in wanted:
                 runs[f"{run.replace('-', '_')}_{args.new_tokens}_after_128"] = measure(
-                    ["generate", str(target), "--tokens", ids128, "--max-new-tokens", str(args.new_tokens), *extra])
+                    ["generate", str(target), "--tokens", ids128, "--max-new-tokens", str(args.new_tokens), *extra]
+                )
         if "window" in wanted:
             runs["golden_window_4098"] = measure(["golden", str(target), "--tokens", ids4098, "--out", str(out / "w")])
-            runs["golden_window_4098_residual"] = measure(["golden", str(target), "--tokens", ids4098, "--taps",
-                                                           "residual", "--out", str(out / "wr")],
-                                                          limit=args.window_minutes * 60)
+            runs["golden_window_4098_residual"] = measure(
+                ["golden", str(target), "--tokens", ids4098, "--taps", "residual", "--out", str(out / "wr")],
+                limit=args.window_minutes * 60,
+            )
             written = [f.stat().st_size for f in (out / "wr").glob("*")]
             runs["golden_window_4098_residual"]["bytes_on_disk"] = sum(written) if written else None
         shutil.rmtree(out, ignore_errors=True)

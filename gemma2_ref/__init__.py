@@ -16,18 +16,33 @@ from . import _moved
 
 _moved.install()  # the flat module names of before the layers: gemma2_ref.golden, gemma2_ref.loader, ...
 
-from .model.config import PRESETS, ConfigError, Gemma2Config, load_config
 from .data import bundled_names, bundled_path
-from .storage.loader import COMPUTE_DTYPES, Model, load_model, resolve_checkpoint
+from .model.config import PRESETS, ConfigError, Gemma2Config, load_config
 from .model.gemma2 import forward
 from .model.taps import select_taps, tap_names
 from .model.tokenizer import Tokenizer, load_tokenizer
+from .storage.loader import COMPUTE_DTYPES, Model, load_model, resolve_checkpoint
 from .storage.weights import Weights, WeightsError, index_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMPUTE_DTYPES", "ConfigError", "Gemma2Config", "Model", "PRESETS", "Tokenizer", "Weights", "WeightsError",
-    "bundled_names", "bundled_path", "forward", "index_checkpoint", "load_config", "load_model",
-    "load_tokenizer", "resolve_checkpoint", "select_taps", "tap_names",
+    "COMPUTE_DTYPES",
+    "ConfigError",
+    "Gemma2Config",
+    "Model",
+    "PRESETS",
+    "Tokenizer",
+    "Weights",
+    "WeightsError",
+    "bundled_names",
+    "bundled_path",
+    "forward",
+    "index_checkpoint",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "resolve_checkpoint",
+    "select_taps",
+    "tap_names",
 ]

@@ -20,7 +20,7 @@ OUT = ROOT / "gemma2_ref" / "data" / "corpus" / "tiny-heldout.txt"
 
 def held_out_text(tok) -> str:
     ids = corpus_ids(tok)
-    blocks = [ids[i:i + BLOCK] for i in range(0, len(ids), BLOCK)]
+    blocks = [ids[i : i + BLOCK] for i in range(0, len(ids), BLOCK)]
     held = [b for k, b in enumerate(blocks) if k % HELD_OUT_EVERY == HELD_OUT_EVERY // 2]
     return "\n\n".join(tok.decode(b.tolist()).strip() for b in held) + "\n"
 

@@ -24,12 +24,29 @@ def build(out: Path, vocab_size: int = 2048) -> None:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(p for p in CORPUS.read_text().split("\n\n") if p.strip()),  # paragraphs: keeps "\n"
-        model_writer=model, model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity",
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=RESERVED + ["<start_of_turn>", "<end_of_turn>"],
-        num_threads=1, max_sentence_length=8192, minloglevel=2)
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=RESERVED + ["<start_of_turn>", "<end_of_turn>"],
+        num_threads=1,
+        max_sentence_length=8192,
+        minloglevel=2,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())

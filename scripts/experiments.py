@@ -48,30 +48,69 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny as tt  # noqa: E402  (also puts the repository root on sys.path)
-from train_tiny import (DATA, STUDENT, TEACHER, TOKENIZER, TorchGemma2, bf16_model,  # noqa: E402
-                        evaluate, held_out_windows, kd_loss_torch, lr_at, optimizer, reflow, split_corpus)
+from tiny_corpus import (
+    END_OF_TURN,
+    EOS,
+    MAX_RESPONSE,
+    MAX_SEQ,
+    chat_pairs,
+    encode_pair,
+    eval_prompts,  # noqa: E402
+    split_pairs,
+)
+from train_tiny import (
+    DATA,
+    STUDENT,
+    TEACHER,
+    TOKENIZER,
+    TorchGemma2,
+    bf16_model,  # noqa: E402
+    evaluate,
+    held_out_windows,
+    kd_loss_torch,
+    lr_at,
+    optimizer,
+    reflow,
+    split_corpus,
+)
 
-from tiny_corpus import (END_OF_TURN, EOS, MAX_RESPONSE, MAX_SEQ, chat_pairs, encode_pair, eval_prompts,  # noqa: E402
-                         split_pairs)
 import gemma2_ref as g2  # noqa: E402
+from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
+from gemma2_ref.config import GLOBAL  # noqa: E402
 from gemma2_ref.generate import generate  # noqa: E402
 from gemma2_ref.model import forward  # noqa: E402
-from gemma2_ref.config import GLOBAL  # noqa: E402
-from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
 
 ROOT = tt.ROOT
 LOG = ROOT / "scripts" / "experiments.log.json"
 WORK = Path("/tmp/gemma2-experiments")  # checkpoints of the runs that are not bundled
 
-STAGES = ("tiny-it", "distill-vs-scratch", "window", "softcap", "gqa-vs-mha", "deep-vs-wide", "on-policy",
-          "seed-spread")
+STAGES = (
+    "tiny-it",
+    "distill-vs-scratch",
+    "window",
+    "softcap",
+    "gqa-vs-mha",
+    "deep-vs-wide",
+    "on-policy",
+    "seed-spread",
+)
 OPT_IN = ("seed-spread",)  # run only when named with --only (four more 500-step runs)
 
 # Deeper and wider at (nearly) the tiny model's 1,443,968 parameters: head_dim 64, F = 4D, q scale D / H.
-DEEP = STUDENT.replace(num_hidden_layers=8, hidden_size=88, intermediate_size=352, query_pre_attn_scalar=22,
-                       layer_types=STUDENT.layer_types * 2)
-WIDE = STUDENT.replace(num_hidden_layers=2, hidden_size=184, intermediate_size=736, query_pre_attn_scalar=46,
-                       layer_types=STUDENT.layer_types[:2])
+DEEP = STUDENT.replace(
+    num_hidden_layers=8,
+    hidden_size=88,
+    intermediate_size=352,
+    query_pre_attn_scalar=22,
+    layer_types=STUDENT.layer_types * 2,
+)
+WIDE = STUDENT.replace(
+    num_hidden_layers=2,
+    hidden_size=184,
+    intermediate_size=736,
+    query_pre_attn_scalar=46,
+    layer_types=STUDENT.layer_types[:2],
+)
 MHA = STUDENT.replace(num_key_value_heads=STUDENT.num_attention_heads)  # one kv head per query head
 
 PAD = 0
@@ -81,6 +120,7 @@ SFT_LR = 3e-4
 
 # -- chat data made from the corpus -----------------------------------------------------------------------
 
+
 def batch_of(encoded: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, S) and the targets mask (B, S): True where the token is part of the model's turn.
     Right padding needs no attention mask: causal attention never lets a real token see a later pad."""
@@ -88,12 +128,13 @@ def batch_of(encoded: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.
     out = torch.full((len(encoded), S), PAD, dtype=torch.int64)
     mask = torch.zeros((len(encoded), S), dtype=torch.bool)
     for b, (ids, start) in enumerate(encoded):
-        out[b, :len(ids)] = torch.tensor(ids)
-        mask[b, start:len(ids)] = True
+        out[b, : len(ids)] = torch.tensor(ids)
+        mask[b, start : len(ids)] = True
     return out, mask
 
 
 # -- losses on the model's turn only (train_tiny's losses, restricted to masked positions) ---------------
+
 
 def sft_loss(logits, ids, mask):
     """train_tiny.ce_loss on the model's turn: position t predicts token t + 1 where mask[t + 1]."""
@@ -113,7 +154,7 @@ def sft_eval(model, encoded, batch=32) -> float:
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(encoded), batch):
-        ids, mask = batch_of(encoded[i:i + batch])
+        ids, mask = batch_of(encoded[i : i + batch])
         k = int(mask[:, 1:].sum())
         total += sft_loss(model(ids), ids, mask).item() * k
         n += k
@@ -129,11 +170,11 @@ def sample_turns(model, prompts: list[list[int]], max_new: int, gen: torch.Gener
     lengths = [len(p) for p in prompts]
     buf = torch.full((B, max(lengths) + max_new), PAD, dtype=torch.int64)
     for b, p in enumerate(prompts):
-        buf[b, :len(p)] = torch.tensor(p)
+        buf[b, : len(p)] = torch.tensor(p)
     mask = torch.zeros_like(buf, dtype=torch.bool)
     done = [False] * B
     for _ in range(max_new):
-        last = model(buf[:, :max(lengths)], at=torch.tensor(lengths) - 1).float()  # (B, V)
+        last = model(buf[:, : max(lengths)], at=torch.tensor(lengths) - 1).float()  # (B, V)
         nxt = last.argmax(-1) if greedy else torch.multinomial(torch.softmax(last, -1), 1, generator=gen)[:, 0]
         for b in range(B):
             if not done[b]:
@@ -142,11 +183,12 @@ def sample_turns(model, prompts: list[list[int]], max_new: int, gen: torch.Gener
                 done[b] = int(nxt[b]) in (END_OF_TURN, EOS)
         if all(done):
             break
-    return buf[:, :max(lengths)], mask[:, :max(lengths)]
+    return buf[:, : max(lengths)], mask[:, : max(lengths)]
 
 
-def train_chat(name, model, train_enc, held_enc, steps, batch, lr, seed, eval_every, teacher=None,
-               policy=None, max_new=40):
+def train_chat(
+    name, model, train_enc, held_enc, steps, batch, lr, seed, eval_every, teacher=None, policy=None, max_new=40
+):
     """Post-training loop. teacher None: SFT (CE on the reference model turns). With a teacher: distillation
     (equation 1 on the model's turn) on turns sampled by `policy` ("student": on-policy, "teacher": off-policy)
     for the training prompts."""
@@ -166,7 +208,7 @@ def train_chat(name, model, train_enc, held_enc, steps, batch, lr, seed, eval_ev
         else:
             sampler = model if policy == "student" else teacher
             sampler.eval()
-            ids, mask = sample_turns(sampler, [e[0][:e[1]] for e in chosen], max_new, gen)
+            ids, mask = sample_turns(sampler, [e[0][: e[1]] for e in chosen], max_new, gen)
             model.train()
             with torch.no_grad():
                 t_logits = teacher(ids)
@@ -174,13 +216,20 @@ def train_chat(name, model, train_enc, held_enc, steps, batch, lr, seed, eval_ev
         tt.update(model, opt, loss)
         running.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            point = {"step": step + 1, "train_loss": float(np.mean(running)),
-                     "held_out_sft": sft_eval(model, held_enc), "wall_s": round(time.time() - t0, 1)}
+            point = {
+                "step": step + 1,
+                "train_loss": float(np.mean(running)),
+                "held_out_sft": sft_eval(model, held_enc),
+                "wall_s": round(time.time() - t0, 1),
+            }
             model.train()
             curve.append(point)
             running = []
-            print(f"[{name}] step {step + 1:4d}  train {point['train_loss']:.3f}  held-out SFT "
-                  f"{point['held_out_sft']:.3f}  {point['wall_s']:.0f}s", flush=True)
+            print(
+                f"[{name}] step {step + 1:4d}  train {point['train_loss']:.3f}  held-out SFT "
+                f"{point['held_out_sft']:.3f}  {point['wall_s']:.0f}s",
+                flush=True,
+            )
     model.eval()
     return curve
 
@@ -197,13 +246,26 @@ def chat_eval(directory: Path, held_pairs: list[dict], max_new_tokens=64, n_samp
             ended += ok
             lengths.append(len(out.tokens))
             if i < n_samples:
-                samples.append({"prompt": pair["prompt"], "reference": pair["response"],
-                                "generated": tok.decode(out.tokens), "ended_turn": bool(ok)})
-    return {"prompts": len(held_pairs), "ended_turn": ended, "ended_fraction": ended / len(held_pairs),
-            "mean_new_tokens": float(np.mean(lengths)), "max_new_tokens": max_new_tokens, "samples": samples}
+                samples.append(
+                    {
+                        "prompt": pair["prompt"],
+                        "reference": pair["response"],
+                        "generated": tok.decode(out.tokens),
+                        "ended_turn": bool(ok),
+                    }
+                )
+    return {
+        "prompts": len(held_pairs),
+        "ended_turn": ended,
+        "ended_fraction": ended / len(held_pairs),
+        "mean_new_tokens": float(np.mean(lengths)),
+        "max_new_tokens": max_new_tokens,
+        "samples": samples,
+    }
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
 
 def save(directory: Path, cfg, model: TorchGemma2) -> Path:
     if directory.exists():
@@ -231,7 +293,7 @@ def numpy_ce(weights, cfg, windows_ids: np.ndarray, batch=16, taps=None):
     predictions (for top-1 agreement) and the requested taps' max |value|."""
     total, n, preds, peaks = 0.0, 0, [], {}
     for i in range(0, len(windows_ids), batch):
-        ids = windows_ids[i:i + batch]
+        ids = windows_ids[i : i + batch]
         out = forward(weights, cfg, ids, taps=taps) if taps else forward(weights, cfg, ids)
         for name, v in out.items():
             if name != "logits":
@@ -248,12 +310,18 @@ def numpy_ce(weights, cfg, windows_ids: np.ndarray, batch=16, taps=None):
 
 
 def machine() -> dict:
-    return {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count()}
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
 
 
 # -- the stages -----------------------------------------------------------------------------------------
+
 
 class Context:
     """What every stage shares: tokenizer, corpus split, chat pairs, step counts, output places."""
@@ -280,36 +348,75 @@ class Context:
         self.n_chat_eval = 6 if quick else 100
         teacher = bf16_model(TEACHER, DATA / "tiny-teacher")  # the committed (bf16) teacher
         self.teacher = frozen(teacher)
-        self.data_info = {"train_pairs": len(self.train_enc), "held_out_pairs": len(self.held_enc),
-                          "kinds": {k: sum(p["kind"] == k for p in pairs) for k in ("title", "next", "summary")},
-                          "held_out": "every pair of every 10th corpus section (k % 10 == 5)",
-                          "max_response_tokens": MAX_RESPONSE, "max_sequence_tokens": MAX_SEQ,
-                          "format": "<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n"
-                                    "{response}<end_of_turn><eos>; loss on the model turn only",
-                          "example": pairs[0]}
+        self.data_info = {
+            "train_pairs": len(self.train_enc),
+            "held_out_pairs": len(self.held_enc),
+            "kinds": {k: sum(p["kind"] == k for p in pairs) for k in ("title", "next", "summary")},
+            "held_out": "every pair of every 10th corpus section (k % 10 == 5)",
+            "max_response_tokens": MAX_RESPONSE,
+            "max_sequence_tokens": MAX_SEQ,
+            "format": "<bos><start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n"
+            "{response}<end_of_turn><eos>; loss on the model turn only",
+            "example": pairs[0],
+        }
 
 
 def pretrain(ctx, name, cfg, seed, teacher, data_seed=22) -> tuple[TorchGemma2, dict]:
     """train_tiny's student recipe (batch 16, peak lr 3e-3, data seed 22) on `cfg`; KD if a teacher is given."""
     model = TorchGemma2(cfg, seed=seed)
     t0 = time.time()
-    curve = tt.train(name, model, ctx.train_stream, ctx.held, ctx.pretrain_steps, batch=16, lr=3e-3,
-                     eval_every=ctx.eval_every, seed=data_seed, bos=ctx.tok.bos_id, teacher=teacher)
+    curve = tt.train(
+        name,
+        model,
+        ctx.train_stream,
+        ctx.held,
+        ctx.pretrain_steps,
+        batch=16,
+        lr=3e-3,
+        eval_every=ctx.eval_every,
+        seed=data_seed,
+        bos=ctx.tok.bos_id,
+        teacher=teacher,
+    )
     final = evaluate(model, ctx.held, ctx.teacher)
-    return model, {"config": {k: v for k, v in cfg.to_hf_dict().items() if k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "head_dim")}, "params": cfg.parameter_counts()["total"], "steps": ctx.pretrain_steps, "batch": 16,
-        "tokens": ctx.pretrain_steps * 16 * (tt.SEQ_LEN - 1), "peak_lr": 3e-3, "init_seed": seed,
-        "data_seed": data_seed, "loss": "distillation (equation 1)" if teacher is not None else "next-token CE",
-        "curve": curve, "final": final, "wall_s": round(time.time() - t0, 1)}
+    return model, {
+        "config": {
+            k: v
+            for k, v in cfg.to_hf_dict().items()
+            if k
+            in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+            )
+        },
+        "params": cfg.parameter_counts()["total"],
+        "steps": ctx.pretrain_steps,
+        "batch": 16,
+        "tokens": ctx.pretrain_steps * 16 * (tt.SEQ_LEN - 1),
+        "peak_lr": 3e-3,
+        "init_seed": seed,
+        "data_seed": data_seed,
+        "loss": "distillation (equation 1)" if teacher is not None else "next-token CE",
+        "curve": curve,
+        "final": final,
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 def stage_distill_vs_scratch(ctx, log):
     distilled, d = pretrain(ctx, "distilled", STUDENT, 2, ctx.teacher)
     save(WORK / "distilled", STUDENT, distilled)
     _, s = pretrain(ctx, "scratch", STUDENT, 2, None)
-    return {"distilled": d, "scratch": s, "teacher_held_out": evaluate(ctx.teacher, ctx.held),
-            "note": "same init (seed 2), same batches (data seed 22), same steps and tokens; only the target differs"}
+    return {
+        "distilled": d,
+        "scratch": s,
+        "teacher_held_out": evaluate(ctx.teacher, ctx.held),
+        "note": "same init (seed 2), same batches (data seed 22), same steps and tokens; only the target differs",
+    }
 
 
 def stage_deep_vs_wide(ctx, log):
@@ -325,8 +432,12 @@ def stage_deep_vs_wide(ctx, log):
 def decode_speed(directory: Path, prompt: list[int], new_tokens: int) -> dict:
     with g2.load_model(directory, keep_converted=True) as m:
         r = generate(m, prompt, max_new_tokens=new_tokens, stop_ids=())
-        return {"decode_tok_s": r.decode_tokens_per_s, "prefill_tok_s": r.prefill_tokens_per_s,
-                "cache_bytes": r.cache_bytes, "decode_tokens": r.decode_tokens}
+        return {
+            "decode_tok_s": r.decode_tokens_per_s,
+            "prefill_tok_s": r.prefill_tokens_per_s,
+            "cache_bytes": r.cache_bytes,
+            "decode_tokens": r.decode_tokens,
+        }
 
 
 def stage_gqa_vs_mha(ctx, log):
@@ -341,12 +452,26 @@ def stage_gqa_vs_mha(ctx, log):
     for _ in range(3 if not ctx.quick else 1):  # interleaved: both see the same machine load
         for label, d in (("gqa", WORK / "distilled"), ("mha", WORK / "mha")):
             runs[label].append(decode_speed(d, prompt, new_tokens))
-    speed = {k: {"decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in v],
-                 "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in v])),
-                 "cache_bytes": v[0]["cache_bytes"], "decode_tokens": v[0]["decode_tokens"]}
-             for k, v in runs.items()}
-    return {"gqa (K=2)": base, "mha (K=4)": m, "generate": {"prompt_tokens": len(prompt),
-            "new_tokens": new_tokens, "greedy": True, "numpy_threads": 1, **speed}}
+    speed = {
+        k: {
+            "decode_tok_s_runs": [round(r["decode_tok_s"], 1) for r in v],
+            "decode_tok_s_median": float(np.median([r["decode_tok_s"] for r in v])),
+            "cache_bytes": v[0]["cache_bytes"],
+            "decode_tokens": v[0]["decode_tokens"],
+        }
+        for k, v in runs.items()
+    }
+    return {
+        "gqa (K=2)": base,
+        "mha (K=4)": m,
+        "generate": {
+            "prompt_tokens": len(prompt),
+            "new_tokens": new_tokens,
+            "greedy": True,
+            "numpy_threads": 1,
+            **speed,
+        },
+    }
 
 
 SPREAD_SEEDS = ((3, 23), (4, 24))  # (init seed, data seed) of the repeats; the logged runs are (2, 22)
@@ -365,8 +490,12 @@ def stage_seed_spread(ctx, log):
 
 
 def window_variants(cfg):
-    return {"32 (trained)": cfg, "16": replace(cfg, sliding_window=16), "8": replace(cfg, sliding_window=8),
-            "global everywhere": replace(cfg, layer_types=(GLOBAL,) * cfg.num_hidden_layers)}
+    return {
+        "32 (trained)": cfg,
+        "16": replace(cfg, sliding_window=16),
+        "8": replace(cfg, sliding_window=8),
+        "global everywhere": replace(cfg, layer_types=(GLOBAL,) * cfg.num_hidden_layers),
+    }
 
 
 def stage_window(ctx, log):
@@ -374,15 +503,18 @@ def stage_window(ctx, log):
     with g2.load_model(DATA / "tiny", keep_converted=True) as m:
         for length in (128, 512):  # the training length (4 windows), and the whole 512-token context
             starts = np.arange(0, len(ctx.held_stream) - length + 1, length - 1)
-            wins = np.stack([np.concatenate([[ctx.tok.bos_id], ctx.held_stream[s:s + length - 1]]) for s in starts])
+            wins = np.stack([np.concatenate([[ctx.tok.bos_id], ctx.held_stream[s : s + length - 1]]) for s in starts])
             if ctx.quick:
                 wins = wins[:4]
             rows, ref = {}, None
             for label, cfg in window_variants(m.config).items():
                 ce, preds, _ = numpy_ce(m.weights, cfg, wins, batch=8)
                 ref = preds if ref is None else ref
-                rows[label] = {"held_out_ce": ce, "held_out_ppl": math.exp(ce),
-                               "top1_agreement_with_trained": float((preds == ref).mean())}
+                rows[label] = {
+                    "held_out_ce": ce,
+                    "held_out_ppl": math.exp(ce),
+                    "top1_agreement_with_trained": float((preds == ref).mean()),
+                }
                 print(f"[window] length {length}  window {label}: CE {ce:.4f}", flush=True)
             out[f"length {length}"] = {"windows": len(wins), "variants": rows}
     return out
@@ -391,24 +523,40 @@ def stage_window(ctx, log):
 def stage_softcap(ctx, log):
     with g2.load_model(DATA / "tiny", keep_converted=True) as m:
         c = m.config
-        variants = {"both caps (trained)": c, "no attention cap": replace(c, attn_logit_softcapping=None),
-                    "no final cap": replace(c, final_logit_softcapping=None),
-                    "no caps": replace(c, attn_logit_softcapping=None, final_logit_softcapping=None)}
+        variants = {
+            "both caps (trained)": c,
+            "no attention cap": replace(c, attn_logit_softcapping=None),
+            "no final cap": replace(c, final_logit_softcapping=None),
+            "no caps": replace(c, attn_logit_softcapping=None, final_logit_softcapping=None),
+        }
         rows, ref = {}, None
         for label, cfg in variants.items():
             ce, preds, _ = numpy_ce(m.weights, cfg, ctx.held.numpy(), batch=16)
             ref = preds if ref is None else ref
-            rows[label] = {"held_out_ce": ce, "held_out_ppl": math.exp(ce),
-                           "top1_agreement_with_trained": float((preds == ref).mean())}
-            print(f"[softcap] {label}: CE {ce:.4f}  top-1 agreement {rows[label]['top1_agreement_with_trained']:.4f}",
-                  flush=True)
+            rows[label] = {
+                "held_out_ce": ce,
+                "held_out_ppl": math.exp(ce),
+                "top1_agreement_with_trained": float((preds == ref).mean()),
+            }
+            print(
+                f"[softcap] {label}: CE {ce:.4f}  top-1 agreement {rows[label]['top1_agreement_with_trained']:.4f}",
+                flush=True,
+            )
         # how close the uncapped values come to the caps (50 for attention scores, 30 for logits)
-        _, _, peaks = numpy_ce(m.weights, variants["no caps"], ctx.held.numpy()[:16], batch=16,
-                               taps=["layers.*.attn.scores", "logits_raw"])
-    return {"held_out_windows": len(ctx.held), "seq_len": tt.SEQ_LEN, "variants": rows,
-            "max_abs_uncapped": {"attention_score": peaks.get("attn.scores"), "final_logit": peaks.get("logits_raw"),
-                                 "caps": [c.attn_logit_softcapping, c.final_logit_softcapping],
-                                 "measured_on_windows": 16}}
+        _, _, peaks = numpy_ce(
+            m.weights, variants["no caps"], ctx.held.numpy()[:16], batch=16, taps=["layers.*.attn.scores", "logits_raw"]
+        )
+    return {
+        "held_out_windows": len(ctx.held),
+        "seq_len": tt.SEQ_LEN,
+        "variants": rows,
+        "max_abs_uncapped": {
+            "attention_score": peaks.get("attn.scores"),
+            "final_logit": peaks.get("logits_raw"),
+            "caps": [c.attn_logit_softcapping, c.final_logit_softcapping],
+            "measured_on_windows": 16,
+        },
+    }
 
 
 def stage_tiny_it(ctx, log):
@@ -416,8 +564,7 @@ def stage_tiny_it(ctx, log):
     out = {"data": ctx.data_info}
     prompts = eval_prompts(ctx.held_pairs, ctx.n_chat_eval)
     base = frozen(bf16_model(STUDENT, DATA / "tiny"))
-    out["tiny (before SFT)"] = {"held_out_sft": sft_eval(base, ctx.held_enc),
-                                "chat": chat_eval(DATA / "tiny", prompts)}
+    out["tiny (before SFT)"] = {"held_out_sft": sft_eval(base, ctx.held_enc), "chat": chat_eval(DATA / "tiny", prompts)}
     runs = {}
     for label, seed in (("run A (seed 100) = tiny-it", 100), ("run B (seed 101)", 101)):
         model = bf16_model(STUDENT, DATA / "tiny")
@@ -425,23 +572,49 @@ def stage_tiny_it(ctx, log):
         for p in model.parameters():
             p.requires_grad_(True)
         t0 = time.time()
-        curve = train_chat(label.split(" (")[0], model, ctx.train_enc, ctx.held_enc, ctx.sft_steps, batch=16,
-                           lr=SFT_LR, seed=seed, eval_every=ctx.eval_every // 2 or 1)
+        curve = train_chat(
+            label.split(" (")[0],
+            model,
+            ctx.train_enc,
+            ctx.held_enc,
+            ctx.sft_steps,
+            batch=16,
+            lr=SFT_LR,
+            seed=seed,
+            eval_every=ctx.eval_every // 2 or 1,
+        )
         runs[label] = model
-        out[label] = {"steps": ctx.sft_steps, "batch": 16, "peak_lr": SFT_LR, "data_seed": seed, "init": "tiny",
-                      "curve": curve, "wall_s": round(time.time() - t0, 1)}
+        out[label] = {
+            "steps": ctx.sft_steps,
+            "batch": 16,
+            "peak_lr": SFT_LR,
+            "data_seed": seed,
+            "init": "tiny",
+            "curve": curve,
+            "wall_s": round(time.time() - t0, 1),
+        }
     a, b = runs.values()
     directory = save(ctx.out_data / "tiny-it", STUDENT, a)
     save(WORK / "sft-b", STUDENT, b)
     save(WORK / "merged", STUDENT, average(a, b, STUDENT))
-    for label, d in (("run A (seed 100) = tiny-it", directory), ("run B (seed 101)", WORK / "sft-b"),
-                     ("merged (mean of A and B)", WORK / "merged")):
+    for label, d in (
+        ("run A (seed 100) = tiny-it", directory),
+        ("run B (seed 101)", WORK / "sft-b"),
+        ("merged (mean of A and B)", WORK / "merged"),
+    ):
         saved = frozen(bf16_model(STUDENT, d))
-        out.setdefault(label, {}).update({"held_out_sft_bf16": sft_eval(saved, ctx.held_enc),
-                                          "held_out_corpus": evaluate(saved, ctx.held),
-                                          "chat": chat_eval(d, prompts)})
-        print(f"[{label}] bf16 held-out SFT {out[label]['held_out_sft_bf16']:.4f}; ended turn "
-              f"{out[label]['chat']['ended_fraction']:.2%}", flush=True)
+        out.setdefault(label, {}).update(
+            {
+                "held_out_sft_bf16": sft_eval(saved, ctx.held_enc),
+                "held_out_corpus": evaluate(saved, ctx.held),
+                "chat": chat_eval(d, prompts),
+            }
+        )
+        print(
+            f"[{label}] bf16 held-out SFT {out[label]['held_out_sft_bf16']:.4f}; ended turn "
+            f"{out[label]['chat']['ended_fraction']:.2%}",
+            flush=True,
+        )
     out["tiny (before SFT)"]["held_out_corpus"] = evaluate(base, ctx.held)
     return out
 
@@ -454,16 +627,29 @@ def stage_on_policy(ctx, log):
     for p in teacher.parameters():
         p.requires_grad_(True)
     t0 = time.time()
-    curve = train_chat("teacher-it", teacher, ctx.train_enc, ctx.held_enc, ctx.sft_steps, batch=16, lr=SFT_LR,
-                       seed=100, eval_every=ctx.eval_every // 2 or 1)
+    curve = train_chat(
+        "teacher-it",
+        teacher,
+        ctx.train_enc,
+        ctx.held_enc,
+        ctx.sft_steps,
+        batch=16,
+        lr=SFT_LR,
+        seed=100,
+        eval_every=ctx.eval_every // 2 or 1,
+    )
     save(WORK / "teacher-it", TEACHER, teacher)
     teacher = frozen(bf16_model(TEACHER, WORK / "teacher-it"))
     prompts = eval_prompts(ctx.held_pairs, ctx.n_chat_eval // 2)
-    out["teacher-it"] = {"steps": ctx.sft_steps, "curve": curve, "wall_s": round(time.time() - t0, 1),
-                         "held_out_sft_bf16": sft_eval(teacher, ctx.held_enc),
-                         "chat": chat_eval(WORK / "teacher-it", prompts)}
+    out["teacher-it"] = {
+        "steps": ctx.sft_steps,
+        "curve": curve,
+        "wall_s": round(time.time() - t0, 1),
+        "held_out_sft_bf16": sft_eval(teacher, ctx.held_enc),
+        "chat": chat_eval(WORK / "teacher-it", prompts),
+    }
     start = ctx.out_data / "tiny-it"
-    held_prompts = [e[0][:e[1]] for e in ctx.held_enc[:64 if not ctx.quick else 8]]
+    held_prompts = [e[0][: e[1]] for e in ctx.held_enc[: 64 if not ctx.quick else 8]]
 
     def on_policy_kl(model):
         """KL(P_teacher || P_student) per token on the student's own greedy turns for held-out prompts: the
@@ -489,23 +675,52 @@ def stage_on_policy(ctx, log):
         for p in model.parameters():
             p.requires_grad_(True)
         t0 = time.time()
-        curve = train_chat(policy, model, policy_enc, ctx.held_enc, ctx.policy_steps, batch=8, lr=3e-4,
-                           seed=200, eval_every=max(1, ctx.policy_steps // 4), teacher=teacher, policy=policy)
+        curve = train_chat(
+            policy,
+            model,
+            policy_enc,
+            ctx.held_enc,
+            ctx.policy_steps,
+            batch=8,
+            lr=3e-4,
+            seed=200,
+            eval_every=max(1, ctx.policy_steps // 4),
+            teacher=teacher,
+            policy=policy,
+        )
         d = save(WORK / f"policy-{policy}", STUDENT, model)
         saved = frozen(bf16_model(STUDENT, d))
-        out[label] = {"steps": ctx.policy_steps, "batch": 8, "peak_lr": 3e-4, "max_new_tokens": 40,
-                      "sampling": "temperature 1", "curve": curve, "wall_s": round(time.time() - t0, 1),
-                      "held_out_sft_bf16": sft_eval(saved, ctx.held_enc), "on_policy_kl": on_policy_kl(saved),
-                      "chat": chat_eval(d, prompts)}
-        print(f"[{label}] held-out SFT {out[label]['held_out_sft_bf16']:.4f}  on-policy KL "
-              f"{out[label]['on_policy_kl']:.4f}", flush=True)
+        out[label] = {
+            "steps": ctx.policy_steps,
+            "batch": 8,
+            "peak_lr": 3e-4,
+            "max_new_tokens": 40,
+            "sampling": "temperature 1",
+            "curve": curve,
+            "wall_s": round(time.time() - t0, 1),
+            "held_out_sft_bf16": sft_eval(saved, ctx.held_enc),
+            "on_policy_kl": on_policy_kl(saved),
+            "chat": chat_eval(d, prompts),
+        }
+        print(
+            f"[{label}] held-out SFT {out[label]['held_out_sft_bf16']:.4f}  on-policy KL "
+            f"{out[label]['on_policy_kl']:.4f}",
+            flush=True,
+        )
     out["tiny-it (start)"]["chat"] = chat_eval(start, prompts)
     return out
 
 
-RUN = {"tiny-it": stage_tiny_it, "distill-vs-scratch": stage_distill_vs_scratch, "window": stage_window,
-       "softcap": stage_softcap, "gqa-vs-mha": stage_gqa_vs_mha, "deep-vs-wide": stage_deep_vs_wide,
-       "on-policy": stage_on_policy, "seed-spread": stage_seed_spread}
+RUN = {
+    "tiny-it": stage_tiny_it,
+    "distill-vs-scratch": stage_distill_vs_scratch,
+    "window": stage_window,
+    "softcap": stage_softcap,
+    "gqa-vs-mha": stage_gqa_vs_mha,
+    "deep-vs-wide": stage_deep_vs_wide,
+    "on-policy": stage_on_policy,
+    "seed-spread": stage_seed_spread,
+}
 
 
 def main(argv=None) -> int:
@@ -513,8 +728,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run of every stage (few steps), into /tmp")
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run only these stages")
     ap.add_argument("--log", type=Path, default=None)
-    ap.add_argument("--policy-steps", type=int, default=None,
-                    help="steps of each on-/off-policy run (default 40, as logged)")
+    ap.add_argument(
+        "--policy-steps", type=int, default=None, help="steps of each on-/off-policy run (default 40, as logged)"
+    )
     args = ap.parse_args(argv)
     global WORK
     if args.quick:
@@ -533,13 +749,18 @@ def main(argv=None) -> int:
     for stage in args.only or [s for s in STAGES if s not in OPT_IN]:
         t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
         result = RUN[stage](ctx, log)
-        result["run"] = {"command": "python scripts/experiments.py" + (" --quick" if args.quick else "")
-                         + f" --only {stage}"
-                         + (f" --policy-steps {args.policy_steps}" if args.policy_steps else ""), **machine(),
-                         "loadavg_start": [round(x, 2) for x in load0],
-                         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                         "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-                         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        result["run"] = {
+            "command": "python scripts/experiments.py"
+            + (" --quick" if args.quick else "")
+            + f" --only {stage}"
+            + (f" --policy-steps {args.policy_steps}" if args.policy_steps else ""),
+            **machine(),
+            "loadavg_start": [round(x, 2) for x in load0],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
         log[stage] = result
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(json.dumps(log, indent=1) + "\n")

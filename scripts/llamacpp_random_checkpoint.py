@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import gemma2_ref as g2
-from gemma2_ref.data import bundled_path
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.data import bundled_path
 
 RANDOM_CFG = g2.PRESETS["tiny"].replace(query_pre_attn_scalar=64.0, sliding_window=8)
 RANDOM_IDS = np.concatenate([[2], np.random.default_rng(1).integers(3, 2048, 20)])  # (21,): <bos> + 20
@@ -32,8 +32,13 @@ SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 106: "<start_of_turn>
 
 def random_checkpoint(directory: Path) -> Path:
     directory = Path(directory)
-    save_checkpoint(directory, RANDOM_CFG, random_weights(RANDOM_CFG, seed=7, scale=2.0), "BF16",
-                    tokenizer=bundled_path("tiny") / "tokenizer.model")
+    save_checkpoint(
+        directory,
+        RANDOM_CFG,
+        random_weights(RANDOM_CFG, seed=7, scale=2.0),
+        "BF16",
+        tokenizer=bundled_path("tiny") / "tokenizer.model",
+    )
     return released_token_files(directory)
 
 
@@ -43,11 +48,21 @@ def released_token_files(directory: Path) -> Path:
     config["eos_token_id"] = 1
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     entry = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>",
-        "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()},
-    }, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "added_tokens_decoder": {str(i): {"content": t, **entry} for i, t in SPECIAL.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return directory
 
 

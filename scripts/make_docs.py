@@ -86,8 +86,9 @@ def tokenizer_mistakes() -> str:
     from gemma2_ref.verify.tokenizer_check import TOKENIZER_MISTAKES
 
     rows = [[f"`{name}`", what, refs] for name, (what, refs) in TOKENIZER_MISTAKES.items()]
-    return ("The tokenizer's, named by `gemma2-ref check-tokenizer` from a candidate's token ids:\n\n"
-            + table(["mistake", "what the tokenizer does", "public threads"], rows))
+    return "The tokenizer's, named by `gemma2-ref check-tokenizer` from a candidate's token ids:\n\n" + table(
+        ["mistake", "what the tokenizer does", "public threads"], rows
+    )
 
 
 def mistake_names() -> str:

@@ -27,8 +27,15 @@ from gemma2_ref.storage.checkpoints import random_weights, save_checkpoint  # no
 from gemma2_ref.verify import corpus as C  # noqa: E402
 from gemma2_ref.verify import kld as K  # noqa: E402
 
-CANDIDATES = [("gemma2-ref", "float64"), ("transformers", "float32"), ("transformers", "bfloat16"),
-              ("llama.cpp", "f32"), ("llama.cpp", "bf16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0")]
+CANDIDATES = [
+    ("gemma2-ref", "float64"),
+    ("transformers", "float32"),
+    ("transformers", "bfloat16"),
+    ("llama.cpp", "f32"),
+    ("llama.cpp", "bf16"),
+    ("llama.cpp", "q8_0"),
+    ("llama.cpp", "q4_0"),
+]
 
 
 def random_2b(directory: Path) -> Path:
@@ -38,10 +45,17 @@ def random_2b(directory: Path) -> Path:
     if (directory / "config.json").is_file():
         return directory
     from gemma2_ref.model.config import alternating_layer_types
-    cfg = g2.PRESETS["2b"].replace(num_hidden_layers=2, layer_types=alternating_layer_types(2), vocab_size=2048,
-                                   max_position_embeddings=1024)
-    save_checkpoint(directory, cfg, random_weights(cfg, seed=11, scale=2.0), "BF16",
-                    tokenizer=g2.bundled_path("tiny") / "tokenizer.model")
+
+    cfg = g2.PRESETS["2b"].replace(
+        num_hidden_layers=2, layer_types=alternating_layer_types(2), vocab_size=2048, max_position_embeddings=1024
+    )
+    save_checkpoint(
+        directory,
+        cfg,
+        random_weights(cfg, seed=11, scale=2.0),
+        "BF16",
+        tokenizer=g2.bundled_path("tiny") / "tokenizer.model",
+    )
     return released_token_files(directory)
 
 
@@ -49,6 +63,7 @@ def backend_record(name: str, dtype: str, model) -> dict:
     if name == C.REFERENCE_BACKEND:
         return {"name": name, "dtype": dtype}
     from gemma2_ref.adapters import BACKENDS, load_adapter
+
     return {"name": name, "adapter": BACKENDS[name], **load_adapter(name).corpus_backend(model, dtype)}
 
 
@@ -88,14 +103,18 @@ def truncated_stats(ref_all, cand_all, k: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | candidate | PPL ref | PPL cand | ln ratio | mean KLD | p99 KLD | max KLD | RMS Δp | same top-1 "
-            "| mean KLD top-32 (bound) | mean KLD top-8 (bound) |")
+    head = (
+        "| model | candidate | PPL ref | PPL cand | ln ratio | mean KLD | p99 KLD | max KLD | RMS Δp | same top-1 "
+        "| mean KLD top-32 (bound) | mean KLD top-8 (bound) |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['backend']} {r['dtype']} | {r['ppl_ref']:.3f} | {r['ppl_cand']:.3f} | "
-                     f"{r['ln_ppl_ratio']:.2e} | {r['kld_mean']:.2e} | {r['kld_p99']:.2e} | {r['kld_max']:.2e} | "
-                     f"{100 * r['dp_rms']:.3f} % | {100 * r['same_top1']:.2f} % | {r['kld_mean_top32']:.2e} "
-                     f"({r['bound_top32']:.2g}) | {r['kld_mean_top8']:.2e} ({r['bound_top8']:.2g}) |")
+        lines.append(
+            f"| {r['model']} | {r['backend']} {r['dtype']} | {r['ppl_ref']:.3f} | {r['ppl_cand']:.3f} | "
+            f"{r['ln_ppl_ratio']:.2e} | {r['kld_mean']:.2e} | {r['kld_p99']:.2e} | {r['kld_max']:.2e} | "
+            f"{100 * r['dp_rms']:.3f} % | {100 * r['same_top1']:.2f} % | {r['kld_mean_top32']:.2e} "
+            f"({r['bound_top32']:.2g}) | {r['kld_mean_top8']:.2e} ({r['bound_top8']:.2g}) |"
+        )
     return "\n".join(lines)
 
 

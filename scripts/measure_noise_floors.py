@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 import gemma2_ref as g2
+from gemma2_ref.bfloat16 import round_to_bf16
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 from gemma2_ref.compare import Profile, compare_activations
 from gemma2_ref.data import bundled_path
-from gemma2_ref.checkpoints import random_weights, save_checkpoint
-from gemma2_ref.bfloat16 import round_to_bf16
 
 LOOSE = Profile("measure", rel_l2=np.inf, max_rel=np.inf, kl=np.inf, top1=0.0, top5=0.0)
 
@@ -33,17 +33,44 @@ MODELS = {
     # the tiny preset's shapes, random weights
     "tiny-random": dict(preset="tiny"),
     # 2B-like depth and ratios at small width: 26 layers, H/K = 2, head_dim = query_pre_attn_scalar
-    "2b-shaped": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=26,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32,
-                      sliding_window=16, max_position_embeddings=256),
+    "2b-shaped": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=16,
+        max_position_embeddings=256,
+    ),
     # the 2B's real widths (D, F, heads, head_dim) at 4 layers and a small vocabulary: long dot products
-    "2b-width": dict(vocab_size=4096, hidden_size=2304, intermediate_size=9216, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                     sliding_window=16, max_position_embeddings=256),
+    "2b-width": dict(
+        vocab_size=4096,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=16,
+        max_position_embeddings=256,
+    ),
     # 27B-like: query_pre_attn_scalar = D/H != head_dim
-    "27b-shaped": dict(vocab_size=4096, hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=48,
-                       sliding_window=16, max_position_embeddings=256),
+    "27b-shaped": dict(
+        vocab_size=4096,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=48,
+        sliding_window=16,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -62,23 +89,37 @@ def worst(result) -> dict:
     lg = next(t.logits for t in taps if t.name == "logits")
     wr = max(taps, key=lambda t: t.rel_l2)
     wm = max(taps, key=lambda t: t.max_rel)
-    return {"rel_l2": wr.rel_l2, "rel_l2_tap": wr.name, "max_rel": wm.max_rel, "max_rel_tap": wm.name,
-            "logits_rel_l2": next(t.rel_l2 for t in taps if t.name == "logits"),
-            "kl_max": lg["kl_max"], "top1": lg["top1_exact"], "top5": lg["top5"]}
+    return {
+        "rel_l2": wr.rel_l2,
+        "rel_l2_tap": wr.name,
+        "max_rel": wm.max_rel,
+        "max_rel_tap": wm.name,
+        "logits_rel_l2": next(t.rel_l2 for t in taps if t.name == "logits"),
+        "kl_max": lg["kl_max"],
+        "top1": lg["top1_exact"],
+        "top5": lg["top5"],
+    }
 
 
 def show(label: str, w: dict) -> None:
-    print(f"  {label:44s} rel L2 {w['rel_l2']:.2e} ({w['rel_l2_tap']}), max/absmax {w['max_rel']:.2e} "
-          f"({w['max_rel_tap']}); logits rel L2 {w['logits_rel_l2']:.2e}, KL max {w['kl_max']:.2e}, "
-          f"top-1 {w['top1']:.3f}, top-5 {w['top5']:.3f}", flush=True)
+    print(
+        f"  {label:44s} rel L2 {w['rel_l2']:.2e} ({w['rel_l2_tap']}), max/absmax {w['max_rel']:.2e} "
+        f"({w['max_rel_tap']}); logits rel L2 {w['logits_rel_l2']:.2e}, KL max {w['kl_max']:.2e}, "
+        f"top-1 {w['top1']:.3f}, top-5 {w['top5']:.3f}",
+        flush=True,
+    )
 
 
 def measure(name: str, spec: dict, tmp: Path, seq: int, hf: bool) -> None:
     if spec.get("preset") == "tiny" or spec.get("bundled"):
         cfg = g2.PRESETS["tiny"]
     else:
-        cfg = g2.PRESETS["tiny"].replace(**spec, layer_types=tuple(
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec["num_hidden_layers"])))
+        cfg = g2.PRESETS["tiny"].replace(
+            **spec,
+            layer_types=tuple(
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec["num_hidden_layers"])
+            ),
+        )
     tok = bundled_path("tiny") / "tokenizer.model"
     if spec.get("bundled"):
         f32_dir = bf16_dir = bundled_path("tiny")
@@ -89,8 +130,10 @@ def measure(name: str, spec: dict, tmp: Path, seq: int, hf: bool) -> None:
         bf16_dir = save_checkpoint(tmp / f"{name}-bf16", cfg, weights, "BF16", tokenizer=tok)
     rng = np.random.default_rng(0)
     ids = np.concatenate([[2], rng.integers(3, cfg.vocab_size, seq - 1)])
-    print(f"{name}: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, {seq} tokens (window "
-          f"{cfg.sliding_window})", flush=True)
+    print(
+        f"{name}: {cfg.num_hidden_layers} layers, D={cfg.hidden_size}, {seq} tokens (window {cfg.sliding_window})",
+        flush=True,
+    )
     taps = "all"
     ours32 = g2.load_model(f32_dir).forward(ids, taps=taps)
     ours64 = g2.load_model(f32_dir, dtype="float64").forward(ids, taps=taps)
@@ -100,15 +143,20 @@ def measure(name: str, spec: dict, tmp: Path, seq: int, hf: bool) -> None:
         qdir = tmp / f"{name}-q8"
         q = {k: q8_0(round_to_bf16(v)) for k, v in weights.items()}
         save_checkpoint(qdir, cfg, q, "F32", tokenizer=tok)
-        show("ours float32 on Q8_0 weights vs ours float32", worst(compare_activations(
-            ours32_bf, g2.load_model(qdir).forward(ids, taps=taps), LOOSE)))
+        show(
+            "ours float32 on Q8_0 weights vs ours float32",
+            worst(compare_activations(ours32_bf, g2.load_model(qdir).forward(ids, taps=taps), LOOSE)),
+        )
     if not hf:
         return
     from gemma2_ref.adapters import transformers as adapter
-    for dtype, ckpt, ref, ref_label in (("float32", f32_dir, ours64, "ours float64"),
-                                        ("float32", f32_dir, ours32, "ours float32"),
-                                        ("bfloat16", bf16_dir, ours32_bf, "ours float32"),
-                                        ("float16", bf16_dir, ours32_bf, "ours float32")):
+
+    for dtype, ckpt, ref, ref_label in (
+        ("float32", f32_dir, ours64, "ours float64"),
+        ("float32", f32_dir, ours32, "ours float32"),
+        ("bfloat16", bf16_dir, ours32_bf, "ours float32"),
+        ("float16", bf16_dir, ours32_bf, "ours float32"),
+    ):
         acts = adapter.capture(adapter.load(ckpt, dtype), ids, taps, cfg)
         show(f"transformers eager {dtype} vs {ref_label}", worst(compare_activations(ref, acts, LOOSE)))
 

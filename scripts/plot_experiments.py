@@ -18,8 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LOG = ROOT / "scripts" / "experiments.log.json"
 FIGURES = ROOT / "walkthrough" / "figures"
 
-FIGURE_NAMES = ("experiments_distillation.png", "experiments_architecture.png", "experiments_inference.png",
-                "post_training.png")
+FIGURE_NAMES = (
+    "experiments_distillation.png",
+    "experiments_architecture.png",
+    "experiments_inference.png",
+    "post_training.png",
+)
 
 
 def save(plt, fig, path: Path) -> Path:
@@ -40,8 +44,12 @@ def distillation(plt, log: dict, out: Path) -> Path:
     final = e["distilled"]["final"]["held_out_ce"]
     curve(ax, e["distilled"], "held_out_ce", f"distilled from tiny-teacher ({final:.3f})")
     curve(ax, e["scratch"], "held_out_ce", f"from scratch, next-token CE ({e['scratch']['final']['held_out_ce']:.3f})")
-    ax.axhline(e["teacher_held_out"]["held_out_ce"], color="grey", ls="--",
-               label=f"the teacher, 2.3M parameters ({e['teacher_held_out']['held_out_ce']:.3f})")
+    ax.axhline(
+        e["teacher_held_out"]["held_out_ce"],
+        color="grey",
+        ls="--",
+        label=f"the teacher, 2.3M parameters ({e['teacher_held_out']['held_out_ce']:.3f})",
+    )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("The tiny shape (1.44M parameters), same init, batches and steps")
@@ -54,8 +62,12 @@ def distillation(plt, log: dict, out: Path) -> Path:
 def architecture(plt, log: dict, out: Path) -> Path:
     dw, gm = log["deep-vs-wide"], log["gqa-vs-mha"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
-    runs = [("4 x D=128, K=2 (tiny)", dw["base (4 x 128)"]), ("8 x D=88 (deeper)", dw["deep (8 x 88)"]),
-            ("2 x D=184 (wider)", dw["wide (2 x 184)"]), ("4 x D=128, K=4 (multi-head)", gm["mha (K=4)"])]
+    runs = [
+        ("4 x D=128, K=2 (tiny)", dw["base (4 x 128)"]),
+        ("8 x D=88 (deeper)", dw["deep (8 x 88)"]),
+        ("2 x D=184 (wider)", dw["wide (2 x 184)"]),
+        ("4 x D=128, K=4 (multi-head)", gm["mha (K=4)"]),
+    ]
     for label, run in runs:
         curve(ax, run, "held_out_ce", f"{label}: {run['params'] / 1e6:.2f}M, {run['final']['held_out_ce']:.3f}")
     ax.set_xlabel("training tokens (millions)")
@@ -82,20 +94,30 @@ def inference(plt, log: dict, out: Path) -> Path:
     labels = list(w["length 128"]["variants"])
     for k, (length, colour) in enumerate((("length 128", "C0"), ("length 512", "C1"))):
         ppl = [w[length]["variants"][v]["held_out_ppl"] for v in labels]
-        bars = ax.bar([i + 0.38 * k for i in range(len(labels))], ppl, width=0.38, color=colour,
-                      label=f"{length.split()[1]}-token sequences")
+        bars = ax.bar(
+            [i + 0.38 * k for i in range(len(labels))],
+            ppl,
+            width=0.38,
+            color=colour,
+            label=f"{length.split()[1]}-token sequences",
+        )
         ax.bar_label(bars, [f"{p:.1f}" for p in ppl], fontsize=8)
-    ax.set_xticks([i + 0.19 for i in range(len(labels))],  # two lines each: one line overlaps its neighbours
-                  [f"window {v}".replace(" (", "\n(") if v[0].isdigit() else v.replace(" ", "\n", 1) for v in labels],
-                  fontsize=9)
+    ax.set_xticks(
+        [i + 0.19 for i in range(len(labels))],  # two lines each: one line overlaps its neighbours
+        [f"window {v}".replace(" (", "\n(") if v[0].isdigit() else v.replace(" ", "\n", 1) for v in labels],
+        fontsize=9,
+    )
     ax.set_ylabel("held-out perplexity")
     ax.set_title("tiny (trained with window 32), window changed at inference")
     ax.legend()
     labels = list(s["variants"])
     ppl = [s["variants"][v]["held_out_ppl"] for v in labels]
     bars = bx.bar(range(len(labels)), ppl, color="C2", width=0.5)
-    bx.bar_label(bars, [f"{p:.2f}\ntop-1 {s['variants'][v]['top1_agreement_with_trained']:.2%}"
-                        for p, v in zip(ppl, labels)], fontsize=8)
+    bx.bar_label(
+        bars,
+        [f"{p:.2f}\ntop-1 {s['variants'][v]['top1_agreement_with_trained']:.2%}" for p, v in zip(ppl, labels)],
+        fontsize=8,
+    )
     bx.set_xticks(range(len(labels)), [v.replace(" cap", "\ncap", 1) for v in labels], fontsize=8)
     bx.set_ylabel("held-out perplexity (128-token sequences)")
     bx.set_ylim(0, max(ppl) * 1.2)
@@ -108,8 +130,9 @@ def post_training(plt, log: dict, out: Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     for label in ("run A (seed 100) = tiny-it", "run B (seed 101)"):
         curve(ax, it[label], "held_out_sft", label, x="step")
-    ax.axhline(it["merged (mean of A and B)"]["held_out_sft_bf16"], color="grey", ls="--",
-               label="weight average of A and B")
+    ax.axhline(
+        it["merged (mean of A and B)"]["held_out_sft_bf16"], color="grey", ls="--", label="weight average of A and B"
+    )
     ax.axhline(it["tiny (before SFT)"]["held_out_sft"], color="k", ls=":", label="tiny, before SFT")
     ax.set_xlabel("SFT step (batch 16)")
     ax.set_ylabel("held-out SFT loss (nats per model-turn token)")
@@ -134,6 +157,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,19 +22,23 @@ MAX_RESPONSE, MAX_SEQ = 48, 160  # tokens: responses fit well inside generate's 
 
 # -- the text and its split ------------------------------------------------------------------------------
 
+
 def reflow(text: str) -> str:
     """Join the hard-wrapped lines (~70 columns) of prose paragraphs into one line each; indented blocks
     (grammar, code, lists) and headings keep their lines. Without this a model this small, which cannot
     count columns, predicts a line break after almost any word."""
+
     def is_prose(paragraph):
-        return all(line and not line[0].isspace() and not re.fullmatch(r"[*=~^-]+", line)
-                   for line in paragraph.split("\n"))
+        return all(
+            line and not line[0].isspace() and not re.fullmatch(r"[*=~^-]+", line) for line in paragraph.split("\n")
+        )
+
     return "\n\n".join(" ".join(p.split("\n")) if is_prose(p) else p for p in text.split("\n\n"))
 
 
 def split_corpus(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(train stream, held-out stream): block k of BLOCK tokens is held out when k % 10 == 5."""
-    blocks = [ids[i:i + BLOCK] for i in range(0, len(ids), BLOCK)]
+    blocks = [ids[i : i + BLOCK] for i in range(0, len(ids), BLOCK)]
     held = [b for k, b in enumerate(blocks) if k % HELD_OUT_EVERY == HELD_OUT_EVERY // 2]
     train = [b for k, b in enumerate(blocks) if k % HELD_OUT_EVERY != HELD_OUT_EVERY // 2]
     return np.concatenate(train), np.concatenate(held)
@@ -46,6 +50,7 @@ def corpus_ids(tok) -> np.ndarray:
 
 
 # -- chat pairs --------------------------------------------------------------------------------------------
+
 
 def corpus_sections(text: str) -> list[tuple[str, list[str]]]:
     """(title, prose paragraphs) for each titled section of the reflowed corpus. A title is a paragraph of

@@ -42,11 +42,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tiny_corpus import BLOCK, CORPUS, HELD_OUT_EVERY, reflow, split_corpus  # noqa: E402,F401  (no torch)
+
 import gemma2_ref as g2  # noqa: E402
+from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
 from gemma2_ref.config import Gemma2Config  # noqa: E402
 from gemma2_ref.distill import distillation_loss  # noqa: E402
-from gemma2_ref.checkpoints import save_checkpoint  # noqa: E402
-from tiny_corpus import BLOCK, CORPUS, HELD_OUT_EVERY, reflow, split_corpus  # noqa: E402,F401  (no torch)
 
 TOKENIZER = ROOT / "gemma2_ref" / "data" / "tiny" / "tokenizer.model"
 DATA = ROOT / "gemma2_ref" / "data"
@@ -62,9 +63,10 @@ SEQ_LEN = 128  # > 4 x the window of 32: sliding layers must learn to do without
 
 # -- data -----------------------------------------------------------------------------------------------
 
+
 def windows(stream: np.ndarray, starts: np.ndarray, bos: int) -> torch.Tensor:
     """(B, SEQ_LEN) windows, each <bos> + SEQ_LEN - 1 tokens: every sequence starts as the model's will."""
-    rows = [np.concatenate([[bos], stream[s:s + SEQ_LEN - 1]]) for s in starts]
+    rows = [np.concatenate([[bos], stream[s : s + SEQ_LEN - 1]]) for s in starts]
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
@@ -75,6 +77,7 @@ def held_out_windows(held: np.ndarray, bos: int) -> torch.Tensor:
 
 
 # -- the model: a torch twin of gemma2_ref/model/gemma2.py, parameters named as in the HF checkpoint ------------
+
 
 def rms_norm(x, w, eps):
     x32 = x.float()
@@ -105,7 +108,7 @@ class Attention(nn.Module):
         k = rope(self.k_proj(x).view(B, S, K, Dh).transpose(1, 2), cos, sin)  # (B, K, S, Dh)
         v = self.v_proj(x).view(B, S, K, Dh).transpose(1, 2)
         k, v = k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1)  # each kv head serves H/K
-        scores = soft_cap(q @ k.transpose(-1, -2) * c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping)
+        scores = soft_cap(q @ k.transpose(-1, -2) * c.query_pre_attn_scalar**-0.5, c.attn_logit_softcapping)
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), -1).to(q.dtype)
         return self.o_proj((probs @ v).transpose(1, 2).reshape(B, S, H * Dh))
 
@@ -132,10 +135,14 @@ class DecoderLayer(nn.Module):
         self.eps = c.rms_norm_eps
 
     def forward(self, x, cos, sin, mask):
-        h = x + rms_norm(self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, mask),
-                         self.post_attention_layernorm, self.eps)
-        return h + rms_norm(self.mlp(rms_norm(h, self.pre_feedforward_layernorm, self.eps)),
-                            self.post_feedforward_layernorm, self.eps)
+        h = x + rms_norm(
+            self.self_attn(rms_norm(x, self.input_layernorm, self.eps), cos, sin, mask),
+            self.post_attention_layernorm,
+            self.eps,
+        )
+        return h + rms_norm(
+            self.mlp(rms_norm(h, self.pre_feedforward_layernorm, self.eps)), self.post_feedforward_layernorm, self.eps
+        )
 
 
 class Backbone(nn.Module):
@@ -190,12 +197,15 @@ class TorchGemma2(nn.Module):
         return out
 
     def load_exported(self, tensors: dict[str, np.ndarray]) -> None:
-        own = {k: torch.from_numpy(np.ascontiguousarray(tensors[k if k in tensors else k + ".weight"]))
-               for k in self.state_dict()}
+        own = {
+            k: torch.from_numpy(np.ascontiguousarray(tensors[k if k in tensors else k + ".weight"]))
+            for k in self.state_dict()
+        }
         self.load_state_dict(own)
 
 
 # -- losses ---------------------------------------------------------------------------------------------
+
 
 def ce_loss(logits, ids):
     """Next-token cross-entropy (nats/token): position t predicts token t + 1."""
@@ -210,6 +220,7 @@ def kd_loss_torch(teacher_logits, student_logits):
 
 # -- training -------------------------------------------------------------------------------------------
 
+
 def lr_at(step, steps, peak, warmup):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -220,8 +231,9 @@ def lr_at(step, steps, peak, warmup):
 def optimizer(model, lr):
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
 
 
 @torch.no_grad()
@@ -238,7 +250,7 @@ def evaluate(model, held, teacher=None, batch=32):
     model.eval()
     ce, kd, n = 0.0, 0.0, 0
     for i in range(0, len(held), batch):
-        ids = held[i:i + batch]
+        ids = held[i : i + batch]
         logits = model(ids)
         ce += ce_loss(logits, ids).item() * len(ids)
         if teacher is not None:
@@ -273,20 +285,29 @@ def train(name, model, train_stream, held, steps, batch, lr, eval_every, seed, b
         update(model, opt, loss)
         running.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            point = {"step": step + 1, "tokens": (step + 1) * batch * (SEQ_LEN - 1),
-                     "train_loss": float(np.mean(running)), **evaluate(model, held, teacher),
-                     "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+            point = {
+                "step": step + 1,
+                "tokens": (step + 1) * batch * (SEQ_LEN - 1),
+                "train_loss": float(np.mean(running)),
+                **evaluate(model, held, teacher),
+                "wall_s": round(time.time() - t0, 1),
+                "cpu_s": round(time.process_time() - c0, 1),
+            }
             curve.append(point)
             running = []
             extra = f"  held-out KD {point['held_out_kd']:.3f}" if teacher is not None else ""
-            print(f"[{name}] step {step + 1:5d}  train {'KD' if teacher is not None else 'CE'} "
-                  f"{point['train_loss']:.3f}  held-out CE {point['held_out_ce']:.3f} "
-                  f"(ppl {point['held_out_ppl']:.1f}){extra}  {point['wall_s']:.0f}s", flush=True)
+            print(
+                f"[{name}] step {step + 1:5d}  train {'KD' if teacher is not None else 'CE'} "
+                f"{point['train_loss']:.3f}  held-out CE {point['held_out_ce']:.3f} "
+                f"(ppl {point['held_out_ppl']:.1f}){extra}  {point['wall_s']:.0f}s",
+                flush=True,
+            )
     model.eval()
     return curve
 
 
 # -- checks after training ------------------------------------------------------------------------------
+
 
 def bf16_model(cfg, directory: Path) -> TorchGemma2:
     """The saved checkpoint (bf16 values, computed in float32), read by gemma2_ref's loader into the twin."""
@@ -306,8 +327,10 @@ def cross_check(cfg, directory: Path, twin: TorchGemma2, ids: torch.Tensor) -> d
     twin_logits = twin(ids).numpy()
     with g2.load_model(directory) as m:
         np_logits = m.logits(ids.numpy())
-    return {"max_abs_twin_vs_transformers": float(np.abs(twin_logits - hf_logits).max()),
-            "max_abs_numpy_vs_transformers": float(np.abs(np_logits - hf_logits).max())}
+    return {
+        "max_abs_twin_vs_transformers": float(np.abs(twin_logits - hf_logits).max()),
+        "max_abs_numpy_vs_transformers": float(np.abs(np_logits - hf_logits).max()),
+    }
 
 
 def greedy(directory: Path, prompt: str, n: int = 24) -> str:
@@ -326,8 +349,12 @@ PROMPTS = ["The value of the", "A function definition", "If the object is", "The
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a one-minute smoke run (few steps), into --out")
-    ap.add_argument("--out", type=Path, default=None, help="output data dir (default gemma2_ref/data; "
-                    "/tmp/gemma2-tiny-quick with --quick)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output data dir (default gemma2_ref/data; /tmp/gemma2-tiny-quick with --quick)",
+    )
     ap.add_argument("--teacher-steps", type=int, default=None)
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--log", type=Path, default=None)
@@ -350,13 +377,26 @@ def main(argv=None) -> int:
     train_stream, held_stream = split_corpus(ids)
     bos = tok.bos_id
     held = held_out_windows(held_stream, bos)
-    print(f"corpus: {len(ids)} tokens; train {len(train_stream)}, held out {len(held_stream)} "
-          f"({len(held)} windows of {SEQ_LEN})", flush=True)
+    print(
+        f"corpus: {len(ids)} tokens; train {len(train_stream)}, held out {len(held_stream)} "
+        f"({len(held)} windows of {SEQ_LEN})",
+        flush=True,
+    )
 
     # 1. teacher: next-token cross-entropy
     teacher = TorchGemma2(TEACHER, seed=1)
-    teacher_curve = train("teacher", teacher, train_stream, held, teacher_steps, batch=16, lr=3e-3,
-                          eval_every=eval_every, seed=11, bos=bos)
+    teacher_curve = train(
+        "teacher",
+        teacher,
+        train_stream,
+        held,
+        teacher_steps,
+        batch=16,
+        lr=3e-3,
+        eval_every=eval_every,
+        seed=11,
+        bos=bos,
+    )
     teacher_dir = out / "tiny-teacher"
     save_checkpoint(teacher_dir, TEACHER, teacher.export(), dtype="BF16", tokenizer=TOKENIZER)
     teacher = bf16_model(TEACHER, teacher_dir)  # distil from exactly the committed (bf16) teacher
@@ -374,8 +414,19 @@ def main(argv=None) -> int:
     assert abs(kd_torch - kd_numpy) <= 1e-5 * abs(kd_numpy), (kd_torch, kd_numpy)
     print(f"KD loss twin check: torch {kd_torch:.6f}  numpy {kd_numpy:.6f}", flush=True)
     student_init = evaluate(student, held, teacher)
-    student_curve = train("student", student, train_stream, held, student_steps, batch=16, lr=3e-3,
-                          eval_every=eval_every, seed=22, bos=bos, teacher=teacher)
+    student_curve = train(
+        "student",
+        student,
+        train_stream,
+        held,
+        student_steps,
+        batch=16,
+        lr=3e-3,
+        eval_every=eval_every,
+        seed=22,
+        bos=bos,
+        teacher=teacher,
+    )
     student_dir = out / "tiny"
     save_checkpoint(student_dir, STUDENT, student.export(), dtype="BF16", tokenizer=TOKENIZER)
     student_bf16 = bf16_model(STUDENT, student_dir)
@@ -383,36 +434,65 @@ def main(argv=None) -> int:
     train_time, train_cpu = time.time() - t_start, time.process_time() - c_start
 
     # 3. checks on the saved files, and what the model says
-    checks = {"student": cross_check(STUDENT, student_dir, student_bf16, held[:2]),
-              "teacher": cross_check(TEACHER, teacher_dir, teacher, held[:2])}
+    checks = {
+        "student": cross_check(STUDENT, student_dir, student_bf16, held[:2]),
+        "teacher": cross_check(TEACHER, teacher_dir, teacher, held[:2]),
+    }
     print(f"cross-check of the saved checkpoints: {json.dumps(checks)}", flush=True)
     samples = {p: greedy(student_dir, p) for p in PROMPTS}
-    for p, s in samples.items():
+    for s in samples.values():
         print(f"greedy: {s!r}", flush=True)
 
     log = {
         "command": "python scripts/train_tiny.py" + (" --quick" if args.quick else ""),
-        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        "training_wall_s": round(train_time, 1), "training_cpu_s": round(train_cpu, 1),
-        "corpus": {"file": str(CORPUS.relative_to(ROOT)), "tokens": int(len(ids)),
-                   "train_tokens": int(len(train_stream)), "held_out_tokens": int(len(held_stream)),
-                   "seq_len": SEQ_LEN, "held_out": f"every {HELD_OUT_EVERY}th block of {BLOCK} tokens"},
-        "teacher": {"config": TEACHER.to_hf_dict(), "params": TEACHER.parameter_counts()["total"],
-                    "steps": teacher_steps, "batch": 16, "peak_lr": 3e-3, "loss": "next-token cross-entropy",
-                    "curve": teacher_curve, "final_bf16": teacher_final},
-        "student": {"config": STUDENT.to_hf_dict(), "params": STUDENT.parameter_counts()["total"],
-                    "steps": student_steps, "batch": 16, "peak_lr": 3e-3,
-                    "loss": "distillation: mean over positions of sum_x -P_T(x|x_c) log P_S(x|x_c)",
-                    "kd_twin_check": {"torch": kd_torch, "numpy": kd_numpy},
-                    "init": student_init, "curve": student_curve, "final_bf16": student_final},
-        "cross_check": checks, "greedy": samples,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "training_wall_s": round(train_time, 1),
+        "training_cpu_s": round(train_cpu, 1),
+        "corpus": {
+            "file": str(CORPUS.relative_to(ROOT)),
+            "tokens": int(len(ids)),
+            "train_tokens": int(len(train_stream)),
+            "held_out_tokens": int(len(held_stream)),
+            "seq_len": SEQ_LEN,
+            "held_out": f"every {HELD_OUT_EVERY}th block of {BLOCK} tokens",
+        },
+        "teacher": {
+            "config": TEACHER.to_hf_dict(),
+            "params": TEACHER.parameter_counts()["total"],
+            "steps": teacher_steps,
+            "batch": 16,
+            "peak_lr": 3e-3,
+            "loss": "next-token cross-entropy",
+            "curve": teacher_curve,
+            "final_bf16": teacher_final,
+        },
+        "student": {
+            "config": STUDENT.to_hf_dict(),
+            "params": STUDENT.parameter_counts()["total"],
+            "steps": student_steps,
+            "batch": 16,
+            "peak_lr": 3e-3,
+            "loss": "distillation: mean over positions of sum_x -P_T(x|x_c) log P_S(x|x_c)",
+            "kd_twin_check": {"torch": kd_torch, "numpy": kd_numpy},
+            "init": student_init,
+            "curve": student_curve,
+            "final_bf16": student_final,
+        },
+        "cross_check": checks,
+        "greedy": samples,
     }
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(json.dumps(log, indent=1) + "\n")
-    print(f"wrote {student_dir}, {teacher_dir}, {log_path}; training {train_time:.0f}s wall, "
-          f"{train_cpu:.0f}s CPU", flush=True)
+    print(
+        f"wrote {student_dir}, {teacher_dir}, {log_path}; training {train_time:.0f}s wall, {train_cpu:.0f}s CPU",
+        flush=True,
+    )
     return 0
 
 

@@ -39,7 +39,9 @@ def test_a_module_lacking_part_of_the_protocol_is_refused_naming_it():
 
 def test_capabilities_refuse_the_cases_a_backend_cannot_run():
     assert Capabilities().refusal("x", {"attention_mask": 1}) == "the x adapter does not run padded batches"
-    assert Capabilities(padded_batch=True).refusal("x", {"prefill": 3}) == "the x adapter does not run a KV-cache decode"
+    assert (
+        Capabilities(padded_batch=True).refusal("x", {"prefill": 3}) == "the x adapter does not run a KV-cache decode"
+    )
     assert Capabilities(padded_batch=True, decode=True).refusal("x", {"attention_mask": 1, "prefill": 3}) is None
 
 
@@ -55,9 +57,17 @@ def test_write_candidate_records_producer_adapter_model_and_decode_steps(tmp_pat
     model = g2.load_model("tiny")
     ids = np.array([2, 5, 9, 11, 4])
     acts = model.forward(ids, taps=["embed"])
-    out = write_candidate(tmp_path / "c", acts, ids, checkpoint=resolve_checkpoint("tiny"), cfg=model.config,
-                          producer={"name": "engine", "version": "1"}, adapter="gemma2_ref.adapters.x",
-                          compute_dtype="float32", prefill=3)
+    out = write_candidate(
+        tmp_path / "c",
+        acts,
+        ids,
+        checkpoint=resolve_checkpoint("tiny"),
+        cfg=model.config,
+        producer={"name": "engine", "version": "1"},
+        adapter="gemma2_ref.adapters.x",
+        compute_dtype="float32",
+        prefill=3,
+    )
     case = G.load_case(out)
     assert case.manifest["producer"] == {"name": "engine", "version": "1", "adapter": "gemma2_ref.adapters.x"}
     decode = case.manifest["extra"]["decode"]

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.adapters import load_adapter
@@ -34,6 +33,7 @@ from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.config import GLOBAL, SLIDING
 from gemma2_ref.data import bundled_path
 from gemma2_ref.diagnose import diagnose
+from tests.helpers.backends import require
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 INSTALL = "pip install 'gemma2-ref[jax]'  (jax, flax, gemma==3.3.0 and the pieces of kauldron it imports)"
@@ -52,8 +52,9 @@ def window_ids(seed: int = 11) -> np.ndarray:
 
 def golden_pair(adapter, checkpoint, ids, tmp_path, dtype="float32", taps="all", **options):
     ours = G.load_case(S.generate_case(g2.load_model(checkpoint), ids, tmp_path / "ours", taps=taps))
-    theirs = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / f"jax-{dtype}", dtype=dtype, taps=taps,
-                                              **options))
+    theirs = G.load_case(
+        adapter.write_golden(checkpoint, ids, tmp_path / f"jax-{dtype}", dtype=dtype, taps=taps, **options)
+    )
     return ours, theirs
 
 
@@ -77,8 +78,9 @@ def test_float32_on_the_tiny_model_past_its_window_passes_fp32(adapter, tmp_path
     cfg = g2.load_config(bundled_path("tiny"))
     # every tap the interceptor reaches was compared, attention probabilities included
     assert [t.name for t in result.compared] == adapter.reachable_taps(cfg)
-    assert sorted(result.missing) == sorted(n for n in g2.tap_names(cfg)
-                                            if n.endswith(("q_rope", "k_rope", "attn.scores")))
+    assert sorted(result.missing) == sorted(
+        n for n in g2.tap_names(cfg) if n.endswith(("q_rope", "k_rope", "attn.scores"))
+    )
     assert max(t.rel_l2 for t in result.compared) < 5e-6  # measured 7.8e-7
     assert theirs.manifest["producer"]["query_pre_attn_norm"] == "BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS"
 
@@ -101,7 +103,7 @@ def test_fused_qkv_when_every_query_head_has_its_kv_head(adapter, tmp_path):
 def test_a_left_padded_batch_passes_fp32(adapter, tmp_path):
     from gemma2_ref.inputs import pad_batch
 
-    ids, mask = pad_batch([list(window_ids(4)[:W + 2]), list(window_ids(5)[:9])], side="left")
+    ids, mask = pad_batch([list(window_ids(4)[: W + 2]), list(window_ids(5)[:9])], side="left")
     ours = G.load_case(S.generate_case(g2.load_model("tiny"), ids, tmp_path / "ours", attention_mask=mask))
     theirs = G.load_case(adapter.write_golden(bundled_path("tiny"), ids, tmp_path / "jax", attention_mask=mask))
     assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
@@ -111,8 +113,9 @@ def test_query_scaled_by_head_dim_is_diagnosed(adapter, tmp_path):
     """gemma's default option on a model whose query_pre_attn_scalar is D/H, as a 27B port that kept the
     2B/9B setting would run it: the diagnosis names query_scale=head_dim."""
     ids = G.load_case(GOLDEN / "short").token_ids
-    ours, theirs = golden_pair(adapter, bundled_path("tiny"), ids, tmp_path, taps="default",
-                               query_norm="BY_ONE_OVER_SQRT_HEAD_DIM")
+    ours, theirs = golden_pair(
+        adapter, bundled_path("tiny"), ids, tmp_path, taps="default", query_norm="BY_ONE_OVER_SQRT_HEAD_DIM"
+    )
     result = compare_cases(ours, theirs, PROFILES["fp32"])
     assert result.first_divergence.name == "layers.0.attn.context"
     best = diagnose(g2.load_model(bundled_path("tiny")), ours, theirs, PROFILES["fp32"]).named[0]

@@ -25,7 +25,6 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
 import gemma2_ref as g2  # noqa: E402
-from tests.helpers.backends import require  # noqa: E402
 from gemma2_ref import golden as G  # noqa: E402
 from gemma2_ref import suites as S  # noqa: E402
 from gemma2_ref.adapters import load_adapter  # noqa: E402
@@ -33,10 +32,13 @@ from gemma2_ref.checkpoints import random_weights, save_checkpoint  # noqa: E402
 from gemma2_ref.compare import PROFILES, compare_cases  # noqa: E402
 from gemma2_ref.data import bundled_path  # noqa: E402
 from gemma2_ref.diagnose import diagnose  # noqa: E402
+from tests.helpers.backends import require  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-INSTALL = ("pip install 'gemma2-ref[keras]' && pip install --no-deps keras-hub==0.32.0  (README: keras-hub's "
-           "tensorflow-text would pull a second tensorflow)")
+INSTALL = (
+    "pip install 'gemma2-ref[keras]' && pip install --no-deps keras-hub==0.32.0  (README: keras-hub's "
+    "tensorflow-text would pull a second tensorflow)"
+)
 TINY = bundled_path("tiny")
 W = g2.PRESETS["tiny"].sliding_window  # 32
 
@@ -60,8 +62,9 @@ def long_ids(seed: int = 11) -> np.ndarray:
 
 
 def ours(checkpoint, ids, tmp_path, taps="all", attention_mask=None):
-    return G.load_case(S.generate_case(g2.load_model(checkpoint), ids, tmp_path / "ours", taps=taps,
-                                       attention_mask=attention_mask))
+    return G.load_case(
+        S.generate_case(g2.load_model(checkpoint), ids, tmp_path / "ours", taps=taps, attention_mask=attention_mask)
+    )
 
 
 def theirs(adapter, checkpoint, ids, tmp_path, name="keras", **options):
@@ -99,8 +102,7 @@ def test_a_checkpoint_whose_query_pre_attn_scalar_is_head_dim_passes_as_shipped(
     cfg = g2.PRESETS["tiny"].replace(query_pre_attn_scalar=64)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, random_weights(cfg, seed=3, scale=2.0), "F32")
     ids = long_ids()
-    result = compare_cases(ours(ckpt, ids, tmp_path, "default"), theirs(adapter, ckpt, ids, tmp_path),
-                           PROFILES["fp32"])
+    result = compare_cases(ours(ckpt, ids, tmp_path, "default"), theirs(adapter, ckpt, ids, tmp_path), PROFILES["fp32"])
     assert result.passed, failing(result)
     assert max(t.rel_l2 for t in result.compared) < 2e-5  # measured 4.5e-6
 
@@ -109,8 +111,9 @@ def test_flash_attention_is_refused_on_cpu_for_a_soft_capped_model(adapter, repa
     """KerasHub never takes its fused branch on CPU (gemma_attention.py:120-135); forced, Keras refuses the
     soft-cap off TPU (keras/src/ops/nn.py:2925-2932) instead of dropping it."""
     with pytest.raises(ValueError, match="attn_logits_soft_cap is only supported for JAX on TPU"):
-        adapter.write_golden(TINY, G.load_case(GOLDEN / "short").token_ids, tmp_path / "k", keras_model=repaired,
-                             flash_attention=True)
+        adapter.write_golden(
+            TINY, G.load_case(GOLDEN / "short").token_ids, tmp_path / "k", keras_model=repaired, flash_attention=True
+        )
 
 
 @pytest.mark.filterwarnings("ignore::gemma2_ref.config.ConfigWarning")  # no attention soft-cap: not Gemma 2
@@ -132,11 +135,21 @@ def test_left_padding_shifts_only_the_rope_taps(adapter, repaired, tmp_path):
     """KerasHub ropes every row from position 0 (_apply_rope's start_index, gemma_attention.py:102-111): a
     left-padded row's tokens sit at positions shifted by its padding. RoPE is relative, so attention and
     everything after it still match; right padding matches everywhere."""
-    for case, bad in (("padded_batch_right", set()),
-                      ("padded_batch", {f"layers.{i}.attn.{x}_rope" for i in range(4) for x in "qk"})):
+    for case, bad in (
+        ("padded_batch_right", set()),
+        ("padded_batch", {f"layers.{i}.attn.{x}_rope" for i in range(4) for x in "qk"}),
+    ):
         ref = G.load_case(GOLDEN / case)
-        cand = theirs(adapter, TINY, ref.token_ids, tmp_path, name=case, taps="all", keras_model=repaired,
-                      attention_mask=ref.attention_mask)
+        cand = theirs(
+            adapter,
+            TINY,
+            ref.token_ids,
+            tmp_path,
+            name=case,
+            taps="all",
+            keras_model=repaired,
+            attention_mask=ref.attention_mask,
+        )
         result = compare_cases(ref, cand, PROFILES["fp32"])
         assert {t.name for t in result.taps if not t.ok} == bad, case
 
@@ -156,8 +169,25 @@ def test_the_cli_runs_keras_hub_in_a_fresh_process_beside_vllm(adapter, tmp_path
     three). In this test process the import order was already settled; a new one is where it mattered."""
     import subprocess
     import sys
-    run = subprocess.run([sys.executable, "-m", "gemma2_ref.cli", "golden", "tiny", "--tokens", "2 651 652",
-                          "--backend", "keras-hub", "--out", str(tmp_path / "k")], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gemma2_ref.cli",
+            "golden",
+            "tiny",
+            "--tokens",
+            "2 651 652",
+            "--backend",
+            "keras-hub",
+            "--out",
+            str(tmp_path / "k"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "k" / "manifest.json").is_file()

@@ -22,8 +22,8 @@ import pytest
 
 import gemma2_ref as g2
 from gemma2_ref import golden as G
-from gemma2_ref.adapters import load_adapter
 from gemma2_ref.adapters import llamacpp as adapter
+from gemma2_ref.adapters import load_adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.data import bundled_path
 from gemma2_ref.suites import generate_case
@@ -87,7 +87,7 @@ def test_sliding_layers_hide_keys_a_window_back_and_global_layers_do_not(f32_can
     for sliding, global_ in ((0, 1), (2, 3)):
         probs = acts[f"layers.{sliding}.attn.probs"][:, last]
         assert np.all(probs[:, : last - W + 1] == 0)  # keys j <= i - W hidden
-        assert np.all(probs[:, last - W + 1:] > 0)
+        assert np.all(probs[:, last - W + 1 :] > 0)
         assert np.all(acts[f"layers.{global_}.attn.probs"][:, last] > 0)  # every earlier key
 
 
@@ -112,12 +112,14 @@ def test_the_fp32_failure_is_ggml_float16_gelu_table(f32_candidate):
     assert rel(exact) > 100 * rel(through_table)
 
 
-@pytest.mark.parametrize("outtype, profile, first_fp32_failure", [
-    ("bf16", "bf16", "layers.0.attn.q_proj"),  # activations rounded to bf16 at the first matmul
-    ("q8_0", "q8", "embed"),  # the embedding table itself is quantised
-])
-def test_quantised_ggufs_pass_their_profile_and_fail_fp32(random_case, tmp_path, outtype, profile,
-                                                          first_fp32_failure):
+@pytest.mark.parametrize(
+    "outtype, profile, first_fp32_failure",
+    [
+        ("bf16", "bf16", "layers.0.attn.q_proj"),  # activations rounded to bf16 at the first matmul
+        ("q8_0", "q8", "embed"),  # the embedding table itself is quantised
+    ],
+)
+def test_quantised_ggufs_pass_their_profile_and_fail_fp32(random_case, tmp_path, outtype, profile, first_fp32_failure):
     ckpt, ours = random_case
     cand = G.load_case(adapter.write_golden(ckpt, RANDOM_IDS, tmp_path / outtype, dtype=outtype, taps="all"))
     assert cand.manifest["producer"]["gguf_file_type"] == {"bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[outtype]
@@ -160,14 +162,17 @@ def test_tiny_model_shows_llamacpp_scaling_queries_by_head_dim(llama, tmp_path):
     def rel(x):
         return np.linalg.norm(x - a["layers.0.attn.scores"]) / np.linalg.norm(x)
 
-    assert rel(capped(64 ** -0.5)) < 1e-5  # head_dim: what llama.cpp does
-    assert rel(capped(32 ** -0.5)) > 0.2  # query_pre_attn_scalar: what Gemma 2 specifies
+    assert rel(capped(64**-0.5)) < 1e-5  # head_dim: what llama.cpp does
+    assert rel(capped(32**-0.5)) > 0.2  # query_pre_attn_scalar: what Gemma 2 specifies
 
 
-@pytest.mark.parametrize("table, change, first_failure", [
-    ("LAYER_NAMES", {"ffn_gate": "mlp.up", "ffn_up": "mlp.gate"}, "layers.0.mlp.gate"),
-    ("REPEATED", {"Qcur": ("attn.q_rope", "attn.q_proj")}, "layers.0.attn.q_proj"),
-])
+@pytest.mark.parametrize(
+    "table, change, first_failure",
+    [
+        ("LAYER_NAMES", {"ffn_gate": "mlp.up", "ffn_up": "mlp.gate"}, "layers.0.mlp.gate"),
+        ("REPEATED", {"Qcur": ("attn.q_rope", "attn.q_proj")}, "layers.0.attn.q_proj"),
+    ],
+)
 def test_a_wrong_mapping_is_caught(random_case, tmp_path, monkeypatch, table, change, first_failure):
     """The comparison can fail: swap two llama.cpp names in the adapter's table and compare says where."""
     ckpt, ours = random_case

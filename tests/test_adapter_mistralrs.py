@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref.model.gemma2 import log_softmax
 from gemma2_ref.storage.checkpoints import random_weights, save_checkpoint
 from gemma2_ref.storage.loader import resolve_checkpoint
+from tests.helpers.backends import require
 
 mistralrs = require("mistralrs", "pip install mistralrs==0.9.5")
 TEXT = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)  # 93 tokens with <bos>: past the window 32
@@ -54,13 +54,25 @@ def run_engine(directory: Path, tmp_path: Path, dtype: str, kv_f32: bool):
     os.environ.pop("MISTRALRS_CPU_KV_F32", None)
     if kv_f32:  # the default on CPU is an f16 cache whatever the model dtype
         os.environ["MISTRALRS_CPU_KV_F32"] = "1"
-    runner = mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(directory), arch=mistralrs.Architecture.Gemma2,
-                                                           dtype=getattr(mistralrs.ModelDType, dtype)),
-                              token_source="none", max_seqs=1, jinja_explicit=str(template))
+    runner = mistralrs.Runner(
+        which=mistralrs.Which.Plain(
+            model_id=str(directory), arch=mistralrs.Architecture.Gemma2, dtype=getattr(mistralrs.ModelDType, dtype)
+        ),
+        token_source="none",
+        max_seqs=1,
+        jinja_explicit=str(template),
+    )
     vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
-    res = runner.send_chat_completion_request(mistralrs.ChatCompletionRequest(
-        messages=[{"role": "user", "content": TEXT}], model="default", max_tokens=STEPS, temperature=0.0,
-        logprobs=True, top_logprobs=vocab))
+    res = runner.send_chat_completion_request(
+        mistralrs.ChatCompletionRequest(
+            messages=[{"role": "user", "content": TEXT}],
+            model="default",
+            max_tokens=STEPS,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=vocab,
+        )
+    )
     rows = np.full((STEPS, vocab), -np.inf)
     for k, step in enumerate(res.choices[0].logprobs.content):
         for top in step.top_logprobs:
@@ -71,7 +83,7 @@ def run_engine(directory: Path, tmp_path: Path, dtype: str, kv_f32: bool):
 
 def ours(checkpoint, prompt, generated):
     ids = np.concatenate([prompt, generated[:-1]])
-    return log_softmax(g2.load_model(checkpoint).logits(ids)[len(prompt) - 1:].astype(np.float64))
+    return log_softmax(g2.load_model(checkpoint).logits(ids)[len(prompt) - 1 :].astype(np.float64))
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +106,22 @@ def test_the_default_cpu_kv_cache_is_float16(tiny_dir, tmp_path):
 
 
 def test_27b_like_query_scale_and_window(tmp_path):
-    cfg = g2.load_model("tiny").config.replace(hidden_size=96, num_attention_heads=4, num_key_value_heads=2,
-                                                head_dim=16, query_pre_attn_scalar=24, intermediate_size=192,
-                                                sliding_window=8)
-    ckpt = save_checkpoint(tmp_path / "27b", cfg, random_weights(cfg, seed=3, scale=2.0), dtype="F32",
-                           config_style="old", tokenizer=resolve_checkpoint("tiny") / "tokenizer.model")
+    cfg = g2.load_model("tiny").config.replace(
+        hidden_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        intermediate_size=192,
+        sliding_window=8,
+    )
+    ckpt = save_checkpoint(
+        tmp_path / "27b",
+        cfg,
+        random_weights(cfg, seed=3, scale=2.0),
+        dtype="F32",
+        config_style="old",
+        tokenizer=resolve_checkpoint("tiny") / "tokenizer.model",
+    )
     prompt, generated, theirs = decode_logprobs(local_directory(ckpt, tmp_path / "mrs"), tmp_path)
     assert np.abs(theirs - ours(ckpt, prompt, generated)).max() < 1e-4

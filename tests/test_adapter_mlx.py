@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.adapters import load_adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.data import bundled_path
 from gemma2_ref.diagnose import diagnose
+from tests.helpers.backends import require
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 INSTALL = "pip install 'gemma2-ref[mlx]'  (mlx[cpu] and mlx-lm)"
@@ -66,8 +66,7 @@ def test_float32_on_the_tiny_model_matches_before_the_window(adapter, tmp_path):
     assert theirs.manifest["producer"]["name"] == "mlx-lm" and theirs.compute_dtype == "float32"
 
 
-def test_past_the_window_mlx_lm_attends_globally_and_is_diagnosed_no_sliding_window(adapter, tiny_random_dir,
-                                                                                      tmp_path):
+def test_past_the_window_mlx_lm_attends_globally_and_is_diagnosed_no_sliding_window(adapter, tiny_random_dir, tmp_path):
     taps = ["layers.0.*", "layers.3.output", "logits"]  # fewer taps: a faster diagnosis, same story
     ours, theirs = golden_pair(adapter, tiny_random_dir, window_ids(), tmp_path, taps=taps)
     result = compare_cases(ours, theirs, PROFILES["fp32"])

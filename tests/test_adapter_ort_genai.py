@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.model import gemma2 as model_code
@@ -18,24 +17,38 @@ from gemma2_ref.model.bfloat16 import round_to_bf16
 from gemma2_ref.verify.compare import PROFILES, compare_cases
 from gemma2_ref.verify.mistakes import NORMS, TransformedWeights
 from gemma2_ref.verify.suites import SUITES
+from tests.helpers.backends import require
 from tests.helpers.hf_reference import hf_config, make_checkpoint
 
 require("onnxruntime_genai", "pip install -e '.[ort-genai]'")
 from gemma2_ref.adapters import ort_genai as adapter  # noqa: E402
 
-LIKE_27B = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-                intermediate_size=192, num_hidden_layers=4, sliding_window=8)  # D/H = 24 != head_dim 16
+LIKE_27B = dict(
+    hidden_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    sliding_window=8,
+)  # D/H = 24 != head_dim 16
 
 
 @pytest.fixture(scope="module")
 def tiny():
     model = g2.load_model("tiny")
-    return model, adapter.build("tiny"), {c.name: c for c in SUITES["coverage"](model.config, g2.load_tokenizer("tiny"))}
+    return (
+        model,
+        adapter.build("tiny"),
+        {c.name: c for c in SUITES["coverage"](model.config, g2.load_tokenizer("tiny"))},
+    )
 
 
 def as_the_builder_built_it(model, bf16_checkpoint: bool, monkeypatch):
     """Our model with the builder's two roundings: the embedding times round(sqrt(D), 2), and (for a bfloat16
     checkpoint, which transformers 5 loads as bfloat16) each RMSNorm's (1 + w) rounded to bfloat16."""
+
     def plus_one_in_bf16(w):
         return (round_to_bf16((1 + w).astype(np.float32)).astype(np.float32) - 1).astype(w.dtype)
 
@@ -45,8 +58,11 @@ def as_the_builder_built_it(model, bf16_checkpoint: bool, monkeypatch):
     monkeypatch.setattr(model_code, "embed", builder_embed)
     if not bf16_checkpoint:
         return model
-    weights = TransformedWeights(model.weights, lambda w: dataclasses.replace(
-        w, **{n: plus_one_in_bf16(getattr(w, n)) for n in NORMS}), plus_one_in_bf16)
+    weights = TransformedWeights(
+        model.weights,
+        lambda w: dataclasses.replace(w, **{n: plus_one_in_bf16(getattr(w, n)) for n in NORMS}),
+        plus_one_in_bf16,
+    )
     return type(model)(model.config, weights, model.dtype, model.path)
 
 
@@ -59,13 +75,15 @@ def test_float32_differs_from_ours_only_by_the_builders_two_roundings(tiny, tmp_
     assert not plain.passed and plain.first_divergence.name == "embed"
     ratio = cand.activations["embed"] / ours.activations["embed"]
     assert np.allclose(ratio[ours.activations["embed"] != 0], 11.31 / np.sqrt(128), rtol=1e-6)
-    builder_like = G.load_case(S.generate_case(as_the_builder_built_it(model, True, monkeypatch), ids,
-                                               tmp_path / "builder", taps="all"))
+    builder_like = G.load_case(
+        S.generate_case(as_the_builder_built_it(model, True, monkeypatch), ids, tmp_path / "builder", taps="all")
+    )
     result = compare_cases(builder_like, cand, PROFILES["fp32"])
     assert result.passed, "\n".join(t.summary() for t in result.taps if not t.ok)
     sliding_k_rope = {f"layers.{i}.attn.k_rope" for i in range(4) if model.config.is_sliding(i)}
-    assert [t.name for t in result.compared] == [n for n in adapter.reachable_taps(model.config)
-                                                 if n not in sliding_k_rope]  # the window cache lost them
+    assert [t.name for t in result.compared] == [
+        n for n in adapter.reachable_taps(model.config) if n not in sliding_k_rope
+    ]  # the window cache lost them
     assert cand.manifest["producer"]["name"] == "onnxruntime-genai"
 
 
@@ -133,6 +151,21 @@ def test_int8_passes_the_q8_profile(tiny, tmp_path):
 def test_cli_golden_backend_onnxruntime_genai(tmp_path):
     from gemma2_ref.cli import main as cli
 
-    assert cli(["golden", "tiny", "--tokens", "2 5 9 11", "--out", str(tmp_path / "c"),
-                "--backend", "onnxruntime-genai", "--taps", "residual"]) == 0
+    assert (
+        cli(
+            [
+                "golden",
+                "tiny",
+                "--tokens",
+                "2 5 9 11",
+                "--out",
+                str(tmp_path / "c"),
+                "--backend",
+                "onnxruntime-genai",
+                "--taps",
+                "residual",
+            ]
+        )
+        == 0
+    )
     assert G.load_case(tmp_path / "c").manifest["producer"]["adapter"] == "gemma2_ref.adapters.ort_genai"

@@ -16,11 +16,27 @@ from tests.helpers.hf_reference import hf_config, make_checkpoint
 
 CONFIGS = {
     # 2B ratios: head_dim = query_pre_attn_scalar, H*Dh != D
-    "2b-like": dict(hidden_size=72, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                    query_pre_attn_scalar=32, intermediate_size=288, num_hidden_layers=4, sliding_window=8),
+    "2b-like": dict(
+        hidden_size=72,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        intermediate_size=288,
+        num_hidden_layers=4,
+        sliding_window=8,
+    ),
     # 27B-like: query_pre_attn_scalar = D/H != head_dim
-    "27b-like": dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     query_pre_attn_scalar=24, intermediate_size=192, num_hidden_layers=4, sliding_window=8),
+    "27b-like": dict(
+        hidden_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        sliding_window=8,
+    ),
 }
 SEQ = 8 + 5  # past the window: positions W-1, W, W+1 and more
 
@@ -51,8 +67,9 @@ def test_eager_float32_golden_passes_the_fp32_profile(checkpoint, tmp_path):
     ours_cfg = g2.load_model(ckpt).config
     assert [t.name for t in result.compared] == adapter.reachable_taps(ours_cfg)
     assert "layers.0.attn.probs" in theirs.activations
-    assert sorted(result.missing) == sorted(n for n in g2.tap_names(ours_cfg)
-                                            if n.endswith(("q_rope", "k_rope", "attn.scores")))
+    assert sorted(result.missing) == sorted(
+        n for n in g2.tap_names(ours_cfg) if n.endswith(("q_rope", "k_rope", "attn.scores"))
+    )
     assert theirs.manifest["producer"]["name"] == "transformers"
     assert theirs.manifest["model"]["weights"] == ours.manifest["model"]["weights"]
 
@@ -82,8 +99,9 @@ def test_cli_writes_a_transformers_candidate_and_compares_it(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", cfg, seed=4, scale=2.0)
     tokens = " ".join(map(str, ids_for(cfg.vocab_size, SEQ)))
     assert cli(["golden", str(ckpt), "--tokens", tokens, "--out", str(tmp_path / "ref")]) == 0
-    assert cli(["golden", str(ckpt), "--tokens", tokens, "--out", str(tmp_path / "hf"),
-                "--backend", "transformers"]) == 0
+    assert (
+        cli(["golden", str(ckpt), "--tokens", tokens, "--out", str(tmp_path / "hf"), "--backend", "transformers"]) == 0
+    )
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "hf")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "PASS" in out and "missing from the candidate: layers.*.{attn.q_rope, attn.k_rope} (4 each)" in out

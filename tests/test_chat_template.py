@@ -29,9 +29,13 @@ SPECIAL = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
 
 
 def render(messages, add_generation_prompt=True) -> str:
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=GEMMA2_CHAT_TEMPLATE,
-                                        add_generation_prompt=add_generation_prompt, bos_token="<bos>",
-                                        eos_token="<eos>")
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        chat_template=GEMMA2_CHAT_TEMPLATE,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="<bos>",
+        eos_token="<eos>",
+    )
     return rendered[0]
 
 
@@ -110,8 +114,7 @@ def test_system_role_is_refused_like_the_official_template(tok):
         tok.encode_chat(messages)
 
 
-@pytest.mark.parametrize("roles", [("user", "user"), ("assistant",), ("user", "model", "model"),
-                                   ("model", "user")])
+@pytest.mark.parametrize("roles", [("user", "user"), ("assistant",), ("user", "model", "model"), ("model", "user")])
 def test_non_alternating_roles_are_refused_like_the_official_template(tok, roles):
     messages = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(roles)]
     with pytest.raises(jinja2.TemplateError, match="must alternate"):

@@ -135,8 +135,11 @@ def test_unreadable_inputs_exit_2_and_name_the_file(modules, tmp_path):
     tiny = bundled_path("tiny")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\x00" * 7)
-    for candidate, words in ((junk, "junk.gguf"), (tmp_path / "absent.gguf", "no such file"),
-                             (tiny / "tokenizer.model", "neither a GGUF")):
+    for candidate, words in (
+        (junk, "junk.gguf"),
+        (tmp_path / "absent.gguf", "no such file"),
+        (tiny / "tokenizer.model", "neither a GGUF"),
+    ):
         report = check(tiny, candidate)
         assert report.exit_code == 2 and words in report.error, report.error
     report = check(tmp_path / "nowhere", tiny / "config.json")

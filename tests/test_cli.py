@@ -52,12 +52,15 @@ def test_run_prints_the_next_token_distribution(capsys):
     assert code == 0 and "next token, top 10" in out and "loaded" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "no/such/model", "--prompt", "x"], "not a directory, nor a bundled model"),
-    (["run", "2b", "--prompt", "x"], "preset without weights"),
-    (["run", "tiny", "--tokens", "2 99999"], "outside the vocabulary"),
-    (["info", "9b"], "preset without weights"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "no/such/model", "--prompt", "x"], "not a directory, nor a bundled model"),
+        (["run", "2b", "--prompt", "x"], "preset without weights"),
+        (["run", "tiny", "--tokens", "2 99999"], "outside the vocabulary"),
+        (["info", "9b"], "preset without weights"),
+    ],
+)
 def test_errors_are_one_clear_line_and_exit_code_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2 and message in err and "Traceback" not in err

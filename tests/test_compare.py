@@ -10,8 +10,7 @@ from gemma2_ref import golden as G
 from gemma2_ref import suites as S
 from gemma2_ref.cli import build_parser
 from gemma2_ref.cli import main as cli
-from gemma2_ref.compare import (PROFILES, compare_activations, compare_tap, format_report, get_profile,
-                                logits_metrics)
+from gemma2_ref.compare import PROFILES, compare_activations, compare_tap, format_report, get_profile, logits_metrics
 from gemma2_ref.testing import assert_matches_golden
 
 FP32 = PROFILES["fp32"]
@@ -137,6 +136,7 @@ def test_help_states_every_profile_with_its_thresholds_and_reasoning():
 
 # -- the command line -----------------------------------------------------------------------------------------
 
+
 def test_cli_exit_codes_and_json(tmp_path, reference, run, capsys):
     model, ids, acts = run
     good = G.write_case(tmp_path / "good", acts, ids)
@@ -159,8 +159,17 @@ def test_cli_compares_a_bare_safetensors_file_through_a_name_map(tmp_path, refer
     _, _, acts = run
     theirs = {f"blk.{i}.out": acts[f"layers.{i}.output"] for i in range(4)} | {"result_output": acts["logits"]}
     write_safetensors(tmp_path / "mine.safetensors", theirs)
-    code = cli(["compare", str(reference), str(tmp_path / "mine.safetensors"),
-                "--name-map", "blk.{i}.out=layers.{i}.output", "--name-map", "result_output=logits"])
+    code = cli(
+        [
+            "compare",
+            str(reference),
+            str(tmp_path / "mine.safetensors"),
+            "--name-map",
+            "blk.{i}.out=layers.{i}.output",
+            "--name-map",
+            "result_output=logits",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "5 compared" in out and "no manifest" in out
@@ -186,6 +195,7 @@ def test_suites_are_compared_case_by_case(tmp_path, run, capsys):
 
 
 # -- assert_matches_golden ------------------------------------------------------------------------------------
+
 
 def test_assert_matches_golden_passes_and_fails_with_the_first_divergence(reference, run):
     _, ids, acts = run

@@ -27,8 +27,11 @@ def window_ids():
 
 @pytest.fixture(scope="module")
 def reference(tiny, window_ids, tmp_path_factory):
-    return G.load_case(S.generate_case(tiny, window_ids, tmp_path_factory.mktemp("ref") / "case", taps="all",
-                                       info=G.model_info(tiny, "tiny")))
+    return G.load_case(
+        S.generate_case(
+            tiny, window_ids, tmp_path_factory.mktemp("ref") / "case", taps="all", info=G.model_info(tiny, "tiny")
+        )
+    )
 
 
 def candidate(tmp_path, acts, ids, name="cand"):
@@ -71,15 +74,14 @@ def test_the_error_lead_points_upstream_of_a_late_first_divergence(reference, tm
     assert "the error grew earlier: layers.0.mlp.out" in format_report(result)
 
 
-def test_a_wrong_scale_outside_the_catalogue_is_reported_with_its_factor_and_implied_scalar(tiny, reference,
-                                                                                           tmp_path):
+def test_a_wrong_scale_outside_the_catalogue_is_reported_with_its_factor_and_implied_scalar(tiny, reference, tmp_path):
     """gemma's BY_EMBED_DIM_DIV_NUM_HEADS-style slip: a query scale no catalogue entry has (here 1.5 x)."""
     acts = dict(reference.activations)
     acts["layers.0.attn.scores"] = acts["layers.0.attn.scores"] * 1.5
     result = compare_cases(reference, candidate(tmp_path, acts, reference.token_ids), PROFILES["fp32"])
     first = result.first_divergence
     assert first.name == "layers.0.attn.scores" and first.scale_fit["scale"] == pytest.approx(1.5, rel=1e-6)
-    implied = tiny.config.query_pre_attn_scalar / 1.5 ** 2
+    implied = tiny.config.query_pre_attn_scalar / 1.5**2
     assert f"query_pre_attn_scalar = {implied:.4g}" in " ".join(result.notes)
 
 
@@ -88,8 +90,10 @@ def test_a_partial_explanation_says_what_remains(tiny, reference, tmp_path):
     it passes a looser profile (precision), instead of stopping at "the divergence moves on"."""
     rng = np.random.default_rng(1)
     acts = inject(tiny, "query_scale=head_dim").forward(reference.token_ids, taps="default")
-    noisy = {n: a if n.startswith(("embed", "layers.0.")) else a * (1 + 3e-3 * rng.standard_normal(a.shape))
-             for n, a in acts.items()}
+    noisy = {
+        n: a if n.startswith(("embed", "layers.0.")) else a * (1 + 3e-3 * rng.standard_normal(a.shape))
+        for n, a in acts.items()
+    }
     cand = candidate(tmp_path, noisy, reference.token_ids)
     diag = diagnose(tiny, reference, cand, PROFILES["fp32"])
     best = diag.named[0]
@@ -103,9 +107,10 @@ def test_a_candidate_tokenizer_that_splits_a_special_token_is_told_so(tiny, tmp_
     reference = G.load_case("golden/special_tokens")
     ids = reference.token_ids.tolist()
     at = ids.index(106)
-    split = ids[:at] + [60, 61, 62, 63] + ids[at + 1:]  # "<", "start", "_of_", "turn>" in some tokenizer
+    split = ids[:at] + [60, 61, 62, 63] + ids[at + 1 :]  # "<", "start", "_of_", "turn>" in some tokenizer
     cand = candidate(tmp_path, tiny.forward(np.array(split), taps="residual"), np.array(split))
     result = compare_cases(reference, cand, PROFILES["fp32"])
     assert not result.passed
-    assert result.input_mismatch.startswith(f"the candidate's tokenizer split <start_of_turn> (id 106, at index {at}) "
-                                            f"into 4 pieces, ids [60, 61, 62, 63]")
+    assert result.input_mismatch.startswith(
+        f"the candidate's tokenizer split <start_of_turn> (id 106, at index {at}) into 4 pieces, ids [60, 61, 62, 63]"
+    )

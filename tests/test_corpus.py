@@ -35,8 +35,9 @@ def quiet(msg):
 def ref_all(tmp_path_factory):
     """The bundled corpus's first 4 chunks of 64 tokens, every id stored, and llama.cpp's base file of it."""
     d = tmp_path_factory.mktemp("corpus")
-    C.write_corpus("tiny", d / "ref", ctx=CTX, chunks=CHUNKS, top_k="all", kld_out=d / "ref.kld", shard_chunks=3,
-                   log=quiet)
+    C.write_corpus(
+        "tiny", d / "ref", ctx=CTX, chunks=CHUNKS, top_k="all", kld_out=d / "ref.kld", shard_chunks=3, log=quiet
+    )
     return d / "ref"
 
 
@@ -49,12 +50,18 @@ def ref_top8(ref_all):
 def mistaken(ref, name, mistake, dtype="float32"):
     out = Path(ref).parent / name
     if not out.exists():
-        C.write_corpus("tiny", out, backend={"name": C.REFERENCE_BACKEND, "dtype": dtype, "mistake": mistake},
-                       reference=ref, log=quiet)
+        C.write_corpus(
+            "tiny",
+            out,
+            backend={"name": C.REFERENCE_BACKEND, "dtype": dtype, "mistake": mistake},
+            reference=ref,
+            log=quiet,
+        )
     return out
 
 
 # -- the convention ---------------------------------------------------------------------------------------
+
 
 def test_chunks_start_with_bos_and_score_the_second_half_as_llama_perplexity(ref_all):
     """perplexity.cpp: chunk c = tokens[c*ctx:(c+1)*ctx], <bos> for its first token in the forward, rows
@@ -63,19 +70,22 @@ def test_chunks_start_with_bos_and_score_the_second_half_as_llama_perplexity(ref
     tok = g2.load_tokenizer("tiny")
     ids = np.array(tok.encode(C.BUNDLED_CORPUS.read_text(encoding="utf-8"), bos=True))
     tokens = g.tokens()
-    assert tokens.shape == (CHUNKS, CTX) and (tokens.reshape(-1) == ids[:CHUNKS * CTX]).all()
+    assert tokens.shape == (CHUNKS, CTX) and (tokens.reshape(-1) == ids[: CHUNKS * CTX]).all()
     model = g2.load_model("tiny", dtype="float64")
     stored = np.concatenate([g.shard(i)["logprobs"] for i in range(len(g.shards))])
     targets = np.concatenate([g.shard(i)["target_logprob"] for i in range(len(g.shards))])
     for c in range(CHUNKS):
         run = tokens[c].astype(np.int64)
         run[0] = 2
-        logits = model.logits(run)[CTX // 2:CTX - 1]  # (R, V) rows 32..62
-        lp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        logits = model.logits(run)[CTX // 2 : CTX - 1]  # (R, V) rows 32..62
+        lp = (
+            logits
+            - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
             - logits.max(1, keepdims=True)
+        )
         assert stored.shape[1] == CTX - 1 - CTX // 2
         np.testing.assert_allclose(stored[c], lp, atol=2e-5)  # float32 reference, float64 check
-        np.testing.assert_allclose(targets[c], lp[np.arange(len(lp)), tokens[c, CTX // 2 + 1:]], atol=2e-5)
+        np.testing.assert_allclose(targets[c], lp[np.arange(len(lp)), tokens[c, CTX // 2 + 1 :]], atol=2e-5)
 
 
 def test_bundled_corpus_is_the_held_out_stream_the_tiny_models_never_trained_on():
@@ -93,6 +103,7 @@ def test_top_k_ids_are_sorted_by_log_prob_then_id():
 
 # -- shards, resume, partial goldens ---------------------------------------------------------------------
 
+
 class Interrupt(KeyboardInterrupt):
     pass
 
@@ -103,6 +114,7 @@ def interrupted_after(n):
             yield r
             if i + 1 == n:
                 raise Interrupt()
+
     return executor
 
 
@@ -115,8 +127,12 @@ def test_resume_after_an_interruption_is_byte_identical(tmp_path):
     with pytest.raises(C.CorpusError, match="partial corpus golden"):
         C.load_corpus(tmp_path / "cut")
     seen = []
-    C.write_corpus("tiny", tmp_path / "cut", executor=lambda t, o: (seen.extend(x.shard for x in t),
-                                                                     C.serial_executor(t, o))[1], **kw)
+    C.write_corpus(
+        "tiny",
+        tmp_path / "cut",
+        executor=lambda t, o: (seen.extend(x.shard for x in t), C.serial_executor(t, o))[1],
+        **kw,
+    )
     assert seen == [1, 2]  # only the missing shards ran
     files = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "cut").iterdir())
@@ -149,6 +165,7 @@ def test_a_candidate_returning_nan_writes_nothing(tmp_path, ref_all):
 
 # -- the comparison ----------------------------------------------------------------------------------------
 
+
 def test_the_same_model_in_float64_gives_kld_zero(ref_all):
     r = K.compare_corpus(ref_all, mistaken(ref_all, "f64", None, "float64"))
     assert r.passed and r.stats["kld_mean"] < 1e-9 and r.stats["same_top1"] == 1.0
@@ -160,7 +177,7 @@ def test_a_known_mistake_gives_a_large_kld_and_exit_1(capsys, ref_all):
     code, out, err = cli(capsys, "compare", ref_all, cand, "--json")
     body = json.loads(out)
     assert code == 1 and body["kld_mean"] > K.THRESHOLDS["kld_mean"], body["kld_mean"]
-    assert list(body)[:len(K.JSON_KEYS)] == list(K.JSON_KEYS)
+    assert list(body)[: len(K.JSON_KEYS)] == list(K.JSON_KEYS)
     assert body["scored_tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
     code, out, err = cli(capsys, "compare", ref_all, cand)
     assert code == 1 and "FAIL" in out and "largest KLD positions" in out
@@ -170,7 +187,7 @@ def test_statistics_follow_llama_perplexity_definitions():
     """mean_and_uncertainty / percentile / median of perplexity.cpp:1745-1753, :1919-1931, by hand."""
     x = np.arange(1.0, 21.0)
     m, u = K.mean_and_uncertainty(x)
-    assert m == 10.5 and u == pytest.approx(np.sqrt((np.mean(x * x) - 10.5 ** 2) / 19))
+    assert m == 10.5 and u == pytest.approx(np.sqrt((np.mean(x * x) - 10.5**2) / 19))
     assert K.mean_and_uncertainty(x[:10])[1] == 0.0  # no uncertainty for 10 values or fewer
     assert K.percentile(x, 0.99) == pytest.approx(19.81) and K.median(x) == 10.5 and K.median(x[:5]) == 3
 
@@ -189,12 +206,14 @@ def test_top_k_truncation_stays_within_its_bound_and_below_the_exact_kld(ref_all
 
 def test_goldens_of_different_corpora_are_refused(capsys, tmp_path, ref_all):
     (tmp_path / "other.txt").write_text(C.BUNDLED_CORPUS.read_text(encoding="utf-8")[5000:])
-    C.write_corpus("tiny", tmp_path / "other", text=tmp_path / "other.txt", ctx=CTX, chunks=CHUNKS, top_k="all",
-                   log=quiet)
+    C.write_corpus(
+        "tiny", tmp_path / "other", text=tmp_path / "other.txt", ctx=CTX, chunks=CHUNKS, top_k="all", log=quiet
+    )
     assert "another corpus golden" in refused(capsys, "compare", ref_all, tmp_path / "other")
 
 
 # -- llama.cpp's base file ---------------------------------------------------------------------------------
+
 
 def test_our_base_file_holds_our_log_probs_to_its_quantization_step(ref_all):
     base = L.read_base_file(ref_all.parent / "ref.kld")
@@ -231,30 +250,35 @@ def bad_base(tmp_path, src, edit) -> Path:
 def test_bad_base_files_are_refused_naming_the_file(capsys, tmp_path, ref_all):
     src = ref_all.parent / "ref.kld"
     cut = bad_base(tmp_path, src, lambda d: d[:-100])
-    assert "truncated" in refused(capsys, "compare", ref_all, cut) and str(cut) in refused(capsys, "compare",
-                                                                                            ref_all, cut)
+    assert "truncated" in refused(capsys, "compare", ref_all, cut) and str(cut) in refused(
+        capsys, "compare", ref_all, cut
+    )
     vocab = bad_base(tmp_path, src, lambda d: d[:12] + struct.pack("<i", 2047) + d[16:])
     line = refused(capsys, "compare", ref_all, vocab)
     assert "vocabulary" in line or "bytes" in line
-    tokens = bad_base(tmp_path, src, lambda d: d[:20 + 4 * 5] + struct.pack("<i", 7) + d[24 + 4 * 5:])
+    tokens = bad_base(tmp_path, src, lambda d: d[: 20 + 4 * 5] + struct.pack("<i", 7) + d[24 + 4 * 5 :])
     assert "other tokens than the reference" in refused(capsys, "compare", ref_all, tokens)
 
 
 # -- bad input: one line, exit 2 -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, expected", [
-    (["--ctx", "63"], "even"),
-    (["--ctx", "1024"], "past the model's context"),
-    (["--top-k", "0"], "out of range"),
-    (["--top-k", "4096"], "out of range"),
-    (["--top-k", "many"], "'all'"),
-    (["--ctx", "512", "--chunks", "1", "--tokens", "{short}"], "at least two are needed"),
-    (["--text", "{empty}"], "is empty"),
-    (["--text", "{latin1}"], "not UTF-8"),
-    (["--tokens", "{outside}"], "outside the vocabulary"),
-    (["--ray-address", "nohost"], "--ray-address"),  # HOST:PORT expected (or, without Ray: what to install)
-    (["--backend", "transformers"], "needs both --backend NAME and --reference"),
-])
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--ctx", "63"], "even"),
+        (["--ctx", "1024"], "past the model's context"),
+        (["--top-k", "0"], "out of range"),
+        (["--top-k", "4096"], "out of range"),
+        (["--top-k", "many"], "'all'"),
+        (["--ctx", "512", "--chunks", "1", "--tokens", "{short}"], "at least two are needed"),
+        (["--text", "{empty}"], "is empty"),
+        (["--text", "{latin1}"], "not UTF-8"),
+        (["--tokens", "{outside}"], "outside the vocabulary"),
+        (["--ray-address", "nohost"], "--ray-address"),  # HOST:PORT expected (or, without Ray: what to install)
+        (["--backend", "transformers"], "needs both --backend NAME and --reference"),
+    ],
+)
 def test_bad_corpus_options_are_one_line_and_exit_2(capsys, tmp_path, args, expected):
     files = {"short": "2 " * 700, "empty": " \n", "outside": "2 5 9000 3"}
     for name, text in files.items():
@@ -268,18 +292,21 @@ def test_bad_corpus_options_are_one_line_and_exit_2(capsys, tmp_path, args, expe
 
 def test_a_partial_golden_is_never_a_reference(capsys, tmp_path):
     with pytest.raises(Interrupt):
-        C.write_corpus("tiny", tmp_path / "cut", ctx=32, chunks=4, shard_chunks=2, executor=interrupted_after(1),
-                       log=quiet)
-    line = refused(capsys, "corpus", "tiny", "--out", tmp_path / "cand", "--backend", "gemma2-ref", "--reference",
-                   tmp_path / "cut")
+        C.write_corpus(
+            "tiny", tmp_path / "cut", ctx=32, chunks=4, shard_chunks=2, executor=interrupted_after(1), log=quiet
+        )
+    line = refused(
+        capsys, "corpus", "tiny", "--out", tmp_path / "cand", "--backend", "gemma2-ref", "--reference", tmp_path / "cut"
+    )
     assert "partial corpus golden" in line
     assert "partial corpus golden" in refused(capsys, "compare", tmp_path / "cut", tmp_path / "cut")
 
 
 def test_another_command_into_a_partial_golden_is_refused(capsys, tmp_path):
     with pytest.raises(Interrupt):
-        C.write_corpus("tiny", tmp_path / "cut", ctx=32, chunks=4, shard_chunks=2, executor=interrupted_after(1),
-                       log=quiet)
+        C.write_corpus(
+            "tiny", tmp_path / "cut", ctx=32, chunks=4, shard_chunks=2, executor=interrupted_after(1), log=quiet
+        )
     line = refused(capsys, "corpus", "tiny", "--out", tmp_path / "cut", "--ctx", "32", "--chunks", "3")
     assert "another command" in line and "n_chunks" in line
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.backends import require
 from gemma2_ref.adapters import BACKENDS, load_adapter
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
+from tests.helpers.backends import require
 from tests.helpers.llamacpp_cases import backends, random_checkpoint
 
 CTX, CHUNKS = 64, 4  # 4 x 31 = 124 scored rows: llama-perplexity prints its statistics from 100
@@ -24,9 +24,13 @@ CTX, CHUNKS = 64, 4  # 4 x 31 = 124 scored rows: llama-perplexity prints its sta
 
 def llama_perplexity() -> Path:
     env = os.environ.get("GEMMA2_REF_LLAMA_PERPLEXITY")
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma2-ref" / \
-        f"llama-perplexity-{require('llama_cpp', 'pip install -e .[llamacpp]').__version__}" / "bin" / \
-        "llama-perplexity"
+    default = (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "gemma2-ref"
+        / f"llama-perplexity-{require('llama_cpp', 'pip install -e .[llamacpp]').__version__}"
+        / "bin"
+        / "llama-perplexity"
+    )
     path = Path(env) if env else default
     if not path.is_file():
         message = f"no llama-perplexity at {path}: run scripts/build_llama_perplexity.sh (about 15 min, once)"
@@ -49,8 +53,11 @@ def random_ref(tmp_path_factory):
 def gguf_candidate(ckpt, ref, dtype):
     out = Path(ref).parent / f"llama-{dtype}"
     if not out.exists():
-        backend = {"name": "llama.cpp", "adapter": BACKENDS["llama.cpp"],
-                   **load_adapter("llama.cpp").corpus_backend(ckpt, dtype)}
+        backend = {
+            "name": "llama.cpp",
+            "adapter": BACKENDS["llama.cpp"],
+            **load_adapter("llama.cpp").corpus_backend(ckpt, dtype),
+        }
         C.write_corpus(ckpt, out, backend=backend, reference=ref, log=lambda m: None)
     return out
 
@@ -74,9 +81,25 @@ def test_llama_perplexity_on_our_base_file_agrees_with_our_comparison(random_ref
     ckpt, ref = random_ref
     cand = gguf_candidate(ckpt, ref, "f32")
     gguf = C.load_corpus(cand).manifest["backend"]["gguf"]
-    done = subprocess.run([str(llama_perplexity()), "-m", gguf, "--kl-divergence-base", str(ref.parent / "ref.kld"),
-                           "--kl-divergence", "-c", str(CTX), "-t", "2", "-b", str(CTX)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(llama_perplexity()),
+            "-m",
+            gguf,
+            "--kl-divergence-base",
+            str(ref.parent / "ref.kld"),
+            "--kl-divergence",
+            "-c",
+            str(CTX),
+            "-t",
+            "2",
+            "-b",
+            str(CTX),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
     ours = K.compare_corpus(ref, cand).stats
@@ -93,9 +116,28 @@ def test_a_base_file_llama_perplexity_wrote_is_a_candidate(random_ref, tmp_path)
     cand = gguf_candidate(ckpt, ref, "f32")
     gguf = C.load_corpus(cand).manifest["backend"]["gguf"]
     base = tmp_path / "llama.kld"
-    done = subprocess.run([str(llama_perplexity()), "-m", gguf, "-f", str(C.BUNDLED_CORPUS), "-c", str(CTX),
-                           "--chunks", str(CHUNKS), "--kl-divergence-base", str(base), "-t", "2", "-b", str(CTX)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(llama_perplexity()),
+            "-m",
+            gguf,
+            "-f",
+            str(C.BUNDLED_CORPUS),
+            "-c",
+            str(CTX),
+            "--chunks",
+            str(CHUNKS),
+            "--kl-divergence-base",
+            str(base),
+            "-t",
+            "2",
+            "-b",
+            str(CTX),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     theirs = K.compare_corpus(ref, base).stats
     ours = K.compare_corpus(ref, cand).stats

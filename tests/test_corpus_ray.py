@@ -22,13 +22,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ray_cluster as rc
 from gemma2_ref.cli.main import main
 from gemma2_ref.storage.loader import resolve_checkpoint
 from gemma2_ref.verify import corpus as corpus_mod
 from gemma2_ref.verify.corpus import PLAN, ShardTask, plan_sha256, write_corpus
-from gemma2_ref.verify.corpus_ray import ClusterError, RayExecutor, cluster_pids, import_ray, local_cluster, \
-    pid_alive, visibility_problem
+from gemma2_ref.verify.corpus_ray import (
+    ClusterError,
+    RayExecutor,
+    cluster_pids,
+    import_ray,
+    local_cluster,
+    pid_alive,
+    visibility_problem,
+)
+from tests.helpers import ray_cluster as rc
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(ctx=64, chunks=8, shard_chunks=1)  # 8 shards of one 64-token chunk of the bundled corpus
@@ -36,8 +43,15 @@ SMALL = dict(ctx=64, chunks=8, shard_chunks=1)  # 8 shards of one 64-token chunk
 
 def cli(*args, env=None, **kw):
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "gemma2_ref.cli", *args], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gemma2_ref.cli", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def finish(proc, seconds: int):
@@ -61,8 +75,10 @@ def golden_bytes(d: Path) -> dict[str, bytes]:
 def serial_golden(tmp_path_factory):
     """The small corpus golden from one process with one BLAS thread (the env var, read when NumPy loads)."""
     out = tmp_path_factory.mktemp("serial") / "golden"
-    code = (f"from gemma2_ref.verify.corpus import write_corpus; write_corpus('tiny', {str(out)!r}, ctx=64, "
-            f"chunks=8, shard_chunks=1, log=lambda m: None)")
+    code = (
+        f"from gemma2_ref.verify.corpus import write_corpus; write_corpus('tiny', {str(out)!r}, ctx=64, "
+        f"chunks=8, shard_chunks=1, log=lambda m: None)"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     return out
@@ -97,12 +113,25 @@ def stand_in_tasks(tmp_path, n=4, model=None):
     plan = {"kind": "stand-in", "n": n}
     (out / PLAN).write_text(json.dumps(plan))
     model = str(resolve_checkpoint("tiny")) if model is None else model
-    tasks = [ShardTask(shard=i, chunks=(i, i + 1), tokens=b"", ctx=4, top_k=1, vocab_size=8, model=model,
-                       dtype="float32", plan=plan_sha256(plan)) for i in range(n)]
+    tasks = [
+        ShardTask(
+            shard=i,
+            chunks=(i, i + 1),
+            tokens=b"",
+            ctx=4,
+            top_k=1,
+            vocab_size=8,
+            model=model,
+            dtype="float32",
+            plan=plan_sha256(plan),
+        )
+        for i in range(n)
+    ]
     return tasks, out
 
 
 # -- without Ray ----------------------------------------------------------------------------------------
+
 
 def test_workers_2_without_ray_says_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
@@ -140,6 +169,7 @@ def test_visibility_problem_names_the_path_a_worker_cannot_see(tmp_path):
 
 # -- a local cluster ------------------------------------------------------------------------------------
 
+
 def test_local_cluster_listens_on_loopback_only_and_pins_one_blas_thread(cluster, tmp_path):
     tasks, out = stand_in_tasks(tmp_path, n=2)
     ex = RayExecutor(workers=2, start_timeout=120, shard_timeout=60, load=rc.stand_in_load, run=rc.stand_in_run)
@@ -167,8 +197,9 @@ def test_two_ray_workers_write_the_bytes_of_one_process(cluster, serial_golden, 
 
 def test_worker_killed_mid_shard_runs_it_again_and_golden_is_unchanged(cluster, serial_golden, tmp_path):
     logged = []
-    ex = RayExecutor(workers=2, retries=2, start_timeout=120, shard_timeout=120, run=rc.slow_real_run,
-                     log=logged.append)
+    ex = RayExecutor(
+        workers=2, retries=2, start_timeout=120, shard_timeout=120, run=rc.slow_real_run, log=logged.append
+    )
     out = tmp_path / "ray"
     killed = []
 
@@ -191,8 +222,15 @@ def test_worker_killed_mid_shard_runs_it_again_and_golden_is_unchanged(cluster, 
 
 def test_worker_that_keeps_dying_stops_the_run_naming_the_shards_not_done(cluster, tmp_path):
     tasks, out = stand_in_tasks(tmp_path, n=3)
-    ex = RayExecutor(workers=2, retries=1, start_timeout=120, shard_timeout=120, load=rc.stand_in_load,
-                     run=rc.dies_on_shard_zero, log=lambda m: None)
+    ex = RayExecutor(
+        workers=2,
+        retries=1,
+        start_timeout=120,
+        shard_timeout=120,
+        load=rc.stand_in_load,
+        run=rc.dies_on_shard_zero,
+        log=lambda m: None,
+    )
     with rc.bounded(180, "a worker dying twice"), pytest.raises(ClusterError) as e:
         list(ex(tasks, out))
     assert "died 2 times" in str(e.value) and "shards not done: 0" in str(e.value), str(e.value)
@@ -200,8 +238,14 @@ def test_worker_that_keeps_dying_stops_the_run_naming_the_shards_not_done(cluste
 
 def test_an_error_in_a_shard_is_raised_as_itself(cluster, tmp_path):
     tasks, out = stand_in_tasks(tmp_path, n=3)
-    ex = RayExecutor(workers=2, start_timeout=120, shard_timeout=60, load=rc.stand_in_load,
-                     run=rc.raises_on_shard_one, log=lambda m: None)
+    ex = RayExecutor(
+        workers=2,
+        start_timeout=120,
+        shard_timeout=60,
+        load=rc.stand_in_load,
+        run=rc.raises_on_shard_one,
+        log=lambda m: None,
+    )
     with pytest.raises(OSError) as e:
         list(ex(tasks, out))
     assert "No space left" in str(e.value) and "shard-00001" in str(e.value)
@@ -230,6 +274,7 @@ def test_worker_that_cannot_load_the_model_says_why_naming_the_node(cluster, tmp
 
 # -- the command line, its own cluster --------------------------------------------------------------------
 
+
 def test_cli_driver_killed_then_rerun_resumes_byte_identical(tmp_path):
     pytest.importorskip("ray")
     args = ["corpus", "tiny", "--out", str(tmp_path / "g"), "--ctx", "512", "--chunks", "12", "--shard-chunks", "1"]
@@ -250,8 +295,9 @@ def test_cli_driver_killed_then_rerun_resumes_byte_identical(tmp_path):
 
     _, err, code = finish(cli(*args, "--workers", "2"), 300)
     assert code == 0, err[-3000:]
-    assert f"resuming {tmp_path / 'g'}: {written} of 12 shards already written" in err or \
-        "already written" in err, err[-2000:]
+    assert f"resuming {tmp_path / 'g'}: {written} of 12 shards already written" in err or "already written" in err, err[
+        -2000:
+    ]
     _, err_ref, code_ref = finish(ref, 300)
     assert code_ref == 0, err_ref[-2000:]
     assert golden_bytes(tmp_path / "g") == golden_bytes(tmp_path / "ref")
@@ -277,20 +323,54 @@ def test_ray_address_with_nothing_there_is_one_line_not_a_hang(tmp_path):
 def test_cli_joins_a_ray_start_head_on_loopback(tmp_path, serial_golden):
     pytest.importorskip("ray")
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
     port, temp = free_port(), tempfile.mkdtemp(prefix="g2r-head-", dir="/tmp")
     token = Path(temp) / "token"  # Ray 2.60's token authentication, as docs/corpus-ray.md's recipe sets it up
     token.write_text(generate_new_authentication_token())
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **auth)
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address",
-                             "127.0.0.1", "--port", str(port), "--include-dashboard=false", "--num-cpus", "2",
-                             "--temp-dir", temp, "--disable-usage-stats"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--include-dashboard=false",
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp,
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = head.communicate(timeout=180)
         assert head.returncode == 0, out[-3000:]
-        run = cli("corpus", "tiny", "--out", str(tmp_path / "g"), "--ray-address", f"127.0.0.1:{port}",
-                  "--workers", "2", "--ctx", "64", "--chunks", "8", "--shard-chunks", "1", env=auth)
+        run = cli(
+            "corpus",
+            "tiny",
+            "--out",
+            str(tmp_path / "g"),
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--ctx",
+            "64",
+            "--chunks",
+            "8",
+            "--shard-chunks",
+            "1",
+            env=auth,
+        )
         _, err, code = finish(run, 300)
         assert code == 0, err[-3000:]
         assert "2 workers ready" in err, err[-2000:]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.backends import require
 from gemma2_ref.adapters import BACKENDS, load_adapter
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
+from tests.helpers.backends import require
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,11 @@ def reference(tmp_path_factory):
 
 def candidate(reference, dtype):
     out = reference.parent / f"hf-{dtype}"
-    backend = {"name": "transformers", "adapter": BACKENDS["transformers"],
-               **load_adapter("transformers").corpus_backend("tiny", dtype)}
+    backend = {
+        "name": "transformers",
+        "adapter": BACKENDS["transformers"],
+        **load_adapter("transformers").corpus_backend("tiny", dtype),
+    }
     C.write_corpus("tiny", out, backend=backend, reference=reference, log=lambda m: None)
     return out
 

@@ -8,22 +8,46 @@ import pytest
 import torch
 
 import gemma2_ref as g2
-from tests.helpers.numerics import rel_l2
 from tests.helpers.hf_reference import hf_config, load_reference, make_checkpoint, reference_run
+from tests.helpers.numerics import rel_l2
 
 LOGITS_MAX_ABS = 1e-4
 LOGITS_REL_L2 = 1e-5
 
 CONFIGS = {
     # 2B ratios: H/K = 2, head_dim = query_pre_attn_scalar, H*Dh != D
-    "2b-like": dict(hidden_size=72, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                    query_pre_attn_scalar=32, intermediate_size=288, num_hidden_layers=4, sliding_window=8),
+    "2b-like": dict(
+        hidden_size=72,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        intermediate_size=288,
+        num_hidden_layers=4,
+        sliding_window=8,
+    ),
     # multi-query: one kv head for all query heads
-    "multi-query": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                        query_pre_attn_scalar=16, intermediate_size=128, num_hidden_layers=3, sliding_window=6),
+    "multi-query": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        sliding_window=6,
+    ),
     # 27B-like: query_pre_attn_scalar = D/H != head_dim, and H*Dh != D
-    "27b-like": dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     query_pre_attn_scalar=24, intermediate_size=192, num_hidden_layers=4, sliding_window=8),
+    "27b-like": dict(
+        hidden_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        sliding_window=8,
+    ),
 }
 SEQ_LEN = 29  # > 3 x every sliding window above
 
@@ -69,10 +93,11 @@ def test_sharded_checkpoint_matches_transformers(tmp_path):
     assert len(model.weights.files) > 1
     ids = _ids(cfg.vocab_size, SEQ_LEN, 2)
     report = {}
-    _check(model.forward(ids, taps="residual"), reference_run(load_reference(ckpt), ids),
-           cfg.num_hidden_layers, report)
-    print(f"sharded bf16 ({len(model.weights.files)} files): logits max abs {report['max_abs']:.3g}, "
-          f"rel L2 {report['rel_l2']:.3g}")
+    _check(model.forward(ids, taps="residual"), reference_run(load_reference(ckpt), ids), cfg.num_hidden_layers, report)
+    print(
+        f"sharded bf16 ({len(model.weights.files)} files): logits max abs {report['max_abs']:.3g}, "
+        f"rel L2 {report['rel_l2']:.3g}"
+    )
 
 
 def test_batch_of_two_matches_transformers(tmp_path):
@@ -80,6 +105,10 @@ def test_batch_of_two_matches_transformers(tmp_path):
     ckpt = make_checkpoint(tmp_path, cfg, seed=4, scale=2.0)
     ids = np.stack([_ids(cfg.vocab_size, SEQ_LEN, 5), _ids(cfg.vocab_size, SEQ_LEN, 6)])
     report = {}
-    _check(g2.load_model(ckpt).forward(ids, taps="residual"), reference_run(load_reference(ckpt), ids),
-           cfg.num_hidden_layers, report)
+    _check(
+        g2.load_model(ckpt).forward(ids, taps="residual"),
+        reference_run(load_reference(ckpt), ids),
+        cfg.num_hidden_layers,
+        report,
+    )
     print(f"batch of two: logits max abs {report['max_abs']:.3g}, rel L2 {report['rel_l2']:.3g}")

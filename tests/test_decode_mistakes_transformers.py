@@ -63,6 +63,7 @@ def test_the_coverage_suites_decode_case_has_this_shape(model):
 
 # -- how transformers is made to commit each mistake -----------------------------------------------------------
 
+
 def ring_one_slot_short(monkeypatch, hf, ids):
     """transformers' own cache built for a window one shorter than the mask's: its sliding layers keep W - 2
     keys, so each decode query loses the oldest key of its window, as a ring written one slot ahead does."""
@@ -80,6 +81,7 @@ def static_cache_unmasked(monkeypatch, hf, ids):
         def patched(**kw):
             filled = int(kw["position_ids"].max()) + 1
             return create(**kw, or_mask_function=lambda b, h, q, kv: kv >= filled)
+
         return patched
 
     for name in ("create_causal_mask", "create_sliding_window_causal_mask"):
@@ -100,8 +102,11 @@ def window_ignored(monkeypatch, hf, ids):
     everywhere_global = copy.deepcopy(hf.config)
     everywhere_global.layer_types = ["full_attention"] * len(hf.config.layer_types)
     sliding, causal = modeling.create_sliding_window_causal_mask, modeling.create_causal_mask
-    monkeypatch.setattr(modeling, "create_sliding_window_causal_mask",
-                        lambda **kw: causal(**kw) if kw["inputs_embeds"].shape[1] == 1 else sliding(**kw))
+    monkeypatch.setattr(
+        modeling,
+        "create_sliding_window_causal_mask",
+        lambda **kw: causal(**kw) if kw["inputs_embeds"].shape[1] == 1 else sliding(**kw),
+    )
     return {"cache": DynamicCache(config=everywhere_global)}
 
 
@@ -110,8 +115,15 @@ def window_from_query(monkeypatch, hf, ids):
     import transformers.models.gemma2.modeling_gemma2 as modeling
 
     sliding = modeling.create_sliding_window_causal_mask
-    monkeypatch.setattr(modeling, "create_sliding_window_causal_mask", lambda **kw: sliding(
-        **kw, and_mask_function=lambda b, h, q, kv: kv >= q) if kw["inputs_embeds"].shape[1] == 1 else sliding(**kw))
+    monkeypatch.setattr(
+        modeling,
+        "create_sliding_window_causal_mask",
+        lambda **kw: (
+            sliding(**kw, and_mask_function=lambda b, h, q, kv: kv >= q)
+            if kw["inputs_embeds"].shape[1] == 1
+            else sliding(**kw)
+        ),
+    )
     return {}
 
 
@@ -136,8 +148,9 @@ def transformers_decode(checkpoint, hf, ids, out, **kw):
 
 
 @pytest.mark.parametrize("name", list(DECODE_MISTAKES))
-def test_a_decode_loop_mistake_made_in_transformers_is_found_at_its_step_and_named(checkpoint, model, reference, hf,
-                                                                                    ids, tmp_path, monkeypatch, name):
+def test_a_decode_loop_mistake_made_in_transformers_is_found_at_its_step_and_named(
+    checkpoint, model, reference, hf, ids, tmp_path, monkeypatch, name
+):
     make, tap, step = DECODE_MISTAKES[name]
     cand = transformers_decode(checkpoint, hf, ids, tmp_path / "cand", **make(monkeypatch, hf, ids))
     result = compare_cases(reference, cand, FP32)
@@ -158,11 +171,20 @@ def test_transformers_own_decode_raises_no_alarm(checkpoint, reference, hf, ids,
 
 
 @pytest.mark.parametrize("dtype, fixed", [("bfloat16", "bf16"), ("float16", "fp16")])
-def test_transformers_own_decode_in_half_precision_passes_its_fixed_and_measured_profiles(checkpoint, model,
-                                                                                          reference, ids, tmp_path,
-                                                                                          dtype, fixed):
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default",
-                                            hf_model=adapter.load(checkpoint, dtype), prefill=PREFILL))
+def test_transformers_own_decode_in_half_precision_passes_its_fixed_and_measured_profiles(
+    checkpoint, model, reference, ids, tmp_path, dtype, fixed
+):
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint,
+            ids,
+            tmp_path / "cand",
+            dtype=dtype,
+            taps="default",
+            hf_model=adapter.load(checkpoint, dtype),
+            prefill=PREFILL,
+        )
+    )
     for profile in (PROFILES[fixed], measured_profile(model, reference, dtype)):
         result = compare_cases(reference, cand, profile)
         assert result.passed, format_report(result)
@@ -170,11 +192,22 @@ def test_transformers_own_decode_in_half_precision_passes_its_fixed_and_measured
 
 @pytest.mark.parametrize("name", list(DECODE_MISTAKES))
 def test_a_decode_loop_mistake_in_a_bfloat16_transformers_run_is_named_under_the_measured_profile(
-        checkpoint, model, reference, ids, tmp_path, monkeypatch, name):
+    checkpoint, model, reference, ids, tmp_path, monkeypatch, name
+):
     make, tap, _ = DECODE_MISTAKES[name]
     hf16 = adapter.load(checkpoint, "bfloat16")
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype="bfloat16", taps="default",
-                                            hf_model=hf16, prefill=PREFILL, **make(monkeypatch, hf16, ids)))
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint,
+            ids,
+            tmp_path / "cand",
+            dtype="bfloat16",
+            taps="default",
+            hf_model=hf16,
+            prefill=PREFILL,
+            **make(monkeypatch, hf16, ids),
+        )
+    )
     measured = measured_profile(model, reference, "bfloat16")
     result = compare_cases(reference, cand, measured)
     assert not result.passed and result.first_divergence.name == tap, format_report(result)
@@ -185,8 +218,14 @@ def test_a_decode_loop_mistake_in_a_bfloat16_transformers_run_is_named_under_the
 def test_a_decode_loop_mistake_is_not_tried_on_a_prefill_case(model, ids, tmp_path):
     """Only a KV-cache decode can show a decode-loop mistake: on a plain prefill case it is not re-run."""
     ref = G.load_case(S.generate_case(model, ids, tmp_path / "ref", taps="default"))
-    cand = G.load_case(G.write_case(tmp_path / "cand", g2.mistakes.inject(model, "window_offset=-1").forward(
-        ids, taps="default"), ids, producer="some backend"))
+    cand = G.load_case(
+        G.write_case(
+            tmp_path / "cand",
+            g2.mistakes.inject(model, "window_offset=-1").forward(ids, taps="default"),
+            ids,
+            producer="some backend",
+        )
+    )
     diag = diagnose(model, ref, cand, FP32, combine=False)
     assert not any(r.variant.decode for r in diag.results)
 
@@ -204,8 +243,8 @@ class RingWrittenFirst(DynamicSlidingWindowLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)[:, :, -2 * self.sliding_window:]
-        self.values = torch.cat([self.values, value_states], dim=-2)[:, :, -2 * self.sliding_window:]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)[:, :, -2 * self.sliding_window :]
+        self.values = torch.cat([self.values, value_states], dim=-2)[:, :, -2 * self.sliding_window :]
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length):
@@ -236,16 +275,30 @@ def test_the_coverage_suites_chunked_case_has_these_chunks(model):
 
 
 def test_transformers_chunked_prefill_raises_no_alarm(checkpoint, hf, chunked_ids, chunked_reference, tmp_path):
-    cand = G.load_case(adapter.write_golden(checkpoint, chunked_ids, tmp_path / "cand", hf_model=hf, taps="default",
-                                            prefill=W, chunks=CHUNKS))
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint, chunked_ids, tmp_path / "cand", hf_model=hf, taps="default", prefill=W, chunks=CHUNKS
+        )
+    )
     result = compare_cases(chunked_reference, cand, FP32)
     assert result.passed, format_report(result)
 
 
 def test_a_chunk_written_into_the_ring_before_attending_in_transformers_is_found_in_that_chunk_and_named(
-        checkpoint, model, hf, chunked_ids, chunked_reference, tmp_path):
-    cand = G.load_case(adapter.write_golden(checkpoint, chunked_ids, tmp_path / "cand", hf_model=hf, taps="default",
-                                            prefill=W, chunks=CHUNKS, cache=ring_written_first(hf)))
+    checkpoint, model, hf, chunked_ids, chunked_reference, tmp_path
+):
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint,
+            chunked_ids,
+            tmp_path / "cand",
+            hf_model=hf,
+            taps="default",
+            prefill=W,
+            chunks=CHUNKS,
+            cache=ring_written_first(hf),
+        )
+    )
     result = compare_cases(chunked_reference, cand, FP32)
     assert not result.passed and result.first_divergence.name == "layers.0.attn.context", format_report(result)
     assert any(": chunk 1 (" in n for n in result.notes), result.notes

@@ -7,18 +7,26 @@ import pytest
 import gemma2_ref as g2
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
+from gemma2_ref.checkpoints import random_weights, save_checkpoint
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_cases
 from gemma2_ref.diagnose import diagnose, format_diagnosis, load_reference_model
 from gemma2_ref.mistakes import combine, find, inject, known_mistakes
-from gemma2_ref.checkpoints import random_weights, save_checkpoint
 
 W = 8  # sliding window of the test model
 # A small model where every mistake is visible: query_pre_attn_scalar (24) != head_dim (16) != D/H (18),
 # and sqrt(D) = sqrt(72) = 8.485 rounds to 8.5 in bfloat16.
-CFG = g2.PRESETS["tiny"].replace(vocab_size=512, hidden_size=72, intermediate_size=144, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=W,
-                                 max_position_embeddings=64)
+CFG = g2.PRESETS["tiny"].replace(
+    vocab_size=512,
+    hidden_size=72,
+    intermediate_size=144,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=W,
+    max_position_embeddings=64,
+)
 FP32 = PROFILES["fp32"]
 
 # mistake -> the tap where it first acts (with the "default" taps; attn.probs when "all" taps are stored)
@@ -58,8 +66,9 @@ def reference(model, tmp_path_factory):
 
 def candidate(model, tmp_path, ids, mistake, taps="default"):
     """What a backend with this mistake would write: its activations and the ids it ran, nothing else."""
-    return G.load_case(G.write_case(tmp_path / "cand", inject(model, mistake).forward(ids, taps=taps), ids,
-                                    producer="some backend"))
+    return G.load_case(
+        G.write_case(tmp_path / "cand", inject(model, mistake).forward(ids, taps=taps), ids, producer="some backend")
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -96,6 +105,7 @@ def test_with_attention_scores_stored_scale_and_window_mistakes_are_told_apart(m
     head, query, key = first.max_abs_index
     assert first.name == "layers.0.attn.probs" and query - key == W  # the key exactly `window` back
     from gemma2_ref.compare import compare_activations
+
     assert compare_activations(probs_only, scale.activations, FP32).first_divergence.name == "layers.0.attn.probs"
 
 
@@ -116,7 +126,9 @@ def test_a_bos_mistake_is_named_even_when_the_candidate_records_the_reference_id
 
 
 def test_two_mistakes_at_once_are_named_together(model, reference, tmp_path):
-    cand = candidate(model, tmp_path, reference.token_ids, combine(find(CFG, "exact_gelu"), find(CFG, "drop_final_softcap")))
+    cand = candidate(
+        model, tmp_path, reference.token_ids, combine(find(CFG, "exact_gelu"), find(CFG, "drop_final_softcap"))
+    )
     diag = diagnose(model, reference, cand, FP32)
     assert diag.named[0].verdict == "matches"
     assert set(diag.named[0].variant.name.split(" + ")) == {"exact_gelu", "drop_final_softcap"}

@@ -18,7 +18,13 @@ from gemma2_ref import suites as S
 from gemma2_ref.adapters import transformers as adapter
 from gemma2_ref.compare import PROFILES, compare_cases, format_report
 from gemma2_ref.diagnose import diagnose, format_diagnosis
-from tests.helpers.hf_reference import DIAGNOSABLE, DIAGNOSABLE_WINDOW, diagnosable_checkpoint, hf_config, make_checkpoint
+from tests.helpers.hf_reference import (
+    DIAGNOSABLE,
+    DIAGNOSABLE_WINDOW,
+    diagnosable_checkpoint,
+    hf_config,
+    make_checkpoint,
+)
 
 W = DIAGNOSABLE_WINDOW
 FP32 = PROFILES["fp32"]
@@ -45,8 +51,9 @@ def reference(model, ids, tmp_path_factory):
 
 
 def hf_with(checkpoint, **config_changes):
-    return Gemma2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager",
-                                             **config_changes).eval()
+    return Gemma2ForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager", **config_changes
+    ).eval()
 
 
 @torch.no_grad()
@@ -118,6 +125,7 @@ def test_a_window_mistake_decodes_through_a_cache_sized_for_its_window(model, id
 
 # -- the bug classes backends shipped beyond the original twelve, made in transformers ---------------------------
 
+
 def interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
     """RoPE on pairs (2i, 2i+1), GPT-J / Meta style, with transformers' own cos / sin (half-split layout)."""
     half = q.shape[-1] // 2
@@ -151,13 +159,15 @@ NEW_MISTAKES = {  # name -> (how transformers commits it, a function patched in 
 
 
 @pytest.mark.parametrize("name", list(NEW_MISTAKES))
-def test_a_shipped_bug_class_made_in_transformers_is_named(checkpoint, model, reference, ids, tmp_path, monkeypatch,
-                                                            name):
+def test_a_shipped_bug_class_made_in_transformers_is_named(
+    checkpoint, model, reference, ids, tmp_path, monkeypatch, name
+):
     make, patch = NEW_MISTAKES[name]
     if patch:
         monkeypatch.setattr(f"{MODELING}.{patch[0]}", patch[1])
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint),
-                                            taps="default"))
+    cand = G.load_case(
+        adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint), taps="default")
+    )
     diag = diagnose(model, reference, cand, FP32)
     assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
     assert diag.named[0].verdict == "matches", format_diagnosis(diag)
@@ -183,6 +193,7 @@ def test_a_float16_overflow_is_named_at_the_tap_where_the_reference_leaves_the_f
 
 # -- a skipped post-norm: transformers' own layer with its post-norm module replaced by the identity ---------------
 
+
 def without(hf, norm: str):
     """Every decoder layer's `norm` (post_attention_layernorm / post_feedforward_layernorm) an identity: the
     Gemma 1 layer, which adds the sub-block's output to the residual stream as it is."""
@@ -191,12 +202,21 @@ def without(hf, norm: str):
     return hf
 
 
-@pytest.mark.parametrize("name, norm, tap", [("no_post_attn_norm", "post_attention_layernorm", "post_attn_norm"),
-                                             ("no_post_ffw_norm", "post_feedforward_layernorm", "post_ffw_norm")])
-def test_a_post_norm_skipped_in_transformers_is_found_at_that_norm_and_named(checkpoint, model, reference, ids,
-                                                                              tmp_path, name, norm, tap):
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", taps="default",
-                                            hf_model=without(hf_with(checkpoint), norm)))
+@pytest.mark.parametrize(
+    "name, norm, tap",
+    [
+        ("no_post_attn_norm", "post_attention_layernorm", "post_attn_norm"),
+        ("no_post_ffw_norm", "post_feedforward_layernorm", "post_ffw_norm"),
+    ],
+)
+def test_a_post_norm_skipped_in_transformers_is_found_at_that_norm_and_named(
+    checkpoint, model, reference, ids, tmp_path, name, norm, tap
+):
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint, ids, tmp_path / "cand", taps="default", hf_model=without(hf_with(checkpoint), norm)
+        )
+    )
     result = compare_cases(reference, cand, FP32)
     assert not result.passed and result.first_divergence.name == f"layers.0.{tap}"
     diag = diagnose(model, reference, cand, FP32)
@@ -205,6 +225,7 @@ def test_a_post_norm_skipped_in_transformers_is_found_at_that_norm_and_named(che
 
 
 # -- issue 28: the norm mapping, the shifted logits, and the arithmetic of RMSNorm in bfloat16 ------------------
+
 
 @torch.no_grad()
 def norms_swapped(hf):
@@ -226,12 +247,19 @@ def centred_unembedding(hf):
     return hf
 
 
-@pytest.mark.parametrize("name, make", [("norm_swap", lambda ck: norms_swapped(hf_with(ck))),
-                                        ("logits_shifted", lambda ck: centred_unembedding(hf_with(ck)))])
-def test_a_norm_mapping_or_logit_shift_made_in_transformers_is_named(checkpoint, model, reference, ids, tmp_path,
-                                                                      name, make):
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint),
-                                            taps="default"))
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("norm_swap", lambda ck: norms_swapped(hf_with(ck))),
+        ("logits_shifted", lambda ck: centred_unembedding(hf_with(ck))),
+    ],
+)
+def test_a_norm_mapping_or_logit_shift_made_in_transformers_is_named(
+    checkpoint, model, reference, ids, tmp_path, name, make
+):
+    cand = G.load_case(
+        adapter.write_golden(checkpoint, ids, tmp_path / "cand", hf_model=make(checkpoint), taps="default")
+    )
     diag = diagnose(model, reference, cand, FP32, combine=False)
     assert diag.named and diag.named[0].variant.name == name, format_diagnosis(diag)
     assert diag.named[0].verdict == "matches", format_diagnosis(diag)
@@ -253,31 +281,39 @@ def rms_variance_in_bf16(self, x):
     squares = x.to(torch.bfloat16) * x.to(torch.bfloat16)
     total = torch.zeros(squares.shape[:-1] + (1,), dtype=torch.bfloat16)
     for j in range(squares.shape[-1]):
-        total = total + squares[..., j:j + 1]
+        total = total + squares[..., j : j + 1]
     variance = (total / squares.shape[-1]).float()
     return (x.float() * torch.rsqrt(variance + self.eps) * (1.0 + self.weight.float())).type_as(x)
 
 
-PRECISION = {"norm_cast_before_scale": rms_cast_before_scale, "norm_scale_in_bf16": rms_scale_in_bf16,
-             "norm_variance_in_bf16": rms_variance_in_bf16}
+PRECISION = {
+    "norm_cast_before_scale": rms_cast_before_scale,
+    "norm_scale_in_bf16": rms_scale_in_bf16,
+    "norm_variance_in_bf16": rms_variance_in_bf16,
+}
 
 
 def bf16_candidate(checkpoint, ids, out, monkeypatch=None, norm=None):
     if norm is not None:
         monkeypatch.setattr(f"{MODELING}.Gemma2RMSNorm.forward", norm)
-    return G.load_case(adapter.write_golden(checkpoint, ids, out, dtype="bfloat16", taps="default",
-                                            hf_model=adapter.load(checkpoint, "bfloat16")))
+    return G.load_case(
+        adapter.write_golden(
+            checkpoint, ids, out, dtype="bfloat16", taps="default", hf_model=adapter.load(checkpoint, "bfloat16")
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def measured(model, reference):
     from gemma2_ref.measured import measured_profile
+
     return measured_profile(model, reference, "bfloat16")
 
 
 @pytest.mark.parametrize("name", list(PRECISION))
 def test_an_rmsnorm_precision_mistake_in_bfloat16_transformers_within_bfloat16_noise_is_a_stated_blind_spot(
-        checkpoint, model, reference, ids, measured, tmp_path, monkeypatch, name):
+    checkpoint, model, reference, ids, measured, tmp_path, monkeypatch, name
+):
     """On this model (D = 72) each of RMSNorm's arithmetic mistakes moves a bfloat16 run by about one more
     bfloat16 rounding per norm: the measured profile (4x the reference's own bfloat16 error) passes it, so
     nothing is named, and the case says it could not have seen the mistake (a blind spot of the measured
@@ -297,25 +333,38 @@ def test_clean_transformers_in_each_dtype_names_nothing(checkpoint, model, refer
     names no mistake for the float32 run."""
     from gemma2_ref.measured import measured_profile
 
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default",
-                                            hf_model=adapter.load(checkpoint, dtype)))
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint, ids, tmp_path / "cand", dtype=dtype, taps="default", hf_model=adapter.load(checkpoint, dtype)
+        )
+    )
     profiles = [PROFILES[fixed]] + ([measured_profile(model, reference, dtype)] if dtype != "float32" else [])
     for profile in profiles:
         diag = diagnose(model, reference, cand, profile, combine=False)
         assert diag.base.passed and not diag.named, format_diagnosis(diag)
 
 
-@pytest.mark.parametrize("made, named, ruled_out", [
-    ("no_sliding_window", "no_sliding_window", "sliding_layers=odd"),
-    ("sliding_layers=odd", "sliding_layers=odd", "no_sliding_window")])
-def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(checkpoint, model, reference, ids,
-                                                                               tmp_path, made, named, ruled_out):
+@pytest.mark.parametrize(
+    "made, named, ruled_out",
+    [
+        ("no_sliding_window", "no_sliding_window", "sliding_layers=odd"),
+        ("sliding_layers=odd", "sliding_layers=odd", "no_sliding_window"),
+    ],
+)
+def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(
+    checkpoint, model, reference, ids, tmp_path, made, named, ruled_out
+):
     """No window and the window on the odd layers agree at layer 0 (global in both) and part at layer 1: the
     candidate's later taps tell them apart, so one is named and the other listed as ruled out at that tap."""
-    types = {"no_sliding_window": ["full_attention"] * 4,
-             "sliding_layers=odd": ["full_attention", "sliding_attention"] * 2}[made]
-    cand = G.load_case(adapter.write_golden(checkpoint, ids, tmp_path / "cand", taps="default",
-                                            hf_model=hf_with(checkpoint, layer_types=types)))
+    types = {
+        "no_sliding_window": ["full_attention"] * 4,
+        "sliding_layers=odd": ["full_attention", "sliding_attention"] * 2,
+    }[made]
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint, ids, tmp_path / "cand", taps="default", hf_model=hf_with(checkpoint, layer_types=types)
+        )
+    )
     diag = diagnose(model, reference, cand, FP32)
     assert [r.variant.name for r in diag.named] == [named], format_diagnosis(diag)
     ruled = {r.variant.name: r.ruled_out_at for r in diag.results if r.ruled_out_at}
@@ -324,8 +373,9 @@ def test_a_partial_explanation_a_later_tap_contradicts_is_ruled_out_not_named(ch
     assert {"variant": ruled_out, "at": ruled[ruled_out]} in diag.to_dict()["ruled_out"]
 
 
-def test_rmsnorm_variance_accumulated_in_bfloat16_is_named_under_the_measured_profile_on_a_wide_model(tmp_path,
-                                                                                                      monkeypatch):
+def test_rmsnorm_variance_accumulated_in_bfloat16_is_named_under_the_measured_profile_on_a_wide_model(
+    tmp_path, monkeypatch
+):
     """At D = 1024 a running bfloat16 sum of the squares loses enough (SGLang #27540) to leave bfloat16's noise:
     transformers in bfloat16 with that RMSNorm fails the measured profile at the first norm and is named (84x
     closer to the variant, re-run with bfloat16 rounding, than to the reference). (1 + w) in bfloat16 stays

@@ -16,10 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gemma2_ref as g2
-from gemma2_ref.data import DATA_DIR
-from gemma2_ref.distill import (distillation_loss, distillation_per_token, entropy, kl_loss, kl_per_token,
-                                log_softmax)
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.data import DATA_DIR
+from gemma2_ref.distill import distillation_loss, distillation_per_token, entropy, kl_loss, kl_per_token, log_softmax
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SCRIPTS = DATA_DIR.parent.parent / "scripts"
@@ -30,17 +29,26 @@ import train_tiny  # noqa: E402  (the training script: its corpus split, so "hel
 
 def logits_pair(seed, positions, vocab, scale):
     rng = np.random.default_rng(seed)
-    return (rng.normal(0, scale, (positions, vocab)).astype(np.float32),
-            rng.normal(0, scale, (positions, vocab)).astype(np.float32))
+    return (
+        rng.normal(0, scale, (positions, vocab)).astype(np.float32),
+        rng.normal(0, scale, (positions, vocab)).astype(np.float32),
+    )
 
 
 def any_logits(test):
     """Run `test` on teacher and student logits of many shapes and scales (see logits_pair)."""
-    return SETTINGS(given(seed=st.integers(0, 2**16), positions=st.integers(1, 9), vocab=st.integers(2, 300),
-                          scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]))(test))
+    return SETTINGS(
+        given(
+            seed=st.integers(0, 2**16),
+            positions=st.integers(1, 9),
+            vocab=st.integers(2, 300),
+            scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]),
+        )(test)
+    )
 
 
 # -- the loss, against torch ----------------------------------------------------------------------------
+
 
 @any_logits
 def test_loss_equals_torch_cross_entropy_to_the_teacher(seed, positions, vocab, scale):
@@ -68,6 +76,7 @@ def test_log_softmax_is_stable_for_soft_capped_extremes():
 
 
 # -- the loss, its identities --------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(seed=st.integers(0, 2**16), vocab=st.integers(2, 300), scale=st.sampled_from([0.1, 1.0, 5.0]))
@@ -109,8 +118,7 @@ def test_batch_axis_and_mask_average_only_the_selected_positions():
     assert per_token.shape == (2, 5)
     assert distillation_loss(teacher, student, mask) == pytest.approx(per_token[mask].mean(), rel=1e-12)
     assert distillation_loss(teacher, student, mask) != pytest.approx(distillation_loss(teacher, student))
-    assert kl_loss(teacher, student, mask) == pytest.approx(
-        (per_token - entropy(teacher))[mask].mean(), rel=1e-12)
+    assert kl_loss(teacher, student, mask) == pytest.approx((per_token - entropy(teacher))[mask].mean(), rel=1e-12)
 
 
 def test_errors_name_the_shapes():
@@ -123,6 +131,7 @@ def test_errors_name_the_shapes():
 
 
 # -- the bundled, distilled model ----------------------------------------------------------------------
+
 
 def held_out_windows(n_windows):
     """The first windows (<bos> + 127 tokens) of the corpus blocks scripts/train_tiny.py held out."""
@@ -156,12 +165,14 @@ def test_bundled_teacher_is_a_larger_gemma2_with_the_same_vocabulary_and_window(
     assert s == g2.PRESETS["tiny"]
     assert t.parameter_counts()["non_embedding"] > s.parameter_counts()["non_embedding"]
     assert (t.vocab_size, t.sliding_window, t.layer_types) == (s.vocab_size, s.sliding_window, s.layer_types)
-    assert (DATA_DIR / "tiny-teacher" / "tokenizer.model").read_bytes() == \
-        (DATA_DIR / "tiny" / "tokenizer.model").read_bytes()
+    assert (DATA_DIR / "tiny-teacher" / "tokenizer.model").read_bytes() == (
+        DATA_DIR / "tiny" / "tokenizer.model"
+    ).read_bytes()
 
 
 def test_bundled_student_is_trained_far_closer_to_its_teacher_than_a_random_student(
-        student, teacher, held_out, tmp_path):
+    student, teacher, held_out, tmp_path
+):
     cfg = g2.PRESETS["tiny"]
     random_dir = save_checkpoint(tmp_path / "random", cfg, random_weights(cfg, seed=0), "BF16")
     t_logits = teacher.logits(held_out)

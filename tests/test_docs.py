@@ -61,7 +61,8 @@ def test_a_new_subcommand_appears_in_the_command_table_and_its_help(monkeypatch)
 
     monkeypatch.setattr(main, "SUBCOMMANDS", main.SUBCOMMANDS + [add_sweep])
     assert "| `gemma2-ref sweep` | a made-up command, to see the tables follow the parser |" in make_docs.render(
-        "commands")
+        "commands"
+    )
     assert "--chunk CHUNK" in make_docs.render("help sweep")
 
 

@@ -52,6 +52,7 @@ def left_in(directory: Path) -> list[str]:
 
 # -- tracebacks instead of a message --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["run", "generate", "golden"])
 @pytest.mark.parametrize("tokens", ["2 999999", "2 -1"])
 def test_every_command_refuses_token_ids_outside_the_vocabulary(capsys, tmp_path, command, tokens):
@@ -62,22 +63,31 @@ def test_every_command_refuses_token_ids_outside_the_vocabulary(capsys, tmp_path
 
 
 @pytest.mark.parametrize("command", ["run", "generate", "golden"])
-@pytest.mark.parametrize("tokens, says", [("", "--tokens is empty"), (" , ", "--tokens is empty"),
-                                          ("2 abc", "--tokens: 'abc' (item 2) is not an integer token id"),
-                                          ("2 1.5", "--tokens: '1.5' (item 2) is not an integer token id")])
+@pytest.mark.parametrize(
+    "tokens, says",
+    [
+        ("", "--tokens is empty"),
+        (" , ", "--tokens is empty"),
+        ("2 abc", "--tokens: 'abc' (item 2) is not an integer token id"),
+        ("2 1.5", "--tokens: '1.5' (item 2) is not an integer token id"),
+    ],
+)
 def test_every_command_names_the_option_of_unreadable_tokens(capsys, tmp_path, command, tokens, says):
     out = ["--out", tmp_path / "g"] if command == "golden" else []
     assert says in refused(capsys, command, "tiny", "--tokens", tokens, *out)
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--positions", "abc"], "argument --positions: expected START:STOP"),
-    (["--positions", "3:1"], "argument --positions: expected START:STOP"),
-    (["--positions", "1:9"], "--positions 1:9 is not a range inside the prompt's 3 tokens"),
-    (["--taps", ""], "argument --taps: an empty list would store only the logits"),
-    (["--taps", ",,"], "argument --taps: an empty list would store only the logits"),
-    (["--taps", "layers.9.*"], "--taps: tap pattern 'layers.9.*' matches no tap"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--positions", "abc"], "argument --positions: expected START:STOP"),
+        (["--positions", "3:1"], "argument --positions: expected START:STOP"),
+        (["--positions", "1:9"], "--positions 1:9 is not a range inside the prompt's 3 tokens"),
+        (["--taps", ""], "argument --taps: an empty list would store only the logits"),
+        (["--taps", ",,"], "argument --taps: an empty list would store only the logits"),
+        (["--taps", "layers.9.*"], "--taps: tap pattern 'layers.9.*' matches no tap"),
+    ],
+)
 def test_golden_names_the_option_of_a_bad_position_range_or_tap_list(capsys, tmp_path, argv, says):
     assert says in refused(capsys, "golden", "tiny", "--tokens", "2 3 4", "--out", tmp_path / "g", *argv)
     assert left_in(tmp_path) == []
@@ -104,13 +114,19 @@ def test_an_out_that_cannot_be_written_is_refused_leaving_nothing(capsys, tmp_pa
 @pytest.mark.parametrize("argv", [["--tokens", "2 3 4 5 6 7 8 9"], ["--suite", "coverage"]])
 def test_a_full_disk_leaves_nothing_behind(tmp_path, argv):
     """A real write failure: the process may write files of at most 100 kB (EFBIG, as ENOSPC would)."""
+
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
     (tmp_path / "out").mkdir()
-    r = subprocess.run([sys.executable, "-m", "gemma2_ref.cli", "golden", "tiny", *argv, "--out", tmp_path / "out"],
-                       cwd=REPO, capture_output=True, text=True, preexec_fn=small_files)
+    r = subprocess.run(
+        [sys.executable, "-m", "gemma2_ref.cli", "golden", "tiny", *argv, "--out", tmp_path / "out"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"error: {tmp_path / 'out'}: File too large; nothing was written" in r.stderr
     assert left_in(tmp_path) == ["out"] and left_in(tmp_path / "out") == []  # no .tmp file or directory
@@ -128,16 +144,19 @@ def test_a_failed_write_removes_the_half_written_file(tmp_path):
     assert left_in(tmp_path) == []
 
 
-@pytest.mark.parametrize("key, value, says", [
-    ("attn_logit_softcapping", "thirty", "`attn_logit_softcapping` must be a number, found 'thirty'"),
-    ("final_logit_softcapping", -30, "`final_logit_softcapping` must be a positive finite number"),
-    ("rms_norm_eps", "1e-6", "`rms_norm_eps` must be a number, found '1e-6'"),
-    ("rope_theta", "ten thousand", "`rope_theta` must be a number"),
-    ("max_position_embeddings", 8.5, "`max_position_embeddings` must be an integer, found 8.5"),
-    ("eos_token_id", [1, "end"], "`eos_token_id` must be an integer, found 'end'"),
-    ("query_pre_attn_scalar", "x", "`query_pre_attn_scalar` must be a number"),
-    ("vocab_size", "2048", "`vocab_size` must be a positive integer, found '2048'"),
-])
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("attn_logit_softcapping", "thirty", "`attn_logit_softcapping` must be a number, found 'thirty'"),
+        ("final_logit_softcapping", -30, "`final_logit_softcapping` must be a positive finite number"),
+        ("rms_norm_eps", "1e-6", "`rms_norm_eps` must be a number, found '1e-6'"),
+        ("rope_theta", "ten thousand", "`rope_theta` must be a number"),
+        ("max_position_embeddings", 8.5, "`max_position_embeddings` must be an integer, found 8.5"),
+        ("eos_token_id", [1, "end"], "`eos_token_id` must be an integer, found 'end'"),
+        ("query_pre_attn_scalar", "x", "`query_pre_attn_scalar` must be a number"),
+        ("vocab_size", "2048", "`vocab_size` must be a positive integer, found '2048'"),
+    ],
+)
 def test_a_non_number_in_config_json_names_the_file_and_the_key(capsys, tmp_path, key, value, says):
     d = copy_of_tiny(tmp_path, config={key: value})
     assert refused(capsys, "info", d, "--no-hash").startswith(f"gemma2-ref info: error: {d / 'config.json'}: {says}")
@@ -145,11 +164,13 @@ def test_a_non_number_in_config_json_names_the_file_and_the_key(capsys, tmp_path
 
 # -- silently wrong results -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory):
     def poison(t):
         t["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
         t["model.layers.1.mlp.up_proj.weight"][7, 1] = np.inf
+
     return copy_of_tiny(tmp_path_factory.mktemp("nan"), weights=poison)
 
 
@@ -157,6 +178,7 @@ def nan_model(tmp_path_factory):
 def overflow_model(tmp_path_factory):
     def huge(t):
         t["model.embed_tokens.weight"][3, :4] = 3e38  # finite, but x sqrt(128) overflows float32
+
     return copy_of_tiny(tmp_path_factory.mktemp("overflow"), weights=huge)
 
 
@@ -164,8 +186,10 @@ def overflow_model(tmp_path_factory):
 def test_a_non_finite_weight_is_refused_naming_the_tensor(capsys, tmp_path, nan_model, command):
     out = ["--out", tmp_path / "g"] if command == "golden" else []
     line = refused(capsys, command, nan_model, "--tokens", "2 3 4", *out)
-    assert (f"{nan_model / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' holds non-finite "
-            f"values (1 NaN, 1 Inf of 65536), the first at index (3, 5)") in line
+    assert (
+        f"{nan_model / 'model.safetensors'}: tensor 'model.layers.1.mlp.up_proj.weight' holds non-finite "
+        f"values (1 NaN, 1 Inf of 65536), the first at index (3, 5)"
+    ) in line
     assert left_in(tmp_path) == []
 
 
@@ -179,7 +203,9 @@ def test_a_non_finite_activation_is_refused_naming_the_first_tap(capsys, tmp_pat
 
 def test_the_golden_suite_of_an_overflowing_model_is_refused_and_not_written(capsys, tmp_path, overflow_model):
     code, out, err = cli(capsys, "golden", overflow_model, "--suite", "coverage", "--out", tmp_path / "g")
-    assert code == 2 and "error: " + str(overflow_model) + ": the forward produced non-finite values, first at tap" in err
+    assert (
+        code == 2 and "error: " + str(overflow_model) + ": the forward produced non-finite values, first at tap" in err
+    )
     assert left_in(tmp_path) == []
 
 
@@ -205,29 +231,56 @@ def test_one_context_rule_for_every_command(capsys, tmp_path, command):
     assert cli(capsys, command, d, "--tokens", "2 3 4 5", *out)[0] == 0  # exactly the context is fine
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["run", "tiny", "--tokens", "2", "--top-k", "-3"], "argument --top-k: must be an integer >= 1, got '-3'"),
-    (["run", "tiny", "--tokens", "2", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
-    (["run", "tiny", "--tokens", "2", "--top-k", "three"], "argument --top-k: 'three' is not an integer"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "nan"], "argument --temperature: must be a finite number >= 0"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "inf"], "argument --temperature: must be a finite number >= 0"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-p", "0"], "argument --top-p: must be a probability in (0, 1]"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-p", "1.5"], "argument --top-p: must be a probability"),
-    (["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-k", "0"], "argument --top-k: must be an integer >= 1"),
-    (["generate", "tiny", "--tokens", "2", "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
-    (["generate", "tiny", "--tokens", "2", "--max-new-tokens", "-5"], "argument --max-new-tokens: must be an integer >= 1"),
-    (["generate", "tiny", "--tokens", "2", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
-    (["compare", SHORT, SHORT, "--rtol", "-1"], "argument --rtol: must be a finite number >= 0, got '-1'"),
-    (["compare", SHORT, SHORT, "--atol", "nan"], "argument --atol: must be a finite number >= 0"),
-    (["compare", SHORT, SHORT, "--kl", "-0.1"], "argument --kl: must be a finite number >= 0"),
-    (["compare", SHORT, SHORT, "--top1", "2"], "argument --top1: must be a fraction in [0, 1], got '2'"),
-    (["compare", SHORT, SHORT, "--top5", "-0.5"], "argument --top5: must be a fraction in [0, 1]"),
-    (["diagnose", SHORT, SHORT, "--top5", "x"], "argument --top5: 'x' is not a number"),
-    (["bench", "--layers", "0"], "argument --layers: must be an integer >= 1, got '0'"),
-    (["bench", "--seq", "128,x"], "argument --seq: 'x' is not an integer"),
-    (["bench", "--threads", "-2"], "argument --threads: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["run", "tiny", "--tokens", "2", "--top-k", "-3"], "argument --top-k: must be an integer >= 1, got '-3'"),
+        (["run", "tiny", "--tokens", "2", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got '0'"),
+        (["run", "tiny", "--tokens", "2", "--top-k", "three"], "argument --top-k: 'three' is not an integer"),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "nan"],
+            "argument --temperature: must be a finite number >= 0",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "-1"],
+            "argument --temperature: must be a finite number >= 0",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "inf"],
+            "argument --temperature: must be a finite number >= 0",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-p", "0"],
+            "argument --top-p: must be a probability in (0, 1]",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-p", "1.5"],
+            "argument --top-p: must be a probability",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--temperature", "1", "--top-k", "0"],
+            "argument --top-k: must be an integer >= 1",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--max-new-tokens", "0"],
+            "argument --max-new-tokens: must be an integer >= 1",
+        ),
+        (
+            ["generate", "tiny", "--tokens", "2", "--max-new-tokens", "-5"],
+            "argument --max-new-tokens: must be an integer >= 1",
+        ),
+        (["generate", "tiny", "--tokens", "2", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (["compare", SHORT, SHORT, "--rtol", "-1"], "argument --rtol: must be a finite number >= 0, got '-1'"),
+        (["compare", SHORT, SHORT, "--atol", "nan"], "argument --atol: must be a finite number >= 0"),
+        (["compare", SHORT, SHORT, "--kl", "-0.1"], "argument --kl: must be a finite number >= 0"),
+        (["compare", SHORT, SHORT, "--top1", "2"], "argument --top1: must be a fraction in [0, 1], got '2'"),
+        (["compare", SHORT, SHORT, "--top5", "-0.5"], "argument --top5: must be a fraction in [0, 1]"),
+        (["diagnose", SHORT, SHORT, "--top5", "x"], "argument --top5: 'x' is not a number"),
+        (["bench", "--layers", "0"], "argument --layers: must be an integer >= 1, got '0'"),
+        (["bench", "--seq", "128,x"], "argument --seq: 'x' is not an integer"),
+        (["bench", "--threads", "-2"], "argument --threads: must be an integer >= 1"),
+    ],
+)
 def test_every_numeric_option_is_validated(capsys, argv, says):
     line = refused(capsys, *argv)
     assert line.startswith(f"gemma2-ref {argv[0]}: error: {says}") and line.endswith("--help)")
@@ -244,18 +297,33 @@ def test_golden_names_the_dtype_option(capsys, tmp_path):
     assert "--dtype bfloat16: gemma2_ref computes in float32 or float64" in line
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["compare", SHORT, SHORT, "--diagnose", "--no-diagnose"], "argument --no-diagnose: not allowed with argument --diagnose"),
-    (["run", "tiny", "--tokens", "2", "--chat"], "--chat cannot be combined with --tokens"),
-    (["generate", "tiny", "--tokens", "2", "--no-bos"], "--no-bos cannot be combined with --tokens"),
-    (["run", "tiny", "--prompt", "x", "--chat", "--no-bos"], "--no-bos cannot be combined with --chat"),
-    (["tokenize", "tiny", "x", "--chat", "--no-bos"], "--no-bos cannot be combined with --chat"),
-    (["golden", "tiny", "--suite", "coverage", "--chat", "--out", "x"], "--suite chooses its own inputs"),
-    (["golden", "tiny", "--suite", "coverage", "--positions", "1:2", "--out", "x"], "--suite chooses its own inputs"),
-    (["golden", "tiny", "--tokens", "2", "--attn-implementation", "sdpa", "--out", "x"], "--attn-implementation applies"),
-    (["generate", "tiny", "--tokens", "2", "--top-k", "5"], "--top-k and --top-p shape sampling"),
-    (["generate", "tiny", "--tokens", "2", "--top-p", "0.9", "--temperature", "0"], "--top-k and --top-p shape sampling"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["compare", SHORT, SHORT, "--diagnose", "--no-diagnose"],
+            "argument --no-diagnose: not allowed with argument --diagnose",
+        ),
+        (["run", "tiny", "--tokens", "2", "--chat"], "--chat cannot be combined with --tokens"),
+        (["generate", "tiny", "--tokens", "2", "--no-bos"], "--no-bos cannot be combined with --tokens"),
+        (["run", "tiny", "--prompt", "x", "--chat", "--no-bos"], "--no-bos cannot be combined with --chat"),
+        (["tokenize", "tiny", "x", "--chat", "--no-bos"], "--no-bos cannot be combined with --chat"),
+        (["golden", "tiny", "--suite", "coverage", "--chat", "--out", "x"], "--suite chooses its own inputs"),
+        (
+            ["golden", "tiny", "--suite", "coverage", "--positions", "1:2", "--out", "x"],
+            "--suite chooses its own inputs",
+        ),
+        (
+            ["golden", "tiny", "--tokens", "2", "--attn-implementation", "sdpa", "--out", "x"],
+            "--attn-implementation applies",
+        ),
+        (["generate", "tiny", "--tokens", "2", "--top-k", "5"], "--top-k and --top-p shape sampling"),
+        (
+            ["generate", "tiny", "--tokens", "2", "--top-p", "0.9", "--temperature", "0"],
+            "--top-k and --top-p shape sampling",
+        ),
+    ],
+)
 def test_options_that_would_be_ignored_together_are_usage_errors(capsys, argv, says):
     assert says in refused(capsys, *argv)
 
@@ -264,8 +332,10 @@ def test_a_null_soft_cap_warns_loudly_naming_the_key(capsys, tmp_path):
     d = copy_of_tiny(tmp_path, config={"attn_logit_softcapping": None})
     code, out, err = cli(capsys, "info", d, "--no-hash")
     assert code == 0
-    assert (f"gemma2-ref info: warning: {d / 'config.json'}: `attn_logit_softcapping` is null: this model runs "
-            f"without Gemma 2's attention soft-cap") in err
+    assert (
+        f"gemma2-ref info: warning: {d / 'config.json'}: `attn_logit_softcapping` is null: this model runs "
+        f"without Gemma 2's attention soft-cap"
+    ) in err
     with pytest.warns(ConfigWarning, match="`final_logit_softcapping` is null"):
         config_from_hf_dict({**g2.PRESETS["tiny"].to_hf_dict(), "final_logit_softcapping": None})
 
@@ -279,8 +349,10 @@ def test_nan_and_inf_in_a_candidate_are_named_counted_and_located(capsys, tmp_pa
     G.write_case(tmp_path / "cand", acts, ref.token_ids, producer="a broken backend")
     code, out, err = cli(capsys, "compare", SHORT, tmp_path / "cand", "--no-diagnose", "--all-taps")
     assert code == 1
-    assert ("FAIL: first diverging tap: layers.1.mlp.out (layer 1, mlp.out): 1 NaN and 1 Inf in the candidate, "
-            "first at index (0, 5)") in " ".join(out.split())
+    assert (
+        "FAIL: first diverging tap: layers.1.mlp.out (layer 1, mlp.out): 1 NaN and 1 Inf in the candidate, "
+        "first at index (0, 5)"
+    ) in " ".join(out.split())
     assert "layers.2.output: 1280 NaN and 0 Inf in the candidate, first at index (0, 0)" in out
     code, out, err = cli(capsys, "compare", SHORT, tmp_path / "cand", "--no-diagnose", "--json")
     tap = next(t for t in json.loads(out)["cases"][0]["taps"] if t["name"] == "layers.1.mlp.out")
@@ -288,6 +360,7 @@ def test_nan_and_inf_in_a_candidate_are_named_counted_and_located(capsys, tmp_pa
 
 
 # -- nothing lost, nothing half-written accepted ----------------------------------------------------------------
+
 
 def test_an_existing_golden_is_kept_unless_force(capsys, tmp_path):
     out = tmp_path / "g"
@@ -365,6 +438,7 @@ def test_an_index_without_cases_is_refused(tmp_path):
 
 # -- the small ones -------------------------------------------------------------------------------------------
 
+
 def test_a_bare_safetensors_reference_is_noted_as_unverified(capsys, tmp_path):
     write_safetensors(tmp_path / "ref.safetensors", G.load_case(SHORT).activations)
     code, out, _ = cli(capsys, "compare", tmp_path / "ref.safetensors", SHORT, "--no-diagnose")
@@ -434,7 +508,8 @@ def test_a_case_written_over_a_case_is_replaced_whole(tmp_path):
 
 # -- any value at all: no traceback, exit code 0, 1 or 2 --------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 # Each command line with one VALUE slot; the rest is valid, so the value is what is being tried.
 COMMAND_LINES = [
@@ -451,18 +526,48 @@ COMMAND_LINES = [
     ["golden", "tiny", "--tokens", "2 3 4", "--out", "OUT", "--taps", "VALUE"],
     ["golden", "tiny", "--tokens", "VALUE", "--out", "OUT"],
     ["golden", "tiny", "--tokens", "2", "--out", "VALUE"],
-    *[["compare", SHORT, SHORT, "--no-diagnose", option, "VALUE"]
-      for option in ("--rtol", "--atol", "--kl", "--top1", "--top5")],
+    *[
+        ["compare", SHORT, SHORT, "--no-diagnose", option, "VALUE"]
+        for option in ("--rtol", "--atol", "--kl", "--top1", "--top5")
+    ],
     ["compare", SHORT, "VALUE", "--no-diagnose"],
     ["compare", SHORT, SHORT, "--no-diagnose", "--name-map", "VALUE"],
     ["diagnose", SHORT, SHORT, "--model", "VALUE"],
     ["info", "VALUE", "--no-hash"],
 ]
-NASTY = ["", " ", ",", "0", "-1", "1", "2", "0.5", "1e400", "nan", "inf", "-inf", "2 abc", "1:2", ":", "3:1",
-         "99999999999999999999", "all", "embed,,logits", "layers.*", "x=y", "/proc/x", "--json", "\u0663", "/", "/tmp",
-         "tiny-teacher", "2b"]
-VALUES = st.one_of(st.sampled_from(NASTY), st.integers(-10**20, 10**20).map(str), st.floats().map(str),
-                   st.text(max_size=12))
+NASTY = [
+    "",
+    " ",
+    ",",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "0.5",
+    "1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "2 abc",
+    "1:2",
+    ":",
+    "3:1",
+    "99999999999999999999",
+    "all",
+    "embed,,logits",
+    "layers.*",
+    "x=y",
+    "/proc/x",
+    "--json",
+    "\u0663",
+    "/",
+    "/tmp",
+    "tiny-teacher",
+    "2b",
+]
+VALUES = st.one_of(
+    st.sampled_from(NASTY), st.integers(-(10**20), 10**20).map(str), st.floats().map(str), st.text(max_size=12)
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -480,6 +585,7 @@ def test_any_option_value_gives_a_message_never_a_traceback(capsys, tmp_path_fac
 
 
 # -- a golden never dies of memory: estimate first, refuse clearly (issue "A golden never dies of memory") ------
+
 
 def test_the_estimate_of_disk_equals_the_bytes_the_case_writes(tmp_path):
     import gemma2_ref as g2
@@ -503,11 +609,13 @@ def test_a_case_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, m
     # 9 MiB: 200 tokens need 10.1 MiB (the forward's logits at every position), 9.6 with --taps residual;
     # storing 64 positions needs 8.0
     monkeypatch.setattr(loader, "available_memory", lambda: 9 << 20)
-    code = main(["golden", "tiny", "--tokens", " ".join(["2"] + ["651"] * 200), "--taps", "all",
-                "--out", str(tmp_path / "g")])
+    code = main(
+        ["golden", "tiny", "--tokens", " ".join(["2"] + ["651"] * 200), "--taps", "all", "--out", str(tmp_path / "g")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "needs about 10.1 MiB of memory" in err, err
-    assert "it would be killed. What fits: --positions START:STOP of 64 positions (the logits only there) (8.0 MiB)" \
-        in err, err
+    assert (
+        "it would be killed. What fits: --positions START:STOP of 64 positions (the logits only there) (8.0 MiB)" in err
+    ), err
     assert not (tmp_path / "g").exists()
     assert main(["golden", "tiny", "--tokens", "2 651 652", "--out", str(tmp_path / "small")]) == 0

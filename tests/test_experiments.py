@@ -78,6 +78,7 @@ def test_removing_the_final_softcap_never_changes_the_greedy_token(log):
 
 # -- tiny-it, the bundled chat model ------------------------------------------------------------------------
 
+
 def test_tiny_it_is_bundled_like_tiny_with_the_same_shape_and_tokenizer():
     assert {"tiny", "tiny-it"} <= set(bundled_names())
     it, base = g2.load_model("tiny-it"), g2.load_model("tiny")
@@ -101,9 +102,23 @@ def test_tiny_it_ends_held_out_chat_turns_with_greedy_decoding(pairs):
 
 
 def test_generate_tiny_it_chat_stops_on_end_of_turn_from_the_command_line():
-    result = subprocess.run([sys.executable, "-m", "gemma2_ref.cli", "generate", "tiny-it", "--chat", "--prompt",
-                             "Tell me about the assert statement.", "--show-ids"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gemma2_ref.cli",
+            "generate",
+            "tiny-it",
+            "--chat",
+            "--prompt",
+            "Tell me about the assert statement.",
+            "--show-ids",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     new_ids = [line for line in result.stdout.splitlines() if line.startswith("new ids:")][0].split()[2:]
     assert new_ids[-1] == "107" and "stopped: stop token" in result.stderr
@@ -123,6 +138,7 @@ def test_tiny_it_reproduces_its_logged_generations(log):
 
 
 # -- the chat data ------------------------------------------------------------------------------------------
+
 
 def test_held_out_chat_pairs_come_from_sections_never_trained_on():
     tok = g2.load_tokenizer("tiny")
@@ -145,6 +161,7 @@ def test_a_chat_sequence_is_the_chat_prompt_then_the_turn_ending_with_end_of_tur
 
 # -- the chapters and figures -------------------------------------------------------------------------------
 
+
 def test_chapter_14_prints_the_logged_distilled_and_scratch_numbers(log):
     text = (ROOT / "walkthrough" / "14-experiments.md").read_text()
     for name in ("distilled", "scratch"):
@@ -163,8 +180,13 @@ def test_plot_script_makes_every_figure_chapters_14_and_15_embed(tmp_path):
     for name in ("14-experiments.md", "15-post-training.md"):
         embedded |= set(re.findall(r"!\[[^\]]*\]\(figures/([^)]+\.png)\)", (ROOT / "walkthrough" / name).read_text()))
     env = dict(os.environ, MPLBACKEND="Agg")
-    result = subprocess.run([sys.executable, str(SCRIPTS / "plot_experiments.py"), "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "plot_experiments.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     made = {p.name for p in tmp_path.glob("*.png")}
     assert embedded and embedded <= made

@@ -47,10 +47,14 @@ def test_in_place_gelu_in_cache_blocks_covers_every_value_in_any_layout(layout):
     """More values than one GELU_BLOCK (and not a multiple of it), row-major, in another axis order, or a
     strided view: every value overwritten with the formula's."""
     from gemma2_ref.fast import GELU_BLOCK
+
     rng = np.random.default_rng(1)
     base = rng.normal(0, 3, (2, 3 * GELU_BLOCK // 1000 + 7, 1000)).astype(np.float32)
-    x = {"C": base.copy(), "transposed": base.transpose(2, 0, 1).copy().transpose(1, 2, 0),
-         "strided": base.copy()[:, ::2]}[layout]
+    x = {
+        "C": base.copy(),
+        "transposed": base.transpose(2, 0, 1).copy().transpose(1, 2, 0),
+        "strided": base.copy()[:, ::2],
+    }[layout]
     expected = gelu_tanh(x)
     assert gelu_tanh_(x) is x
     np.testing.assert_array_equal(x, expected)
@@ -86,25 +90,25 @@ def test_attention_in_query_blocks_over_trimmed_keys_equals_attention_at_once(wi
     k = rng.standard_normal((2, 17, 2, 8)).astype(np.float32) * 3
     v = rng.standard_normal((2, 17, 2, 8)).astype(np.float32)
     pos = np.arange(17)
-    whole = attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0)
-    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
+    whole = attention(q, k, v, pos, pos, window, 8**-0.5, 50.0)
+    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8**-0.5, 50.0, NO_TAPS, block_bytes)
     # blocks multiply matrices of other shapes: float32 rounding (1.2e-6 here with numpy 2.3.5's OpenBLAS), no more
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
 
 
-
 # -- linear on a weight left as stored (a streamed layer): converted a block of rows at a time -------------
+
 
 def _bf16_weight(rng, d_out, d_in):
     from gemma2_ref.bfloat16 import f32_to_bf16_bits
+
     return f32_to_bf16_bits(rng.standard_normal((d_out, d_in), dtype=np.float32))  # (out, in) uint16 bits
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 15, 16, 64, 255, 256, 300])
 @pytest.mark.parametrize("d_in, d_out", [(96, 256), (77, 512), (256, 4096), (96, 200), (77, 513), (256, 4100)])
 @pytest.mark.parametrize("block_bytes", [1, 40_000, 1 << 30])  # one aligned block of rows, a few, all of them
-def test_linear_on_stored_bf16_equals_linear_on_the_converted_matrix(monkeypatch, tokens, d_in, d_out,
-                                                                     block_bytes):
+def test_linear_on_stored_bf16_equals_linear_on_the_converted_matrix(monkeypatch, tokens, d_in, d_out, block_bytes):
     """The same products and sums as converting the whole matrix first. A decode step (one row of x) on a
     matrix whose rows are a multiple of 256 (every Gemma 2 projection) is bit-identical: OpenBLAS's
     matrix-vector kernel sums each output in the same order in a block as in the whole matrix when both are
@@ -113,6 +117,7 @@ def test_linear_on_stored_bf16_equals_linear_on_the_converted_matrix(monkeypatch
     differently for a block than for the whole matrix: float rounding."""
     from gemma2_ref import fast
     from gemma2_ref.bfloat16 import bf16_bits_to_f32
+
     monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(fast, "STORED_PREFILL_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(tokens + d_out)
@@ -135,6 +140,7 @@ def test_linear_on_stored_weights_in_other_dtypes(monkeypatch, tokens):
     float32 compute dtype: nothing to convert, the stored matrix itself is multiplied (bit-identical)."""
     from gemma2_ref import fast
     from gemma2_ref.bfloat16 import bf16_bits_to_f32
+
     monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", 1)
     monkeypatch.setattr(fast, "STORED_PREFILL_BLOCK_BYTES", 1)
     rng = np.random.default_rng(tokens)
@@ -144,8 +150,9 @@ def test_linear_on_stored_weights_in_other_dtypes(monkeypatch, tokens):
     np.testing.assert_allclose(wide, x64 @ bf16_bits_to_f32(bits).astype(np.float64).T, rtol=1e-12, atol=1e-12)
     half = bf16_bits_to_f32(bits).astype(np.float16)
     x = x64.astype(np.float32)
-    np.testing.assert_allclose(linear(x, fast.StoredWeight(half, np.float32)), linear(x, half.astype(np.float32)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        linear(x, fast.StoredWeight(half, np.float32)), linear(x, half.astype(np.float32)), rtol=1e-5, atol=1e-5
+    )
     single = bf16_bits_to_f32(bits)
     np.testing.assert_array_equal(linear(x, fast.StoredWeight(single, np.float32)), linear(x, single))
     np.testing.assert_array_equal(np.asarray(fast.StoredWeight(bits, np.float32)), single)  # for a permutation

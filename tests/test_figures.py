@@ -27,15 +27,30 @@ def embedded_figures() -> set[str]:
 
 
 def test_chapters_embed_the_required_figures():
-    assert {"block_diagram.png", "masks.png", "rope_frequencies.png", "softcap.png", "rmsnorm.png",
-            "attention_map.png", "divergence.png", "kv_cache.png", "distillation.png"} <= embedded_figures()
+    assert {
+        "block_diagram.png",
+        "masks.png",
+        "rope_frequencies.png",
+        "softcap.png",
+        "rmsnorm.png",
+        "attention_map.png",
+        "divergence.png",
+        "kv_cache.png",
+        "distillation.png",
+    } <= embedded_figures()
 
 
 def test_figures_script_runs_headless_and_makes_every_embedded_figure(tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg")
     env.pop("DISPLAY", None)
-    result = subprocess.run([sys.executable, str(WALKTHROUGH / "make_figures.py"), "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(WALKTHROUGH / "make_figures.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     made = {p.name for p in tmp_path.glob("*.png")}
     missing = embedded_figures() - made

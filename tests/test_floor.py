@@ -21,8 +21,9 @@ spec.loader.exec_module(floor)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return build_random_checkpoint(tmp_path_factory.mktemp("floor") / "tiny", preset_config("tiny"),
-                                   log=lambda *a: None)
+    return build_random_checkpoint(
+        tmp_path_factory.mktemp("floor") / "tiny", preset_config("tiny"), log=lambda *a: None
+    )
 
 
 def test_the_read_workers_read_every_byte_of_the_checkpoint(ckpt):

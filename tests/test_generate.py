@@ -17,15 +17,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gemma2_ref as g2
-from gemma2_ref.cli import main
-from gemma2_ref.generate import (EMPTY, KVCache, TextStream, generate, greedy, sample_next, top_k_filter,
-                                 top_p_filter)
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
+from gemma2_ref.cli import main
+from gemma2_ref.generate import EMPTY, KVCache, TextStream, generate, greedy, sample_next, top_k_filter, top_p_filter
 from tests.helpers.hf_reference import hf_config, load_reference, make_checkpoint
 
 WINDOW = 5
-SMALL = g2.PRESETS["tiny"].replace(vocab_size=512, hidden_size=64, intermediate_size=128, head_dim=16,
-                                   query_pre_attn_scalar=16, sliding_window=WINDOW, max_position_embeddings=128)
+SMALL = g2.PRESETS["tiny"].replace(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=WINDOW,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,12 @@ def prompt(n, vocab=SMALL.vocab_size, seed=0):
 
 # -- the cache reproduces the full forward -----------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt_len", [3, WINDOW, WINDOW + 3, 3 * WINDOW + 2],
-                         ids=["shorter-than-window", "equal-to-window", "longer-than-window", "three-windows"])
+
+@pytest.mark.parametrize(
+    "prompt_len",
+    [3, WINDOW, WINDOW + 3, 3 * WINDOW + 2],
+    ids=["shorter-than-window", "equal-to-window", "longer-than-window", "three-windows"],
+)
 def test_cached_decode_equals_full_forward_at_every_step(small, prompt_len):
     ids = prompt(prompt_len, seed=prompt_len)
     steps = 4 * WINDOW + 3  # the ring buffer wraps four times
@@ -54,9 +64,9 @@ def test_cached_decode_equals_full_forward_at_every_step(small, prompt_len):
     assert len(out.tokens) == steps and out.decode_tokens == steps - 1
     full = small.logits(np.concatenate([ids, out.tokens[:-1]]))  # (prompt + steps - 1, V)
     cached = np.stack(out.logits)  # row j: the logits the j-th new token was chosen from
-    err = np.abs(cached - full[prompt_len - 1:]).max()
+    err = np.abs(cached - full[prompt_len - 1 :]).max()
     assert err <= 1e-5, f"cached decode differs from the full forward by {err:.3g} (fp32)"
-    assert out.tokens == [greedy(row) for row in full[prompt_len - 1:]]
+    assert out.tokens == [greedy(row) for row in full[prompt_len - 1 :]]
 
 
 def test_cached_decode_equals_full_forward_in_float64_to_rounding(small_dir):
@@ -64,7 +74,7 @@ def test_cached_decode_equals_full_forward_in_float64_to_rounding(small_dir):
     ids = prompt(WINDOW + 2, seed=1)
     out = generate(model, ids, 3 * WINDOW, stop_ids=(), keep_logits=True)
     full = model.logits(np.concatenate([ids, out.tokens[:-1]]))
-    assert np.abs(np.stack(out.logits) - full[len(ids) - 1:]).max() <= 1e-11
+    assert np.abs(np.stack(out.logits) - full[len(ids) - 1 :]).max() <= 1e-11
 
 
 @pytest.mark.parametrize("chunks", [[1] * 12, [4, 1, 7], [WINDOW, WINDOW, 2], [2, 9, 1], [12]])
@@ -75,7 +85,7 @@ def test_prompt_fed_in_any_chunks_equals_full_forward(small, chunks):
     cache = KVCache(small.config, capacity=2)  # a tiny capacity: global layers must grow on the way
     rows, start = [], 0
     for n in chunks:
-        rows.append(small.forward(ids[start:start + n], kv_cache=cache)["logits"])
+        rows.append(small.forward(ids[start : start + n], kv_cache=cache)["logits"])
         start += n
     assert cache.length == len(ids)
     assert np.abs(np.concatenate(rows) - full).max() <= 1e-5
@@ -123,7 +133,7 @@ def test_decode_taps_equal_the_full_forward_row_and_probs_follow_the_cache_order
         step = small.forward([ids[p]], taps="all", kv_cache=cache)
         for name in ("embed", "layers.0.attn.q_rope", "layers.1.mlp.hidden", "layers.3.output", "final_norm"):
             assert step[name].shape == (1,) + full[name].shape[1:], name
-            assert np.abs(step[name] - full[name][p:p + 1]).max() <= 1e-5, name
+            assert np.abs(step[name] - full[name][p : p + 1]).max() <= 1e-5, name
         for layer in range(small.config.num_hidden_layers):
             probs = step[f"layers.{layer}.attn.probs"]  # (H, 1, T): T = this layer's cache slots
             key_pos = cache.key_positions(layer)
@@ -144,13 +154,14 @@ def test_generate_returns_taps_for_the_prefill_and_each_decode_step(small):
 
 # -- stopping ------------------------------------------------------------------------------------------------
 
+
 def test_generation_stops_after_a_stop_token_and_includes_it(small):
     ids = prompt(6)
     free = generate(small, ids, 10, stop_ids=())
     stop_at = free.tokens[3]
     out = generate(small, ids, 10, stop_ids=(stop_at,))
     first = free.tokens.index(stop_at)
-    assert out.tokens == free.tokens[:first + 1] and out.stop_reason == "stop"
+    assert out.tokens == free.tokens[: first + 1] and out.stop_reason == "stop"
     assert out.decode_tokens == first  # the stop token itself is never fed back
 
 
@@ -163,6 +174,7 @@ def test_generation_stops_at_the_context_length(small_dir):
 
 
 # -- greedy equals transformers ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
@@ -180,9 +192,15 @@ def test_greedy_generation_equals_transformers_generate(hf_pair, prompt_len):
     steps = 40  # 5 windows of 8: transformers' sliding cache and our ring both wrap
     mine = generate(ours, ids, steps, stop_ids=(), keep_logits=True)
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor(ids[None]), max_new_tokens=steps, do_sample=False,
-                              eos_token_id=None, pad_token_id=0, output_logits=True,
-                              return_dict_in_generate=True)
+        theirs = ref.generate(
+            torch.tensor(ids[None]),
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     logits = np.stack(mine.logits)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margin = float((top2[:, 1] - top2[:, 0]).min())
@@ -195,6 +213,7 @@ def test_greedy_generation_equals_transformers_generate(hf_pair, prompt_len):
 
 
 # -- sampling ------------------------------------------------------------------------------------------------
+
 
 def test_seeded_sampling_is_reproducible_and_the_seed_matters(small):
     ids = prompt(6)
@@ -225,8 +244,12 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_invalid_sampling_settings_are_refused(small):
-    for bad in (dict(temperature=-1.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=0.0),
-                dict(temperature=1.0, top_p=1.5)):
+    for bad in (
+        dict(temperature=-1.0),
+        dict(temperature=1.0, top_k=0),
+        dict(temperature=1.0, top_p=0.0),
+        dict(temperature=1.0, top_p=1.5),
+    ):
         with pytest.raises(ValueError):
             generate(small, prompt(3), 2, **bad)
 
@@ -267,13 +290,14 @@ def test_top_k_then_top_p_samples_from_both_sets(logits, k, p, seed):
 
 # -- streaming text and the command line ---------------------------------------------------------------------
 
+
 def test_streamed_text_concatenates_to_the_decoded_continuation():
     tok = g2.load_tokenizer("tiny")
     head = tok.encode("Price:", bos=True)
     new = tok.encode(" 5€ — café 日本 🙂 done", bos=False)  # byte-fallback pieces: one character, 3-4 tokens
     stream = TextStream(tok, prefix=head)
     parts = [stream.push(t) for t in new] + [stream.flush()]
-    assert "".join(parts) == tok.decode(head + new)[len(tok.decode(head)):]
+    assert "".join(parts) == tok.decode(head + new)[len(tok.decode(head)) :]
     assert "\ufffd" not in "".join(parts)
 
 
@@ -285,8 +309,7 @@ def run_cli(*argv):
 
 
 def test_cli_generate_streams_text_and_reports_speeds():
-    code, out, err = run_cli("generate", "tiny", "--prompt", "The object is", "--max-new-tokens", "6",
-                             "--show-ids")
+    code, out, err = run_cli("generate", "tiny", "--prompt", "The object is", "--max-new-tokens", "6", "--show-ids")
     assert code == 0, err
     assert out.startswith("The object is")
     assert "new ids:" in out
@@ -294,8 +317,24 @@ def test_cli_generate_streams_text_and_reports_speeds():
 
 
 def test_cli_generate_chat_sampling_is_reproducible_with_a_seed():
-    args = ("generate", "tiny", "--prompt", "Hello", "--chat", "--temperature", "0.9", "--top-k", "40",
-            "--top-p", "0.9", "--seed", "5", "--max-new-tokens", "8", "--show-ids")
+    args = (
+        "generate",
+        "tiny",
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "8",
+        "--show-ids",
+    )
     first, second = run_cli(*args), run_cli(*args)
     assert first[0] == 0 and first[1] == second[1]
     assert "prompt ids: 2 106 " in first[1]  # one <bos>, then <start_of_turn>
@@ -306,8 +345,9 @@ def test_cli_generate_refuses_a_negative_temperature():
     assert code == 2 and "temperature" in err
 
 
-@pytest.mark.parametrize("name", ["decode_ring_off_by_one", "decode_unmasked_slots", "decode_positions_stuck",
-                                  "decode_window_ignored"])
+@pytest.mark.parametrize(
+    "name", ["decode_ring_off_by_one", "decode_unmasked_slots", "decode_positions_stuck", "decode_window_ignored"]
+)
 def test_a_model_with_a_decode_loop_mistake_generates_through_it(name):
     """A decode-loop mistake is a change of the cache and the loop, so `generate` makes it as `decode_taps`
     does (teacher-forced on the tokens generate chose), and the correct model's logits differ."""
@@ -321,5 +361,5 @@ def test_a_model_with_a_decode_loop_mistake_generates_through_it(name):
     out = generate(bad, prompt, max_new_tokens=8, stop_ids=(), keep_logits=True)
     ids = np.concatenate([prompt, out.tokens])  # all of them: the same cache capacity as generate's
     taps = decode_taps(bad, ids, len(prompt), taps=["logits"])
-    np.testing.assert_allclose(np.stack(out.logits), taps["logits"][len(prompt) - 1:-1], rtol=1e-5, atol=1e-5)
-    assert np.abs(np.stack(out.logits) - model.logits(ids)[len(prompt) - 1:-1]).max() > 1e-3
+    np.testing.assert_allclose(np.stack(out.logits), taps["logits"][len(prompt) - 1 : -1], rtol=1e-5, atol=1e-5)
+    assert np.abs(np.stack(out.logits) - model.logits(ids)[len(prompt) - 1 : -1]).max() > 1e-3

@@ -11,9 +11,9 @@ import pytest
 import gemma2_ref as g2
 from gemma2_ref import golden as G
 from gemma2_ref import suites as S
-from gemma2_ref.taps import tap_bytes
 from gemma2_ref.cli import main as cli
 from gemma2_ref.compare import PROFILES, compare_goldens, format_report
+from gemma2_ref.taps import tap_bytes
 from gemma2_ref.weights import write_safetensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,12 +47,14 @@ def rewrite_activations(case_dir: Path, tensors: dict) -> None:
     """Replace the activations file and update the manifest's file hash: only the tap checks remain."""
     write_safetensors(case_dir / G.ACTIVATIONS_FILE, tensors)
     m = manifest_of(case_dir)
-    m["activations"].update(bytes=(case_dir / G.ACTIVATIONS_FILE).stat().st_size,
-                            sha256=G.sha256_file(case_dir / G.ACTIVATIONS_FILE))
+    m["activations"].update(
+        bytes=(case_dir / G.ACTIVATIONS_FILE).stat().st_size, sha256=G.sha256_file(case_dir / G.ACTIVATIONS_FILE)
+    )
     rewrite_manifest(case_dir, m)
 
 
 # -- round trip and determinism ---------------------------------------------------------------------------
+
 
 def test_round_trip_gives_back_every_tap_bit_for_bit(tiny, case):
     ids = np.array(manifest_of(case)["input"]["token_ids"])
@@ -94,8 +96,13 @@ def test_regenerating_a_case_gives_identical_files(tmp_path, tiny):
 
 def test_write_case_needs_numpy_only_and_maps_names(tmp_path):
     acts = {"blk.0.attn_norm": np.ones((3, 4), np.float16), "model.logits": np.zeros((3, 5))}
-    out = G.write_case(tmp_path / "c", acts, [2, 5, 6], producer={"name": "my-backend", "version": "1"},
-                       name_map={"blk.{i}.attn_norm": "layers.{i}.pre_attn_norm", "model.*": "*"})
+    out = G.write_case(
+        tmp_path / "c",
+        acts,
+        [2, 5, 6],
+        producer={"name": "my-backend", "version": "1"},
+        name_map={"blk.{i}.attn_norm": "layers.{i}.pre_attn_norm", "model.*": "*"},
+    )
     case = G.load_case(out)
     assert case.tap_names == ["layers.0.pre_attn_norm", "logits"]
     assert case.activations["layers.0.pre_attn_norm"].dtype == np.float16  # stored as given
@@ -105,11 +112,24 @@ def test_write_case_needs_numpy_only_and_maps_names(tmp_path):
 
 # -- the committed suite --------------------------------------------------------------------------------------
 
+
 def test_coverage_suite_exposes_each_failure_mode():
     cfg = g2.PRESETS["tiny"].replace(sliding_window=8)
     inputs = {c.name: np.asarray(c.ids) for c in S.coverage_inputs(cfg, g2.load_tokenizer("tiny"))}
-    assert list(inputs) == ["short", "window", "no_bos", "double_bos", "chat", "batch", "special_tokens", "long",
-                            "decode", "chunked", "padded_batch", "padded_batch_right"]
+    assert list(inputs) == [
+        "short",
+        "window",
+        "no_bos",
+        "double_bos",
+        "chat",
+        "batch",
+        "special_tokens",
+        "long",
+        "decode",
+        "chunked",
+        "padded_batch",
+        "padded_batch_right",
+    ]
     assert len(inputs["long"]) == 2 * 8 + 2 and 106 in inputs["special_tokens"] and 107 in inputs["special_tokens"]
     assert len(inputs["window"]) == 8 + 2  # positions W-1, W and W+1 all exist
     assert inputs["short"][0] == 2 and inputs["short"][1] != 2
@@ -123,8 +143,9 @@ def test_coverage_suite_exposes_each_failure_mode():
 
 def test_the_chunked_case_is_left_out_where_its_tokens_do_not_fit_the_context():
     """A released model (window 4096, context 8192): 11W/4 tokens do not fit, and a 2W ring cannot overflow."""
-    names = [c.name for c in S.coverage_inputs(g2.PRESETS["tiny"].replace(sliding_window=200),
-                                               g2.load_tokenizer("tiny"))]
+    names = [
+        c.name for c in S.coverage_inputs(g2.PRESETS["tiny"].replace(sliding_window=200), g2.load_tokenizer("tiny"))
+    ]
     assert "chunked" not in names and "decode" in names
 
 
@@ -135,7 +156,8 @@ def test_committed_golden_suite_matches_a_regenerated_one_under_the_fp32_profile
     suite = G.load_suite(COMMITTED)  # verifies every hash of every committed case
     weights = G.sha256_file(g2.bundled_path("tiny") / "model.safetensors")
     assert suite.info["model"]["weights"]["model.safetensors"] == weights, (
-        f"golden/ was generated from other tiny weights; regenerate it with `{REGENERATE}`")
+        f"golden/ was generated from other tiny weights; regenerate it with `{REGENERATE}`"
+    )
     assert cli(REGENERATE.replace("golden/", str(tmp_path / "new")).split()[1:]) == 0
     fresh = G.load_suite(tmp_path / "new")
     assert [c.name for c in fresh.cases] == [c.name for c in suite.cases]
@@ -153,6 +175,7 @@ def test_committed_golden_suite_matches_a_regenerated_one_under_the_fp32_profile
 
 # -- refusing damaged goldens ---------------------------------------------------------------------------------
 
+
 def test_one_changed_byte_in_a_tensor_is_refused(case):
     data = bytearray((case / G.ACTIVATIONS_FILE).read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's bytes
@@ -164,7 +187,7 @@ def test_one_changed_byte_in_a_tensor_is_refused(case):
 def test_a_changed_byte_that_leaves_every_tensor_intact_is_refused(case):
     data = bytearray((case / G.ACTIVATIONS_FILE).read_bytes())
     header_end = 8 + int.from_bytes(data[:8], "little")
-    assert data[header_end - 1:header_end] == b" "  # the header's JSON is padded with spaces
+    assert data[header_end - 1 : header_end] == b" "  # the header's JSON is padded with spaces
     data[header_end - 1] = ord("\t")  # still valid JSON, same tensors: only the file's sha256 sees it
     (case / G.ACTIVATIONS_FILE).write_bytes(bytes(data))
     with pytest.raises(G.GoldenError, match="activations.safetensors: sha256 .* does not match the manifest"):
@@ -184,7 +207,7 @@ def test_one_changed_byte_in_the_manifest_is_refused(case):
     text = (case / G.MANIFEST).read_text()
     i = text.index('"absmax": ') + len('"absmax": ')
     digit = text[i]
-    (case / G.MANIFEST).write_text(text[:i] + ("7" if digit != "7" else "8") + text[i + 1:])
+    (case / G.MANIFEST).write_text(text[:i] + ("7" if digit != "7" else "8") + text[i + 1 :])
     with pytest.raises(G.GoldenError, match="manifest checksum mismatch"):
         G.load_case(case)
 
@@ -251,6 +274,7 @@ def test_cli_refuses_a_tampered_golden_with_a_clear_error(case, capsys):
 
 # -- long prompts of big models ---------------------------------------------------------------------------------
 
+
 def test_a_real_models_window_case_is_kept_within_memory_and_disk_budgets():
     cfg = g2.PRESETS["9b"]
     ids = np.full(cfg.sliding_window + 2, 5)
@@ -273,8 +297,9 @@ def test_a_case_can_store_only_some_positions_and_still_compares_against_full_ru
     assert ref.activations["layers.0.output"].shape == (4, 128)
     assert ref.activations["layers.0.attn.probs"].shape == (4, 4, 34)  # 4 query rows, every key
     assert_matches_golden(tmp_path / "ref", acts)  # a full run is cut to the stored rows
-    wrong = G.load_case(G.write_case(tmp_path / "wrong", inject(tiny, "window_offset=+1").forward(ids, taps="all"),
-                                     ids))
+    wrong = G.load_case(
+        G.write_case(tmp_path / "wrong", inject(tiny, "window_offset=+1").forward(ids, taps="all"), ids)
+    )
     result = compare_cases(ref, wrong, PROFILES["fp32"])
     assert "positions 30..33 compared" in " ".join(result.notes)
     assert result.first_divergence.name == "layers.0.attn.probs"

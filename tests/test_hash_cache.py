@@ -102,8 +102,15 @@ def test_a_file_modified_just_now_is_not_remembered(shards):
     assert hashed == [files[0].name]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"kind": "something else", "files": {}}', b"\xff\xfe",
-                                     b'{"kind": "gemma2-ref sha256 cache", "format": 1, "files": []}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"kind": "something else", "files": {}}',
+        b"\xff\xfe",
+        b'{"kind": "gemma2-ref sha256 cache", "format": 1, "files": []}',
+    ],
+)
 def test_a_malformed_cache_is_ignored_with_a_warning_and_left_as_it_is(shards, content):
     files, hashed = shards
     cache = files[0].parent / H.CACHE_FILE
@@ -164,8 +171,7 @@ def test_a_golden_manifest_records_the_same_digests_from_the_cache(tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(H, "CACHE_MIN_BYTES", 1000)
     cfg = g2.PRESETS["tiny"]
-    path = save_checkpoint(tmp_path / "ckpt", cfg, random_weights(cfg), "BF16",
-                                          shards=2)
+    path = save_checkpoint(tmp_path / "ckpt", cfg, random_weights(cfg), "BF16", shards=2)
     for f in path.glob("*.safetensors"):
         os.utime(f, (OLD, OLD))
     model = g2.load_model(path)

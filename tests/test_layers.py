@@ -22,7 +22,7 @@ def imported_layers(path: Path):
         m = re.match(r"\s*from (\.+)([\w.]*) import ", line)
         if m:
             up = len(m[1]) - 1
-            target = (pkg[:len(pkg) - up] if up else pkg) + (m[2].split(".") if m[2] else [])
+            target = (pkg[: len(pkg) - up] if up else pkg) + (m[2].split(".") if m[2] else [])
             if target:
                 yield n, line.strip(), target[0]
 
@@ -35,8 +35,11 @@ def test_every_module_lives_in_a_layer_and_imports_only_downward():
             assert path.name in ("__init__.py", "_moved.py"), f"{path.name}: a module outside the layers"
             continue
         layer = parts[0]
-        upward += [f"{path.relative_to(PACKAGE)}:{n}: {line}" for n, line, to in imported_layers(path)
-                   if RANK[to] > RANK[layer]]
+        upward += [
+            f"{path.relative_to(PACKAGE)}:{n}: {line}"
+            for n, line, to in imported_layers(path)
+            if RANK[to] > RANK[layer]
+        ]
     assert upward == []
 
 

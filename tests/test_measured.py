@@ -24,8 +24,17 @@ WINDOW = G.load_case("golden/window")  # 34 tokens past the tiny model's window 
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """A random bf16 checkpoint, 26 layers: deep random models amplify rounding beyond the bf16 profile."""
-    cfg = hf_config(num_hidden_layers=26, hidden_size=128, intermediate_size=512, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16, vocab_size=512)
+    cfg = hf_config(
+        num_hidden_layers=26,
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=16,
+        vocab_size=512,
+    )
     ck = make_checkpoint(tmp_path_factory.mktemp("deep"), cfg, seed=3, scale=2.0, dtype=torch.bfloat16)
     ids = np.concatenate([[2], np.random.default_rng(0).integers(3, 512, 39)])
     ref = G.load_case(S.generate_case(g2.load_model(ck), ids, tmp_path_factory.mktemp("deep_ref") / "c"))

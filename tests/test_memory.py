@@ -11,17 +11,24 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from gemma2_ref.generate import KVCache
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
-from gemma2_ref.weights import (EMBEDDING, MappedFiles, bf16_bits_to_f32, to_compute_dtype, write_safetensors,
-                                read_safetensors_header)
+from gemma2_ref.generate import KVCache
+from gemma2_ref.weights import (
+    EMBEDDING,
+    MappedFiles,
+    bf16_bits_to_f32,
+    read_safetensors_header,
+    to_compute_dtype,
+    write_safetensors,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_bf16_dir(tmp_path_factory):
     cfg = g2.PRESETS["tiny"]
-    return save_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), cfg, random_weights(cfg, seed=11, scale=2.0),
-                           "BF16", shards=3)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("tiny_bf16"), cfg, random_weights(cfg, seed=11, scale=2.0), "BF16", shards=3
+    )
 
 
 IDS = np.concatenate([[2], np.random.default_rng(3).integers(3, 2048, 70)])  # > 2 x the tiny window (32)
@@ -50,12 +57,12 @@ def test_streaming_and_keep_converted_decode_bit_identically(tiny_bf16_dir):
     np.testing.assert_array_equal(steps[0], steps[1])
 
 
-def test_streamed_decode_converting_64_rows_at_a_time_is_bit_identical_to_converted_layers(tiny_bf16_dir,
-                                                                                           monkeypatch):
+def test_streamed_decode_converting_64_rows_at_a_time_is_bit_identical_to_converted_layers(tiny_bf16_dir, monkeypatch):
     """A streamed layer's projections stay bf16 and linear() converts them a block of rows at a time: with
     blocks of 64 rows (every matrix cut in several), each decode step's logits still equal those of the
     layers converted whole, token for token (the prefill's blocks hold whole tiny matrices, as by default)."""
     from gemma2_ref import fast
+
     monkeypatch.setattr(fast, "STORED_BLOCK_BYTES", 1)  # the minimum: STORED_BLOCK_ALIGN rows per block
     models = [g2.load_model(tiny_bf16_dir), g2.load_model(tiny_bf16_dir, keep_converted=True)]
     assert isinstance(models[0].weights.layer(0).gate_proj, fast.StoredWeight)
@@ -75,8 +82,14 @@ def test_a_streamed_forward_never_holds_a_float32_layer(tmp_path, tokens):
     decode step holds one cache-sized block of converted rows (fast.STORED_BLOCK_BYTES) and a prefill one
     block of at most one matrix (the 4 MiB gate_proj here), never the layer."""
     import tracemalloc
-    cfg = g2.PRESETS["tiny"].replace(hidden_size=256, intermediate_size=4096, vocab_size=512, num_hidden_layers=2,
-                                     layer_types=("sliding_attention", "full_attention"))
+
+    cfg = g2.PRESETS["tiny"].replace(
+        hidden_size=256,
+        intermediate_size=4096,
+        vocab_size=512,
+        num_hidden_layers=2,
+        layer_types=("sliding_attention", "full_attention"),
+    )
     path = save_checkpoint(tmp_path / "ckpt", cfg, random_weights(cfg, seed=1), "BF16")
     model = g2.load_model(path)
     layer_f32 = cfg.parameter_counts()["per_layer"] * 4
@@ -113,13 +126,15 @@ def test_layers_kept_converted_resident_as_bf16_or_streamed_decode_bit_identical
     caches = [KVCache(cfg, capacity=64) for _ in range(2)]
     steps = [m.forward(IDS[:20], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip((streamed, mixed), caches)]
     assert (mixed.weights.kept_layers, mixed.weights.resident_layers) == (1, 2)
-    assert sorted(mixed.weights._resident) == sorted(f"model.layers.{i}.{n}" for i in (1, 2)
-                                                     for n in g2.weights.HF_LAYER_NAMES.values())
+    assert sorted(mixed.weights._resident) == sorted(
+        f"model.layers.{i}.{n}" for i in (1, 2) for n in g2.weights.HF_LAYER_NAMES.values()
+    )
     for _ in range(4):
         np.testing.assert_array_equal(steps[0], steps[1])
         token = int(np.argmax(steps[0]))
-        steps = [m.forward([token], kv_cache=c, logits_at="last")["logits"][-1]
-                 for m, c in zip((streamed, mixed), caches)]
+        steps = [
+            m.forward([token], kv_cache=c, logits_at="last")["logits"][-1] for m, c in zip((streamed, mixed), caches)
+        ]
     np.testing.assert_array_equal(steps[0], steps[1])
 
 
@@ -136,6 +151,7 @@ def test_streaming_keeps_no_layer_and_keep_converted_keeps_every_layer(tiny_bf16
 def test_conversion_in_blocks_equals_converting_the_whole_tensor(tiny_bf16_dir, monkeypatch):
     """Weights.tensor converts a block of rows at a time; a tiny block size must change nothing."""
     import gemma2_ref.weights as weights
+
     model = g2.load_model(tiny_bf16_dir)
     stored = model.weights.stored(EMBEDDING)
     whole = bf16_bits_to_f32(np.array(stored))
@@ -184,26 +200,36 @@ def test_the_memory_budget_sees_the_cgroup_limit_of_the_process_and_its_parents(
     spend: the tightest limit less usage of the process's own cgroup and every group above it, where usage
     leaves out the inactive page cache (reclaimed first: a previous run's cached checkpoint is not in use)."""
     from gemma2_ref.loader import cgroup_headroom
+
     GiB = 1 << 30
     if version == "v2":
         membership = "0::/jobs/job1\n"
-        files = {"memory.max": "max\n", "memory.current": str(30 * GiB),
-                 "jobs/memory.max": str(20 * GiB), "jobs/memory.current": str(12 * GiB),  # the parent: 8 GiB left
-                 "jobs/job1/memory.max": str(16 * GiB), "jobs/job1/memory.current": str(8 * GiB),
-                 "jobs/job1/memory.stat": f"anon {5 * GiB}\nfile {3 * GiB}\ninactive_file {2 * GiB}\n"}  # 10 left
+        files = {
+            "memory.max": "max\n",
+            "memory.current": str(30 * GiB),
+            "jobs/memory.max": str(20 * GiB),
+            "jobs/memory.current": str(12 * GiB),  # the parent: 8 GiB left
+            "jobs/job1/memory.max": str(16 * GiB),
+            "jobs/job1/memory.current": str(8 * GiB),
+            "jobs/job1/memory.stat": f"anon {5 * GiB}\nfile {3 * GiB}\ninactive_file {2 * GiB}\n",
+        }  # 10 left
     else:
         membership = "12:cpu,cpuacct:/jobs/job1\n4:memory:/jobs/job1\n"
-        files = {"memory/memory.limit_in_bytes": str((1 << 63) - 4096), "memory/memory.usage_in_bytes": str(30 * GiB),
-                 "memory/jobs/memory.limit_in_bytes": str(20 * GiB), "memory/jobs/memory.usage_in_bytes": str(12 * GiB),
-                 "memory/jobs/job1/memory.limit_in_bytes": str(16 * GiB),
-                 "memory/jobs/job1/memory.usage_in_bytes": str(8 * GiB),
-                 "memory/jobs/job1/memory.stat": f"cache {3 * GiB}\ninactive_file {GiB}\n"
-                                                 f"total_inactive_file {2 * GiB}\n"}
+        files = {
+            "memory/memory.limit_in_bytes": str((1 << 63) - 4096),
+            "memory/memory.usage_in_bytes": str(30 * GiB),
+            "memory/jobs/memory.limit_in_bytes": str(20 * GiB),
+            "memory/jobs/memory.usage_in_bytes": str(12 * GiB),
+            "memory/jobs/job1/memory.limit_in_bytes": str(16 * GiB),
+            "memory/jobs/job1/memory.usage_in_bytes": str(8 * GiB),
+            "memory/jobs/job1/memory.stat": f"cache {3 * GiB}\ninactive_file {GiB}\ntotal_inactive_file {2 * GiB}\n",
+        }
     root = _cgroup_tree(tmp_path / "cgroup", files)
     (tmp_path / "self").write_text(membership)
     assert cgroup_headroom(root, tmp_path / "self") == 8 * GiB
     (root / ("jobs/memory.max" if version == "v2" else "memory/jobs/memory.limit_in_bytes")).write_text(
-        "max\n" if version == "v2" else str((1 << 63) - 4096))  # no limit above the process: its own counts
+        "max\n" if version == "v2" else str((1 << 63) - 4096)
+    )  # no limit above the process: its own counts
     assert cgroup_headroom(root, tmp_path / "self") == 10 * GiB
     assert cgroup_headroom(tmp_path / "none", tmp_path / "self") is None  # no cgroup files: no limit known
 
@@ -211,6 +237,7 @@ def test_the_memory_budget_sees_the_cgroup_limit_of_the_process_and_its_parents(
 def test_generate_streams_a_checkpoint_whose_layers_do_not_all_fit_and_says_so(tiny_bf16_dir, monkeypatch, capsys):
     from gemma2_ref import loader
     from gemma2_ref.cli import main
+
     cfg = g2.load_model(tiny_bf16_dir).config
     embedding = cfg.vocab_size * cfg.hidden_size * 4
     per_layer_bf16 = cfg.parameter_counts()["per_layer"] * 2

@@ -21,7 +21,8 @@ CHAPTERS = runner.chapters()
 def test_committed_notebook_is_generated_from_its_chapter(path):
     committed = make_notebooks.target(path)
     assert committed.is_file() and committed.read_text(encoding="utf-8") == make_notebooks.notebook(path), (
-        f"{committed.name} is missing or out of date: run `python walkthrough/make_notebooks.py` and commit")
+        f"{committed.name} is missing or out of date: run `python walkthrough/make_notebooks.py` and commit"
+    )
 
 
 def test_notebook_shows_package_source_live_and_links_other_notebooks():
@@ -38,8 +39,9 @@ def test_notebook_runs_in_a_kernel_and_prints_what_its_chapter_says(path):
     nbclient = require("nbclient", "pip install -e '.[test]'")
     require("ipykernel", "pip install -e '.[test]'")
     nb = nbformat.reads(make_notebooks.notebook(path), as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     chapter = runner.parse(path)
     checked = 0
     for cell in nb.cells:
@@ -49,6 +51,7 @@ def test_notebook_runs_in_a_kernel_and_prints_what_its_chapter_says(path):
         printed = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
         expected = chapter.blocks[n - 1].expected or ""
         assert runner.same_output(expected, printed), (
-            f"{path.name} block {n}: the notebook cell printed\n{printed}\nbut the chapter says\n{expected}")
+            f"{path.name} block {n}: the notebook cell printed\n{printed}\nbut the chapter says\n{expected}"
+        )
         checked += 1
     assert checked == len(chapter.blocks)

@@ -23,8 +23,10 @@ SHORT = REPO / "golden" / "short"
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under root (files with their bytes, directories and links as None)."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def a_case(at: Path) -> Path:
@@ -43,17 +45,30 @@ def a_suite(at: Path) -> Path:
 FOREIGN = {
     "a note beside a case's files": (lambda d: (a_case(d), (d / "notes.txt").write_text("mine")), "notes.txt"),
     "a project with one case and src/": (
-        lambda d: (d.mkdir(), a_case(d / "short"), (d / "src").mkdir(), (d / "src" / "main.c").write_text("x"),
-                   (d / "Makefile").write_text("all:")), "Makefile"),
+        lambda d: (
+            d.mkdir(),
+            a_case(d / "short"),
+            (d / "src").mkdir(),
+            (d / "src" / "main.c").write_text("x"),
+            (d / "Makefile").write_text("all:"),
+        ),
+        "Makefile",
+    ),
     "a file inside a suite's case": (
-        lambda d: (a_suite(d), (d / "short" / "plot.png").write_bytes(b"\x89PNG")), "short/plot.png"),
+        lambda d: (a_suite(d), (d / "short" / "plot.png").write_bytes(b"\x89PNG")),
+        "short/plot.png",
+    ),
     "an empty directory in a suite": (lambda d: (a_suite(d), (d / "later").mkdir()), "later/"),
     "a hidden file in a suite": (lambda d: (a_suite(d), (d / ".env").write_text("KEY=1")), ".env"),
     "a symlink in a suite": (lambda d: (a_suite(d), (d / "link").symlink_to(REPO / "README.md")), "link"),
     "a manifest gemma2-ref did not write": (
-        lambda d: (a_case(d), (d / G.MANIFEST).write_text('{"name": "my web app"}')), G.MANIFEST),
+        lambda d: (a_case(d), (d / G.MANIFEST).write_text('{"name": "my web app"}')),
+        G.MANIFEST,
+    ),
     "a suite.json gemma2-ref did not write": (
-        lambda d: (a_suite(d), (d / G.SUITE).write_text('{"kind": "something else"}')), G.SUITE),
+        lambda d: (a_suite(d), (d / G.SUITE).write_text('{"kind": "something else"}')),
+        G.SUITE,
+    ),
 }
 
 
@@ -108,8 +123,11 @@ def test_an_out_inside_what_is_not_a_directory_says_what_it_is(capsys, tmp_path,
         p.symlink_to(p.name if parent == "loop" else "gone")
     before = snapshot(tmp_path)
     code, _, err = cli(capsys, "golden", "tiny", "--tokens", "2", "--out", p / "g")
-    says = {"loop": "is a symbolic link loop", "dangling": "is a dangling symbolic link (to gone)",
-            "file": "is a file"}[parent]
+    says = {
+        "loop": "is a symbolic link loop",
+        "dangling": "is a dangling symbolic link (to gone)",
+        "file": "is a file",
+    }[parent]
     assert code == 2 and f"--out {p / 'g'}: {p} {says}: no directory can be made inside it" in err
     assert snapshot(tmp_path) == before
 
@@ -145,8 +163,24 @@ def test_a_live_writers_temporary_is_not_called_a_leftover(tmp_path):
 def test_sigterm_removes_the_temporary_like_ctrl_c(tmp_path):
     out = tmp_path / "suite"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "gemma2_ref.cli", "golden", "tiny", "--suite", "coverage",
-                             "--taps", "all", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gemma2_ref.cli",
+            "golden",
+            "tiny",
+            "--suite",
+            "coverage",
+            "--taps",
+            "all",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".suite.*.tmp/*")) and time.monotonic() < deadline and proc.poll() is None:

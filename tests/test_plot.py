@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import gemma2_ref as g2
-from tests.helpers.backends import require
 from gemma2_ref import suites as S
 from gemma2_ref.compare import PROFILES, compare_activations
 from gemma2_ref.plot import _depth, plot_comparisons, plot_divergence
+from tests.helpers.backends import require
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,8 +29,11 @@ def disturbed(ref: dict, from_layer: int, size: float) -> dict:
     rng = np.random.default_rng(0)
     out = {}
     for name, a in ref.items():
-        later = name.startswith("layers.") and int(name.split(".")[1]) >= from_layer or not name.startswith(
-            ("layers.", "embed"))
+        later = (
+            name.startswith("layers.")
+            and int(name.split(".")[1]) >= from_layer
+            or not name.startswith(("layers.", "embed"))
+        )
         out[name] = a + size * np.abs(a).max() * rng.standard_normal(a.shape).astype(a.dtype) if later else a
     return out
 

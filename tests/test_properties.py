@@ -6,11 +6,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gemma2_ref as g2
-from tests.helpers.numerics import rel_l2
 from gemma2_ref.fast import attention_in_blocks
+from gemma2_ref.model import (
+    attention,
+    attention_mask,
+    gelu_exact,
+    gelu_tanh,
+    rms_norm,
+    rope,
+    rope_frequencies,
+    soft_cap,
+)
 from gemma2_ref.taps import NO_TAPS
-from gemma2_ref.model import (attention, attention_mask, gelu_exact, gelu_tanh, rms_norm, rope,
-                              rope_frequencies, soft_cap)
+from tests.helpers.numerics import rel_l2
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -20,8 +28,12 @@ def _rng(seed):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), half=st.integers(1, 64), theta=st.sampled_from([100.0, 10000.0, 1e6]),
-       dtype=st.sampled_from([np.float32, np.float64]))
+@given(
+    seed=st.integers(0, 2**16),
+    half=st.integers(1, 64),
+    theta=st.sampled_from([100.0, 10000.0, 1e6]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
 def test_rope_preserves_the_norm_of_every_head_vector(seed, half, theta, dtype):
     x = _rng(seed).normal(size=(1, 7, 3, 2 * half)).astype(dtype)
     positions = _rng(seed + 1).integers(0, 8192, 7)
@@ -83,8 +95,12 @@ def test_soft_cap_is_nearly_identity_for_small_values_and_saturates_for_large():
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**16), kv=st.sampled_from([1, 2, 4]), length=st.integers(1, 40),
-       window=st.sampled_from([None, 3, 16]))
+@given(
+    seed=st.integers(0, 2**16),
+    kv=st.sampled_from([1, 2, 4]),
+    length=st.integers(1, 40),
+    window=st.sampled_from([None, 3, 16]),
+)
 def test_grouped_query_attention_equals_multi_head_attention_with_repeated_kv_heads(seed, kv, length, window):
     H, Dh = 4, 8
     rng = _rng(seed)
@@ -94,8 +110,7 @@ def test_grouped_query_attention_equals_multi_head_attention_with_repeated_kv_he
     pos = np.arange(length)
     grouped = attention(q, k, v, pos, pos, window, 0.25, 50.0)
     # query head h uses kv head h // (H / K)
-    repeated = attention(q, np.repeat(k, H // kv, axis=2), np.repeat(v, H // kv, axis=2), pos, pos, window,
-                         0.25, 50.0)
+    repeated = attention(q, np.repeat(k, H // kv, axis=2), np.repeat(v, H // kv, axis=2), pos, pos, window, 0.25, 50.0)
     np.testing.assert_allclose(grouped, repeated, rtol=1e-12, atol=1e-12)
 
 
@@ -120,9 +135,9 @@ def test_attention_equals_the_definition_one_query_at_a_time(window, block_bytes
     rng = _rng(3)
     q, k, v = rng.normal(size=(2, 13, 4, 8)) * 4, rng.normal(size=(2, 13, 2, 8)) * 4, rng.normal(size=(2, 13, 2, 8))
     pos = np.arange(13)
-    naive = _naive_attention(q, k, v, window, 8 ** -0.5, 50.0)
-    np.testing.assert_allclose(attention(q, k, v, pos, pos, window, 8 ** -0.5, 50.0), naive, rtol=1e-10, atol=1e-12)
-    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8 ** -0.5, 50.0, NO_TAPS, block_bytes)
+    naive = _naive_attention(q, k, v, window, 8**-0.5, 50.0)
+    np.testing.assert_allclose(attention(q, k, v, pos, pos, window, 8**-0.5, 50.0), naive, rtol=1e-10, atol=1e-12)
+    blocked = attention_in_blocks(attention, q, k, v, pos, pos, window, 8**-0.5, 50.0, NO_TAPS, block_bytes)
     np.testing.assert_allclose(blocked, naive, rtol=1e-10, atol=1e-12)
 
 
@@ -156,6 +171,7 @@ def test_gelu_tanh_is_close_to_but_not_the_exact_gelu():
     diff = np.abs(gelu_tanh(x) - gelu_exact(x))
     assert 1e-5 < diff.max() < 1e-3
     import math
+
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
     assert np.abs(gelu_exact(x) - exact).max() < 1e-6
 
@@ -193,14 +209,33 @@ def test_a_batch_gives_the_same_result_as_its_rows(tiny_random_dir):
 def test_every_tap_has_the_shape_design_md_gives(tiny_random_dir):
     model = g2.load_model(tiny_random_dir)
     c = model.config
-    S, D, H, K, Dh, F, V = 9, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, \
-        c.intermediate_size, c.vocab_size
+    S, D, H, K, Dh, F, V = (
+        9,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    )
     trace = model.forward(list(range(2, 2 + S)), taps="all")
-    expected = {"embed": (S, D), "final_norm": (S, D), "logits_raw": (S, V), "logits": (S, V),
-                "attn.q_proj": (S, H, Dh), "attn.k_proj": (S, K, Dh), "attn.v_proj": (S, K, Dh),
-                "attn.q_rope": (S, H, Dh), "attn.k_rope": (S, K, Dh), "attn.scores": (H, S, S),
-                "attn.probs": (H, S, S), "attn.context": (S, H * Dh), "mlp.gate": (S, F), "mlp.up": (S, F),
-                "mlp.hidden": (S, F)}
+    expected = {
+        "embed": (S, D),
+        "final_norm": (S, D),
+        "logits_raw": (S, V),
+        "logits": (S, V),
+        "attn.q_proj": (S, H, Dh),
+        "attn.k_proj": (S, K, Dh),
+        "attn.v_proj": (S, K, Dh),
+        "attn.q_rope": (S, H, Dh),
+        "attn.k_rope": (S, K, Dh),
+        "attn.scores": (H, S, S),
+        "attn.probs": (H, S, S),
+        "attn.context": (S, H * Dh),
+        "mlp.gate": (S, F),
+        "mlp.up": (S, F),
+        "mlp.hidden": (S, F),
+    }
     assert list(trace) == g2.tap_names(c)  # every tap, in execution order
     for name, value in trace.items():
         short = name.split(".", 2)[-1] if name.startswith("layers.") else name
@@ -218,8 +253,10 @@ def test_taps_not_asked_for_are_not_returned_and_do_not_change_the_logits(tiny_r
 
 def test_tap_sets_resolve_to_the_documented_names():
     cfg = g2.PRESETS["tiny"]
-    assert g2.select_taps(cfg, "residual") == ["embed"] + [f"layers.{i}.output" for i in range(4)] + \
-        ["final_norm", "logits"]
+    assert g2.select_taps(cfg, "residual") == ["embed"] + [f"layers.{i}.output" for i in range(4)] + [
+        "final_norm",
+        "logits",
+    ]
     default = g2.select_taps(cfg, "default")
     assert "layers.0.attn.scores" not in default and "layers.0.attn.context" in default
     assert g2.select_taps(cfg, ["layers.2.mlp.*"]) == [f"layers.2.mlp.{t}" for t in ("gate", "up", "hidden", "out")]

@@ -36,8 +36,14 @@ def tiny():
 def test_a_streamed_case_is_bit_identical_to_one_written_whole(tmp_path, tiny, taps, positions):
     ids = np.arange(2, 42)
     S.generate_case(tiny, ids, tmp_path / "streamed", taps=taps, positions=positions)
-    G.write_case(tmp_path / "whole", tiny.forward(ids, taps=taps), ids, model=g2.golden.model_info(tiny),
-                 compute_dtype="float32", positions=positions)
+    G.write_case(
+        tmp_path / "whole",
+        tiny.forward(ids, taps=taps),
+        ids,
+        model=g2.golden.model_info(tiny),
+        compute_dtype="float32",
+        positions=positions,
+    )
     streamed, whole = (tmp_path / d / G.ACTIVATIONS_FILE for d in ("streamed", "whole"))
     m1, m2 = (json.loads((tmp_path / d / G.MANIFEST).read_text()) for d in ("streamed", "whole"))
     assert m1["input"] == m2["input"]
@@ -129,18 +135,38 @@ RUN_UNDER_LIMIT = textwrap.dedent("""
 
 def run_limited(limit: int, *argv) -> subprocess.CompletedProcess:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", RUN_UNDER_LIMIT, str(limit), *map(str, argv)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_UNDER_LIMIT, str(limit), *map(str, argv)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_under_an_address_space_limit_a_case_completes_or_is_refused_up_front(tmp_path):
     from gemma2_ref.checkpoints import build_random_checkpoint, preset_config
 
-    model = build_random_checkpoint(tmp_path / "m", preset_config("tiny").replace(max_position_embeddings=8192),
-                                    log=lambda *a: None)  # the tiny shapes, a context of 8192
-    base = int(subprocess.run([sys.executable, "-c", "import gemma2_ref, numpy; print(open('/proc/self/status')"
-                               ".read().split('VmSize:')[1].split()[0])"], cwd=REPO, capture_output=True,
-                              text=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1")).stdout) * 1024
+    model = build_random_checkpoint(
+        tmp_path / "m", preset_config("tiny").replace(max_position_embeddings=8192), log=lambda *a: None
+    )  # the tiny shapes, a context of 8192
+    base = (
+        int(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import gemma2_ref, numpy; print(open('/proc/self/status').read().split('VmSize:')[1].split()[0])",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+            ).stdout
+        )
+        * 1024
+    )
     limit = base + (400 << 20)
     ids = " ".join(["2"] + ["651"] * 1500)
     fits = run_limited(limit, "golden", model, "--tokens", ids, "--taps", "default", "--out", tmp_path / "fits")

@@ -14,8 +14,11 @@ def tok():
 
 
 def test_the_bundled_tokenizer_has_gemmas_special_ids(tok):
-    assert [tok.sp.PieceToId(p) for p in ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")] == \
-        [PAD, EOS, BOS, START_OF_TURN, END_OF_TURN] == [0, 1, 2, 106, 107]
+    assert (
+        [tok.sp.PieceToId(p) for p in ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")]
+        == [PAD, EOS, BOS, START_OF_TURN, END_OF_TURN]
+        == [0, 1, 2, 106, 107]
+    )
     assert tok.vocab_size == g2.PRESETS["tiny"].vocab_size
     assert tok.stop_ids == (1, 107)
 
@@ -67,9 +70,15 @@ def test_a_tokenizer_without_gemmas_special_ids_is_refused(tmp_path):
     import io
 
     import sentencepiece as spm
+
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50), model_writer=model,
-                                   vocab_size=12, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world"] * 50),
+        model_writer=model,
+        vocab_size=12,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     with pytest.raises(TokenizerError, match="Gemma expects"):
         g2.load_tokenizer(tmp_path)

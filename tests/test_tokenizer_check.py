@@ -47,8 +47,9 @@ def test_the_fast_tokenizer_converted_from_the_same_model_gives_the_reference_id
 def with_normalizer_prefix(fast):
     from tokenizers import normalizers
 
-    fast.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(" ", "\u2581"),
-                                                              normalizers.Prepend("\u2581")])
+    fast.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace(" ", "\u2581"), normalizers.Prepend("\u2581")]
+    )
     return fast
 
 
@@ -75,17 +76,22 @@ def without_byte_fallback(fast):
 
 def turn_tokens_unmarked(fast):
     """A converter that did not mark the turn tokens as added (special) tokens: BPE spells them."""
+
     def drop(m):
         m["added_tokens"] = [a for a in m["added_tokens"] if a["content"] not in ("<start_of_turn>", "<end_of_turn>")]
+
     return edited(fast, drop)
 
 
-@pytest.mark.parametrize("name, make, kw", [
-    ("add_space_prefix", with_normalizer_prefix, {}),
-    ("whitespace_runs_split", with_whitespace_split, {}),
-    ("no_byte_fallback", without_byte_fallback, {}),
-    ("special_tokens_not_parsed", turn_tokens_unmarked, {}),
-])
+@pytest.mark.parametrize(
+    "name, make, kw",
+    [
+        ("add_space_prefix", with_normalizer_prefix, {}),
+        ("whitespace_runs_split", with_whitespace_split, {}),
+        ("no_byte_fallback", without_byte_fallback, {}),
+        ("special_tokens_not_parsed", turn_tokens_unmarked, {}),
+    ],
+)
 def test_a_tokenizer_mistake_made_in_the_fast_tokenizer_is_named_at_its_first_text(name, make, kw):
     fresh = fast_tokenizer()
     report = T.check_tokenizer(g2.load_tokenizer("tiny"), {"ids": fast_ids(make(fresh), **kw)})
@@ -99,6 +105,7 @@ def test_stopping_on_eos_only_is_named(tok):
 
 
 # -- llama.cpp's tokenizer, through the GGUF -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llama():
@@ -146,12 +153,14 @@ def test_the_bundled_tiny_gguf_splits_start_of_turn(llama):
     on it: its stop ids are 1, 2 and 107, so no stop_without_end_of_turn)."""
     from gemma2_ref.adapters import llamacpp as adapter
 
-    report = T.check_tokenizer(g2.load_tokenizer("tiny"), llama_candidate(llama, adapter.convert(
-        bundled_path("tiny"), "f32")))
+    report = T.check_tokenizer(
+        g2.load_tokenizer("tiny"), llama_candidate(llama, adapter.convert(bundled_path("tiny"), "f32"))
+    )
     assert report.mistakes == ["special_tokens_not_parsed"] and 107 in report.stop_ids, report.format()
 
 
 # -- the command and the bundled tokenizer's settings ----------------------------------------------------------
+
 
 def test_the_command_prints_the_texts_and_exits_by_the_verdict(tok, tmp_path, capsys):
     assert cli(["check-tokenizer", "--texts"]) == 0

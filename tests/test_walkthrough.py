@@ -29,10 +29,18 @@ def test_chapter_prints_what_its_text_says(path):
     (a fresh namespace and one BLAS thread, which the runner sets before NumPy is imported)."""
     assert runner.parse(path).blocks, f"{path.name} has no ```python block"
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    result = subprocess.run([sys.executable, "-m", "walkthrough.runner", "--check", path.name],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stderr + "\nIf the code is right, run `python -m walkthrough.runner "
-                                    f"--update {path.name[:2]}` and review the diff.")
+    result = subprocess.run(
+        [sys.executable, "-m", "walkthrough.runner", "--check", path.name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        result.stderr + "\nIf the code is right, run `python -m walkthrough.runner "
+        f"--update {path.name[:2]}` and review the diff."
+    )
     assert f"ok   {path.name}" in result.stdout
 
 
@@ -55,6 +63,7 @@ def test_relative_links_and_images_resolve(path):
 
 
 # -- the runner itself: the check must be able to fail -------------------------------------------------
+
 
 def write_chapter(tmp_path, body: str) -> Path:
     path = tmp_path / "01-test.md"
@@ -81,7 +90,10 @@ def test_runner_blocks_share_one_namespace_and_a_block_without_text_must_print_n
 def test_runner_update_writes_the_real_output_then_check_passes(tmp_path):
     path = write_chapter(tmp_path, "```python\nprint('a')\n```\n\n```text\nb\n```\n\n```python\nprint(1.5)\n```\n")
     runner.update(runner.parse(path), runner.run(runner.parse(path)))
-    assert path.read_text() == "```python\nprint('a')\n```\n\n```text\na\n```\n\n```python\nprint(1.5)\n```\n\n```text\n1.5\n```\n"
+    assert (
+        path.read_text()
+        == "```python\nprint('a')\n```\n\n```text\na\n```\n\n```python\nprint(1.5)\n```\n\n```text\n1.5\n```\n"
+    )
     chapter = runner.parse(path)
     assert runner.check(chapter, runner.run(chapter)) == []
 
@@ -92,32 +104,38 @@ def test_runner_names_the_chapter_and_block_that_raises(tmp_path):
         runner.run(runner.parse(path))
 
 
-@pytest.mark.parametrize("expected, actual, same", [
-    ("x 0.1234\n", "x 0.1234\n", True),
-    ("x 0.1234\n", "x 0.1235\n", True),     # one unit in the last printed digit: BLAS summation order
-    ("x 0.1234\n", "x 0.1236\n", False),
-    ("x 1.5e-04\n", "x 1.6e-04\n", True),
-    ("x 1.5e-04\n", "x 1.5e-05\n", False),
-    ("id 441\n", "id 442\n", False),        # integers (token ids, counts) must match exactly
-    ("x 0.1234\n", "y 0.1234\n", False),
-    ("x 0.12\n", "x 0.121\n", False),
-])
+@pytest.mark.parametrize(
+    "expected, actual, same",
+    [
+        ("x 0.1234\n", "x 0.1234\n", True),
+        ("x 0.1234\n", "x 0.1235\n", True),  # one unit in the last printed digit: BLAS summation order
+        ("x 0.1234\n", "x 0.1236\n", False),
+        ("x 1.5e-04\n", "x 1.6e-04\n", True),
+        ("x 1.5e-04\n", "x 1.5e-05\n", False),
+        ("id 441\n", "id 442\n", False),  # integers (token ids, counts) must match exactly
+        ("x 0.1234\n", "y 0.1234\n", False),
+        ("x 0.12\n", "x 0.121\n", False),
+    ],
+)
 def test_numbers_may_differ_only_in_their_last_printed_decimal(expected, actual, same):
     assert runner.same_output(expected, actual) is same
 
 
 # -- package source shown on the page: rendered, never compared -------------------------------------------
 
+
 def test_source_directive_copy_is_refreshed_by_update_and_never_fails_check(tmp_path):
-    path = write_chapter(tmp_path, "# t\n\n<!-- source: gemma2_ref.model.soft_cap -->\n```py\ndef soft_cap(): old\n```\n")
+    path = write_chapter(
+        tmp_path, "# t\n\n<!-- source: gemma2_ref.model.soft_cap -->\n```py\ndef soft_cap(): old\n```\n"
+    )
     chapter = runner.parse(path)
     assert [s.name for s in chapter.sources] == ["gemma2_ref.model.soft_cap"]
-    assert runner.check(chapter, runner.run(chapter)) == []          # an old copy is not a failure...
+    assert runner.check(chapter, runner.run(chapter)) == []  # an old copy is not a failure...
     assert runner.stale_sources(chapter) == ["gemma2_ref.model.soft_cap"]  # ...only a note
     runner.update(chapter, runner.run(chapter))
     chapter = runner.parse(path)
     assert chapter.sources[0].shown == runner.source_of("gemma2_ref.model.soft_cap")
-    assert runner.stale_sources(chapter) == [] and chapter.blocks == []   # the ```py copy is never executed
+    assert runner.stale_sources(chapter) == [] and chapter.blocks == []  # the ```py copy is never executed
 
 
 def test_source_directive_naming_a_missing_function_fails_check(tmp_path):
@@ -128,12 +146,20 @@ def test_source_directive_naming_a_missing_function_fails_check(tmp_path):
 
 
 def test_explore_mode_shows_code_output_and_live_source_without_checking(tmp_path):
-    path = write_chapter(tmp_path, "<!-- source: gemma2_ref.model.soft_cap -->\n\n"
-                                   "```python\nprint(6 * 7)\n```\n\n```text\n41\n```\n\n```python\n1 / 0\n```\n"
-                                   "\n```python\nprint('after the error')\n```\n")
-    result = subprocess.run([sys.executable, "-m", "walkthrough.runner", "--explore", str(path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr                 # 41 != 42, yet explore does not fail
+    path = write_chapter(
+        tmp_path,
+        "<!-- source: gemma2_ref.model.soft_cap -->\n\n"
+        "```python\nprint(6 * 7)\n```\n\n```text\n41\n```\n\n```python\n1 / 0\n```\n"
+        "\n```python\nprint('after the error')\n```\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "walkthrough.runner", "--explore", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr  # 41 != 42, yet explore does not fail
     out = result.stdout
     assert "def soft_cap(" in out and "print(6 * 7)" in out and "42" in out
-    assert "ZeroDivisionError" in out and "after the error" in out   # a failing block does not stop the chapter
+    assert "ZeroDivisionError" in out and "after the error" in out  # a failing block does not stop the chapter

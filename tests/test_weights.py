@@ -15,11 +15,17 @@ from safetensors.torch import save_file as st_save_torch
 
 import gemma2_ref as g2
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
-from gemma2_ref.weights import (WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, read_safetensors_header,
-                                write_safetensors)
+from gemma2_ref.weights import (
+    WeightsError,
+    bf16_bits_to_f32,
+    f32_to_bf16_bits,
+    read_safetensors_header,
+    write_safetensors,
+)
 
-CFG = g2.PRESETS["tiny"].replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
-                                 vocab_size=300)
+CFG = g2.PRESETS["tiny"].replace(
+    num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"), vocab_size=300
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -40,7 +46,10 @@ def test_bf16_ties_round_to_even():
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_our_safetensors_files_read_back_identically_with_the_safetensors_library(tmp_path, dtype):
-    tensors = {"b": np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32), "a": np.arange(4.0, dtype=np.float32)}
+    tensors = {
+        "b": np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32),
+        "a": np.arange(4.0, dtype=np.float32),
+    }
     write_safetensors(tmp_path / "x.safetensors", tensors, dtype)
     theirs = st_load_torch(tmp_path / "x.safetensors")
     for name, a in tensors.items():
@@ -52,12 +61,16 @@ def test_files_written_by_the_safetensors_library_load_exactly(tmp_path):
     cfg = CFG
     weights = random_weights(cfg, seed=1)
     save_checkpoint(tmp_path, cfg, weights, "F32")
-    st_save_torch({k: torch.from_numpy(v).to(torch.float16) for k, v in weights.items()},
-                  tmp_path / "model.safetensors", metadata={"format": "pt"})
+    st_save_torch(
+        {k: torch.from_numpy(v).to(torch.float16) for k, v in weights.items()},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     model = g2.load_model(tmp_path)
     assert model.weights.stored_dtypes == ["F16"]
-    np.testing.assert_array_equal(model.weights.embedding(),
-                                  weights["model.embed_tokens.weight"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        model.weights.embedding(), weights["model.embed_tokens.weight"].astype(np.float16).astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
@@ -80,6 +93,7 @@ def test_the_old_config_format_loads_the_same_model(tmp_path):
 
 
 # -- broken checkpoints ------------------------------------------------------------------------------------
+
 
 def _open_fds_under(path: Path) -> list[str]:
     found = []
@@ -132,8 +146,10 @@ def test_an_unexpected_tensor_is_named_with_its_file(tmp_path):
 
 def test_a_misshaped_tensor_is_named_with_expected_and_found_shapes(tmp_path):
     ckpt = _checkpoint(tmp_path)
-    _rewrite(ckpt / "model.safetensors",
-             lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", np.zeros((64, 128), np.float32)))
+    _rewrite(
+        ckpt / "model.safetensors",
+        lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", np.zeros((64, 128), np.float32)),
+    )
     _expect_refusal(ckpt, "model.layers.0.self_attn.k_proj.weight", "has shape [64, 128], expected [128, 128]")
 
 
@@ -156,11 +172,11 @@ def test_an_integer_tensor_is_refused(tmp_path):
     f = ckpt / "model.safetensors"
     raw = f.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header["model.norm.weight"]["dtype"] = "I32"
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
-    f.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    f.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n :])
     _expect_refusal(ckpt, "model.norm.weight", "I32")
 
 
@@ -173,8 +189,11 @@ def test_a_shard_listed_in_the_index_but_absent_is_named(tmp_path):
 def test_an_index_that_points_to_the_wrong_shard_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path, shards=2)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors" \
-        if index["weight_map"]["model.norm.weight"].startswith("model-00002") else "model-00002-of-00002.safetensors"
+    index["weight_map"]["model.norm.weight"] = (
+        "model-00001-of-00002.safetensors"
+        if index["weight_map"]["model.norm.weight"].startswith("model-00002")
+        else "model-00002-of-00002.safetensors"
+    )
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     _expect_refusal(ckpt, "model.norm.weight")
 
@@ -202,10 +221,16 @@ def test_load_model_explains_presets_and_unknown_names():
         g2.load_model("tiny", dtype="bfloat16")
 
 
-@pytest.mark.parametrize("ids, message", [
-    ([], "empty"), ([2, 5000], "token id 5000 at index (1,) is outside the vocabulary"),
-    ([2, -1], "outside the vocabulary"), ([2.5, 3.0], "must be integers"), ([[[2]]], "1-D (seq,) or 2-D"),
-])
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([], "empty"),
+        ([2, 5000], "token id 5000 at index (1,) is outside the vocabulary"),
+        ([2, -1], "outside the vocabulary"),
+        ([2.5, 3.0], "must be integers"),
+        ([[[2]]], "1-D (seq,) or 2-D"),
+    ],
+)
 def test_bad_token_ids_are_refused_clearly(ids, message):
     model = g2.load_model("tiny")
     with pytest.raises(ValueError) as e:

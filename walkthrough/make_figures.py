@@ -32,9 +32,11 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 
 # The prompts the chapters use for the same pictures.
 ATTENTION_PROMPT = "The assert statement is a convenient way to insert debugging assertions"  # chapter 6
-LONG_PROMPT = ("Assert statements are a convenient way to insert debugging assertions into a program. "
-               "The simple form is equivalent to: if debug, if not expression, raise AssertionError. "
-               "The extended form is equivalent to: if debug, if not expression1, raise AssertionError(expression2).")
+LONG_PROMPT = (
+    "Assert statements are a convenient way to insert debugging assertions into a program. "
+    "The simple form is equivalent to: if debug, if not expression, raise AssertionError. "
+    "The extended form is equivalent to: if debug, if not expression1, raise AssertionError(expression2)."
+)
 DIVERGENCE_PROMPT = LONG_PROMPT.rsplit(" The extended form", 1)[0]  # chapter 13's golden case: its first two sentences
 DIVERGENCE_MISTAKES = [  # (title, mistakes): chapter 13
     ("attention soft-cap dropped", "drop_attn_softcap"),
@@ -55,8 +57,9 @@ def masks(plt, out: Path) -> Path:
     cfg = PRESETS["tiny"]
     pos = np.arange(80)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1, 0.55]})
-    for ax, (title, window) in zip(axes, [(f"sliding layer (window {cfg.sliding_window})", cfg.sliding_window),
-                                          ("global layer (causal)", None)]):
+    for ax, (title, window) in zip(
+        axes, [(f"sliding layer (window {cfg.sliding_window})", cfg.sliding_window), ("global layer (causal)", None)]
+    ):
         ax.imshow(attention_mask(pos, pos, window), cmap="Blues", vmin=0, vmax=1.4, interpolation="nearest")
         ax.set_title(title)
         ax.set_xlabel("key position j")
@@ -77,8 +80,11 @@ def rope_figure(plt, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # Plotted against the pair index i itself: against i / (Dh/2) the three curves would be one line, since
     # 10000^(-2i/Dh) depends on i / Dh only. Same span of frequencies, more pairs to cover it for larger Dh.
-    for Dh, label, style in [(64, "tiny (head_dim 64)", "o-"), (128, "27B (head_dim 128)", "-"),
-                             (256, "2B/9B (head_dim 256)", "--")]:
+    for Dh, label, style in [
+        (64, "tiny (head_dim 64)", "o-"),
+        (128, "27B (head_dim 128)", "-"),
+        (256, "2B/9B (head_dim 256)", "--"),
+    ]:
         f = rope_frequencies(Dh, 10000.0, np.float64)
         i = np.arange(Dh // 2)
         axes[0].semilogy(i, f, style, label=label, markersize=2.5)
@@ -135,8 +141,9 @@ def attention_map(plt, out: Path, model, tok) -> Path:
         if ax in axes[:, 0]:
             ax.set_ylabel("query (the token attending)", fontsize=11)
     fig.colorbar(im, ax=axes, shrink=0.6, label="attention probability (each row sums to 1; 0 right of the diagonal)")
-    fig.suptitle(f"Tiny model attention probabilities for \"{ATTENTION_PROMPT}\"  (\u2423 = a space before the piece)",
-                 fontsize=13)
+    fig.suptitle(
+        f'Tiny model attention probabilities for "{ATTENTION_PROMPT}"  (\u2423 = a space before the piece)', fontsize=13
+    )
     return save(plt, fig, out / "attention_map.png")
 
 
@@ -166,13 +173,26 @@ def divergence_map(plt, out: Path, model, tok) -> Path:
         for (r, i), e in np.ndenumerate(err):  # the value itself, so no colour has to be read off the bar
             text = "0" if e == 0 else f"{e:.0e}".replace("e-0", "e-")
             red, green, blue, _ = cmap(norm(max(e, 1e-12)))
-            ax.text(i, r, text, ha="center", va="center", fontsize=8,
-                    color="black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white")
+            ax.text(
+                i,
+                r,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white",
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(L), [f"layer {i}" for i in range(L)])
         ax.set_yticks(range(len(rows)), rows if ax is axes[0] else [])
-    bar = fig.colorbar(im, ax=axes, shrink=0.9, ticks=DIVERGENCE_LEVELS, spacing="uniform",
-                       label="relative L2 error vs the correct model (0 = bit-identical)")
+    bar = fig.colorbar(
+        im,
+        ax=axes,
+        shrink=0.9,
+        ticks=DIVERGENCE_LEVELS,
+        spacing="uniform",
+        label="relative L2 error vs the correct model (0 = bit-identical)",
+    )
     bar.ax.set_yticklabels(["0"] + [f"{v:g}" for v in DIVERGENCE_LEVELS[1:]])
     fig.suptitle(f"Where each mistake first shows: per-layer, per-tap error on a {len(ids)}-token prompt")
     return save(plt, fig, out / "divergence.png")
@@ -204,8 +224,11 @@ def _box(ax, x, y, w, h, text, color=PLAIN, fontsize=10, tap=None):
     """A labelled box centred at (x, y); `tap` is written beside it in grey (the canonical tap name)."""
     from matplotlib.patches import FancyBboxPatch
 
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.12",
-                                fc=color, ec="#333333", lw=1))
+    ax.add_patch(
+        FancyBboxPatch(
+            (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.12", fc=color, ec="#333333", lw=1
+        )
+    )
     ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
     if tap:
         ax.text(x + w / 2 + 0.12, y, tap, ha="left", va="center", fontsize=8, color="#666666", family="monospace")
@@ -231,9 +254,13 @@ def block_diagram(plt, out: Path) -> Path:
     x = 4.2
     _box(left, x, 1.0, 5.2, 0.9, "token ids (S,)   <bos> first")
     _box(left, x, 2.7, 5.2, 1.1, "embed: x = E[ids] * sqrt(D)\n(sqrt(D) in the activation dtype)", tap="embed")
-    layers = [("layer 0: sliding window 4096", NEW_IN_GEMMA2), ("layer 1: global", PLAIN),
-              ("layer 2: sliding window 4096", NEW_IN_GEMMA2), ("...", "white"),
-              ("layer L-1: global", PLAIN)]
+    layers = [
+        ("layer 0: sliding window 4096", NEW_IN_GEMMA2),
+        ("layer 1: global", PLAIN),
+        ("layer 2: sliding window 4096", NEW_IN_GEMMA2),
+        ("...", "white"),
+        ("layer L-1: global", PLAIN),
+    ]
     ys = [4.6, 6.2, 7.8, 9.2, 10.6]
     for (text, color), y in zip(layers, ys):
         if text == "...":
@@ -244,13 +271,28 @@ def block_diagram(plt, out: Path) -> Path:
     _box(left, x, 14.0, 5.2, 1.0, "x @ E.T   (tied: the same E)", tap="logits_raw")
     _box(left, x, 15.7, 5.2, 1.0, "soft_cap(logits, 30)", color=NEW_IN_GEMMA2, tap="logits")
     _box(left, x, 17.4, 5.2, 0.9, "logits (S, V): next-token scores")
-    for y0, y1 in [(1.45, 2.15), (3.25, 4.1), (5.1, 5.7), (6.7, 7.3), (8.3, 8.9), (9.5, 10.1), (11.1, 11.95),
-                   (12.85, 13.5), (14.5, 15.2), (16.2, 16.95)]:
+    for y0, y1 in [
+        (1.45, 2.15),
+        (3.25, 4.1),
+        (5.1, 5.7),
+        (6.7, 7.3),
+        (8.3, 8.9),
+        (9.5, 10.1),
+        (11.1, 11.95),
+        (12.85, 13.5),
+        (14.5, 15.2),
+        (16.2, 16.95),
+    ]:
         _arrow(left, x, y0, x, y1)
-    left.annotate("", xy=(x - 2.6, 14.0), xytext=(x - 2.6, 2.7),
-                  arrowprops=dict(arrowstyle="-", ls="--", color="#888888", connectionstyle="bar,fraction=-0.08"))
-    left.text(0.3, 8.4, "one matrix E (V x D), used twice", ha="center", va="center", fontsize=9, color="#555555",
-              rotation=90)
+    left.annotate(
+        "",
+        xy=(x - 2.6, 14.0),
+        xytext=(x - 2.6, 2.7),
+        arrowprops=dict(arrowstyle="-", ls="--", color="#888888", connectionstyle="bar,fraction=-0.08"),
+    )
+    left.text(
+        0.3, 8.4, "one matrix E (V x D), used twice", ha="center", va="center", fontsize=9, color="#555555", rotation=90
+    )
 
     # -- one layer, bottom to top: the residual stream is the vertical line on the left ------------------------
     right.set_title("One decoder layer (chapters 4 to 9)", fontsize=14)
@@ -259,40 +301,62 @@ def block_diagram(plt, out: Path) -> Path:
     right.text(r, 0.3, "x (S, D)", ha="center", fontsize=10)
     right.text(r, 19.5, "out (S, D)", ha="center", fontsize=10)
     c = 4.6  # x of the sub-blocks
-    steps_attn = [(1.6, "pre_attn_norm: RMSNorm, scale (1 + w)", PLAIN, "pre_attn_norm"),
-                  (2.9, "q = h Wq,  k = h Wk,  v = h Wv\n(grouped-query: K = H/2 kv heads)", NEW_IN_GEMMA2, "attn.q_proj ..."),
-                  (4.2, "RoPE on q and k (theta 10000, half-split)", PLAIN, "attn.q_rope"),
-                  (5.5, "scores = q k^T * query_pre_attn_scalar^-0.5\n(27B: 144^-0.5, not head_dim^-0.5)",
-                   NEW_IN_GEMMA2, None),
-                  (6.8, "soft_cap(scores, 50)", NEW_IN_GEMMA2, "attn.scores"),
-                  (8.1, "mask: causal; window 4096 on even layers\nsoftmax (float32), then probs @ v",
-                   NEW_IN_GEMMA2, "attn.probs"),
-                  (9.4, "o_proj: (S, H*Dh) -> (S, D)", PLAIN, "attn.out"),
-                  (10.6, "post_attn_norm: RMSNorm", NEW_IN_GEMMA2, "post_attn_norm")]
-    steps_mlp = [(12.3, "pre_ffw_norm: RMSNorm", PLAIN, "pre_ffw_norm"),
-                 (13.6, "gate = h Wg,  up = h Wu   (D -> F)", PLAIN, "mlp.gate, mlp.up"),
-                 (14.9, "gelu_tanh(gate) * up", PLAIN, "mlp.hidden"),
-                 (16.2, "down: (S, F) -> (S, D)", PLAIN, "mlp.out"),
-                 (17.4, "post_ffw_norm: RMSNorm", NEW_IN_GEMMA2, "post_ffw_norm")]
+    steps_attn = [
+        (1.6, "pre_attn_norm: RMSNorm, scale (1 + w)", PLAIN, "pre_attn_norm"),
+        (2.9, "q = h Wq,  k = h Wk,  v = h Wv\n(grouped-query: K = H/2 kv heads)", NEW_IN_GEMMA2, "attn.q_proj ..."),
+        (4.2, "RoPE on q and k (theta 10000, half-split)", PLAIN, "attn.q_rope"),
+        (5.5, "scores = q k^T * query_pre_attn_scalar^-0.5\n(27B: 144^-0.5, not head_dim^-0.5)", NEW_IN_GEMMA2, None),
+        (6.8, "soft_cap(scores, 50)", NEW_IN_GEMMA2, "attn.scores"),
+        (
+            8.1,
+            "mask: causal; window 4096 on even layers\nsoftmax (float32), then probs @ v",
+            NEW_IN_GEMMA2,
+            "attn.probs",
+        ),
+        (9.4, "o_proj: (S, H*Dh) -> (S, D)", PLAIN, "attn.out"),
+        (10.6, "post_attn_norm: RMSNorm", NEW_IN_GEMMA2, "post_attn_norm"),
+    ]
+    steps_mlp = [
+        (12.3, "pre_ffw_norm: RMSNorm", PLAIN, "pre_ffw_norm"),
+        (13.6, "gate = h Wg,  up = h Wu   (D -> F)", PLAIN, "mlp.gate, mlp.up"),
+        (14.9, "gelu_tanh(gate) * up", PLAIN, "mlp.hidden"),
+        (16.2, "down: (S, F) -> (S, D)", PLAIN, "mlp.out"),
+        (17.4, "post_ffw_norm: RMSNorm", NEW_IN_GEMMA2, "post_ffw_norm"),
+    ]
     for steps, add_y in ((steps_attn, 11.3), (steps_mlp, 18.3)):
-        for (y, text, color, tap) in steps:
+        for y, text, color, tap in steps:
             _box(right, c, y, 5.0, 0.95 if "\n" not in text else 1.15, text, color=color, fontsize=9, tap=tap)
         for (y0, *_), (y1, *_) in zip(steps, steps[1:]):
             _arrow(right, c, y0 + 0.5, c, y1 - 0.55)
         first, last = steps[0][0], steps[-1][0]
-        right.annotate("", xy=(c - 2.5, first), xytext=(r, first - 0.7),
-                       arrowprops=dict(arrowstyle="->", color="#333333", connectionstyle="angle,angleA=0,angleB=90"))
+        right.annotate(
+            "",
+            xy=(c - 2.5, first),
+            xytext=(r, first - 0.7),
+            arrowprops=dict(arrowstyle="->", color="#333333", connectionstyle="angle,angleA=0,angleB=90"),
+        )
         right.plot([r], [add_y], "o", ms=20, mfc="white", mec="#333333", zorder=3)
         right.text(r, add_y, "+", ha="center", va="center", fontsize=14, zorder=4)
-        right.annotate("", xy=(r + 0.3, add_y), xytext=(c, last + 0.5),
-                       arrowprops=dict(arrowstyle="->", color="#333333", connectionstyle="angle,angleA=90,angleB=0"))
+        right.annotate(
+            "",
+            xy=(r + 0.3, add_y),
+            xytext=(c, last + 0.5),
+            arrowprops=dict(arrowstyle="->", color="#333333", connectionstyle="angle,angleA=90,angleB=0"),
+        )
     right.text(r - 0.15, 11.75, "resid_mid", ha="right", fontsize=8, color="#666666", family="monospace")
     right.text(r - 0.15, 18.75, "output", ha="right", fontsize=8, color="#666666", family="monospace")
     right.text(r - 0.15, 1.2, "input", ha="right", fontsize=8, color="#666666", family="monospace")
-    fig.legend(handles=[Patch(fc=NEW_IN_GEMMA2, ec="#333333", label="new in Gemma 2 (not in Gemma 1)"),
-                        Patch(fc=PLAIN, ec="#333333", label="as in Gemma 1"),
-                        Patch(fc="white", ec="white", label="grey monospace: the tap name (chapter 10)")],
-               loc="lower center", ncol=3, fontsize=11, frameon=False)
+    fig.legend(
+        handles=[
+            Patch(fc=NEW_IN_GEMMA2, ec="#333333", label="new in Gemma 2 (not in Gemma 1)"),
+            Patch(fc=PLAIN, ec="#333333", label="as in Gemma 1"),
+            Patch(fc="white", ec="white", label="grey monospace: the tap name (chapter 10)"),
+        ],
+        loc="lower center",
+        ncol=3,
+        fontsize=11,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save(plt, fig, out / "block_diagram.png")
 
@@ -302,9 +366,11 @@ def rmsnorm_figure(plt, out: Path, model, tok) -> Path:
     ids = tok.encode("The assert statement is a convenient way to insert debugging assertions into a program")
     trace = model.forward(ids, taps=["layers.3.input", "layers.3.pre_attn_norm"])
     x, y = trace["layers.3.input"].astype(np.float64), trace["layers.3.pre_attn_norm"].astype(np.float64)
-    w = model.weights.layer(3).pre_attn_norm.astype(np.float64)
-    unit = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + model.config.rms_norm_eps)
-    rms = lambda a: np.sqrt(np.mean(a ** 2, axis=-1))
+    unit = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + model.config.rms_norm_eps)
+
+    def rms(a):
+        return np.sqrt(np.mean(a**2, axis=-1))
+
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     pos = np.arange(len(ids))
     axes[0].plot(pos, rms(x), "o-", label="residual stream x (layers.3.input)")
@@ -339,8 +405,10 @@ def kv_cache_figure(plt, out: Path, model, tok) -> Path:
     sliding layer keeps a ring of `window` slots (here 32) and overwrites the oldest in place."""
     from gemma2_ref.generate import EMPTY, KVCache
 
-    prompt = tok.encode("Assert statements are a convenient way to insert debugging assertions into a program. "
-                        "The simple form, assert expression, is equivalent to")
+    prompt = tok.encode(
+        "Assert statements are a convenient way to insert debugging assertions into a program. "
+        "The simple form, assert expression, is equivalent to"
+    )
     cache = KVCache(model.config)
     step = model.forward(prompt, kv_cache=cache, logits_at="last")
     for _ in range(5):
@@ -358,8 +426,11 @@ def kv_cache_figure(plt, out: Path, model, tok) -> Path:
     ax0.set_xlim(-0.2, len(glob) + 0.2)
     ax0.set_ylim(-0.6, 1.2)
     ax0.axis("off")
-    ax0.set_title(f"Global layer (1, 3): one slot per position, appended; {len(glob)} slots after "
-                  f"{len(prompt)} prompt tokens + 5 decoded (yellow)", fontsize=11)
+    ax0.set_title(
+        f"Global layer (1, 3): one slot per position, appended; {len(glob)} slots after "
+        f"{len(prompt)} prompt tokens + 5 decoded (yellow)",
+        fontsize=11,
+    )
     # the ring: slot s holds the latest position p with p % W == s
     theta = np.pi / 2 - 2 * np.pi * np.arange(W) / W
     ax1.set_aspect("equal")
@@ -368,24 +439,35 @@ def kv_cache_figure(plt, out: Path, model, tok) -> Path:
         p = int(p)
         color = NEW_IN_GEMMA2 if p >= len(prompt) else ("white" if p == EMPTY else PLAIN)
         x, y = np.cos(theta[s_]), np.sin(theta[s_])
-        ax1.add_patch(plt.Circle((x, y), 0.085, fc=color, ec="#c0392b" if p == newest else "#333333",
-                                 lw=2.5 if p == newest else 1))
+        ax1.add_patch(
+            plt.Circle(
+                (x, y), 0.085, fc=color, ec="#c0392b" if p == newest else "#333333", lw=2.5 if p == newest else 1
+            )
+        )
         ax1.text(x, y, str(p), ha="center", va="center", fontsize=8)
         ax1.text(1.2 * x, 1.2 * y, f"s{s_}", ha="center", va="center", fontsize=7, color="#777777")
     ax1.set_xlim(-1.35, 1.35)
     ax1.set_ylim(-1.3, 1.3)
     ax1.text(0, 0.12, f"sliding layer (0, 2):\nring of W = {W} slots", ha="center", va="center", fontsize=11)
-    ax1.text(0, -0.3, f"position p goes to slot p % {W}:\npositions {W}..{newest}\nhave overwritten 0..{newest - W}"
-                      f"\n(newest: red ring)", ha="center", va="center", fontsize=8.5)
+    ax1.text(
+        0,
+        -0.3,
+        f"position p goes to slot p % {W}:\npositions {W}..{newest}\nhave overwritten 0..{newest - W}"
+        f"\n(newest: red ring)",
+        ha="center",
+        va="center",
+        fontsize=8.5,
+    )
     # memory at full size
     from gemma2_ref.config import PRESETS
+
     names, everything, ringed = ["2b", "9b", "27b"], [], []
     for name in names:
         c = PRESETS[name]
         per = 2 * c.num_key_value_heads * c.head_dim * 2
         n_sl = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
-        everything.append(c.num_hidden_layers * 8192 * per / 2 ** 30)
-        ringed.append(((c.num_hidden_layers - n_sl) * 8192 + n_sl * c.sliding_window) * per / 2 ** 30)
+        everything.append(c.num_hidden_layers * 8192 * per / 2**30)
+        ringed.append(((c.num_hidden_layers - n_sl) * 8192 + n_sl * c.sliding_window) * per / 2**30)
     xs = np.arange(3)
     ax2.bar(xs - 0.2, everything, 0.4, label="every layer keeps 8192 positions", color=PLAIN, ec="#333333")
     ax2.bar(xs + 0.2, ringed, 0.4, label="sliding layers keep a ring of 4096", color=NEW_IN_GEMMA2, ec="#333333")
@@ -400,19 +482,23 @@ def kv_cache_figure(plt, out: Path, model, tok) -> Path:
 
 
 DISTILL_POSITION = 13  # the distribution predicted after "A for loop walks over the items of a list"
-DISTILL_TEXT = ("A for loop walks over the items of a list, and a with statement makes sure that a file "
-                "is closed when the block ends.")  # chapter 12's sentence
+DISTILL_TEXT = (
+    "A for loop walks over the items of a list, and a with statement makes sure that a file "
+    "is closed when the block ends."
+)  # chapter 12's sentence
 
 
 def distillation_figure(plt, out: Path, tok) -> Path:
     """Equation (1)'s target at one position: the teacher's whole distribution, not just the next token."""
     teacher, student = g2.load_model("tiny-teacher"), g2.load_model("tiny")
     ids = tok.encode(DISTILL_TEXT)
+
     def probs(m):
         z = m.logits(ids).astype(np.float64)
         z -= z.max(-1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(-1, keepdims=True)
+
     P_T, P_S = probs(teacher), probs(student)
     pos = DISTILL_POSITION
     nxt = ids[pos + 1]
@@ -422,18 +508,25 @@ def distillation_figure(plt, out: Path, tok) -> Path:
     labels = [repr(p.replace("\u2581", "\u2423")) for p in tok.pieces([int(t) for t in top])]
     xs = np.arange(len(top))
     fig, ax = plt.subplots(figsize=(13, 4.8))
-    ax.bar(xs - 0.2, P_T[pos, top], 0.4, label="teacher P_T(x | context): the target of equation (1)",
-           color="#4c72b0")
+    ax.bar(xs - 0.2, P_T[pos, top], 0.4, label="teacher P_T(x | context): the target of equation (1)", color="#4c72b0")
     ax.bar(xs + 0.2, P_S[pos, top], 0.4, label="student P_S(x | context)", color="#dd8452")
     k = top.index(nxt)
-    ax.annotate("the token that actually follows:\nthe one-hot target of ordinary training", xy=(k, P_T[pos, nxt]),
-                xytext=(k + 1.5, max(P_T[pos, top]) * 0.9), arrowprops=dict(arrowstyle="->"), fontsize=9)
+    ax.annotate(
+        "the token that actually follows:\nthe one-hot target of ordinary training",
+        xy=(k, P_T[pos, nxt]),
+        xytext=(k + 1.5, max(P_T[pos, top]) * 0.9),
+        arrowprops=dict(arrowstyle="->"),
+        fontsize=9,
+    )
     ax.set_xticks(xs, labels, fontsize=10)
     ax.set_ylabel("probability")
-    context = tok.decode(ids[1:pos + 1])
+    context = tok.decode(ids[1 : pos + 1])
     kl = float(np.sum(P_T[pos] * (np.log(P_T[pos]) - np.log(P_S[pos]))))
-    ax.set_title(f"Next token after {context!r}: the teacher's 12 most likely tokens "
-                 f"(KL(teacher || student) here {kl:.2f} nats)", fontsize=11)
+    ax.set_title(
+        f"Next token after {context!r}: the teacher's 12 most likely tokens "
+        f"(KL(teacher || student) here {kl:.2f} nats)",
+        fontsize=11,
+    )
     ax.legend(fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -449,10 +542,18 @@ def make_all(out: Path = FIGURES) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     model = g2.load_model("tiny")
     tok = g2.load_tokenizer("tiny")
-    return [block_diagram(plt, out), masks(plt, out), rope_figure(plt, out), softcap_figure(plt, out),
-            rmsnorm_figure(plt, out, model, tok), attention_map(plt, out, model, tok),
-            divergence_map(plt, out, model, tok), gelu_figure(plt, out), kv_cache_figure(plt, out, model, tok),
-            distillation_figure(plt, out, tok)]
+    return [
+        block_diagram(plt, out),
+        masks(plt, out),
+        rope_figure(plt, out),
+        softcap_figure(plt, out),
+        rmsnorm_figure(plt, out, model, tok),
+        attention_map(plt, out, model, tok),
+        divergence_map(plt, out, model, tok),
+        gelu_figure(plt, out),
+        kv_cache_figure(plt, out, model, tok),
+        distillation_figure(plt, out, tok),
+    ]
 
 
 def main(argv=None) -> int:

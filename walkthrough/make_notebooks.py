@@ -28,7 +28,7 @@ from walkthrough import runner  # noqa: E402
 
 NOTEBOOKS = WALKTHROUGH / "notebooks"
 
-SETUP = '''\
+SETUP = """\
 # Setup (not part of the chapter): run from the repository root, one BLAS thread (as the runner does),
 # and a helper that prints the package source a chapter shows.
 import os, sys, pathlib
@@ -37,15 +37,16 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 root = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents] if (p / "gemma2_ref").is_dir())
 os.chdir(root)
 sys.path.insert(0, str(root))
-from walkthrough.runner import show_source'''
+from walkthrough.runner import show_source"""
 
 
 def _links(markdown: str) -> str:
     """Relative links as seen from walkthrough/notebooks/: figures one level up, chapters as notebooks."""
     markdown = re.sub(r"\]\(figures/", "](../figures/", markdown)
     markdown = re.sub(r"\]\(notebooks/", "](", markdown)
-    markdown = re.sub(r"\]\((\d\d-[^)#]+)\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}.ipynb{m.group(2) or ''})",
-                      markdown)
+    markdown = re.sub(
+        r"\]\((\d\d-[^)#]+)\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}.ipynb{m.group(2) or ''})", markdown
+    )
     return re.sub(r"\]\(README\.md", "](../README.md", markdown)
 
 
@@ -129,8 +130,10 @@ def main(argv=None) -> int:
         dest.write_text(text, encoding="utf-8")
         print(dest)
     if stale:
-        print(f"notebooks out of date with their chapters: {stale}; run `python walkthrough/make_notebooks.py`",
-              file=sys.stderr)
+        print(
+            f"notebooks out of date with their chapters: {stale}; run `python walkthrough/make_notebooks.py`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

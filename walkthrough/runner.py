@@ -68,6 +68,7 @@ class Block:
 @dataclass
 class Source:
     """A `<!-- source: module.name -->` directive and the ```py block under it (shown, never run)."""
+
     name: str
     line: int  # 1-based line of the directive
     shown: str  # the ```py block's content ("" if the directive has no block yet)
@@ -136,12 +137,12 @@ def parse(path: Path) -> Chapter:
     for n, (kind, start, end) in enumerate(fences):
         if kind != "python":
             continue
-        code = "\n".join(lines[start + 1:end]) + "\n"
+        code = "\n".join(lines[start + 1 : end]) + "\n"
         expected, span = None, None
         if n + 1 < len(fences) and fences[n + 1][0] == "text":
             _, t0, t1 = fences[n + 1]
-            if all(not line.strip() for line in lines[end + 1:t0]):
-                expected = "\n".join(lines[t0 + 1:t1]) + "\n" if t1 > t0 + 1 else ""
+            if all(not line.strip() for line in lines[end + 1 : t0]):
+                expected = "\n".join(lines[t0 + 1 : t1]) + "\n" if t1 > t0 + 1 else ""
                 span = (t0, t1)
         chapter.blocks.append(Block(code, start + 1, expected, span, (start, end)))
     py_fences = {start: end for kind, start, end in fences if kind == "py"}
@@ -154,7 +155,7 @@ def parse(path: Path) -> Chapter:
             j += 1
         if j in py_fences:
             end = py_fences[j]
-            chapter.sources.append(Source(m.group(1), i + 1, "\n".join(lines[j + 1:end]) + "\n", (j, end)))
+            chapter.sources.append(Source(m.group(1), i + 1, "\n".join(lines[j + 1 : end]) + "\n", (j, end)))
         else:
             chapter.sources.append(Source(m.group(1), i + 1, "", None))
     return chapter
@@ -181,8 +182,9 @@ def run(chapter: Chapter, keep_going: bool = False) -> list[str]:
                 if keep_going:
                     buffer.write(f"{type(e).__name__}: {e}\n{tb}")
                 else:
-                    raise ChapterError(f"{chapter.path.name}: block {n} (line {block.line}) raised "
-                                       f"{type(e).__name__}: {e}\n{tb}") from e
+                    raise ChapterError(
+                        f"{chapter.path.name}: block {n} (line {block.line}) raised {type(e).__name__}: {e}\n{tb}"
+                    ) from e
             outputs.append(buffer.getvalue())
     finally:
         os.chdir(cwd)
@@ -200,7 +202,7 @@ def _tokens(text: str) -> list[str]:
     """Numbers and the runs of text between them."""
     out, pos = [], 0
     for m in _NUMBER.finditer(text):
-        out.append(text[pos:m.start()])
+        out.append(text[pos : m.start()])
         out.append(m.group())
         pos = m.end()
     out.append(text[pos:])
@@ -247,15 +249,20 @@ def check(chapter: Chapter, outputs: list[str]) -> list[str]:
         where = f"{chapter.path.name}: block {n} (```python at line {block.line})"
         if block.expected is None:
             where += " has no ```text block, but prints"
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
-                                            "text in chapter", "printed by the code"))
+        diff = "".join(
+            difflib.unified_diff(
+                expected.splitlines(True), actual.splitlines(True), "text in chapter", "printed by the code"
+            )
+        )
         problems.append(f"{where}\n{diff}")
     for src in chapter.sources:
         try:
             source_of(src.name)
         except Exception as e:  # noqa: BLE001 - any failure to find the source is the chapter's problem
-            problems.append(f"{chapter.path.name}: line {src.line}: <!-- source: {src.name} --> does not resolve "
-                            f"({type(e).__name__}: {e}); the chapter teaches a function the package no longer has")
+            problems.append(
+                f"{chapter.path.name}: line {src.line}: <!-- source: {src.name} --> does not resolve "
+                f"({type(e).__name__}: {e}); the chapter teaches a function the package no longer has"
+            )
     return problems
 
 
@@ -282,9 +289,9 @@ def update(chapter: Chapter, outputs: list[str]) -> bool:
         if kind == "source":
             body = source_of(block.name).rstrip("\n").split("\n")
             if block.span is not None:
-                lines[block.span[0]:block.span[1] + 1] = ["```py", *body, "```"]
+                lines[block.span[0] : block.span[1] + 1] = ["```py", *body, "```"]
             else:
-                lines[block.line:block.line] = ["```py", *body, "```"]
+                lines[block.line : block.line] = ["```py", *body, "```"]
             continue
         if block.expected is not None and same_output(block.expected, actual):
             continue
@@ -294,12 +301,12 @@ def update(chapter: Chapter, outputs: list[str]) -> bool:
             t0, t1 = block.text_span
             if not actual:  # drop the text block and the blank line before it
                 t0 = t0 - 1 if t0 > 0 and not lines[t0 - 1].strip() else t0
-            lines[t0:t1 + 1] = new
+            lines[t0 : t1 + 1] = new
         elif actual:
             end = block.line  # the python block's closing fence follows its code
             while lines[end].rstrip() != "```":
                 end += 1
-            lines[end + 1:end + 1] = ["", *new]
+            lines[end + 1 : end + 1] = ["", *new]
     if lines == chapter.lines:
         return False
     chapter.path.write_text("\n".join(lines), encoding="utf-8")
@@ -307,15 +314,20 @@ def update(chapter: Chapter, outputs: list[str]) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="fail with a diff if a chapter's text and code disagree")
     mode.add_argument("--update", action="store_true", help="rewrite the ```text blocks from the real output")
-    mode.add_argument("--explore", action="store_true",
-                      help="run and show each block's code and output, without checking (edit a copy, run it)")
-    parser.add_argument("pattern", nargs="?",
-                        help="only chapters whose file name contains this, or the path of a chapter file")
+    mode.add_argument(
+        "--explore",
+        action="store_true",
+        help="run and show each block's code and output, without checking (edit a copy, run it)",
+    )
+    parser.add_argument(
+        "pattern", nargs="?", help="only chapters whose file name contains this, or the path of a chapter file"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     if args.pattern and args.pattern.endswith(".md") and Path(args.pattern).is_file():
@@ -351,8 +363,11 @@ def main(argv=None) -> int:
             failed += bool(problems)
             print(f"{'FAIL' if problems else 'ok  '} {path.name} ({len(chapter.blocks)} blocks)")
             for name in stale_sources(chapter):
-                print(f"note {path.name} shows an old copy of {name}: `--update {path.name[:2]}` refreshes it "
-                      f"(not a failure)", file=sys.stderr)
+                print(
+                    f"note {path.name} shows an old copy of {name}: `--update {path.name[:2]}` refreshes it "
+                    f"(not a failure)",
+                    file=sys.stderr,
+                )
     return 1 if failed else 0
 
 
@@ -362,8 +377,11 @@ def explore(chapter: Chapter) -> None:
     rule = "-" * 100
     sources = {src.line: src for src in chapter.sources}
     outputs = run(chapter, keep_going=True)
-    items = sorted([(b.line, "block", n, b) for n, b in enumerate(chapter.blocks, start=1)]
-                   + [(line, "source", 0, src) for line, src in sources.items()], key=lambda t: t[0])
+    items = sorted(
+        [(b.line, "block", n, b) for n, b in enumerate(chapter.blocks, start=1)]
+        + [(line, "source", 0, src) for line, src in sources.items()],
+        key=lambda t: t[0],
+    )
     print(f"{chapter.path.name}: {len(chapter.blocks)} blocks (explore mode: outputs are shown, not checked)")
     for line, kind, n, item in items:
         if kind == "source":

@@ -29,8 +29,14 @@ BACKENDS = {
 
 # backend name -> the frameworks its adapter imports, the one whose install brings the others last
 # (verify/optional.py says which pip install brings each)
-NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx", "mlx_lm"), "jax-gemma": ("jax", "gemma"),
-         "llama.cpp": ("gguf", "llama_cpp"), "vllm": ("torch", "vllm"), "keras-hub": ("keras", "keras_hub")}
+NEEDS = {
+    "transformers": ("torch", "transformers"),
+    "mlx": ("mlx", "mlx_lm"),
+    "jax-gemma": ("jax", "gemma"),
+    "llama.cpp": ("gguf", "llama_cpp"),
+    "vllm": ("torch", "vllm"),
+    "keras-hub": ("keras", "keras_hub"),
+}
 
 
 def load_adapter(backend: str):

@@ -61,12 +61,37 @@ def wanted_taps(cfg, taps, decode: bool = False) -> set[str]:
     return {n for n in wanted if not n.endswith(MATRIX_TAPS)} if decode else wanted
 
 
-def write_candidate(out_dir, acts: dict, ids, *, checkpoint, cfg, producer: dict, adapter: str, compute_dtype: str,
-                    text=None, description=None, positions=None, attention_mask=None, prefill: int | None = None,
-                    chunks=None, model: dict | None = None) -> Path:
+def write_candidate(
+    out_dir,
+    acts: dict,
+    ids,
+    *,
+    checkpoint,
+    cfg,
+    producer: dict,
+    adapter: str,
+    compute_dtype: str,
+    text=None,
+    description=None,
+    positions=None,
+    attention_mask=None,
+    prefill: int | None = None,
+    chunks=None,
+    model: dict | None = None,
+) -> Path:
     """Write what a backend computed as a golden case: the producer (the engine's name and versions, then the
     adapter module), the checkpoint's model_info, and for a decode case its prefill and step count."""
     extra = None if prefill is None else {"decode": decode_extra(int(np.shape(ids)[-1]), prefill, chunks)}
-    return write_case(out_dir, acts, np.asarray(ids), producer={**producer, "adapter": adapter},
-                      model=model or model_info_from_files(checkpoint, cfg), text=text, compute_dtype=compute_dtype,
-                      description=description, positions=positions, attention_mask=attention_mask, extra=extra)
+    return write_case(
+        out_dir,
+        acts,
+        np.asarray(ids),
+        producer={**producer, "adapter": adapter},
+        model=model or model_info_from_files(checkpoint, cfg),
+        text=text,
+        compute_dtype=compute_dtype,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+        extra=extra,
+    )

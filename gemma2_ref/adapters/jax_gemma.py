@@ -39,9 +39,25 @@ import numpy as np
 from ..model.taps import taps_of_kinds
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
-             "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
-             "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.probs",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 JAX_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -54,6 +70,7 @@ def reachable_taps(cfg) -> list[str]:
 
 
 # -- 1. config -----------------------------------------------------------------------------------------------
+
 
 def query_pre_attn_norm(cfg):
     """gemma's QueryPreAttentionNormalisation for cfg.query_pre_attn_scalar.
@@ -72,9 +89,11 @@ def query_pre_attn_norm(cfg):
         return Q.BY_ONE_OVER_SQRT_HEAD_DIM
     if scalar == cfg.hidden_size // cfg.num_attention_heads:
         return Q.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS
-    raise ValueError(f"gemma cannot express query_pre_attn_scalar {scalar:g}: its options scale queries by "
-                     f"head_dim^-0.5 ({cfg.head_dim}) or (embed_dim // num_heads)^-0.5 "
-                     f"({cfg.hidden_size // cfg.num_attention_heads}) only (gemma/gm/nn/_config.py)")
+    raise ValueError(
+        f"gemma cannot express query_pre_attn_scalar {scalar:g}: its options scale queries by "
+        f"head_dim^-0.5 ({cfg.head_dim}) or (embed_dim // num_heads)^-0.5 "
+        f"({cfg.hidden_size // cfg.num_attention_heads}) only (gemma/gm/nn/_config.py)"
+    )
 
 
 def gemma_config(cfg, query_norm=None):
@@ -85,22 +104,34 @@ def gemma_config(cfg, query_norm=None):
 
     if isinstance(query_norm, str):
         query_norm = QueryPreAttentionNormalisation[query_norm]
-    kinds = tuple(AttentionType.LOCAL_SLIDING if cfg.is_sliding(i) else AttentionType.GLOBAL
-                  for i in range(cfg.num_hidden_layers))
+    kinds = tuple(
+        AttentionType.LOCAL_SLIDING if cfg.is_sliding(i) else AttentionType.GLOBAL for i in range(cfg.num_hidden_layers)
+    )
     theta = int(cfg.rope_theta)
     if theta != cfg.rope_theta:
         raise ValueError(f"gemma takes an integer RoPE base frequency; this config has rope_theta {cfg.rope_theta}")
     return TransformerConfig(
-        num_embed=cfg.vocab_size, embed_dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size,
-        num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_key_value_heads,
-        final_logit_softcap=cfg.final_logit_softcapping, use_post_attn_norm=True, use_post_ffw_norm=True,
-        attention_types=kinds, query_pre_attn_norm=query_norm or query_pre_attn_norm(cfg),
-        attn_logits_soft_cap=cfg.attn_logit_softcapping, sliding_window_size=cfg.sliding_window,
+        num_embed=cfg.vocab_size,
+        embed_dim=cfg.hidden_size,
+        hidden_dim=cfg.intermediate_size,
+        num_heads=cfg.num_attention_heads,
+        head_dim=cfg.head_dim,
+        num_kv_heads=cfg.num_key_value_heads,
+        final_logit_softcap=cfg.final_logit_softcapping,
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        attention_types=kinds,
+        query_pre_attn_norm=query_norm or query_pre_attn_norm(cfg),
+        attn_logits_soft_cap=cfg.attn_logit_softcapping,
+        sliding_window_size=cfg.sliding_window,
         transpose_gating_einsum=True,  # gating_einsum (2, F, D): gate and up stacked as HF stores them (F, D)
-        local_base_frequency=theta, global_base_frequency=theta)
+        local_base_frequency=theta,
+        global_base_frequency=theta,
+    )
 
 
 # -- 2. parameters -----------------------------------------------------------------------------------------
+
 
 def read_hf_tensors(checkpoint: Path) -> dict:
     """Every tensor of a checkpoint's model*.safetensors files, as jax arrays in their stored dtype."""
@@ -108,8 +139,10 @@ def read_hf_tensors(checkpoint: Path) -> dict:
 
     files = sorted(Path(checkpoint).glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{checkpoint}: no model*.safetensors files (a Hugging Face Gemma 2 checkpoint "
-                                f"directory has model.safetensors or model-0000k-of-0000n.safetensors)")
+        raise FileNotFoundError(
+            f"{checkpoint}: no model*.safetensors files (a Hugging Face Gemma 2 checkpoint "
+            f"directory has model.safetensors or model-0000k-of-0000n.safetensors)"
+        )
     tensors = {}
     for f in files:
         tensors.update(load_file(f))
@@ -138,8 +171,10 @@ def gemma_params(hf: dict, cfg, dtype) -> dict:
     def heads(w, n):  # (n*Dh, D) -> (n, D, Dh)
         return w.reshape(n, Dh, D).transpose(0, 2, 1)
 
-    params = {"embedder": {"input_embedding": get("model.embed_tokens.weight")},
-              "final_norm": {"scale": get("model.norm.weight")}}
+    params = {
+        "embedder": {"input_embedding": get("model.embed_tokens.weight")},
+        "final_norm": {"scale": get("model.norm.weight")},
+    }
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         q, k, v = (get(p + f"self_attn.{x}_proj.weight") for x in "qkv")
@@ -154,8 +189,10 @@ def gemma_params(hf: dict, cfg, dtype) -> dict:
             "attn": attn,
             "post_attention_norm": {"scale": get(p + "post_attention_layernorm.weight")},
             "pre_ffw_norm": {"scale": get(p + "pre_feedforward_layernorm.weight")},
-            "mlp": {"gating_einsum": jnp.stack([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-                    "linear": get(p + "mlp.down_proj.weight").T},
+            "mlp": {
+                "gating_einsum": jnp.stack([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                "linear": get(p + "mlp.down_proj.weight").T,
+            },
             "post_ffw_norm": {"scale": get(p + "post_feedforward_layernorm.weight")},
         }
     return params
@@ -171,8 +208,10 @@ def check_params(model, params: dict, seq: int = 2) -> None:
     flat_have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
     for name in sorted(set(flat_want) | set(flat_have)):
         if flat_want.get(name) != flat_have.get(name):
-            raise ValueError(f"converted gemma parameter {name}: shape {flat_have.get(name)}, gemma's "
-                             f"Transformer.init makes {flat_want.get(name)} (None: absent)")
+            raise ValueError(
+                f"converted gemma parameter {name}: shape {flat_have.get(name)}, gemma's "
+                f"Transformer.init makes {flat_want.get(name)} (None: absent)"
+            )
 
 
 def load(checkpoint, dtype: str = "float32", query_norm=None):
@@ -192,6 +231,7 @@ def load(checkpoint, dtype: str = "float32", query_norm=None):
 
 
 # -- 3. capture --------------------------------------------------------------------------------------------
+
 
 def _sow_calls(want_probs: bool):
     """A Flax interceptor: every module call's first array input and its output, sown as `intermediates`
@@ -230,11 +270,18 @@ def run_sown(model, params, ids: np.ndarray, want_probs: bool, attention_mask=No
     positions = jnp.asarray(np.maximum(np.cumsum(tokens, axis=-1) - 1, 0))  # (B, S)
     causal = np.tril(np.ones((S, S), bool))[None] & tokens[:, None, :]  # (B, S, S); the window is gemma's to add
     with nn.intercept_methods(_sow_calls(want_probs)):
-        out, state = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), positions=positions,
-                                 attention_mask=jnp.asarray(causal), return_last_only=False,
-                                 mutable=["intermediates"])
+        out, state = model.apply(
+            {"params": params},
+            jnp.asarray(ids, jnp.int32),
+            positions=positions,
+            attention_mask=jnp.asarray(causal),
+            return_last_only=False,
+            mutable=["intermediates"],
+        )
     sown = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"], is_leaf=lambda x: isinstance(x, tuple)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        state["intermediates"], is_leaf=lambda x: isinstance(x, tuple)
+    ):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         if len(leaf) != 1:
             raise RuntimeError(f"gemma called {name} {len(leaf)} times in one forward; the adapter expects once")
@@ -251,8 +298,12 @@ def capture(model, params, ids, cfg, taps="default", attention_mask=None) -> dic
     logits, sown = run_sown(model, params, ids2, any(n.endswith("attn.probs") for n in wanted), attention_mask)
     B, S = ids2.shape
     fused_qkv = cfg.num_key_value_heads == cfg.num_attention_heads
-    got = {"embed": sown["embedder/encode"], "final_norm": sown["final_norm/__call__"],
-           "logits_raw": sown["embedder/decode"], "logits": logits}
+    got = {
+        "embed": sown["embedder/encode"],
+        "final_norm": sown["final_norm/__call__"],
+        "logits_raw": sown["embedder/decode"],
+        "logits": logits,
+    }
     for i in range(cfg.num_hidden_layers):
         L, p = f"layer_{i}/", f"layers.{i}."
         if fused_qkv:  # (3, B, S, H, Dh)
@@ -261,21 +312,26 @@ def capture(model, params, ids, cfg, taps="default", attention_mask=None) -> dic
             q = sown[L + "attn/q_einsum/__call__"]
             k, v = sown[L + "attn/kv_einsum/__call__"]
         gate_up = sown[L + "mlp/gating_einsum"]  # (B, S, 2, F)
-        got.update({
-            p + "input": sown[L + "__call__.in"],
-            p + "pre_attn_norm": sown[L + "pre_attention_norm/__call__"],
-            p + "attn.q_proj": q, p + "attn.k_proj": k, p + "attn.v_proj": v,
-            p + "attn.context": sown[L + "attn/attn_vec_einsum/__call__.in"].reshape(B, S, -1),
-            p + "attn.out": sown[L + "attn/attn_vec_einsum/__call__"],
-            p + "post_attn_norm": sown[L + "post_attention_norm/__call__"],
-            p + "resid_mid": sown[L + "pre_ffw_norm/__call__.in"],
-            p + "pre_ffw_norm": sown[L + "pre_ffw_norm/__call__"],
-            p + "mlp.gate": gate_up[..., 0, :], p + "mlp.up": gate_up[..., 1, :],
-            p + "mlp.hidden": sown[L + "mlp/linear.in"],
-            p + "mlp.out": sown[L + "mlp/linear"],
-            p + "post_ffw_norm": sown[L + "post_ffw_norm/__call__"],
-            p + "output": sown[L + "__call__"][1],  # Block returns (cache, outputs)
-        })
+        got.update(
+            {
+                p + "input": sown[L + "__call__.in"],
+                p + "pre_attn_norm": sown[L + "pre_attention_norm/__call__"],
+                p + "attn.q_proj": q,
+                p + "attn.k_proj": k,
+                p + "attn.v_proj": v,
+                p + "attn.context": sown[L + "attn/attn_vec_einsum/__call__.in"].reshape(B, S, -1),
+                p + "attn.out": sown[L + "attn/attn_vec_einsum/__call__"],
+                p + "post_attn_norm": sown[L + "post_attention_norm/__call__"],
+                p + "resid_mid": sown[L + "pre_ffw_norm/__call__.in"],
+                p + "pre_ffw_norm": sown[L + "pre_ffw_norm/__call__"],
+                p + "mlp.gate": gate_up[..., 0, :],
+                p + "mlp.up": gate_up[..., 1, :],
+                p + "mlp.hidden": sown[L + "mlp/linear.in"],
+                p + "mlp.out": sown[L + "mlp/linear"],
+                p + "post_ffw_norm": sown[L + "post_ffw_norm/__call__"],
+                p + "output": sown[L + "__call__"][1],  # Block returns (cache, outputs)
+            }
+        )
         if L + "attn/attention_weights/__call__" in sown:  # (B, S, H, S) -> (B, H, S, S)
             got[p + "attn.probs"] = sown[L + "attn/attention_weights/__call__"].transpose(0, 2, 1, 3)
     out = {n: np.asarray(a, dtype=np.float32) for n, a in got.items() if n in wanted}
@@ -287,9 +343,20 @@ def backend_options(checkpoint, args) -> dict:
     return {"gemma_model": load(checkpoint, args.dtype)}
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, query_norm=None, gemma_model=None,
-                 attention_mask=None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    query_norm=None,
+    gemma_model=None,
+    attention_mask=None,
+) -> Path:
     """Run DeepMind's gemma on a checkpoint directory and write a golden case (producer: jax-gemma).
 
     query_norm: override the query normalisation option (a QueryPreAttentionNormalisation name);
@@ -305,9 +372,26 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     cfg = load_config(checkpoint)
     model, params = gemma_model or load(checkpoint, dtype, query_norm)
     acts = capture(model, params, ids, cfg, taps, attention_mask)
-    producer = {"name": "jax-gemma", "version": gemma.__version__, "jax": jax.__version__,
-                "flax": flax.__version__, "device": str(jax.devices()[0]), "dtype": dtype,
-                "query_pre_attn_norm": model.config.query_pre_attn_norm.name}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=dtype, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask)
+    producer = {
+        "name": "jax-gemma",
+        "version": gemma.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "device": str(jax.devices()[0]),
+        "dtype": dtype,
+        "query_pre_attn_norm": model.config.query_pre_attn_norm.name,
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=dtype,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+    )

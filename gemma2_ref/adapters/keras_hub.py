@@ -67,10 +67,28 @@ import numpy as np
 from ..model.taps import taps_of_kinds
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
-             "attn.k_rope", "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm",
-             "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm",
-             "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.q_rope",
+    "attn.k_rope",
+    "attn.scores",
+    "attn.probs",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 FUSED_UNREACHABLE = ("attn.scores", "attn.probs")  # the fused op computes them inside one call
 KERAS_DTYPES = ("float32", "bfloat16", "float16")
 ROPE_THETA = 10_000.0  # CachedGemmaAttention.build: RotaryEmbedding(max_wavelength=10_000.0)
@@ -96,8 +114,10 @@ def _import_keras():
     import keras_hub
 
     if keras.backend.backend() != "jax":
-        raise RuntimeError(f"the keras-hub adapter runs Keras on JAX, but Keras was already imported with the "
-                           f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=jax before anything imports keras")
+        raise RuntimeError(
+            f"the keras-hub adapter runs Keras on JAX, but Keras was already imported with the "
+            f"{keras.backend.backend()!r} backend: set KERAS_BACKEND=jax before anything imports keras"
+        )
     return keras, keras_hub
 
 
@@ -105,15 +125,21 @@ def check_config(cfg) -> None:
     """Refuse a config KerasHub's converter would silently run differently (other than its query scale, which
     is the finding this adapter exists to show)."""
     if float(cfg.rope_theta) != ROPE_THETA:
-        raise ValueError(f"KerasHub's Gemma attention fixes RoPE's base frequency at {ROPE_THETA:g} "
-                         f"(keras_hub/src/models/gemma/gemma_attention.py:96-98); this checkpoint has rope_theta "
-                         f"{cfg.rope_theta:g}")
+        raise ValueError(
+            f"KerasHub's Gemma attention fixes RoPE's base frequency at {ROPE_THETA:g} "
+            f"(keras_hub/src/models/gemma/gemma_attention.py:96-98); this checkpoint has rope_theta "
+            f"{cfg.rope_theta:g}"
+        )
     if float(cfg.rms_norm_eps) != 1e-6:
-        raise ValueError(f"KerasHub's Gemma 2 converter does not read rms_norm_eps (it keeps 1e-6); this "
-                         f"checkpoint has {cfg.rms_norm_eps:g}")
+        raise ValueError(
+            f"KerasHub's Gemma 2 converter does not read rms_norm_eps (it keeps 1e-6); this "
+            f"checkpoint has {cfg.rms_norm_eps:g}"
+        )
     if any(cfg.is_sliding(i) != (i % 2 == 0) for i in range(cfg.num_hidden_layers)):
-        raise ValueError("KerasHub puts the sliding window on layers 0, 2, 4, ... (gemma_backbone.py:122); this "
-                         "checkpoint's layer_types differ")
+        raise ValueError(
+            "KerasHub puts the sliding window on layers 0, 2, 4, ... (gemma_backbone.py:122); this "
+            "checkpoint's layer_types differ"
+        )
 
 
 def load(checkpoint, dtype: str = "float32", fix_query_scale: bool = False):
@@ -158,7 +184,9 @@ def _recording(backbone, keep, flash_attention: bool):
                 out = call(*args, **kwargs)
                 keep(name, out)
                 return out
+
             return recorder
+
         return make
 
     def on_both(in_name, out_name):
@@ -168,7 +196,9 @@ def _recording(backbone, keep, flash_attention: bool):
                 keep(in_name, x)
                 keep(out_name, out)
                 return out
+
             return recorder
+
         return make
 
     def rope_calls(p):
@@ -180,7 +210,9 @@ def _recording(backbone, keep, flash_attention: bool):
                 if order:
                     keep(order.pop(0), _undo_interleave(out))
                 return out
+
             return recorder
+
         return make
 
     try:
@@ -208,8 +240,9 @@ def _recording(backbone, keep, flash_attention: bool):
             object.__delattr__(obj, attr)
 
 
-def capture(backbone, ids, cfg, taps="default", attention_mask=None, flash_attention: bool = False
-            ) -> dict[str, np.ndarray]:
+def capture(
+    backbone, ids, cfg, taps="default", attention_mask=None, flash_attention: bool = False
+) -> dict[str, np.ndarray]:
     """Run KerasHub's backbone on ids (S,) or (B, S) (its padding_mask: `attention_mask`, default all ones),
     then the tied head; the requested canonical taps as float32 NumPy arrays (bfloat16 values are exact in
     float32). No batch axis for 1-D ids."""
@@ -231,10 +264,12 @@ def capture(backbone, ids, cfg, taps="default", attention_mask=None, flash_atten
             final = backbone({"token_ids": ids2, "padding_mask": mask})
     except ValueError as e:
         if flash_attention and "attn_logits_soft_cap is only supported for JAX on TPU" in str(e):
-            raise ValueError("flash_attention=True: KerasHub's fused branch hands the attention soft-cap to "
-                             "keras.ops.dot_product_attention, and Keras answers: attn_logits_soft_cap is only "
-                             "supported for JAX on TPU (keras/src/ops/nn.py:2925-2932). KerasHub itself never takes "
-                             "this branch on CPU (gemma_attention.py:120-135); run without flash attention") from None
+            raise ValueError(
+                "flash_attention=True: KerasHub's fused branch hands the attention soft-cap to "
+                "keras.ops.dot_product_attention, and Keras answers: attn_logits_soft_cap is only "
+                "supported for JAX on TPU (keras/src/ops/nn.py:2925-2932). KerasHub itself never takes "
+                "this branch on CPU (gemma_attention.py:120-135); run without flash attention"
+            ) from None
         raise
     head = backbone.token_embedding
     got["final_norm"] = final
@@ -264,13 +299,27 @@ def capture(backbone, ids, cfg, taps="default", attention_mask=None, flash_atten
 
 def backend_options(checkpoint, args) -> dict:
     """`gemma2-ref golden --backend keras-hub [--flash-attention]`: load the backbone once for every case."""
-    return {"keras_model": load(checkpoint, args.dtype, getattr(args, "fix_query_scale", False)),
-            "flash_attention": bool(getattr(args, "flash_attention", False))}
+    return {
+        "keras_model": load(checkpoint, args.dtype, getattr(args, "fix_query_scale", False)),
+        "flash_attention": bool(getattr(args, "flash_attention", False)),
+    }
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, keras_model=None, attention_mask=None,
-                 flash_attention: bool = False, fix_query_scale: bool = False) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    keras_model=None,
+    attention_mask=None,
+    flash_attention: bool = False,
+    fix_query_scale: bool = False,
+) -> Path:
     """Run KerasHub on a checkpoint directory and write a golden case (producer: keras-hub).
 
     keras_model: a GemmaBackbone from `load` (same checkpoint and dtype) to reuse; attention_mask: (B, S), 1 for
@@ -286,10 +335,28 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     backbone = keras_model or load(checkpoint, dtype, fix_query_scale)
     acts = capture(backbone, ids, cfg, taps, attention_mask, flash_attention)
     computed = backbone.dtype_policy.compute_dtype
-    producer = {"name": "keras-hub", "version": keras_hub.__version__, "keras": keras.__version__,
-                "keras_backend": keras.backend.backend(), "jax": jax.__version__, "device": str(jax.devices()[0]),
-                "dtype": computed, "flash_attention": bool(flash_attention),
-                "query_head_dim_normalize": bool(backbone.transformer_layers[0].attention.query_head_dim_normalize)}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=computed, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask)
+    producer = {
+        "name": "keras-hub",
+        "version": keras_hub.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "dtype": computed,
+        "flash_attention": bool(flash_attention),
+        "query_head_dim_normalize": bool(backbone.transformer_layers[0].attention.query_head_dim_normalize),
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=computed,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+    )

@@ -65,8 +65,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import tap_names
-from ..model.taps import taps_of_kinds
 from ..model.config import load_config
+from ..model.taps import taps_of_kinds
 from ..verify.golden import model_info_from_files, sha256_file
 from .base import Capabilities, wanted_taps, write_candidate
 
@@ -129,14 +129,35 @@ LAYER_NAMES = {
     "l_out": "output",
 }
 # named three times per layer (matmul, its 3-D reshape, RoPE's output for Q and K): first and last occurrence
-REPEATED = {"Qcur": ("attn.q_proj", "attn.q_rope"), "Kcur": ("attn.k_proj", "attn.k_rope"),
-            "Vcur": ("attn.v_proj", None)}
+REPEATED = {
+    "Qcur": ("attn.q_proj", "attn.q_rope"),
+    "Kcur": ("attn.k_proj", "attn.k_rope"),
+    "Vcur": ("attn.v_proj", None),
+}
 GLOBAL_NAMES = {"inp_scaled": "embed", "result_norm": "final_norm"}
 POST_FFW_NORM = "ffn_post_norm"  # tagged layer -1 (src/models/gemma2.cpp): the i-th one is layer i's
-ALL_LAYER_TAPS = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
-                  "attn.k_rope", "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm",
-                  "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm",
-                  "output")
+ALL_LAYER_TAPS = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.q_rope",
+    "attn.k_rope",
+    "attn.scores",
+    "attn.probs",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 LAYER_NAME_RE = re.compile(r"(.+)-(\d+)")
 
 
@@ -156,6 +177,7 @@ def unreachable_taps(cfg) -> list[str]:
 
 # -- reading ggml tensors -----------------------------------------------------------------------------------
 
+
 def tensor_name(t: GGMLTensor) -> str:
     return t.name.decode("utf-8", "replace")
 
@@ -170,12 +192,16 @@ def read_tensor(t: GGMLTensor) -> np.ndarray:
     Views and permutations are honoured through the byte strides nb. CPU tensors only: their data is host
     memory."""
     if not t.data:
-        raise LlamaCppError(f"ggml tensor {tensor_name(t)!r} has no data in host memory (a GPU buffer?); "
-                            "build llama-cpp-python for the CPU or run it with n_gpu_layers=0")
+        raise LlamaCppError(
+            f"ggml tensor {tensor_name(t)!r} has no data in host memory (a GPU buffer?); "
+            "build llama-cpp-python for the CPU or run it with n_gpu_layers=0"
+        )
     dtypes = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16, GGML_TYPE_BF16: np.uint16}
     if t.type not in dtypes:
-        raise LlamaCppError(f"ggml tensor {tensor_name(t)!r} has ggml type {t.type}, not f32/f16/bf16: "
-                            "an activation in a quantised type cannot be read by this adapter")
+        raise LlamaCppError(
+            f"ggml tensor {tensor_name(t)!r} has ggml type {t.type}, not f32/f16/bf16: "
+            "an activation in a quantised type cannot be read by this adapter"
+        )
     dtype = np.dtype(dtypes[t.type])
     shape = tuple(int(n) for n in reversed(t.ne))
     strides = tuple(int(s) for s in reversed(t.nb))
@@ -236,8 +262,10 @@ class Capture:
 def as_shape(name: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Reshape a captured tensor to its canonical shape; llama.cpp's extra unit dims are dropped."""
     if a.size != int(np.prod(shape)):
-        raise LlamaCppError(f"llama.cpp tensor {name!r} has shape {a.shape} ({a.size} values), the canonical tap "
-                            f"needs {shape}: is this GGUF the same model as the checkpoint's config.json?")
+        raise LlamaCppError(
+            f"llama.cpp tensor {name!r} has shape {a.shape} ({a.size} values), the canonical tap "
+            f"needs {shape}: is this GGUF the same model as the checkpoint's config.json?"
+        )
     return a.reshape(shape)
 
 
@@ -246,8 +274,10 @@ def cache_columns(name: str, a: np.ndarray, heads: int, seq: int) -> np.ndarray:
     filled by one batch); the cells past S are padding and must carry no probability."""
     a = a.reshape(heads, seq, -1)
     if a.shape[-1] < seq:
-        raise LlamaCppError(f"llama.cpp tensor {name!r} has {a.shape[-1]} KV columns for {seq} tokens: the KV "
-                            "cache was too small for one full-sequence batch")
+        raise LlamaCppError(
+            f"llama.cpp tensor {name!r} has {a.shape[-1]} KV columns for {seq} tokens: the KV "
+            "cache was too small for one full-sequence batch"
+        )
     return a[..., :seq]
 
 
@@ -255,11 +285,25 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
     """Captured llama.cpp tensors -> {canonical tap: array in the README tap table's shape}."""
     S, D, F = seq, cfg.hidden_size, cfg.intermediate_size
     H, K, Dh, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
-    shapes = {"pre_attn_norm": (S, D), "attn.context": (S, H * Dh), "post_attn_norm": (S, D),
-              "resid_mid": (S, D), "pre_ffw_norm": (S, D), "mlp.gate": (S, F), "mlp.up": (S, F),
-              "mlp.hidden": (S, F), "mlp.out": (S, D), "output": (S, D), "attn.out": (S, D),
-              "attn.q_proj": (S, H, Dh), "attn.q_rope": (S, H, Dh), "attn.k_proj": (S, K, Dh),
-              "attn.k_rope": (S, K, Dh), "attn.v_proj": (S, K, Dh), "post_ffw_norm": (S, D)}
+    shapes = {
+        "pre_attn_norm": (S, D),
+        "attn.context": (S, H * Dh),
+        "post_attn_norm": (S, D),
+        "resid_mid": (S, D),
+        "pre_ffw_norm": (S, D),
+        "mlp.gate": (S, F),
+        "mlp.up": (S, F),
+        "mlp.hidden": (S, F),
+        "mlp.out": (S, D),
+        "output": (S, D),
+        "attn.out": (S, D),
+        "attn.q_proj": (S, H, Dh),
+        "attn.q_rope": (S, H, Dh),
+        "attn.k_proj": (S, K, Dh),
+        "attn.k_rope": (S, K, Dh),
+        "attn.v_proj": (S, K, Dh),
+        "post_ffw_norm": (S, D),
+    }
     out: dict[str, np.ndarray] = {}
     if "inp_scaled" in seen:
         out["embed"] = as_shape("inp_scaled", seen["inp_scaled"][0], (S, D))
@@ -270,8 +314,7 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
         out["logits_raw"] = as_shape("logits_raw", seen["logits_raw"][-1], (S, cfg.vocab_size))
     posts = seen.get(POST_FFW_NORM, [])
     if posts and len(posts) != L:
-        raise LlamaCppError(f"llama.cpp named {len(posts)} tensors {POST_FFW_NORM!r}, expected one per layer "
-                            f"({L})")
+        raise LlamaCppError(f"llama.cpp named {len(posts)} tensors {POST_FFW_NORM!r}, expected one per layer ({L})")
     for i in range(L):
         p = f"layers.{i}."
         for llama_name, tap in LAYER_NAMES.items():
@@ -289,8 +332,7 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
             out[p + first] = as_shape(f"{llama_name}-{i}", got[0], shapes[first])
             if last is not None:
                 if len(got) < 2:
-                    raise LlamaCppError(f"llama.cpp named {llama_name}-{i} once; expected it before and after "
-                                        "RoPE")
+                    raise LlamaCppError(f"llama.cpp named {llama_name}-{i} once; expected it before and after RoPE")
                 out[p + last] = as_shape(f"{llama_name}-{i}", got[-1], shapes[last])
         if f"attn_out-{i}" in seen:
             out[p + "attn.out"] = as_shape(f"blk.{i}.attn_output matmul", seen[f"attn_out-{i}"][-1], (S, D))
@@ -303,6 +345,7 @@ def map_to_taps(seen: dict[str, list[np.ndarray]], cfg, seq: int) -> dict[str, n
 
 # -- running a GGUF ----------------------------------------------------------------------------------------
 
+
 def quiet_llama_logs() -> None:
     """llama.cpp logs every metadata key and tensor on load, through llama-cpp-python's Python logger
     "llama-cpp-python"; unless the caller configured that logger, let only errors through."""
@@ -313,8 +356,9 @@ def quiet_llama_logs() -> None:
         logger.setLevel(logging.ERROR)
 
 
-def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
-             n_threads: int | None = None) -> dict[str, np.ndarray]:
+def run_gguf(
+    gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32", n_threads: int | None = None
+) -> dict[str, np.ndarray]:
     """Evaluate token ids (S,) or (B, S) with llama.cpp on a GGUF; {canonical tap: float32 array}.
 
     One fresh context per sequence: its KV cache starts empty, the whole sequence is one batch (n_batch =
@@ -324,8 +368,10 @@ def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
 
     quiet_llama_logs()
     if ctypes.sizeof(GGMLTensor) != GGML_TENSOR_SIZE:
-        raise LlamaCppError(f"the ctypes mirror of struct ggml_tensor is {ctypes.sizeof(GGMLTensor)} bytes, "
-                            f"ggml's is {GGML_TENSOR_SIZE} on 64-bit platforms: this platform's layout differs")
+        raise LlamaCppError(
+            f"the ctypes mirror of struct ggml_tensor is {ctypes.sizeof(GGMLTensor)} bytes, "
+            f"ggml's is {GGML_TENSOR_SIZE} on 64-bit platforms: this platform's layout differs"
+        )
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise LlamaCppError(f"{gguf_path}: no such GGUF file")
@@ -340,8 +386,7 @@ def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
     if not model:
         raise LlamaCppError(f"{gguf_path}: llama.cpp could not load this GGUF (see its error above)")
     try:
-        rows = [run_one(llama_cpp, model, row, cfg, wanted, kv_cache_type, n_threads)
-                for row in np.atleast_2d(ids)]
+        rows = [run_one(llama_cpp, model, row, cfg, wanted, kv_cache_type, n_threads) for row in np.atleast_2d(ids)]
     finally:
         llama_cpp.llama_model_free(model)
     if ids.ndim == 1:
@@ -349,12 +394,15 @@ def run_gguf(gguf_path, ids, cfg, taps="default", kv_cache_type: str = "f32",
     return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
 
 
-def run_one(llama_cpp, model, ids: np.ndarray, cfg, wanted: set, kv_cache_type: str,
-            n_threads: int | None) -> dict[str, np.ndarray]:
+def run_one(
+    llama_cpp, model, ids: np.ndarray, cfg, wanted: set, kv_cache_type: str, n_threads: int | None
+) -> dict[str, np.ndarray]:
     S = len(ids)
     n_ctx = max(256, -(-S // 256) * 256)
-    capture = Capture(want_scores=any(n.endswith("attn.scores") for n in wanted),
-                      want_probs=any(n.endswith("attn.probs") for n in wanted))
+    capture = Capture(
+        want_scores=any(n.endswith("attn.scores") for n in wanted),
+        want_probs=any(n.endswith("attn.probs") for n in wanted),
+    )
     callback = llama_cpp.ggml_backend_sched_eval_callback(capture)  # keep a reference while C may call it
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
@@ -394,11 +442,14 @@ def check_padding_columns(seen: dict, cfg, seq: int) -> None:
     for i in range(cfg.num_hidden_layers):
         probs = seen.get(f"kq_soft_max-{i}")
         if probs and probs[-1].reshape(cfg.num_attention_heads, seq, -1)[..., seq:].any():
-            raise LlamaCppError(f"kq_soft_max-{i}: probability on KV cells past the {seq} tokens: the cache "
-                                "columns are not positions 0..S-1, so the adapter's mapping does not hold")
+            raise LlamaCppError(
+                f"kq_soft_max-{i}: probability on KV cells past the {seq} tokens: the cache "
+                "columns are not positions 0..S-1, so the adapter's mapping does not hold"
+            )
 
 
 # -- converting a Hugging Face checkpoint with llama.cpp's own converter -----------------------------------
+
 
 def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma2-ref"
@@ -415,8 +466,10 @@ def find_converter() -> Path:
     if source:
         script = Path(source) / "convert_hf_to_gguf.py"
         if not script.is_file():
-            raise LlamaCppError(f"$GEMMA2_REF_LLAMA_CPP={source}: no convert_hf_to_gguf.py there; point it at a "
-                                "llama.cpp source tree, or unset it to extract the converter from the sdist")
+            raise LlamaCppError(
+                f"$GEMMA2_REF_LLAMA_CPP={source}: no convert_hf_to_gguf.py there; point it at a "
+                "llama.cpp source tree, or unset it to extract the converter from the sdist"
+            )
         return script
     import llama_cpp
 
@@ -428,15 +481,28 @@ def find_converter() -> Path:
     sdist = os.environ.get("LLAMA_CPP_SDIST")
     with tempfile.TemporaryDirectory() as tmp:
         if not sdist:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", "-d", tmp,
-                   f"llama-cpp-python=={version}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "-q",
+                "-d",
+                tmp,
+                f"llama-cpp-python=={version}",
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if done.returncode != 0 or not found:
-                raise LlamaCppError(f"could not download the llama-cpp-python {version} sdist for its "
-                                    f"convert_hf_to_gguf.py ({' '.join(cmd)}):\n{done.stderr[-2000:]}\n"
-                                    "Set $LLAMA_CPP_SDIST to a downloaded sdist or $GEMMA2_REF_LLAMA_CPP to a "
-                                    "llama.cpp checkout, or pass gguf= a converted file")
+                raise LlamaCppError(
+                    f"could not download the llama-cpp-python {version} sdist for its "
+                    f"convert_hf_to_gguf.py ({' '.join(cmd)}):\n{done.stderr[-2000:]}\n"
+                    "Set $LLAMA_CPP_SDIST to a downloaded sdist or $GEMMA2_REF_LLAMA_CPP to a "
+                    "llama.cpp checkout, or pass gguf= a converted file"
+                )
             sdist = found[0]
         extract_converter(Path(sdist), target)
     return script
@@ -450,13 +516,18 @@ def extract_converter(sdist: Path, target: Path) -> None:
         members = []
         for m in tar.getmembers():
             parts = m.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rest>
-            if len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] and parts[3].startswith(keep) \
-                    and (m.isfile() or m.isdir()):
+            if (
+                len(parts) == 4
+                and parts[1:3] == ["vendor", "llama.cpp"]
+                and parts[3].startswith(keep)
+                and (m.isfile() or m.isdir())
+            ):
                 m.name = parts[3]
                 members.append(m)
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
-            raise LlamaCppError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside: not a "
-                                "llama-cpp-python sdist?")
+            raise LlamaCppError(
+                f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside: not a llama-cpp-python sdist?"
+            )
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
         tar.extractall(partial, members=members, **safe)
     partial.rename(target)
@@ -466,10 +537,12 @@ def conversion_key(checkpoint: Path, outtype: str, model_info: dict) -> str:
     """What a converted GGUF depends on: the checkpoint's files' content, the outtype, the converter's version."""
     import llama_cpp
 
-    files = {"weights": model_info["weights"], "tokenizer": model_info["tokenizer"],
-             "config.json": hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest()}
-    for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                  "added_tokens.json"):
+    files = {
+        "weights": model_info["weights"],
+        "tokenizer": model_info["tokenizer"],
+        "config.json": hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest(),
+    }
+    for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "added_tokens.json"):
         if (checkpoint / extra).is_file():
             files[extra] = hashlib.sha256((checkpoint / extra).read_bytes()).hexdigest()
     blob = json.dumps({"files": files, "outtype": outtype, "llama_cpp": llama_cpp.__version__}, sort_keys=True)
@@ -494,8 +567,7 @@ def convert(checkpoint, outtype: str = "f32", model_info: dict | None = None, ou
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
-        raise LlamaCppError(f"llama.cpp's converter failed on {checkpoint} ({' '.join(cmd)}):\n"
-                            f"{done.stderr[-3000:]}")
+        raise LlamaCppError(f"llama.cpp's converter failed on {checkpoint} ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
     partial.replace(out)
     return out
 
@@ -524,9 +596,19 @@ def backend_options(checkpoint, args) -> dict:
     return {"gguf": getattr(args, "gguf", None)}
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "f32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, gguf=None,
-                 kv_cache_type: str | None = None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "f32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    gguf=None,
+    kv_cache_type: str | None = None,
+) -> Path:
     """Run llama.cpp on a checkpoint (converted to a GGUF of outtype `dtype`, or the given `gguf`, whose own
     file type then decides the compute dtype) and write a golden case (producer: llama.cpp).
     `kv_cache_type`: f32 (default for an f32 GGUF) or f16 (llama.cpp's default, used for the others)."""
@@ -542,13 +624,31 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "f32", taps="default"
     kv_cache_type = kv_cache_type or ("f32" if outtype == "f32" else "f16")
     file_type = gguf_type(gguf_path)
     acts = run_gguf(gguf_path, ids, cfg, taps, kv_cache_type)
-    producer = {"name": "llama.cpp", "version": llama_cpp.__version__,
-                "llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf_path.resolve()),
-                "gguf_file_type": file_type, "converted_here": not gguf,
-                "kv_cache_type": kv_cache_type, "flash_attn": False, "unreachable_taps": unreachable_taps(cfg)}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=OUTTYPES[outtype], text=text, description=description, positions=positions,
-                           model=info)
+    producer = {
+        "name": "llama.cpp",
+        "version": llama_cpp.__version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "gguf": str(gguf_path.resolve()),
+        "gguf_file_type": file_type,
+        "converted_here": not gguf,
+        "kv_cache_type": kv_cache_type,
+        "flash_attn": False,
+        "unreachable_taps": unreachable_taps(cfg),
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=OUTTYPES[outtype],
+        text=text,
+        description=description,
+        positions=positions,
+        model=info,
+    )
 
 
 # -- corpus goldens (verify/corpus.py): a GGUF's logits of a chunk's scored rows, as llama-perplexity runs it --
@@ -590,8 +690,7 @@ def corpus_gguf(checkpoint, dtype: str | None, gguf=None) -> Path:
     if dtype in ("f32", "bf16", "f16"):
         return convert(checkpoint, dtype)
     if dtype not in QUANTIZED:
-        raise ValueError(f"--dtype {dtype}: llama.cpp runs f32, bf16, f16 or a quantization: "
-                         f"{', '.join(QUANTIZED)}")
+        raise ValueError(f"--dtype {dtype}: llama.cpp runs f32, bf16, f16 or a quantization: {', '.join(QUANTIZED)}")
     return quantize(convert(checkpoint, "f32"), dtype)
 
 
@@ -600,11 +699,19 @@ def corpus_backend(checkpoint, dtype: str | None, gguf=None) -> dict:
     import llama_cpp
 
     path = corpus_gguf(checkpoint, dtype, gguf)
-    return {"dtype": dtype or FILE_TYPES.get(gguf_type(path), gguf_type(path)), "gguf": str(path.resolve()),
-            "gguf_sha256": sha256_file(path), "gguf_file_type": gguf_type(path),
-            "kv_cache_type": "f16", "flash_attn": "auto",
-            "producer": {"name": "llama.cpp", "llama_cpp_python": llama_cpp.__version__,
-                         "adapter": "gemma2_ref.adapters.llamacpp"}}
+    return {
+        "dtype": dtype or FILE_TYPES.get(gguf_type(path), gguf_type(path)),
+        "gguf": str(path.resolve()),
+        "gguf_sha256": sha256_file(path),
+        "gguf_file_type": gguf_type(path),
+        "kv_cache_type": "f16",
+        "flash_attn": "auto",
+        "producer": {
+            "name": "llama.cpp",
+            "llama_cpp_python": llama_cpp.__version__,
+            "adapter": "gemma2_ref.adapters.llamacpp",
+        },
+    }
 
 
 class CorpusEngine:
@@ -643,8 +750,11 @@ class CorpusEngine:
         if status != 0:
             raise LlamaCppError(f"llama_decode returned {status} for a chunk of {S} tokens")
         n = stop - start
-        return np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n * self.n_vocab,)).reshape(
-            n, self.n_vocab).copy()
+        return (
+            np.ctypeslib.as_array(lib.llama_get_logits(self.ctx), shape=(n * self.n_vocab,))
+            .reshape(n, self.n_vocab)
+            .copy()
+        )
 
 
 def corpus_model(checkpoint, dtype: str, gguf=None, ctx: int | None = None) -> CorpusEngine:

@@ -36,9 +36,26 @@ import numpy as np
 from ..model.taps import taps_of_kinds
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
-             "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
-             "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.q_rope",
+    "attn.k_rope",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 MLX_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -181,13 +198,24 @@ def check_padding(attention_mask) -> None:
         return
     mask = np.atleast_2d(np.asarray(attention_mask)).astype(bool)
     if (np.diff(mask.astype(np.int8), axis=-1) > 0).any():  # a token after padding: left (or inner) padding
-        raise NotImplementedError("mlx-lm's Gemma 2 takes no attention mask: it cannot run a left-padded batch "
-                                  "(right padding needs none)")
+        raise NotImplementedError(
+            "mlx-lm's Gemma 2 takes no attention mask: it cannot run a left-padded batch (right padding needs none)"
+        )
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", taps="default",
-                 text: str | None = None, description: str | None = None, positions=None,
-                 mlx_model=None, attention_mask=None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str | None = "float32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    mlx_model=None,
+    attention_mask=None,
+) -> Path:
     """Run mlx-lm on a checkpoint directory and write a golden case (producer: mlx-lm).
 
     dtype: "float32" (check subtle mistakes), "bfloat16" / "float16", or None for the stored dtype;
@@ -203,8 +231,24 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str | None = "float32", tap
     model = mlx_model or load(checkpoint, dtype)
     acts = capture(model, ids, cfg, taps)
     computed = stored_dtype(model)
-    producer = {"name": "mlx-lm", "version": mlx_lm.__version__, "mlx": mx.__version__,
-                "device": str(mx.default_device()), "dtype": computed}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=computed, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask)
+    producer = {
+        "name": "mlx-lm",
+        "version": mlx_lm.__version__,
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "dtype": computed,
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=computed,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+    )

@@ -55,9 +55,25 @@ from ..storage.loader import resolve_checkpoint
 from ..verify.golden import model_info_from_files
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.k_rope",
-             "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
-             "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.k_rope",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 PRECISIONS = {"float32": "fp32", "int8": "int8", "int4": "int4"}  # --dtype -> the builder's CPU precision
 CAPABILITIES = Capabilities(padded_batch=True, decode=True)  # attention_mask input; the Generator's KV cache
 LAYER_NODE = re.compile(r"/model/layers\.(\d+)/(.+)/[^/]+$")  # (layer, module path) of a node name
@@ -80,12 +96,16 @@ def precision_of(dtype: str) -> str:
 
 # -- building the model with the engine's own builder ------------------------------------------------------
 
+
 def build_key(checkpoint: Path, precision: str, info: dict) -> str:
     """What a built model depends on: the checkpoint's files, the precision, the builder's version."""
     import onnxruntime_genai as og
 
-    files = {"weights": info["weights"], "tokenizer": info["tokenizer"],
-             "config.json": hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest()}
+    files = {
+        "weights": info["weights"],
+        "tokenizer": info["tokenizer"],
+        "config.json": hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest(),
+    }
     blob = json.dumps({"files": files, "precision": precision, "onnxruntime_genai": og.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -101,13 +121,28 @@ def build(checkpoint, dtype: str = "float32", info: dict | None = None, out_dir=
     if (out / "genai_config.json").is_file():
         return out
     partial = out.with_name(out.name + f".{os.getpid()}.partial")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(partial),
-           "-p", precision, "-e", "cpu", "-c", str(partial / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(checkpoint),
+        "-o",
+        str(partial),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(partial / "cache"),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0 or not (partial / "genai_config.json").is_file():
-        raise OrtGenAIError(f"onnxruntime-genai's model builder failed on {checkpoint} ({' '.join(cmd)}):\n"
-                            f"{(done.stderr or done.stdout)[-3000:]}")
+        raise OrtGenAIError(
+            f"onnxruntime-genai's model builder failed on {checkpoint} ({' '.join(cmd)}):\n"
+            f"{(done.stderr or done.stdout)[-3000:]}"
+        )
     try:
         partial.rename(out)
     except OSError:  # another process built the same model meanwhile: keep its copy
@@ -155,8 +190,9 @@ def graph_tensors(graph, cfg) -> dict[str, str]:
             i, module = int(m[1]), m[2]
             for index, key in LAYER_OUTPUTS.get((module, node.op_type), LAYER_OUTPUTS.get((module, None), [])):
                 if index < len(node.output) and node.output[index]:
-                    found[f"layers.{i - 1}.output" if key == "previous.output" else f"layers.{i}.{key}"] = \
-                        node.output[index]
+                    found[f"layers.{i - 1}.output" if key == "previous.output" else f"layers.{i}.{key}"] = node.output[
+                        index
+                    ]
     missing = [k for k in ("embed", "final_norm", "logits_raw") if k not in found]
     if missing:
         raise OrtGenAIError(f"the built graph has no node for {', '.join(missing)}: not a model builder Gemma 2?")
@@ -214,8 +250,11 @@ def map_to_taps(raw: dict[str, np.ndarray], cfg, wanted: set) -> dict[str, np.nd
         if key.endswith(".qkv"):
             p = key.removesuffix("qkv")
             q, k, v = np.split(a, [H * Dh, (H + K) * Dh], axis=-1)
-            out |= {p + "attn.q_proj": q.reshape(*q.shape[:-1], H, Dh), p + "attn.k_proj": k.reshape(*k.shape[:-1], K, Dh),
-                    p + "attn.v_proj": v.reshape(*v.shape[:-1], K, Dh)}
+            out |= {
+                p + "attn.q_proj": q.reshape(*q.shape[:-1], H, Dh),
+                p + "attn.k_proj": k.reshape(*k.shape[:-1], K, Dh),
+                p + "attn.v_proj": v.reshape(*v.shape[:-1], K, Dh),
+            }
         elif key.endswith(".present.key"):
             S = raw["embed"].shape[1]  # a sliding layer's cache has the window's slots: the prompt's keys first,
             if a.shape[2] >= S:  # unless the prompt is longer than the window (its ring then lost the oldest)
@@ -264,8 +303,9 @@ def generator_logits(model_dir: Path, ids: np.ndarray, cfg, prefill: int | None 
     return np.concatenate(rows, axis=1)
 
 
-def capture(model_dir: Path, ids, cfg, taps="default", attention_mask=None, prefill: int | None = None,
-            sess=None) -> dict[str, np.ndarray]:
+def capture(
+    model_dir: Path, ids, cfg, taps="default", attention_mask=None, prefill: int | None = None, sess=None
+) -> dict[str, np.ndarray]:
     """The requested canonical taps the engine exposes for ids (S,) or (B, S), float32; no batch axis for
     1-D ids. A decode case (`prefill`) and a padded batch run the Generator: logits only (the steps, and the
     mask the runtime makes from <pad>, stay inside it; the tap graph's GroupQueryAttention refuses a mask with
@@ -291,9 +331,20 @@ def backend_options(checkpoint, args) -> dict:
     return {"model_dir": build(checkpoint, args.dtype)}
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, model_dir=None, attention_mask=None,
-                 prefill: int | None = None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    model_dir=None,
+    attention_mask=None,
+    prefill: int | None = None,
+) -> Path:
     """Build (or reuse) the engine's model of a checkpoint and write a golden case (producer:
     onnxruntime-genai). dtype: float32, or int8 / int4 (weight-only quantized MatMuls, float32 activations)."""
     import onnxruntime
@@ -304,9 +355,28 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
     info = model_info_from_files(checkpoint, cfg)
     model_dir = Path(model_dir) if model_dir else build(checkpoint, dtype, info)
     acts = capture(model_dir, ids, cfg, taps, attention_mask, prefill)
-    producer = {"name": "onnxruntime-genai", "version": og.__version__, "onnxruntime": onnxruntime.__version__,
-                "precision": precision_of(dtype), "execution_provider": "cpu", "model_dir": str(model_dir),
-                "path": "onnxruntime, tap graph" if "layers.0.input" in acts or "embed" in acts else "Generator"}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype="float32" if dtype == "float32" else dtype, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask, prefill=prefill, model=info)
+    producer = {
+        "name": "onnxruntime-genai",
+        "version": og.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "precision": precision_of(dtype),
+        "execution_provider": "cpu",
+        "model_dir": str(model_dir),
+        "path": "onnxruntime, tap graph" if "layers.0.input" in acts or "embed" in acts else "Generator",
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype="float32" if dtype == "float32" else dtype,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+        prefill=prefill,
+        model=info,
+    )

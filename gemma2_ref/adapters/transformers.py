@@ -32,13 +32,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.loader import resolve_checkpoint
 from ..model.taps import taps_of_kinds
+from ..storage.loader import resolve_checkpoint
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.probs",
-             "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm", "mlp.gate", "mlp.up",
-             "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.probs",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 CAPABILITIES = Capabilities(padded_batch=True, decode=True, chunked_prefill=True)  # attention_mask; past_key_values
 
@@ -56,12 +72,22 @@ def load(path, dtype: str = "float32", attn_implementation: str = "eager"):
 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"transformers dtype must be one of {TORCH_DTYPES}, not {dtype!r}")
-    return Gemma2ForCausalLM.from_pretrained(resolve_checkpoint(path), dtype=getattr(torch, dtype),
-                                             attn_implementation=attn_implementation).eval()
+    return Gemma2ForCausalLM.from_pretrained(
+        resolve_checkpoint(path), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    ).eval()
 
 
-def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=None,
-            position_ids="from_mask", prefill: int | None = None, cache=None, chunks=None) -> dict[str, np.ndarray]:
+def capture(
+    hf_model,
+    ids,
+    taps="default",
+    gemma_config=None,
+    attention_mask=None,
+    position_ids="from_mask",
+    prefill: int | None = None,
+    cache=None,
+    chunks=None,
+) -> dict[str, np.ndarray]:
     """Run `hf_model` on ids (S,) or (B, S) and return the requested canonical taps it can reach, as
     float32 NumPy arrays (bfloat16 and float16 values are exact in float32). No batch axis for 1-D ids.
 
@@ -110,8 +136,11 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
         add_out(att.k_proj, p + "attn.k_proj", K)
         add_out(att.v_proj, p + "attn.v_proj", K)
         if p + "attn.probs" in wanted:
-            hooks.append(att.register_forward_hook(
-                lambda m, i, o, n=p + "attn.probs": keep(n, o[1] if isinstance(o, tuple) and len(o) > 1 else None)))
+            hooks.append(
+                att.register_forward_hook(
+                    lambda m, i, o, n=p + "attn.probs": keep(n, o[1] if isinstance(o, tuple) and len(o) > 1 else None)
+                )
+            )
         add_in(att.o_proj, p + "attn.context")
         add_out(att.o_proj, p + "attn.out")
         add_out(layer.post_attention_layernorm, p + "post_attn_norm")
@@ -145,8 +174,11 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
                 ends = np.cumsum(sizes)
                 for s0, s1 in zip([0, *ends[:-1]], ends):
                     got.clear()
-                    step_kw = {} if isinstance(position_ids, str) or position_ids is None else {
-                        "position_ids": torch.tensor(np.asarray(position_ids[len(steps)]), dtype=torch.long)}
+                    step_kw = (
+                        {}
+                        if isinstance(position_ids, str) or position_ids is None
+                        else {"position_ids": torch.tensor(np.asarray(position_ids[len(steps)]), dtype=torch.long)}
+                    )
                     result = hf_model(input_ids=ids_t[:, s0:s1], past_key_values=past, use_cache=True, **step_kw)
                     got["logits"], past = result.logits, result.past_key_values
                     steps.append(dict(got))
@@ -159,14 +191,30 @@ def capture(hf_model, ids, taps="default", gemma_config=None, attention_mask=Non
 
 def backend_options(checkpoint, args) -> dict:
     """`gemma2-ref golden --backend transformers`: load the model once for every case of a suite."""
-    return {"attn_implementation": args.attn_implementation,
-            "hf_model": load(checkpoint, args.dtype, args.attn_implementation)}
+    return {
+        "attn_implementation": args.attn_implementation,
+        "hf_model": load(checkpoint, args.dtype, args.attn_implementation),
+    }
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_implementation: str = "eager",
-                 taps="default", text: str | None = None, description: str | None = None, hf_model=None,
-                 positions=None, attention_mask=None, position_ids="from_mask", prefill: int | None = None,
-                 cache=None, chunks=None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "eager",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    hf_model=None,
+    positions=None,
+    attention_mask=None,
+    position_ids="from_mask",
+    prefill: int | None = None,
+    cache=None,
+    chunks=None,
+) -> Path:
     """Run transformers on a checkpoint directory (or a bundled model's name) and write a golden case
     (producer: transformers). A padded batch gives its `attention_mask`; `position_ids` default to each
     row's positions counted from its first token (as transformers' generate() makes them). `chunks`: with
@@ -180,14 +228,33 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", attn_imple
     hf_model = hf_model or load(checkpoint, dtype, attn_implementation)
     cfg = load_config(checkpoint)
     acts = capture(hf_model, ids, taps, cfg, attention_mask, position_ids, prefill, cache, chunks)
-    producer = {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
-                "attn_implementation": hf_model.config._attn_implementation, "dtype": dtype}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=dtype, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask, prefill=prefill, chunks=chunks)
+    producer = {
+        "name": "transformers",
+        "version": transformers.__version__,
+        "torch": torch.__version__,
+        "attn_implementation": hf_model.config._attn_implementation,
+        "dtype": dtype,
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=dtype,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+        prefill=prefill,
+        chunks=chunks,
+    )
 
 
 # -- corpus goldens (verify/corpus.py): the candidate's logits of a chunk's scored rows, nothing written -------
+
 
 def corpus_backend(checkpoint, dtype: str | None, gguf=None) -> dict:
     """The candidate record of `gemma2-ref corpus --backend transformers`: dtype and versions."""
@@ -197,9 +264,16 @@ def corpus_backend(checkpoint, dtype: str | None, gguf=None) -> dict:
     dtype = dtype or "float32"
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"--dtype {dtype}: transformers computes in one of {', '.join(TORCH_DTYPES)}")
-    return {"dtype": dtype, "attn_implementation": "eager",
-            "producer": {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__,
-                         "adapter": "gemma2_ref.adapters.transformers"}}
+    return {
+        "dtype": dtype,
+        "attn_implementation": "eager",
+        "producer": {
+            "name": "transformers",
+            "version": transformers.__version__,
+            "torch": torch.__version__,
+            "adapter": "gemma2_ref.adapters.transformers",
+        },
+    }
 
 
 def corpus_model(checkpoint, dtype: str, gguf=None, ctx: int | None = None):
@@ -212,6 +286,9 @@ def corpus_logits(hf_model, ids, start: int, stop: int) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor(np.asarray(ids)[None], dtype=torch.long), use_cache=False,
-                       logits_to_keep=slice(start, stop))
+        out = hf_model(
+            input_ids=torch.tensor(np.asarray(ids)[None], dtype=torch.long),
+            use_cache=False,
+            logits_to_keep=slice(start, stop),
+        )
     return out.logits[0].float().numpy()

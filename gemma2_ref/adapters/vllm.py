@@ -60,13 +60,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage.loader import resolve_checkpoint
 from ..model.taps import taps_of_kinds
+from ..storage.loader import resolve_checkpoint
 from .base import Capabilities, wanted_taps, write_candidate
 
-REACHABLE = ("input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope",
-             "attn.k_rope", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
-             "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output")
+REACHABLE = (
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.q_rope",
+    "attn.k_rope",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
+)
 VLLM_DTYPES = ("float32", "bfloat16")  # the two measured here (README, "Backends we checked")
 # The engine core in this process (hooks reach its model); a small KV cache (GiB): these are test-sized runs.
 ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -103,16 +120,26 @@ def load(path, dtype: str = "float32", max_model_len: int | None = None):
     length = max_model_len or load_config(path).max_position_embeddings
     key = (str(path), dtype, length)
     if key not in _ENGINES:
-        _ENGINES[key] = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=length,
-                            max_num_batched_tokens=length, max_num_seqs=1, enable_prefix_caching=False, seed=0)
+        _ENGINES[key] = LLM(
+            model=str(path),
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=length,
+            max_num_batched_tokens=length,
+            max_num_seqs=1,
+            enable_prefix_caching=False,
+            seed=0,
+        )
     return _ENGINES[key]
 
 
 def model_of(llm):
     """The torch module vLLM runs (Gemma2ForCausalLM, vllm/model_executor/models/gemma2.py); in-process only."""
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
-        raise RuntimeError("the vLLM engine core runs in another process: set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
-                           "before starting it (gemma2_ref.adapters.vllm.load does)")
+        raise RuntimeError(
+            "the vLLM engine core runs in another process: set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+            "before starting it (gemma2_ref.adapters.vllm.load does)"
+        )
     return llm.apply_model(lambda model: model)[0]
 
 
@@ -148,6 +175,7 @@ def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> di
     def on_out(module, fn):
         def hook(m, args, out):
             fn(args, out)  # and return None: a forward hook's return value would replace the module's output
+
         hooks.append(module.register_forward_hook(hook))
 
     model = model_of(llm)
@@ -189,17 +217,19 @@ def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> di
 
         on_out(layer.input_layernorm, input_norm)
         on_out(att.qkv_proj, qkv)
-        on_out(att.o_proj, lambda args, out, p=p: (keep(p + "attn.context", args[0]),
-                                                     keep(p + "attn.out", _first(out))))
+        on_out(
+            att.o_proj, lambda args, out, p=p: (keep(p + "attn.context", args[0]), keep(p + "attn.out", _first(out)))
+        )
         on_out(layer.post_attention_layernorm, lambda args, out, p=p: keep(p + "post_attn_norm", _first(out)))
         on_out(layer.pre_feedforward_layernorm, pre_ffw)
         on_out(mlp.gate_up_proj, gate_up)
-        on_out(mlp.down_proj, lambda args, out, p=p: (keep(p + "mlp.hidden", args[0]),
-                                                        keep(p + "mlp.out", _first(out))))
+        on_out(
+            mlp.down_proj, lambda args, out, p=p: (keep(p + "mlp.hidden", args[0]), keep(p + "mlp.out", _first(out)))
+        )
         on_out(layer.post_feedforward_layernorm, lambda args, out, p=p: keep(p + "post_ffw_norm", _first(out)))
     on_out(base.norm, lambda args, out: (keep(f"layers.{L - 1}.output", out[1]), keep("final_norm", out[0])))
     prompt = [int(t) for t in (ids if prefill is None else ids[:prefill])]
-    forced = [int(t) for t in ids[len(prompt):]]  # the tokens the decode steps must be fed, in order
+    forced = [int(t) for t in ids[len(prompt) :]]  # the tokens the decode steps must be fed, in order
 
     steps = [0]  # sampling calls so far: decode step k feeds forced[k]
 
@@ -223,7 +253,7 @@ def capture_one(llm, ids, cfg, taps="default", prefill: int | None = None) -> di
     finally:
         for h in hooks:
             h.remove()
-    fed = list(result[0].outputs[0].token_ids)[:len(forced)]
+    fed = list(result[0].outputs[0].token_ids)[: len(forced)]
     if fed != forced:
         raise RuntimeError(f"vLLM did not take the forced tokens: fed {fed[:8]}..., wanted {forced[:8]}...")
     acts = {name: torch.cat(parts) for name, parts in got.items()}
@@ -245,8 +275,10 @@ def place_logits(final_norm, calls, seq: int):
                 out[j] = row
     missing = [j for j, row in enumerate(out) if row is None]
     if missing:
-        raise RuntimeError(f"vLLM computed no logits for positions {missing[:10]} of {seq} (LogitsProcessor was "
-                           f"called {len(calls)} times): did prompt_logprobs stop reaching compute_logits?")
+        raise RuntimeError(
+            f"vLLM computed no logits for positions {missing[:10]} of {seq} (LogitsProcessor was "
+            f"called {len(calls)} times): did prompt_logprobs stop reaching compute_logits?"
+        )
     return torch.stack(out)
 
 
@@ -274,9 +306,20 @@ def backend_options(checkpoint, args) -> dict:
     return {"llm": load(checkpoint, args.dtype)}
 
 
-def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="default", text: str | None = None,
-                 description: str | None = None, positions=None, llm=None, attention_mask=None,
-                 prefill: int | None = None) -> Path:
+def write_golden(
+    checkpoint,
+    ids,
+    out_dir,
+    *,
+    dtype: str = "float32",
+    taps="default",
+    text: str | None = None,
+    description: str | None = None,
+    positions=None,
+    llm=None,
+    attention_mask=None,
+    prefill: int | None = None,
+) -> Path:
     """Run vLLM's CPU engine on a checkpoint directory and write a golden case (producer: vllm).
 
     llm: a `vllm.LLM` from `load` (the same checkpoint and dtype) to reuse; starting one takes ~20 s;
@@ -295,9 +338,27 @@ def write_golden(checkpoint, ids, out_dir, *, dtype: str = "float32", taps="defa
         raise ValueError(f"the vLLM engine passed computes in {computed}, not {dtype}: load one with dtype={dtype!r}")
     acts = capture(llm, ids, cfg, taps, attention_mask, prefill)
     attn = model_of(llm).model.layers[0].self_attn.attn
-    producer = {"name": "vllm", "version": vllm.__version__, "torch": torch.__version__, "device": "cpu",
-                "attention_impl": type(attn.impl).__name__, "attention_isa": getattr(attn, "isa", None),
-                "dtype": computed}
-    return write_candidate(out_dir, acts, ids, checkpoint=checkpoint, cfg=cfg, producer=producer, adapter=__name__,
-                           compute_dtype=computed, text=text, description=description, positions=positions,
-                           attention_mask=attention_mask, prefill=prefill)
+    producer = {
+        "name": "vllm",
+        "version": vllm.__version__,
+        "torch": torch.__version__,
+        "device": "cpu",
+        "attention_impl": type(attn.impl).__name__,
+        "attention_isa": getattr(attn, "isa", None),
+        "dtype": computed,
+    }
+    return write_candidate(
+        out_dir,
+        acts,
+        ids,
+        checkpoint=checkpoint,
+        cfg=cfg,
+        producer=producer,
+        adapter=__name__,
+        compute_dtype=computed,
+        text=text,
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+        prefill=prefill,
+    )

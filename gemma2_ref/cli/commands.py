@@ -17,10 +17,10 @@ import numpy as np
 import gemma2_ref as g2
 
 from ..model.config import GLOBAL
-from ..verify.golden import sha256_file
-from ..model.jsonfile import JSONFileError, read_json
-from ..model.inputs import InputError, check_position_range, check_prompt, parse_token_ids
 from ..model.gemma2 import softmax
+from ..model.inputs import InputError, check_position_range, check_prompt, parse_token_ids
+from ..model.jsonfile import JSONFileError, read_json
+from ..verify.golden import sha256_file
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
 
@@ -34,11 +34,15 @@ def os_error_message(e: OSError) -> str:
     if not e.strerror:  # raised by gemma2_ref with its own message
         return str(e)
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-    advice = {errno.ENOSPC: "free some space or write somewhere else",
-              errno.EDQUOT: "free some space or write somewhere else",
-              errno.EFBIG: "the file is larger than this file system or process allows; write somewhere else",
-              errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to",
-              errno.EROFS: "choose a writable location", errno.ENOTDIR: "a part of the path is a file"}
+    advice = {
+        errno.ENOSPC: "free some space or write somewhere else",
+        errno.EDQUOT: "free some space or write somewhere else",
+        errno.EFBIG: "the file is larger than this file system or process allows; write somewhere else",
+        errno.EACCES: "choose a location you may write to",
+        errno.EPERM: "choose a location you may write to",
+        errno.EROFS: "choose a writable location",
+        errno.ENOTDIR: "a part of the path is a file",
+    }
     return f"{paths + ': ' if paths else ''}{e.strerror}" + (f" ({advice[e.errno]})" if e.errno in advice else "")
 
 
@@ -77,8 +81,10 @@ def load_model_verbose(name: str, dtype: str = "float32", keep_converted=False, 
     if not quiet:
         files = model.weights.files
         size = sum(f.stat().st_size for f in files)
-        eprint(f"loaded {model.path} ({len(files)} file(s), {size / 2**20:.1f} MiB, "
-               f"{'/'.join(model.weights.stored_dtypes)} -> {model.dtype}) in {time.perf_counter() - t0:.2f} s")
+        eprint(
+            f"loaded {model.path} ({len(files)} file(s), {size / 2**20:.1f} MiB, "
+            f"{'/'.join(model.weights.stored_dtypes)} -> {model.dtype}) in {time.perf_counter() - t0:.2f} s"
+        )
     return model
 
 
@@ -101,25 +107,36 @@ def info(args) -> int:
     counts = cfg.parameter_counts()
     files = model.weights.files + [p for p in (path / "tokenizer.model",) if p.is_file()]
     hashes = {} if args.no_hash else {f.name: sha256_file(f, progress=True) for f in files}
-    info = {"path": str(path), "config": cfg.to_hf_dict(), "parameters": counts,
-            "stored_dtypes": model.weights.stored_dtypes,
-            "files": {f.name: {"bytes": f.stat().st_size, **({"sha256": hashes[f.name]} if hashes else {})}
-                      for f in files}}
+    info = {
+        "path": str(path),
+        "config": cfg.to_hf_dict(),
+        "parameters": counts,
+        "stored_dtypes": model.weights.stored_dtypes,
+        "files": {f.name: {"bytes": f.stat().st_size, **({"sha256": hashes[f.name]} if hashes else {})} for f in files},
+    }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     kinds = "".join("G" if t == GLOBAL else "S" for t in cfg.layer_types)
     print(f"{path}")
-    print(f"  layers {cfg.num_hidden_layers}  hidden D={cfg.hidden_size}  ffw F={cfg.intermediate_size} "
-          f"(paper's feed-forward dim 2F={2 * cfg.intermediate_size})  vocab V={cfg.vocab_size}")
-    print(f"  heads H={cfg.num_attention_heads} query / K={cfg.num_key_value_heads} kv "
-          f"(each kv head serves {cfg.num_queries_per_kv})  head_dim {cfg.head_dim}  "
-          f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g}")
+    print(
+        f"  layers {cfg.num_hidden_layers}  hidden D={cfg.hidden_size}  ffw F={cfg.intermediate_size} "
+        f"(paper's feed-forward dim 2F={2 * cfg.intermediate_size})  vocab V={cfg.vocab_size}"
+    )
+    print(
+        f"  heads H={cfg.num_attention_heads} query / K={cfg.num_key_value_heads} kv "
+        f"(each kv head serves {cfg.num_queries_per_kv})  head_dim {cfg.head_dim}  "
+        f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g}"
+    )
     print(f"  layer kinds (S = sliding window {cfg.sliding_window}, G = global): {kinds}")
-    print(f"  soft-caps: attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping};  "
-          f"rope theta {cfg.rope_theta:g};  rms eps {cfg.rms_norm_eps:g};  context {cfg.max_position_embeddings}")
-    print(f"  parameters: {counts['total']:,} = embedding {counts['embedding']:,} (tied) + "
-          f"non-embedding {counts['non_embedding']:,}")
+    print(
+        f"  soft-caps: attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping};  "
+        f"rope theta {cfg.rope_theta:g};  rms eps {cfg.rms_norm_eps:g};  context {cfg.max_position_embeddings}"
+    )
+    print(
+        f"  parameters: {counts['total']:,} = embedding {counts['embedding']:,} (tied) + "
+        f"non-embedding {counts['non_embedding']:,}"
+    )
     print(f"  stored as {', '.join(model.weights.stored_dtypes)}")
     for name, meta in info["files"].items():
         print(f"  {name:40s} {meta['bytes']:>14,} bytes  {meta.get('sha256', '')}")
@@ -149,8 +166,10 @@ def run(args) -> int:
     seconds = time.perf_counter() - t0
     probs = softmax(logits)
     top = np.argsort(-probs, kind="stable")[: args.top_k]
-    rows = [{"id": int(t), "piece": tok.pieces([t])[0] if tok else None, "prob": float(probs[t]),
-             "logit": float(logits[t])} for t in top]
+    rows = [
+        {"id": int(t), "piece": tok.pieces([t])[0] if tok else None, "prob": float(probs[t]), "logit": float(logits[t])}
+        for t in top
+    ]
     if args.json:
         print(json.dumps({"ids": ids, "top": rows, "seconds": seconds}, indent=2))
         return 0
@@ -167,8 +186,10 @@ def warn_if_not_instruction_tuned(name: str) -> None:
     if g2.bundled_path(name) is None or name.endswith("-it"):
         return
     chat_model = f" Use {name}-it, its instruction-tuned version." if g2.bundled_path(f"{name}-it") else ""
-    eprint(f"warning: {name} is not instruction-tuned: it was trained on plain text and does not end a chat "
-           f"turn (it runs until --max-new-tokens).{chat_model}")
+    eprint(
+        f"warning: {name} is not instruction-tuned: it was trained on plain text and does not end a chat "
+        f"turn (it runs until --max-new-tokens).{chat_model}"
+    )
 
 
 def generate(args) -> int:
@@ -191,32 +212,47 @@ def generate(args) -> int:
         print(text, end="", flush=True)
 
     progress = layer_progress("prefill layers") if model.is_large else None
-    result = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, stop_ids=stop_ids, on_token=on_token,
-                      progress=progress)
+    result = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_ids=stop_ids,
+        on_token=on_token,
+        progress=progress,
+    )
     print((prompt.pop() if prompt else "") + (stream.flush() if stream is not None else ""), flush=True)
     if args.show_ids:
         print("prompt ids:", " ".join(map(str, ids)))
         print("new ids:   ", " ".join(map(str, result.tokens)))
-    reason = {"stop": "stop token", "max_new_tokens": "--max-new-tokens reached",
-              "context": "context length reached"}[result.stop_reason]
+    reason = {"stop": "stop token", "max_new_tokens": "--max-new-tokens reached", "context": "context length reached"}[
+        result.stop_reason
+    ]
     eprint(f"{result.summary()}; stopped: {reason}")
     kept, layers = model.weights.kept_layers, model.config.num_hidden_layers
     if not args.stream_weights and kept < layers:
         resident = getattr(model.weights, "resident_layers", 0)
         if kept == resident == 0:
-            eprint(f"every layer streamed from the checkpoint's files at every step: its {layers} layers do not "
-                   f"all fit in 3/4 of the available RAM (--stream-weights would do the same)")
+            eprint(
+                f"every layer streamed from the checkpoint's files at every step: its {layers} layers do not "
+                f"all fit in 3/4 of the available RAM (--stream-weights would do the same)"
+            )
         else:
-            eprint(f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (3/4 of "
-                   f"the available RAM); {layers - kept} were converted again at every step, "
-                   f"{layers - kept - resident} of them read from the checkpoint's files")
+            eprint(
+                f"kept {kept} of {layers} layers converted and {resident} as stored bytes in memory (3/4 of "
+                f"the available RAM); {layers - kept} were converted again at every step, "
+                f"{layers - kept - resident} of them read from the checkpoint's files"
+            )
     return 0
 
 
 def bench_module():
     """benchmarks/bench.py of a source checkout (it needs torch: it lives outside the package)."""
     import importlib.util
+
     if not BENCH_SCRIPT.is_file():
         return None
     spec = importlib.util.spec_from_file_location("gemma2_ref_bench", BENCH_SCRIPT)
@@ -227,8 +263,10 @@ def bench_module():
 
 def bench(args, bench) -> int:
     if bench is None:
-        raise FileNotFoundError(f"{BENCH_SCRIPT} is not here: the benchmark lives in the source repository "
-                                f"(benchmarks/bench.py); run it from a clone")
+        raise FileNotFoundError(
+            f"{BENCH_SCRIPT} is not here: the benchmark lives in the source repository "
+            f"(benchmarks/bench.py); run it from a clone"
+        )
     return bench.run(args)
 
 
@@ -246,24 +284,30 @@ def golden(args) -> int:
 
 
 def write_golden(args, out) -> int:
-    from ..verify import golden, suites
     from ..adapters import load_adapter
     from ..model.taps import select_taps
+    from ..verify import golden, suites
 
     for left in golden.interrupted_writes(out):
         size = sum(f.stat().st_size for f in left.rglob("*") if f.is_file())
-        eprint(f"note: {left} ({size / 2**20:.1f} MiB) was left by an interrupted run (never a golden); delete it "
-               f"to take the space back")
+        eprint(
+            f"note: {left} ({size / 2**20:.1f} MiB) was left by an interrupted run (never a golden); delete it "
+            f"to take the space back"
+        )
     taps = taps_arg(args.taps)
     ours = args.backend == "gemma2_ref"
     if ours and args.dtype not in g2.COMPUTE_DTYPES:
-        raise InputError(f"--dtype {args.dtype}: gemma2_ref computes in {' or '.join(g2.COMPUTE_DTYPES)}; "
-                         f"bfloat16 and float16 are for another backend (--backend transformers)")
+        raise InputError(
+            f"--dtype {args.dtype}: gemma2_ref computes in {' or '.join(g2.COMPUTE_DTYPES)}; "
+            f"bfloat16 and float16 are for another backend (--backend transformers)"
+        )
     if getattr(args, "gguf", None) and args.backend != "llama.cpp":
         raise InputError(f"--gguf is for --backend llama.cpp (the backend here is {args.backend})")
     for flag in ("flash_attention", "fix_query_scale"):
         if getattr(args, flag, False) and args.backend != "keras-hub":
-            raise InputError(f"--{flag.replace('_', '-')} is for --backend keras-hub (the backend here is {args.backend})")
+            raise InputError(
+                f"--{flag.replace('_', '-')} is for --backend keras-hub (the backend here is {args.backend})"
+            )
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
     try:
         select_taps(model.config, taps)
@@ -278,14 +322,24 @@ def write_golden(args, out) -> int:
             refusal = adapter.CAPABILITIES.refusal(args.backend, padding)
             if refusal:
                 raise NotImplementedError(refusal)
-            adapter.write_golden(model.path, ids, case_dir, dtype=args.dtype, taps=case_taps, text=text,
-                                 description=description, positions=positions, **padding, **options)
+            adapter.write_golden(
+                model.path,
+                ids,
+                case_dir,
+                dtype=args.dtype,
+                taps=case_taps,
+                text=text,
+                description=description,
+                positions=positions,
+                **padding,
+                **options,
+            )
+
     if args.suite:
         tok = g2.load_tokenizer(model.path)
         eprint(f"writing suite {args.suite} to {out}")
         with golden.atomic_directory(out) as tmp:  # cases, then suite.json, then the rename: all or nothing
-            suites.generate_suite(model, tok, tmp, args.suite, taps, model_name=args.model, log=eprint,
-                                  write=write)
+            suites.generate_suite(model, tok, tmp, args.suite, taps, model_name=args.model, log=eprint, write=write)
         print(args.out)
         return 0
     ids, tok = prompt_ids(args, model)
@@ -299,8 +353,9 @@ def write_golden(args, out) -> int:
         else:
             progress = layer_progress() if model.is_large else None
             info = golden.model_info(model, args.model, progress=True)
-            suites.generate_case(model, np.asarray(ids), tmp, taps=taps, text=text, info=info, progress=progress,
-                                 positions=positions)
+            suites.generate_case(
+                model, np.asarray(ids), tmp, taps=taps, text=text, info=info, progress=progress, positions=positions
+            )
     print(args.out)
     return 0
 
@@ -321,8 +376,10 @@ def check_budget(model, taps, ids, positions, out) -> None:
     free = usage.free if usage.total else float("inf")  # a pseudo file system (/proc): its own error will say
     if model.is_large:
         need = case_budget(cfg, taps, ids, rows, itemsize)
-        eprint(f"estimate: {size_text(need['memory'])} of memory (taps streamed to disk), {size_text(need['disk'])} "
-               f"on disk; available {size_text(memory) if memory else 'unknown'}, {size_text(free)} free")
+        eprint(
+            f"estimate: {size_text(need['memory'])} of memory (taps streamed to disk), {size_text(need['disk'])} "
+            f"on disk; available {size_text(memory) if memory else 'unknown'}, {size_text(free)} free"
+        )
     refusal = budget_refusal(cfg, taps, ids, rows, itemsize, memory, free)
     if refusal:
         raise InputError(refusal)
@@ -331,13 +388,17 @@ def check_budget(model, taps, ids, positions, out) -> None:
 def profile_for(args, candidate, reference=None):
     """The tolerance profile the options ask for; "measured" is a function of each reference case."""
     from ..verify.compare import auto_profile, get_profile
+
     if args.profile == "measured":
         from ..verify.diagnose import load_reference_model
         from ..verify.measured import DTYPE_OF_PROFILE, measured_profile
+
         dtype = DTYPE_OF_PROFILE.get(auto_profile(candidate))
         if dtype is None:
-            raise ValueError(f"--profile measured needs a bfloat16 or float16 candidate; {candidate.path} says its "
-                             f"compute dtype is {candidate.compute_dtype!r}")
+            raise ValueError(
+                f"--profile measured needs a bfloat16 or float16 candidate; {candidate.path} says its "
+                f"compute dtype is {candidate.compute_dtype!r}"
+            )
         model = load_reference_model(first_case(reference), getattr(args, "model", None), log=eprint)
         return lambda case: measured_profile(model, case, dtype)
     name = auto_profile(candidate) if args.profile == "auto" else args.profile
@@ -351,9 +412,12 @@ def name_map(rules):
         return rules or None
     path = Path(files[0])
     if len(rules) > 1 or not path.is_file():
-        raise InputError(f"--name-map {files[0]!r}: " + ("no such file" if not path.is_file() else "a file cannot "
-                         "be combined with rules") + "; give rules THEIR=CANONICAL (repeatable) or one JSON file "
-                         "{their: canonical}")
+        raise InputError(
+            f"--name-map {files[0]!r}: "
+            + ("no such file" if not path.is_file() else "a file cannot be combined with rules")
+            + "; give rules THEIR=CANONICAL (repeatable) or one JSON file "
+            "{their: canonical}"
+        )
     try:
         mapping = read_json(path)
     except JSONFileError as e:
@@ -375,6 +439,7 @@ def model_option(args):
 
 def first_case(golden_obj):
     from ..verify.golden import Suite
+
     return golden_obj.cases[0] if isinstance(golden_obj, Suite) else golden_obj
 
 
@@ -386,6 +451,7 @@ def compare(args) -> int:
 
     if args.plot:  # before any work: the figure is drawn last
         from ..verify.optional import require
+
         require("matplotlib", "--plot")
     if is_corpus_golden(args.reference):
         return compare_corpus(args)
@@ -395,8 +461,11 @@ def compare(args) -> int:
     profile = profile_for(args, first_case(cand), ref)
     results, diagnoses, skipped = D.compare_and_diagnose(ref, cand, profile, args.diagnose, model, log=eprint)
     if skipped:
-        eprint(f"({skipped}: run `gemma2-ref diagnose {args.reference} {args.candidate}` or pass --diagnose)"
-               if "large" in skipped else f"({skipped})")
+        eprint(
+            f"({skipped}: run `gemma2-ref diagnose {args.reference} {args.candidate}` or pass --diagnose)"
+            if "large" in skipped
+            else f"({skipped})"
+        )
     if args.json:
         out = json.loads(C.to_json(results))
         for case in out["cases"]:
@@ -415,6 +484,7 @@ def compare(args) -> int:
             print("\n" + suite_verdict(results))
     if args.plot:
         from ..verify.plot import plot_comparisons
+
         for path in plot_comparisons(results, args.plot):
             eprint(f"plot: {path}")
     return 0 if all(r.passed or r.not_checked for r in results) else 1
@@ -425,10 +495,15 @@ def suite_verdict(results) -> str:
     checked = [r for r in results if not r.not_checked]
     failing = [Path(r.reference).name for r in checked if not r.passed]
     unchecked = [Path(r.reference).name for r in results if r.not_checked]
-    return (f"suite: {len(checked) - len(failing)} of {len(checked)} {'checked ' if unchecked else ''}cases pass"
-            + (f"; failing: {', '.join(failing)}" if failing else "")
-            + (f"; not checked ({len(unchecked)}, the candidate's backend cannot run them): {', '.join(unchecked)}"
-               if unchecked else ""))
+    return (
+        f"suite: {len(checked) - len(failing)} of {len(checked)} {'checked ' if unchecked else ''}cases pass"
+        + (f"; failing: {', '.join(failing)}" if failing else "")
+        + (
+            f"; not checked ({len(unchecked)}, the candidate's backend cannot run them): {', '.join(unchecked)}"
+            if unchecked
+            else ""
+        )
+    )
 
 
 def corpus(args) -> int:
@@ -446,13 +521,33 @@ def corpus(args) -> int:
     if candidate:
         if args.top_k is not None:
             raise InputError("--top-k cannot go with --reference: the ids scored are the reference's")
-        write_corpus(args.model, args.out, backend=candidate_backend(args), reference=args.reference,
-                     shard_chunks=args.shard_chunks, text=args.text, tokens=args.tokens, ctx=args.ctx,
-                     chunks=args.chunks, kld_out=args.kld_out, executor=executor)
+        write_corpus(
+            args.model,
+            args.out,
+            backend=candidate_backend(args),
+            reference=args.reference,
+            shard_chunks=args.shard_chunks,
+            text=args.text,
+            tokens=args.tokens,
+            ctx=args.ctx,
+            chunks=args.chunks,
+            kld_out=args.kld_out,
+            executor=executor,
+        )
     else:
-        write_corpus(args.model, args.out, text=args.text, tokens=args.tokens, ctx=args.ctx, chunks=args.chunks,
-                     top_k=args.top_k, dtype=args.dtype or "float32",
-                     kld_out=args.kld_out, shard_chunks=args.shard_chunks, executor=executor)
+        write_corpus(
+            args.model,
+            args.out,
+            text=args.text,
+            tokens=args.tokens,
+            ctx=args.ctx,
+            chunks=args.chunks,
+            top_k=args.top_k,
+            dtype=args.dtype or "float32",
+            kld_out=args.kld_out,
+            shard_chunks=args.shard_chunks,
+            executor=executor,
+        )
     print(args.out)  # as `golden` does: the directory written, on stdout
     return 0
 
@@ -462,10 +557,13 @@ def corpus_executor(args):
     Ray's presence checked before any work."""
     if (args.workers or 1) == 1 and args.ray_address is None:
         if args.blas_threads is not None:
-            raise InputError("--blas-threads is for Ray workers (--workers 2 or more, or --ray-address); this process "
-                             "uses NumPy's BLAS as configured: set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead")
+            raise InputError(
+                "--blas-threads is for Ray workers (--workers 2 or more, or --ray-address); this process "
+                "uses NumPy's BLAS as configured: set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS instead"
+            )
         return None
     from ..verify.corpus_ray import RayExecutor, check_reachable, import_ray
+
     import_ray("--ray-address" if args.ray_address else f"--workers {args.workers}")
     if args.ray_address is not None:
         check_reachable(args.ray_address)
@@ -478,6 +576,7 @@ def candidate_backend(args) -> dict:
 
     if args.backend == "gemma2-ref":
         from ..verify.corpus import REFERENCE_BACKEND
+
         return {"name": REFERENCE_BACKEND, "dtype": args.dtype or "float32", "mistake": args.mistake}
     record = load_adapter(args.backend).corpus_backend(args.model, args.dtype, gguf=args.gguf)
     return {"name": args.backend, "adapter": BACKENDS[args.backend], **record}
@@ -486,26 +585,31 @@ def candidate_backend(args) -> dict:
 def compare_corpus(args) -> int:
     """`gemma2-ref compare REF CAND` on corpus goldens (CAND may be a llama.cpp base file)."""
     from ..verify.corpus import load_corpus
-    from ..verify.kld import compare_corpus as run_compare, format_report, to_json
+    from ..verify.kld import compare_corpus as run_compare
+    from ..verify.kld import format_report, to_json
 
     ref = load_corpus(args.reference)
-    limits = {k: v for k, v in (("kld_mean", args.kl), ("kld_p99", args.kld_p99), ("same_top1", args.top1))
-              if v is not None}
+    limits = {
+        k: v for k, v in (("kld_mean", args.kl), ("kld_p99", args.kld_p99), ("same_top1", args.top1)) if v is not None
+    }
     tok = None
     with contextlib.suppress(Exception):  # the worst positions' text, when the reference's tokenizer is here
         from ..storage.loader import resolve_checkpoint
+
         m = ref.manifest["model"]
         tok = g2.load_tokenizer(resolve_checkpoint(m["name"] if m.get("bundled") else m["path"]))
     result = run_compare(ref, args.candidate, limits, tokenizer=tok)
     print(to_json(result) if args.json else format_report(result))
     if args.plot:
         from ..verify.plot import plot_corpus
+
         eprint(f"plot: {plot_corpus(result, args.plot)}")
     return 0 if result.passed else 1
 
 
 def check_config(args) -> int:
     from ..verify.check_config import check
+
     report = check(args.reference, args.candidate)
     if report.error:  # an unreadable input is an error: on stderr, one line (--json still gets its document)
         eprint(f"gemma2-ref check-config: error: {report.error}")
@@ -516,6 +620,7 @@ def check_config(args) -> int:
 
 def exercise_check(args) -> int:
     from ..verify.exercise import main_check
+
     return main_check(args.file, args.only)
 
 
@@ -542,11 +647,16 @@ def diagnose(args) -> int:
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
     if isinstance(ref, Suite) != isinstance(cand, Suite):
-        raise InputError(f"diagnose a case with a case and a suite with a suite: {args.reference} is a "
-                         f"{'suite' if isinstance(ref, Suite) else 'case'}, {args.candidate} is not")
+        raise InputError(
+            f"diagnose a case with a case and a suite with a suite: {args.reference} is a "
+            f"{'suite' if isinstance(ref, Suite) else 'case'}, {args.candidate} is not"
+        )
     profile = profile_for(args, first_case(cand), ref)
-    pairs = list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases])) \
-        if isinstance(ref, Suite) else [(ref, cand)]
+    pairs = (
+        list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases]))
+        if isinstance(ref, Suite)
+        else [(ref, cand)]
+    )
     model = D.load_reference_model(pairs[0][0], model_path, log=eprint)
     out, explained = [], True
     skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []} if isinstance(cand, Suite) else {}
@@ -564,12 +674,13 @@ def diagnose(args) -> int:
         explained &= diag.base.passed or bool(diag.named)
         out.append((r, diag))
     if args.json:
-        print(json.dumps(C.json_safe({"cases": [{"reference": str(r.path), **d.to_dict()} for r, d in out]}),
-                         indent=1))
+        print(json.dumps(C.json_safe({"cases": [{"reference": str(r.path), **d.to_dict()} for r, d in out]}), indent=1))
     else:
         for r, diag in out:
             first = diag.base.first_divergence
-            print(f"{r.path}: {'PASS' if diag.base.passed else 'FAIL'}"
-                  + (f", first diverging tap {first.name}" if first else ""))
+            print(
+                f"{r.path}: {'PASS' if diag.base.passed else 'FAIL'}"
+                + (f", first diverging tap {first.name}" if first else "")
+            )
             print(D.format_diagnosis(diag))
     return 0 if explained else 1

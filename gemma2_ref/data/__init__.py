@@ -35,9 +35,19 @@ def local_or_bundled(name: str) -> Path | None:
     if bundled is None or not path.is_dir():
         return path if path.is_dir() else bundled
     if (path / "config.json").is_file():
-        warnings.warn(ShadowWarning(f"{name!r}: using the checkpoint directory ./{name}, not the bundled model "
-                                    f"{name} ({bundled}); give that path to use the bundled one"), stacklevel=3)
+        warnings.warn(
+            ShadowWarning(
+                f"{name!r}: using the checkpoint directory ./{name}, not the bundled model "
+                f"{name} ({bundled}); give that path to use the bundled one"
+            ),
+            stacklevel=3,
+        )
         return path
-    warnings.warn(ShadowWarning(f"{name!r}: using the bundled model {name}; ./{name} is a directory here, but no "
-                                f"checkpoint (no config.json); give ./{name}/ to mean it"), stacklevel=3)
+    warnings.warn(
+        ShadowWarning(
+            f"{name!r}: using the bundled model {name}; ./{name} is a directory here, but no "
+            f"checkpoint (no config.json); give ./{name}/ to mean it"
+        ),
+        stacklevel=3,
+    )
     return bundled

@@ -65,40 +65,53 @@ class Gemma2Config:
     post_ffw_norm: bool = True
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"`{key}` must be a positive integer, found {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
-                f"`num_key_value_heads` ({self.num_key_value_heads}) for grouped-query attention")
+                f"`num_key_value_heads` ({self.num_key_value_heads}) for grouped-query attention"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"`head_dim` must be even for RoPE's half-split layout, found {self.head_dim}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
-                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
-                f"{self.num_hidden_layers}")
+                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is {self.num_hidden_layers}"
+            )
         if not all(isinstance(t, str) for t in self.layer_types):
-            raise ConfigError(f"`layer_types` must be strings ({SLIDING!r} or {GLOBAL!r}), found "
-                              f"{shown(list(self.layer_types))}")
+            raise ConfigError(
+                f"`layer_types` must be strings ({SLIDING!r} or {GLOBAL!r}), found {shown(list(self.layer_types))}"
+            )
         bad = sorted(set(self.layer_types) - {SLIDING, GLOBAL})
         if bad:
             raise ConfigError(f"`layer_types` has unknown kinds {bad}; expected {SLIDING!r} or {GLOBAL!r}")
         if self.hidden_activation not in HIDDEN_ACTIVATIONS:
-            raise ConfigError(f"`hidden_activation` must be one of {HIDDEN_ACTIVATIONS}, "
-                              f"found {self.hidden_activation!r}")
+            raise ConfigError(
+                f"`hidden_activation` must be one of {HIDDEN_ACTIVATIONS}, found {self.hidden_activation!r}"
+            )
         for key in ("query_pre_attn_scalar", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"`{key}` must be a positive finite number, found {value!r}")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and math.isfinite(self.rms_norm_eps)
-                and self.rms_norm_eps >= 0):
+        if not (
+            isinstance(self.rms_norm_eps, (int, float)) and math.isfinite(self.rms_norm_eps) and self.rms_norm_eps >= 0
+        ):
             raise ConfigError(f"`rms_norm_eps` must be a finite number >= 0, found {self.rms_norm_eps!r}")
         if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings <= 0:
-            raise ConfigError(f"`max_position_embeddings` must be a positive integer, "
-                              f"found {self.max_position_embeddings!r}")
+            raise ConfigError(
+                f"`max_position_embeddings` must be a positive integer, found {self.max_position_embeddings!r}"
+            )
 
     # -- derived quantities -------------------------------------------------------------------
     @property
@@ -121,8 +134,12 @@ class Gemma2Config:
         norms = 4 * D  # pre/post attention, pre/post feed-forward
         per_layer = attention + mlp + norms
         non_embedding = self.num_hidden_layers * per_layer + D  # + final norm
-        return {"embedding": V * D, "non_embedding": non_embedding, "total": V * D + non_embedding,
-                "per_layer": per_layer}
+        return {
+            "embedding": V * D,
+            "non_embedding": non_embedding,
+            "total": V * D + non_embedding,
+            "per_layer": per_layer,
+        }
 
     # -- Hugging Face config.json -------------------------------------------------------------
     def to_hf_dict(self, style: str = "new") -> dict:
@@ -164,7 +181,7 @@ class Gemma2Config:
             raise ValueError(f"style must be 'new' or 'old', not {style!r}")
         return d
 
-    def replace(self, **changes) -> "Gemma2Config":
+    def replace(self, **changes) -> Gemma2Config:
         return dataclasses.replace(self, **changes)
 
 
@@ -179,25 +196,66 @@ def _preset(**kw) -> Gemma2Config:
 
 
 PRESETS: dict[str, Gemma2Config] = {
-    "2b": _preset(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                  sliding_window=4096),
-    "9b": _preset(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
-                  sliding_window=4096),
-    "27b": _preset(vocab_size=256000, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
-                   num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144,
-                   sliding_window=4096),
+    "2b": _preset(
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+    ),
+    "9b": _preset(
+        vocab_size=256000,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+    ),
+    "27b": _preset(
+        vocab_size=256000,
+        hidden_size=4608,
+        intermediate_size=36864,
+        num_hidden_layers=46,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=144,
+        sliding_window=4096,
+    ),
     # The bundled tiny model (gemma2_ref/data/tiny): both layer kinds, GQA, a small window, and like 27B a
     # query_pre_attn_scalar (= D / H) different from head_dim and H x Dh different from D.
-    "tiny": _preset(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=32,
-                    sliding_window=32, max_position_embeddings=512),
+    "tiny": _preset(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        query_pre_attn_scalar=32,
+        sliding_window=32,
+        max_position_embeddings=512,
+    ),
 }
 
 
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "query_pre_attn_scalar")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "query_pre_attn_scalar",
+)
 _TANH_GELU = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
 
 
@@ -213,7 +271,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
         raise fail(f"`model_type` is {d['model_type']!r}: a multimodal wrapper, not a Gemma 2 text model")
     model_type = d.get("model_type")
     if model_type != "gemma2":
-        raise fail(f"`model_type` is {model_type!r}; gemma2_ref runs Gemma 2 (`model_type: \"gemma2\"`) only")
+        raise fail(f'`model_type` is {model_type!r}; gemma2_ref runs Gemma 2 (`model_type: "gemma2"`) only')
     missing = [k for k in _REQUIRED if k not in d or d[k] is None]
     if missing:
         raise fail(f"missing required key(s) {', '.join(f'`{k}`' for k in missing)}")
@@ -231,8 +289,10 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
         theta_new = rope_parameters.get("rope_theta")
     rope_scaling = d.get("rope_scaling")
     if rope_scaling is not None and not isinstance(rope_scaling, dict):
-        raise fail(f"`rope_scaling` must be an object or null, found {shown(rope_scaling)}; Gemma 2 uses no RoPE "
-                   f"scaling (null)")
+        raise fail(
+            f"`rope_scaling` must be an object or null, found {shown(rope_scaling)}; Gemma 2 uses no RoPE "
+            f"scaling (null)"
+        )
     if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
         raise fail(f"`rope_scaling` is {rope_scaling!r}; Gemma 2 uses no RoPE scaling")
     try:
@@ -241,16 +301,16 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     except ConfigError as e:
         raise fail(str(e)) from None
     if theta_old is not None and theta_new is not None and theta_old != theta_new:
-        raise fail(f"contradictory RoPE base: `rope_theta` is {theta_old} but "
-                   f"`rope_parameters.rope_theta` is {theta_new}")
+        raise fail(
+            f"contradictory RoPE base: `rope_theta` is {theta_old} but `rope_parameters.rope_theta` is {theta_new}"
+        )
     rope_theta = theta_new if theta_new is not None else theta_old if theta_old is not None else 10000.0
 
     # Activation: `hidden_activation` (newer) and `hidden_act` (older); both must be the tanh GELU.
     acts = {k: d[k] for k in ("hidden_activation", "hidden_act") if d.get(k) is not None}
     for key, act in acts.items():
         if not isinstance(act, str) or act not in _TANH_GELU:
-            raise fail(f"`{key}` is {act!r}; Gemma 2 uses the tanh approximation of GELU "
-                       f"('gelu_pytorch_tanh')")
+            raise fail(f"`{key}` is {act!r}; Gemma 2 uses the tanh approximation of GELU ('gelu_pytorch_tanh')")
 
     if d.get("tie_word_embeddings", True) is False:
         raise fail("`tie_word_embeddings` is false; Gemma 2 ties the output head to the embedding")
@@ -262,8 +322,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     if layer_types is None:
         layer_types = alternating_layer_types(num_layers) if isinstance(num_layers, int) else []
     elif not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-        raise fail(f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found "
-                   f"{shown(layer_types)}")
+        raise fail(f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found {shown(layer_types)}")
 
     eos = d.get("eos_token_id", [1, 107])
     if isinstance(eos, list) and (not eos or any(t is None for t in eos)):  # the rest: _number, item by item
@@ -277,26 +336,38 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
 
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if key in d and d[key] is None:
-            warnings.warn(ConfigWarning(
-                f"{source}: `{key}` is null: this model runs without Gemma 2's "
-                f"{'attention' if key.startswith('attn') else 'final'} soft-cap (the release uses "
-                f"{50.0 if key.startswith('attn') else 30.0}), so it is not Gemma 2 and its goldens will not match "
-                f"one"), stacklevel=2)
+            warnings.warn(
+                ConfigWarning(
+                    f"{source}: `{key}` is null: this model runs without Gemma 2's "
+                    f"{'attention' if key.startswith('attn') else 'final'} soft-cap (the release uses "
+                    f"{50.0 if key.startswith('attn') else 30.0}), so it is not Gemma 2 and its goldens will not match "
+                    f"one"
+                ),
+                stacklevel=2,
+            )
 
     try:
         return Gemma2Config(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=num_layers, num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d["num_key_value_heads"], head_dim=d["head_dim"],
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"],
+            head_dim=d["head_dim"],
             query_pre_attn_scalar=_number(d, "query_pre_attn_scalar", None, float),
-            sliding_window=sliding_window, layer_types=tuple(layer_types),
+            sliding_window=sliding_window,
+            layer_types=tuple(layer_types),
             attn_logit_softcapping=_number(d, "attn_logit_softcapping", 50.0, float),
             final_logit_softcapping=_number(d, "final_logit_softcapping", 30.0, float),
-            rope_theta=rope_theta, rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
+            rope_theta=rope_theta,
+            rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
             max_position_embeddings=_number(d, "max_position_embeddings", 8192, int),
             pad_token_id=_number(d, "pad_token_id", 0, int) or 0,
-            eos_token_ids=tuple(_number({"eos_token_id": t}, "eos_token_id", None, int)
-                                for t in (eos if isinstance(eos, list) else [eos])),
+            eos_token_ids=tuple(
+                _number({"eos_token_id": t}, "eos_token_id", None, int)
+                for t in (eos if isinstance(eos, list) else [eos])
+            ),
             bos_token_id=_number(d, "bos_token_id", 2, int),
         )
     except ConfigError as e:
@@ -308,8 +379,11 @@ def _number(d: dict, key: str, default, kind):
     value = d.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and not (math.isfinite(value) and value == int(value))):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not (math.isfinite(value) and value == int(value)))
+    ):
         raise ConfigError(f"`{key}` must be {'an integer' if kind is int else 'a number'}, found {value!r}")
     return kind(value)
 
@@ -323,8 +397,7 @@ def load_config(path_or_preset: str | Path) -> Gemma2Config:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(
-            f"{path}: no config.json here, and {name!r} is not a preset (presets: {', '.join(PRESETS)})")
+        raise ConfigError(f"{path}: no config.json here, and {name!r} is not a preset (presets: {', '.join(PRESETS)})")
     try:
         data = read_json(path)
     except JSONFileError as e:

@@ -38,8 +38,10 @@ def distillation_per_token(teacher_logits: np.ndarray, student_logits: np.ndarra
     """Equation (1) at each position: sum_x -P_T(x|x_c) log P_S(x|x_c), in nats. (..., V) x2 -> (...)"""
     teacher_logits, student_logits = np.asarray(teacher_logits), np.asarray(student_logits)
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {teacher_logits.shape} and student logits {student_logits.shape} "
-                         f"must have the same shape (..., vocab): same tokens, same vocabulary")
+        raise ValueError(
+            f"teacher logits {teacher_logits.shape} and student logits {student_logits.shape} "
+            f"must have the same shape (..., vocab): same tokens, same vocabulary"
+        )
     p_teacher = np.exp(log_softmax(teacher_logits))  # (..., V), sums to 1 over V
     return -(p_teacher * log_softmax(student_logits)).sum(axis=-1)
 
@@ -60,8 +62,7 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray | None) -> float:
     return float(values[mask].mean())
 
 
-def distillation_loss(teacher_logits: np.ndarray, student_logits: np.ndarray,
-                      mask: np.ndarray | None = None) -> float:
+def distillation_loss(teacher_logits: np.ndarray, student_logits: np.ndarray, mask: np.ndarray | None = None) -> float:
     """The training loss: equation (1) averaged over positions (nats per token).
 
     Reduction: the *mean over positions* of the per-token sum over the vocabulary; `mask` (the

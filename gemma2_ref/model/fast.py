@@ -116,7 +116,7 @@ def _linear_stored(x: np.ndarray, w: StoredWeight) -> np.ndarray:
     y = np.empty((out_features, len(rows)) if weight_first else (len(rows), out_features), rows.dtype)
     for r0 in range(0, out_features, step):
         r1 = min(out_features, r0 + step)
-        block = w.convert(r0, r1, buffer[:r1 - r0])  # (r1 - r0, in)
+        block = w.convert(r0, r1, buffer[: r1 - r0])  # (r1 - r0, in)
         if weight_first:
             np.matmul(block, rows.T, out=y[r0:r1])  # (r1 - r0, tokens)
         else:
@@ -148,8 +148,8 @@ def gelu_tanh_(x: np.ndarray) -> np.ndarray:
         return _gelu_tanh_block(x, np.empty_like(x))
     t = np.empty(min(flat.size, GELU_BLOCK), x.dtype)  # the one new buffer; x is needed to the end
     for start in range(0, flat.size, GELU_BLOCK):
-        block = flat[start:start + GELU_BLOCK]
-        _gelu_tanh_block(block, t[:block.size])
+        block = flat[start : start + GELU_BLOCK]
+        _gelu_tanh_block(block, t[: block.size])
     return x
 
 
@@ -168,8 +168,9 @@ def _gelu_tanh_block(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return x
 
 
-def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps,
-                        max_scores_bytes: int = MAX_SCORES_BYTES) -> np.ndarray:
+def attention_in_blocks(
+    attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps, max_scores_bytes: int = MAX_SCORES_BYTES
+) -> np.ndarray:
     """attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps) (model.attention) over blocks of queries.
 
     Each block gets only the keys its mask can let through when keys are in position order (a prefill):
@@ -189,6 +190,7 @@ def attention_in_blocks(attend, q, k, v, q_pos, k_pos, window, scale, softcap, t
             if window is not None:  # the block's earliest query sees keys from (its position - window + 1)
                 lo = int(np.searchsorted(k_pos, q_pos[s0:s1].min() - window + 1, side="left"))
             hi = int(np.searchsorted(k_pos, q_pos[s0:s1].max(), side="right"))
-        context[:, s0:s1] = attend(q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[..., s0:s1], k_pos[..., lo:hi],
-                                   window, scale, softcap, taps)
+        context[:, s0:s1] = attend(
+            q[:, s0:s1], k[:, lo:hi], v[:, lo:hi], q_pos[..., s0:s1], k_pos[..., lo:hi], window, scale, softcap, taps
+        )
     return context

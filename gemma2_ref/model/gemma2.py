@@ -34,6 +34,7 @@ class LayerWeights:
     """One decoder layer's weights in the compute dtype, named as the taps are. Linear weights are (out, in):
     arrays, or for a layer streamed from a checkpoint fast.StoredWeight (the stored bf16, which `linear`
     converts a block at a time: the same values)."""
+
     q_proj: np.ndarray  # (H*Dh, D)
     k_proj: np.ndarray  # (K*Dh, D)
     v_proj: np.ndarray  # (K*Dh, D)
@@ -52,6 +53,7 @@ class LayerWeights:
 
 
 # -- the components ---------------------------------------------------------------------------------------
+
 
 def embed(ids: np.ndarray, embedding: np.ndarray, normalizer=None) -> np.ndarray:
     """E[ids] * sqrt(D). The normalizer is a number *in the activation dtype*: in bfloat16, sqrt(3584) =
@@ -94,7 +96,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     Dh = x.shape[-1]
     angles = positions.astype(x.dtype)[..., None] * rope_frequencies(Dh, theta, x.dtype)  # ([B,] S, Dh/2)
     angles = np.concatenate([angles, angles], axis=-1)[..., None, :]  # ([B,] S, 1, Dh)
-    x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+    x1, x2 = x[..., : Dh // 2], x[..., Dh // 2 :]
     rotated = np.concatenate([-x2, x1], axis=-1)
     return x * np.cos(angles) + rotated * np.sin(angles)
 
@@ -147,8 +149,17 @@ def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> 
     return allowed
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
-              window: int | None, scale: float, softcap: float | None, taps: Taps = NO_TAPS) -> np.ndarray:
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    taps: Taps = NO_TAPS,
+) -> np.ndarray:
     """Grouped-query attention with soft-capped scores: softmax(mask(cap(q k^T * scale))) v.
 
     q (B, S, H, Dh); k, v (B, T, K, Dh); q_pos (S,), k_pos (T,) absolute positions (or per row, (B, S) and
@@ -179,8 +190,15 @@ def mlp(x: np.ndarray, w: LayerWeights, activation=gelu_tanh, taps: Taps = NO_TA
     return taps("mlp.out", linear(hidden, w.down_proj))
 
 
-def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Gemma2Config, layer: int,
-                  taps: Taps = NO_TAPS, kv_cache=None) -> np.ndarray:
+def decoder_layer(
+    x: np.ndarray,
+    w: LayerWeights,
+    positions: np.ndarray,
+    cfg: Gemma2Config,
+    layer: int,
+    taps: Taps = NO_TAPS,
+    kv_cache=None,
+) -> np.ndarray:
     """One Gemma 2 block, with norms both before *and* after each sub-block:
 
         h   = x + post_attn_norm(attention(pre_attn_norm(x)))
@@ -205,8 +223,18 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     k_pos = positions
     if kv_cache is not None:
         k, v, k_pos = kv_cache.update(layer, k, v, positions)  # (B, T, K, Dh) x2, (T,)
-    context = attention_in_blocks(attention, q, k, v, positions, k_pos, cfg.window(layer),
-                                  cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping, taps)
+    context = attention_in_blocks(
+        attention,
+        q,
+        k,
+        v,
+        positions,
+        k_pos,
+        cfg.window(layer),
+        cfg.query_pre_attn_scalar**-0.5,
+        cfg.attn_logit_softcapping,
+        taps,
+    )
     context = taps("attn.context", context)
     a = taps("attn.out", linear(context, w.o_proj))
     a = taps("post_attn_norm", rms_norm(a, w.post_attn_norm, eps, taps) if cfg.post_attn_norm else a)
@@ -218,9 +246,19 @@ def decoder_layer(x: np.ndarray, w: LayerWeights, positions: np.ndarray, cfg: Ge
     return taps("output", x + m)
 
 
-def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray | None = None,
-            kv_cache=None, logits_at="all", progress=None, normalizer=None,
-            round_to: str | None = None, sink=None) -> dict[str, np.ndarray]:
+def forward(
+    weights,
+    cfg: Gemma2Config,
+    ids,
+    taps="none",
+    positions: np.ndarray | None = None,
+    kv_cache=None,
+    logits_at="all",
+    progress=None,
+    normalizer=None,
+    round_to: str | None = None,
+    sink=None,
+) -> dict[str, np.ndarray]:
     """Run Gemma 2 on token ids (S,) or (B, S). Returns {"logits": ..., **requested taps}.
 
     `weights` gives `embedding()`, `layer(i)` and `final_norm()` in the compute dtype: weights.Weights (a
@@ -238,8 +276,11 @@ def forward(weights, cfg: Gemma2Config, ids, taps="none", positions: np.ndarray 
     batched = np.ndim(ids) == 2
     ids = check_ids(ids, cfg.vocab_size)
     B, S = ids.shape
-    rec = taps if isinstance(taps, Taps) else Taps([] if taps in (None, "none") else select_taps(cfg, taps),
-                                                    round_to=round_to, sink=sink)
+    rec = (
+        taps
+        if isinstance(taps, Taps)
+        else Taps([] if taps in (None, "none") else select_taps(cfg, taps), round_to=round_to, sink=sink)
+    )
     if rec.sink is not None and not batched:
         rec = rec.unbatched_sink()  # the sink receives each tap shaped as the returned dict holds it
     start = kv_cache.length if kv_cache is not None else 0

@@ -45,17 +45,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Gemma2Config
-from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .gemma2 import softmax
+from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .taps import LARGE_TAPS, select_taps
 
-
-
 # -- the KV cache -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class LayerCache:
     """One layer's keys and values: (B, slots, K, Dh) each, and the absolute position held in each slot."""
+
     k: np.ndarray
     v: np.ndarray
     pos: np.ndarray  # (slots,) int64, EMPTY where nothing was written yet
@@ -110,8 +110,12 @@ class KVCache:
         B, _, K, Dh = k.shape
         window = self.cfg.window(layer)
         slots = window if window is not None else max(self.capacity or 0, self.length + steps, 1)
-        return LayerCache(np.zeros((B, slots, K, Dh), k.dtype), np.zeros((B, slots, K, Dh), k.dtype),
-                          np.full(slots, EMPTY, np.int64), window)
+        return LayerCache(
+            np.zeros((B, slots, K, Dh), k.dtype),
+            np.zeros((B, slots, K, Dh), k.dtype),
+            np.full(slots, EMPTY, np.int64),
+            window,
+        )
 
 
 def _append(c: LayerCache, k, v, positions):
@@ -124,9 +128,9 @@ def _append(c: LayerCache, k, v, positions):
         pos = np.full(slots, EMPTY, np.int64)
         pos[:n] = c.pos[:n]
         c.k, c.v, c.pos = grown[0], grown[1], pos
-    c.k[:, n:n + S], c.v[:, n:n + S], c.pos[n:n + S] = k, v, positions
+    c.k[:, n : n + S], c.v[:, n : n + S], c.pos[n : n + S] = k, v, positions
     c.filled = n + S
-    return c.k[:, :n + S], c.v[:, :n + S], c.pos[:n + S]  # views: keys in position order
+    return c.k[:, : n + S], c.v[:, : n + S], c.pos[: n + S]  # views: keys in position order
 
 
 def _ring_update(c: LayerCache, k, v, positions):
@@ -136,7 +140,7 @@ def _ring_update(c: LayerCache, k, v, positions):
         slot = int(positions[0]) % W
         c.k[:, slot], c.v[:, slot], c.pos[slot] = k[:, 0], v[:, 0], positions[0]
         c.filled = max(n, slot + 1)
-        return c.k[:, :c.filled], c.v[:, :c.filled], c.pos[:c.filled]  # slot order; EMPTY slots are masked
+        return c.k[:, : c.filled], c.v[:, : c.filled], c.pos[: c.filled]  # slot order; EMPTY slots are masked
     # prefill / chunk: attend over the cached slots and all S new keys, then keep the last W in the ring
     k_all = np.concatenate([c.k[:, :n], k], axis=1)
     v_all = np.concatenate([c.v[:, :n], v], axis=1)
@@ -149,6 +153,7 @@ def _ring_update(c: LayerCache, k, v, positions):
 
 
 # -- choosing the next token ------------------------------------------------------------------------------
+
 
 def greedy(logits: np.ndarray) -> int:
     """The most likely token; on a tie the lowest id (np.argmax returns the first maximum)."""
@@ -200,21 +205,32 @@ def min_temperature(peak: float) -> float:
 
 def check_sampling(temperature, top_k=None, top_p=None) -> None:
     """The sampling settings, refused with a line naming the argument: a NaN, an Inf, a negative."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or not (
-            math.isfinite(temperature) and temperature >= 0):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.number))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if 0 < temperature < FLOAT32_TINY:
-        raise ValueError(f"temperature {temperature!r} underflows float32 (the smallest normal is "
-                         f"{FLOAT32_TINY:.8g}): give 0 for greedy decoding or a temperature >= {FLOAT32_TINY:.8g}")
+        raise ValueError(
+            f"temperature {temperature!r} underflows float32 (the smallest normal is "
+            f"{FLOAT32_TINY:.8g}): give 0 for greedy decoding or a temperature >= {FLOAT32_TINY:.8g}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number))
-                              or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)) or not 0.0 < top_p <= 1.0
+    ):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+def sample_next(
+    logits: np.ndarray,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> int:
     """The next token from one row of logits (V,). temperature 0: greedy, and top_k / top_p are ignored.
     Otherwise, as Hugging Face does it: logits / temperature, then top-k, then top-p, then one draw.
     Logits holding NaN or +Inf, or a temperature below min_temperature(max |logit|), are refused: either
@@ -223,16 +239,20 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None 
     logits = np.asarray(logits)
     bad = np.flatnonzero(np.isnan(logits) | (logits == np.inf))
     if len(bad):
-        raise ValueError(f"the logits hold {'NaN' if np.isnan(logits.flat[bad[0]]) else '+Inf'} at token "
-                         f"{int(bad[0])} ({len(bad)} such of {logits.size}): no token can be chosen from them")
+        raise ValueError(
+            f"the logits hold {'NaN' if np.isnan(logits.flat[bad[0]]) else '+Inf'} at token "
+            f"{int(bad[0])} ({len(bad)} such of {logits.size}): no token can be chosen from them"
+        )
     if temperature == 0:
         return greedy(logits)
     finite = logits[np.isfinite(logits)]
     peak = float(np.abs(finite).max()) if finite.size else 0.0
     if temperature < min_temperature(peak):
-        raise ValueError(f"temperature {temperature!r} is too small for these logits: max |logit| {peak:.6g} / "
-                         f"temperature overflows float32; the smallest is {min_temperature(peak):.8g} (or 0 for "
-                         f"greedy decoding)")
+        raise ValueError(
+            f"temperature {temperature!r} is too small for these logits: max |logit| {peak:.6g} / "
+            f"temperature overflows float32; the smallest is {min_temperature(peak):.8g} (or 0 for "
+            f"greedy decoding)"
+        )
     x = np.asarray(logits, np.float64) / temperature
     if top_k is not None:
         x = top_k_filter(x, top_k)
@@ -242,16 +262,18 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None 
     rng = rng if rng is not None else np.random.default_rng()
     cdf = np.cumsum(probs)
     token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # a zero-probability token has
-    return min(token, int(np.flatnonzero(probs)[-1]))                       # an empty interval: never drawn
+    return min(token, int(np.flatnonzero(probs)[-1]))  # an empty interval: never drawn
 
 
 # -- generation -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Generation:
     """What `generate` produced: the new tokens (a stop token included, as the last one), why it stopped
     ("stop", "max_new_tokens" or "context"), the logits each token was chosen from (if kept), the taps of
     each forward (index 0 = the prefill), timings and the cache size."""
+
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = "max_new_tokens"
     logits: list[np.ndarray] = field(default_factory=list)
@@ -273,15 +295,29 @@ class Generation:
     def summary(self) -> str:
         def rate(tokens_per_s):  # no rate for no tokens, rather than "nan tok/s"
             return f" ({tokens_per_s:.1f} tok/s)" if tokens_per_s == tokens_per_s else ""
-        return (f"prefill {self.prefill_tokens} tokens in {self.prefill_seconds:.3f} s"
-                f"{rate(self.prefill_tokens_per_s)}, decode {self.decode_tokens} tokens in "
-                f"{self.decode_seconds:.3f} s{rate(self.decode_tokens_per_s)}, "
-                f"cache {self.cache_bytes / 2**20:.2f} MiB")
+
+        return (
+            f"prefill {self.prefill_tokens} tokens in {self.prefill_seconds:.3f} s"
+            f"{rate(self.prefill_tokens_per_s)}, decode {self.decode_tokens} tokens in "
+            f"{self.decode_seconds:.3f} s{rate(self.decode_tokens_per_s)}, "
+            f"cache {self.cache_bytes / 2**20:.2f} MiB"
+        )
 
 
-def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop_ids=(1, 107), on_token=None,
-             taps=None, keep_logits: bool = False, progress=None) -> Generation:
+def generate(
+    model,
+    ids,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids=(1, 107),
+    on_token=None,
+    taps=None,
+    keep_logits: bool = False,
+    progress=None,
+) -> Generation:
     """Continue the 1-D token ids `ids` (the prompt, <bos> included) by up to `max_new_tokens` tokens.
 
     Greedy by default (temperature 0); otherwise seeded sampling with optional top-k / top-p. Stops after
@@ -298,14 +334,17 @@ def generate(model, ids, max_new_tokens: int = 64, temperature: float = 0.0, top
     cfg = model.config
     context = cfg.max_position_embeddings
     if len(prompt) > context:
-        raise ValueError(f"the prompt has {len(prompt)} tokens, more than the model's context "
-                         f"(max_position_embeddings = {context})")
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens, more than the model's context (max_position_embeddings = {context})"
+        )
     check_sampling(temperature, top_k, top_p)
     cap = cfg.final_logit_softcapping
     if cap is not None and 0 < temperature < min_temperature(cap):
-        raise ValueError(f"temperature {temperature!r} is below {min_temperature(cap):.8g}, the smallest for which "
-                         f"logits / temperature stays finite in float32 (|logits| <= final_logit_softcapping = "
-                         f"{cap:g}): give 0 for greedy decoding or a larger temperature")
+        raise ValueError(
+            f"temperature {temperature!r} is below {min_temperature(cap):.8g}, the smallest for which "
+            f"logits / temperature stays finite in float32 (|logits| <= final_logit_softcapping = "
+            f"{cap:g}): give 0 for greedy decoding or a larger temperature"
+        )
     rng = np.random.default_rng(seed)
     stop = {int(t) for t in stop_ids}
     cache = model.kv_cache(min(len(prompt) + max_new_tokens, context))
@@ -352,15 +391,16 @@ def decode_taps(model, ids, prefill: int, taps="default", chunks=None) -> dict[s
     all of `ids`: a static cache), so a model with a decode-loop mistake (mistakes.inject) makes it."""
     ids = np.asarray(ids)
     sizes = list(chunks) if chunks is not None else [prefill] + [1] * (len(ids) - prefill)
-    if ids.ndim != 1 or not 0 < prefill < len(ids) or sizes[0] != prefill or sum(sizes) != len(ids) \
-            or min(sizes) < 1:
-        raise ValueError(f"decode_taps takes 1-D ids, a prefill of 1 .. {len(ids) - 1} tokens and chunks of at "
-                         f"least one token summing to {len(ids)}, starting with the prefill; got {ids.shape}, "
-                         f"{prefill} and {sizes[:8]}")
+    if ids.ndim != 1 or not 0 < prefill < len(ids) or sizes[0] != prefill or sum(sizes) != len(ids) or min(sizes) < 1:
+        raise ValueError(
+            f"decode_taps takes 1-D ids, a prefill of 1 .. {len(ids) - 1} tokens and chunks of at "
+            f"least one token summing to {len(ids)}, starting with the prefill; got {ids.shape}, "
+            f"{prefill} and {sizes[:8]}"
+        )
     names = [n for n in select_taps(model.config, taps) if not n.endswith(LARGE_TAPS)]
     cache = model.kv_cache(len(ids))
     starts = np.cumsum([0] + sizes[:-1])
-    steps = [model.forward(ids[s:s + n], taps=names, kv_cache=cache) for s, n in zip(starts, sizes)]
+    steps = [model.forward(ids[s : s + n], taps=names, kv_cache=cache) for s, n in zip(starts, sizes)]
     return {name: np.concatenate([s[name] for s in steps], axis=0) for name in steps[0]}
 
 
@@ -383,12 +423,12 @@ class TextStream:
         text = self.tokenizer.decode(self.prefix + self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.printed):
             return ""
-        new, self.printed = text[len(self.printed):], text
+        new, self.printed = text[len(self.printed) :], text
         return new
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
         text = self.tokenizer.decode(self.prefix + self.ids)
-        new = text[len(self.printed):] if text.startswith(self.printed) else ""
+        new = text[len(self.printed) :] if text.startswith(self.printed) else ""
         self.printed = text
         return new

@@ -33,15 +33,19 @@ def parse_token_ids(text: str, option: str = "--tokens") -> list[int]:
     """'2 651 1234' or '2,651,1234' -> [2, 651, 1234]; an empty list or a non-integer names `option`."""
     items = text.replace(",", " ").split()
     if not items:
-        raise InputError(f"{option} is empty: give at least one token id, e.g. {option} '2 651 1234' "
-                         f"(2 is <bos>), or use --prompt TEXT")
+        raise InputError(
+            f"{option} is empty: give at least one token id, e.g. {option} '2 651 1234' "
+            f"(2 is <bos>), or use --prompt TEXT"
+        )
     ids = []
     for n, item in enumerate(items):
         try:
             ids.append(int(item))
         except ValueError:
-            raise InputError(f"{option}: {item!r} (item {n + 1}) is not an integer token id; give ids "
-                             f"separated by spaces or commas, e.g. '2 651 1234'") from None
+            raise InputError(
+                f"{option}: {item!r} (item {n + 1}) is not an integer token id; give ids "
+                f"separated by spaces or commas, e.g. '2 651 1234'"
+            ) from None
     return ids
 
 
@@ -49,8 +53,9 @@ def check_prompt(ids, cfg, option: str = "the prompt") -> list[int]:
     """The one rule every command applies to a prompt: ids inside the vocabulary, at most the context."""
     for n, t in enumerate(ids):
         if not 0 <= t < cfg.vocab_size:
-            raise InputError(f"{option}: token id {t} (item {n + 1}) is outside the vocabulary [0, {cfg.vocab_size}) "
-                             f"of the model")
+            raise InputError(
+                f"{option}: token id {t} (item {n + 1}) is outside the vocabulary [0, {cfg.vocab_size}) of the model"
+            )
     check_context(len(ids), cfg, option)
     return list(ids)
 
@@ -58,9 +63,11 @@ def check_prompt(ids, cfg, option: str = "the prompt") -> list[int]:
 def check_context(length: int, cfg, what: str = "the prompt") -> None:
     """Refuse a prompt longer than the model's context: positions beyond it were never trained."""
     if length > cfg.max_position_embeddings:
-        raise InputError(f"{what} has {length} tokens, more than the model's context "
-                         f"(max_position_embeddings = {cfg.max_position_embeddings} in its config.json): "
-                         f"shorten it")
+        raise InputError(
+            f"{what} has {length} tokens, more than the model's context "
+            f"(max_position_embeddings = {cfg.max_position_embeddings} in its config.json): "
+            f"shorten it"
+        )
     if length == 0:
         raise InputError(f"{what} is empty: a forward needs at least one token (normally <bos>)")
 
@@ -70,8 +77,10 @@ def check_position_range(positions, length: int, option: str = "--positions") ->
     start, stop = positions
     stop = length if stop is None else stop
     if not 0 <= start < stop <= length:
-        raise InputError(f"{option} {start}:{stop} is not a range inside the prompt's {length} tokens: give "
-                         f"START:STOP with 0 <= START < STOP <= {length}")
+        raise InputError(
+            f"{option} {start}:{stop} is not a range inside the prompt's {length} tokens: give "
+            f"START:STOP with 0 <= START < STOP <= {length}"
+        )
     return start, stop
 
 
@@ -82,8 +91,7 @@ def check_positions(positions, batch: int, seq: int) -> np.ndarray:
     """Positions as int64, (S,) for every row or (B, S) per row (a padded batch)."""
     arr = np.asarray(positions)
     if not np.issubdtype(arr.dtype, np.integer) or arr.shape not in ((seq,), (batch, seq)):
-        raise ValueError(f"positions must be integers shaped ({seq},) or ({batch}, {seq}), got {arr.dtype} "
-                         f"{arr.shape}")
+        raise ValueError(f"positions must be integers shaped ({seq},) or ({batch}, {seq}), got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64)
 
 

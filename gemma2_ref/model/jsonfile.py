@@ -61,18 +61,20 @@ def loads(data: bytes | str, source: str, max_depth: int = MAX_DEPTH):
     except UnicodeDecodeError as e:
         raise JSONFileError(f"{source}: not UTF-8 text (byte {e.start}): not a JSON file") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
-                           object_pairs_hook=_object)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_object)
     except RecursionError:
-        raise JSONFileError(f"{source}: JSON nested too deeply to read (more than {max_depth} levels are "
-                            f"never written by a tool this reads)") from None
+        raise JSONFileError(
+            f"{source}: JSON nested too deeply to read (more than {max_depth} levels are "
+            f"never written by a tool this reads)"
+        ) from None
     except json.JSONDecodeError as e:
         raise JSONFileError(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # our hooks, or an integer of more digits than Python converts
         raise JSONFileError(f"{source}: {e}") from None
     if depth(value) > max_depth:
-        raise JSONFileError(f"{source}: JSON nested {depth(value)} levels deep, more than the {max_depth} any file "
-                            f"the tool reads has")
+        raise JSONFileError(
+            f"{source}: JSON nested {depth(value)} levels deep, more than the {max_depth} any file the tool reads has"
+        )
     return value
 
 
@@ -84,8 +86,7 @@ def read_json(path: str | Path, max_bytes: int = MAX_BYTES, max_depth: int = MAX
         raise JSONFileError(f"{path}: a directory, not a JSON file")
     size = path.stat().st_size
     if size > max_bytes:
-        raise JSONFileError(f"{path}: {size:,} bytes, larger than the {max_bytes:,} a JSON file the tool reads "
-                            f"may be")
+        raise JSONFileError(f"{path}: {size:,} bytes, larger than the {max_bytes:,} a JSON file the tool reads may be")
     with open(path, "rb") as f:
         return loads(f.read(max_bytes + 1), str(path), max_depth)
 
@@ -97,7 +98,8 @@ def kind(value) -> str:
     if isinstance(value, bool):
         return "a boolean"
     return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def shown(value, limit: int = 60) -> str:
@@ -106,7 +108,7 @@ def shown(value, limit: int = 60) -> str:
         text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_int(value) -> bool:

@@ -21,9 +21,26 @@ from .bfloat16 import round_to_bf16
 from .config import Gemma2Config
 
 LAYER_TAPS = (
-    "input", "pre_attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.q_rope", "attn.k_rope",
-    "attn.scores", "attn.probs", "attn.context", "attn.out", "post_attn_norm", "resid_mid", "pre_ffw_norm",
-    "mlp.gate", "mlp.up", "mlp.hidden", "mlp.out", "post_ffw_norm", "output",
+    "input",
+    "pre_attn_norm",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.q_rope",
+    "attn.k_rope",
+    "attn.scores",
+    "attn.probs",
+    "attn.context",
+    "attn.out",
+    "post_attn_norm",
+    "resid_mid",
+    "pre_ffw_norm",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.hidden",
+    "mlp.out",
+    "post_ffw_norm",
+    "output",
 )
 LARGE_TAPS = ("attn.scores", "attn.probs")  # (H, S, T) each: opt-in only
 FINAL_TAPS = ("final_norm", "logits_raw", "logits")
@@ -66,7 +83,7 @@ def tap_names(cfg: Gemma2Config) -> list[str]:
 
 
 def tap_kind(name: str) -> str:
-    """"layers.3.attn.q_rope" -> "attn.q_rope"; "embed", "logits" stay as they are."""
+    """ "layers.3.attn.q_rope" -> "attn.q_rope"; "embed", "logits" stay as they are."""
     return name.split(".", 2)[2] if name.startswith("layers.") else name
 
 
@@ -113,8 +130,10 @@ def select_taps(cfg: Gemma2Config, which) -> list[str]:
     for pattern in patterns:
         matched = fnmatch.filter(names, pattern)
         if not matched:
-            raise ValueError(f"tap pattern {pattern!r} matches no tap of this model; tap names look like "
-                             f"'embed', 'layers.0.attn.q_rope', 'layers.*.output', 'logits'")
+            raise ValueError(
+                f"tap pattern {pattern!r} matches no tap of this model; tap names look like "
+                f"'embed', 'layers.0.attn.q_rope', 'layers.*.output', 'logits'"
+            )
         chosen.update(matched)
     return [n for n in names if n in chosen]
 
@@ -177,8 +196,7 @@ class Taps:
     RMSNorm's inner steps (NORM_STEPS) pass through untouched: a correct backend computes them in float32;
     a subclass may round them (verify/mistakes.py: a backend that does not). `layer(i)` keeps the class."""
 
-    def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None,
-                 sink=None):
+    def __init__(self, wanted, prefix: str = "", out: dict | None = None, round_to: str | None = None, sink=None):
         self.ordered = list(wanted)  # the requested names, in the order the forward returns them
         self.wanted = wanted if isinstance(wanted, (set, frozenset)) else set(wanted)
         self.prefix = prefix
@@ -202,13 +220,13 @@ class Taps:
                 self.out[self.prefix + name] = np.array(value, copy=True)
         return value
 
-    def layer(self, i: int) -> "Taps":
+    def layer(self, i: int) -> Taps:
         """The recorder for layer i's taps (the same recorder, its names prefixed `layers.{i}.`)."""
         inner = copy.copy(self)
         inner.prefix = f"layers.{i}."
         return inner
 
-    def unbatched_sink(self) -> "Taps":
+    def unbatched_sink(self) -> Taps:
         """The same recorder whose sink receives one sequence's tap (the batch axis of one dropped)."""
         inner, sink = copy.copy(self), self.sink
         inner.sink = lambda name, value: sink(name, value[0])

@@ -37,8 +37,13 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{self.path}: not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
-        self.special = {"<pad>": PAD, "<eos>": EOS, "<bos>": BOS,
-                        "<start_of_turn>": START_OF_TURN, "<end_of_turn>": END_OF_TURN}
+        self.special = {
+            "<pad>": PAD,
+            "<eos>": EOS,
+            "<bos>": BOS,
+            "<start_of_turn>": START_OF_TURN,
+            "<end_of_turn>": END_OF_TURN,
+        }
         for piece, expected in self.special.items():
             found = self.sp.PieceToId(piece)
             if found != expected:
@@ -46,8 +51,9 @@ class Tokenizer:
         # Control pieces (<bos>, <eos>, <pad>, ...) are never produced by SentencePiece from text; we parse
         # them, like Hugging Face's tokenizer does. User-defined pieces (<start_of_turn>) SentencePiece matches.
         controls = [self.sp.IdToPiece(i) for i in range(min(self.vocab_size, 1024)) if self.sp.IsControl(i)]
-        self._control_re = re.compile("(" + "|".join(re.escape(p) for p in sorted(controls, key=len,
-                                                                                   reverse=True)) + ")")
+        self._control_re = re.compile(
+            "(" + "|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)) + ")"
+        )
 
     bos_id, eos_id, end_of_turn_id = BOS, EOS, END_OF_TURN
 
@@ -102,22 +108,30 @@ class Tokenizer:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, (list, tuple)):
-            raise TokenizerError(f"chat_prompt takes a string or a list of messages {{\"role\", \"content\"}}, "
-                                 f"got {type(messages).__name__}")
+            raise TokenizerError(
+                f'chat_prompt takes a string or a list of messages {{"role", "content"}}, got {type(messages).__name__}'
+            )
         text = "<bos>"
         for n, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise TokenizerError(f"message {n} is {message!r:.80}; each message is {{\"role\": \"user\" or "
-                                     f"\"model\", \"content\": text}}")
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise TokenizerError(
+                    f'message {n} is {message!r:.80}; each message is {{"role": "user" or "model", "content": text}}'
+                )
             role = {"assistant": "model"}.get(message["role"], message["role"])
             if role == "system":
-                raise TokenizerError("Gemma 2's chat template has no system role: put the instructions in the "
-                                     "first user message")
+                raise TokenizerError(
+                    "Gemma 2's chat template has no system role: put the instructions in the first user message"
+                )
             expected = "user" if n % 2 == 0 else "model"
             if role != expected:
-                raise TokenizerError(f"message {n} has role {message['role']!r}; turns must alternate "
-                                     f"user/model/user/... starting with user")
+                raise TokenizerError(
+                    f"message {n} has role {message['role']!r}; turns must alternate "
+                    f"user/model/user/... starting with user"
+                )
             text += f"<start_of_turn>{role}\n{message['content'].strip()}<end_of_turn>\n"
         if add_generation_prompt:
             text += "<start_of_turn>model\n"
@@ -139,6 +153,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     elif p.is_dir():
         p = p / "tokenizer.model"
     elif not p.exists():
-        raise TokenizerError(f"{path}: no such file or directory, and not a bundled model "
-                             f"({', '.join(bundled_names())})")
+        raise TokenizerError(
+            f"{path}: no such file or directory, and not a bundled model ({', '.join(bundled_names())})"
+        )
     return Tokenizer(p)

@@ -55,15 +55,21 @@ def random_rows(name: str, shape: tuple[int, ...], seed: int, std: float, block_
         yield block
 
 
-def random_weights(cfg: Gemma2Config, seed: int = 0, scale: float = 1.0, norm_std: float = 0.3,
-                   dtype=np.float32) -> dict[str, np.ndarray]:
+def random_weights(
+    cfg: Gemma2Config, seed: int = 0, scale: float = 1.0, norm_std: float = 0.3, dtype=np.float32
+) -> dict[str, np.ndarray]:
     """Every tensor of a Gemma 2 checkpoint, random (the recipe above), under its checkpoint name."""
-    return {name: np.concatenate(list(random_rows(name, shape, seed, tensor_std(name, shape, scale, norm_std))))
-            .astype(dtype) for name, shape in expected_tensors(cfg).items()}
+    return {
+        name: np.concatenate(list(random_rows(name, shape, seed, tensor_std(name, shape, scale, norm_std)))).astype(
+            dtype
+        )
+        for name, shape in expected_tensors(cfg).items()
+    }
 
 
-def write_checkpoint(directory: str | Path, cfg: Gemma2Config, shards: list[dict], config_style: str = "new",
-                     log=None) -> Path:
+def write_checkpoint(
+    directory: str | Path, cfg: Gemma2Config, shards: list[dict], config_style: str = "new", log=None
+) -> Path:
     """config.json and the safetensors files: one `model.safetensors` if `shards` has one entry, else
     shards + index. Each shard is {name: (safetensors dtype, shape, blocks)}: see write_safetensors_blocks."""
     directory = Path(directory)
@@ -77,17 +83,25 @@ def write_checkpoint(directory: str | Path, cfg: Gemma2Config, shards: list[dict
             total += write_safetensors_blocks(directory / file, specs, metadata={"format": "pt"})
             weight_map.update({n: file for n in specs})
             if log:
-                log(f"  wrote {directory / file} ({k}/{len(shards)}, {total / GiB:.2f} GiB so far, "
-                    f"{time.perf_counter() - t0:.0f} s)")
+                log(
+                    f"  wrote {directory / file} ({k}/{len(shards)}, {total / GiB:.2f} GiB so far, "
+                    f"{time.perf_counter() - t0:.0f} s)"
+                )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict(config_style), indent=2) + "\n")
     return directory
 
 
-def save_checkpoint(directory: str | Path, cfg: Gemma2Config, tensors: dict[str, np.ndarray],
-                    dtype: str = "BF16", shards: int = 1, config_style: str = "new",
-                    tokenizer: str | Path | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    cfg: Gemma2Config,
+    tensors: dict[str, np.ndarray],
+    dtype: str = "BF16",
+    shards: int = 1,
+    config_style: str = "new",
+    tokenizer: str | Path | None = None,
+) -> Path:
     """Write in-memory tensors as a checkpoint (`shards` files), optionally with a tokenizer.model."""
     names = list(expected_tensors(cfg))
     unknown = sorted(set(tensors) - set(names))
@@ -97,8 +111,10 @@ def save_checkpoint(directory: str | Path, cfg: Gemma2Config, tensors: dict[str,
         raise WeightsError(f"dtype {dtype!r}: weights are stored as one of {', '.join(STORAGE_DTYPES)}")
     names = [n for n in names if n in tensors]
     groups = np.array_split(np.arange(len(names)), shards)
-    specs = [{names[j]: (dtype, np.shape(tensors[names[j]]), lambda a=tensors[names[j]]: [a]) for j in group}
-             for group in groups]
+    specs = [
+        {names[j]: (dtype, np.shape(tensors[names[j]]), lambda a=tensors[names[j]]: [a]) for j in group}
+        for group in groups
+    ]
     write_checkpoint(directory, cfg, specs, config_style)
     if tokenizer is not None:
         (Path(directory) / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
@@ -113,8 +129,9 @@ def cached_recipe(marker: Path) -> dict | None:
         return None
 
 
-def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int = 0, layers_per_shard: int = 4,
-                            log=print) -> Path:
+def build_random_checkpoint(
+    directory: str | Path, cfg: Gemma2Config, seed: int = 0, layers_per_shard: int = 4, log=print
+) -> Path:
     """A random bf16 checkpoint of any size, generated and written a block of rows at a time (never more than
     BLOCK_BYTES of float32 held). Reused when `directory` already holds one built with the same config."""
     directory = Path(directory)
@@ -133,8 +150,9 @@ def build_random_checkpoint(directory: str | Path, cfg: Gemma2Config, seed: int 
 
     groups = [[EMBEDDING, FINAL_NORM]]
     for first in range(0, cfg.num_hidden_layers, layers_per_shard):
-        prefixes = tuple(f"model.layers.{i}." for i in range(first, min(cfg.num_hidden_layers,
-                                                                          first + layers_per_shard)))
+        prefixes = tuple(
+            f"model.layers.{i}." for i in range(first, min(cfg.num_hidden_layers, first + layers_per_shard))
+        )
         groups.append([n for n in shapes if n.startswith(prefixes)])
     write_checkpoint(directory, cfg, [{n: spec(n) for n in group} for group in groups], log=log)
     marker.write_text(json.dumps(want, indent=2) + "\n")

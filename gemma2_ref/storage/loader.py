@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.config import PRESETS, Gemma2Config, load_config
 from ..data import bundled_names, local_or_bundled
+from ..model.config import PRESETS, Gemma2Config, load_config
 from ..model.gemma2 import LayerWeights, forward
 from ..model.generate import KVCache
 from ..model.taps import NonFiniteError, Taps, first_non_finite
@@ -49,8 +49,9 @@ class Model:
             located = taps in ("all", "default")
             if not located and not self.is_large and (cache is None or cache.length == np.shape(ids)[-1]):
                 # a prefill: the same values again, with every tap recorded, to see where they start
-                rerun = forward(self.weights, self.config, ids, "default", positions=kw.get("positions"),
-                                normalizer=self.normalizer)
+                rerun = forward(
+                    self.weights, self.config, ids, "default", positions=kw.get("positions"), normalizer=self.normalizer
+                )
                 bad, located = first_non_finite(rerun) or bad, True
             raise self.non_finite_error(bad, located)
         return out
@@ -63,7 +64,8 @@ class Model:
             f"{'' if located else ' (of those recorded)'} index {index} ({nan} NaN and {inf} Inf of its "
             f"{size} values). A checkpoint's NaN or Inf weights are refused as they are converted, so the "
             f"activations overflowed {self.dtype} (or in-memory weights are not finite): check the weights' "
-            f"scale and config.json's soft-caps")
+            f"scale and config.json's soft-caps"
+        )
 
     def kv_cache(self, capacity: int | None = None) -> KVCache:
         """The KV cache this model decodes through (generate, decode_taps): global layers `capacity` slots."""
@@ -89,8 +91,10 @@ class Model:
 
     def __repr__(self):
         c = self.config
-        return (f"Model({self.path or 'in memory'}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
-                f"H={c.num_attention_heads}/K={c.num_key_value_heads}, compute {self.dtype})")
+        return (
+            f"Model({self.path or 'in memory'}: {c.num_hidden_layers} layers, D={c.hidden_size}, "
+            f"H={c.num_attention_heads}/K={c.num_key_value_heads}, compute {self.dtype})"
+        )
 
 
 class ArrayWeights:
@@ -101,11 +105,14 @@ class ArrayWeights:
         self._embedding, self.layers, self._final_norm = embedding, layers, final_norm
 
     @classmethod
-    def from_tensors(cls, cfg: Gemma2Config, tensors: dict, dtype=np.float32) -> "ArrayWeights":
+    def from_tensors(cls, cfg: Gemma2Config, tensors: dict, dtype=np.float32) -> ArrayWeights:
         def t(name):
             return np.asarray(tensors[name], dtype=dtype)
-        layers = [LayerWeights(**{ours: t(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
-                  for i in range(cfg.num_hidden_layers)]
+
+        layers = [
+            LayerWeights(**{ours: t(f"model.layers.{i}.{hf}") for ours, hf in HF_LAYER_NAMES.items()})
+            for i in range(cfg.num_hidden_layers)
+        ]
         return cls(t(EMBEDDING), layers, t(FINAL_NORM))
 
     def embedding(self) -> np.ndarray:
@@ -148,8 +155,7 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
-                    ) -> int | None:
+def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
     """The least (limit - usage) over the memory-limited cgroups this process is in, or None without one.
 
     cgroup v2 (`0::/path`): memory.max less memory.current of the process's group and each group above it;
@@ -169,8 +175,10 @@ def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path
         elif "memory" in controllers.split(","):
             groups.append((root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
     if not groups:
-        groups = [(root, "/", "memory.max", "memory.current"), (root / "memory", "/", "memory.limit_in_bytes",
-                                                                 "memory.usage_in_bytes")]
+        groups = [
+            (root, "/", "memory.max", "memory.current"),
+            (root / "memory", "/", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+        ]
     headroom = []
     for base, path, limit_file, usage_file in groups:
         parts = [p for p in path.strip("/").split("/") if p]
@@ -197,8 +205,9 @@ def inactive_file(group: Path) -> int:
     return int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
 
 
-def keep_budget(cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: int | None = None
-                ) -> tuple[int | None, int]:
+def keep_budget(
+    cfg: Gemma2Config, dtype, keep_converted, stored_layer_bytes: int | None = None
+) -> tuple[int | None, int]:
     """(bytes of converted layers to keep, bytes of stored layer bytes to keep resident): (0, 0) streams,
     (None, 0) keeps every layer converted, "auto" splits what the RAM available now allows.
 
@@ -241,9 +250,11 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
     if found is not None:
         return found
     if name in PRESETS:
-        raise ValueError(f"{name!r} is a config preset without weights: pass a checkpoint directory "
-                         f"(config.json + *.safetensors), e.g. a download of google/gemma-2-{name}. "
-                         f"Bundled models: {', '.join(bundled_names())}")
+        raise ValueError(
+            f"{name!r} is a config preset without weights: pass a checkpoint directory "
+            f"(config.json + *.safetensors), e.g. a download of google/gemma-2-{name}. "
+            f"Bundled models: {', '.join(bundled_names())}"
+        )
     raise FileNotFoundError(f"{name}: not a directory, nor a bundled model ({', '.join(bundled_names())})")
 
 

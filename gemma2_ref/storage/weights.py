@@ -62,6 +62,7 @@ TENSOR_DTYPES = {**STORAGE_DTYPES, "I32": np.dtype("<i4")}
 @dataclass(frozen=True)
 class TensorRef:
     """Where one tensor lives: enough to map it without reading anything else."""
+
     file: Path
     name: str
     dtype: str  # safetensors dtype string
@@ -70,8 +71,9 @@ class TensorRef:
     nbytes: int
 
 
-def read_safetensors_header(path: Path, dtypes=tuple(STORAGE_DTYPES), what: str = "supported"
-                            ) -> tuple[dict[str, TensorRef], dict[str, str]]:
+def read_safetensors_header(
+    path: Path, dtypes=tuple(STORAGE_DTYPES), what: str = "supported"
+) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Parse a safetensors header and check it before any tensor is touched: every field's JSON type, the
     dtype one of `dtypes` (`what` says for what: "supported", "weights must be"), the shape a list of
     non-negative integers, the byte range [begin, end) of exactly the shape's size, inside the file, and no
@@ -86,15 +88,18 @@ def read_safetensors_header(path: Path, dtypes=tuple(STORAGE_DTYPES), what: str 
             raise WeightsError(f"{path}: truncated: {size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise WeightsError(f"{path}: not a safetensors file, or truncated (header claims {n} bytes, "
-                               f"file has {size})")
+            raise WeightsError(
+                f"{path}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})"
+            )
         try:
             header = loads(f.read(n), f"{path}: its safetensors header")
         except JSONFileError as e:
             raise WeightsError(str(e)) from None
     if not isinstance(header, dict):
-        raise WeightsError(f"{path}: the safetensors header is {kind(header)}; expected a JSON object "
-                           f"{{tensor name: {{dtype, shape, data_offsets}}}}")
+        raise WeightsError(
+            f"{path}: the safetensors header is {kind(header)}; expected a JSON object "
+            f"{{tensor name: {{dtype, shape, data_offsets}}}}"
+        )
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError(f"{path}: `__metadata__` must be an object of strings, found {shown(metadata)}")
@@ -108,30 +113,37 @@ def tensor_ref(path: Path, name: str, info, dtypes, what: str, data_start: int, 
     """One header entry, checked field by field, as a TensorRef."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
-        raise WeightsError(f"{where}: its entry is {kind(info)}; expected an object with dtype, shape and "
-                           f"data_offsets")
+        raise WeightsError(f"{where}: its entry is {kind(info)}; expected an object with dtype, shape and data_offsets")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
-        raise WeightsError(f"{where}: its entry has no `{missing[0]}` (a safetensors entry needs dtype, shape and "
-                           f"data_offsets)")
+        raise WeightsError(
+            f"{where}: its entry has no `{missing[0]}` (a safetensors entry needs dtype, shape and data_offsets)"
+        )
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in dtypes:
-        raise WeightsError(f"{where} has dtype {dtype if isinstance(dtype, str) else shown(dtype)}; {what}: "
-                           f"{', '.join(dtypes)}")
+        raise WeightsError(
+            f"{where} has dtype {dtype if isinstance(dtype, str) else shown(dtype)}; {what}: {', '.join(dtypes)}"
+        )
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise WeightsError(f"{where}: `shape` is {shown(shape)}; expected a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise WeightsError(f"{where}: `data_offsets` is {shown(offsets)}; expected [begin, end], integers with "
-                           f"0 <= begin <= end")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise WeightsError(
+            f"{where}: `data_offsets` is {shown(offsets)}; expected [begin, end], integers with 0 <= begin <= end"
+        )
     begin, end = offsets
     expected = math.prod(shape) * TENSOR_DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise WeightsError(f"{where} of shape {shape} {dtype} should take {expected} bytes, header says "
-                           f"{end - begin}")
+        raise WeightsError(f"{where} of shape {shape} {dtype} should take {expected} bytes, header says {end - begin}")
     if data_start + end > size:
-        raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
-                           f"has {size} bytes. Re-download or re-convert this file.")
+        raise WeightsError(
+            f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} but the file "
+            f"has {size} bytes. Re-download or re-convert this file."
+        )
     return TensorRef(path, name, dtype, tuple(shape), data_start + begin, end - begin)
 
 
@@ -140,12 +152,15 @@ def check_no_overlap(path: Path, refs) -> None:
     spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs if r.nbytes)
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
-            raise WeightsError(f"{path}: tensors {first!r} and {second!r} overlap (the second starts at byte {begin} "
-                               f"of the file, the first ends at {end}): the header is corrupt; re-convert this file")
+            raise WeightsError(
+                f"{path}: tensors {first!r} and {second!r} overlap (the second starts at byte {begin} "
+                f"of the file, the first ends at {end}): the header is corrupt; re-convert this file"
+            )
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtype: str | None = None,
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, np.ndarray], dtype: str | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """Write tensors to a safetensors file, deterministically (sorted names, fixed padding).
 
     `dtype` ("BF16", "F16", "F32", "F64") converts every tensor; None keeps each array's own float dtype.
@@ -153,8 +168,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], dtype: s
     specs = {}
     for name, a in tensors.items():
         a = np.asarray(a)
-        st = dtype or {np.dtype("float32"): "F32", np.dtype("float64"): "F64",
-                       np.dtype("float16"): "F16"}.get(a.dtype)
+        st = dtype or {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np.dtype("float16"): "F16"}.get(a.dtype)
         if st is None:
             raise ValueError(f"tensor {name!r}: cannot store dtype {a.dtype} (pass dtype=...)")
         specs[name] = (st, a.shape, lambda a=a: [a])
@@ -177,8 +191,11 @@ def write_safetensors_blocks(path: str | Path, specs: dict, metadata: dict[str, 
             for name in names:
                 st, shape, blocks = specs[name]
                 for block in blocks():
-                    raw = f32_to_bf16_bits(np.asarray(block, np.float32)) if st == "BF16" \
+                    raw = (
+                        f32_to_bf16_bits(np.asarray(block, np.float32))
+                        if st == "BF16"
                         else np.asarray(block).astype(TENSOR_DTYPES[st])
+                    )
                     f.write(np.ascontiguousarray(raw).tobytes())
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interruption: leave no half-written file behind
@@ -201,8 +218,11 @@ def safetensors_header(specs: dict, metadata: dict[str, str] | None = None) -> t
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     start = 8 + len(head)
-    offsets = {name: (start + h["data_offsets"][0], start + h["data_offsets"][1])
-               for name, h in header.items() if name != "__metadata__"}
+    offsets = {
+        name: (start + h["data_offsets"][0], start + h["data_offsets"][1])
+        for name, h in header.items()
+        if name != "__metadata__"
+    }
     return struct.pack("<Q", len(head)) + head, offsets
 
 
@@ -219,8 +239,9 @@ class MappedFiles:
             with open(ref.file, "rb") as f:
                 m = self._maps[ref.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         storage = STORAGE_DTYPES[ref.dtype]
-        return np.frombuffer(m, dtype=storage, count=ref.nbytes // storage.itemsize,
-                             offset=ref.offset).reshape(ref.shape)
+        return np.frombuffer(m, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset).reshape(
+            ref.shape
+        )
 
     def release(self, ref: TensorRef, begin: int = 0, end: int | None = None) -> None:
         """Drop bytes [begin, end) of the tensor from this process's resident memory (madvise DONTNEED).
@@ -246,8 +267,7 @@ class MappedFiles:
                 pass
 
 
-def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype,
-                     out: np.ndarray | None = None) -> np.ndarray:
+def to_compute_dtype(stored: np.ndarray, st_dtype: str, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
     """Stored bytes -> a fresh array in the compute dtype (or into `out`). bf16 and f16 convert exactly."""
     dtype = np.dtype(dtype)
     if out is None:
@@ -266,9 +286,11 @@ def non_finite_weight(ref: TensorRef, values: np.ndarray) -> WeightsError:
     bad = ~np.isfinite(values)
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     nan = int(np.isnan(values).sum())
-    return WeightsError(f"{ref.file}: tensor {ref.name!r} holds non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
-                        f"Inf of {values.size}), the first at index {first}: the checkpoint is corrupt; "
-                        f"re-download or re-convert it")
+    return WeightsError(
+        f"{ref.file}: tensor {ref.name!r} holds non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
+        f"Inf of {values.size}), the first at index {first}: the checkpoint is corrupt; "
+        f"re-download or re-convert it"
+    )
 
 
 # -- the Gemma 2 tensors -----------------------------------------------------------------------------------
@@ -293,11 +315,26 @@ FINAL_NORM = "model.norm.weight"
 
 
 def layer_shapes(cfg: Gemma2Config) -> dict[str, tuple[int, ...]]:
-    D, F, H, K, Dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                      cfg.num_key_value_heads, cfg.head_dim)
-    return {"q_proj": (H * Dh, D), "k_proj": (K * Dh, D), "v_proj": (K * Dh, D), "o_proj": (D, H * Dh),
-            "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F),
-            "pre_attn_norm": (D,), "post_attn_norm": (D,), "pre_ffw_norm": (D,), "post_ffw_norm": (D,)}
+    D, F, H, K, Dh = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    )
+    return {
+        "q_proj": (H * Dh, D),
+        "k_proj": (K * Dh, D),
+        "v_proj": (K * Dh, D),
+        "o_proj": (D, H * Dh),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
+        "pre_attn_norm": (D,),
+        "post_attn_norm": (D,),
+        "pre_ffw_norm": (D,),
+        "post_ffw_norm": (D,),
+    }
 
 
 def expected_tensors(cfg: Gemma2Config) -> dict[str, tuple[int, ...]]:
@@ -330,8 +367,11 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
             raise WeightsError(f"{single} {problem}: a checkpoint's weights are a safetensors file")
         return [single], None
     found = sorted(p.name for p in directory.glob("*.safetensors"))
-    hint = (f" Found {', '.join(found)} but no model.safetensors.index.json to say which tensor is where."
-            if found else " Is this a Hugging Face checkpoint directory (config.json + *.safetensors)?")
+    hint = (
+        f" Found {', '.join(found)} but no model.safetensors.index.json to say which tensor is where."
+        if found
+        else " Is this a Hugging Face checkpoint directory (config.json + *.safetensors)?"
+    )
     raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json.{hint}")
 
 
@@ -366,16 +406,21 @@ def read_weight_map(index: Path) -> dict[str, str]:
     weight_map = body.get("weight_map") if isinstance(body, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         found = kind(body) if not isinstance(body, dict) else f"`weight_map` {shown(weight_map)}"
-        raise WeightsError(f"{index}: not a valid safetensors index: expected an object whose `weight_map` is a "
-                           f"non-empty object {{tensor name: shard file}}, found {found}")
+        raise WeightsError(
+            f"{index}: not a valid safetensors index: expected an object whose `weight_map` is a "
+            f"non-empty object {{tensor name: shard file}}, found {found}"
+        )
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise WeightsError(f"{index}: `weight_map` gives tensor {name!r} the shard {shown(shard)}; expected "
-                               f"a file name")
+            raise WeightsError(
+                f"{index}: `weight_map` gives tensor {name!r} the shard {shown(shard)}; expected a file name"
+            )
         parts = Path(shard).parts
         if Path(shard).is_absolute() or ".." in parts:
-            raise WeightsError(f"{index}: `weight_map` puts tensor {name!r} in {shard!r}, outside the checkpoint "
-                               f"directory: a shard is a file name inside it")
+            raise WeightsError(
+                f"{index}: `weight_map` puts tensor {name!r} in {shard!r}, outside the checkpoint "
+                f"directory: a shard is a file name inside it"
+            )
     return weight_map
 
 
@@ -392,32 +437,42 @@ def index_checkpoint(directory: Path, cfg: Gemma2Config) -> dict[str, TensorRef]
     if weight_map is not None:
         for name, shard in weight_map.items():
             if name in refs and refs[name].file.name != shard:
-                raise WeightsError(f"{directory / 'model.safetensors.index.json'} says {name!r} is in {shard}, "
-                                   f"but it is in {refs[name].file.name}")
+                raise WeightsError(
+                    f"{directory / 'model.safetensors.index.json'} says {name!r} is in {shard}, "
+                    f"but it is in {refs[name].file.name}"
+                )
             if name not in refs:
-                raise WeightsError(f"{directory / 'model.safetensors.index.json'} lists {name!r} in {shard}, "
-                                   f"but that file does not contain it")
+                raise WeightsError(
+                    f"{directory / 'model.safetensors.index.json'} lists {name!r} in {shard}, "
+                    f"but that file does not contain it"
+                )
 
     expected = expected_tensors(cfg)
     missing = [n for n in expected if n not in refs]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise WeightsError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}{more}. "
-                           f"Does config.json (num_hidden_layers={cfg.num_hidden_layers}) match these weights?")
+        raise WeightsError(
+            f"{directory}: missing tensor(s) {', '.join(missing[:5])}{more}. "
+            f"Does config.json (num_hidden_layers={cfg.num_hidden_layers}) match these weights?"
+        )
     unexpected = sorted(n for n in refs if n not in expected)
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise WeightsError(f"{directory}: unexpected tensor(s) {', '.join(unexpected[:5])}{more} "
-                           f"(in {refs[unexpected[0]].file.name}); a Gemma 2 checkpoint holds only the tied "
-                           f"embedding, the layers and model.norm.weight")
+        raise WeightsError(
+            f"{directory}: unexpected tensor(s) {', '.join(unexpected[:5])}{more} "
+            f"(in {refs[unexpected[0]].file.name}); a Gemma 2 checkpoint holds only the tied "
+            f"embedding, the layers and model.norm.weight"
+        )
     for name, shape in expected.items():
         ref = refs[name]
         if ref.shape != shape:
-            raise WeightsError(f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, expected {list(shape)} "
-                               f"from config.json")
+            raise WeightsError(
+                f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, expected {list(shape)} from config.json"
+            )
         if ref.dtype not in WEIGHT_DTYPES:
-            raise WeightsError(f"{ref.file}: tensor {name!r} is {ref.dtype}; weights must be "
-                               f"{', '.join(WEIGHT_DTYPES)}")
+            raise WeightsError(
+                f"{ref.file}: tensor {name!r} is {ref.dtype}; weights must be {', '.join(WEIGHT_DTYPES)}"
+            )
     return refs
 
 
@@ -439,8 +494,14 @@ class Weights:
     same either way: conversion is exact.
     """
 
-    def __init__(self, refs: dict[str, TensorRef], cfg: Gemma2Config, dtype=np.float32,
-                 keep_bytes: int | None = 0, resident_bytes: int = 0):
+    def __init__(
+        self,
+        refs: dict[str, TensorRef],
+        cfg: Gemma2Config,
+        dtype=np.float32,
+        keep_bytes: int | None = 0,
+        resident_bytes: int = 0,
+    ):
         self.refs, self.cfg, self.dtype = refs, cfg, np.dtype(dtype)
         self.keep_bytes, self.resident_bytes = keep_bytes, resident_bytes
         self._maps = MappedFiles()
@@ -506,7 +567,7 @@ class Weights:
         not finite exactly when its 8 exponent bits are all ones."""
         rows = max(1, CONVERT_BLOCK_BYTES // max(1, stored[0].nbytes))
         for r0 in range(0, len(stored), rows):
-            block = stored[r0:r0 + rows]
+            block = stored[r0 : r0 + rows]
             bad = (block & 0x7F80) == 0x7F80 if ref.dtype == "BF16" else ~np.isfinite(block)
             if release:
                 self._maps.release(ref, r0 * stored[0].nbytes, (r0 + len(block)) * stored[0].nbytes)
@@ -533,16 +594,23 @@ class Weights:
         kept = sum(layer.nbytes for layer in self._layers.values())
         keep = self.keep_bytes is None or kept + converted <= self.keep_bytes
         resident = sum(a.nbytes for a in self._resident.values())
-        if not keep and refs[0].name not in self._resident and \
-                resident + sum(ref.nbytes for ref in refs) <= self.resident_bytes:
+        if (
+            not keep
+            and refs[0].name not in self._resident
+            and resident + sum(ref.nbytes for ref in refs) <= self.resident_bytes
+        ):
             for ref in refs:  # read from the file this once; converted from memory from now on
                 self._resident[ref.name] = np.array(self._maps.array(ref))
                 self._maps.release(ref)
         if keep:
             w = LayerWeights(**{ours: self.tensor(ref.name) for ours, ref in zip(HF_LAYER_NAMES, refs)})
         else:
-            w = LayerWeights(**{ours: self.streamed(ref.name) if ours in PROJECTIONS else self.tensor(ref.name)
-                                for ours, ref in zip(HF_LAYER_NAMES, refs)})
+            w = LayerWeights(
+                **{
+                    ours: self.streamed(ref.name) if ours in PROJECTIONS else self.tensor(ref.name)
+                    for ours, ref in zip(HF_LAYER_NAMES, refs)
+                }
+            )
         if keep:
             self._layers[i] = w
             for ref in refs:

@@ -51,17 +51,17 @@ TURN_TEXT = {START_OF_TURN: "<start_of_turn>", END_OF_TURN: "<end_of_turn>"}
 # The public threads come from the one list, mistakes.REFS.
 REPORTS = {
     "softcap_key": "GGUF converted before llama.cpp #8197 (llama.cpp #8156): re-convert with a current "
-                   f"convert_hf_to_gguf.py; loaders that copy the key into a config run with no soft-cap "
-                   f"({REFS['softcap_key']})",
+    f"convert_hf_to_gguf.py; loaders that copy the key into a config run with no soft-cap "
+    f"({REFS['softcap_key']})",
     "softcap": f"soft-cap value differs ({REFS['attn_softcap']}; {REFS['softcap_key']})",
     "window": f"sliding window missing, too wide or on the wrong layers ({REFS['window']}; {REFS['sliding_layers']})",
     "query_scale": f"wrong query scale ({REFS['query_scale']})",
     "special": f"special tokens not marked: the chat tokens are split into pieces ({REFS['special_tokens']})",
     "bos": f"BOS missing or doubled ({REFS['no_bos']}; {REFS['double_bos']})",
     "window_key": f"GGUF without the sliding-window key (converted before llama.cpp #8227): re-convert with a current "
-                  f"convert_hf_to_gguf.py; a loader without a default runs every layer globally ({REFS['window_key']})",
+    f"convert_hf_to_gguf.py; a loader without a default runs every layer globally ({REFS['window_key']})",
     "head_dim": f"head_dim derived as hidden_size / num_attention_heads, which Gemma 2 does not use "
-                f"({REFS['head_dim']}): set it from the released config.json",
+    f"({REFS['head_dim']}): set it from the released config.json",
     "eos": "generation does not stop where Gemma ends a turn (stop on <eos> 1 and <end_of_turn> 107)",
     "shape": "a different model shape: this is not the reference model, or a converter bug",
 }
@@ -121,17 +121,31 @@ class ConfigReport:
                     lines.append(" " * (width + 9) + text)
         n = len(self.failed)
         agree = f"{len(self.fields) - n} of {len(self.fields)} fields agree"
-        lines.append(f"verdict    {'MATCH' if not n else 'MISMATCH'}: {agree}"
-                     + (f"; differing: {', '.join(f.name for f in self.failed)}" if n else "")
-                     + ("  (ok* = absent from the candidate, but the runtime's fallback is the reference value)"
-                        if any(f.status == "default" for f in self.fields) else ""))
+        lines.append(
+            f"verdict    {'MATCH' if not n else 'MISMATCH'}: {agree}"
+            + (f"; differing: {', '.join(f.name for f in self.failed)}" if n else "")
+            + (
+                "  (ok* = absent from the candidate, but the runtime's fallback is the reference value)"
+                if any(f.status == "default" for f in self.fields)
+                else ""
+            )
+        )
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps({"reference": self.reference, "candidate": self.candidate,
-                           "candidate_kind": self.candidate_kind, "exit_code": self.exit_code,
-                           "error": self.error, "fields": strict([asdict(f) | {"ok": f.ok} for f in self.fields])},
-                          indent=1, default=str, allow_nan=False)
+        return json.dumps(
+            {
+                "reference": self.reference,
+                "candidate": self.candidate,
+                "candidate_kind": self.candidate_kind,
+                "exit_code": self.exit_code,
+                "error": self.error,
+                "fields": strict([asdict(f) | {"ok": f.ok} for f in self.fields]),
+            },
+            indent=1,
+            default=str,
+            allow_nan=False,
+        )
 
 
 def show(v) -> str:
@@ -144,24 +158,34 @@ def show(v) -> str:
 
 # -- the reference ------------------------------------------------------------------------------------------
 
+
 def reference_facts(path: Path) -> dict:
     """Everything the reference says, as plain values: config.json via gemma2_ref's parser, plus the tokenizer
     files next to it (which tokens are special, add_bos_token)."""
     cfg = load_config(path)
     directory = path if path.is_dir() else path.parent
     facts = {
-        "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_position_embeddings,
         "attn_logit_softcapping": cfg.attn_logit_softcapping,
         "final_logit_softcapping": cfg.final_logit_softcapping,
-        "sliding_window": cfg.sliding_window, "sliding_layers": [i for i in range(cfg.num_hidden_layers)
-                                                                 if cfg.is_sliding(i)],
-        "query_pre_attn_scalar": float(cfg.query_pre_attn_scalar), "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps, "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_ids[0], "eos_token_ids": list(cfg.eos_token_ids),
-        "pad_token_id": cfg.pad_token_id, "add_bos_token": True, "add_eos_token": False,
+        "sliding_window": cfg.sliding_window,
+        "sliding_layers": [i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i)],
+        "query_pre_attn_scalar": float(cfg.query_pre_attn_scalar),
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0],
+        "eos_token_ids": list(cfg.eos_token_ids),
+        "pad_token_id": cfg.pad_token_id,
+        "add_bos_token": True,
+        "add_eos_token": False,
         "special_tokens": {cfg.pad_token_id, cfg.bos_token_id, *cfg.eos_token_ids, START_OF_TURN, END_OF_TURN},
     }
     tok_config = directory / "tokenizer_config.json"
@@ -179,6 +203,7 @@ def reference_facts(path: Path) -> dict:
 def checked_tokenizer_config(tc, path: Path) -> dict:
     """tokenizer_config.json's keys that check-config reads: add_bos_token / add_eos_token booleans,
     added_tokens_decoder an object {token id: {"special": bool, ...}}."""
+
     def bad(key, value, expected):
         return JSONFileError(f"{path}: `{key}` is {shown(value)}; expected {expected}")
 
@@ -192,12 +217,16 @@ def checked_tokenizer_config(tc, path: Path) -> dict:
         raise bad("added_tokens_decoder", decoder, "an object {token id: {content, special, ...}}")
     for tid, entry in (decoder or {}).items():
         if not tid.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("special", False), bool):
-            raise bad(f"added_tokens_decoder.{tid}", entry, "a token id (digits) mapped to an object whose "
-                                                           "`special` is true or false")
+            raise bad(
+                f"added_tokens_decoder.{tid}",
+                entry,
+                "a token id (digits) mapped to an object whose `special` is true or false",
+            )
     return tc
 
 
 # -- a GGUF candidate ---------------------------------------------------------------------------------------
+
 
 class GGUFFacts:
     """A GGUF's metadata through gguf-py's reader; `get(key)` is None for an absent key."""
@@ -223,11 +252,13 @@ class GGUFFacts:
         except Exception as e:  # gguf-py on a damaged field
             raise ConfigCheckError(f"{self.path}: GGUF key {key}: unreadable ({type(e).__name__}: {e})") from None
         arch = getattr(self, "arch", None)
-        expected = GGUF_KINDS.get(key[len(arch) + 1:] if arch and key.startswith(arch + ".") else key)
+        expected = GGUF_KINDS.get(key[len(arch) + 1 :] if arch and key.startswith(arch + ".") else key)
         if expected is not None and not gguf_value_is(value, expected):
-            raise ConfigCheckError(f"{self.path}: GGUF key {key} is {shown(value)}; expected "
-                                   f"{GGUF_KIND_TEXT[expected]}: "
-                                   f"the file is damaged or was not written by a GGUF converter")
+            raise ConfigCheckError(
+                f"{self.path}: GGUF key {key} is {shown(value)}; expected "
+                f"{GGUF_KIND_TEXT[expected]}: "
+                f"the file is damaged or was not written by a GGUF converter"
+            )
         return value
 
     def arch_key(self, suffix: str) -> str:
@@ -236,19 +267,42 @@ class GGUFFacts:
 
 # The type each GGUF key gemma2-ref reads must have (keys under the architecture without its prefix)
 GGUF_KINDS = {
-    **dict.fromkeys(("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
-                     "attention.head_count_kv", "attention.key_length", "context_length",
-                     "attention.sliding_window", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id"), "count"),
-    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping", "rope.freq_base",
-                     "attention.layer_norm_rms_epsilon"), "number"),
+    **dict.fromkeys(
+        (
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+            "context_length",
+            "attention.sliding_window",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.padding_token_id",
+            "tokenizer.ggml.eot_token_id",
+        ),
+        "count",
+    ),
+    **dict.fromkeys(
+        ("attn_logit_softcapping", "final_logit_softcapping", "rope.freq_base", "attention.layer_norm_rms_epsilon"),
+        "number",
+    ),
     **dict.fromkeys(("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"), "bool"),
-    "general.architecture": "str", "tokenizer.ggml.tokens": "strings", "tokenizer.ggml.token_type": "counts",
+    "general.architecture": "str",
+    "tokenizer.ggml.tokens": "strings",
+    "tokenizer.ggml.token_type": "counts",
     "attention.sliding_window_pattern": "pattern",
 }
-GGUF_KIND_TEXT = {"count": "an integer >= 0", "number": "a finite number", "bool": "true or false",
-                  "str": "a string", "strings": "a list of strings", "counts": "a list of integers",
-                  "pattern": "an integer >= 0 or a list of booleans (one per layer)"}
+GGUF_KIND_TEXT = {
+    "count": "an integer >= 0",
+    "number": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "strings": "a list of strings",
+    "counts": "a list of integers",
+    "pattern": "an integer >= 0 or a list of booleans (one per layer)",
+}
 
 
 def gguf_value_is(value, kind: str) -> bool:
@@ -273,55 +327,120 @@ def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
         value = g.get(key)
         if value is None:
             status = "default" if pass_fallback and close(fallback, ref[name], tolerance) else "missing"
-            out.append(Field(name, ref[name], fallback, status, key, f"key absent; {fallback_note}".rstrip("; "),
-                             reports))
+            out.append(
+                Field(name, ref[name], fallback, status, key, f"key absent; {fallback_note}".rstrip("; "), reports)
+            )
         else:
-            out.append(Field(name, ref[name], value, "match" if close(value, ref[name], tolerance) else "mismatch",
-                             key, "", reports))
+            out.append(
+                Field(
+                    name,
+                    ref[name],
+                    value,
+                    "match" if close(value, ref[name], tolerance) else "mismatch",
+                    key,
+                    "",
+                    reports,
+                )
+            )
 
     arch = g.arch
-    out.append(Field("architecture", "gemma2", arch, "match" if arch == "gemma2" else "mismatch",
-                     "general.architecture", "" if arch == "gemma2" else "llama.cpp runs it as another model",
-                     REPORTS["shape"]))
-    shape_keys = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
-                  "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
-                  "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
-                  "max_position_embeddings": "context_length"}
+    out.append(
+        Field(
+            "architecture",
+            "gemma2",
+            arch,
+            "match" if arch == "gemma2" else "mismatch",
+            "general.architecture",
+            "" if arch == "gemma2" else "llama.cpp runs it as another model",
+            REPORTS["shape"],
+        )
+    )
+    shape_keys = {
+        "num_hidden_layers": "block_count",
+        "hidden_size": "embedding_length",
+        "intermediate_size": "feed_forward_length",
+        "num_attention_heads": "attention.head_count",
+        "num_key_value_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length",
+        "max_position_embeddings": "context_length",
+    }
     for name, suffix in shape_keys.items():
         key_field(name, g.arch_key(suffix), REPORTS["shape"])
     n_embd, n_head = g.get(g.arch_key("embedding_length")), g.get(g.arch_key("attention.head_count"))
-    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, n_embd, n_head,
-                     "llama.cpp then takes n_embd / n_head")
+    head_dim_derived(
+        out[[f.name for f in out].index("head_dim")], ref, n_embd, n_head, "llama.cpp then takes n_embd / n_head"
+    )
     # soft-caps: llama.cpp falls back to Gemma 2's values, but the GGUF is still wrong for every other loader
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        key_field(name, g.arch_key(name), REPORTS["softcap_key"], 50.0 if name.startswith("attn") else 30.0,
-                  "llama.cpp falls back to this (src/llama-hparams.h:134/136); vLLM's and transformers' GGUF "
-                  "loaders run without a soft-cap", 1e-6, pass_fallback=False)
+        key_field(
+            name,
+            g.arch_key(name),
+            REPORTS["softcap_key"],
+            50.0 if name.startswith("attn") else 30.0,
+            "llama.cpp falls back to this (src/llama-hparams.h:134/136); vLLM's and transformers' GGUF "
+            "loaders run without a soft-cap",
+            1e-6,
+            pass_fallback=False,
+        )
         if out[-1].status == "mismatch":
             out[-1].report = REPORTS["softcap"]
-    key_field("sliding_window", g.arch_key("attention.sliding_window"), REPORTS["window_key"], 4096,
-              "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default",
-              pass_fallback=False)
+    key_field(
+        "sliding_window",
+        g.arch_key("attention.sliding_window"),
+        REPORTS["window_key"],
+        4096,
+        "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default",
+        pass_fallback=False,
+    )
     out.append(sliding_layers_field(ref, g))
     out.append(query_scale_field(ref, g))
-    key_field("rope_theta", g.arch_key("rope.freq_base"), "", 10000.0,
-              "llama.cpp uses 10000 (src/llama-model.cpp:1414)", 1e-6)
+    key_field(
+        "rope_theta", g.arch_key("rope.freq_base"), "", 10000.0, "llama.cpp uses 10000 (src/llama-model.cpp:1414)", 1e-6
+    )
     key_field("rms_norm_eps", g.arch_key("attention.layer_norm_rms_epsilon"), "", tolerance=1e-6)
     tokens = g.get("tokenizer.ggml.tokens") or []
-    out.append(Field("vocab_size", ref["vocab_size"], len(tokens),
-                     "match" if len(tokens) == ref["vocab_size"] else "mismatch", "tokenizer.ggml.tokens", "",
-                     REPORTS["shape"]))
-    key_field("bos_token_id", "tokenizer.ggml.bos_token_id", REPORTS["bos"], 1,
-              "llama.cpp's SentencePiece default is 1 (src/llama-vocab.cpp:1975)")
-    key_field("eos_token_id", "tokenizer.ggml.eos_token_id", REPORTS["eos"], 2,
-              "llama.cpp's SentencePiece default is 2, Gemma's <bos> (src/llama-vocab.cpp:1976)")
+    out.append(
+        Field(
+            "vocab_size",
+            ref["vocab_size"],
+            len(tokens),
+            "match" if len(tokens) == ref["vocab_size"] else "mismatch",
+            "tokenizer.ggml.tokens",
+            "",
+            REPORTS["shape"],
+        )
+    )
+    key_field(
+        "bos_token_id",
+        "tokenizer.ggml.bos_token_id",
+        REPORTS["bos"],
+        1,
+        "llama.cpp's SentencePiece default is 1 (src/llama-vocab.cpp:1975)",
+    )
+    key_field(
+        "eos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        REPORTS["eos"],
+        2,
+        "llama.cpp's SentencePiece default is 2, Gemma's <bos> (src/llama-vocab.cpp:1976)",
+    )
     key_field("pad_token_id", "tokenizer.ggml.padding_token_id", "", None, "no padding token")
     out.extend(turn_token_fields(ref, g, tokens))
     out.append(special_tokens_field(ref, g, tokens))
-    key_field("add_bos_token", "tokenizer.ggml.add_bos_token", REPORTS["bos"], True,
-              "llama.cpp adds BOS for SentencePiece (src/llama-vocab.cpp:2434)")
-    key_field("add_eos_token", "tokenizer.ggml.add_eos_token", "", False,
-              "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)")
+    key_field(
+        "add_bos_token",
+        "tokenizer.ggml.add_bos_token",
+        REPORTS["bos"],
+        True,
+        "llama.cpp adds BOS for SentencePiece (src/llama-vocab.cpp:2434)",
+    )
+    key_field(
+        "add_eos_token",
+        "tokenizer.ggml.add_eos_token",
+        "",
+        False,
+        "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)",
+    )
     return out
 
 
@@ -355,9 +474,12 @@ def sliding_layers_field(ref: dict, g: GGUFFacts) -> Field:
     else:
         p = 2 if pattern is None else int(pattern)
         layers = [i for i in range(n) if p == 0 or i % p < p - 1]  # src/llama-hparams.cpp:15
-        note = ("" if pattern is not None else
-                "key absent; llama.cpp's Gemma 2 pattern 2 slides layers 0, 2, 4, ... (src/models/gemma2.cpp:6, "
-                "src/llama-hparams.cpp:15)")
+        note = (
+            ""
+            if pattern is not None
+            else "key absent; llama.cpp's Gemma 2 pattern 2 slides layers 0, 2, 4, ... (src/models/gemma2.cpp:6, "
+            "src/llama-hparams.cpp:15)"
+        )
     same = layers == ref["sliding_layers"]
     status = ("match" if pattern is not None else "default") if same else "mismatch"
     return Field("sliding_layers", ref["sliding_layers"], layers, status, key, note, REPORTS["window"])
@@ -375,13 +497,25 @@ def query_scale_field(ref: dict, g: GGUFFacts) -> Field:
     n_head = g.get(g.arch_key("attention.head_count")) or 1
     head_dim = g.get(g.arch_key("attention.key_length")) or (n_embd // n_head)
     implied = llama_cpp_query_scalar(n_layers, n_embd, n_head, head_dim)
-    why = ("n_embd / n_head, as it does for any 46-layer model" if n_layers == 46 else
-           "head_dim: it uses n_embd / n_head only for 46 layers")
-    rule = (f"GGUF has no key for query_pre_attn_scalar; llama.cpp scales queries by 1/sqrt({implied:g}) "
-            f"({why}, src/models/gemma2.cpp:25-27)")
+    why = (
+        "n_embd / n_head, as it does for any 46-layer model"
+        if n_layers == 46
+        else "head_dim: it uses n_embd / n_head only for 46 layers"
+    )
+    rule = (
+        f"GGUF has no key for query_pre_attn_scalar; llama.cpp scales queries by 1/sqrt({implied:g}) "
+        f"({why}, src/models/gemma2.cpp:25-27)"
+    )
     ok = math.isclose(implied, ref["query_pre_attn_scalar"], rel_tol=1e-9)
-    return Field("query_pre_attn_scalar", ref["query_pre_attn_scalar"], implied, "default" if ok else "mismatch",
-                 None, rule, REPORTS["query_scale"])
+    return Field(
+        "query_pre_attn_scalar",
+        ref["query_pre_attn_scalar"],
+        implied,
+        "default" if ok else "mismatch",
+        None,
+        rule,
+        REPORTS["query_scale"],
+    )
 
 
 def turn_token_fields(ref: dict, g: GGUFFacts, tokens: list) -> list[Field]:
@@ -389,18 +523,45 @@ def turn_token_fields(ref: dict, g: GGUFFacts, tokens: list) -> list[Field]:
     out = []
     for tid, text in TURN_TEXT.items():
         found = tokens[tid] if tid < len(tokens) else None
-        out.append(Field(f"token_{tid}", text, found, "match" if found == text else "mismatch",
-                         f"tokenizer.ggml.tokens[{tid}]", "", REPORTS["special"]))
+        out.append(
+            Field(
+                f"token_{tid}",
+                text,
+                found,
+                "match" if found == text else "mismatch",
+                f"tokenizer.ggml.tokens[{tid}]",
+                "",
+                REPORTS["special"],
+            )
+        )
     eot = g.get("tokenizer.ggml.eot_token_id")
     if eot is not None:
-        out.append(Field("end_of_turn_id", END_OF_TURN, eot, "match" if eot == END_OF_TURN else "mismatch",
-                         "tokenizer.ggml.eot_token_id", "", REPORTS["eos"]))
+        out.append(
+            Field(
+                "end_of_turn_id",
+                END_OF_TURN,
+                eot,
+                "match" if eot == END_OF_TURN else "mismatch",
+                "tokenizer.ggml.eot_token_id",
+                "",
+                REPORTS["eos"],
+            )
+        )
     else:
         detected = END_OF_TURN < len(tokens) and tokens[END_OF_TURN] == TURN_TEXT[END_OF_TURN]
-        out.append(Field("end_of_turn_id", END_OF_TURN, END_OF_TURN if detected else None,
-                         "default" if detected else "missing", "tokenizer.ggml.eot_token_id",
-                         "key absent; llama.cpp finds <end_of_turn> by its text (src/llama-vocab.cpp:2699)"
-                         if detected else "key absent and no <end_of_turn> token to find by text", REPORTS["eos"]))
+        out.append(
+            Field(
+                "end_of_turn_id",
+                END_OF_TURN,
+                END_OF_TURN if detected else None,
+                "default" if detected else "missing",
+                "tokenizer.ggml.eot_token_id",
+                "key absent; llama.cpp finds <end_of_turn> by its text (src/llama-vocab.cpp:2699)"
+                if detected
+                else "key absent and no <end_of_turn> token to find by text",
+                REPORTS["eos"],
+            )
+        )
     return out
 
 
@@ -415,15 +576,26 @@ def special_tokens_field(ref: dict, g: GGUFFacts, tokens: list) -> Field:
             wrong[tid] = f"{tokens[tid] if tid < len(tokens) else '?'} {TOKEN_TYPE_NAMES.get(t, t)}"
     note = ""
     if wrong:
-        note = ("not marked special: " + ", ".join(f"{tid} {w}" for tid, w in wrong.items())
-                + "; llama.cpp tokenizes their text as ordinary pieces (it re-marks only <end_of_turn>, "
-                  "src/llama-vocab.cpp:2711). Convert from a checkpoint whose tokenizer_config.json lists them "
-                  "in added_tokens_decoder with special: true")
-    return Field("special_tokens", ref["special_tokens"], sorted(set(ref["special_tokens"]) - set(wrong)),
-                 "mismatch" if wrong else "match", "tokenizer.ggml.token_type", note, REPORTS["special"])
+        note = (
+            "not marked special: "
+            + ", ".join(f"{tid} {w}" for tid, w in wrong.items())
+            + "; llama.cpp tokenizes their text as ordinary pieces (it re-marks only <end_of_turn>, "
+            "src/llama-vocab.cpp:2711). Convert from a checkpoint whose tokenizer_config.json lists them "
+            "in added_tokens_decoder with special: true"
+        )
+    return Field(
+        "special_tokens",
+        ref["special_tokens"],
+        sorted(set(ref["special_tokens"]) - set(wrong)),
+        "mismatch" if wrong else "match",
+        "tokenizer.ggml.token_type",
+        note,
+        REPORTS["special"],
+    )
 
 
 # -- a config.json candidate --------------------------------------------------------------------------------
+
 
 def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list[Field]:
     """Another framework's config.json, read key by key (not through gemma2_ref's parser, which would refuse
@@ -435,17 +607,45 @@ def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list
         if value is None:
             out.append(Field(name, ref[name], None, "missing", key, note or "absent or null", report))
         else:
-            out.append(Field(name, ref[name], value, "match" if close(value, ref[name], tolerance) else "mismatch",
-                             key, note, report))
+            out.append(
+                Field(
+                    name,
+                    ref[name],
+                    value,
+                    "match" if close(value, ref[name], tolerance) else "mismatch",
+                    key,
+                    note,
+                    report,
+                )
+            )
 
-    for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"):
+    for name in (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+    ):
         one(name, d.get(name), name, REPORTS["shape"])
-    head_dim_derived(out[[f.name for f in out].index("head_dim")], ref, d.get("hidden_size"),
-                     d.get("num_attention_heads"), "loaders then take hidden_size / num_attention_heads")
+    head_dim_derived(
+        out[[f.name for f in out].index("head_dim")],
+        ref,
+        d.get("hidden_size"),
+        d.get("num_attention_heads"),
+        "loaders then take hidden_size / num_attention_heads",
+    )
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        one(name, d.get(name), name, REPORTS["softcap"], 1e-6,
-            "" if d.get(name) is not None else "absent or null: no soft-cap is applied")
+        one(
+            name,
+            d.get(name),
+            name,
+            REPORTS["softcap"],
+            1e-6,
+            "" if d.get(name) is not None else "absent or null: no soft-cap is applied",
+        )
     one("sliding_window", d.get("sliding_window"), "sliding_window", REPORTS["window"])
     layer_types = d.get("layer_types")
     n = d.get("num_hidden_layers") or ref["num_hidden_layers"]
@@ -454,35 +654,72 @@ def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list
     else:
         layers = [i for i in range(n) if i % 2 == 0]
         note = "no layer_types: transformers' Gemma2Config alternates, layers 0, 2, 4, ... slide"
-    out.append(Field("sliding_layers", ref["sliding_layers"], layers,
-                     ("match" if isinstance(layer_types, list) else "default") if layers == ref["sliding_layers"]
-                     else "mismatch", "layer_types", note, REPORTS["window"]))
+    out.append(
+        Field(
+            "sliding_layers",
+            ref["sliding_layers"],
+            layers,
+            ("match" if isinstance(layer_types, list) else "default")
+            if layers == ref["sliding_layers"]
+            else "mismatch",
+            "layer_types",
+            note,
+            REPORTS["window"],
+        )
+    )
     q = d.get("query_pre_attn_scalar")
-    one("query_pre_attn_scalar", None if q is None else float(q), "query_pre_attn_scalar", REPORTS["query_scale"],
-        1e-9)
+    one("query_pre_attn_scalar", None if q is None else float(q), "query_pre_attn_scalar", REPORTS["query_scale"], 1e-9)
     rope = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))  # both checked numbers
     one("rope_theta", None if rope is None else float(rope), "rope_theta / rope_parameters.rope_theta", "", 1e-6)
     one("rms_norm_eps", d.get("rms_norm_eps"), "rms_norm_eps", "", 1e-6)
     one("bos_token_id", d.get("bos_token_id"), "bos_token_id", REPORTS["bos"])
     eos = d.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else None if eos is None else [eos]
-    out.append(Field("eos_token_ids", ref["eos_token_ids"], eos_ids,
-                     "missing" if eos_ids is None else "match" if sorted(eos_ids) == sorted(ref["eos_token_ids"])
-                     else "mismatch", "eos_token_id", "", REPORTS["eos"]))
+    out.append(
+        Field(
+            "eos_token_ids",
+            ref["eos_token_ids"],
+            eos_ids,
+            "missing"
+            if eos_ids is None
+            else "match"
+            if sorted(eos_ids) == sorted(ref["eos_token_ids"])
+            else "mismatch",
+            "eos_token_id",
+            "",
+            REPORTS["eos"],
+        )
+    )
     one("pad_token_id", d.get("pad_token_id"), "pad_token_id")
     return out
 
 
-CANDIDATE_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size", "sliding_window",
-                    "bos_token_id", "pad_token_id")
-CANDIDATE_NUMBERS = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "rope_theta",
-                     "rms_norm_eps")
+CANDIDATE_COUNTS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "vocab_size",
+    "sliding_window",
+    "bos_token_id",
+    "pad_token_id",
+)
+CANDIDATE_NUMBERS = (
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "rope_theta",
+    "rms_norm_eps",
+)
 
 
 def checked_candidate(d: dict, source: str) -> dict:
     """A candidate config.json's keys that check-config reads, each of its type or null (absent): one line
     naming the file, the key and the value otherwise (a list where a number belongs is not a mismatch)."""
+
     def bad(key, expected):
         value = d[key] if key in d else d["rope_parameters"]["rope_theta"]
         return ConfigCheckError(f"{source}: `{key}` is {shown(value)}; expected {expected} (or null)")
@@ -500,15 +737,17 @@ def checked_candidate(d: dict, source: str) -> dict:
         raise bad("rope_parameters.rope_theta", "a finite number")
     types = d.get("layer_types")
     if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
-        raise bad("layer_types", "a list of strings (\"sliding_attention\" or \"full_attention\")")
+        raise bad("layer_types", 'a list of strings ("sliding_attention" or "full_attention")')
     eos = d.get("eos_token_id")
-    if eos is not None and not ((is_int(eos) and eos >= 0) or (
-            isinstance(eos, list) and eos and all(is_int(t) and t >= 0 for t in eos))):
+    if eos is not None and not (
+        (is_int(eos) and eos >= 0) or (isinstance(eos, list) and eos and all(is_int(t) and t >= 0 for t in eos))
+    ):
         raise bad("eos_token_id", "an integer or a non-empty list of integers")
     return d
 
 
 # -- entry point --------------------------------------------------------------------------------------------
+
 
 def candidate_kind(path: Path) -> str:
     if path.is_dir():

@@ -28,15 +28,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .golden import Case, GoldenError, Suite, keep_positions
-from .mistakes import REFS
 from ..model.gemma2 import log_softmax
 from ..model.jsonfile import is_number
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
-
+from .golden import Case, GoldenError, Suite, keep_positions
+from .mistakes import REFS
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -56,8 +56,10 @@ class Profile:
         checks += [(f"per_tap[{tap!r}]", v, None) for tap, pair in (self.per_tap or {}).items() for v in pair]
         for key, value, high in checks:
             if not (is_number(value) and value >= 0 and (high is None or value <= high)):
-                raise ValueError(f"profile {self.name!r}: `{key}` is {value!r}; a limit is a finite number >= 0"
-                                 + (" and <= 1 (a fraction)" if high else ""))
+                raise ValueError(
+                    f"profile {self.name!r}: `{key}` is {value!r}; a limit is a finite number >= 0"
+                    + (" and <= 1 (a fraction)" if high else "")
+                )
 
     def limits(self, tap: str) -> tuple[float, float]:
         """(rel L2, max abs / absmax) limits of one tap."""
@@ -66,44 +68,78 @@ class Profile:
     def describe(self) -> str:
         if self.per_tap:
             rel = [v[0] for v in self.per_tap.values()]
-            return (f"{self.name}: per-tap limits, rel L2 {min(rel):.2g} to {max(rel):.2g}; logits KL <= "
-                    f"{self.kl:.2g} nats, top-1 >= {self.top1:.2g}, top-5 overlap >= {self.top5:.2g}")
-        return (f"{self.name}: rel L2 <= {self.rel_l2:g}, max abs <= {self.max_rel:g} x tap absmax, "
-                f"logits KL <= {self.kl:g} nats, top-1 >= {self.top1:g}, top-5 overlap >= {self.top5:g}")
+            return (
+                f"{self.name}: per-tap limits, rel L2 {min(rel):.2g} to {max(rel):.2g}; logits KL <= "
+                f"{self.kl:.2g} nats, top-1 >= {self.top1:.2g}, top-5 overlap >= {self.top5:.2g}"
+            )
+        return (
+            f"{self.name}: rel L2 <= {self.rel_l2:g}, max abs <= {self.max_rel:g} x tap absmax, "
+            f"logits KL <= {self.kl:g} nats, top-1 >= {self.top1:g}, top-5 overlap >= {self.top5:g}"
+        )
 
 
 # Thresholds are set from measured noise floors (README, "Goldens and comparing other backends"):
 # the largest error seen between two correct implementations, times a margin, and still far below the
 # smallest error any known mistake produces.
 PROFILES = {
-    "fp32": Profile("fp32", rel_l2=5e-5, max_rel=2.5e-4, kl=1e-6, top1=1.0, top5=0.99,
-                    why="float32 compute on the stored weights. Measured worst over every tap (random models "
-                        "of 4-26 layers, 40 tokens): ours float32 vs float64 2.0e-5 rel L2 / 4.8e-5 max; "
-                        "transformers eager float32 vs ours 1.7e-5 / 4.5e-5; logits KL < 2e-10. Limits: 2.5x "
-                        "and 5x that. The smallest known mistake on the tiny model, sqrt(128) rounded to "
-                        "bfloat16 at `embed`, is 1.0e-4"),
-    "bf16": Profile("bf16", rel_l2=0.15, max_rel=0.4, kl=0.05, top1=0.9, top5=0.8,
-                    why="bfloat16 activations (8 significant bits: 0.4% per rounding). Measured transformers "
-                        "eager bfloat16 vs ours float32 (bf16-stored weights): 1.2e-2 / 3.0e-2 (bundled trained tiny), "
-                        "9.4e-2 / 0.24 (random tiny), 9.7e-2 / 0.22 (random 12 layers); logits KL <= 2.6e-2. "
-                        "A random 26-layer model reaches 0.25 / 0.63 (random deep models amplify rounding): "
-                        "pass --rtol/--atol there. Catches gross mistakes only: check subtle ones with a "
-                        "float32 run"),
-    "fp16": Profile("fp16", rel_l2=0.05, max_rel=0.15, kl=5e-3, top1=0.95, top5=0.9,
-                    why="float16 activations (11 significant bits). Measured transformers eager float16 vs "
-                        "ours float32: 1.5e-3 / 3.1e-3 (bundled trained tiny) up to 3.4e-2 / 0.11 (random 26 "
-                        "layers); logits KL <= 5.3e-4"),
-    "q8": Profile("q8", rel_l2=0.25, max_rel=0.6, kl=0.1, top1=0.8, top5=0.7,
-                  why="8-bit block-quantised weights (Q8_0: 32-value blocks, absmax/127 scale), float32 "
-                      "compute. Measured (simulated Q8_0 in gemma2_ref) vs the unquantised weights: "
-                      "0.135 / 0.36 (random tiny), 0.145 / 0.32 (random 12 layers), logits KL <= 1.2e-2; "
-                      "random 26 layers: 0.39 / 1.1 (chaotic)"),
+    "fp32": Profile(
+        "fp32",
+        rel_l2=5e-5,
+        max_rel=2.5e-4,
+        kl=1e-6,
+        top1=1.0,
+        top5=0.99,
+        why="float32 compute on the stored weights. Measured worst over every tap (random models "
+        "of 4-26 layers, 40 tokens): ours float32 vs float64 2.0e-5 rel L2 / 4.8e-5 max; "
+        "transformers eager float32 vs ours 1.7e-5 / 4.5e-5; logits KL < 2e-10. Limits: 2.5x "
+        "and 5x that. The smallest known mistake on the tiny model, sqrt(128) rounded to "
+        "bfloat16 at `embed`, is 1.0e-4",
+    ),
+    "bf16": Profile(
+        "bf16",
+        rel_l2=0.15,
+        max_rel=0.4,
+        kl=0.05,
+        top1=0.9,
+        top5=0.8,
+        why="bfloat16 activations (8 significant bits: 0.4% per rounding). Measured transformers "
+        "eager bfloat16 vs ours float32 (bf16-stored weights): 1.2e-2 / 3.0e-2 (bundled trained tiny), "
+        "9.4e-2 / 0.24 (random tiny), 9.7e-2 / 0.22 (random 12 layers); logits KL <= 2.6e-2. "
+        "A random 26-layer model reaches 0.25 / 0.63 (random deep models amplify rounding): "
+        "pass --rtol/--atol there. Catches gross mistakes only: check subtle ones with a "
+        "float32 run",
+    ),
+    "fp16": Profile(
+        "fp16",
+        rel_l2=0.05,
+        max_rel=0.15,
+        kl=5e-3,
+        top1=0.95,
+        top5=0.9,
+        why="float16 activations (11 significant bits). Measured transformers eager float16 vs "
+        "ours float32: 1.5e-3 / 3.1e-3 (bundled trained tiny) up to 3.4e-2 / 0.11 (random 26 "
+        "layers); logits KL <= 5.3e-4",
+    ),
+    "q8": Profile(
+        "q8",
+        rel_l2=0.25,
+        max_rel=0.6,
+        kl=0.1,
+        top1=0.8,
+        top5=0.7,
+        why="8-bit block-quantised weights (Q8_0: 32-value blocks, absmax/127 scale), float32 "
+        "compute. Measured (simulated Q8_0 in gemma2_ref) vs the unquantised weights: "
+        "0.135 / 0.36 (random tiny), 0.145 / 0.32 (random 12 layers), logits KL <= 1.2e-2; "
+        "random 26 layers: 0.39 / 1.1 (chaotic)",
+    ),
 }
 
 
 def profile_help() -> str:
-    return "\n".join(f"  {p.describe()}\n" + textwrap.fill(p.why, 100, initial_indent="      ",
-                                                         subsequent_indent="      ") for p in PROFILES.values())
+    return "\n".join(
+        f"  {p.describe()}\n" + textwrap.fill(p.why, 100, initial_indent="      ", subsequent_indent="      ")
+        for p in PROFILES.values()
+    )
 
 
 def get_profile(name: str = "fp32", **overrides) -> Profile:
@@ -116,11 +152,19 @@ def get_profile(name: str = "fp32", **overrides) -> Profile:
 def auto_profile(candidate: Case) -> str:
     """The profile that fits the candidate's compute dtype: bfloat16 -> bf16, float16 -> fp16, else fp32."""
     dtype = str(candidate.compute_dtype or "")
-    return {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
-            "q8_0": "q8", "int8": "q8"}.get(dtype, "fp32")
+    return {
+        "bfloat16": "bf16",
+        "bf16": "bf16",
+        "float16": "fp16",
+        "fp16": "fp16",
+        "half": "fp16",
+        "q8_0": "q8",
+        "int8": "q8",
+    }.get(dtype, "fp32")
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TapResult:
@@ -157,19 +201,27 @@ class TapResult:
         if self.non_finite:  # its errors are not numbers: say where the NaN / Inf are instead
             return f"{self.name}: {describe_non_finite(self.non_finite)}"
         s = f"{self.name}: "
-        s += (f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
-             f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}")
+        s += (
+            f"rel L2 {self.rel_l2:.3g}, max abs {self.max_abs:.3g} at {tuple(self.max_abs_index)} "
+            f"({self.max_rel:.3g} x absmax {self.scale:.3g}), cosine {self.cosine:.8f}"
+        )
         if self.scale_fit:
-            s += (f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
-                  f"{self.scale_fit['rel_l2_after']:.2g} after that factor)")
+            s += (
+                f"; a pure rescaling: candidate = {self.scale_fit['scale']:.6g} x reference (rel L2 "
+                f"{self.scale_fit['rel_l2_after']:.2g} after that factor)"
+            )
         if self.past_window:
             w = self.past_window
-            s += (f"; the {w['rows']} rows past the sliding window (positions >= {w['window']}) alone: rel L2 "
-                  f"{w['rel_l2']:.3g}, max abs / absmax {w['max_rel']:.3g}")
+            s += (
+                f"; the {w['rows']} rows past the sliding window (positions >= {w['window']}) alone: rel L2 "
+                f"{w['rel_l2']:.3g}, max abs / absmax {w['max_rel']:.3g}"
+            )
         if self.logits:
             lg = self.logits
-            s += (f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
-                  f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}")
+            s += (
+                f"; KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} (position {lg['kl_max_position']}), "
+                f"top-1 {lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}"
+            )
         return s
 
 
@@ -183,7 +235,7 @@ def value_blocks(a: np.ndarray, row: int = 1):
     flat = a.reshape(-1)
     step = max(row, BLOCK_VALUES // row * row)
     for i in range(0, flat.size, step):
-        yield i, flat[i:i + step].astype(np.float64)
+        yield i, flat[i : i + step].astype(np.float64)
 
 
 def count_non_finite(a: np.ndarray) -> dict | None:
@@ -202,9 +254,11 @@ def count_non_finite(a: np.ndarray) -> dict | None:
 
 
 def describe_non_finite(found: dict) -> str:
-    """"2 NaN and 0 Inf in the candidate, first at index (0, 5)" for each side that has them."""
-    return "; ".join(f"{f['nan']} NaN and {f['inf']} Inf in the {side}, first at index {tuple(f['first'])}"
-                     for side, f in found.items())
+    """ "2 NaN and 0 Inf in the candidate, first at index (0, 5)" for each side that has them."""
+    return "; ".join(
+        f"{f['nan']} NaN and {f['inf']} Inf in the {side}, first at index {tuple(f['first'])}"
+        for side, f in found.items()
+    )
 
 
 def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
@@ -229,9 +283,15 @@ def logits_metrics(ref: np.ndarray, cand: np.ndarray, tie: float) -> dict:
         overlap.append(np.array([len(set(a) & set(b)) / k for a, b in zip(t5r, t5c)]))
     kl, agree, exact, overlap = (np.concatenate(x) for x in (kl, agree, exact, overlap))
     pos = np.unravel_index(int(kl.argmax()), ref.shape[:-1])
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_max_position": [int(i) for i in pos],
-            "top1": float(agree.mean()), "top1_exact": float(exact.mean()),
-            "top1_disagreements": int((~agree).sum()), "top5": float(overlap.mean())}
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "kl_max_position": [int(i) for i in pos],
+        "top1": float(agree.mean()),
+        "top1_exact": float(exact.mean()),
+        "top1_disagreements": int((~agree).sum()),
+        "top5": float(overlap.mean()),
+    }
 
 
 def error_sums(ref: np.ndarray, cand: np.ndarray) -> dict:
@@ -269,8 +329,7 @@ def compare_tap(name: str, ref: np.ndarray, cand: np.ndarray | None, profile: Pr
     cosine = float(e["rc"] / (nr * nc)) if nr > 0 and nc > 0 else float(nr == nc)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     res = TapResult(name, "pass", list(ref.shape), list(cand.shape), max_abs, idx, scale, max_rel, rel_l2, cosine)
-    found = {side: f for side, f in (("candidate", count_non_finite(cand)), ("reference", count_non_finite(ref)))
-             if f}
+    found = {side: f for side, f in (("candidate", count_non_finite(cand)), ("reference", count_non_finite(ref))) if f}
     if found:
         res.non_finite = found
         res.failed.append("non_finite")
@@ -320,8 +379,10 @@ def decode_step_of(row: int, decode: dict) -> str:
     start = int(ends[k] - chunks[k])
     last_chunk = max(i for i in range(k + 1) if chunks[i] > 1 or i == 0)
     what = "the prefill" if k == 0 else f"chunk {k}" if chunks[k] > 1 else f"decode step {k - last_chunk - 1}"
-    return (f"{what} (forward {k} of the chunks {', '.join(map(str, chunks[:3]))}"
-            f"{', ...' if len(chunks) > 3 else ''}: positions {start}..{int(ends[k]) - 1})")
+    return (
+        f"{what} (forward {k} of the chunks {', '.join(map(str, chunks[:3]))}"
+        f"{', ...' if len(chunks) > 3 else ''}: positions {start}..{int(ends[k]) - 1})"
+    )
 
 
 def first_failing_row(ref: np.ndarray, cand: np.ndarray, rel_limit: float) -> int | None:
@@ -336,8 +397,9 @@ def first_failing_row(ref: np.ndarray, cand: np.ndarray, rel_limit: float) -> in
     return None
 
 
-def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int,
-                           first_position: int, batched: bool) -> None:
+def judge_rows_past_window(
+    taps: list[TapResult], ref: dict, cand: dict, profile: Profile, window: int, first_position: int, batched: bool
+) -> None:
     """Judge the rows at positions >= window on their own: only there does a sliding layer differ from a
     global one, and averaged with the rows before them an error there can hide (2 of 34 rows in the tiny
     model's window case). A tap whose rows past the window fail fails, with reason "past_window"."""
@@ -351,14 +413,19 @@ def judge_rows_past_window(taps: list[TapResult], ref: dict, cand: dict, profile
         rows = [slice(None)] * ref[t.name].ndim
         rows[axis] = slice(start, None)
         part = compare_tap(t.name, ref[t.name][tuple(rows)], cand[t.name][tuple(rows)], profile)
-        t.past_window = {"window": window, "rows": ref[t.name].shape[axis] - start, "rel_l2": part.rel_l2,
-                         "max_rel": part.max_rel}
+        t.past_window = {
+            "window": window,
+            "rows": ref[t.name].shape[axis] - start,
+            "rel_l2": part.rel_l2,
+            "max_rel": part.max_rel,
+        }
         if part.failed:
             t.failed.append("past_window")
             t.status = "fail"
 
 
 # -- comparing cases and suites -----------------------------------------------------------------------------
+
 
 @dataclass
 class CaseComparison:
@@ -401,13 +468,22 @@ class CaseComparison:
 
     def to_dict(self) -> dict:
         first = self.first_divergence
-        return {"reference": self.reference, "candidate": self.candidate, "passed": self.passed,
-                "profile": asdict(self.profile), "first_divergence": first.name if first else None,
-                "error_lead": (self.error_lead() or first).name if first else None,
-                "input_mismatch": self.input_mismatch, "missing": self.missing, "extra": self.extra,
-                "notes": self.notes, "blind_spots": self.blind_spots, "not_checked": self.not_checked,
-                "taps": [asdict(t) for t in self.taps],
-                "layers": layer_table(self.taps)}
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "passed": self.passed,
+            "profile": asdict(self.profile),
+            "first_divergence": first.name if first else None,
+            "error_lead": (self.error_lead() or first).name if first else None,
+            "input_mismatch": self.input_mismatch,
+            "missing": self.missing,
+            "extra": self.extra,
+            "notes": self.notes,
+            "blind_spots": self.blind_spots,
+            "not_checked": self.not_checked,
+            "taps": [asdict(t) for t in self.taps],
+            "layers": layer_table(self.taps),
+        }
 
 
 def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
@@ -423,12 +499,18 @@ def describe_ids_difference(ref_ids: np.ndarray, cand_ids: np.ndarray) -> str:
     if r.shape != c.shape:
         return f"the candidate ran token ids of shape {list(c.shape)}, the reference {list(r.shape)}"
     where = np.argwhere(r != c)
-    return (f"the candidate ran different token ids ({len(where)} differ, first at index "
-            f"{tuple(int(i) for i in where[0])})")
+    return (
+        f"the candidate ran different token ids ({len(where)} differ, first at index {tuple(int(i) for i in where[0])})"
+    )
 
 
-SPECIAL_TOKENS = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", START_OF_TURN: "<start_of_turn>",
-                  END_OF_TURN: "<end_of_turn>"}
+SPECIAL_TOKENS = {
+    PAD: "<pad>",
+    EOS: "<eos>",
+    BOS: "<bos>",
+    START_OF_TURN: "<start_of_turn>",
+    END_OF_TURN: "<end_of_turn>",
+}
 
 
 def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:
@@ -440,26 +522,42 @@ def split_special_token(ref: np.ndarray, cand: np.ndarray) -> str | None:
     if n == len(ref) or n == len(cand) or int(ref[n]) not in SPECIAL_TOKENS or len(cand) <= len(ref):
         return None
     after = int(ref[n + 1]) if n + 1 < len(ref) else None  # where the two realign
-    ends = [j for j in range(n + 2, len(cand) + 1) if (after is None and j == len(cand))
-            or (j < len(cand) and int(cand[j]) == after)]
+    ends = [
+        j
+        for j in range(n + 2, len(cand) + 1)
+        if (after is None and j == len(cand)) or (j < len(cand) and int(cand[j]) == after)
+    ]
     if not ends:
         return None
-    pieces = cand[n: ends[0]]
-    return (f"the candidate's tokenizer split {SPECIAL_TOKENS[int(ref[n])]} (id {int(ref[n])}, at index {n}) into "
-            f"{len(pieces)} pieces, ids {[int(i) for i in pieces]}: it does not mark the chat tokens special "
-            f"({REFS['special_tokens']}; `gemma2-ref tokenize` shows the pieces)")
+    pieces = cand[n : ends[0]]
+    return (
+        f"the candidate's tokenizer split {SPECIAL_TOKENS[int(ref[n])]} (id {int(ref[n])}, at index {n}) into "
+        f"{len(pieces)} pieces, ids {[int(i) for i in pieces]}: it does not mark the chat tokens special "
+        f"({REFS['special_tokens']}; `gemma2-ref tokenize` shows the pieces)"
+    )
 
 
-def compare_activations(ref: dict, cand: dict, profile: Profile, order: list[str] | None = None,
-                        reference="reference", candidate="candidate", ref_ids=None, cand_ids=None,
-                        notes=None) -> CaseComparison:
+def compare_activations(
+    ref: dict,
+    cand: dict,
+    profile: Profile,
+    order: list[str] | None = None,
+    reference="reference",
+    candidate="candidate",
+    ref_ids=None,
+    cand_ids=None,
+    notes=None,
+) -> CaseComparison:
     """Compare two {tap: array} dicts in execution order (the reference's taps define what is expected)."""
     order = order or canonical_order(ref)
     taps = [compare_tap(n, ref[n], cand.get(n), profile) for n in order]
     extra = [n for n in canonical_order(cand) if n not in ref]
     mismatch = None
-    if ref_ids is not None and cand_ids is not None and (
-            np.shape(ref_ids) != np.shape(cand_ids) or not np.array_equal(ref_ids, cand_ids)):
+    if (
+        ref_ids is not None
+        and cand_ids is not None
+        and (np.shape(ref_ids) != np.shape(cand_ids) or not np.array_equal(ref_ids, cand_ids))
+    ):
         mismatch = describe_ids_difference(np.asarray(ref_ids), np.asarray(cand_ids))
     return CaseComparison(reference, candidate, profile, taps, extra, list(notes or []), mismatch)
 
@@ -502,8 +600,9 @@ def keep_tokens(activations: dict, attention_mask) -> dict:
 def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, dict, str | None]:
     """The reference's taps and `acts` cut to what both hold: the same query positions, and for a padded
     batch the tokens only. Returns (reference view, acts view, a note or None)."""
-    ref_view, view, note = align_positions(reference.activations, reference.positions, acts, acts_positions,
-                                           reference.batched)
+    ref_view, view, note = align_positions(
+        reference.activations, reference.positions, acts, acts_positions, reference.batched
+    )
     if reference.attention_mask is not None and reference.positions is None and acts_positions is None:
         ref_view, view = keep_tokens(ref_view, reference.attention_mask), keep_tokens(view, reference.attention_mask)
         note = f"padded batch: the {int(reference.attention_mask.sum())} tokens' rows compared, not the padding"
@@ -514,12 +613,16 @@ def check_compare_arguments(ref, cand, profile) -> None:
     """compare_cases' arguments are what it compares: two loaded cases and a profile (or a function giving one)."""
     for what, value in (("reference", ref), ("candidate", cand)):
         if not isinstance(value, Case):
-            raise TypeError(f"compare_cases: the {what} is {type(value).__name__} {value!r:.60}, expected a golden "
-                            f"Case: load it first with gemma2_ref.golden.load_golden(path)")
+            raise TypeError(
+                f"compare_cases: the {what} is {type(value).__name__} {value!r:.60}, expected a golden "
+                f"Case: load it first with gemma2_ref.golden.load_golden(path)"
+            )
     if not (isinstance(profile, Profile) or callable(profile)):
-        raise TypeError(f"compare_cases: the profile is {type(profile).__name__} {profile!r:.60}, expected a Profile "
-                        f"(gemma2_ref.compare.PROFILES['fp32'] or get_profile(name, ...)) or a function of the "
-                        f"reference case giving one")
+        raise TypeError(
+            f"compare_cases: the profile is {type(profile).__name__} {profile!r:.60}, expected a Profile "
+            f"(gemma2_ref.compare.PROFILES['fp32'] or get_profile(name, ...)) or a function of the "
+            f"reference case giving one"
+        )
 
 
 def refuse_non_finite_reference(result: CaseComparison) -> None:
@@ -527,9 +630,11 @@ def refuse_non_finite_reference(result: CaseComparison) -> None:
     bad = next((t for t in result.taps if t.non_finite and "reference" in t.non_finite), None)
     if bad is not None:
         f = bad.non_finite["reference"]
-        raise GoldenError(f"{result.reference}: the reference holds non-finite values, first at tap {bad.name!r} "
-                          f"({f['nan']} NaN and {f['inf']} Inf, the first at index {tuple(f['first'])}): it is not "
-                          f"a golden gemma2-ref wrote; regenerate it with `gemma2-ref golden`")
+        raise GoldenError(
+            f"{result.reference}: the reference holds non-finite values, first at tap {bad.name!r} "
+            f"({f['nan']} NaN and {f['inf']} Inf, the first at index {tuple(f['first'])}): it is not "
+            f"a golden gemma2-ref wrote; regenerate it with `gemma2-ref golden`"
+        )
 
 
 def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
@@ -544,14 +649,16 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
     ref_acts, cand_acts, note = comparable(ref, cand.activations, cand.positions)
     if note:
         notes.append(note)
-    result = compare_activations(ref_acts, cand_acts, profile, ref.tap_names, str(ref.path),
-                                 str(cand.path), ref.token_ids, cand.token_ids, notes)
+    result = compare_activations(
+        ref_acts, cand_acts, profile, ref.tap_names, str(ref.path), str(cand.path), ref.token_ids, cand.token_ids, notes
+    )
     refuse_non_finite_reference(result)
     config = (ref.manifest.get("model") or {}).get("config") or {}
     if config.get("sliding_window") and ref.attention_mask is None:
         first_position = max((ref.positions or (0, 0))[0], (cand.positions or (0, 0))[0])
-        judge_rows_past_window(result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]),
-                               first_position, ref.batched)
+        judge_rows_past_window(
+            result.taps, ref_acts, cand_acts, profile, int(config["sliding_window"]), first_position, ref.batched
+        )
     first = result.first_divergence
     decode = (ref.manifest.get("extra") or {}).get("decode")
     if first is not None and decode and first.status == "fail" and not ref.batched and ref.positions is None:
@@ -560,9 +667,11 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
             result.notes.append(f"{first.name} first fails at position {row}: {decode_step_of(row, decode)}")
     if first is not None and first.scale_fit and first.name.endswith("attn.scores") and config:
         implied = float(config["query_pre_attn_scalar"]) / first.scale_fit["scale"] ** 2
-        result.notes.append(f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "
-                            f"candidate scales queries by query_pre_attn_scalar = {implied:.4g} (the reference's "
-                            f"is {config['query_pre_attn_scalar']:g})")
+        result.notes.append(
+            f"{first.name} is the reference's scores times {first.scale_fit['scale']:.6g}: the "
+            f"candidate scales queries by query_pre_attn_scalar = {implied:.4g} (the reference's "
+            f"is {config['query_pre_attn_scalar']:g})"
+        )
     return result
 
 
@@ -570,9 +679,11 @@ def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) ->
     """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails, unless its
     suite.json says why its backend could not write it: then it is not checked). `log(line)`: progress."""
     if isinstance(ref, Suite) != isinstance(cand, Suite):
-        raise ValueError(f"compare a case with a case and a suite with a suite: {ref.path} is a "
-                         f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
-                         f"{'suite' if isinstance(cand, Suite) else 'case'}")
+        raise ValueError(
+            f"compare a case with a case and a suite with a suite: {ref.path} is a "
+            f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
+            f"{'suite' if isinstance(cand, Suite) else 'case'}"
+        )
     if isinstance(ref, Case):
         return [compare_cases(ref, cand, profile)]
     by_name = {c.name: c for c in cand.cases}
@@ -584,23 +695,51 @@ def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) ->
         if case.name in by_name:
             out.append(compare_cases(case, by_name[case.name], profile))
         elif case.name in skipped:
-            out.append(CaseComparison(str(case.path), f"{cand.path}/{case.name}", profile, [], [], [],
-                                      not_checked=f"the candidate has no `{case.name}` case ({skipped[case.name]})"))
+            out.append(
+                CaseComparison(
+                    str(case.path),
+                    f"{cand.path}/{case.name}",
+                    profile,
+                    [],
+                    [],
+                    [],
+                    not_checked=f"the candidate has no `{case.name}` case ({skipped[case.name]})",
+                )
+            )
         else:
-            out.append(CaseComparison(str(case.path), f"{cand.path}/{case.name}", profile, [], [],
-                                      [f"case {case.name!r} is missing from the candidate suite"]))
+            out.append(
+                CaseComparison(
+                    str(case.path),
+                    f"{cand.path}/{case.name}",
+                    profile,
+                    [],
+                    [],
+                    [f"case {case.name!r} is missing from the candidate suite"],
+                )
+            )
     return out
 
 
 # -- reports ----------------------------------------------------------------------------------------------
+
 
 def layer_table(taps: list[TapResult]) -> list[dict]:
     """One row per layer (embed, 0..N-1, final): taps compared / failed, worst rel L2 and max/absmax."""
     rows: dict[str, dict] = {}
     for t in taps:
         key = t.layer if t.layer.isdigit() else ("embed" if t.name == "embed" else "final")
-        row = rows.setdefault(key, {"layer": key, "compared": 0, "failed": 0, "missing": 0,
-                                    "worst_rel_l2": 0.0, "worst_max_rel": 0.0, "first_failure": None})
+        row = rows.setdefault(
+            key,
+            {
+                "layer": key,
+                "compared": 0,
+                "failed": 0,
+                "missing": 0,
+                "worst_rel_l2": 0.0,
+                "worst_max_rel": 0.0,
+                "first_failure": None,
+            },
+        )
         if t.status == "missing":
             row["missing"] += 1
             continue
@@ -638,16 +777,21 @@ def group_names(names: list[str]) -> str:
 
 
 def wrap(line: str, indent: int = 11, width: int = 110) -> str:
-    return textwrap.fill(line, width=width, subsequent_indent=" " * indent, break_long_words=False,
-                         break_on_hyphens=False)
+    return textwrap.fill(
+        line, width=width, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     p = result.profile
     lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", wrap(f"profile    {p.describe()}")]
     compared = result.compared
-    lines.append(wrap(f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
-                      + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else "")))
+    lines.append(
+        wrap(
+            f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
+            + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else "")
+        )
+    )
     if result.extra:
         lines.append(wrap(f"           not in the reference (ignored): {group_names(result.extra)}"))
     for note in result.notes:
@@ -660,47 +804,74 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
     if not result.taps:
         lines.append("FAIL: nothing to compare")
         return "\n".join(lines)
-    lines += ["", f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  "
-                  f"first failing tap"]
+    lines += [
+        "",
+        f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap",
+    ]
     for row in layer_table(result.taps):
         if row["compared"] == 0:
             lines.append(f"{row['layer']:>6}  {0:>5}  {'':>6}  {'(not in candidate)':>12}")
             continue
-        lines.append(f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  "
-                     f"{number_cell(row, 'worst_rel_l2', 12)}  "
-                     f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}")
+        lines.append(
+            f"{row['layer']:>6}  {row['compared']:>5}  {row['failed']:>6}  "
+            f"{number_cell(row, 'worst_rel_l2', 12)}  "
+            f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}"
+        )
     if all_taps:
-        lines += ["", "per tap, execution order:"] + [f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}"
-                                                     for t in result.taps if t.status != "missing"]
+        lines += ["", "per tap, execution order:"] + [
+            f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}" for t in result.taps if t.status != "missing"
+        ]
     logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
     if logits:
         lg = logits.logits
-        lines += ["", wrap(f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
-                           f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
-                           f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
-                           f"{lg['top5']:.1%}", 8)]
+        lines += [
+            "",
+            wrap(
+                f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
+                f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
+                f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
+                f"{lg['top5']:.1%}",
+                8,
+            ),
+        ]
     first = result.first_divergence
     lines.append("")
     non_finite = next((t for t in result.taps if t.non_finite), None)
     if non_finite is not None:
-        lines.append(wrap(f"NON-FINITE the candidate's first tap holding NaN or Inf is {non_finite.name}: "
-                          f"{describe_non_finite(non_finite.non_finite)}", 11))
+        lines.append(
+            wrap(
+                f"NON-FINITE the candidate's first tap holding NaN or Inf is {non_finite.name}: "
+                f"{describe_non_finite(non_finite.non_finite)}",
+                11,
+            )
+        )
     if result.passed:
         lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
         if result.blind_spots:
-            lines.append(wrap(f"      but this case cannot show, under this profile: {', '.join(result.blind_spots)} "
-                              f"(each made by the reference model passes too)", 6))
+            lines.append(
+                wrap(
+                    f"      but this case cannot show, under this profile: {', '.join(result.blind_spots)} "
+                    f"(each made by the reference model passes too)",
+                    6,
+                )
+            )
     elif first is None:
         lines.append("FAIL: " + (result.input_mismatch or "nothing was compared"))
     else:
         where = f"layer {first.layer}, {first.name.split('.', 2)[2]}" if first.layer.isdigit() else first.name
-        lines.append(wrap(f"FAIL: first diverging tap: {first.name} ({where}): "
-                          + "; ".join(failure_reasons(first, p)), 6))
+        lines.append(
+            wrap(f"FAIL: first diverging tap: {first.name} ({where}): " + "; ".join(failure_reasons(first, p)), 6)
+        )
         lines.append(wrap(f"      {first.summary()}", 6))
         lead = result.error_lead()
         if lead is not None:
-            lines.append(wrap(f"      the error grew earlier: {lead.name} already has rel L2 {lead.rel_l2:.3g} (half "
-                              f"the limit or more): look there first", 6))
+            lines.append(
+                wrap(
+                    f"      the error grew earlier: {lead.name} already has rel L2 {lead.rel_l2:.3g} (half "
+                    f"the limit or more): look there first",
+                    6,
+                )
+            )
     return "\n".join(lines)
 
 
@@ -735,8 +906,10 @@ def failure_reasons(t: TapResult, p: Profile) -> list[str]:
             out.append(f"top-5 overlap {t.logits['top5']:.1%} < {p.top5:.0%}")
         elif f == "past_window":
             w = t.past_window
-            out.append(f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
-                       f"/ max {w['max_rel']:.3g} (limits {p.limits(t.name)[0]:.3g} / {p.limits(t.name)[1]:.3g})")
+            out.append(
+                f"rows past the sliding window (positions >= {w['window']}) alone: rel L2 {w['rel_l2']:.3g} "
+                f"/ max {w['max_rel']:.3g} (limits {p.limits(t.name)[0]:.3g} / {p.limits(t.name)[1]:.3g})"
+            )
     return out
 
 
@@ -752,6 +925,9 @@ def json_safe(obj):
 
 
 def to_json(results: list[CaseComparison], extra: dict | None = None) -> str:
-    body = {"passed": all(r.passed or r.not_checked for r in results), "cases": [r.to_dict() for r in results],
-            **(extra or {})}
+    body = {
+        "passed": all(r.passed or r.not_checked for r in results),
+        "cases": [r.to_dict() for r in results],
+        **(extra or {}),
+    }
     return json.dumps(json_safe(body), indent=1, allow_nan=False)

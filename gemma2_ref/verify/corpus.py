@@ -64,25 +64,27 @@ class CorpusError(GoldenError):
 
 # -- the tasks one worker runs ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ShardTask:
     """Everything one worker needs to compute and write one shard (picklable, no open files)."""
-    shard: int                   # index: the file is shard-{shard:05d}.safetensors
-    chunks: tuple[int, int]      # [start, stop) chunk indices
-    tokens: bytes                # (stop - start, ctx) int32 little-endian: the chunks' tokens as in the corpus
+
+    shard: int  # index: the file is shard-{shard:05d}.safetensors
+    chunks: tuple[int, int]  # [start, stop) chunk indices
+    tokens: bytes  # (stop - start, ctx) int32 little-endian: the chunks' tokens as in the corpus
     ctx: int
-    top_k: int | None            # None: every id (--top-k all)
+    top_k: int | None  # None: every id (--top-k all)
     vocab_size: int
-    model: str                   # checkpoint directory (resolved)
-    dtype: str                   # the backend's dtype: float32 / float64 (gemma2-ref), float32 / bfloat16, ...
+    model: str  # checkpoint directory (resolved)
+    dtype: str  # the backend's dtype: float32 / float64 (gemma2-ref), float32 / bfloat16, ...
     backend: str = REFERENCE_BACKEND
-    adapter: str | None = None   # the adapter module running a candidate backend (adapters.BACKENDS)
+    adapter: str | None = None  # the adapter module running a candidate backend (adapters.BACKENDS)
     gguf: str | None = None
     ref_ids: bytes | None = None  # candidate: the reference's (n, R, k) int32 ids of these chunks
     llamacpp_rows: bool = False  # also write llama.cpp's base-file rows of these chunks (--kld-out)
-    candidate: bool = False      # scored against a reference: its ids are the reference's, not stored
-    mistake: str | None = None   # gemma2-ref as a candidate with a known mistake injected (verify/mistakes.py)
-    plan: str = ""               # sha256 of the plan, stamped into the shard's metadata
+    candidate: bool = False  # scored against a reference: its ids are the reference's, not stored
+    mistake: str | None = None  # gemma2-ref as a candidate with a known mistake injected (verify/mistakes.py)
+    plan: str = ""  # sha256 of the plan, stamped into the shard's metadata
 
     @property
     def n_chunks(self) -> int:
@@ -110,16 +112,27 @@ def rows_per_chunk(ctx: int) -> int:
     return ctx - 1 - ctx // 2
 
 
-def plan_shards(tokens: np.ndarray, plan: dict, model: str, *, shard_chunks: int = DEFAULT_SHARD_CHUNKS,
-                reference=None) -> list[ShardTask]:
+def plan_shards(
+    tokens: np.ndarray, plan: dict, model: str, *, shard_chunks: int = DEFAULT_SHARD_CHUNKS, reference=None
+) -> list[ShardTask]:
     """The shard tasks of a plan: `tokens` (n_chunks, ctx) int32; a candidate's shards are its reference's."""
     ctx, n = plan["ctx"], plan["n_chunks"]
     top_k = None if plan["top_k"] == "all" else int(plan["top_k"])
     backend = plan["backend"]
-    common = dict(ctx=ctx, top_k=top_k, vocab_size=plan["vocab_size"], model=model, dtype=backend["dtype"],
-                  backend=backend["name"], adapter=backend.get("adapter"), gguf=backend.get("gguf"),
-                  llamacpp_rows=plan.get("llamacpp_base") is not None, plan=plan_sha256(plan),
-                  candidate=reference is not None, mistake=backend.get("mistake"))
+    common = dict(
+        ctx=ctx,
+        top_k=top_k,
+        vocab_size=plan["vocab_size"],
+        model=model,
+        dtype=backend["dtype"],
+        backend=backend["name"],
+        adapter=backend.get("adapter"),
+        gguf=backend.get("gguf"),
+        llamacpp_rows=plan.get("llamacpp_base") is not None,
+        plan=plan_sha256(plan),
+        candidate=reference is not None,
+        mistake=backend.get("mistake"),
+    )
     if reference is not None:
         bounds = [tuple(s["chunks"]) for s in reference.shards]
     else:
@@ -129,20 +142,30 @@ def plan_shards(tokens: np.ndarray, plan: dict, model: str, *, shard_chunks: int
         ids = None
         if reference is not None and top_k is not None:
             ids = np.ascontiguousarray(reference.shard(index)["ids"], "<i4").tobytes()
-        tasks.append(ShardTask(shard=index, chunks=(a, b), tokens=np.ascontiguousarray(tokens[a:b], "<i4").tobytes(),
-                               ref_ids=ids, **common))
+        tasks.append(
+            ShardTask(
+                shard=index,
+                chunks=(a, b),
+                tokens=np.ascontiguousarray(tokens[a:b], "<i4").tobytes(),
+                ref_ids=ids,
+                **common,
+            )
+        )
     return tasks
 
 
 # -- one worker: load once, score chunks, write a shard ---------------------------------------------------
 
+
 def load_worker_model(task: ShardTask):
     """What run_shard needs loaded, once per worker: our Model, or the candidate adapter's loaded engine."""
     if task.backend == REFERENCE_BACKEND:
         from ..storage.loader import load_model
+
         model = load_model(task.model, task.dtype, keep_converted="auto")
         if task.mistake is not None:
             from .mistakes import find, inject
+
             model = inject(model, find(model.config, task.mistake))
         return model
     adapter = importlib.import_module(task.adapter)
@@ -160,8 +183,10 @@ def chunk_logits(task: ShardTask, model, ids: np.ndarray) -> np.ndarray:
         logits = importlib.import_module(task.adapter).corpus_logits(model, run_ids, start, stop)
     logits = np.asarray(logits)
     if logits.shape != (stop - start, task.vocab_size):
-        raise CorpusError(f"{task.backend}: logits of shape {logits.shape} for chunk {task.chunks[0]}, expected "
-                          f"({stop - start}, {task.vocab_size})")
+        raise CorpusError(
+            f"{task.backend}: logits of shape {logits.shape} for chunk {task.chunks[0]}, expected "
+            f"({stop - start}, {task.vocab_size})"
+        )
     return logits
 
 
@@ -175,8 +200,11 @@ def log_softmax_rows(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def top_k_ids(logprobs: np.ndarray, k: int) -> np.ndarray:
     """(R, k) ids of each row's k largest log-probabilities, by descending value, equal values by id."""
-    part = np.argpartition(-logprobs, k - 1, axis=1)[:, :k] if k < logprobs.shape[1] else \
-        np.broadcast_to(np.arange(logprobs.shape[1]), logprobs.shape)
+    part = (
+        np.argpartition(-logprobs, k - 1, axis=1)[:, :k]
+        if k < logprobs.shape[1]
+        else np.broadcast_to(np.arange(logprobs.shape[1]), logprobs.shape)
+    )
     vals = np.take_along_axis(logprobs, part, axis=1)
     order = np.lexsort((part, -vals), axis=1)
     return np.take_along_axis(part, order, axis=1).astype(np.int32)
@@ -184,19 +212,25 @@ def top_k_ids(logprobs: np.ndarray, k: int) -> np.ndarray:
 
 def score_rows(logits: np.ndarray, targets: np.ndarray, top_k: int | None, ref_ids: np.ndarray | None) -> dict:
     """The stored values of one chunk's rows (see the module docstring), a block of rows at a time."""
-    out: dict[str, list] = {"ids": [], "logprobs": [], "logsumexp": [], "target_logprob": [], "top1": [],
-                            "min_logprob": []}
+    out: dict[str, list] = {
+        "ids": [],
+        "logprobs": [],
+        "logsumexp": [],
+        "target_logprob": [],
+        "top1": [],
+        "min_logprob": [],
+    }
     for b in range(0, len(logits), ROW_BLOCK):
-        lp, lse = log_softmax_rows(logits[b:b + ROW_BLOCK])
+        lp, lse = log_softmax_rows(logits[b : b + ROW_BLOCK])
         rows = np.arange(len(lp))
         out["logsumexp"].append(lse)
-        out["target_logprob"].append(lp[rows, targets[b:b + ROW_BLOCK]])
+        out["target_logprob"].append(lp[rows, targets[b : b + ROW_BLOCK]])
         out["top1"].append(np.argmax(lp, axis=1).astype(np.int32))
         out["min_logprob"].append(lp.min(axis=1))
         if top_k is None:
             out["logprobs"].append(lp.astype(np.float32))
             continue
-        ids = top_k_ids(lp, top_k) if ref_ids is None else ref_ids[b:b + ROW_BLOCK]
+        ids = top_k_ids(lp, top_k) if ref_ids is None else ref_ids[b : b + ROW_BLOCK]
         out["ids"].append(ids)
         out["logprobs"].append(np.take_along_axis(lp, ids, axis=1).astype(np.float32))
     return {name: np.concatenate(v) for name, v in out.items() if v}
@@ -206,9 +240,11 @@ def check_finite(task: ShardTask, chunk: int, logits: np.ndarray) -> None:
     bad = ~np.isfinite(logits)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise CorpusError(f"{task.backend} ({task.gguf or task.model}): non-finite logits in chunk {chunk}, scored "
-                          f"row {row} (position {first_scored(task.ctx) + row}), id {col}: {int(bad.sum())} NaN/Inf "
-                          f"values; nothing of this shard was written")
+        raise CorpusError(
+            f"{task.backend} ({task.gguf or task.model}): non-finite logits in chunk {chunk}, scored "
+            f"row {row} (position {first_scored(task.ctx) + row}), id {col}: {int(bad.sum())} NaN/Inf "
+            f"values; nothing of this shard was written"
+        )
 
 
 def run_shard(task: ShardTask, out_dir, model=None) -> dict:
@@ -220,13 +256,12 @@ def run_shard(task: ShardTask, out_dir, model=None) -> dict:
     model = load_worker_model(task) if model is None else model
     toks = task.chunk_tokens()
     first, R = first_scored(task.ctx), rows_per_chunk(task.ctx)
-    ref_ids = None if task.ref_ids is None else \
-        np.frombuffer(task.ref_ids, "<i4").reshape(task.n_chunks, R, task.top_k)
+    ref_ids = None if task.ref_ids is None else np.frombuffer(task.ref_ids, "<i4").reshape(task.n_chunks, R, task.top_k)
     per_chunk, parts = [], []
     for j, ids in enumerate(toks):
         logits = chunk_logits(task, model, ids)
         check_finite(task, task.chunks[0] + j, logits)
-        per_chunk.append(score_rows(logits, ids[first + 1:], task.top_k, None if ref_ids is None else ref_ids[j]))
+        per_chunk.append(score_rows(logits, ids[first + 1 :], task.top_k, None if ref_ids is None else ref_ids[j]))
         if task.llamacpp_rows:
             parts.append(base_rows(logits))
         del logits
@@ -240,18 +275,33 @@ def run_shard(task: ShardTask, out_dir, model=None) -> dict:
         write_atomically(out_dir / llamacpp_part(task.shard), b"".join(p.tobytes() for p in parts))
     path = out_dir / shard_file(task.shard)
     write_shard(path, arrays, task)
-    return {"shard": task.shard, "sha256": sha256_file(path), "tokens": task.n_chunks * task.ctx,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "shard": task.shard,
+        "sha256": sha256_file(path),
+        "tokens": task.n_chunks * task.ctx,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-SHARD_DTYPES = {"tokens": "I32", "ids": "I32", "logprobs": "F32", "logsumexp": "F64", "target_logprob": "F64",
-                "top1": "I32", "min_logprob": "F64"}
+SHARD_DTYPES = {
+    "tokens": "I32",
+    "ids": "I32",
+    "logprobs": "F32",
+    "logsumexp": "F64",
+    "target_logprob": "F64",
+    "top1": "I32",
+    "min_logprob": "F64",
+}
 
 
 def write_shard(path: Path, arrays: dict, task: ShardTask) -> None:
     specs = {name: (SHARD_DTYPES[name], a.shape, lambda a=a: [a]) for name, a in arrays.items()}
-    meta = {"kind": CORPUS_KIND, "shard": str(task.shard), "chunks": f"{task.chunks[0]}-{task.chunks[1]}",
-            "plan_sha256": task.plan}
+    meta = {
+        "kind": CORPUS_KIND,
+        "shard": str(task.shard),
+        "chunks": f"{task.chunks[0]}-{task.chunks[1]}",
+        "plan_sha256": task.plan,
+    }
     write_safetensors_blocks(path, specs, meta)
 
 
@@ -277,6 +327,7 @@ def serial_executor(tasks, out_dir):
 
 # -- the plan -----------------------------------------------------------------------------------------------
 
+
 def canonical_json(d) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
@@ -291,8 +342,9 @@ def check_top_k(top_k, vocab_size: int, option: str = "--top-k") -> int | str:
     try:
         k = int(top_k)
     except (TypeError, ValueError):
-        raise CorpusError(f"{option} {top_k!r}: give a number of ids from 1 to the vocabulary size "
-                          f"({vocab_size}), or 'all'") from None
+        raise CorpusError(
+            f"{option} {top_k!r}: give a number of ids from 1 to the vocabulary size ({vocab_size}), or 'all'"
+        ) from None
     if not 1 <= k <= vocab_size:
         raise CorpusError(f"{option} {k} is out of range: give 1 to the vocabulary size ({vocab_size}), or 'all'")
     return "all" if k == vocab_size else k
@@ -300,11 +352,14 @@ def check_top_k(top_k, vocab_size: int, option: str = "--top-k") -> int | str:
 
 def check_ctx(ctx: int, cfg, option: str = "--ctx") -> int:
     if not isinstance(ctx, (int, np.integer)) or ctx < 4 or ctx % 2:
-        raise CorpusError(f"{option} {ctx}: give an even number of tokens, at least 4 (llama-perplexity scores "
-                          f"rows ctx/2 .. ctx-2)")
+        raise CorpusError(
+            f"{option} {ctx}: give an even number of tokens, at least 4 (llama-perplexity scores rows ctx/2 .. ctx-2)"
+        )
     if ctx > cfg.max_position_embeddings:
-        raise CorpusError(f"{option} {ctx} is past the model's context ({cfg.max_position_embeddings} tokens, "
-                          f"config.json max_position_embeddings): give at most that")
+        raise CorpusError(
+            f"{option} {ctx} is past the model's context ({cfg.max_position_embeddings} tokens, "
+            f"config.json max_position_embeddings): give at most that"
+        )
     return int(ctx)
 
 
@@ -317,8 +372,9 @@ def read_corpus_text(path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"--text {path}: not UTF-8 (byte {e.start} is {data[e.start]:#04x}): give a UTF-8 text "
-                          f"file") from None
+        raise CorpusError(
+            f"--text {path}: not UTF-8 (byte {e.start} is {data[e.start]:#04x}): give a UTF-8 text file"
+        ) from None
     if not text.strip():
         raise CorpusError(f"--text {path} is empty: give a text of at least two chunks")
     return text
@@ -339,13 +395,15 @@ def read_corpus_tokens(path, vocab_size: int) -> np.ndarray:
         raise CorpusError(f"--tokens {path}: not a list of integer ids ({e})") from None
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
-        raise CorpusError(f"--tokens {path}: give a non-empty 1-D list of integer ids (found {ids.dtype} "
-                          f"{list(ids.shape)})")
+        raise CorpusError(
+            f"--tokens {path}: give a non-empty 1-D list of integer ids (found {ids.dtype} {list(ids.shape)})"
+        )
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         i = int(np.argmax(bad))
-        raise CorpusError(f"--tokens {path}: id {int(ids[i])} at index {i} is outside the vocabulary (0 .. "
-                          f"{vocab_size - 1})")
+        raise CorpusError(
+            f"--tokens {path}: id {int(ids[i])} at index {i} is outside the vocabulary (0 .. {vocab_size - 1})"
+        )
     return ids.astype(np.int64)
 
 
@@ -355,6 +413,7 @@ def corpus_source(checkpoint: Path, text_file=None, tokens_file=None, vocab_size
         ids = read_corpus_tokens(tokens_file, vocab_size)
         return ids, {"kind": "tokens", "file": str(Path(tokens_file).resolve()), "sha256": sha256_file(tokens_file)}
     from ..model.tokenizer import load_tokenizer
+
     if text_file is None:
         name, text = f"bundled:{BUNDLED_CORPUS.name}", BUNDLED_CORPUS.read_text(encoding="utf-8")
         sha = sha256_file(BUNDLED_CORPUS)
@@ -369,23 +428,40 @@ def chunk_corpus(ids: np.ndarray, ctx: int, chunks: int | None, where: str) -> n
     """(n_chunk, ctx) int32: perplexity.cpp:479-496; fewer than two chunks is refused."""
     n_max = len(ids) // ctx
     if n_max < 2:
-        raise CorpusError(f"{where}: {len(ids)} tokens make {n_max} chunk(s) of --ctx {ctx}; at least two are "
-                          f"needed ({2 * ctx} tokens): give a longer corpus or a smaller --ctx")
+        raise CorpusError(
+            f"{where}: {len(ids)} tokens make {n_max} chunk(s) of --ctx {ctx}; at least two are "
+            f"needed ({2 * ctx} tokens): give a longer corpus or a smaller --ctx"
+        )
     if chunks is not None and chunks < 1:
         raise CorpusError(f"--chunks {chunks}: give at least 1")
     n = n_max if chunks is None else min(chunks, n_max)
-    return ids[:n * ctx].reshape(n, ctx).astype(np.int32)
+    return ids[: n * ctx].reshape(n, ctx).astype(np.int32)
 
 
 # -- writing a corpus golden ------------------------------------------------------------------------------
+
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def write_corpus(model, out_dir, *, text=None, tokens=None, ctx: int | None = None, chunks: int | None = None,
-                 top_k=None, dtype: str = "float32", kld_out=None, backend: dict | None = None,
-                 reference=None, shard_chunks: int = DEFAULT_SHARD_CHUNKS, executor=None, log=say) -> Path:
+def write_corpus(
+    model,
+    out_dir,
+    *,
+    text=None,
+    tokens=None,
+    ctx: int | None = None,
+    chunks: int | None = None,
+    top_k=None,
+    dtype: str = "float32",
+    kld_out=None,
+    backend: dict | None = None,
+    reference=None,
+    shard_chunks: int = DEFAULT_SHARD_CHUNKS,
+    executor=None,
+    log=say,
+) -> Path:
     """Write a corpus golden of `model` (a checkpoint directory or a bundled name) into out_dir; the same call
     after an interruption resumes with the missing shards (byte-identical result).
 
@@ -403,11 +479,17 @@ def write_corpus(model, out_dir, *, text=None, tokens=None, ctx: int | None = No
     ref = None
     if reference is not None:
         ref = load_corpus(reference)
-        for name, value in (("--text", text), ("--tokens", tokens), ("--ctx", ctx), ("--chunks", chunks),
-                            ("--kld-out", kld_out)):
+        for name, value in (
+            ("--text", text),
+            ("--tokens", tokens),
+            ("--ctx", ctx),
+            ("--chunks", chunks),
+            ("--kld-out", kld_out),
+        ):
             if value is not None:
-                raise CorpusError(f"{name} cannot go with --reference: the corpus, chunking and ids come from "
-                                  f"{reference}")
+                raise CorpusError(
+                    f"{name} cannot go with --reference: the corpus, chunking and ids come from {reference}"
+                )
         plan, toks = candidate_plan(ref, cfg, checkpoint, backend)
     else:
         plan, toks = reference_plan(checkpoint, cfg, text, tokens, ctx, chunks, top_k, dtype, kld_out, model)
@@ -423,6 +505,7 @@ def write_corpus(model, out_dir, *, text=None, tokens=None, ctx: int | None = No
         shards = verified_shards(tasks, out_dir)
         if plan.get("llamacpp_base") is not None:
             from .llamacpp_kld import assemble_base_file
+
             assemble_base_file(Path(plan["llamacpp_base"]), out_dir, toks, plan, [t.shard for t in tasks])
         manifest = dict(plan, shards=shards)
         manifest["manifest_sha256"] = hashlib.sha256(canonical_json(manifest)).hexdigest()
@@ -452,50 +535,81 @@ def reference_plan(checkpoint, cfg, text, tokens, ctx, chunks, top_k, dtype, kld
         kld_out = Path(kld_out).resolve()
         if kld_out.exists():
             raise CorpusError(f"--kld-out {kld_out} exists: choose a new file (it is never overwritten)")
-    plan = {"format_version": FORMAT_VERSION, "kind": CORPUS_KIND, "role": "reference", "producer": our_producer(None),
-            "backend": {"name": REFERENCE_BACKEND, "dtype": dtype}, "model": info, "corpus": source,
-            "ctx": ctx, "first_scored": first_scored(ctx), "rows_per_chunk": rows_per_chunk(ctx),
-            "n_chunks": int(len(toks)), "top_k": top_k, "vocab_size": cfg.vocab_size, "bos": BOS,
-            "reference": None, "llamacpp_base": None if kld_out is None else str(kld_out)}
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "kind": CORPUS_KIND,
+        "role": "reference",
+        "producer": our_producer(None),
+        "backend": {"name": REFERENCE_BACKEND, "dtype": dtype},
+        "model": info,
+        "corpus": source,
+        "ctx": ctx,
+        "first_scored": first_scored(ctx),
+        "rows_per_chunk": rows_per_chunk(ctx),
+        "n_chunks": int(len(toks)),
+        "top_k": top_k,
+        "vocab_size": cfg.vocab_size,
+        "bos": BOS,
+        "reference": None,
+        "llamacpp_base": None if kld_out is None else str(kld_out),
+    }
     return plan, toks
 
 
 def candidate_plan(ref, cfg, checkpoint, backend: dict):
     m = ref.manifest
     if cfg.vocab_size != m["vocab_size"]:
-        raise CorpusError(f"{checkpoint}: vocabulary of {cfg.vocab_size} ids, the reference {ref.path} has "
-                          f"{m['vocab_size']}: not the same model")
+        raise CorpusError(
+            f"{checkpoint}: vocabulary of {cfg.vocab_size} ids, the reference {ref.path} has "
+            f"{m['vocab_size']}: not the same model"
+        )
     if backend is None or (backend.get("name") != REFERENCE_BACKEND and not backend.get("adapter")):
         raise CorpusError("a candidate needs --backend NAME (transformers, llama.cpp) with --reference")
     toks = ref.tokens()
-    plan = {"format_version": FORMAT_VERSION, "kind": CORPUS_KIND, "role": "candidate",
-            "producer": backend.get("producer") or our_producer(None),
-            "backend": {k: v for k, v in backend.items() if k != "producer"},
-            "model": model_info_from_files(checkpoint, cfg), "corpus": m["corpus"], "ctx": m["ctx"],
-            "first_scored": m["first_scored"], "rows_per_chunk": m["rows_per_chunk"], "n_chunks": m["n_chunks"],
-            "top_k": m["top_k"], "vocab_size": m["vocab_size"], "bos": m["bos"],
-            "reference": {"path": str(ref.path.resolve()), "manifest_sha256": m["manifest_sha256"],
-                          "shards": [s["sha256"] for s in m["shards"]]},
-            "llamacpp_base": None}
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "kind": CORPUS_KIND,
+        "role": "candidate",
+        "producer": backend.get("producer") or our_producer(None),
+        "backend": {k: v for k, v in backend.items() if k != "producer"},
+        "model": model_info_from_files(checkpoint, cfg),
+        "corpus": m["corpus"],
+        "ctx": m["ctx"],
+        "first_scored": m["first_scored"],
+        "rows_per_chunk": m["rows_per_chunk"],
+        "n_chunks": m["n_chunks"],
+        "top_k": m["top_k"],
+        "vocab_size": m["vocab_size"],
+        "bos": m["bos"],
+        "reference": {
+            "path": str(ref.path.resolve()),
+            "manifest_sha256": m["manifest_sha256"],
+            "shards": [s["sha256"] for s in m["shards"]],
+        },
+        "llamacpp_base": None,
+    }
     return plan, toks
 
 
 def prepare_output(out_dir: Path, plan: dict) -> str:
-    """"new" (plan.json written), "resume" (the same plan found) or "complete"; refuses anything else."""
+    """ "new" (plan.json written), "resume" (the same plan found) or "complete"; refuses anything else."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise CorpusError(f"--out {out_dir}: not a directory; give a new or empty directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         found = read_json(out_dir / PLAN) if (out_dir / PLAN).is_file() else None
         if not isinstance(found, dict) or found.get("kind") != CORPUS_KIND:
             shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:4])
-            raise CorpusError(f"--out {out_dir} holds files that are not a corpus golden ({shown}): choose a new "
-                              f"or empty directory")
+            raise CorpusError(
+                f"--out {out_dir} holds files that are not a corpus golden ({shown}): choose a new or empty directory"
+            )
         if found != json.loads(canonical_json(plan)):
             first = ["ctx", "n_chunks", "top_k", "backend", "corpus", "model", "reference", "llamacpp_base"]
             keys = first + sorted((set(found) | set(plan)) - set(first))
             key = next((k for k in keys if found.get(k) != json.loads(canonical_json(plan)).get(k)), "?")
-            raise CorpusError(f"--out {out_dir} holds a corpus golden of another command (its plan.json differs in "
-                              f"{key!r}): choose another --out, or run the command that made it")
+            raise CorpusError(
+                f"--out {out_dir} holds a corpus golden of another command (its plan.json differs in "
+                f"{key!r}): choose another --out, or run the command that made it"
+            )
         return "complete" if (out_dir / MANIFEST).is_file() else "resume"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / PLAN, json.dumps(plan, indent=1, sort_keys=True).encode() + b"\n")
@@ -533,8 +647,10 @@ def run_missing(tasks, out_dir: Path, executor, log) -> None:
         done += result["tokens"]
         rate = done / max(time.perf_counter() - t0, 1e-9)
         eta = (total - done) / rate if rate else 0
-        log(f"corpus: shard {result['shard'] + 1}/{len(tasks)}  {done}/{total} tokens  {rate:,.0f} tokens/s  "
-            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        log(
+            f"corpus: shard {result['shard'] + 1}/{len(tasks)}  {done}/{total} tokens  {rate:,.0f} tokens/s  "
+            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
 
 
 def verified_shards(tasks, out_dir: Path) -> list[dict]:
@@ -542,18 +658,28 @@ def verified_shards(tasks, out_dir: Path) -> list[dict]:
     for t in tasks:
         path = out_dir / shard_file(t.shard)
         if not shard_complete(path, t):
-            raise CorpusError(f"{path}: shard {t.shard} was not written by the executor; run the command again "
-                              f"to compute it")
-        records.append({"index": t.shard, "chunks": list(t.chunks), "file": path.name,
-                        "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+            raise CorpusError(
+                f"{path}: shard {t.shard} was not written by the executor; run the command again to compute it"
+            )
+        records.append(
+            {
+                "index": t.shard,
+                "chunks": list(t.chunks),
+                "file": path.name,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
     return records
 
 
 # -- reading ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CorpusGolden:
     """A complete, verified corpus golden: its manifest and its shards, read a shard at a time."""
+
     path: Path
     manifest: dict
 
@@ -574,8 +700,10 @@ class CorpusGolden:
         path = self.path / self.shards[index]["file"]
         tensors, _ = read_safetensors_header(path, dtypes=tuple(SHARD_DTYPES.values()))
         from ..storage.weights import TENSOR_DTYPES
-        return {name: np.memmap(path, TENSOR_DTYPES[ref.dtype], "r", ref.offset, ref.shape)
-                for name, ref in tensors.items()}
+
+        return {
+            name: np.memmap(path, TENSOR_DTYPES[ref.dtype], "r", ref.offset, ref.shape) for name, ref in tensors.items()
+        }
 
     def tokens(self) -> np.ndarray:
         """(n_chunks, ctx) int32: the corpus tokens (a reference's)."""
@@ -599,8 +727,10 @@ def load_corpus(path, verify: bool = True) -> CorpusGolden:
     if not (path / MANIFEST).is_file():
         if (path / PLAN).is_file():
             done = len(list(path.glob("shard-*.safetensors")))
-            raise CorpusError(f"{path} is a partial corpus golden ({done} shards, no manifest.json): run the same "
-                              f"`gemma2-ref corpus` command again to finish it; it is never used half-written")
+            raise CorpusError(
+                f"{path} is a partial corpus golden ({done} shards, no manifest.json): run the same "
+                f"`gemma2-ref corpus` command again to finish it; it is never used half-written"
+            )
         raise CorpusError(f"{path}: no manifest.json: not a corpus golden")
     manifest = read_json(path / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("kind") != CORPUS_KIND:
@@ -623,4 +753,3 @@ def task_summary(task: ShardTask) -> dict:
     d = asdict(task)
     d.pop("tokens"), d.pop("ref_ids")
     return d
-

@@ -46,6 +46,7 @@ class ClusterError(CorpusError):
 
 # -- Ray itself ---------------------------------------------------------------------------------------------
 
+
 def import_ray(option: str = "--workers"):
     """Ray, with usage statistics off (read when ray is imported); one line naming what to install if absent."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -53,8 +54,10 @@ def import_ray(option: str = "--workers"):
         import ray
         from ray.util import ActorPool  # noqa: F401  (the part of Ray used here: fail now, not later)
     except ImportError as e:
-        raise ClusterError(f"{option} runs the workers on Ray, which is not installed here ({e}): "
-                           f"{INSTALL_RAY}; or run with --workers 1") from None
+        raise ClusterError(
+            f"{option} runs the workers on Ray, which is not installed here ({e}): "
+            f"{INSTALL_RAY}; or run with --workers 1"
+        ) from None
     return ray
 
 
@@ -115,12 +118,21 @@ def local_cluster(cpus: int, temp_dir: str | None = None):
     exit (also on an error or Ctrl-C), and any of its processes still alive then killed by pid."""
     ray = import_ray()
     if ray.is_initialized():
-        raise ClusterError("Ray is already initialized in this process: use that cluster (RayExecutor with "
-                           "address=None runs on it) or ray.shutdown() first")
+        raise ClusterError(
+            "Ray is already initialized in this process: use that cluster (RayExecutor with "
+            "address=None runs on it) or ray.shutdown() first"
+        )
     with loopback_only(ray):
-        ray.init(address="local", num_cpus=cpus, _node_ip_address=LOOPBACK, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, logging_level="ERROR",
-                 configure_logging=True)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            _temp_dir=temp_dir,
+            logging_level="ERROR",
+            configure_logging=True,
+        )
     started = cluster_pids(ray)
     try:
         yield ray
@@ -135,8 +147,10 @@ def address_host_port(address: str) -> tuple[str, int] | None:
         return None
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--ray-address {address}: give HOST:PORT, the address `ray start --head` printed "
-                           f"(e.g. 10.0.0.1:6379), or auto")
+        raise ClusterError(
+            f"--ray-address {address}: give HOST:PORT, the address `ray start --head` printed "
+            f"(e.g. 10.0.0.1:6379), or auto"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -148,8 +162,10 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection(hp, timeout=timeout).close()
     except OSError as e:
-        raise ClusterError(f"--ray-address {address}: nothing answers at {hp[0]}:{hp[1]} ({e.strerror or e}): start "
-                           f"the head with `ray start --head --port {hp[1]}` (docs/corpus-ray.md)") from None
+        raise ClusterError(
+            f"--ray-address {address}: nothing answers at {hp[0]}:{hp[1]} ({e.strerror or e}): start "
+            f"the head with `ray start --head --port {hp[1]}` (docs/corpus-ray.md)"
+        ) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -168,9 +184,11 @@ def joined_cluster(address: str):
         with loopback_only(ray) if local else contextlib.nullcontext():
             ray.init(address=address, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(e)}); a head "
-                           f"with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN_PATH) "
-                           f"here too; see docs/corpus-ray.md") from None
+        raise ClusterError(
+            f"--ray-address {address}: cannot join a Ray cluster there ({first_line(e)}); a head "
+            f"with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN_PATH) "
+            f"here too; see docs/corpus-ray.md"
+        ) from None
     try:
         yield ray
     finally:
@@ -178,6 +196,7 @@ def joined_cluster(address: str):
 
 
 # -- one worker -------------------------------------------------------------------------------------------
+
 
 def blas_env(threads: int) -> dict[str, str]:
     """The environment every actor runs with: BLAS threads pinned (the bytes of a float32 matmul depend on
@@ -220,12 +239,14 @@ def visibility_problem(task, out_dir) -> str | None:
 def task_attempt() -> int:
     """0 the first time the running Ray task runs, k after k retries (Ray keeps the count per task)."""
     import ray
+
     return ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
 
 
 def max_rss_bytes() -> int:
     """This process's peak resident memory (Linux reports KiB)."""
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -235,6 +256,7 @@ class ShardWorker:
 
     def __init__(self, first_task, out_dir, load=None, run=None):
         from . import corpus
+
         self.run_shard = run or corpus.run_shard
         self.out_dir = out_dir
         self.model = None
@@ -246,8 +268,12 @@ class ShardWorker:
                 self.problem = f"could not load the model: {type(e).__name__}: {e}"
 
     def ready(self) -> dict:
-        return {"node": node_name(), "pid": os.getpid(), "problem": self.problem,
-                "blas": {k: os.environ.get(k) for k in BLAS_THREAD_VARS}}
+        return {
+            "node": node_name(),
+            "pid": os.getpid(),
+            "problem": self.problem,
+            "blas": {k: os.environ.get(k) for k in BLAS_THREAD_VARS},
+        }
 
     def run(self, task) -> dict:
         if self.problem is not None:
@@ -262,6 +288,7 @@ class ShardWorker:
 
 # -- the executor -------------------------------------------------------------------------------------------
 
+
 class RayExecutor:
     """`executor(tasks, out_dir)` for corpus.write_corpus: the tasks on `workers` Ray actors of `blas_threads`
     BLAS threads each, yielding run_shard's dicts as shards finish (plus "node", "pid", "attempt").
@@ -275,9 +302,19 @@ class RayExecutor:
                   finish (None: no limit; a 27B shard can take hours)
     """
 
-    def __init__(self, workers: int | None = None, address: str | None = None, blas_threads: int = 1,
-                 retries: int = 3, start_timeout: float = 600.0, shard_timeout: float | None = None,
-                 temp_dir: str | None = None, log=say, load=None, run=None):
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        blas_threads: int = 1,
+        retries: int = 3,
+        start_timeout: float = 600.0,
+        shard_timeout: float | None = None,
+        temp_dir: str | None = None,
+        log=say,
+        load=None,
+        run=None,
+    ):
         if workers is not None and workers < 1:
             raise ClusterError(f"--workers {workers}: give at least 1")
         if blas_threads < 1:
@@ -304,9 +341,14 @@ class RayExecutor:
                 for a in actors:  # a cluster this executor did not start is left as it was found
                     ray.kill(a, no_restart=True)
             self.timings["done"] = time.perf_counter()
-            self.log(f"ray: {len(tasks)} shards on {len(actors)} workers"
-                     + (f"; ran again after a worker died: {', '.join(map(str, sorted(self.retried)))}"
-                        if self.retried else "; none ran twice"))
+            self.log(
+                f"ray: {len(tasks)} shards on {len(actors)} workers"
+                + (
+                    f"; ran again after a worker died: {', '.join(map(str, sorted(self.retried)))}"
+                    if self.retried
+                    else "; none ran twice"
+                )
+            )
 
     def cluster(self):
         if self.address is not None:
@@ -323,24 +365,35 @@ class RayExecutor:
     def start_workers(self, ray, first_task, out_dir: str, n_tasks: int) -> list:
         """The actors, each having checked its paths and loaded the model; an error names a node that cannot."""
         actor = ray.remote(ShardWorker).options(
-            num_cpus=self.blas_threads, max_restarts=self.retries, max_task_retries=self.retries,
-            runtime_env={"env_vars": blas_env(self.blas_threads)}, scheduling_strategy="SPREAD")
+            num_cpus=self.blas_threads,
+            max_restarts=self.retries,
+            max_task_retries=self.retries,
+            runtime_env={"env_vars": blas_env(self.blas_threads)},
+            scheduling_strategy="SPREAD",
+        )
         n = self.worker_count(ray, n_tasks)
         actors = [actor.remote(first_task, out_dir, self.load, self.run) for _ in range(n)]
         done, waiting = ray.wait([a.ready.remote() for a in actors], num_returns=n, timeout=self.start_timeout)
         if waiting:
             have = ray.cluster_resources().get("CPU", 0)
-            raise ClusterError(f"only {len(done)} of {n} Ray workers started within {self.start_timeout:.0f} s (each "
-                               f"needs {self.blas_threads} CPU and the model in memory; the cluster has {have:g} "
-                               f"CPUs): give fewer --workers, or look at the nodes' logs (ray status)")
+            raise ClusterError(
+                f"only {len(done)} of {n} Ray workers started within {self.start_timeout:.0f} s (each "
+                f"needs {self.blas_threads} CPU and the model in memory; the cluster has {have:g} "
+                f"CPUs): give fewer --workers, or look at the nodes' logs (ray status)"
+            )
         self.worker_info = ray.get(done)
         for info in self.worker_info:
             if info["problem"] is not None:
-                advice = "" if info["problem"].startswith("could not load") else \
-                    ": every node needs the checkpoint and --out at the same path (a shared file system)"
+                advice = (
+                    ""
+                    if info["problem"].startswith("could not load")
+                    else ": every node needs the checkpoint and --out at the same path (a shared file system)"
+                )
                 raise ClusterError(f"Ray worker on node {info['node']} (pid {info['pid']}) {info['problem']}{advice}")
-        self.log(f"ray: {len(actors)} workers ready on "
-                 f"{', '.join(sorted({i['node'] for i in self.worker_info}))}, {self.blas_threads} BLAS thread(s) each")
+        self.log(
+            f"ray: {len(actors)} workers ready on "
+            f"{', '.join(sorted({i['node'] for i in self.worker_info}))}, {self.blas_threads} BLAS thread(s) each"
+        )
         return actors
 
     def run_pool(self, ray, actors, tasks):
@@ -353,11 +406,15 @@ class RayExecutor:
             try:
                 result = pool.get_next_unordered(timeout=self.shard_timeout)
             except TimeoutError:
-                raise ClusterError(f"no shard finished within {self.shard_timeout:.0f} s (shards not done: "
-                                   f"{shard_list(left)}); run the command again to resume") from None
+                raise ClusterError(
+                    f"no shard finished within {self.shard_timeout:.0f} s (shards not done: "
+                    f"{shard_list(left)}); run the command again to resume"
+                ) from None
             except ray.exceptions.RayActorError as e:
-                raise ClusterError(f"a Ray worker died {self.retries + 1} times ({first_line(e)}); shards not done: "
-                                   f"{shard_list(left)}; run the command again to resume") from None
+                raise ClusterError(
+                    f"a Ray worker died {self.retries + 1} times ({first_line(e)}); shards not done: "
+                    f"{shard_list(left)}; run the command again to resume"
+                ) from None
             except ray.exceptions.RayTaskError as e:
                 raise e.cause if isinstance(e.cause, Exception) else e from None
             if "error" in result:
@@ -365,9 +422,11 @@ class RayExecutor:
             left.discard(result["shard"])
             if result["attempt"] > 0:
                 self.retried.append(result["shard"])
-                self.log(f"ray: shard {result['shard']} ran again ({result['attempt']} retr"
-                         f"{'y' if result['attempt'] == 1 else 'ies'}) after its worker died; now on node "
-                         f"{result['node']} pid {result['pid']}")
+                self.log(
+                    f"ray: shard {result['shard']} ran again ({result['attempt']} retr"
+                    f"{'y' if result['attempt'] == 1 else 'ies'}) after its worker died; now on node "
+                    f"{result['node']} pid {result['pid']}"
+                )
             yield result
 
 

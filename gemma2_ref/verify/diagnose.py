@@ -32,16 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
 from ..model.generate import decode_taps
-from .golden import Case, keep_rows
-from . import mistakes as M
-from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
 from ..model.taps import tap_names
+from . import mistakes as M
+from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
+from .golden import Case, keep_rows
+from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
 
 EXPLAIN_RATIO = 10.0
 MATCH_RATIO = 2.0
-
 
 
 @dataclass
@@ -55,11 +54,17 @@ class VariantResult:
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
-        return {"variant": self.variant.name, "what": self.variant.what, "refs": self.variant.refs,
-                "verdict": self.verdict, "ratio_at_first_divergence": _finite(self.ratio),
-                "passes_against_variant": self.comparison.passed,
-                "variant_first_divergence": first.name if first else None, "remains": self.remains,
-                "ruled_out_at": self.ruled_out_at}
+        return {
+            "variant": self.variant.name,
+            "what": self.variant.what,
+            "refs": self.variant.refs,
+            "verdict": self.verdict,
+            "ratio_at_first_divergence": _finite(self.ratio),
+            "passes_against_variant": self.comparison.passed,
+            "variant_first_divergence": first.name if first else None,
+            "remains": self.remains,
+            "ruled_out_at": self.ruled_out_at,
+        }
 
 
 @dataclass
@@ -76,12 +81,14 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         first = self.base.first_divergence
-        return {"first_divergence": first.name if first else None, "passed": self.base.passed,
-                "passes_profile": self.passes_profile,
-                "named": [r.to_dict() for r in self.named],
-                "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at}
-                              for r in self.results if r.ruled_out_at],
-                "variants": [r.to_dict() for r in self.results + self.combined]}
+        return {
+            "first_divergence": first.name if first else None,
+            "passed": self.base.passed,
+            "passes_profile": self.passes_profile,
+            "named": [r.to_dict() for r in self.named],
+            "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at} for r in self.results if r.ruled_out_at],
+            "variants": [r.to_dict() for r in self.results + self.combined],
+        }
 
 
 def _finite(x: float):
@@ -106,12 +113,21 @@ def emulated_dtype(candidate: Case | None = None, profile: Profile | None = None
     if candidate is not None and candidate.compute_dtype in ("bfloat16", "float16"):
         return candidate.compute_dtype
     name = profile.name if profile is not None else ""
-    return {"bf16": "bfloat16", "fp16": "float16", "measured-bfloat16": "bfloat16",
-            "measured-float16": "float16"}.get(name)
+    return {"bf16": "bfloat16", "fp16": "float16", "measured-bfloat16": "bfloat16", "measured-float16": "float16"}.get(
+        name
+    )
 
 
-def run_variant(model, mistake: Mistake, ids, taps, positions, decode: dict | None, candidate: Case | None = None,
-                round_to: str | None = None):
+def run_variant(
+    model,
+    mistake: Mistake,
+    ids,
+    taps,
+    positions,
+    decode: dict | None,
+    candidate: Case | None = None,
+    round_to: str | None = None,
+):
     """The mistaken model's taps on a case's input and the positions they hold (None: all), or (None, None)
     where the mistake cannot act: a decode-loop mistake runs the case's decode loop (a prefill, then one token
     per forward through the KV cache), and needs a decode case. A prefill keeps only the positions the
@@ -147,8 +163,10 @@ def fp16_overflow(reference: Case, candidate: Case, base: CaseComparison) -> Var
         absmax = float(np.abs(reference.activations[name]).max())
         if absmax > FLOAT16_MAX:
             layer = f" (layer {name.split('.')[1]})" if name.startswith("layers.") else ""
-            what = (f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}{layer}, first of its taps "
-                    f"past 65504: run in bfloat16 or float32")
+            what = (
+                f"{FP16_OVERFLOW.what}: the reference reaches {absmax:.4g} at {name}{layer}, first of its taps "
+                f"past 65504: run in bfloat16 or float32"
+            )
             return VariantResult(dataclasses.replace(FP16_OVERFLOW, what=what), base, math.inf, "overflows float16")
     return None
 
@@ -170,8 +188,7 @@ def variant_trace(model, ids, wanted: list[str], positions, candidate: Case, seq
     return kept, rows
 
 
-def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None,
-             combine: bool = True) -> Diagnosis:
+def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None, combine: bool = True) -> Diagnosis:
     """Re-run `model` (the reference's checkpoint) with each known mistake; name the ones the candidate
     resembles (module docstring). `log(str)` receives progress lines."""
     from .compare import PROFILES, compare_cases
@@ -197,15 +214,19 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
         positions = variant.apply_positions(reference.attention_mask)
         if positions is False:
             return None
-        trace, rows = run_variant(model, variant, ids, wanted, positions, decode_of(reference), candidate,
-                                  emulated_dtype(candidate, profile))
+        trace, rows = run_variant(
+            model, variant, ids, wanted, positions, decode_of(reference), candidate, emulated_dtype(candidate, profile)
+        )
         if trace is None:
             return None
         trace, cand_view, _ = align_positions(trace, rows, cand_acts, candidate.positions, candidate.batched)
-        trace, cand_view = keep_tokens(trace, reference.attention_mask), keep_tokens(cand_view,
-                                                                                     reference.attention_mask)
-        cmp = compare_activations(trace, cand_view, profile, reference=f"variant {variant.name}",
-                                  candidate=str(candidate.path))
+        trace, cand_view = (
+            keep_tokens(trace, reference.attention_mask),
+            keep_tokens(cand_view, reference.attention_mask),
+        )
+        cmp = compare_activations(
+            trace, cand_view, profile, reference=f"variant {variant.name}", candidate=str(candidate.path)
+        )
         if base_first is not None:
             var_err = _rel_l2_at(cmp, base_first.name)
             ratio = (base_err / var_err if var_err > 0 else math.inf) if math.isfinite(var_err) else 0.0
@@ -221,8 +242,9 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             verdict = "explains the first divergence"
         result = VariantResult(variant, cmp, ratio, verdict)
         if verdict == "explains the first divergence":  # what is left once this mistake is accounted for
-            result.remains = next((p for p in looser if compare_activations(trace, cand_view, PROFILES[p]).passed),
-                                  None)
+            result.remains = next(
+                (p for p in looser if compare_activations(trace, cand_view, PROFILES[p]).passed), None
+            )
         return result
 
     overflow = fp16_overflow(reference, candidate, base)
@@ -266,30 +288,40 @@ def format_diagnosis(diag: Diagnosis) -> str:
     if diag.base.passed:
         return "diagnosis: the candidate passes; nothing to diagnose"
     first = diag.base.first_divergence
-    lines = [f"diagnosis (each known mistake re-run from the reference model; first divergence "
-             f"{first.name if first else 'none'}):"]
+    lines = [
+        f"diagnosis (each known mistake re-run from the reference model; first divergence "
+        f"{first.name if first else 'none'}):"
+    ]
     named = diag.named
     if not named:
         lines.append("  no known Gemma 2 mistake explains the candidate better than the correct model.")
         if diag.passes_profile:
-            lines.append(f"  The candidate passes the looser {diag.passes_profile} profile: its errors look like "
-                         f"{diag.passes_profile} precision, not a mistake. Compare with --profile "
-                         f"{diag.passes_profile} if that is the precision it computes in.")
+            lines.append(
+                f"  The candidate passes the looser {diag.passes_profile} profile: its errors look like "
+                f"{diag.passes_profile} precision, not a mistake. Compare with --profile "
+                f"{diag.passes_profile} if that is the precision it computes in."
+            )
         else:
-            lines.append("  It fails every looser profile too: an unknown mistake, or a combination of more "
-                         "than two. Look at the first diverging tap.")
+            lines.append(
+                "  It fails every looser profile too: an unknown mistake, or a combination of more "
+                "than two. Look at the first diverging tap."
+            )
     for r in named:
         if r.verdict == "overflows float16":
             lines.append(wrap(f"  OVERFLOWS FLOAT16: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
             continue
         first_v = r.comparison.first_divergence
-        evidence = (f"candidate vs this variant passes the {r.comparison.profile.name} profile"
-                    if r.comparison.passed else f"vs this variant the first divergence moves to "
-                                                f"{first_v.name if first_v else 'none'}")
+        evidence = (
+            f"candidate vs this variant passes the {r.comparison.profile.name} profile"
+            if r.comparison.passed
+            else f"vs this variant the first divergence moves to {first_v.name if first_v else 'none'}"
+        )
         if r.verdict == "explains the first divergence":
-            evidence += (f", and what remains passes the {r.remains} profile: precision, not another mistake"
-                         if r.remains else ", and what remains fails every looser profile: another mistake "
-                                           "(or more) is left")
+            evidence += (
+                f", and what remains passes the {r.remains} profile: precision, not another mistake"
+                if r.remains
+                else ", and what remains fails every looser profile: another mistake (or more) is left"
+            )
         at = first.name if first else "-"
         if first is not None and first.status == "shape":
             closer = f"only this variant reproduces the candidate's shape at {at}"
@@ -301,14 +333,25 @@ def format_diagnosis(diag: Diagnosis) -> str:
         lines.append(wrap(f"      evidence: {closer}; {evidence}", 16))
     ruled = [r for r in diag.results if r.ruled_out_at]
     if ruled:
-        lines.append(wrap("  ruled out (they explain the first divergence, but a later tap contradicts them while "
-                          "the match holds there): " + ", ".join(f"{r.variant.name} at {r.ruled_out_at}"
-                                                                 for r in ruled), 6))
+        lines.append(
+            wrap(
+                "  ruled out (they explain the first divergence, but a later tap contradicts them while "
+                "the match holds there): " + ", ".join(f"{r.variant.name} at {r.ruled_out_at}" for r in ruled),
+                6,
+            )
+        )
     others = [r for r in diag.results if not r.verdict and not r.ruled_out_at]
     if others:
-        lines.append(wrap("  not matching (at the first divergence, how many times closer the candidate is to the "
-                          "variant than to the reference; shape mismatch = 0): " + ", ".join(
-            f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others), 6))
+        lines.append(
+            wrap(
+                "  not matching (at the first divergence, how many times closer the candidate is to the "
+                "variant than to the reference; shape mismatch = 0): "
+                + ", ".join(
+                    f"{r.variant.name} {('inf' if not math.isfinite(r.ratio) else f'{r.ratio:.2g}')}" for r in others
+                ),
+                6,
+            )
+        )
     return "\n".join(lines)
 
 
@@ -326,8 +369,10 @@ def load_reference_model(reference: Case, model_path=None, log=None, verify: boo
     try:
         model = load_model(source, dtype=dtype)
     except FileNotFoundError:
-        raise GoldenError(f"{reference.path} was made from {source}, which is not here; pass --model "
-                          f"CHECKPOINT_DIR (its files must have the sha256s the manifest records)") from None
+        raise GoldenError(
+            f"{reference.path} was made from {source}, which is not here; pass --model "
+            f"CHECKPOINT_DIR (its files must have the sha256s the manifest records)"
+        ) from None
     if verify:
         verify_reference_model(model, reference, log)
     return model
@@ -342,9 +387,11 @@ def verify_reference_model(model, reference: Case, log=None) -> None:
     found = weights_sha256(model.weights.files, progress=log is not None)
     if recorded and found != recorded:
         differ = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
-        raise GoldenError(f"{model.path}: weight files differ from the ones {reference.path} was made from "
-                          f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
-                          f"the golden, or pass --model with the original checkpoint")
+        raise GoldenError(
+            f"{model.path}: weight files differ from the ones {reference.path} was made from "
+            f"({', '.join(differ)}): the diagnosis would re-run a different model. Regenerate "
+            f"the golden, or pass --model with the original checkpoint"
+        )
 
 
 def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
@@ -361,8 +408,9 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
         positions = mistake.apply_positions(reference.attention_mask)
         if positions is False:
             continue
-        trace, _ = run_variant(model, mistake, ids, wanted, positions, decode_of(reference),
-                               round_to=emulated_dtype(profile=profile))
+        trace, _ = run_variant(
+            model, mistake, ids, wanted, positions, decode_of(reference), round_to=emulated_dtype(profile=profile)
+        )
         if trace is None:
             continue
         ref_view, trace, _ = comparable(reference, trace)
@@ -371,8 +419,9 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
     return blind
 
 
-def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool | None = None,
-                         model_path=None, log=None) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
+def compare_and_diagnose(
+    reference, candidate, profile, diagnose_failures: bool | None = None, model_path=None, log=None
+) -> tuple[list[CaseComparison], dict[str, Diagnosis], str | None]:
     """Compare two goldens (cases or suites), then diagnose the failing cases: always (True), never (False),
     or (None, the default) when the reference's model is at hand and small enough to re-run ~20 times. With
     the model at hand and small, a passing case also says which known mistakes it could not have seen
@@ -383,8 +432,11 @@ def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool 
     from .golden import Suite
 
     suites = isinstance(reference, Suite) or isinstance(candidate, Suite)
-    results = compare_goldens(reference, candidate, profile, log) if suites else [compare_cases(reference, candidate,
-                                                                                               profile)]
+    results = (
+        compare_goldens(reference, candidate, profile, log)
+        if suites
+        else [compare_cases(reference, candidate, profile)]
+    )
     failed = [r for r in results if not r.passed and not r.not_checked]
     if diagnose_failures is False:
         return results, {}, None
@@ -400,8 +452,16 @@ def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool 
             raise
         return results, {}, f"no diagnosis: {e}" if failed else None
     if model.is_large and not diagnose_failures:
-        return results, {}, (f"diagnosis skipped for a large model: it re-runs the model about "
-                             f"{len(known_mistakes(model.config))} times; ask for it explicitly") if failed else None
+        return (
+            results,
+            {},
+            (
+                f"diagnosis skipped for a large model: it re-runs the model about "
+                f"{len(known_mistakes(model.config))} times; ask for it explicitly"
+            )
+            if failed
+            else None,
+        )
     if not model.is_large and (diagnose_failures or not suites):  # a suite's passing cases: only if asked
         for r in results:
             if r.passed and r.reference in refs:
@@ -410,8 +470,11 @@ def compare_and_diagnose(reference, candidate, profile, diagnose_failures: bool 
     for r in failed:
         if r.reference in refs and r.candidate in cands:
             if log is not None:
-                log(f"case {Path(r.reference).name} fails: diagnosing (re-running {len(known_mistakes(model.config))} "
-                    f"known mistakes)")
-            diagnoses[r.reference] = diagnose(model, refs[r.reference], cands[r.candidate], r.profile,
-                                              log=log if model.is_large else None)
+                log(
+                    f"case {Path(r.reference).name} fails: diagnosing (re-running {len(known_mistakes(model.config))} "
+                    f"known mistakes)"
+                )
+            diagnoses[r.reference] = diagnose(
+                model, refs[r.reference], cands[r.candidate], r.profile, log=log if model.is_large else None
+            )
     return results, diagnoses, None

@@ -37,8 +37,10 @@ from .golden import Case
 from .suites import run_case
 
 # Chapter 13's golden case (46 tokens: past the 32-token window of tiny).
-TEXT = ("Assert statements are a convenient way to insert debugging assertions into a program. "
-        "The simple form is equivalent to: if debug, if not expression, raise AssertionError.")
+TEXT = (
+    "Assert statements are a convenient way to insert debugging assertions into a program. "
+    "The simple form is equivalent to: if debug, if not expression, raise AssertionError."
+)
 
 
 class ExerciseError(ValueError):
@@ -68,43 +70,81 @@ CHAPTER = {e.name: e.chapter for e in EXERCISES}
 
 # A known mistake (mistakes.known_mistakes' names, up to the first space or "=value") said to the learner.
 HINTS = {
-    "drop_attn_softcap": ("your attention does not soft-cap the scores: Gemma 2 applies softcap * tanh(s / "
-                          "softcap) to q k^T * scale, before the mask", "07-softcap.md"),
+    "drop_attn_softcap": (
+        "your attention does not soft-cap the scores: Gemma 2 applies softcap * tanh(s / "
+        "softcap) to q k^T * scale, before the mask",
+        "07-softcap.md",
+    ),
     "drop_final_softcap": ("the logits are not soft-capped (30 * tanh(x / 30))", "07-softcap.md"),
-    "no_sliding_window": ("your mask ignores the window: on a sliding layer a query at i sees only the keys j "
-                          "with i - window < j <= i", "08-local-global.md"),
-    "window_offset=+1": ("your window is one too wide: a query sees `window` keys, itself included (i - window "
-                         "< j), not window + 1", "08-local-global.md"),
-    "window_offset=-1": ("your window is one too narrow: a query sees `window` keys, itself included (i - window "
-                         "< j <= i)", "08-local-global.md"),
-    "query_scale=head_dim": ("your attention scales the scores by head_dim^-0.5: Gemma 2 scales by "
-                             "query_pre_attn_scalar^-0.5 (the `scale` argument; 32 for tiny, 144 for 27B)",
-                             "06-attention.md"),
-    "query_scale": ("your attention scales the scores by the wrong number: use the `scale` argument, "
-                    "query_pre_attn_scalar^-0.5", "06-attention.md"),
-    "sliding_layers=odd": ("the window is on the odd layers: it belongs on layers 0, 2, 4, ... (cfg.window(layer) "
-                           "gives each layer's)", "08-local-global.md"),
-    "rope_theta": ("your rope uses another base: the angles are position * theta^(-2i/head_dim) with the "
-                   "`theta` argument (rope_theta, 10000)", "05-rope.md"),
-    "rope_layout=interleaved": ("your rope pairs dimension 2i with 2i+1: that is the interleaved layout; Gemma 2 "
-                                "pairs dimension i with i + head_dim/2 (rotate_half)", "05-rope.md"),
-    "gqa_mapping=tiled": ("your attention gives query head h the kv head h % K: Gemma 2 groups them, query head "
-                          "h uses kv head h // (H / K) (repeat_interleave, not tile)", "06-attention.md"),
-    "normalizer_dtype=bfloat16": ("your embed multiplies by sqrt(D) rounded to bfloat16: a float32 run multiplies "
-                                  "by float32(sqrt(D))", "03-embeddings.md"),
-    "normalizer_dtype=float64": ("your embed multiplies by sqrt(D) in another dtype than the activations'",
-                                 "03-embeddings.md"),
-    "embed_unscaled": ("your embed does not multiply the rows by sqrt(D) (D = embedding.shape[1])",
-                       "03-embeddings.md"),
-    "norm_offset=0": ("your rms_norm scales by w: Gemma stores the scale as an offset from 1, multiply by "
-                      "(1 + w)", "04-rmsnorm.md"),
+    "no_sliding_window": (
+        "your mask ignores the window: on a sliding layer a query at i sees only the keys j with i - window < j <= i",
+        "08-local-global.md",
+    ),
+    "window_offset=+1": (
+        "your window is one too wide: a query sees `window` keys, itself included (i - window < j), not window + 1",
+        "08-local-global.md",
+    ),
+    "window_offset=-1": (
+        "your window is one too narrow: a query sees `window` keys, itself included (i - window < j <= i)",
+        "08-local-global.md",
+    ),
+    "query_scale=head_dim": (
+        "your attention scales the scores by head_dim^-0.5: Gemma 2 scales by "
+        "query_pre_attn_scalar^-0.5 (the `scale` argument; 32 for tiny, 144 for 27B)",
+        "06-attention.md",
+    ),
+    "query_scale": (
+        "your attention scales the scores by the wrong number: use the `scale` argument, query_pre_attn_scalar^-0.5",
+        "06-attention.md",
+    ),
+    "sliding_layers=odd": (
+        "the window is on the odd layers: it belongs on layers 0, 2, 4, ... (cfg.window(layer) gives each layer's)",
+        "08-local-global.md",
+    ),
+    "rope_theta": (
+        "your rope uses another base: the angles are position * theta^(-2i/head_dim) with the "
+        "`theta` argument (rope_theta, 10000)",
+        "05-rope.md",
+    ),
+    "rope_layout=interleaved": (
+        "your rope pairs dimension 2i with 2i+1: that is the interleaved layout; Gemma 2 "
+        "pairs dimension i with i + head_dim/2 (rotate_half)",
+        "05-rope.md",
+    ),
+    "gqa_mapping=tiled": (
+        "your attention gives query head h the kv head h % K: Gemma 2 groups them, query head "
+        "h uses kv head h // (H / K) (repeat_interleave, not tile)",
+        "06-attention.md",
+    ),
+    "normalizer_dtype=bfloat16": (
+        "your embed multiplies by sqrt(D) rounded to bfloat16: a float32 run multiplies by float32(sqrt(D))",
+        "03-embeddings.md",
+    ),
+    "normalizer_dtype=float64": (
+        "your embed multiplies by sqrt(D) in another dtype than the activations'",
+        "03-embeddings.md",
+    ),
+    "embed_unscaled": ("your embed does not multiply the rows by sqrt(D) (D = embedding.shape[1])", "03-embeddings.md"),
+    "norm_offset=0": (
+        "your rms_norm scales by w: Gemma stores the scale as an offset from 1, multiply by (1 + w)",
+        "04-rmsnorm.md",
+    ),
     "norm_offset=2": ("your rms_norm scales by (2 + w): the +1 is added twice", "04-rmsnorm.md"),
-    "no_post_attn_norm": ("your decoder_layer adds the attention output without post_attn_norm: Gemma 2 "
-                          "normalizes each sub-block's output before adding it", "10-forward.md"),
-    "no_post_ffw_norm": ("your decoder_layer adds the MLP output without post_ffw_norm: Gemma 2 normalizes "
-                         "each sub-block's output before adding it", "10-forward.md"),
-    "exact_gelu": ("your GELU is the exact erf form: Gemma 2 uses the tanh approximation 0.5 x (1 + "
-                   "tanh(sqrt(2/pi) (x + 0.044715 x^3)))", "09-feedforward.md"),
+    "no_post_attn_norm": (
+        "your decoder_layer adds the attention output without post_attn_norm: Gemma 2 "
+        "normalizes each sub-block's output before adding it",
+        "10-forward.md",
+    ),
+    "no_post_ffw_norm": (
+        "your decoder_layer adds the MLP output without post_ffw_norm: Gemma 2 normalizes "
+        "each sub-block's output before adding it",
+        "10-forward.md",
+    ),
+    "exact_gelu": (
+        "your GELU is the exact erf form: Gemma 2 uses the tanh approximation 0.5 x (1 + "
+        "tanh(sqrt(2/pi) (x + 0.044715 x^3)))",
+        "09-feedforward.md",
+    ),
 }
 
 
@@ -115,6 +155,7 @@ def hint(mistake_name: str) -> tuple[str, str] | None:
 
 
 # -- the learner's file -------------------------------------------------------------------------------------
+
 
 def load_solution(path) -> object:
     """The learner's module, imported from its file; ExerciseError (one line) if it cannot be checked."""
@@ -131,8 +172,10 @@ def load_solution(path) -> object:
         raise ExerciseError(f"{path}: does not import: {type(e).__name__}: {e}{where(e, path)}") from None
     missing = [n for n in NAMES if not callable(getattr(module, n, None))]
     if missing:
-        raise ExerciseError(f"{path}: no function {', '.join(missing)} (the template defines {', '.join(NAMES)}: "
-                            f"keep each, even unwritten)")
+        raise ExerciseError(
+            f"{path}: no function {', '.join(missing)} (the template defines {', '.join(NAMES)}: "
+            f"keep each, even unwritten)"
+        )
     return module
 
 
@@ -144,18 +187,21 @@ def where(error: BaseException, path: Path) -> str:
 
 # -- running the learner's functions inside the reference forward -------------------------------------------
 
+
 class WrongShape(Exception):
     """A learner's function returned another shape than the reference's on the same input."""
 
 
 def shaped(name, learner_fn, reference_fn):
     """learner_fn, checked to return the reference's shape on the same arguments."""
+
     def call(*args):
         out = np.asarray(learner_fn(*args))
         expected = np.shape(reference_fn(*args))
         if out.shape != expected:
             raise WrongShape(f"{name} returned shape {out.shape} where {expected} is expected")
         return out
+
     return call
 
 
@@ -174,10 +220,12 @@ def adapters(module, names) -> dict:
         out["soft_cap"] = fn["soft_cap"]
         out["soft_cap_"] = fn["soft_cap"]
     if "attention" in names:  # every query in one call, all keys in view (not fast.py's query blocks)
-        out["attention"] = (lambda q, k, v, q_pos, k_pos, window, scale, softcap, taps=NO_TAPS:
-                            fn["attention"](q, k, v, q_pos, k_pos, window, scale, softcap))
-        out["attention_in_blocks"] = lambda attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps, **_: \
-            attend(q, k, v, q_pos, k_pos, window, scale, softcap, taps)
+        out["attention"] = lambda q, k, v, q_pos, k_pos, window, scale, softcap, taps=NO_TAPS: fn["attention"](
+            q, k, v, q_pos, k_pos, window, scale, softcap
+        )
+        out["attention_in_blocks"] = lambda attend, q, k, v, q_pos, k_pos, window, scale, softcap, taps, **_: attend(
+            q, k, v, q_pos, k_pos, window, scale, softcap, taps
+        )
     if "gelu_tanh" in names:
         out["ACTIVATION_FUNCTIONS"] = {**G.ACTIVATION_FUNCTIONS, "gelu_pytorch_tanh": fn["gelu_tanh"]}
     if "mlp" in names:
@@ -185,8 +233,9 @@ def adapters(module, names) -> dict:
         out["mlp"] = lambda x, w, activation=None, taps=NO_TAPS: taps("mlp.out", learner_mlp(x, w))
     if "decoder_layer" in names:
         learner_layer = shaped("decoder_layer", module.decoder_layer, lambda x, *rest: x)
-        out["decoder_layer"] = (lambda x, w, positions, cfg, layer, taps=NO_TAPS, kv_cache=None:
-                                taps("output", learner_layer(taps("input", x), w, positions, cfg, layer)))
+        out["decoder_layer"] = lambda x, w, positions, cfg, layer, taps=NO_TAPS, kv_cache=None: taps(
+            "output", learner_layer(taps("input", x), w, positions, cfg, layer)
+        )
     return out
 
 
@@ -205,9 +254,11 @@ def substituted(replacements: dict):
 
 # -- checking -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     """One function (or "all together"): its status and, for a failure, where and what."""
+
     name: str
     status: str  # "ok", "FAIL", "error", "not written yet"
     comparison: CaseComparison | None = None
@@ -277,11 +328,15 @@ def exit_code(results: list[Result]) -> int:
 
 
 def format_results(results: list[Result], path, tokens: int) -> str:
-    lines = [f"{Path(path).name}: each function run inside the reference forward of tiny ({tokens} tokens, past "
-             f"its 32-token window), every tap compared with the reference's (fp32 profile)"]
+    lines = [
+        f"{Path(path).name}: each function run inside the reference forward of tiny ({tokens} tokens, past "
+        f"its 32-token window), every tap compared with the reference's (fp32 profile)"
+    ]
     for r in results:
-        lines.append(f"  {r.name:15} {r.status}" + (f" ({r.error})" if r.status == "not written yet" and r.error
-                                                     and r.name not in r.error else ""))
+        lines.append(
+            f"  {r.name:15} {r.status}"
+            + (f" ({r.error})" if r.status == "not written yet" and r.error and r.name not in r.error else "")
+        )
         if r.status == "error":
             lines.append(f"      {r.error}")
         if r.status == "FAIL":
@@ -310,8 +365,10 @@ def explain_failure(r: Result) -> list[str]:
             lines.append(f"      looks like the known mistake {name}: {what}")
     if not r.named:
         chapter = CHAPTER.get(r.name)
-        lines.append("      no known Gemma 2 mistake matches: the error is your own; look at what your code "
-                     f"computes for {first.name}" + (f" (walkthrough/{chapter})" if chapter else ""))
+        lines.append(
+            "      no known Gemma 2 mistake matches: the error is your own; look at what your code "
+            f"computes for {first.name}" + (f" (walkthrough/{chapter})" if chapter else "")
+        )
     return lines
 
 

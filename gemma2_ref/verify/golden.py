@@ -46,12 +46,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.jsonfile import JSONFileError, is_int, read_json, shown
+from ..model.taps import canonical_order, sequence_axis
+from ..model.tokenizer import BOS
+from ..storage.weights import (
+    STORAGE_DTYPES,
+    WeightsError,
+    bf16_bits_to_f32,
+    read_safetensors_header,
+    safetensors_header,
+)
 from .hashes import sha256_file, weights_sha256
 from .names import apply_name_map
-from ..model.taps import canonical_order, sequence_axis
-from ..model.jsonfile import JSONFileError, is_int, read_json, shown
-from ..model.tokenizer import BOS
-from ..storage.weights import STORAGE_DTYPES, WeightsError, bf16_bits_to_f32, read_safetensors_header, safetensors_header
 
 FORMAT_VERSION = 1
 ACTIVATIONS_FILE = "activations.safetensors"
@@ -67,6 +73,7 @@ class GoldenError(ValueError):
 
 # -- hashing ----------------------------------------------------------------------------------------------
 
+
 def _manifest_checksum(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON (sorted keys, no spaces), without the checksum field."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
@@ -76,8 +83,13 @@ def _manifest_checksum(manifest: dict) -> str:
 def git_commit() -> str:
     """The commit of the gemma2_ref checkout this code runs from, or "unknown" (installed, no git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -115,10 +127,10 @@ def tensor_stats(a: np.ndarray) -> dict:
     if flat.size == 0:
         return {"min": None, "max": None, "mean": None, "std": None, "absmax": None}
     blocks = range(0, flat.size, STATS_BLOCK)
-    lo = min(float(flat[i:i + STATS_BLOCK].min()) for i in blocks)
-    hi = max(float(flat[i:i + STATS_BLOCK].max()) for i in blocks)
-    mean = sum(flat[i:i + STATS_BLOCK].astype(np.float64).sum() for i in blocks) / flat.size
-    var = sum(np.square(flat[i:i + STATS_BLOCK].astype(np.float64) - mean).sum() for i in blocks) / flat.size
+    lo = min(float(flat[i : i + STATS_BLOCK].min()) for i in blocks)
+    hi = max(float(flat[i : i + STATS_BLOCK].max()) for i in blocks)
+    mean = sum(flat[i : i + STATS_BLOCK].astype(np.float64).sum() for i in blocks) / flat.size
+    var = sum(np.square(flat[i : i + STATS_BLOCK].astype(np.float64) - mean).sum() for i in blocks) / flat.size
     return {"min": lo, "max": hi, "mean": float(mean), "std": float(np.sqrt(var)), "absmax": max(-lo, hi)}
 
 
@@ -130,14 +142,18 @@ def tap_entry(name: str, a: np.ndarray) -> dict:
     if all(v is None or math.isfinite(v) for v in stats.values()):
         return {**entry, **stats}
     nan, finite = int(np.isnan(a).sum()), int(np.isfinite(a).sum())
-    return {**entry, **{k: None for k in stats}, "note": f"holds {nan} NaN and {a.size - finite - nan} Inf of its "
-                                                          f"{a.size} values: no statistics"}
+    return {
+        **entry,
+        **{k: None for k in stats},
+        "note": f"holds {nan} NaN and {a.size - finite - nan} Inf of its {a.size} values: no statistics",
+    }
 
 
 # -- where a golden is written: new or replaced whole, never half ------------------------------------------
 
+
 def golden_kind(path: Path) -> str | None:
-    """"case", "suite", "mixed" (both: refused everywhere) or None (not a golden) for an existing directory."""
+    """ "case", "suite", "mixed" (both: refused everywhere) or None (not a golden) for an existing directory."""
     case = (path / MANIFEST).is_file() or (path / ACTIVATIONS_FILE).is_file()
     suite = (path / SUITE).is_file() or any((p / MANIFEST).is_file() for p in path.iterdir() if p.is_dir())
     return "mixed" if case and suite else "case" if case else "suite" if suite else None
@@ -217,20 +233,30 @@ def check_output(out, force: bool = False, option: str = "--out") -> Path:
         raise GoldenError(f"{option} {out} is a file: give a directory path (it is created)")
     if out.is_dir() and any(out.iterdir()):
         if Path.cwd().resolve().is_relative_to(out.resolve()):
-            raise GoldenError(f"{option} {out} is the current directory or holds it: choose a new or empty "
-                              f"directory (it is never replaced)")
+            raise GoldenError(
+                f"{option} {out} is the current directory or holds it: choose a new or empty "
+                f"directory (it is never replaced)"
+            )
         kind = golden_kind(out)
         foreign = foreign_entry(out) if kind in ("case", "suite") else None
         if kind is None or kind == "mixed" or foreign is not None:
-            what = ("both a golden case and a suite" if kind == "mixed" else
-                    f"{foreign}, which gemma2-ref did not write" if foreign is not None else
-                    "files that are not a golden case or suite")
-            shown = ', '.join(sorted(p.name for p in out.iterdir())[:4])
-            raise GoldenError(f"{option} {out} holds {what} ({shown}): choose a new or empty directory (this one "
-                              f"is not replaced, even with --force)")
+            what = (
+                "both a golden case and a suite"
+                if kind == "mixed"
+                else f"{foreign}, which gemma2-ref did not write"
+                if foreign is not None
+                else "files that are not a golden case or suite"
+            )
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+            raise GoldenError(
+                f"{option} {out} holds {what} ({shown}): choose a new or empty directory (this one "
+                f"is not replaced, even with --force)"
+            )
         if not force:
-            raise GoldenError(f"{option} {out} already holds a golden {kind}: pass --force to replace it, or "
-                              f"choose a new or empty directory")
+            raise GoldenError(
+                f"{option} {out} already holds a golden {kind}: pass --force to replace it, or "
+                f"choose a new or empty directory"
+            )
     parent = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GoldenError(f"{option} {out}: {parent} is not writable; choose a location you may write to")
@@ -283,15 +309,18 @@ def _hold_lock(lock: Path, me: str, out: Path, option: str):
                     lock.unlink()  # stale: its writer died
                 continue
             if host is not None:
-                raise GoldenError(f"{option} {out} is being written by another gemma2-ref (pid {pid} on {host}, "
-                                  f"lock {lock}): wait for it to finish, or choose another directory") from None
+                raise GoldenError(
+                    f"{option} {out} is being written by another gemma2-ref (pid {pid} on {host}, "
+                    f"lock {lock}): wait for it to finish, or choose another directory"
+                ) from None
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
         break
     else:
-        raise GoldenError(f"{option} {out}: the lock {lock} could not be taken; if no gemma2-ref is writing "
-                          f"there, delete it")
+        raise GoldenError(
+            f"{option} {out}: the lock {lock} could not be taken; if no gemma2-ref is writing there, delete it"
+        )
     try:
         yield lock
     finally:
@@ -310,7 +339,7 @@ def interrupted_writes(out) -> list[Path]:
     left = []
     for ext in ("tmp", "old"):
         for p in out.parent.glob(f".{glob.escape(out.name)}.*.{ext}"):
-            pid = p.name[len(out.name) + 2:].split(".")[0]
+            pid = p.name[len(out.name) + 2 :].split(".")[0]
             if not (pid.isdigit() and _pid_alive(int(pid))):
                 left.append(p)
     return sorted(left)
@@ -353,6 +382,7 @@ def atomic_directory(out):
 
 # -- writing ----------------------------------------------------------------------------------------------
 
+
 def describe_bos(token_ids) -> str:
     """The BOS policy the ids follow: "one" (Gemma's), "none", or "doubled"."""
     rows = np.atleast_2d(np.asarray(token_ids))
@@ -387,10 +417,21 @@ def keep_positions(activations: dict, positions, batched: bool) -> dict:
     return {name: keep_rows(name, a, positions, batched, seq) for name, a in activations.items()}
 
 
-def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: dict | str | None = None,
-               model: dict | None = None, text: str | None = None, compute_dtype: str | None = None,
-               description: str | None = None, name_map=None, extra: dict | None = None,
-               positions: tuple[int, int] | None = None, attention_mask=None) -> Path:
+def write_case(
+    out_dir: str | Path,
+    activations: dict,
+    token_ids,
+    *,
+    producer: dict | str | None = None,
+    model: dict | None = None,
+    text: str | None = None,
+    compute_dtype: str | None = None,
+    description: str | None = None,
+    name_map=None,
+    extra: dict | None = None,
+    positions: tuple[int, int] | None = None,
+    attention_mask=None,
+) -> Path:
     """Write a golden case (activations.safetensors + manifest.json). NumPy only: usable from any backend.
 
     activations: {tap name: array}, canonical names (or give `name_map`, see `apply_name_map`);
@@ -414,8 +455,19 @@ def write_case(out_dir: str | Path, activations: dict, token_ids, *, producer: d
     if not acts:
         raise GoldenError(f"{out_dir}: no activations to write")
     specs = {name: (a.shape, a.dtype) for name, a in acts.items()}
-    with CaseWriter(out_dir, ids, specs, producer=producer, model=model, text=text, compute_dtype=compute_dtype,
-                    description=description, extra=extra, positions=positions, attention_mask=attention_mask) as w:
+    with CaseWriter(
+        out_dir,
+        ids,
+        specs,
+        producer=producer,
+        model=model,
+        text=text,
+        compute_dtype=compute_dtype,
+        description=description,
+        extra=extra,
+        positions=positions,
+        attention_mask=attention_mask,
+    ) as w:
         for name, a in acts.items():
             w.add(name, a)
     return Path(out_dir)
@@ -444,8 +496,14 @@ def our_producer(producer: dict | str | None) -> dict:
     if producer is not None:
         return {"name": producer}
     from .. import __version__
-    return {"name": "gemma2_ref", "version": __version__, "commit": git_commit(), "numpy": np.__version__,
-            "machine": platform.machine()}
+
+    return {
+        "name": "gemma2_ref",
+        "version": __version__,
+        "commit": git_commit(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+    }
 
 
 PWRITE_BYTES = 1 << 30  # bytes per os.pwrite call (Linux writes at most ~2 GiB per call)
@@ -465,23 +523,48 @@ class CaseWriter:
     A tap given with every position when the case stores `positions` keeps only those rows. Anything that
     goes wrong (an exception, an interruption, a missing tap) leaves no case: see atomic_directory."""
 
-    def __init__(self, out_dir, token_ids, specs: dict, *, producer=None, model=None, text=None,
-                 compute_dtype=None, description=None, extra=None, positions=None, attention_mask=None):
+    def __init__(
+        self,
+        out_dir,
+        token_ids,
+        specs: dict,
+        *,
+        producer=None,
+        model=None,
+        text=None,
+        compute_dtype=None,
+        description=None,
+        extra=None,
+        positions=None,
+        attention_mask=None,
+    ):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not (self.out_dir.is_dir() and (not any(self.out_dir.iterdir())
-                                                                     or is_only_a_case(self.out_dir))):
-            found = "is a file" if not self.out_dir.is_dir() else \
-                f"holds {'a golden suite' if golden_kind(self.out_dir) else 'files that are not a golden case'}"
-            raise GoldenError(f"{self.out_dir} {found}: a case is written into a new or empty directory, or over "
-                              f"a case")
+        if self.out_dir.exists() and not (
+            self.out_dir.is_dir() and (not any(self.out_dir.iterdir()) or is_only_a_case(self.out_dir))
+        ):
+            found = (
+                "is a file"
+                if not self.out_dir.is_dir()
+                else f"holds {'a golden suite' if golden_kind(self.out_dir) else 'files that are not a golden case'}"
+            )
+            raise GoldenError(
+                f"{self.out_dir} {found}: a case is written into a new or empty directory, or over a case"
+            )
         self.ids = check_token_ids(token_ids)
         self.positions = check_case_positions(positions, self.ids)
         self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in specs.items()}
         for name, (_, dtype) in self.specs.items():
             if dtype not in ST_DTYPE:
                 raise GoldenError(f"tap {name!r}: a case stores float16/32/64, not {dtype}")
-        self.fields = dict(producer=our_producer(producer), model=model, text=text, compute_dtype=compute_dtype,
-                           description=description, extra=extra, attention_mask=attention_mask)
+        self.fields = dict(
+            producer=our_producer(producer),
+            model=model,
+            text=text,
+            compute_dtype=compute_dtype,
+            description=description,
+            extra=extra,
+            attention_mask=attention_mask,
+        )
         self.entries: dict[str, dict] = {}
         self._stack = contextlib.ExitStack()
 
@@ -490,7 +573,7 @@ class CaseWriter:
         """The tap bytes the file holds (its size less the header)."""
         return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in self.specs.values())
 
-    def __enter__(self) -> "CaseWriter":
+    def __enter__(self) -> CaseWriter:
         self._tmp = self._stack.enter_context(atomic_directory(self.out_dir))
         head, self._offsets = safetensors_header({n: (ST_DTYPE[d], shape) for n, (shape, d) in self.specs.items()})
         self._file = self._stack.enter_context(open(self._tmp / ACTIVATIONS_FILE, "wb"))
@@ -512,7 +595,7 @@ class CaseWriter:
             raise GoldenError(f"tap {name!r} is {list(a.shape)}, the case stores it as {list(shape)}")
         raw, offset, done = memoryview(a.reshape(-1)).cast("B"), self._offsets[name][0], 0
         while done < len(raw):
-            done += os.pwrite(self._file.fileno(), raw[done:done + PWRITE_BYTES], offset + done)
+            done += os.pwrite(self._file.fileno(), raw[done : done + PWRITE_BYTES], offset + done)
         self.entries[name] = tap_entry(name, a)
 
     def __exit__(self, kind, error, tb) -> bool:
@@ -531,13 +614,26 @@ class CaseWriter:
             raise GoldenError(f"{self.out_dir}: {len(missing)} tap(s) never arrived, the first {missing[0]!r}")
         self._file.close()
         entries = [self.entries[n] for n in canonical_order(self.entries)]
-        manifest = case_manifest(entries, self.ids, positions=self.positions,
-                                 activations_file=self._tmp / ACTIVATIONS_FILE, **self.fields)
+        manifest = case_manifest(
+            entries, self.ids, positions=self.positions, activations_file=self._tmp / ACTIVATIONS_FILE, **self.fields
+        )
         (self._tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
 
-def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dtype, description, positions,
-                  extra, activations_file: Path, attention_mask=None) -> dict:
+def case_manifest(
+    entries: list[dict],
+    ids,
+    *,
+    producer,
+    model,
+    text,
+    compute_dtype,
+    description,
+    positions,
+    extra,
+    activations_file: Path,
+    attention_mask=None,
+) -> dict:
     """manifest.json of a case: `entries` (tap_entry of each tap, in execution order), the activations
     written to `activations_file`."""
     dtypes = sorted({e["dtype"] for e in entries})
@@ -547,13 +643,24 @@ def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dt
         "description": description,
         "producer": producer,
         "model": model,
-        "input": {"text": text, "token_ids": ids.tolist(), "shape": list(ids.shape), "bos": describe_bos(ids),
-                  "positions": positions,
-                  **({"attention_mask": np.asarray(attention_mask).astype(int).tolist()}
-                     if attention_mask is not None else {})},
+        "input": {
+            "text": text,
+            "token_ids": ids.tolist(),
+            "shape": list(ids.shape),
+            "bos": describe_bos(ids),
+            "positions": positions,
+            **(
+                {"attention_mask": np.asarray(attention_mask).astype(int).tolist()}
+                if attention_mask is not None
+                else {}
+            ),
+        },
         "compute_dtype": compute_dtype or (dtypes[0] if len(dtypes) == 1 else "mixed"),
-        "activations": {"file": ACTIVATIONS_FILE, "bytes": activations_file.stat().st_size,
-                        "sha256": sha256_file(activations_file)},
+        "activations": {
+            "file": ACTIVATIONS_FILE,
+            "bytes": activations_file.stat().st_size,
+            "sha256": sha256_file(activations_file),
+        },
         "taps": entries,
     }
     if extra:
@@ -562,8 +669,9 @@ def case_manifest(entries: list[dict], ids, *, producer, model, text, compute_dt
     return manifest
 
 
-def model_info_from_files(directory, cfg, name: str | None = None, bundled: bool = False,
-                          progress: bool = False) -> dict:
+def model_info_from_files(
+    directory, cfg, name: str | None = None, bundled: bool = False, progress: bool = False
+) -> dict:
     """What a manifest records about a checkpoint: where it came from, its config, sha256 of its files.
 
     A bundled model is recorded by name (its path differs between checkouts); a directory by its path."""
@@ -588,15 +696,16 @@ def model_info(model, given_name: str | None = None, progress: bool = False) -> 
 
     where = bundled_path(str(given_name)) if given_name is not None else None
     bundled = where is not None and model.path is not None and Path(model.path).resolve() == where.resolve()
-    return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled,
-                                 progress)
+    return model_info_from_files(model.path, model.config, str(given_name) if bundled else None, bundled, progress)
 
 
 # -- reading and verifying --------------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     """A verified golden case: manifest, activations by name, taps in execution order."""
+
     path: Path
     manifest: dict
     activations: Mapping[str, np.ndarray]  # MappedTensors when loaded: each tap read when asked for
@@ -681,33 +790,49 @@ class MappedTensors(Mapping):
 def check_manifest(manifest, mpath: Path) -> dict:
     """A case's manifest.json, checked for the type and range of every field the tool reads, before any is
     used: one line naming the file, the key, what it holds and what was expected."""
+
     def bad(key: str, value, expected: str) -> GoldenError:
-        return GoldenError(f"{mpath}: `{key}` is {shown(value)}; expected {expected}. Regenerate the case with "
-                           f"`gemma2-ref golden` (or write it with gemma2_ref.golden.write_case)")
+        return GoldenError(
+            f"{mpath}: `{key}` is {shown(value)}; expected {expected}. Regenerate the case with "
+            f"`gemma2-ref golden` (or write it with gemma2_ref.golden.write_case)"
+        )
 
     if not isinstance(manifest, dict):
         raise bad("(the whole file)", manifest, "a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise GoldenError(f"{mpath}: format_version {manifest.get('format_version')!r}, this gemma2_ref reads "
-                          f"{FORMAT_VERSION}")
+        raise GoldenError(
+            f"{mpath}: format_version {manifest.get('format_version')!r}, this gemma2_ref reads {FORMAT_VERSION}"
+        )
     for key in ("producer", "model", "extra"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise bad(key, manifest[key], "an object or null")
     if not isinstance(manifest.get("compute_dtype"), (str, type(None))):
-        raise bad("compute_dtype", manifest["compute_dtype"], "a dtype name such as \"float32\"")
+        raise bad("compute_dtype", manifest["compute_dtype"], 'a dtype name such as "float32"')
     activations = manifest.get("activations")
-    if not (isinstance(activations, dict) and is_int(activations.get("bytes")) and activations["bytes"] >= 0
-            and isinstance(activations.get("sha256"), str)):
+    if not (
+        isinstance(activations, dict)
+        and is_int(activations.get("bytes"))
+        and activations["bytes"] >= 0
+        and isinstance(activations.get("sha256"), str)
+    ):
         raise bad("activations", activations, "an object {file, bytes: an integer, sha256: a string}")
     taps = manifest.get("taps")
     if not isinstance(taps, list):
         raise bad("taps", taps, "a list of objects {name, shape, dtype, sha256, ...}")
     for n, tap in enumerate(taps):
-        if not (isinstance(tap, dict) and isinstance(tap.get("name"), str) and isinstance(tap.get("dtype"), str)
-                and isinstance(tap.get("sha256"), str) and isinstance(tap.get("shape"), list)
-                and all(is_int(d) and d >= 0 for d in tap["shape"])):
-            raise bad(f"taps[{n}]", tap, "an object with a string `name`, `dtype` and `sha256` and a `shape` "
-                                         "list of non-negative integers")
+        if not (
+            isinstance(tap, dict)
+            and isinstance(tap.get("name"), str)
+            and isinstance(tap.get("dtype"), str)
+            and isinstance(tap.get("sha256"), str)
+            and isinstance(tap.get("shape"), list)
+            and all(is_int(d) and d >= 0 for d in tap["shape"])
+        ):
+            raise bad(
+                f"taps[{n}]",
+                tap,
+                "an object with a string `name`, `dtype` and `sha256` and a `shape` list of non-negative integers",
+            )
     names = [t["name"] for t in taps]
     if len(set(names)) != len(names):
         raise bad("taps", next(n for n in names if names.count(n) > 1), "each tap listed once")
@@ -724,23 +849,38 @@ def check_manifest_input(given, bad) -> None:
     if ids is not None:
         batched = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
         rows = ids if batched else [ids]
-        if (not isinstance(ids, list) or not ids or any(not isinstance(r, list) or not r or len(r) != len(rows[0])
-                                                        for r in rows)
-                or not all(is_int(t) for r in rows for t in r)):
-            raise bad("input.token_ids", ids, "a non-empty list of integer token ids, or a list of equal-length "
-                                              "such lists")
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or any(not isinstance(r, list) or not r or len(r) != len(rows[0]) for r in rows)
+            or not all(is_int(t) for r in rows for t in r)
+        ):
+            raise bad(
+                "input.token_ids", ids, "a non-empty list of integer token ids, or a list of equal-length such lists"
+            )
         shape = [len(rows), len(rows[0])] if batched else [len(ids)]
         if given.get("shape") is not None and given["shape"] != shape:
             raise bad("input.shape", given["shape"], f"{shape}, the shape of input.token_ids")
         mask = given.get("attention_mask")
-        if mask is not None and (not isinstance(mask, list) or len(shape) != 2 or len(mask) != shape[0] or not all(
-                isinstance(r, list) and len(r) == shape[1] and all(v in (0, 1) and not isinstance(v, float)
-                                                                   for v in r) for r in mask)):
-            raise bad("input.attention_mask", mask, f"a {shape} list of 0 and 1 (the shape of input.token_ids, "
-                                                    f"batched)")
+        if mask is not None and (
+            not isinstance(mask, list)
+            or len(shape) != 2
+            or len(mask) != shape[0]
+            or not all(
+                isinstance(r, list) and len(r) == shape[1] and all(v in (0, 1) and not isinstance(v, float) for v in r)
+                for r in mask
+            )
+        ):
+            raise bad(
+                "input.attention_mask", mask, f"a {shape} list of 0 and 1 (the shape of input.token_ids, batched)"
+            )
         positions = given.get("positions")
-        if positions is not None and not (isinstance(positions, list) and len(positions) == 2 and all(
-                is_int(p) for p in positions) and 0 <= positions[0] < positions[1] <= shape[-1]):
+        if positions is not None and not (
+            isinstance(positions, list)
+            and len(positions) == 2
+            and all(is_int(p) for p in positions)
+            and 0 <= positions[0] < positions[1] <= shape[-1]
+        ):
             raise bad("input.positions", positions, f"null or [start, stop] with 0 <= start < stop <= {shape[-1]}")
     elif given.get("positions") is not None or given.get("attention_mask") is not None:
         raise bad("input.token_ids", None, "the token ids the positions and mask refer to")
@@ -755,8 +895,10 @@ def load_case(path: str | Path, verify: bool = True) -> Case:
         raise GoldenError(f"{path}: not a golden case directory (expected {MANIFEST} and {ACTIVATIONS_FILE} in it)")
     for p in (mpath, apath):
         if not p.is_file():
-            raise GoldenError(f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS_FILE}; "
-                              f"regenerate it with `gemma2-ref golden`")
+            raise GoldenError(
+                f"{p}: missing. A golden case needs both {MANIFEST} and {ACTIVATIONS_FILE}; "
+                f"regenerate it with `gemma2-ref golden`"
+            )
     try:
         manifest = check_manifest(read_json(mpath), mpath)
     except JSONFileError as e:
@@ -764,17 +906,23 @@ def load_case(path: str | Path, verify: bool = True) -> Case:
     if verify:
         recorded, actual = manifest.get("manifest_sha256"), _manifest_checksum(manifest)
         if recorded != actual:
-            raise GoldenError(f"{mpath}: manifest checksum mismatch (recorded {recorded}, content gives "
-                              f"{actual}): the manifest was edited after it was written. Regenerate the case")
+            raise GoldenError(
+                f"{mpath}: manifest checksum mismatch (recorded {recorded}, content gives "
+                f"{actual}): the manifest was edited after it was written. Regenerate the case"
+            )
         expected = manifest["activations"]
         size = apath.stat().st_size
         if size != expected["bytes"]:
-            raise GoldenError(f"{apath}: {size} bytes, the manifest says {expected['bytes']}: the file is "
-                              f"truncated or was replaced. Regenerate the case")
+            raise GoldenError(
+                f"{apath}: {size} bytes, the manifest says {expected['bytes']}: the file is "
+                f"truncated or was replaced. Regenerate the case"
+            )
         found = sha256_file(apath)
         if found != expected["sha256"]:
-            raise GoldenError(f"{apath}: sha256 {found} does not match the manifest's {expected['sha256']}: "
-                              f"the activations were modified. Regenerate the case")
+            raise GoldenError(
+                f"{apath}: sha256 {found} does not match the manifest's {expected['sha256']}: "
+                f"the activations were modified. Regenerate the case"
+            )
     arrays = MappedTensors(apath)
     listed = {t["name"]: t for t in manifest.get("taps", [])}
     missing, extra = sorted(set(listed) - set(arrays)), sorted(set(arrays) - set(listed))
@@ -787,11 +935,14 @@ def load_case(path: str | Path, verify: bool = True) -> Case:
             a = arrays[name]
             bf16 = arrays.stored_dtype(name) == "BF16"
             if list(a.shape) != meta["shape"] or (not bf16 and str(a.dtype) != meta["dtype"]):
-                raise GoldenError(f"{apath}: tap {name!r} is {a.dtype} {list(a.shape)}, the manifest says "
-                                  f"{meta['dtype']} {meta['shape']}")
+                raise GoldenError(
+                    f"{apath}: tap {name!r} is {a.dtype} {list(a.shape)}, the manifest says "
+                    f"{meta['dtype']} {meta['shape']}"
+                )
             if not bf16 and tensor_sha256(a) != meta["sha256"]:
-                raise GoldenError(f"{apath}: tap {name!r}: sha256 of its bytes does not match the manifest: "
-                                  f"the tensor was modified")
+                raise GoldenError(
+                    f"{apath}: tap {name!r}: sha256 of its bytes does not match the manifest: the tensor was modified"
+                )
     return Case(path, manifest, arrays, verified=verify)
 
 
@@ -803,11 +954,11 @@ def load_activations_file(path: str | Path, name_map=None) -> Case:
     arrays = MappedTensors(path)
     arrays = apply_name_map(arrays, name_map) if name_map else arrays
     manifest = {"format_version": FORMAT_VERSION, "producer": {"name": path.name}, "input": {}}
-    return Case(path, manifest, arrays, verified=False,
-                notes=["no manifest: hashes not verified, token ids unknown"])
+    return Case(path, manifest, arrays, verified=False, notes=["no manifest: hashes not verified, token ids unknown"])
 
 
 # -- suites -----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Suite:
@@ -824,8 +975,13 @@ def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | 
     """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]. Write it last,
     once every case is written: its presence says the suite is complete."""
     out_dir = Path(out_dir)
-    body = {"format_version": FORMAT_VERSION, "kind": SUITE_KIND, "name": name,
-            **(info or {}), "cases": [{"name": c["name"], "description": c.get("description")} for c in cases]}
+    body = {
+        "format_version": FORMAT_VERSION,
+        "kind": SUITE_KIND,
+        "name": name,
+        **(info or {}),
+        "cases": [{"name": c["name"], "description": c.get("description")} for c in cases],
+    }
     tmp = out_dir / (SUITE + ".tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n")
     tmp.replace(out_dir / SUITE)
@@ -840,25 +996,39 @@ def load_suite(path: str | Path, verify: bool = True) -> Suite:
     except JSONFileError as e:
         raise GoldenError(str(e)) from None
     entries = info.get("cases") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
-                                                                and e["name"] for e in entries):
-        raise GoldenError(f"{path / SUITE}: expected an object whose `cases` lists at least one {{\"name\": ...}}; "
-                          f"regenerate the suite with `gemma2-ref golden --suite`")
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] for e in entries)
+    ):
+        raise GoldenError(
+            f'{path / SUITE}: expected an object whose `cases` lists at least one {{"name": ...}}; '
+            f"regenerate the suite with `gemma2-ref golden --suite`"
+        )
     skipped = info.get("skipped")
-    if skipped is not None and not (isinstance(skipped, list) and all(
-            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("reason"), str)
-            for e in skipped)):
-        raise GoldenError(f"{path / SUITE}: `skipped` is {shown(skipped)}; expected a list of {{\"name\": case, "
-                          f"\"reason\": why its backend could not write it}}")
+    if skipped is not None and not (
+        isinstance(skipped, list)
+        and all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("reason"), str) for e in skipped
+        )
+    ):
+        raise GoldenError(
+            f'{path / SUITE}: `skipped` is {shown(skipped)}; expected a list of {{"name": case, '
+            f'"reason": why its backend could not write it}}'
+        )
     cases = []
     for entry in entries:
         if Path(entry["name"]).name != entry["name"] or entry["name"] in (".", ".."):
-            raise GoldenError(f"{path / SUITE} lists the case {entry['name']!r}: a case is a directory inside the "
-                              f"suite, named without a path")
+            raise GoldenError(
+                f"{path / SUITE} lists the case {entry['name']!r}: a case is a directory inside the "
+                f"suite, named without a path"
+            )
         case_dir = path / entry["name"]
         if not case_dir.is_dir():
-            raise GoldenError(f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist: the "
-                              f"suite is incomplete. Regenerate it with `gemma2-ref golden --suite`")
+            raise GoldenError(
+                f"{path / SUITE} lists case {entry['name']!r} but {case_dir} does not exist: the "
+                f"suite is incomplete. Regenerate it with `gemma2-ref golden --suite`"
+            )
         cases.append(load_case(case_dir, verify))
     return Suite(path, info, cases)
 
@@ -873,18 +1043,21 @@ def load_golden(path: str | Path, verify: bool = True, name_map=None, *, referen
     if path.is_file() and path.suffix == ".safetensors":
         return load_activations_file(path, name_map)
     if not path.exists():
-        raise GoldenError(f"{path}: no such directory (expected a golden case or suite written by "
-                          f"`gemma2-ref golden`)")
+        raise GoldenError(f"{path}: no such directory (expected a golden case or suite written by `gemma2-ref golden`)")
     kind = golden_kind(path) if path.is_dir() else None
     if kind == "mixed":
-        raise GoldenError(f"{path} holds both a golden case ({MANIFEST}) and a suite (case directories or "
-                          f"{SUITE}): one of them would be ignored. Regenerate it into an empty directory")
+        raise GoldenError(
+            f"{path} holds both a golden case ({MANIFEST}) and a suite (case directories or "
+            f"{SUITE}): one of them would be ignored. Regenerate it into an empty directory"
+        )
     if (path / SUITE).is_file():
         return load_suite(path, verify)
     subcases = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
     if subcases and reference:
-        raise GoldenError(f"{path}: a suite without {SUITE} (an interrupted `gemma2-ref golden --suite`?): as "
-                          f"the reference it cannot show which cases are missing. Regenerate it")
+        raise GoldenError(
+            f"{path}: a suite without {SUITE} (an interrupted `gemma2-ref golden --suite`?): as "
+            f"the reference it cannot show which cases are missing. Regenerate it"
+        )
     if not (path / MANIFEST).exists() and subcases:  # a candidate suite written case by case, no suite.json
         cases = [load_case(p, verify) for p in subcases]
         if name_map:

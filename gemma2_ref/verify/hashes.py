@@ -56,8 +56,13 @@ def user_cache_dir() -> Path:
 def file_key(path: Path) -> dict:
     """What must be unchanged for a remembered digest of `path` to be trusted."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
-            "device": st.st_dev}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }
 
 
 def weights_sha256(files: list[Path], progress: bool = False) -> dict[str, str]:
@@ -96,9 +101,14 @@ def cache_location(checkpoint_dir: Path) -> Path | None:
         if candidate.exists() or candidate.is_symlink():
             problem = _not_ours(candidate)
             if problem:
-                warnings.warn(HashCacheWarning(f"{candidate}: ignored and left as it is ({problem}): the weight "
-                                               f"files are hashed; delete it to let gemma2-ref remember their "
-                                               f"digests there"), stacklevel=3)
+                warnings.warn(
+                    HashCacheWarning(
+                        f"{candidate}: ignored and left as it is ({problem}): the weight "
+                        f"files are hashed; delete it to let gemma2-ref remember their "
+                        f"digests there"
+                    ),
+                    stacklevel=3,
+                )
             elif os.access(candidate, os.W_OK) and os.access(candidate.parent, os.W_OK):
                 return candidate
             continue
@@ -120,8 +130,12 @@ def _not_ours(path: Path) -> str | None:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return f"not readable JSON: {e}"
-    if not isinstance(data, dict) or data.get("kind") != CACHE_KIND or data.get("format") != CACHE_FORMAT \
-            or not isinstance(data.get("files"), dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("kind") != CACHE_KIND
+        or data.get("format") != CACHE_FORMAT
+        or not isinstance(data.get("files"), dict)
+    ):
         return f"not a {CACHE_KIND} of format {CACHE_FORMAT}"
     return None
 
@@ -139,12 +153,19 @@ def read_cache(path: Path) -> dict[str, dict]:
 def write_cache(path: Path, entries: dict[str, dict]) -> None:
     """Write the cache whole (temporary file, then rename); a failure only costs the next run a re-hash."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    body = {"kind": CACHE_KIND, "format": CACHE_FORMAT,
-            "files": {p: e for p, e in sorted(entries.items()) if Path(p).is_file()}}  # forget deleted files
+    body = {
+        "kind": CACHE_KIND,
+        "format": CACHE_FORMAT,
+        "files": {p: e for p, e in sorted(entries.items()) if Path(p).is_file()},
+    }  # forget deleted files
     try:
         tmp.write_text(json.dumps(body, indent=1) + "\n")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        warnings.warn(HashCacheWarning(f"{path}: could not be written ({e.strerror}); the digests will be "
-                                       f"computed again next time"), stacklevel=3)
+        warnings.warn(
+            HashCacheWarning(
+                f"{path}: could not be written ({e.strerror}); the digests will be computed again next time"
+            ),
+            stacklevel=3,
+        )

@@ -33,13 +33,24 @@ from .corpus import CorpusError, CorpusGolden, first_scored, load_corpus
 
 # exit 1 when a candidate passes any of these (measured: docs/corpus.md; float32 engines give < 1e-5)
 THRESHOLDS = {"kld_mean": 0.01, "kld_p99": 0.1, "same_top1": 0.95}
-JSON_KEYS = ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_median", "kld_p99", "kld_max", "dp_rms",
-             "same_top1", "scored_tokens")
+JSON_KEYS = (
+    "ppl_ref",
+    "ppl_cand",
+    "ln_ppl_ratio",
+    "kld_mean",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "dp_rms",
+    "same_top1",
+    "scored_tokens",
+)
 
 
 @dataclass
 class Positions:
     """Per scored position (in corpus order): the values every statistic is made of."""
+
     nll_ref: np.ndarray
     nll_cand: np.ndarray
     kld: np.ndarray
@@ -66,9 +77,16 @@ def position_values(ref_shard: dict, cand_shard: dict, top_k: int | None) -> dic
         trunc = np.maximum(P * (lp_r[..., -1] - np.asarray(cand_shard["min_logprob"])) - tail, 0)
     nll_r = -np.asarray(ref_shard["target_logprob"], np.float64)
     nll_c = -np.asarray(cand_shard["target_logprob"], np.float64)
-    return {"nll_ref": nll_r, "nll_cand": nll_c, "kld": kld, "dp": np.exp(-nll_c) - np.exp(-nll_r),
-            "same_top1": np.asarray(ref_shard["top1"]) == np.asarray(cand_shard["top1"]), "truncation": trunc,
-            "ref_top1": np.asarray(ref_shard["top1"]), "cand_top1": np.asarray(cand_shard["top1"])}
+    return {
+        "nll_ref": nll_r,
+        "nll_cand": nll_c,
+        "kld": kld,
+        "dp": np.exp(-nll_c) - np.exp(-nll_r),
+        "same_top1": np.asarray(ref_shard["top1"]) == np.asarray(cand_shard["top1"]),
+        "truncation": trunc,
+        "ref_top1": np.asarray(ref_shard["top1"]),
+        "cand_top1": np.asarray(cand_shard["top1"]),
+    }
 
 
 def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
@@ -113,26 +131,37 @@ def summary(v: dict[str, np.ndarray]) -> dict:
     n = len(kld)
     lr, lr_unc = mean_and_uncertainty(nll_r)
     lc, lc_unc = mean_and_uncertainty(nll_c)
-    ratio_unc = math.sqrt(max(lc_unc ** 2 + lr_unc ** 2 - 2 * covariance(nll_c, nll_r), 0.0))
+    ratio_unc = math.sqrt(max(lc_unc**2 + lr_unc**2 - 2 * covariance(nll_c, nll_r), 0.0))
     k_mean, k_unc = mean_and_uncertainty(kld)
     ks = np.sort(kld.astype(np.float32))  # llama.cpp sorts float values
     mse, mse_unc = mean_and_uncertainty(np.square(dp))
     rms = math.sqrt(mse)
     top = float(np.mean(same))
     return {
-        "ppl_ref": math.exp(lr), "ppl_ref_unc": math.exp(lr) * lr_unc,
-        "ppl_cand": math.exp(lc), "ppl_cand_unc": math.exp(lc) * lc_unc,
-        "ln_ppl_ratio": lc - lr, "ln_ppl_ratio_unc": ratio_unc,
-        "kld_mean": k_mean, "kld_mean_unc": k_unc, "kld_median": median(ks),
-        "kld_p90": percentile(ks, 0.90), "kld_p95": percentile(ks, 0.95), "kld_p99": percentile(ks, 0.99),
+        "ppl_ref": math.exp(lr),
+        "ppl_ref_unc": math.exp(lr) * lr_unc,
+        "ppl_cand": math.exp(lc),
+        "ppl_cand_unc": math.exp(lc) * lc_unc,
+        "ln_ppl_ratio": lc - lr,
+        "ln_ppl_ratio_unc": ratio_unc,
+        "kld_mean": k_mean,
+        "kld_mean_unc": k_unc,
+        "kld_median": median(ks),
+        "kld_p90": percentile(ks, 0.90),
+        "kld_p95": percentile(ks, 0.95),
+        "kld_p99": percentile(ks, 0.99),
         "kld_max": float(ks[-1]),
-        "dp_rms": rms, "dp_rms_unc": 0.5 / rms * mse_unc if rms > 0 else 0.0,
-        "same_top1": top, "same_top1_unc": math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0,
-        "kld_truncation_bound": float(np.mean(v["truncation"])), "scored_tokens": int(n),
+        "dp_rms": rms,
+        "dp_rms_unc": 0.5 / rms * mse_unc if rms > 0 else 0.0,
+        "same_top1": top,
+        "same_top1_unc": math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0,
+        "kld_truncation_bound": float(np.mean(v["truncation"])),
+        "scored_tokens": int(n),
     }
 
 
 # -- a comparison ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class CorpusComparison:
@@ -159,21 +188,28 @@ def check_pair(ref: CorpusGolden, cand: CorpusGolden) -> None:
     if cand.role == "reference":
         for key in ("corpus", "ctx", "n_chunks", "top_k"):
             if m[key] != c[key]:
-                raise CorpusError(f"{cand.path}: another corpus golden than {ref.path} ({key} {c[key]!r} vs "
-                                  f"{m[key]!r}): compare goldens of the same corpus, ctx and --top-k")
+                raise CorpusError(
+                    f"{cand.path}: another corpus golden than {ref.path} ({key} {c[key]!r} vs "
+                    f"{m[key]!r}): compare goldens of the same corpus, ctx and --top-k"
+                )
         if m["model"]["config"] != c["model"]["config"]:
             raise CorpusError(f"{cand.path}: another model's corpus golden than {ref.path} (config.json differs)")
         if m["top_k"] != "all":
-            raise CorpusError(f"{cand.path} is a reference with its own top-{m['top_k']} ids: make the candidate "
-                              f"with `gemma2-ref corpus ... --reference {ref.path}`, or both with --top-k all")
+            raise CorpusError(
+                f"{cand.path} is a reference with its own top-{m['top_k']} ids: make the candidate "
+                f"with `gemma2-ref corpus ... --reference {ref.path}`, or both with --top-k all"
+            )
         return
     if c["reference"]["manifest_sha256"] != m["manifest_sha256"]:
-        raise CorpusError(f"{cand.path} was made against another reference (manifest {c['reference']['path']}), not "
-                          f"{ref.path}: compare it with its own reference")
+        raise CorpusError(
+            f"{cand.path} was made against another reference (manifest {c['reference']['path']}), not "
+            f"{ref.path}: compare it with its own reference"
+        )
 
 
-def compare_corpus(reference, candidate, thresholds: dict | None = None, tokenizer=None, worst: int = 10
-                   ) -> CorpusComparison:
+def compare_corpus(
+    reference, candidate, thresholds: dict | None = None, tokenizer=None, worst: int = 10
+) -> CorpusComparison:
     """REF a corpus golden; CAND a candidate corpus golden (or a reference one with --top-k all), or a llama.cpp
     base file. Streams a shard at a time; holds only per-position scalars."""
     from .llamacpp_kld import candidate_shard, check_against_reference, is_base_file, read_base_file
@@ -202,14 +238,32 @@ def compare_corpus(reference, candidate, thresholds: dict | None = None, tokeniz
     v = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # (n_chunks, R) each
     stats = summary(v)
     thresholds = dict(THRESHOLDS, **(thresholds or {}))
-    failures = [f"{k} {stats[k]:.4g} {'<' if k == 'same_top1' else '>'} {t:g}" for k, t in thresholds.items()
-                if (stats[k] < t if k == "same_top1" else stats[k] > t)]
-    chunks = [{"chunk": c, **{k: summary({n: a[c:c + 1] for n, a in v.items()})[k]
-                              for k in ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_max", "same_top1")}}
-              for c in range(len(v["kld"]))]
-    return CorpusComparison(str(ref.path), str(candidate.path if given else candidate), stats, chunks,
-                            worst_positions(ref, v, worst, tokenizer), thresholds, ref.top_k, failures,
-                            v["kld"])
+    failures = [
+        f"{k} {stats[k]:.4g} {'<' if k == 'same_top1' else '>'} {t:g}"
+        for k, t in thresholds.items()
+        if (stats[k] < t if k == "same_top1" else stats[k] > t)
+    ]
+    chunks = [
+        {
+            "chunk": c,
+            **{
+                k: summary({n: a[c : c + 1] for n, a in v.items()})[k]
+                for k in ("ppl_ref", "ppl_cand", "ln_ppl_ratio", "kld_mean", "kld_max", "same_top1")
+            },
+        }
+        for c in range(len(v["kld"]))
+    ]
+    return CorpusComparison(
+        str(ref.path),
+        str(candidate.path if given else candidate),
+        stats,
+        chunks,
+        worst_positions(ref, v, worst, tokenizer),
+        thresholds,
+        ref.top_k,
+        failures,
+        v["kld"],
+    )
 
 
 def worst_positions(ref: CorpusGolden, v: dict, n: int, tokenizer) -> list[dict]:
@@ -221,10 +275,16 @@ def worst_positions(ref: CorpusGolden, v: dict, n: int, tokenizer) -> list[dict]
     for f in flat:
         c, row = divmod(int(f), R)
         pos = first + row
-        rec = {"chunk": c, "position": pos, "kld": float(v["kld"][c, row]), "target": int(tokens[c, pos + 1]),
-               "ref_top1": int(v["ref_top1"][c, row]), "cand_top1": int(v["cand_top1"][c, row])}
+        rec = {
+            "chunk": c,
+            "position": pos,
+            "kld": float(v["kld"][c, row]),
+            "target": int(tokens[c, pos + 1]),
+            "ref_top1": int(v["ref_top1"][c, row]),
+            "cand_top1": int(v["cand_top1"][c, row]),
+        }
         if tokenizer is not None:
-            rec["context"] = tokenizer.decode(tokens[c, max(1, pos - 11):pos + 1].tolist())
+            rec["context"] = tokenizer.decode(tokens[c, max(1, pos - 11) : pos + 1].tolist())
             for key in ("target", "ref_top1", "cand_top1"):
                 rec[key + "_text"] = tokenizer.decode([rec[key]])
         out.append(rec)
@@ -235,38 +295,60 @@ def to_json(result: CorpusComparison) -> str:
     """The stable keys (JSON_KEYS) first, then the uncertainties, percentiles, chunks and worst positions."""
     body = {k: result.stats[k] for k in JSON_KEYS}
     body.update({k: v for k, v in result.stats.items() if k not in body})
-    body.update(reference=result.reference, candidate=result.candidate, passed=result.passed,
-                failures=result.failures, thresholds=result.thresholds, chunks=result.chunks, worst=result.worst)
+    body.update(
+        reference=result.reference,
+        candidate=result.candidate,
+        passed=result.passed,
+        failures=result.failures,
+        thresholds=result.thresholds,
+        chunks=result.chunks,
+        worst=result.worst,
+    )
     return json.dumps(body, indent=1)
 
 
 def format_report(result: CorpusComparison, max_chunks: int = 20) -> str:
     s = result.stats
-    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", "",
-             "chunk        PPL(ref)       PPL(cand)   ln(PPL ratio)     mean KLD      max KLD   same top-1"]
+    lines = [
+        f"reference  {result.reference}",
+        f"candidate  {result.candidate}",
+        "",
+        "chunk        PPL(ref)       PPL(cand)   ln(PPL ratio)     mean KLD      max KLD   same top-1",
+    ]
     for c in result.chunks[:max_chunks]:
-        lines.append(f"{c['chunk']:5d}  {c['ppl_ref']:14.4f}  {c['ppl_cand']:14.4f}  {c['ln_ppl_ratio']:14.6f}  "
-                     f"{c['kld_mean']:11.6f}  {c['kld_max']:11.6f}  {100 * c['same_top1']:9.2f} %")
+        lines.append(
+            f"{c['chunk']:5d}  {c['ppl_ref']:14.4f}  {c['ppl_cand']:14.4f}  {c['ln_ppl_ratio']:14.6f}  "
+            f"{c['kld_mean']:11.6f}  {c['kld_max']:11.6f}  {100 * c['same_top1']:9.2f} %"
+        )
     if len(result.chunks) > max_chunks:
         lines.append(f"  ... {len(result.chunks) - max_chunks} more chunks (--json has them all)")
-    lines += ["", f"scored tokens              {s['scored_tokens']}",
-              f"PPL(ref)                   {s['ppl_ref']:.6f} ± {s['ppl_ref_unc']:.6f}",
-              f"PPL(cand)                  {s['ppl_cand']:.6f} ± {s['ppl_cand_unc']:.6f}",
-              f"ln(PPL(cand)/PPL(ref))     {s['ln_ppl_ratio']:.6f} ± {s['ln_ppl_ratio_unc']:.6f}",
-              f"mean KLD                   {s['kld_mean']:.6f} ± {s['kld_mean_unc']:.6f}"
-              + (f"  (top-{result.top_k}: at most {s['kld_truncation_bound']:.3g} below the exact value)"
-                 if s["kld_truncation_bound"] > 0 else ""),
-              f"median / p90 / p95 / p99   {s['kld_median']:.6f} / {s['kld_p90']:.6f} / {s['kld_p95']:.6f} / "
-              f"{s['kld_p99']:.6f}",
-              f"max KLD                    {s['kld_max']:.6f}",
-              f"RMS Δp                     {100 * s['dp_rms']:.3f} ± {100 * s['dp_rms_unc']:.3f} %",
-              f"same top-1                 {100 * s['same_top1']:.3f} ± {100 * s['same_top1_unc']:.3f} %", "",
-              "largest KLD positions:"]
+    lines += [
+        "",
+        f"scored tokens              {s['scored_tokens']}",
+        f"PPL(ref)                   {s['ppl_ref']:.6f} ± {s['ppl_ref_unc']:.6f}",
+        f"PPL(cand)                  {s['ppl_cand']:.6f} ± {s['ppl_cand_unc']:.6f}",
+        f"ln(PPL(cand)/PPL(ref))     {s['ln_ppl_ratio']:.6f} ± {s['ln_ppl_ratio_unc']:.6f}",
+        f"mean KLD                   {s['kld_mean']:.6f} ± {s['kld_mean_unc']:.6f}"
+        + (
+            f"  (top-{result.top_k}: at most {s['kld_truncation_bound']:.3g} below the exact value)"
+            if s["kld_truncation_bound"] > 0
+            else ""
+        ),
+        f"median / p90 / p95 / p99   {s['kld_median']:.6f} / {s['kld_p90']:.6f} / {s['kld_p95']:.6f} / "
+        f"{s['kld_p99']:.6f}",
+        f"max KLD                    {s['kld_max']:.6f}",
+        f"RMS Δp                     {100 * s['dp_rms']:.3f} ± {100 * s['dp_rms_unc']:.3f} %",
+        f"same top-1                 {100 * s['same_top1']:.3f} ± {100 * s['same_top1_unc']:.3f} %",
+        "",
+        "largest KLD positions:",
+    ]
     for w in result.worst:
         text = repr(w.get("context", ""))[-50:]
-        lines.append(f"  chunk {w['chunk']:4d} pos {w['position']:5d}  KLD {w['kld']:9.5f}  {text} -> "
-                     f"{w.get('target_text', w['target'])!r} (ref {w.get('ref_top1_text', w['ref_top1'])!r}, "
-                     f"cand {w.get('cand_top1_text', w['cand_top1'])!r})")
+        lines.append(
+            f"  chunk {w['chunk']:4d} pos {w['position']:5d}  KLD {w['kld']:9.5f}  {text} -> "
+            f"{w.get('target_text', w['target'])!r} (ref {w.get('ref_top1_text', w['ref_top1'])!r}, "
+            f"cand {w.get('cand_top1_text', w['cand_top1'])!r})"
+        )
     verdict = "PASS" if result.passed else "FAIL: " + "; ".join(result.failures)
     limits = ", ".join(f"{k} {'>=' if k == 'same_top1' else '<='} {v:g}" for k, v in result.thresholds.items())
     lines += ["", f"{verdict}  (limits: {limits})"]

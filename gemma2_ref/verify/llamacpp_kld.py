@@ -54,7 +54,7 @@ def base_rows(logits: np.ndarray) -> np.ndarray:
     inv = (np.float32(1) / safe).astype(np.float32)
     q = np.rint((inv[:, None] * (x - mn[:, None])).astype(np.float32))
     q = np.where((x > mn[:, None]) & (scale[:, None] > 0), q, 0)
-    out[:, 4:4 + V] = np.clip(q, 0, 65535).astype(np.uint16)
+    out[:, 4 : 4 + V] = np.clip(q, 0, 65535).astype(np.uint16)
     return out
 
 
@@ -84,6 +84,7 @@ def base_file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
 @dataclass
 class LlamaBase:
     """A llama.cpp base file, memory-mapped: its header, tokens and rows."""
+
     path: Path
     n_ctx: int
     n_vocab: int
@@ -104,7 +105,7 @@ class LlamaBase:
         """(R, n_vocab) float32: scale*u + min_log_prob, as perplexity.cpp:216, :227 read them."""
         rows = np.asarray(self.rows(chunk))
         scale_min = np.ascontiguousarray(rows[:, :4]).view(np.float32)  # (R, 2)
-        u = rows[:, 4:4 + self.n_vocab].astype(np.float32)
+        u = rows[:, 4 : 4 + self.n_vocab].astype(np.float32)
         return (scale_min[:, :1] * u + scale_min[:, 1:2]).astype(np.float32)
 
 
@@ -129,8 +130,10 @@ def read_base_file(path) -> LlamaBase:
         raise CorpusError(f"{path}: header n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk} is not a base file's")
     expected = base_file_size(n_ctx, n_vocab, n_chunk)
     if size != expected:
-        raise CorpusError(f"{path}: {size} bytes, its header (n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}) "
-                          f"needs {expected}: {'truncated' if size < expected else 'trailing bytes'}")
+        raise CorpusError(
+            f"{path}: {size} bytes, its header (n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}) "
+            f"needs {expected}: {'truncated' if size < expected else 'trailing bytes'}"
+        )
     return LlamaBase(path, n_ctx, n_vocab, n_chunk)
 
 
@@ -138,28 +141,35 @@ def check_against_reference(base: LlamaBase, ref) -> None:
     """Same vocabulary, context, chunks and tokens as the reference corpus golden (llama.cpp only warns)."""
     m = ref.manifest
     if base.n_vocab != m["vocab_size"]:
-        raise CorpusError(f"{base.path}: vocabulary of {base.n_vocab} ids, the reference {ref.path} has "
-                          f"{m['vocab_size']}: not the same model")
+        raise CorpusError(
+            f"{base.path}: vocabulary of {base.n_vocab} ids, the reference {ref.path} has "
+            f"{m['vocab_size']}: not the same model"
+        )
     if base.n_ctx != m["ctx"] or base.n_chunk < m["n_chunks"]:
-        raise CorpusError(f"{base.path}: n_ctx {base.n_ctx} with {base.n_chunk} chunks; the reference has --ctx "
-                          f"{m['ctx']} with {m['n_chunks']} chunks: run llama-perplexity with -c {m['ctx']}")
+        raise CorpusError(
+            f"{base.path}: n_ctx {base.n_ctx} with {base.n_chunk} chunks; the reference has --ctx "
+            f"{m['ctx']} with {m['n_chunks']} chunks: run llama-perplexity with -c {m['ctx']}"
+        )
     ref_tokens = ref.tokens()
-    theirs = np.asarray(base.tokens[:m["n_chunks"]])
+    theirs = np.asarray(base.tokens[: m["n_chunks"]])
     if not np.array_equal(theirs, ref_tokens):
         c, p = np.argwhere(theirs != ref_tokens)[0]
-        raise CorpusError(f"{base.path}: other tokens than the reference {ref.path}: chunk {c} position {p} is "
-                          f"{int(theirs[c, p])}, the reference's {int(ref_tokens[c, p])} (another tokenizer or text)")
+        raise CorpusError(
+            f"{base.path}: other tokens than the reference {ref.path}: chunk {c} position {p} is "
+            f"{int(theirs[c, p])}, the reference's {int(ref_tokens[c, p])} (another tokenizer or text)"
+        )
 
 
-def candidate_shard(base: LlamaBase, chunks: tuple[int, int], ref_ids: np.ndarray | None,
-                    tokens: np.ndarray) -> dict[str, np.ndarray]:
+def candidate_shard(
+    base: LlamaBase, chunks: tuple[int, int], ref_ids: np.ndarray | None, tokens: np.ndarray
+) -> dict[str, np.ndarray]:
     """The values a candidate shard holds (corpus.score_rows), from the base file's rows of these chunks."""
     first = first_scored(base.n_ctx)
     out = {"logprobs": [], "target_logprob": [], "top1": [], "min_logprob": []}
     for j, c in enumerate(range(*chunks)):
         lp = base.logprobs(c)
         rows = np.arange(len(lp))
-        out["target_logprob"].append(lp[rows, tokens[j, first + 1:]].astype(np.float64))
+        out["target_logprob"].append(lp[rows, tokens[j, first + 1 :]].astype(np.float64))
         out["top1"].append(np.argmax(lp, axis=1).astype(np.int32))  # the first maximum, as :219-224
         out["min_logprob"].append(lp.min(axis=1).astype(np.float64))
         out["logprobs"].append(lp if ref_ids is None else np.take_along_axis(lp, np.asarray(ref_ids[j]), axis=1))

@@ -32,27 +32,37 @@ DTYPE_OF_PROFILE = {"bf16": "bfloat16", "fp16": "float16"}
 
 def measured_profile(model, reference, dtype: str = "bfloat16") -> Profile:
     """Per-tap limits for comparing a `dtype` candidate with `reference` (a golden Case of `model`)."""
-    from .compare import comparable
     from ..model.inputs import padded_positions
+    from .compare import comparable
 
     floor = PROFILES["fp32"]
     wanted = [n for n in reference.tap_names if n in reference.activations]
     mask = reference.attention_mask
-    emulated = model.forward(reference.token_ids, taps=wanted, round_to=dtype,
-                             positions=None if mask is None else padded_positions(mask))
+    emulated = model.forward(
+        reference.token_ids, taps=wanted, round_to=dtype, positions=None if mask is None else padded_positions(mask)
+    )
     ref, emulated, _ = comparable(reference, emulated)
     result = compare_activations(ref, emulated, floor)
     fixed = PROFILES["bf16" if dtype == "bfloat16" else "fp16"]
-    per_tap = {t.name: (max(MARGIN_REL_L2 * t.rel_l2, floor.rel_l2), max(MARGIN_MAX * t.max_rel, floor.max_rel))
-               if math.isfinite(t.rel_l2) and math.isfinite(t.max_rel)
-               else (fixed.rel_l2, fixed.max_rel)  # the emulation overflowed here (float16): no measurement
-               for t in result.compared if t.rel_l2 is not None}
+    per_tap = {
+        t.name: (max(MARGIN_REL_L2 * t.rel_l2, floor.rel_l2), max(MARGIN_MAX * t.max_rel, floor.max_rel))
+        if math.isfinite(t.rel_l2) and math.isfinite(t.max_rel)
+        else (fixed.rel_l2, fixed.max_rel)  # the emulation overflowed here (float16): no measurement
+        for t in result.compared
+        if t.rel_l2 is not None
+    }
     logits = next((t.logits for t in result.compared if t.name == "logits" and t.logits), None)
-    base = replace(fixed, name=f"measured-{dtype}",
-                   why=f"each tap's limit {MARGIN_REL_L2:g}x (rel L2) and {MARGIN_MAX:g}x (max abs) the error of "
-                       f"the reference re-run with {dtype} rounding after every operation (gemma2_ref.measured)")
+    base = replace(
+        fixed,
+        name=f"measured-{dtype}",
+        why=f"each tap's limit {MARGIN_REL_L2:g}x (rel L2) and {MARGIN_MAX:g}x (max abs) the error of "
+        f"the reference re-run with {dtype} rounding after every operation (gemma2_ref.measured)",
+    )
     if logits:
-        base = replace(base, kl=max(MARGIN_KL * logits["kl_max"], 1e-6),
-                       top1=max(0.0, logits["top1"] - SLACK_AGREEMENT),
-                       top5=max(0.0, logits["top5"] - SLACK_AGREEMENT))
+        base = replace(
+            base,
+            kl=max(MARGIN_KL * logits["kl_max"], 1e-6),
+            top1=max(0.0, logits["top1"] - SLACK_AGREEMENT),
+            top5=max(0.0, logits["top5"] - SLACK_AGREEMENT),
+        )
     return replace(base, per_tap=per_tap)

@@ -53,8 +53,10 @@ REFS = {
     "softcap_key": "vLLM #30427, transformers #42881, ollama #5341",
     "window": "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186, SGLang #1056",
     "sliding_layers": "transformers #31775 / #31786 / #31848",
-    "query_scale": ("9B 224 for 256: transformers #31891, llama.cpp #8444 (closed) / #8473 (the fix), gemma_pytorch #71; "
-                    "27B head_dim for 144: ferrox #40, llama.cpp #13951 (proposed)"),
+    "query_scale": (
+        "9B 224 for 256: transformers #31891, llama.cpp #8444 (closed) / #8473 (the fix), gemma_pytorch #71; "
+        "27B head_dim for 144: ferrox #40, llama.cpp #13951 (proposed)"
+    ),
     "rope_theta": "config defaults of other families",
     "rope_layout": "Meta / GPT-J layout confusion in converters",
     "gqa_mapping": "repeat vs repeat_interleave in GQA ports",
@@ -74,8 +76,9 @@ REFS = {
     "fp16_overflow": "llama.cpp #9166, exllamav2 #539, llama.cpp #8240 (the 27B in float16)",
     "norm_swap": "TensorRT-LLM #1984 (sandwich norms not mapped)",
     "logits_shifted": "TransformerLens #650 / #693",
-    "norm_cast_before_scale": ("gemma_pytorch #67; transformers #29402 (\"Llama does x.to(float16) * w whilst Gemma is "
-                               "(x * w).to(float16)\")"),
+    "norm_cast_before_scale": (
+        'gemma_pytorch #67; transformers #29402 ("Llama does x.to(float16) * w whilst Gemma is (x * w).to(float16)")'
+    ),
     "norm_scale_in_bf16": "vLLM #53203, vLLM #3653, vLLM #29810",
     "norm_variance_in_bf16": "SGLang #27540, PyTorch #189581",
     "decode_window_from_query": "keras-hub #1738",
@@ -109,15 +112,19 @@ SHOWS_AT = {
     "padding_not_masked": "the first layer's `attn.*` of the shorter rows (a padded batch)",
     "decode_ring_off_by_one": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
     "decode_window_ignored": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
-    "decode_unmasked_slots": ("`decode` case: the first layer with unfilled slots (a global one once the ring is "
-                              "full), `attn.context`, from the prefill on"),
+    "decode_unmasked_slots": (
+        "`decode` case: the first layer with unfilled slots (a global one once the ring is "
+        "full), `attn.context`, from the prefill on"
+    ),
     "decode_positions_stuck": "`decode` case: `layers.0.attn.q_rope` (else `.context`) at decode step 1",
     "no_bos": "`embed` (shape), and the manifests' token ids",
     "double_bos": "`embed` (shape), and the manifests' token ids",
     "fp16_overflow": "the first tap where the reference's absmax exceeds 65504",
     "norm_swap": "`layers.0.post_attn_norm`",
     "logits_shifted": "`logits_raw`",
-    "norm_cast_before_scale": "the first RMSNorm output, in a low-precision run only (often within the measured profile)",
+    "norm_cast_before_scale": (
+        "the first RMSNorm output, in a low-precision run only (often within the measured profile)"
+    ),
     "norm_scale_in_bf16": "the first RMSNorm output, in a low-precision run only (often within the measured profile)",
     "norm_variance_in_bf16": "the first RMSNorm output, in a bfloat16 run only",
     "decode_window_from_query": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
@@ -137,6 +144,7 @@ def shows_at(name: str) -> str:
 class Mistake:
     """One known mistake: its contract name (reports and --json use it), what it is, where it was reported,
     and the transform that makes a correct model commit it."""
+
     name: str
     what: str
     refs: str
@@ -181,9 +189,16 @@ class Mistake:
         touched = {key for key, _ in self.config}
         if {"sliding_window", "layer_types"} & touched:
             touched.add("window")
-        for what, value in (("norms", self.norm_shift), ("ids", self.ids != "same"),
-                            ("normalizer", self.normalizer), ("layout", self.layout), ("padding", self.padding),
-                            ("decode", self.decode), ("norms", self.norm_swap), ("step", self.step)):
+        for what, value in (
+            ("norms", self.norm_shift),
+            ("ids", self.ids != "same"),
+            ("normalizer", self.normalizer),
+            ("layout", self.layout),
+            ("padding", self.padding),
+            ("decode", self.decode),
+            ("norms", self.norm_swap),
+            ("step", self.step),
+        ):
             if value:
                 touched.add(what)
         return touched
@@ -191,10 +206,20 @@ class Mistake:
 
 def combine(a: Mistake, b: Mistake) -> Mistake:
     """Both mistakes at once (they must touch different things: see Mistake.changes)."""
-    return Mistake(f"{a.name} + {b.name}", f"{a.what}; and {b.what}", f"{a.refs}; {b.refs}",
-                   a.config + b.config, a.norm_shift + b.norm_shift, a.ids if a.ids != "same" else b.ids,
-                   a.normalizer or b.normalizer, a.layout or b.layout, a.padding or b.padding, a.decode or b.decode,
-                   a.norm_swap or b.norm_swap, a.step or b.step)
+    return Mistake(
+        f"{a.name} + {b.name}",
+        f"{a.what}; and {b.what}",
+        f"{a.refs}; {b.refs}",
+        a.config + b.config,
+        a.norm_shift + b.norm_shift,
+        a.ids if a.ids != "same" else b.ids,
+        a.normalizer or b.normalizer,
+        a.layout or b.layout,
+        a.padding or b.padding,
+        a.decode or b.decode,
+        a.norm_swap or b.norm_swap,
+        a.step or b.step,
+    )
 
 
 # -- layout mistakes: the same arithmetic on permuted dimensions ------------------------------------------------
@@ -205,6 +230,7 @@ def combine(a: Mistake, b: Mistake) -> Mistake:
 # where h // G is right) is the correct forward with query heads reordered (h -> (h % K) * G + h // K) in
 # q_proj's rows and o_proj's columns. The taps inside attention are then in the permuted order; `tap_view`
 # puts them back in the order the mistaken backend itself records.
+
 
 def rope_interleaved_order(head_dim: int) -> np.ndarray:
     """perm[j]: the interleaved dimension that half-split position j holds: (0, 2, 4, ..., 1, 3, 5, ...)."""
@@ -220,8 +246,12 @@ def gqa_tiled_order(heads: int, kv_heads: int) -> np.ndarray:
 
 def _permute_layer(cfg, w, layout: str):
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    w = dataclasses.replace(w, q_proj=np.asarray(w.q_proj), k_proj=np.asarray(w.k_proj),  # a streamed layer's
-                            o_proj=np.asarray(w.o_proj))  # projections are stored bf16 (fast.StoredWeight)
+    w = dataclasses.replace(
+        w,
+        q_proj=np.asarray(w.q_proj),
+        k_proj=np.asarray(w.k_proj),  # a streamed layer's
+        o_proj=np.asarray(w.o_proj),
+    )  # projections are stored bf16 (fast.StoredWeight)
     if layout == "rope_interleaved":
         perm = rope_interleaved_order(Dh)
         rows = lambda m, heads: m.reshape(heads, Dh, -1)[:, perm].reshape(m.shape)  # noqa: E731
@@ -275,8 +305,12 @@ def normalizer_value(label: str | None, dtype, hidden_size: int):
     """The number a mistaken backend multiplies the embedding by (model.embed), or None for sqrt(D) in the
     compute dtype: "bfloat16" sqrt(D) rounded to bfloat16, "float64" never rounded, "unscaled" 1."""
     dtype, sqrt_d = np.dtype(dtype), math.sqrt(hidden_size)
-    return {None: None, "float64": np.float64(sqrt_d), "unscaled": dtype.type(1),
-            "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(dtype)}[label]
+    return {
+        None: None,
+        "float64": np.float64(sqrt_d),
+        "unscaled": dtype.type(1),
+        "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(dtype),
+    }[label]
 
 
 def swap_norms(w):
@@ -288,7 +322,7 @@ class MistakenModel(Model):
     """The correct forward on transformed config and weights, through a mistaken recorder or KV cache where the
     mistake is one; taps shown in the mistaken backend's layout."""
 
-    def __init__(self, model: Model, mistake: "Mistake"):
+    def __init__(self, model: Model, mistake: Mistake):
         cfg = model.config.replace(**dict(mistake.config)) if mistake.config else model.config
         shift, layout, swap = mistake.norm_shift, mistake.layout, mistake.norm_swap
 
@@ -302,8 +336,7 @@ class MistakenModel(Model):
         if shift or layout or swap:
             weights = TransformedWeights(weights, layer_fn, lambda w: w + w.dtype.type(shift) if shift else w)
         normalizer = normalizer_value(mistake.normalizer, model.dtype, cfg.hidden_size)
-        super().__init__(cfg, weights, model.dtype, model.path,
-                         model.normalizer if normalizer is None else normalizer)
+        super().__init__(cfg, weights, model.dtype, model.path, model.normalizer if normalizer is None else normalizer)
         self.mistake = mistake
 
     def forward(self, ids, taps=None, **kw):
@@ -312,7 +345,8 @@ class MistakenModel(Model):
             # a decode step of a backend whose sliding layers kept every key: they attend as global ones
             everywhere_global = self.config.replace(layer_types=(GLOBAL,) * self.config.num_hidden_layers)
             return Model(everywhere_global, self.weights, self.dtype, self.path, self.normalizer).forward(
-                ids, taps, **kw)
+                ids, taps, **kw
+            )
         if self.mistake.step:
             wanted = [] if taps in (None, "none") else select_taps(self.config, taps)
             taps = MistakenTaps(self.mistake.step, wanted, round_to=kw.pop("round_to", None), sink=kw.pop("sink", None))
@@ -335,7 +369,7 @@ def bf16_running_sum(values: np.ndarray) -> np.ndarray:
     vectorised over the rows). (..., D) -> (..., 1)."""
     total = np.zeros(values.shape[:-1] + (1,), np.float32)
     for j in range(values.shape[-1]):
-        total = round_to_bf16(total + values[..., j:j + 1].astype(np.float32))
+        total = round_to_bf16(total + values[..., j : j + 1].astype(np.float32))
     return total
 
 
@@ -372,8 +406,15 @@ class MistakenTaps(Taps):
 
 # -- decode-loop mistakes: the correct forward through a mistaken KV cache ------------------------------------
 
-DECODE_MISTAKES = ("ring_off_by_one", "unmasked_slots", "positions_stuck", "window_ignored", "window_from_query",
-                   "positions_from_sliding_cache", "chunk_overflows_ring")
+DECODE_MISTAKES = (
+    "ring_off_by_one",
+    "unmasked_slots",
+    "positions_stuck",
+    "window_ignored",
+    "window_from_query",
+    "positions_from_sliding_cache",
+    "chunk_overflows_ring",
+)
 
 
 class MistakenCache(KVCache):
@@ -422,7 +463,7 @@ class MistakenCache(KVCache):
         if self.decode == "chunk_overflows_ring" and sliding and len(true) > 1:
             super().update(layer, k, v, true)  # written first: what the chunk overwrote is gone
             c = self.layers[layer]
-            return c.k[:, :c.filled], c.v[:, :c.filled], c.pos[:c.filled] + shift
+            return c.k[:, : c.filled], c.v[:, : c.filled], c.pos[: c.filled] + shift
         k_all, v_all, k_pos = super().update(layer, k, v, true)
         c = self.layers[layer]
         if self.decode == "window_from_query" and sliding and len(true) == 1:
@@ -452,124 +493,266 @@ def known_mistakes(cfg) -> list[Mistake]:
     """Every known mistake that changes this model's output, in the order diagnose tries them."""
     W = cfg.sliding_window
     out = [
-        Mistake("drop_attn_softcap", "attention scores not soft-capped at 50*tanh(s/50) (fast attention "
-                "kernels without soft-capping)", REFS["attn_softcap"],
-                config=(("attn_logit_softcapping", None),)),
-        Mistake("drop_final_softcap", "logits not soft-capped at 30*tanh(x/30)",
-                REFS["final_softcap"],
-                config=(("final_logit_softcapping", None),)),
-        Mistake("no_sliding_window", f"sliding-window layers attend globally (only visible beyond the window "
-                f"of {W})", REFS["window"], config=(("layer_types", (GLOBAL,) * cfg.num_hidden_layers),)),
-        Mistake("window_offset=+1", "sliding window off by one: a query also sees the key exactly `window` "
-                "back", REFS["window"], config=(("sliding_window", W + 1),)),
+        Mistake(
+            "drop_attn_softcap",
+            "attention scores not soft-capped at 50*tanh(s/50) (fast attention kernels without soft-capping)",
+            REFS["attn_softcap"],
+            config=(("attn_logit_softcapping", None),),
+        ),
+        Mistake(
+            "drop_final_softcap",
+            "logits not soft-capped at 30*tanh(x/30)",
+            REFS["final_softcap"],
+            config=(("final_logit_softcapping", None),),
+        ),
+        Mistake(
+            "no_sliding_window",
+            f"sliding-window layers attend globally (only visible beyond the window of {W})",
+            REFS["window"],
+            config=(("layer_types", (GLOBAL,) * cfg.num_hidden_layers),),
+        ),
+        Mistake(
+            "window_offset=+1",
+            "sliding window off by one: a query also sees the key exactly `window` back",
+            REFS["window"],
+            config=(("sliding_window", W + 1),),
+        ),
     ]
     if W > 1:
-        out.append(Mistake("window_offset=-1", "sliding window off by one: a query sees one key fewer",
-                           REFS["window"], config=(("sliding_window", W - 1),)))
-    scales = {"head_dim": cfg.head_dim, "224": 224, "256": 256,
-              "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads}
+        out.append(
+            Mistake(
+                "window_offset=-1",
+                "sliding window off by one: a query sees one key fewer",
+                REFS["window"],
+                config=(("sliding_window", W - 1),),
+            )
+        )
+    scales = {
+        "head_dim": cfg.head_dim,
+        "224": 224,
+        "256": 256,
+        "hidden_size/heads": cfg.hidden_size / cfg.num_attention_heads,
+    }
     seen = {float(cfg.query_pre_attn_scalar)}
     for label, value in scales.items():
         if float(value) not in seen:
             seen.add(float(value))
-            out.append(Mistake(f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
-                               f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
-                               f"{cfg.query_pre_attn_scalar:g}^-0.5", REFS["query_scale"],
-                               config=(("query_pre_attn_scalar", float(value)),)))
+            out.append(
+                Mistake(
+                    f"query_scale={label}" + (f" ({value:g})" if not label.isdigit() else ""),
+                    f"scores scaled by {value:g}^-0.5 instead of query_pre_attn_scalar "
+                    f"{cfg.query_pre_attn_scalar:g}^-0.5",
+                    REFS["query_scale"],
+                    config=(("query_pre_attn_scalar", float(value)),),
+                )
+            )
     slides = [cfg.layer_types[i] for i in range(cfg.num_hidden_layers)]
     if len(set(slides)) > 1:
         swapped = tuple(GLOBAL if t != GLOBAL else SLIDING for t in slides)
-        out.append(Mistake("sliding_layers=odd", "the sliding window on the other layers (1, 3, 5, ... instead of "
-                           "0, 2, 4, ...)", REFS["sliding_layers"],
-                           config=(("layer_types", swapped),)))
+        out.append(
+            Mistake(
+                "sliding_layers=odd",
+                "the sliding window on the other layers (1, 3, 5, ... instead of 0, 2, 4, ...)",
+                REFS["sliding_layers"],
+                config=(("layer_types", swapped),),
+            )
+        )
     for theta in (1e4, 1e5, 5e5, 1e6):
         if theta != cfg.rope_theta:
-            out.append(Mistake(f"rope_theta={theta:.0e}".replace("e+0", "e"), f"RoPE base {theta:g} instead of "
-                               f"{cfg.rope_theta:g} (another "
-                               "family's config default)", REFS["rope_theta"],
-                               config=(("rope_theta", theta),)))
-    out.append(Mistake("rope_layout=interleaved", "RoPE rotates pairs (2i, 2i+1) instead of (i, i + head_dim/2)",
-                       REFS["rope_layout"], layout="rope_interleaved"))
+            out.append(
+                Mistake(
+                    f"rope_theta={theta:.0e}".replace("e+0", "e"),
+                    f"RoPE base {theta:g} instead of {cfg.rope_theta:g} (another family's config default)",
+                    REFS["rope_theta"],
+                    config=(("rope_theta", theta),),
+                )
+            )
+    out.append(
+        Mistake(
+            "rope_layout=interleaved",
+            "RoPE rotates pairs (2i, 2i+1) instead of (i, i + head_dim/2)",
+            REFS["rope_layout"],
+            layout="rope_interleaved",
+        )
+    )
     if 1 < cfg.num_key_value_heads < cfg.num_attention_heads:
-        out.append(Mistake("gqa_mapping=tiled", "query head h uses kv head h % K instead of h // (H/K) (repeat "
-                           "where repeat_interleave is right)", REFS["gqa_mapping"],
-                           layout="gqa_tiled"))
+        out.append(
+            Mistake(
+                "gqa_mapping=tiled",
+                "query head h uses kv head h % K instead of h // (H/K) (repeat where repeat_interleave is right)",
+                REFS["gqa_mapping"],
+                layout="gqa_tiled",
+            )
+        )
     out += [
-        Mistake("normalizer_dtype=bfloat16", "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
-                "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
-                REFS["normalizer"], normalizer="bfloat16"),
-        Mistake("normalizer_dtype=float64", "embedding normalizer sqrt(D) never rounded to the activation "
-                "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)", REFS["normalizer"],
-                normalizer="float64"),
-        Mistake("embed_unscaled", "embedding not multiplied by sqrt(D) (a port from Llama)", REFS["embed_unscaled"],
-                normalizer="unscaled"),
-        Mistake("norm_offset=0", "RMSNorm scale w instead of (1 + w): the +1 forgotten",
-                REFS["norm_offset"], norm_shift=-1.0),
-        Mistake("norm_offset=2", "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
-                REFS["norm_offset"], norm_shift=1.0),
-        Mistake("norm_swap", "the post-attention norm's weight used as the pre-feed-forward norm and the other way "
-                "round (HF's post_attention_layernorm read as Llama's, where that name is the pre-FFN norm)",
-                REFS["norm_swap"], norm_swap=True),
-        Mistake("no_post_attn_norm", "the attention output added to the residual stream without the "
-                "post-attention RMSNorm (the Gemma 1 / Llama layer reused)", REFS["post_norm"],
-                config=(("post_attn_norm", False),)),
-        Mistake("no_post_ffw_norm", "the MLP output added to the residual stream without the post-feed-forward "
-                "RMSNorm (the Gemma 1 / Llama layer reused)", REFS["post_norm"],
-                config=(("post_ffw_norm", False),)),
-        Mistake("exact_gelu", "exact erf GELU instead of the tanh approximation",
-                REFS["gelu"], config=(("hidden_activation", "gelu"),)),
-        Mistake("logits_shifted", "the logits before the final soft-cap shifted by a per-row constant (the "
-                "unembedding centred, as TransformerLens's center_unembed does): the soft-cap is not "
-                "shift-invariant, so the probabilities change", REFS["logits_shifted"], step="logits_shifted"),
-        Mistake("norm_cast_before_scale", "RMSNorm's normalised x cast to the activation dtype before the (1 + w) "
-                "multiply (Llama's order) instead of after (only a low-precision run shows it)",
-                REFS["norm_cast_before_scale"], step="norm_cast_before_scale"),
-        Mistake("norm_scale_in_bf16", "RMSNorm's scale (1 + w) computed and rounded in bfloat16 instead of float32",
-                REFS["norm_scale_in_bf16"], step="norm_scale_in_bf16"),
-        Mistake("norm_variance_in_bf16", "RMSNorm's mean of squares accumulated in bfloat16 (every square and "
-                "running sum rounded) instead of float32", REFS["norm_variance_in_bf16"],
-                step="norm_variance_in_bf16"),
-        Mistake("padding_not_masked", "a padded batch run without its attention mask: padding tokens are "
-                "attended and shift the positions", REFS["padding"], padding="unmasked"),
+        Mistake(
+            "normalizer_dtype=bfloat16",
+            "embedding normalizer sqrt(D) rounded to bfloat16 while the rest "
+            "computes in higher precision (correct for a bfloat16 backend, a mistake for a float32 one)",
+            REFS["normalizer"],
+            normalizer="bfloat16",
+        ),
+        Mistake(
+            "normalizer_dtype=float64",
+            "embedding normalizer sqrt(D) never rounded to the activation "
+            "dtype (a bfloat16 run of the 9B multiplies by 59.75, not sqrt(3584) = 59.87)",
+            REFS["normalizer"],
+            normalizer="float64",
+        ),
+        Mistake(
+            "embed_unscaled",
+            "embedding not multiplied by sqrt(D) (a port from Llama)",
+            REFS["embed_unscaled"],
+            normalizer="unscaled",
+        ),
+        Mistake(
+            "norm_offset=0",
+            "RMSNorm scale w instead of (1 + w): the +1 forgotten",
+            REFS["norm_offset"],
+            norm_shift=-1.0,
+        ),
+        Mistake(
+            "norm_offset=2",
+            "RMSNorm scale (2 + w): the +1 applied twice (at conversion and at run time)",
+            REFS["norm_offset"],
+            norm_shift=1.0,
+        ),
+        Mistake(
+            "norm_swap",
+            "the post-attention norm's weight used as the pre-feed-forward norm and the other way "
+            "round (HF's post_attention_layernorm read as Llama's, where that name is the pre-FFN norm)",
+            REFS["norm_swap"],
+            norm_swap=True,
+        ),
+        Mistake(
+            "no_post_attn_norm",
+            "the attention output added to the residual stream without the "
+            "post-attention RMSNorm (the Gemma 1 / Llama layer reused)",
+            REFS["post_norm"],
+            config=(("post_attn_norm", False),),
+        ),
+        Mistake(
+            "no_post_ffw_norm",
+            "the MLP output added to the residual stream without the post-feed-forward "
+            "RMSNorm (the Gemma 1 / Llama layer reused)",
+            REFS["post_norm"],
+            config=(("post_ffw_norm", False),),
+        ),
+        Mistake(
+            "exact_gelu",
+            "exact erf GELU instead of the tanh approximation",
+            REFS["gelu"],
+            config=(("hidden_activation", "gelu"),),
+        ),
+        Mistake(
+            "logits_shifted",
+            "the logits before the final soft-cap shifted by a per-row constant (the "
+            "unembedding centred, as TransformerLens's center_unembed does): the soft-cap is not "
+            "shift-invariant, so the probabilities change",
+            REFS["logits_shifted"],
+            step="logits_shifted",
+        ),
+        Mistake(
+            "norm_cast_before_scale",
+            "RMSNorm's normalised x cast to the activation dtype before the (1 + w) "
+            "multiply (Llama's order) instead of after (only a low-precision run shows it)",
+            REFS["norm_cast_before_scale"],
+            step="norm_cast_before_scale",
+        ),
+        Mistake(
+            "norm_scale_in_bf16",
+            "RMSNorm's scale (1 + w) computed and rounded in bfloat16 instead of float32",
+            REFS["norm_scale_in_bf16"],
+            step="norm_scale_in_bf16",
+        ),
+        Mistake(
+            "norm_variance_in_bf16",
+            "RMSNorm's mean of squares accumulated in bfloat16 (every square and "
+            "running sum rounded) instead of float32",
+            REFS["norm_variance_in_bf16"],
+            step="norm_variance_in_bf16",
+        ),
+        Mistake(
+            "padding_not_masked",
+            "a padded batch run without its attention mask: padding tokens are attended and shift the positions",
+            REFS["padding"],
+            padding="unmasked",
+        ),
     ]
     if SLIDING in cfg.layer_types and W > 1:
         out += [
-            Mistake("decode_ring_off_by_one", "the KV cache's ring one slot short (W - 1 slots): a decode step "
-                    "writes its key over the oldest key still inside the window, so each decode query sees W - 1 "
-                    "keys", REFS["ring"], decode="ring_off_by_one"),
-            Mistake("decode_window_ignored", "after the prefill a sliding layer keeps every key and attends to "
-                    "all of them (the cache ignores the window)", REFS["cache_window"],
-                    decode="window_ignored"),
+            Mistake(
+                "decode_ring_off_by_one",
+                "the KV cache's ring one slot short (W - 1 slots): a decode step "
+                "writes its key over the oldest key still inside the window, so each decode query sees W - 1 "
+                "keys",
+                REFS["ring"],
+                decode="ring_off_by_one",
+            ),
+            Mistake(
+                "decode_window_ignored",
+                "after the prefill a sliding layer keeps every key and attends to "
+                "all of them (the cache ignores the window)",
+                REFS["cache_window"],
+                decode="window_ignored",
+            ),
         ]
         out += [
-            Mistake("decode_window_from_query", "in a decode step the sliding mask is built from the query length "
-                    "(1): a sliding layer's step sees only its own key", REFS["decode_window_from_query"],
-                    decode="window_from_query"),
-            Mistake("decode_positions_from_sliding_cache", f"the decode position read from a sliding layer's cache "
-                    f"length, which stops at the window: every step past it rotated by RoPE at position {W}",
-                    REFS["decode_positions_from_sliding_cache"], decode="positions_from_sliding_cache"),
-            Mistake("prefill_chunk_overflows_ring", "a prefill chunk longer than the window written into the "
-                    "sliding layers' ring (2W slots) before its queries attend: the first queries of the chunk "
-                    "lose the previous chunk's keys still inside their window (only a chunked prefill shows it)",
-                    REFS["prefill_chunk_overflows_ring"], decode="chunk_overflows_ring"),
+            Mistake(
+                "decode_window_from_query",
+                "in a decode step the sliding mask is built from the query length "
+                "(1): a sliding layer's step sees only its own key",
+                REFS["decode_window_from_query"],
+                decode="window_from_query",
+            ),
+            Mistake(
+                "decode_positions_from_sliding_cache",
+                f"the decode position read from a sliding layer's cache "
+                f"length, which stops at the window: every step past it rotated by RoPE at position {W}",
+                REFS["decode_positions_from_sliding_cache"],
+                decode="positions_from_sliding_cache",
+            ),
+            Mistake(
+                "prefill_chunk_overflows_ring",
+                "a prefill chunk longer than the window written into the "
+                "sliding layers' ring (2W slots) before its queries attend: the first queries of the chunk "
+                "lose the previous chunk's keys still inside their window (only a chunked prefill shows it)",
+                REFS["prefill_chunk_overflows_ring"],
+                decode="chunk_overflows_ring",
+            ),
         ]
     out += [
-        Mistake("decode_unmasked_slots", "a static cache's unfilled slots not masked: their zero keys and values "
-                "attended", REFS["static_cache"], decode="unmasked_slots"),
-        Mistake("decode_positions_stuck", "positions not advancing in decode: every step rotated by RoPE at the "
-                "first decode step's position", REFS["positions"],
-                decode="positions_stuck"),
-        Mistake("no_bos", "the input lacks the leading <bos> every Gemma sequence starts with",
-                REFS["no_bos"], ids="no_bos"),
-        Mistake("double_bos", "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
-                REFS["double_bos"], ids="double_bos"),
+        Mistake(
+            "decode_unmasked_slots",
+            "a static cache's unfilled slots not masked: their zero keys and values attended",
+            REFS["static_cache"],
+            decode="unmasked_slots",
+        ),
+        Mistake(
+            "decode_positions_stuck",
+            "positions not advancing in decode: every step rotated by RoPE at the first decode step's position",
+            REFS["positions"],
+            decode="positions_stuck",
+        ),
+        Mistake(
+            "no_bos", "the input lacks the leading <bos> every Gemma sequence starts with", REFS["no_bos"], ids="no_bos"
+        ),
+        Mistake(
+            "double_bos",
+            "the input starts with <bos><bos> (a chat template's <bos> plus an added one)",
+            REFS["double_bos"],
+            ids="double_bos",
+        ),
     ]
     return out
 
 
 # Named by diagnose from the reference's range, never re-run: no transform of the model makes it.
-FP16_OVERFLOW = Mistake("fp16_overflow", "activations beyond float16's +-65504 become Inf (or are clipped) in a "
-                        "float16 run", REFS["fp16_overflow"])
+FP16_OVERFLOW = Mistake(
+    "fp16_overflow",
+    "activations beyond float16's +-65504 become Inf (or are clipped) in a float16 run",
+    REFS["fp16_overflow"],
+)
 
 
 def catalogue(cfg) -> list[Mistake]:

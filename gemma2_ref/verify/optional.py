@@ -39,9 +39,11 @@ def missing_error(modules: list[str], needed_for: str) -> MissingDependency:
     """The error naming the modules that are not installed and the command that installs them (the last
     module's command covers the others: the tables list what each brings with it)."""
     names = ", ".join(repr(m) for m in modules)
-    error = MissingDependency(f"{needed_for} needs the Python package{'s' if len(modules) > 1 else ''} {names}, "
-                              f"which {'are' if len(modules) > 1 else 'is'} not installed: "
-                              f"{INSTALL.get(modules[-1], f'pip install {modules[-1]}')}")
+    error = MissingDependency(
+        f"{needed_for} needs the Python package{'s' if len(modules) > 1 else ''} {names}, "
+        f"which {'are' if len(modules) > 1 else 'is'} not installed: "
+        f"{INSTALL.get(modules[-1], f'pip install {modules[-1]}')}"
+    )
     error.name = modules[0]
     return error
 

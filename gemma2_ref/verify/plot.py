@@ -107,11 +107,27 @@ def _panel(ax, taps, x, metric: str, limit: float, limit_label: str, first) -> N
             ax.plot(xs, ys, marker, color=color, ms=7, label=kind, zorder=4)
     bad = [t for t in taps if getattr(t, metric) is None or not math.isfinite(getattr(t, metric))]
     if bad:
-        ax.plot([x[t.name] for t in bad], [y(None)] * len(bad), "x", color=LIMIT_COLOR, ms=9, mew=2,
-                label="shape mismatch / non-finite", zorder=9)
+        ax.plot(
+            [x[t.name] for t in bad],
+            [y(None)] * len(bad),
+            "x",
+            color=LIMIT_COLOR,
+            ms=9,
+            mew=2,
+            label="shape mismatch / non-finite",
+            zorder=9,
+        )
     ax.axhline(limit, color=LIMIT_COLOR, ls="--", lw=1.2, zorder=1)
-    ax.text(0.995, limit * 1.25, limit_label, color=LIMIT_COLOR, fontsize=8, ha="right", va="bottom",
-            transform=ax.get_yaxis_transform())
+    ax.text(
+        0.995,
+        limit * 1.25,
+        limit_label,
+        color=LIMIT_COLOR,
+        fontsize=8,
+        ha="right",
+        va="bottom",
+        transform=ax.get_yaxis_transform(),
+    )
     if first is not None:
         fx, fy = x[first.name], y(getattr(first, metric))
         ax.axvline(fx, color=LIMIT_COLOR, ls=":", lw=1, zorder=1)
@@ -119,9 +135,16 @@ def _panel(ax, taps, x, metric: str, limit: float, limit_label: str, first) -> N
         past = getattr(first, "past_window", None)  # its rows at positions >= window, judged on their own
         if past and "past_window" in first.failed:
             ax.plot([fx], [y(past[metric])], "^", ms=9, color=LIMIT_COLOR, zorder=11)
-            ax.annotate(f"its {past['rows']} rows past the window", (fx, y(past[metric])), xytext=(8, 0),
-                        textcoords="offset points", color=LIMIT_COLOR, fontsize=8, va="center",
-                        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
+            ax.annotate(
+                f"its {past['rows']} rows past the window",
+                (fx, y(past[metric])),
+                xytext=(8, 0),
+                textcoords="offset points",
+                color=LIMIT_COLOR,
+                fontsize=8,
+                va="center",
+                bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
+            )
     ax.set_yscale("log")
     ax.set_ylim(floor, ceiling)
     ax.grid(True, which="major", axis="y", color="#e0e0e0", lw=0.6)
@@ -156,8 +179,10 @@ def plot_divergence(comparison, path, profile=None) -> Path:
     profile = profile or comparison.profile
     taps = comparison.compared
     if not taps:
-        raise ValueError(f"{comparison.candidate}: no tap was compared with {comparison.reference}, nothing "
-                         f"to plot ({comparison.input_mismatch or 'the candidate holds none of its taps'})")
+        raise ValueError(
+            f"{comparison.candidate}: no tap was compared with {comparison.reference}, nothing "
+            f"to plot ({comparison.input_mismatch or 'the candidate holds none of its taps'})"
+        )
     x, n_layers = _depth(taps)
     first = comparison.first_divergence
     first = first if first is not None and first.name in x else None
@@ -176,17 +201,39 @@ def plot_divergence(comparison, path, profile=None) -> Path:
     bottom.set_xlabel("layer (inside a layer: taps in execution order, left to right)")
     bottom.set_xlim(-1.6, n_layers + 1.1)
     if first is not None:
-        top.annotate(first.name, (x[first.name], top.get_ylim()[1]), xytext=(4, -12), textcoords="offset points",
-                     color=LIMIT_COLOR, fontsize=9, fontweight="bold", va="top")
+        top.annotate(
+            first.name,
+            (x[first.name], top.get_ylim()[1]),
+            xytext=(4, -12),
+            textcoords="offset points",
+            color=LIMIT_COLOR,
+            fontsize=9,
+            fontweight="bold",
+            va="top",
+        )
     handles, names = top.get_legend_handles_labels()
-    top.legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-               title="tap kind", title_fontsize=9)
+    top.legend(
+        handles,
+        names,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        title="tap kind",
+        title_fontsize=9,
+    )
     fig.suptitle(_title(comparison, profile, first), fontsize=10, x=0.01, ha="left")
     logits = next((t for t in taps if t.name == "logits" and t.logits), None)
     if logits:
         lg = logits.logits
-        fig.text(0.01, 0.005, f"logits: KL max {lg['kl_max']:.3g} nats (limit {profile.kl:g}), top-1 "
-                              f"{lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}", fontsize=8, ha="left")
+        fig.text(
+            0.01,
+            0.005,
+            f"logits: KL max {lg['kl_max']:.3g} nats (limit {profile.kl:g}), top-1 "
+            f"{lg['top1']:.1%}, top-5 overlap {lg['top5']:.1%}",
+            fontsize=8,
+            ha="left",
+        )
     footnotes = []
     if any(t.rel_l2 == 0 for t in taps):
         footnotes.append("error 0 (exact): drawn on the floor")
@@ -208,8 +255,9 @@ def plot_comparisons(comparisons, path) -> list[Path]:
     drawable = [c for c in comparisons if c.compared]
     if len(comparisons) == 1:
         return [plot_divergence(c, path) for c in drawable]
-    return [plot_divergence(c, path.with_name(f"{path.stem}-{Path(str(c.candidate)).name}{path.suffix}"))
-            for c in drawable]
+    return [
+        plot_divergence(c, path.with_name(f"{path.stem}-{Path(str(c.candidate)).name}{path.suffix}")) for c in drawable
+    ]
 
 
 def plot_corpus(result, path) -> Path:
@@ -229,9 +277,12 @@ def plot_corpus(result, path) -> Path:
     for c in range(1, kld.shape[0]):
         top.axvline(c * kld.shape[1], color="#bdbdbd", lw=0.5, ls=":")
     top.axhline(result.thresholds["kld_mean"], color="#d62728", ls="--", lw=1, label="mean-KLD limit")
-    top.set(xlabel="scored position (chunk after chunk)", ylabel="KLD (nats)",
-            title=f"{Path(result.candidate).name} vs {Path(result.reference).name}: mean KLD "
-                  f"{result.stats['kld_mean']:.3g}, p99 {result.stats['kld_p99']:.3g}")
+    top.set(
+        xlabel="scored position (chunk after chunk)",
+        ylabel="KLD (nats)",
+        title=f"{Path(result.candidate).name} vs {Path(result.reference).name}: mean KLD "
+        f"{result.stats['kld_mean']:.3g}, p99 {result.stats['kld_p99']:.3g}",
+    )
     top.legend(loc="upper right")
     bottom.hist(np.log10(flat), bins=60, color="#6baed6")
     bottom.set(xlabel="log10 KLD", ylabel="positions")

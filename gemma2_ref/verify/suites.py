@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from ..model.fast import MAX_SCORES_BYTES
-from .golden import CaseWriter, model_info, write_case, write_suite
 from ..model.generate import decode_taps
 from ..model.inputs import pad_batch, padded_positions
 from ..model.taps import LARGE_TAPS, first_non_finite, select_taps, tap_bytes, tap_shape
 from ..model.tokenizer import BOS
+from .golden import CaseWriter, model_info, write_case, write_suite
 
 
-def run_case(model, ids, taps="default", progress=None, attention_mask=None,
-             prefill: int | None = None, chunks=None) -> dict[str, np.ndarray]:
+def run_case(
+    model, ids, taps="default", progress=None, attention_mask=None, prefill: int | None = None, chunks=None
+) -> dict[str, np.ndarray]:
     """Our forward with taps, the activations a golden stores (logits always included). `model` may be a
     mistaken one (mistakes.inject). A padded batch gives its attention mask: each row's own positions. A
     decode case gives its `prefill`: the KV-cache path, then one token at a time (generate.decode_taps), or
@@ -34,30 +35,61 @@ def run_case(model, ids, taps="default", progress=None, attention_mask=None,
     return model.forward(ids, taps=taps, progress=progress, positions=positions)
 
 
-def generate_case(model, ids, out_dir, *, taps="default", text=None, description=None, info=None,
-                  progress=None, positions=None, attention_mask=None, prefill: int | None = None,
-                  chunks=None) -> Path:
+def generate_case(
+    model,
+    ids,
+    out_dir,
+    *,
+    taps="default",
+    text=None,
+    description=None,
+    info=None,
+    progress=None,
+    positions=None,
+    attention_mask=None,
+    prefill: int | None = None,
+    chunks=None,
+) -> Path:
     """Run `model` on `ids` and write the case. `info`: model_info(model) (computed once per suite).
 
     A prefill case is streamed: each tap goes to disk as the forward produces it (golden.CaseWriter), and the
     output head runs only for the stored positions, so memory holds one layer's activations and the logits
     kept, whatever the number of taps (case_budget). A decode case (`prefill`) is written whole."""
     ids = np.asarray(ids)
-    fields = dict(model=info or model_info(model), text=text, compute_dtype=str(model.dtype),
-                  description=description, positions=positions, attention_mask=attention_mask)
+    fields = dict(
+        model=info or model_info(model),
+        text=text,
+        compute_dtype=str(model.dtype),
+        description=description,
+        positions=positions,
+        attention_mask=attention_mask,
+    )
     if prefill is not None:
-        return write_case(out_dir, decode_taps(model, ids, prefill, taps, chunks), ids,
-                          extra={"decode": decode_extra(len(ids), prefill, chunks)}, **fields)
+        return write_case(
+            out_dir,
+            decode_taps(model, ids, prefill, taps, chunks),
+            ids,
+            extra={"decode": decode_extra(len(ids), prefill, chunks)},
+            **fields,
+        )
     cfg, batch = model.config, () if ids.ndim == 1 else ids.shape[:1]
     seq, rows = ids.shape[-1], ids.shape[-1] if positions is None else positions[1] - positions[0]
     names = select_taps(cfg, taps) + ["logits"]
     specs = {n: (batch + stored_shape(cfg, n, seq, rows), model.dtype) for n in dict.fromkeys(names)}
     with CaseWriter(out_dir, ids, specs, **fields) as case:
+
         def sink(name, value):
             check_finite(model, name, value)
             case.add(name, value)
-        out = model.forward(ids, taps=taps, progress=progress, sink=sink, logits_at=positions or "all",
-                            positions=None if attention_mask is None else padded_positions(attention_mask))
+
+        out = model.forward(
+            ids,
+            taps=taps,
+            progress=progress,
+            sink=sink,
+            logits_at=positions or "all",
+            positions=None if attention_mask is None else padded_positions(attention_mask),
+        )
         sink("logits", out["logits"])
     return Path(out_dir)
 
@@ -66,12 +98,19 @@ def decode_extra(n: int, prefill: int, chunks=None) -> dict:
     """A decode case's manifest `extra.decode`: the prefill, the steps after it, and for a chunked prefill the
     length of every forward."""
     if chunks is None:
-        return {"prefill": prefill, "steps": n - prefill,
-                "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
-                       "row prefill + k of every tap is decode step k"}
-    return {"prefill": prefill, "steps": n - prefill, "chunks": [int(c) for c in chunks],
-            "how": "the ids fed through the KV cache in forwards of `chunks` tokens each (teacher-forced), "
-                   "the first being the prefill; rows in the order of the ids"}
+        return {
+            "prefill": prefill,
+            "steps": n - prefill,
+            "how": "a prefill, then one token per forward through the KV cache (teacher-forced): "
+            "row prefill + k of every tap is decode step k",
+        }
+    return {
+        "prefill": prefill,
+        "steps": n - prefill,
+        "chunks": [int(c) for c in chunks],
+        "how": "the ids fed through the KV cache in forwards of `chunks` tokens each (teacher-forced), "
+        "the first being the prefill; rows in the order of the ids",
+    }
 
 
 def stored_shape(cfg, name: str, seq: int, rows: int) -> tuple[int, ...]:
@@ -88,6 +127,7 @@ def check_finite(model, name: str, value) -> None:
 
 
 # -- memory and disk, before running ---------------------------------------------------------------------
+
 
 def forward_memory(cfg, seq: int, logits_at="last", itemsize: int = 4, whole_scores: bool = False) -> dict:
     """What a streaming forward of `seq` tokens holds at its peak (bytes): the compute-dtype embedding (it is
@@ -107,14 +147,22 @@ def forward_memory(cfg, seq: int, logits_at="last", itemsize: int = 4, whole_sco
     activations = max(mlp, attention) + residual + logits
     # KV cache for generation: every position for global layers, `window` slots for sliding ones
     per_position = 2 * K * Dh * itemsize
-    kv = sum(per_position * (min(seq, cfg.sliding_window) if cfg.is_sliding(i) else seq)
-             for i in range(cfg.num_hidden_layers))
+    kv = sum(
+        per_position * (min(seq, cfg.sliding_window) if cfg.is_sliding(i) else seq)
+        for i in range(cfg.num_hidden_layers)
+    )
     embedding = V * D * itemsize
-    return {"seq": seq, "embedding": embedding, "layer": layer, "activations": activations, "kv_cache": kv,
-            "streaming_peak": embedding + layer + activations,
-            "bound": embedding + 3 * layer + (1 << 30),  # the issue's budget: embedding + 3 layers + 1 (1 << 30)
-            "all_layers_converted": embedding + cfg.num_hidden_layers * layer + activations,
-            "bf16_on_disk": (cfg.parameter_counts()["total"]) * 2}
+    return {
+        "seq": seq,
+        "embedding": embedding,
+        "layer": layer,
+        "activations": activations,
+        "kv_cache": kv,
+        "streaming_peak": embedding + layer + activations,
+        "bound": embedding + 3 * layer + (1 << 30),  # the issue's budget: embedding + 3 layers + 1 (1 << 30)
+        "all_layers_converted": embedding + cfg.num_hidden_layers * layer + activations,
+        "bf16_on_disk": (cfg.parameter_counts()["total"]) * 2,
+    }
 
 
 def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> dict:
@@ -123,15 +171,22 @@ def case_budget(cfg, taps, ids, rows: int | None = None, itemsize: int = 4) -> d
     tap on its way to disk; disk = the stored taps (`rows` query positions; default all). Compared with what
     the machine has before anything runs (budget_refusal)."""
     ids = np.asarray(ids)
-    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
+    batch, seq = ids.shape if ids.ndim == 2 else (1, ids.shape[-1])
     stored = seq if rows is None else rows
     names = select_taps(cfg, taps)
     whole_scores = any(n.endswith(LARGE_TAPS) for n in names)
     forward = forward_memory(cfg, batch * seq, batch * stored, itemsize, whole_scores)["streaming_peak"]
-    largest = batch * itemsize * max([int(np.prod(tap_shape(cfg, n, seq))) for n in names
-                                      if n not in ("logits_raw", "logits")] + [0])  # those: in `forward`
-    return {"memory": forward + largest, "forward": forward, "largest_tap": largest,
-            "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows)}
+    largest = (
+        batch
+        * itemsize
+        * max([int(np.prod(tap_shape(cfg, n, seq))) for n in names if n not in ("logits_raw", "logits")] + [0])
+    )  # those: in `forward`
+    return {
+        "memory": forward + largest,
+        "forward": forward,
+        "largest_tap": largest,
+        "disk": tap_bytes(cfg, taps, batch, seq, itemsize, rows),
+    }
 
 
 def largest_prompt_that_fits(cfg, taps, batch: int, available: int, itemsize: int = 4) -> int:
@@ -156,34 +211,47 @@ def budget_refusal(cfg, taps, ids, rows: int | None, itemsize: int, memory: int 
     `memory` bytes of RAM available (None: unknown), `free` bytes of disk where it is written."""
     need = case_budget(cfg, taps, ids, rows, itemsize)
     ids = np.asarray(ids)
-    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[-1]))
+    batch, seq = ids.shape if ids.ndim == 2 else (1, ids.shape[-1])
     if memory is not None and need["memory"] > memory:
         options = []
-        for label, t, r in (("--taps residual", "residual", rows), ("--positions START:STOP of 64 positions "
-                            "(the logits only there)", taps, min(64, seq)), ("--taps residual and 64 positions", "residual", min(64, seq))):
+        for label, t, r in (
+            ("--taps residual", "residual", rows),
+            ("--positions START:STOP of 64 positions (the logits only there)", taps, min(64, seq)),
+            ("--taps residual and 64 positions", "residual", min(64, seq)),
+        ):
             fit = case_budget(cfg, t, ids, r, itemsize)["memory"]
             if fit <= memory and (t, r) != (taps, rows):
                 options.append(f"{label} ({size_text(fit)})")
                 break
         options.append(f"at most {largest_prompt_that_fits(cfg, taps, batch, memory, itemsize)} tokens")
-        return (f"this case needs about {size_text(need['memory'])} of memory (the forward, its logits at "
-                f"{batch * (rows or seq)} positions, the largest tap on its way to disk) and {size_text(memory)} "
-                f"is available: it would be killed. What fits: {', or '.join(options)}")
+        return (
+            f"this case needs about {size_text(need['memory'])} of memory (the forward, its logits at "
+            f"{batch * (rows or seq)} positions, the largest tap on its way to disk) and {size_text(memory)} "
+            f"is available: it would be killed. What fits: {', or '.join(options)}"
+        )
     if need["disk"] > free:
-        options = [f"{label} ({size_text(d)})" for label, d in (
-            ("--taps residual", tap_bytes(cfg, "residual", batch, seq, itemsize, rows)),
-            ("--positions START:STOP of 64 positions", tap_bytes(cfg, taps, batch, seq, itemsize, min(64, seq))))
-            if d <= free]
-        return (f"this case writes about {size_text(need['disk'])} and {size_text(free)} is free there. "
-                f"Write elsewhere, free some space" + "".join(f", or {o}" for o in options))
+        options = [
+            f"{label} ({size_text(d)})"
+            for label, d in (
+                ("--taps residual", tap_bytes(cfg, "residual", batch, seq, itemsize, rows)),
+                ("--positions START:STOP of 64 positions", tap_bytes(cfg, taps, batch, seq, itemsize, min(64, seq))),
+            )
+            if d <= free
+        ]
+        return (
+            f"this case writes about {size_text(need['disk'])} and {size_text(free)} is free there. "
+            f"Write elsewhere, free some space" + "".join(f", or {o}" for o in options)
+        )
     return None
 
 
 # -- the coverage suite: inputs that expose the known failure modes ------------------------------------------
 
-PASSAGE = ("The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "
-           "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
-           "appear in text, and so do names, code and questions: what comes next? ")
+PASSAGE = (
+    "The quick brown fox jumps over the lazy dog. A sliding window lets each token see only the "
+    "recent past, while global layers see everything before it. Numbers such as 3, 14 and 2048 "
+    "appear in text, and so do names, code and questions: what comes next? "
+)
 QUESTION = "Why soft-cap scores?"
 DECODE_FULL_WINDOW = 512  # up to this sliding window the decode case's steps wrap every ring buffer twice
 PADDED_TEXT = "A sliding window lets each token see only the recent past."
@@ -231,8 +299,9 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     """
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
-        raise ValueError(f"the long case needs {2 * W + 2} positions, the model's context is "
-                         f"{cfg.max_position_embeddings}")
+        raise ValueError(
+            f"the long case needs {2 * W + 2} positions, the model's context is {cfg.max_position_embeddings}"
+        )
     short_text = "The cat sat on the mat."
     short = tokenizer.encode(short_text, bos=True)
     long_ids = tokenizer.encode(PASSAGE, bos=True)
@@ -252,26 +321,52 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     right, right_mask = pad_batch([longer, short], side="right")
     return [
         CaseInput("short", "a short prompt, one <bos>", short, short_text),
-        CaseInput("window", f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window "
-                            f"of {W}", window_ids, tokenizer.decode(window_ids, skip_special=False)),
+        CaseInput(
+            "window",
+            f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window of {W}",
+            window_ids,
+            tokenizer.decode(window_ids, skip_special=False),
+        ),
         CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
         CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
         CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
-        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]),
-                  None),
-        CaseInput("special_tokens", "text containing <start_of_turn> and <end_of_turn>: one id each",
-                  special_ids, SPECIAL_TEXT),
-        CaseInput("long", f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
-                  long_ids, tokenizer.decode(long_ids, skip_special=False)),
-        CaseInput("decode", f"a prefill of {prefill} tokens (past the sliding window of {W}), then {steps} "
-                            f"one-token steps through the KV cache"
-                            f"{' (every ring buffer wraps twice)' if steps >= 2 * W else ''}",
-                  decode_ids, tokenizer.decode(decode_ids, skip_special=False), prefill=prefill),
+        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]), None),
+        CaseInput(
+            "special_tokens",
+            "text containing <start_of_turn> and <end_of_turn>: one id each",
+            special_ids,
+            SPECIAL_TEXT,
+        ),
+        CaseInput(
+            "long",
+            f"{2 * W + 2} tokens: positions up to {2 * W + 1}, twice the sliding window of {W}",
+            long_ids,
+            tokenizer.decode(long_ids, skip_special=False),
+        ),
+        CaseInput(
+            "decode",
+            f"a prefill of {prefill} tokens (past the sliding window of {W}), then {steps} "
+            f"one-token steps through the KV cache"
+            f"{' (every ring buffer wraps twice)' if steps >= 2 * W else ''}",
+            decode_ids,
+            tokenizer.decode(decode_ids, skip_special=False),
+            prefill=prefill,
+        ),
         *chunked_case(cfg, tokenizer, long_ids + body * 4),
-        CaseInput("padded_batch", f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
-                  left, None, left_mask),
-        CaseInput("padded_batch_right", f"prompts of {len(longer)} and {len(short)} tokens as one batch, "
-                                        f"right-padded", right, None, right_mask),
+        CaseInput(
+            "padded_batch",
+            f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
+            left,
+            None,
+            left_mask,
+        ),
+        CaseInput(
+            "padded_batch_right",
+            f"prompts of {len(longer)} and {len(short)} tokens as one batch, right-padded",
+            right,
+            None,
+            right_mask,
+        ),
     ]
 
 
@@ -284,9 +379,17 @@ def chunked_case(cfg, tokenizer, ids) -> list[CaseInput]:
     while len(ids) < sum(chunks):
         ids = ids + ids
     ids = ids[: sum(chunks)]
-    return [CaseInput("chunked", f"{sum(chunks)} tokens through the KV cache in chunks of {W}, {W + W // 2} "
-                                 f"(longer than the sliding window of {W}), then {len(chunks) - 2} one-token steps",
-                      ids, tokenizer.decode(ids, skip_special=False), prefill=W, chunks=chunks)]
+    return [
+        CaseInput(
+            "chunked",
+            f"{sum(chunks)} tokens through the KV cache in chunks of {W}, {W + W // 2} "
+            f"(longer than the sliding window of {W}), then {len(chunks) - 2} one-token steps",
+            ids,
+            tokenizer.decode(ids, skip_special=False),
+            prefill=W,
+            chunks=chunks,
+        )
+    ]
 
 
 SUITES = {"coverage": coverage_inputs}
@@ -310,18 +413,21 @@ def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int
     """The taps and stored positions that keep one case within the disk budget, and notes. Memory needs no
     plan: a case is streamed to disk (generate_case), its memory is the forward's (case_budget)."""
     ids = np.asarray(ids)
-    batch, seq = (ids.shape if ids.ndim == 2 else (1, ids.shape[0]))
+    batch, seq = ids.shape if ids.ndim == 2 else (1, ids.shape[0])
     notes = []
     positions = None
     if tap_bytes(cfg, taps, batch, seq, itemsize) > MAX_CASE_BYTES and seq > LAST_ROWS:
         positions = (seq - LAST_ROWS, seq)
-        notes.append(f"only positions {seq - LAST_ROWS}..{seq - 1} stored (the full case would take "
-                     f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**20:.0f} MiB)")
+        notes.append(
+            f"only positions {seq - LAST_ROWS}..{seq - 1} stored (the full case would take "
+            f"{tap_bytes(cfg, taps, batch, seq, itemsize) / 2**20:.0f} MiB)"
+        )
     return taps, positions, notes
 
 
-def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", model_name=None,
-                   log=None, write=None) -> Path:
+def generate_suite(
+    model, tokenizer, out_dir, name="coverage", taps="default", model_name=None, log=None, write=None
+) -> Path:
     """Write every case of a suite under out_dir, plus suite.json.
 
     Cases of big models are kept within budgets (`case_plan`): a 4098-token window case of a 9B model keeps
@@ -338,11 +444,24 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
         if log is not None and model.is_large:
             progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
 
-        def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None,
-                  chunks=None):
-            generate_case(model, ids, case_dir, taps=case_taps, text=text, description=description, info=info,
-                          progress=progress, positions=positions, attention_mask=attention_mask, prefill=prefill,
-                          chunks=chunks)
+        def write(
+            ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None, chunks=None
+        ):
+            generate_case(
+                model,
+                ids,
+                case_dir,
+                taps=case_taps,
+                text=text,
+                description=description,
+                info=info,
+                progress=progress,
+                positions=positions,
+                attention_mask=attention_mask,
+                prefill=prefill,
+                chunks=chunks,
+            )
+
     inputs = SUITES[name](model.config, tokenizer)
     entries, skipped = [], []
     for case in inputs:
@@ -364,7 +483,14 @@ def generate_suite(model, tokenizer, out_dir, name="coverage", taps="default", m
             skipped.append({"name": case.name, "reason": str(e)})  # compare says "not checked", and why
             continue
         entries.append({"name": case.name, "description": description})
-    return write_suite(out_dir, name, entries,
-                       {"model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
-                        "sliding_window": model.config.sliding_window, "taps": taps,
-                        **({"skipped": skipped} if skipped else {})})
+    return write_suite(
+        out_dir,
+        name,
+        entries,
+        {
+            "model": {k: info[k] for k in ("name", "path", "bundled", "weights", "tokenizer")},
+            "sliding_window": model.config.sliding_window,
+            "taps": taps,
+            **({"skipped": skipped} if skipped else {}),
+        },
+    )

@@ -17,14 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .names import apply_name_map
 from .compare import CaseComparison, format_report, get_profile
 from .diagnose import compare_and_diagnose, format_diagnosis
 from .golden import FORMAT_VERSION, Case, load_golden
+from .names import apply_name_map
 
 
-def assert_matches_golden(golden_dir, activations: dict, profile: str = "fp32", token_ids=None, name_map=None,
-                          diagnose: bool | None = None, **overrides) -> CaseComparison:
+def assert_matches_golden(
+    golden_dir,
+    activations: dict,
+    profile: str = "fp32",
+    token_ids=None,
+    name_map=None,
+    diagnose: bool | None = None,
+    **overrides,
+) -> CaseComparison:
     """Compare `activations` ({tap: array}; only the taps you have) with the golden case at `golden_dir`.
 
     profile: "fp32", "bf16", "fp16" or "q8"; overrides: rel_l2=, max_rel=, kl=, top1=, top5=.
@@ -39,15 +46,18 @@ def assert_matches_golden(golden_dir, activations: dict, profile: str = "fp32", 
     acts = {name: np.asarray(a) for name, a in apply_name_map(activations, name_map).items()}
     unknown = [n for n in acts if n not in reference.activations]
     if len(unknown) == len(acts):
-        raise AssertionError(f"none of the {len(acts)} given activations is a tap of {reference.path} "
-                             f"(given: {unknown[:5]}...); use canonical names such as 'layers.0.output' or "
-                             f"pass name_map=")
+        raise AssertionError(
+            f"none of the {len(acts)} given activations is a tap of {reference.path} "
+            f"(given: {unknown[:5]}...); use canonical names such as 'layers.0.output' or "
+            f"pass name_map="
+        )
     ids = None if token_ids is None else np.asarray(token_ids).tolist()
-    candidate = Case(Path("activations under test"),
-                     {"format_version": FORMAT_VERSION, "producer": {"name": "activations under test"},
-                      "input": {"token_ids": ids}}, acts)
-    results, diagnoses, _ = compare_and_diagnose(reference, candidate, get_profile(profile, **overrides),
-                                                 diagnose)
+    candidate = Case(
+        Path("activations under test"),
+        {"format_version": FORMAT_VERSION, "producer": {"name": "activations under test"}, "input": {"token_ids": ids}},
+        acts,
+    )
+    results, diagnoses, _ = compare_and_diagnose(reference, candidate, get_profile(profile, **overrides), diagnose)
     result = results[0]
     if not result.passed:
         report = format_report(result)

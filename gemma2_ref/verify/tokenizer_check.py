@@ -37,16 +37,26 @@ TEXTS = (
 )
 
 TOKENIZER_MISTAKES = {
-    "special_tokens_not_parsed": ("<start_of_turn> / <end_of_turn> in the text split into ordinary pieces",
-                                  "llama.cpp #8244, #8349"),
-    "add_space_prefix": ("a space prepended to the text (SentencePiece's add_dummy_prefix), which Gemma's "
-                         "tokenizer does not do", "llama.cpp #8248"),
-    "whitespace_runs_split": ("runs of spaces, which Gemma's vocabulary holds as single pieces, split into "
-                              "shorter ones", "llama.cpp #8228"),
-    "no_byte_fallback": ("characters outside the vocabulary become <unk> instead of byte pieces",
-                         "SentencePiece byte_fallback (Gemma's tokenizer has it)"),
-    "stop_without_end_of_turn": ("generation of a chat turn does not stop at <end_of_turn> (107), only at "
-                                 "<eos> (1)", "mlx-swift-examples #89"),
+    "special_tokens_not_parsed": (
+        "<start_of_turn> / <end_of_turn> in the text split into ordinary pieces",
+        "llama.cpp #8244, #8349",
+    ),
+    "add_space_prefix": (
+        "a space prepended to the text (SentencePiece's add_dummy_prefix), which Gemma's tokenizer does not do",
+        "llama.cpp #8248",
+    ),
+    "whitespace_runs_split": (
+        "runs of spaces, which Gemma's vocabulary holds as single pieces, split into shorter ones",
+        "llama.cpp #8228",
+    ),
+    "no_byte_fallback": (
+        "characters outside the vocabulary become <unk> instead of byte pieces",
+        "SentencePiece byte_fallback (Gemma's tokenizer has it)",
+    ),
+    "stop_without_end_of_turn": (
+        "generation of a chat turn does not stop at <end_of_turn> (107), only at <eos> (1)",
+        "mlx-swift-examples #89",
+    ),
 }
 
 
@@ -83,8 +93,10 @@ class TokenizerReport:
         first = self.first_failure
         if first is not None:
             i = first.first_difference
-            lines.append(f"  first difference: text {self.results.index(first)} {first.text!r} at position {i}: "
-                         f"reference {first.reference[i:i + 4]}, candidate {first.candidate[i:i + 4]}")
+            lines.append(
+                f"  first difference: text {self.results.index(first)} {first.text!r} at position {i}: "
+                f"reference {first.reference[i : i + 4]}, candidate {first.candidate[i : i + 4]}"
+            )
         for r in self.results:
             if r.first_difference is not None and r.mistake is None:
                 lines.append(f"  text {self.results.index(r)} {r.text!r}: not a known tokenizer mistake")
@@ -95,9 +107,21 @@ class TokenizerReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "mistakes": self.mistakes, "stop_ids": self.stop_ids,
-                "texts": [{"text": r.text, "first_difference": r.first_difference, "mistake": r.mistake,
-                           "reference": r.reference, "candidate": r.candidate} for r in self.results]}
+        return {
+            "passed": self.passed,
+            "mistakes": self.mistakes,
+            "stop_ids": self.stop_ids,
+            "texts": [
+                {
+                    "text": r.text,
+                    "first_difference": r.first_difference,
+                    "mistake": r.mistake,
+                    "reference": r.reference,
+                    "candidate": r.candidate,
+                }
+                for r in self.results
+            ],
+        }
 
 
 def spelled(sp, ids) -> str:
@@ -117,8 +141,11 @@ def spelled(sp, ids) -> str:
 
 def whitespace_pieces(sp, ids) -> set[int]:
     """The ids among `ids` whose piece is two or more whitespace characters."""
-    return {int(i) for i in ids if 0 <= int(i) < sp.GetPieceSize() and len(p := sp.IdToPiece(int(i))) > 1
-            and set(p) <= set("\u2581\t\n")}
+    return {
+        int(i)
+        for i in ids
+        if 0 <= int(i) < sp.GetPieceSize() and len(p := sp.IdToPiece(int(i))) > 1 and set(p) <= set("\u2581\t\n")
+    }
 
 
 def name_difference(sp, text: str, reference: list[int], candidate: list[int], special: set[int]) -> str | None:
@@ -147,14 +174,25 @@ def check_tokenizer(tokenizer, candidate: dict, texts=TEXTS) -> TokenizerReport:
     model.tokenizer.Tokenizer) on `texts`; name each known mistake (module docstring)."""
     sp = tokenizer.sp
     special = {i for i in range(min(sp.GetPieceSize(), 1024)) if sp.IsControl(i) or sp.IsUnused(i)} - {BOS} | {
-        tokenizer.special["<start_of_turn>"], tokenizer.special["<end_of_turn>"]}
+        tokenizer.special["<start_of_turn>"],
+        tokenizer.special["<end_of_turn>"],
+    }
     results = []
     for text, ids in zip(texts, candidate["ids"]):
         ref = tokenizer.encode(text, bos=True)
         ids = [int(i) for i in ids]
         at = first_difference(ref, ids)
-        results.append(TextResult(text, ref, ids, at, None if at is None else
-                                  name_difference(sp, text, ref[1:], ids[1:] if ids[:1] == [BOS] else ids, special)))
+        results.append(
+            TextResult(
+                text,
+                ref,
+                ids,
+                at,
+                None
+                if at is None
+                else name_difference(sp, text, ref[1:], ids[1:] if ids[:1] == [BOS] else ids, special),
+            )
+        )
     stop = candidate.get("stop_ids")
     report = TokenizerReport(results, None if stop is None else [int(i) for i in stop])
     for r in results:
@@ -171,13 +209,20 @@ def read_candidate(path, texts=TEXTS) -> dict:
     try:
         data = read_json(path)
     except (OSError, ValueError) as e:
-        raise TokenizerCheckError(f"{path}: not a readable JSON file ({e}); write {{\"ids\": [[...], ...]}} with "
-                                  f"one list of token ids per text of `gemma2-ref check-tokenizer --texts`") from None
+        raise TokenizerCheckError(
+            f'{path}: not a readable JSON file ({e}); write {{"ids": [[...], ...]}} with '
+            f"one list of token ids per text of `gemma2-ref check-tokenizer --texts`"
+        ) from None
     ids = data.get("ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or len(ids) != len(texts) or not all(
-            isinstance(row, list) and all(isinstance(i, int) for i in row) for row in ids):
-        raise TokenizerCheckError(f"{path}: key 'ids' must hold {len(texts)} lists of integer token ids, one per "
-                                  f"text of `gemma2-ref check-tokenizer --texts`, in that order")
+    if (
+        not isinstance(ids, list)
+        or len(ids) != len(texts)
+        or not all(isinstance(row, list) and all(isinstance(i, int) for i in row) for row in ids)
+    ):
+        raise TokenizerCheckError(
+            f"{path}: key 'ids' must hold {len(texts)} lists of integer token ids, one per "
+            f"text of `gemma2-ref check-tokenizer --texts`, in that order"
+        )
     stop = data.get("stop_ids")
     if stop is not None and not (isinstance(stop, list) and all(isinstance(i, int) for i in stop)):
         raise TokenizerCheckError(f"{path}: key 'stop_ids' must be a list of integer token ids (or absent)")
@@ -187,10 +232,17 @@ def read_candidate(path, texts=TEXTS) -> dict:
 # -- the bundled tokenizer's settings against Gemma's published ones -----------------------------------------
 
 GEMMA_SPEC = {  # Gemma's tokenizer.model (normalizer and trainer spec), as the Gemma / Gemma 2 reports describe it
-    "model_type": "BPE", "byte_fallback": True, "split_digits": True, "add_dummy_prefix": False,
-    "remove_extra_whitespaces": False, "normalizer": "identity",
-    "space_runs_user_defined": True, "newline_runs_user_defined": True, "tab_runs_user_defined": True,
-    "control_tokens": ["<pad>", "<eos>", "<bos>"], "turn_tokens_user_defined": True,
+    "model_type": "BPE",
+    "byte_fallback": True,
+    "split_digits": True,
+    "add_dummy_prefix": False,
+    "remove_extra_whitespaces": False,
+    "normalizer": "identity",
+    "space_runs_user_defined": True,
+    "newline_runs_user_defined": True,
+    "tab_runs_user_defined": True,
+    "control_tokens": ["<pad>", "<eos>", "<bos>"],
+    "turn_tokens_user_defined": True,
 }
 
 
@@ -205,14 +257,19 @@ def tokenizer_spec(model_file) -> dict:
     def runs(ch: str) -> bool:
         return all(ch * n in user for n in range(2, 32))
 
-    return {"model_type": pb.TrainerSpec.ModelType.Name(m.trainer_spec.model_type),
-            "byte_fallback": m.trainer_spec.byte_fallback, "split_digits": m.trainer_spec.split_digits,
-            "add_dummy_prefix": m.normalizer_spec.add_dummy_prefix,
-            "remove_extra_whitespaces": m.normalizer_spec.remove_extra_whitespaces,
-            "normalizer": m.normalizer_spec.name, "space_runs_user_defined": runs("\u2581"),
-            "newline_runs_user_defined": runs("\n"), "tab_runs_user_defined": runs("\t"),
-            "control_tokens": [p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.CONTROL],
-            "turn_tokens_user_defined": {"<start_of_turn>", "<end_of_turn>"} <= user}
+    return {
+        "model_type": pb.TrainerSpec.ModelType.Name(m.trainer_spec.model_type),
+        "byte_fallback": m.trainer_spec.byte_fallback,
+        "split_digits": m.trainer_spec.split_digits,
+        "add_dummy_prefix": m.normalizer_spec.add_dummy_prefix,
+        "remove_extra_whitespaces": m.normalizer_spec.remove_extra_whitespaces,
+        "normalizer": m.normalizer_spec.name,
+        "space_runs_user_defined": runs("\u2581"),
+        "newline_runs_user_defined": runs("\n"),
+        "tab_runs_user_defined": runs("\t"),
+        "control_tokens": [p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.CONTROL],
+        "turn_tokens_user_defined": {"<start_of_turn>", "<end_of_turn>"} <= user,
+    }
 
 
 def spec_differences(model_file) -> dict[str, tuple]:

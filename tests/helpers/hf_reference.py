@@ -19,10 +19,22 @@ torch.set_num_threads(2)
 
 
 def hf_config(**overrides) -> HFGemma2Config:
-    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-              sliding_window=8, max_position_embeddings=512, attn_logit_softcapping=50.0,
-              final_logit_softcapping=30.0, rms_norm_eps=1e-6, attn_implementation="eager")
+    kw = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        attn_implementation="eager",
+    )
     kw.update(overrides)
     return HFGemma2Config(**kw)
 
@@ -41,8 +53,14 @@ def randomise(model: torch.nn.Module, seed: int, scale: float = 1.0, norm_std: f
         p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def make_checkpoint(directory: Path, config: HFGemma2Config, seed: int = 0, dtype=torch.float32,
-                    scale: float = 1.0, max_shard_size: str | None = None) -> Path:
+def make_checkpoint(
+    directory: Path,
+    config: HFGemma2Config,
+    seed: int = 0,
+    dtype=torch.float32,
+    scale: float = 1.0,
+    max_shard_size: str | None = None,
+) -> Path:
     """A random Gemma 2 saved by transformers itself, in `dtype` (float32 / bfloat16 / float16)."""
     model = Gemma2ForCausalLM(config).eval()
     randomise(model, seed, scale)
@@ -55,8 +73,17 @@ def make_checkpoint(directory: Path, config: HFGemma2Config, seed: int = 0, dtyp
 # The model the diagnosis tests run transformers' mistakes on, where each known mistake shows:
 # query_pre_attn_scalar (24) != head_dim (16) != D/H (18), sqrt(72) = 8.485 is 8.5 in bfloat16, a window of 8
 DIAGNOSABLE_WINDOW = 8
-DIAGNOSABLE = dict(vocab_size=300, hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, query_pre_attn_scalar=24, sliding_window=DIAGNOSABLE_WINDOW, num_hidden_layers=4)
+DIAGNOSABLE = dict(
+    vocab_size=300,
+    hidden_size=72,
+    intermediate_size=144,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=DIAGNOSABLE_WINDOW,
+    num_hidden_layers=4,
+)
 
 
 def diagnosable_checkpoint(directory: Path) -> Path:
@@ -66,19 +93,20 @@ def diagnosable_checkpoint(directory: Path) -> Path:
 
 def load_reference(directory: Path, attn_implementation: str = "eager", dtype=torch.float32):
     """The saved checkpoint loaded back by transformers, for computing in `dtype`."""
-    return Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype,
-                                             attn_implementation=attn_implementation).eval()
+    return Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 @torch.no_grad()
 def reference_run(model, ids) -> dict[str, np.ndarray]:
     """transformers' embed / per-layer outputs / final norm / logits, captured with forward hooks."""
     captured: dict[str, torch.Tensor] = {}
-    hooks = [model.model.embed_tokens.register_forward_hook(
-        lambda m, i, o: captured.__setitem__("embed", o))]
+    hooks = [model.model.embed_tokens.register_forward_hook(lambda m, i, o: captured.__setitem__("embed", o))]
     for n, layer in enumerate(model.model.layers):
-        hooks.append(layer.register_forward_hook(
-            lambda m, i, o, n=n: captured.__setitem__(f"layers.{n}.output", o[0] if isinstance(o, tuple) else o)))
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, i, o, n=n: captured.__setitem__(f"layers.{n}.output", o[0] if isinstance(o, tuple) else o)
+            )
+        )
     hooks.append(model.model.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("final_norm", o)))
     try:
         ids_t = torch.tensor(np.atleast_2d(ids), dtype=torch.long)

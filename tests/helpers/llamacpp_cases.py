@@ -14,8 +14,9 @@ from .scripts import load_script
 _random = load_script("llamacpp_random_checkpoint")
 RANDOM_CFG, RANDOM_IDS, random_checkpoint = _random.RANDOM_CFG, _random.RANDOM_IDS, _random.random_checkpoint
 
-INSTALL_LLAMA = ("CMAKE_ARGS=-DGGML_NATIVE=OFF pip install -e '.[llamacpp]' (builds llama-cpp-python 0.3.36 "
-                 "from source, ~7 min)")
+INSTALL_LLAMA = (
+    "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install -e '.[llamacpp]' (builds llama-cpp-python 0.3.36 from source, ~7 min)"
+)
 INSTALL_GGUF = "pip install -e '.[llamacpp]' (gguf==0.19.0)"
 
 

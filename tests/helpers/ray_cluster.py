@@ -18,6 +18,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def bounded(seconds: int, what: str):
     """Raise TimeoutError in the main thread after `seconds` (ray.get and ray.wait are interruptible)."""
+
     def expire(signum, frame):
         raise TimeoutError(f"{what}: still running after {seconds} s")
 
@@ -106,7 +107,7 @@ def listeners() -> list[tuple[str, int]]:
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
                     link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
+                    inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
                     if inode in listening:
                         found.append((listening[inode], pid))
     return found
@@ -115,11 +116,11 @@ def listeners() -> list[tuple[str, int]]:
 def hex_address(h: str, v6: bool) -> str:
     """/proc/net/tcp's address: 4 bytes (or 16, as four 32-bit words) in host (little-endian) order."""
     raw = bytes.fromhex(h)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     if not v6:
         return socket.inet_ntop(socket.AF_INET, words)
     addr = socket.inet_ntop(socket.AF_INET6, words)
-    return addr[len("::ffff:"):] if addr.startswith("::ffff:") else addr
+    return addr[len("::ffff:") :] if addr.startswith("::ffff:") else addr
 
 
 def marker_dir(out_dir) -> Path:
@@ -140,6 +141,7 @@ def markers(out_dir) -> list[tuple[int, int]]:
 
 # -- stand-ins for corpus.load_worker_model / run_shard, shipped to the actors by value -------------------
 
+
 def stand_in_load(task):
     return {"loaded_by": os.getpid()}
 
@@ -156,8 +158,12 @@ def stand_in_run(task, out_dir, model, seconds: float = 0.0):
     time.sleep(seconds)
     path = out_dir / f"shard-{task.shard:05d}.bin"
     path.write_bytes(stand_in_bytes(task))
-    return {"shard": task.shard, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "tokens": 1,
-            "seconds": seconds}
+    return {
+        "shard": task.shard,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "tokens": 1,
+        "seconds": seconds,
+    }
 
 
 def slow_stand_in_run(task, out_dir, model):
@@ -179,6 +185,7 @@ def raises_on_shard_one(task, out_dir, model):
 def slow_real_run(task, out_dir, model):
     """corpus.run_shard, after a marker and a pause in which a test may kill this worker mid-shard."""
     from gemma2_ref.verify.corpus import run_shard
+
     mark_started(task, out_dir)
     time.sleep(1.5)
     return run_shard(task, out_dir, model)

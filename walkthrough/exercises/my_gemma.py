@@ -17,8 +17,6 @@ Arrays are float32. The chapters of walkthrough/ explain each function; gemma2_r
 reference (reading it first spoils the exercise).
 """
 
-import numpy as np
-
 
 def embed(ids, embedding):
     """ids (B, S) int -> (B, S, D): the rows of `embedding` (V, D), times sqrt(D) in the rows' dtype.

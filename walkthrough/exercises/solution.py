@@ -24,7 +24,7 @@ def rope(x, positions, theta):
     angles = positions.astype(np.float32)[:, None] * freqs  # (S, Dh/2)
     cos = np.cos(np.concatenate([angles, angles], axis=-1))[:, None, :]  # (S, 1, Dh)
     sin = np.sin(np.concatenate([angles, angles], axis=-1))[:, None, :]
-    x1, x2 = x[..., :Dh // 2], x[..., Dh // 2:]  # dimension i is paired with i + Dh/2
+    x1, x2 = x[..., : Dh // 2], x[..., Dh // 2 :]  # dimension i is paired with i + Dh/2
     return x * cos + np.concatenate([-x2, x1], axis=-1) * sin
 
 
@@ -59,7 +59,7 @@ def attention(q, k, v, q_pos, k_pos, window, scale, softcap):
 
 
 def gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def mlp(x, w):
@@ -73,7 +73,8 @@ def decoder_layer(x, w, positions, cfg, layer):
     q = rope((h @ w.q_proj.T).reshape(B, S, H, Dh), positions, cfg.rope_theta)
     k = rope((h @ w.k_proj.T).reshape(B, S, K, Dh), positions, cfg.rope_theta)
     v = (h @ w.v_proj.T).reshape(B, S, K, Dh)
-    context = attention(q, k, v, positions, positions, cfg.window(layer), cfg.query_pre_attn_scalar ** -0.5,
-                        cfg.attn_logit_softcapping)
+    context = attention(
+        q, k, v, positions, positions, cfg.window(layer), cfg.query_pre_attn_scalar**-0.5, cfg.attn_logit_softcapping
+    )
     x = x + rms_norm(context @ w.o_proj.T, w.post_attn_norm, eps)  # norms before *and* after
     return x + rms_norm(mlp(rms_norm(x, w.pre_ffw_norm, eps), w), w.post_ffw_norm, eps)
