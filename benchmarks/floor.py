@@ -55,15 +55,16 @@ def weight_files(ckpt: Path) -> list[Path]:
 
 def worker_read(ckpt: Path, steps: int) -> dict:
     buf = bytearray(64 << 20)
-    times, total = [], 0
+    times, cpu, total = [], [], 0
     for _ in range(steps):
-        t0, total = time.perf_counter(), 0
+        t0, c0, total = time.perf_counter(), time.process_time(), 0
         for f in weight_files(ckpt):
             with open(f, "rb", buffering=0) as fh:
                 while n := fh.readinto(buf):
                     total += n
         times.append(time.perf_counter() - t0)
-    return {"seconds": times, "bytes": total}
+        cpu.append(time.process_time() - c0)
+    return {"seconds": times, "cpu_seconds": cpu, "bytes": total}
 
 
 def worker_scan(ckpt: Path, steps: int) -> dict:
@@ -71,9 +72,9 @@ def worker_scan(ckpt: Path, steps: int) -> dict:
 
     import numpy as np
 
-    times, total = [], 0
+    times, cpu, total = [], [], 0
     for _ in range(steps):
-        t0, total = time.perf_counter(), 0
+        t0, c0, total = time.perf_counter(), time.process_time(), 0
         for f in weight_files(ckpt):
             with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 a = np.frombuffer(m, np.uint64, count=len(m) // 8)
@@ -82,7 +83,8 @@ def worker_scan(ckpt: Path, steps: int) -> dict:
                 total += len(m)
                 del a
         times.append(time.perf_counter() - t0)
-    return {"seconds": times, "bytes": total}
+        cpu.append(time.process_time() - c0)
+    return {"seconds": times, "cpu_seconds": cpu, "bytes": total}
 
 
 def worker_numpy(ckpt: Path, steps: int, before: bool) -> dict:
@@ -98,17 +100,28 @@ def worker_numpy(ckpt: Path, steps: int, before: bool) -> dict:
     cfg = model.config
     cache = KVCache(cfg, capacity=PROMPT + steps + 1)
     marks = []
-    progress = lambda done, total: marks.append(time.perf_counter())  # noqa: E731
+    progress = lambda done, total: marks.append((time.perf_counter(), time.process_time()))  # noqa: E731
     logits = model.forward(np.arange(2, 2 + PROMPT), kv_cache=cache, logits_at="last")["logits"]
     steps_out = []
     for _ in range(steps):
         token = int(np.argmax(logits[-1]))
         marks.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = model.forward([token], kv_cache=cache, logits_at="last", progress=progress)["logits"]
-        t1 = time.perf_counter()
-        layers = [b - a for a, b in zip([t0] + marks[:-1], marks)]  # the first includes the embedding lookup
-        steps_out.append({"seconds": t1 - t0, "layers": layers, "rest": (t1 - t0) - sum(layers)})
+        t1, c1 = time.perf_counter(), time.process_time()
+        starts = [(t0, c0)] + marks[:-1]  # the first layer's time includes the embedding lookup
+        layers = [b[0] - a[0] for a, b in zip(starts, marks)]
+        layers_cpu = [b[1] - a[1] for a, b in zip(starts, marks)]
+        steps_out.append(
+            {
+                "seconds": t1 - t0,
+                "layers": layers,
+                "rest": (t1 - t0) - sum(layers),
+                "cpu_seconds": c1 - c0,
+                "layers_cpu": layers_cpu,
+                "rest_cpu": (c1 - c0) - sum(layers_cpu),
+            }
+        )
     return {"steps": steps_out, "layers": cfg.num_hidden_layers}
 
 
@@ -128,12 +141,13 @@ def worker_llama(gguf: Path, steps: int, threads: int) -> dict:
         use_mmap=True,
     )
     llm.eval(list(range(2, 2 + PROMPT)))
-    times = []
+    times, cpu = [], []
     for k in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval([100 + k])
         times.append(time.perf_counter() - t0)
-    return {"seconds": times}
+        cpu.append(time.process_time() - c0)
+    return {"seconds": times, "cpu_seconds": cpu}
 
 
 def worker_main(kind: str, path: str, steps: int, threads: int) -> None:
@@ -224,10 +238,14 @@ def best_step(kind: str, runs: list[dict]) -> dict:
             "step": best["seconds"],
             "per_layer": per_layer,
             "rest": rest,
+            "step_cpu": min(s["cpu_seconds"] for s in steps),
+            "per_layer_cpu": min(min(s["layers_cpu"][1:] or s["layers_cpu"]) for s in steps),
+            "rest_cpu": min(s["rest_cpu"] for s in steps),
             "peak_rss": max(r["peak_rss"] for r in runs),
         }
     return {
         "step": min(t for r in runs for t in r["seconds"]),
+        "step_cpu": min(t for r in runs for t in r["cpu_seconds"]),
         "peak_rss": max(r["peak_rss"] for r in runs),
         **({"bytes": runs[0]["bytes"]} if "bytes" in runs[0] else {}),
     }
@@ -240,27 +258,24 @@ def full_depth(preset: str, cfg, measured: dict) -> dict:
     full = PRESETS[preset]
     counts, full_counts = cfg.parameter_counts(), full.parameter_counts()
     bytes_few, bytes_full = 2 * counts["total"], 2 * full_counts["total"]  # bf16
-    floor = min(measured[k]["step"] for k in ("read", "scan") if k in measured)
-    rate = measured["read"]["bytes"] / floor
-    out = {
-        "layers": full.num_hidden_layers,
-        "bf16_bytes": bytes_full,
-        "floor_seconds": bytes_full / rate,
-        "read_rate_GBps": rate / 1e9,
-        "bf16_bytes_built": bytes_few,
-    }
-    for kind in ("numpy", "numpy-before"):
-        if kind in measured:
-            m = measured[kind]
-            out[f"{kind}_seconds"] = m["rest"] + full.num_hidden_layers * m["per_layer"]
-    for kind in ("llama-bf16", "llama-f32"):  # llama.cpp's step scaled by bytes: its rest and layers together
-        if kind in measured:
-            layer_share = cfg.num_hidden_layers * counts["per_layer"] / counts["total"]
-            step = measured[kind]["step"]
-            out[f"{kind}_seconds"] = step * (1 - layer_share) + step * layer_share * (
-                full.num_hidden_layers / cfg.num_hidden_layers
-            )
-    out["numpy_over_floor"] = out.get("numpy_seconds", float("nan")) / out["floor_seconds"]
+    out = {"layers": full.num_hidden_layers, "bf16_bytes": bytes_full, "bf16_bytes_built": bytes_few}
+    for clock in ("", "_cpu"):  # wall time, and this process's CPU time (less sensitive to a shared machine)
+        floor = min(measured[k][f"step{clock}"] for k in ("read", "scan") if k in measured)
+        rate = measured["read"]["bytes"] / floor
+        out[f"floor{clock}_seconds"] = bytes_full / rate
+        out[f"read_rate{clock}_GBps"] = rate / 1e9
+        for kind in ("numpy", "numpy-before"):
+            if kind in measured:
+                m = measured[kind]
+                out[f"{kind}{clock}_seconds"] = m[f"rest{clock}"] + full.num_hidden_layers * m[f"per_layer{clock}"]
+        for kind in ("llama-bf16", "llama-f32"):  # llama.cpp's step scaled by bytes: its rest and layers together
+            if kind in measured:
+                layer_share = cfg.num_hidden_layers * counts["per_layer"] / counts["total"]
+                step = measured[kind][f"step{clock}"]
+                out[f"{kind}{clock}_seconds"] = step * (1 - layer_share) + step * layer_share * (
+                    full.num_hidden_layers / cfg.num_hidden_layers
+                )
+        out[f"numpy_over_floor{clock}"] = out.get(f"numpy{clock}_seconds", float("nan")) / out[f"floor{clock}_seconds"]
     return out
 
 
@@ -328,11 +343,39 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
+CLOCKS = {"": "wall time", "_cpu": "CPU time of the process (what a busy machine inflates least)"}
+
+
 def report(results: dict) -> str:
+    loads = " ".join(f"{m}: {m_['load_averages']}" for m, m_ in results["models"].items())
     lines = [
         f"Command: `{results['command']}`; {results['cpus']} CPUs, {results['threads']} threads, best of "
         f"{results['repeats']} runs x {results['steps']} steps, interleaved; load average "
-        f"{results['load_average_before']} before, {results['load_average_after']} after.",
+        f"{results['load_average_before']} before, {results['load_average_after']} after "
+        f"(per model, before and after each round of workers: {loads}).",
+    ]
+    for clock, what in CLOCKS.items():
+        lines += [""] + measured_table(results, clock, what) + [""] + full_depth_table(results, clock, what)
+    lines += [
+        "",
+        "Per layer and rest (embedding lookup, final norm, the float32 output head) of the numpy step, wall (CPU):",
+        "",
+        "| model | numpy per layer | numpy rest | before: per layer | before: rest | peak RSS numpy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for preset, m in results["models"].items():
+        a, b = m["measured"]["numpy"], m["measured"].get("numpy-before") or {}
+        cell = lambda d, k: f"{d[k]:.3f} s ({d[k + '_cpu']:.3f})" if k in d else "-"  # noqa: E731
+        lines.append(
+            f"| {preset} | {cell(a, 'per_layer')} | {cell(a, 'rest')} | {cell(b, 'per_layer')} | "
+            f"{cell(b, 'rest')} | {a['peak_rss'] / GiB:.2f} GiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def measured_table(results: dict, clock: str, what: str) -> list[str]:
+    lines = [
+        f"Measured, {what}, per decode step:",
         "",
         "| model | layers built | bf16 GB built | read once (floor) | numpy step | numpy before | llama.cpp bf16 "
         "| llama.cpp f32 | numpy / floor |",
@@ -340,17 +383,20 @@ def report(results: dict) -> str:
     ]
     for preset, m in results["models"].items():
         meas = m["measured"]
-        floor = min(meas[k]["step"] for k in ("read", "scan"))
-        cell = lambda k: f"{meas[k]['step']:.3f} s" if k in meas else "-"  # noqa: E731, B023 (called at once)
+        floor = min(meas[k][f"step{clock}"] for k in ("read", "scan"))
+        cell = lambda k: f"{meas[k][f'step{clock}']:.3f} s" if k in meas else "-"  # noqa: E731, B023
         lines.append(
             f"| {preset} | {m['layers_built']} | {m['bf16_bytes_built'] / 1e9:.2f} | {floor:.3f} s | "
             f"{cell('numpy')} | {cell('numpy-before')} | {cell('llama-bf16')} | {cell('llama-f32')} | "
-            f"{meas['numpy']['step'] / floor:.2f} |"
+            f"{meas['numpy'][f'step{clock}'] / floor:.2f} |"
         )
-    lines += [
-        "",
-        "Full depth, **arithmetic** (rest + layers x per layer; floor = full bf16 bytes / the read rate "
-        "measured; llama.cpp scaled by its bytes):",
+    return lines
+
+
+def full_depth_table(results: dict, clock: str, what: str) -> list[str]:
+    lines = [
+        f"Full depth, {what}, **arithmetic** (rest + layers x per layer; floor = full bf16 bytes / the read "
+        "rate measured; llama.cpp scaled by its bytes):",
         "",
         "| model | layers | bf16 GB | floor | numpy step | numpy before | llama.cpp bf16 | llama.cpp f32 "
         "| numpy / floor |",
@@ -358,27 +404,13 @@ def report(results: dict) -> str:
     ]
     for preset, m in results["models"].items():
         f = m["full_depth_arithmetic"]
-        cell = lambda k: f"{f[k]:.2f} s" if k in f else "-"  # noqa: E731, B023 (called at once)
+        cell = lambda k: f"{f[f'{k}{clock}_seconds']:.2f} s" if f"{k}{clock}_seconds" in f else "-"  # noqa: E731, B023
         lines.append(
-            f"| {preset} | {f['layers']} | {f['bf16_bytes'] / 1e9:.1f} | {f['floor_seconds']:.2f} s | "
-            f"{cell('numpy_seconds')} | {cell('numpy-before_seconds')} | {cell('llama-bf16_seconds')} | "
-            f"{cell('llama-f32_seconds')} | {f['numpy_over_floor']:.2f} |"
+            f"| {preset} | {f['layers']} | {f['bf16_bytes'] / 1e9:.1f} | {cell('floor')} | {cell('numpy')} | "
+            f"{cell('numpy-before')} | {cell('llama-bf16')} | {cell('llama-f32')} | "
+            f"{f[f'numpy_over_floor{clock}']:.2f} |"
         )
-    lines += [
-        "",
-        "Per layer and rest (embedding lookup, final norm, the float32 output head) of the numpy step:",
-        "",
-        "| model | numpy per layer | numpy rest | before: per layer | before: rest | peak RSS numpy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for preset, m in results["models"].items():
-        a, b = m["measured"]["numpy"], m["measured"].get("numpy-before")
-        lines.append(
-            f"| {preset} | {a['per_layer']:.3f} s | {a['rest']:.3f} s | "
-            f"{b['per_layer'] if b else float('nan'):.3f} s | {b['rest'] if b else float('nan'):.3f} s | "
-            f"{a['peak_rss'] / GiB:.2f} GiB |"
-        )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:

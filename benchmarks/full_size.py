@@ -26,13 +26,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gemma2_ref.checkpoints import build_random_checkpoint, preset_config  # noqa: E402
+from gemma2_ref.storage.checkpoints import BLOCK_BYTES, random_rows, tensor_std  # noqa: E402
+from gemma2_ref.storage.weights import (  # noqa: E402
+    EMBEDDING,
+    FINAL_NORM,
+    expected_tensors,
+    read_safetensors_header,
+    safetensors_header,
+    write_safetensors_blocks,
+)
 
 GiB = 1 << 30
-RUNS = ("golden", "window", "generate", "generate-streamed")
+RUNS = ("golden", "window", "generate", "generate-streamed", "golden-hash-cache")
 # Runs the CLI, then reports this process's peak resident memory: what one fresh `gemma2-ref` process needed.
 MEASURED = (
     "import sys, runpy; sys.argv = ['gemma2-ref'] + sys.argv[1:]\n"
@@ -101,6 +112,84 @@ def measure(args: list[str], limit: float | None = None) -> dict:
     return result
 
 
+def golden_hash_cache(checkpoint: Path, ids: str, out: Path, repeats: int) -> dict:
+    """The same golden with the weight-hash cache absent (cold: every shard hashed) and present (warm),
+    interleaved `repeats` times, and the hashing alone (every weight file's sha256 in a fresh process)."""
+    from gemma2_ref.verify.hashes import CACHE_FILE
+
+    cache = checkpoint / CACHE_FILE  # written by the cold run: ours to delete
+    files = sorted(checkpoint.glob("*.safetensors"))
+    hashing = (
+        "import sys, time; from pathlib import Path; from gemma2_ref.verify.hashes import sha256_file\n"
+        "t = time.perf_counter(); [sha256_file(f) for f in sorted(Path(sys.argv[1]).glob('*.safetensors'))]\n"
+        "print(f'{time.perf_counter() - t:.1f}')"
+    )
+    runs = {}
+    for r in range(1, repeats + 1):
+        for state in ("cold", "warm"):
+            if state == "cold":
+                cache.unlink(missing_ok=True)
+            run = measure(["golden", str(checkpoint), "--tokens", ids, "--out", str(out / f"h{state}{r}")])
+            run["load_average_after"] = os.getloadavg()
+            runs[f"golden_64_{state}_cache_run{r}"] = run
+        done = subprocess.run(
+            [sys.executable, "-c", hashing, str(checkpoint)], capture_output=True, text=True, cwd=ROOT
+        )
+        runs[f"sha256_all_weight_files_run{r}"] = {
+            "seconds": float(done.stdout.strip() or "nan"),
+            "bytes": sum(f.stat().st_size for f in files),
+            "load_average_after": os.getloadavg(),
+        }
+    cache.unlink(missing_ok=True)
+    return runs
+
+
+def build_copied_checkpoint(directory: Path, cfg, log, layers_per_shard: int = 4) -> Path:
+    """build_random_checkpoint's layout and first shards (the embedding; layers 0-3, random as there), the
+    other layers' shards copies of layers 0-3's bytes under their own names: the real shapes and bytes per
+    layer, written at the disk's speed instead of the random generator's (which a shared machine starves).
+    For timing hashing and a golden's forward, whose cost does not depend on the values."""
+    shapes = expected_tensors(cfg)
+    firsts = list(range(0, cfg.num_hidden_layers, layers_per_shard))
+    names = [f"model-{k:05d}-of-{len(firsts) + 1:05d}.safetensors" for k in range(1, len(firsts) + 2)]
+    groups = [[EMBEDDING, FINAL_NORM]] + [
+        [n for n in shapes if any(n.startswith(f"model.layers.{i}.") for i in range(f, f + layers_per_shard))]
+        for f in firsts
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for file, group in zip(names[:2], groups[:2]):
+        if not (directory / file).is_file():  # random, as build_random_checkpoint writes them
+            specs = {}
+            for n in group:
+                rows = max(1, BLOCK_BYTES // max(1, int(np.prod(shapes[n][1:], dtype=np.int64)) * 4))
+                std = tensor_std(n, shapes[n])
+                specs[n] = ("BF16", shapes[n], lambda n=n, std=std, rows=rows: random_rows(n, shapes[n], 0, std, rows))
+            write_safetensors_blocks(directory / file, specs, metadata={"format": "pt"})
+        log(f"  {file}: random ({time.perf_counter() - t0:.0f} s)")
+    source = directory / names[1]
+    refs, _ = read_safetensors_header(source)
+    for file, first, group in zip(names[2:], firsts[1:], groups[2:]):
+        origin = {
+            n: n.replace(f"layers.{int(n.split('.')[2])}.", f"layers.{int(n.split('.')[2]) - first}.") for n in group
+        }
+        head, _ = safetensors_header({n: ("BF16", shapes[n]) for n in group}, metadata={"format": "pt"})
+        tmp = directory / (file + ".tmp")
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            out.write(head)
+            for n in sorted(group):  # the order safetensors_header laid them out in
+                src.seek(refs[origin[n]].offset)
+                out.write(src.read(refs[origin[n]].nbytes))
+        os.replace(tmp, directory / file)
+        log(f"  {file}: layers {first}-{first + len(group) // 9 - 1} copied ({time.perf_counter() - t0:.0f} s)")
+    weight_map = {n: file for file, group in zip(names, groups) for n in group}
+    total = sum(int(np.prod(shapes[n], dtype=np.int64)) * 2 for n in weight_map)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf_dict("new"), indent=2) + "\n")
+    return directory
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=["9b", "27b"], default="9b")
@@ -110,6 +199,12 @@ def main(argv=None) -> int:
         help="build the checkpoint here and keep it (default: a temporary directory, deleted afterwards)",
     )
     p.add_argument("--checkpoint", metavar="DIR", help="use this already built checkpoint (not deleted)")
+    p.add_argument(
+        "--copy-layers",
+        action="store_true",
+        help="build only the embedding and layers 0-3 at random, the other layers copies of their bytes (fast)",
+    )
+    p.add_argument("--repeats", type=int, default=2, help="golden-hash-cache: cold and warm runs, interleaved")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the 128-token prompt")
     p.add_argument(
         "--window-minutes",
@@ -146,7 +241,8 @@ def main(argv=None) -> int:
     try:
         if not args.checkpoint:
             t0 = time.perf_counter()
-            build_random_checkpoint(target, cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+            (build_copied_checkpoint if args.copy_layers else build_random_checkpoint)(target, cfg, log=log)
             results["build_seconds"] = round(time.perf_counter() - t0, 1)
         ids64 = " ".join(["2"] + [str(651 + i) for i in range(63)])
         ids128 = " ".join(["2"] + [str(651 + i) for i in range(127)])
@@ -161,6 +257,8 @@ def main(argv=None) -> int:
         ]
         if "golden" in wanted:
             results["golden_64_identical"] = len(hashes) == 2 and hashes[0] == hashes[1]
+        if "golden-hash-cache" in wanted:
+            runs.update(golden_hash_cache(target, ids64, out, args.repeats))
         for run, extra in (("generate", []), ("generate-streamed", ["--stream-weights"])):
             if run in wanted:
                 runs[f"{run.replace('-', '_')}_{args.new_tokens}_after_128"] = measure(

@@ -31,6 +31,7 @@ def test_the_read_workers_read_every_byte_of_the_checkpoint(ckpt):
     for worker in (floor.worker_read, floor.worker_scan):
         result = worker(ckpt, 2)
         assert result["bytes"] == size and len(result["seconds"]) == 2 and min(result["seconds"]) > 0
+        assert len(result["cpu_seconds"]) == 2 and min(result["cpu_seconds"]) > 0
 
 
 def test_the_numpy_worker_times_every_layer_of_every_step(ckpt):
@@ -40,8 +41,11 @@ def test_the_numpy_worker_times_every_layer_of_every_step(ckpt):
     for step in result["steps"]:
         assert len(step["layers"]) == layers and step["rest"] >= 0
         assert abs(sum(step["layers"]) + step["rest"] - step["seconds"]) < 1e-9
+        assert len(step["layers_cpu"]) == layers and step["cpu_seconds"] > 0
+        assert abs(sum(step["layers_cpu"]) + step["rest_cpu"] - step["cpu_seconds"]) < 1e-9
     best = floor.best_step("numpy", [{**result, "peak_rss": 1}])  # worker_main adds the peak RSS
     assert best["step"] == min(s["seconds"] for s in result["steps"])
+    assert best["step_cpu"] == min(s["cpu_seconds"] for s in result["steps"])
 
 
 @pytest.mark.skipif(not (ROOT / "benchmarks" / "floor.json").is_file(), reason="no committed floor run")
