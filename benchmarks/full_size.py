@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,12 +69,17 @@ def layer_rate(lines: list[str]) -> dict | None:
     return None
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(args: list[str], limit: float | None = None) -> dict:
     """Run `gemma2-ref ARGS` in a fresh process; its progress lines are shown as they come (one line, redrawn).
     Past `limit` seconds the run is stopped and its rate per layer extrapolated to the whole forward."""
     command = "gemma2-ref " + " ".join(a if len(a) < 80 else a[:40] + "..." for a in args)
     print(f"running {command}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), children_cpu()
     with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a full stdout pipe would block the child
         proc = subprocess.Popen(
             [sys.executable, "-c", MEASURED, *args], cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True
@@ -103,6 +109,7 @@ def measure(args: list[str], limit: float | None = None) -> dict:
         "command": command,
         "exit": proc.returncode,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(children_cpu() - c0, 1),  # the child's user + system time
         "peak_rss_GiB": round(hwm / GiB, 2) if hwm else None,
         "stdout_tail": stdout.strip().splitlines()[-2:],
         "stderr_tail": last,
@@ -121,8 +128,9 @@ def golden_hash_cache(checkpoint: Path, ids: str, out: Path, repeats: int) -> di
     files = sorted(checkpoint.glob("*.safetensors"))
     hashing = (
         "import sys, time; from pathlib import Path; from gemma2_ref.verify.hashes import sha256_file\n"
-        "t = time.perf_counter(); [sha256_file(f) for f in sorted(Path(sys.argv[1]).glob('*.safetensors'))]\n"
-        "print(f'{time.perf_counter() - t:.1f}')"
+        "t, c = time.perf_counter(), time.process_time()\n"
+        "[sha256_file(f) for f in sorted(Path(sys.argv[1]).glob('*.safetensors'))]\n"
+        "print(f'{time.perf_counter() - t:.1f} {time.process_time() - c:.1f}')"
     )
     runs = {}
     for r in range(1, repeats + 1):
@@ -135,8 +143,10 @@ def golden_hash_cache(checkpoint: Path, ids: str, out: Path, repeats: int) -> di
         done = subprocess.run(
             [sys.executable, "-c", hashing, str(checkpoint)], capture_output=True, text=True, cwd=ROOT
         )
+        wall, cpu = (done.stdout.split() + ["nan", "nan"])[:2]
         runs[f"sha256_all_weight_files_run{r}"] = {
-            "seconds": float(done.stdout.strip() or "nan"),
+            "seconds": float(wall),
+            "cpu_seconds": float(cpu),
             "bytes": sum(f.stat().st_size for f in files),
             "load_average_after": os.getloadavg(),
         }
@@ -204,6 +214,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="build only the embedding and layers 0-3 at random, the other layers copies of their bytes (fast)",
     )
+    p.add_argument("--out", type=Path, help="the results file (default benchmarks/full_size-<model>.json)")
     p.add_argument("--repeats", type=int, default=2, help="golden-hash-cache: cold and warm runs, interleaved")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the 128-token prompt")
     p.add_argument(
@@ -234,7 +245,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    path = Path(__file__).resolve().parent / f"full_size-{args.model}.json"
+    path = args.out or Path(__file__).resolve().parent / f"full_size-{args.model}.json"
     results = json.loads(path.read_text()) if path.is_file() and args.runs != ",".join(RUNS) else {}
     results.update(model=args.model, load_average_before=os.getloadavg(), checkpoint_GiB=round(need / GiB, 1))
     runs = results.setdefault("runs", {})
@@ -243,7 +254,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
             (build_copied_checkpoint if args.copy_layers else build_random_checkpoint)(target, cfg, log=log)
-            results["build_seconds"] = round(time.perf_counter() - t0, 1)
+            results["build_seconds_copied_layers" if args.copy_layers else "build_seconds"] = round(
+                time.perf_counter() - t0, 1
+            )
         ids64 = " ".join(["2"] + [str(651 + i) for i in range(63)])
         ids128 = " ".join(["2"] + [str(651 + i) for i in range(127)])
         ids4098 = " ".join(["2"] + [str(651 + i % 5000) for i in range(4097)])

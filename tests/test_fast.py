@@ -156,3 +156,30 @@ def test_linear_on_stored_weights_in_other_dtypes(monkeypatch, tokens):
     single = bf16_bits_to_f32(bits)
     np.testing.assert_array_equal(linear(x, fast.StoredWeight(single, np.float32)), linear(x, single))
     np.testing.assert_array_equal(np.asarray(fast.StoredWeight(bits, np.float32)), single)  # for a permutation
+
+
+def test_widening_bf16_gives_every_bit_pattern_its_float32_exactly():
+    """All 65536 bfloat16 patterns (NaNs, infinities, subnormals, -0 included) against Python's own decoding of
+    the pattern as the top half of an IEEE float32 (struct: an implementation that is not NumPy's), compared
+    bit for bit; in any layout of the bits (a transposed view), into a buffer holding other values."""
+    import struct
+
+    from gemma2_ref import fast
+
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    expect = np.array(
+        [
+            struct.unpack("<I", struct.pack("<f", struct.unpack("<f", struct.pack("<I", int(b) << 16))[0]))[0]
+            if (int(b) & 0x7F80) != 0x7F80
+            else int(b) << 16
+            for b in bits.ravel()
+        ],
+        np.uint32,
+    )
+    for layout in (bits, bits.T):
+        out = np.full(layout.shape, np.float32(7.5))
+        got = fast.widen_bf16(layout, out)
+        assert got is out
+        np.testing.assert_array_equal(
+            got.view(np.uint32), expect.reshape(256, 256) if layout is bits else expect.reshape(256, 256).T
+        )
