@@ -28,10 +28,11 @@ import numpy as np
 WEIGHT_FIRST_ROWS = 256
 
 # A StoredWeight is converted this many compute-dtype bytes at a time (whole rows, a multiple of
-# STORED_BLOCK_ALIGN of them): for a decode step, a block that stays in L2 between its conversion and its
-# matrix-vector product; a prefill, which spends S multiply-adds on every converted value, takes bigger blocks
-# and so fewer BLAS calls (each call re-packs x and wakes the BLAS threads: on a busy 2-core machine, 1 MiB
-# blocks made a 64-token prefill of a 9B gate_proj 5x slower than 16 MiB ones).
+# STORED_BLOCK_ALIGN of them): for a decode step, a block that stays in cache between its conversion and its
+# matrix-vector product (256 KiB to 2 MiB took the same time here, 4 MiB a little more: floor_matrix.md);
+# a prefill, which spends S multiply-adds on every converted value, takes bigger blocks and so fewer BLAS
+# calls (each call re-packs x and wakes the BLAS threads: on a busy 2-core machine, 1 MiB blocks made a
+# 64-token prefill of a 9B gate_proj 5x slower than 16 MiB ones).
 STORED_BLOCK_BYTES = 1 << 20
 STORED_PREFILL_BLOCK_BYTES = 16 << 20
 STORED_PREFILL_ROWS = 16  # from this many rows of x, a product is a prefill's
@@ -85,8 +86,9 @@ def widen_bf16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> their float32 values, written into `out` (bits' shape). Returns out.
 
     A contiguous cast into out's bytes, then a shift in place: two passes over a block that stays in cache,
-    each a plain SIMD loop; one `np.left_shift(bits, 16, dtype=np.uint32)` casts through NumPy's ufunc buffers
-    instead, 1.4x slower on a block in L2 (benchmarks/floor_matrix.md). The values are the same, exactly."""
+    each a plain loop; one `np.left_shift(bits, 16, dtype=np.uint32)` casts through NumPy's ufunc buffers
+    instead: 1.1x the time on a block in L2, 1.0-1.05x streamed; writing the bits into the high halves of the
+    float32s is 1.2-1.5x (benchmarks/floor_matrix.md). The values are the same, exactly."""
     wide = out.view(np.uint32)
     np.copyto(wide, bits)
     wide <<= 16
