@@ -165,7 +165,7 @@ def table(rows, args, load_before, load_after) -> str:
         f"{os.cpu_count()} CPUs, load average {[round(v, 2) for v in load_before]} before, "
         f"{[round(v, 2) for v in load_after]} after. CPU time of the measuring thread (best and median of "
         f"{args.repeats}, interleaved), the wall time's best beside it; bf16 GB/s is the stored bytes over "
-        "the best CPU time. Made by the script's docstring; the numbers are this run's.",
+        "the best CPU time. What each case is: the script's docstring.",
         "",
         "| case | CPU best | CPU median | wall best | bf16 GB/s | / scan |",
         "|---|---|---|---|---|---|",
