@@ -9,7 +9,10 @@ Measured: `gemma2-ref golden` of a 64-token prompt with the default taps (twice:
 the 4098-token window case (the default taps: refused up front when the disk cannot hold them; `--taps
 residual`: streamed to disk), and `gemma2-ref generate` of 16 greedy tokens after a 128-token prompt, with
 layers kept in memory as `keep_converted="auto"` allows and with every layer streamed (`--stream-weights`).
-Results go to benchmarks/full_size-<model>.json.
+`--runs golden-hash-cache`: the golden with the weight-hash cache absent and present, interleaved (`--repeats`),
+and hashing alone. `--copy-layers`: only the embedding and layers 0-3 are random, the other layers copies of
+their bytes (a build at the disk's speed, for timings that do not depend on the values).
+Results go to benchmarks/full_size-<model>.json (or --out).
 """
 
 from __future__ import annotations
