@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .jsonfile import JSONFileError, read_json, shown
+from .tokenizer import BOS, END_OF_TURN, EOS, PAD
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -56,9 +57,9 @@ class Gemma2Config:
     rms_norm_eps: float = 1e-6
     hidden_activation: str = "gelu_pytorch_tanh"  # GELU, tanh approximation; "gelu" is the exact erf GELU
     max_position_embeddings: int = 8192
-    pad_token_id: int = 0
-    eos_token_ids: tuple[int, ...] = (1, 107)
-    bos_token_id: int = 2
+    pad_token_id: int = PAD
+    eos_token_ids: tuple[int, ...] = (EOS, END_OF_TURN)
+    bos_token_id: int = BOS
     # Gemma 2's layer normalises each sub-block's output before the residual add; False is the Gemma 1 (and
     # Llama) layer without that norm: no config.json says so, a port that reused Gemma 1 code runs it
     post_attn_norm: bool = True
@@ -324,7 +325,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     elif not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
         raise fail(f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found {shown(layer_types)}")
 
-    eos = d.get("eos_token_id", [1, 107])
+    eos = d.get("eos_token_id", [EOS, END_OF_TURN])
     if isinstance(eos, list) and (not eos or any(t is None for t in eos)):  # the rest: _number, item by item
         raise fail(f"`eos_token_id` must be an integer or a non-empty list of integers, found {shown(eos)}")
     sliding_window = d.get("sliding_window", 4096)
@@ -363,12 +364,12 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
             rope_theta=rope_theta,
             rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
             max_position_embeddings=_number(d, "max_position_embeddings", 8192, int),
-            pad_token_id=_number(d, "pad_token_id", 0, int) or 0,
+            pad_token_id=_number(d, "pad_token_id", PAD, int) or PAD,
             eos_token_ids=tuple(
                 _number({"eos_token_id": t}, "eos_token_id", None, int)
                 for t in (eos if isinstance(eos, list) else [eos])
             ),
-            bos_token_id=_number(d, "bos_token_id", 2, int),
+            bos_token_id=_number(d, "bos_token_id", BOS, int),
         )
     except ConfigError as e:
         raise fail(str(e)) from None

@@ -48,6 +48,7 @@ from .config import Gemma2Config
 from .gemma2 import softmax
 from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .taps import LARGE_TAPS, select_taps
+from .tokenizer import END_OF_TURN, EOS
 
 # -- the KV cache -----------------------------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_ids=(1, 107),
+    stop_ids=(EOS, END_OF_TURN),
     on_token=None,
     taps=None,
     keep_logits: bool = False,

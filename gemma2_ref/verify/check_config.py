@@ -39,13 +39,13 @@ from pathlib import Path
 
 from ..model.config import ConfigError, load_config
 from ..model.jsonfile import JSONFileError, is_int, is_number, kind, read_json, shown, strict
+from ..model.tokenizer import END_OF_TURN, START_OF_TURN
 from .mistakes import REFS
 
 # GGUF token types (gguf-py gguf/constants.py TokenType; llama.h llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TOKEN_TYPE_NAMES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
-# Gemma's chat-turn tokens (gemma2_ref.tokenizer; the same ids in every Gemma 2 tokenizer)
-START_OF_TURN, END_OF_TURN = 106, 107
+# Gemma's chat-turn tokens (model/tokenizer.py: the same ids in every Gemma 2 tokenizer)
 TURN_TEXT = {START_OF_TURN: "<start_of_turn>", END_OF_TURN: "<end_of_turn>"}
 
 # The public threads come from the one list, mistakes.REFS.

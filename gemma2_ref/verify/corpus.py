@@ -45,7 +45,7 @@ import numpy as np
 from ..model.jsonfile import JSONFileError
 from ..model.jsonfile import read_json as bounded_json
 from ..model.tokenizer import BOS
-from ..storage.weights import WeightsError, read_safetensors_header, write_safetensors_blocks
+from ..storage.weights import MappedFiles, WeightsError, read_safetensors_header, write_safetensors_blocks
 from .golden import GoldenError, model_info_from_files, our_producer, output_lock, sha256_file
 
 FORMAT_VERSION = 1
@@ -699,11 +699,8 @@ class CorpusGolden:
         """{tensor name: array} of one shard (memory-mapped, read-only)."""
         path = self.path / self.shards[index]["file"]
         tensors, _ = read_safetensors_header(path, dtypes=tuple(SHARD_DTYPES.values()))
-        from ..storage.weights import TENSOR_DTYPES
-
-        return {
-            name: np.memmap(path, TENSOR_DTYPES[ref.dtype], "r", ref.offset, ref.shape) for name, ref in tensors.items()
-        }
+        files = MappedFiles()
+        return {name: files.array(ref) for name, ref in tensors.items()}
 
     def tokens(self) -> np.ndarray:
         """(n_chunks, ctx) int32: the corpus tokens (a reference's)."""

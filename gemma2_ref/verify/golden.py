@@ -33,7 +33,6 @@ import glob
 import hashlib
 import json
 import math
-import mmap
 import os
 import platform
 import secrets
@@ -50,9 +49,11 @@ from ..model.jsonfile import JSONFileError, is_int, read_json, shown
 from ..model.taps import canonical_order, sequence_axis
 from ..model.tokenizer import BOS
 from ..storage.weights import (
-    STORAGE_DTYPES,
+    DTYPE_NAMES,
+    MappedFiles,
     WeightsError,
     bf16_bits_to_f32,
+    checkpoint_files,
     read_safetensors_header,
     safetensors_header,
 )
@@ -97,14 +98,20 @@ def git_commit() -> str:
 
 # -- storing one tensor -----------------------------------------------------------------------------------
 
-ST_DTYPE = {np.dtype("float16"): "F16", np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
+CASE_DTYPES = ("F16", "F32", "F64")  # what a case stores its taps as (storage/weights.py: the dtype table)
+
+
+def case_dtype(dtype) -> str | None:
+    """The safetensors name a case stores an array of this NumPy dtype under, or None (not one a case stores)."""
+    name = DTYPE_NAMES.get(np.dtype(dtype))
+    return name if name in CASE_DTYPES else None
 
 
 def storable(a) -> np.ndarray:
     """An activation as a C-ordered little-endian float16/32/64 array. Other floats (bfloat16 from
     ml_dtypes, torch tensors via __array__) become float32, which holds bfloat16 values exactly."""
     a = np.asarray(a)
-    if a.dtype not in ST_DTYPE:
+    if case_dtype(a.dtype) is None:
         if not (np.issubdtype(a.dtype, np.floating) or a.dtype.kind in "fiu" or "bfloat16" in str(a.dtype)):
             raise GoldenError(f"cannot store an activation of dtype {a.dtype}: give floating-point arrays")
         a = a.astype(np.float32)
@@ -554,7 +561,7 @@ class CaseWriter:
         self.positions = check_case_positions(positions, self.ids)
         self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in specs.items()}
         for name, (_, dtype) in self.specs.items():
-            if dtype not in ST_DTYPE:
+            if case_dtype(dtype) is None:
                 raise GoldenError(f"tap {name!r}: a case stores float16/32/64, not {dtype}")
         self.fields = dict(
             producer=our_producer(producer),
@@ -575,7 +582,7 @@ class CaseWriter:
 
     def __enter__(self) -> CaseWriter:
         self._tmp = self._stack.enter_context(atomic_directory(self.out_dir))
-        head, self._offsets = safetensors_header({n: (ST_DTYPE[d], shape) for n, (shape, d) in self.specs.items()})
+        head, self._offsets = safetensors_header({n: (case_dtype(d), shape) for n, (shape, d) in self.specs.items()})
         self._file = self._stack.enter_context(open(self._tmp / ACTIVATIONS_FILE, "wb"))
         self._file.write(head)
         self._file.truncate(len(head) + self.nbytes)  # every tap's place exists; each is written into it
@@ -675,8 +682,6 @@ def model_info_from_files(
     """What a manifest records about a checkpoint: where it came from, its config, sha256 of its files.
 
     A bundled model is recorded by name (its path differs between checkouts); a directory by its path."""
-    from ..storage.weights import checkpoint_files
-
     directory = Path(directory)
     files, _ = checkpoint_files(directory)
     tok = directory / "tokenizer.model"
@@ -756,29 +761,25 @@ class MappedTensors(Mapping):
     """The tensors of a safetensors file by name, read through a memory map when asked for, one at a time:
     a 60 GiB case is compared tap by tap without ever being in memory whole. F16/F32/F64 tensors are
     read-only views of the file (the OS pages them in and out); BF16 ones are converted to float32 (exactly)
-    on each access. The map stays open as long as this object or an array from it lives."""
+    on each access. The header and the map are storage/weights.py's (the one safetensors reader); the map
+    stays open as long as this object or an array from it lives."""
 
     def __init__(self, path: Path):
         try:
             self.refs, _ = read_safetensors_header(path)
         except WeightsError as e:
             raise GoldenError(str(e)) from None
-        self._map = None
-        if self.refs:
-            with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._files = MappedFiles()
 
     def stored_dtype(self, name: str) -> str:
         return self.refs[name].dtype
 
     def __getitem__(self, name: str) -> np.ndarray:
         ref = self.refs[name]
-        storage = STORAGE_DTYPES[ref.dtype]
-        a = np.frombuffer(self._map, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset)
-        a = a.reshape(ref.shape)
+        a = self._files.array(ref)
         if ref.dtype == "BF16":
             return bf16_bits_to_f32(a)
-        return a if storage.isnative else a.astype(storage.newbyteorder("="))
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
     def __iter__(self):
         return iter(self.refs)
