@@ -32,7 +32,7 @@ from ..model.gemma2 import log_softmax
 from ..model.jsonfile import is_number
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
-from .golden import Case, GoldenError, Suite, keep_positions
+from .golden import Case, GoldenError, Suite, case_pairs, slice_positions
 from .mistakes import REFS
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -577,12 +577,12 @@ def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> 
     lo, hi = max(ra, ca), min(rb, cb)
     if lo >= hi:
         return ref, cand, f"no common positions: reference holds {ra}..{rb - 1}, candidate {ca}..{cb - 1}"
-    ref = keep_positions(ref, (lo - ra, hi - ra), batched)
-    cand = keep_positions(cand, (lo - ca, hi - ca), batched)
+    ref = slice_positions(ref, (lo - ra, hi - ra), batched)
+    cand = slice_positions(cand, (lo - ca, hi - ca), batched)
     return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
 
 
-def keep_tokens(activations: dict, attention_mask) -> dict:
+def slice_tokens(activations: dict, attention_mask) -> dict:
     """A padded batch's taps at its tokens only, (B, S, ...) -> (N, ...) for its N tokens: what padding rows
     hold is nobody's business. Scores and probs (B, H, S, T) keep the tokens' query rows, as (N, H, T), with
     the padding key columns zeroed (a correct model gives them probability 0, and compares the rest)."""
@@ -604,7 +604,7 @@ def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, 
         reference.activations, reference.positions, acts, acts_positions, reference.batched
     )
     if reference.attention_mask is not None and reference.positions is None and acts_positions is None:
-        ref_view, view = keep_tokens(ref_view, reference.attention_mask), keep_tokens(view, reference.attention_mask)
+        ref_view, view = slice_tokens(ref_view, reference.attention_mask), slice_tokens(view, reference.attention_mask)
         note = f"padded batch: the {int(reference.attention_mask.sum())} tokens' rows compared, not the padding"
     return ref_view, view, note
 
@@ -678,23 +678,16 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
 def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) -> list[CaseComparison]:
     """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails, unless its
     suite.json says why its backend could not write it: then it is not checked). `log(line)`: progress."""
-    if isinstance(ref, Suite) != isinstance(cand, Suite):
-        raise ValueError(
-            f"compare a case with a case and a suite with a suite: {ref.path} is a "
-            f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
-            f"{'suite' if isinstance(cand, Suite) else 'case'}"
-        )
+    pairs = case_pairs(ref, cand)
     if isinstance(ref, Case):
         return [compare_cases(ref, cand, profile)]
-    by_name = {c.name: c for c in cand.cases}
-    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []}
     out = []
-    for n, case in enumerate(ref.cases):
+    for n, (case, theirs, skipped) in enumerate(pairs):
         if log is not None:
-            log(f"case {n + 1}/{len(ref.cases)} {case.name}: comparing")
-        if case.name in by_name:
-            out.append(compare_cases(case, by_name[case.name], profile))
-        elif case.name in skipped:
+            log(f"case {n + 1}/{len(pairs)} {case.name}: comparing")
+        if theirs is not None:
+            out.append(compare_cases(case, theirs, profile))
+        elif skipped is not None:
             out.append(
                 CaseComparison(
                     str(case.path),
@@ -703,7 +696,7 @@ def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) ->
                     [],
                     [],
                     [],
-                    not_checked=f"the candidate has no `{case.name}` case ({skipped[case.name]})",
+                    not_checked=f"the candidate has no `{case.name}` case ({skipped})",
                 )
             )
         else:

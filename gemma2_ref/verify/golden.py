@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._version import __version__
 from ..model.jsonfile import JSONFileError, is_int, read_json, shown
 from ..model.taps import canonical_order, sequence_axis
 from ..model.tokenizer import BOS
@@ -65,6 +66,7 @@ ACTIVATIONS_FILE = "activations.safetensors"
 MANIFEST = "manifest.json"
 SUITE = "suite.json"
 CASE_KIND = "gemma2-ref golden case"
+CORPUS_KIND = "gemma2-ref corpus golden"  # verify/corpus.py's format: refused here, by name
 SUITE_KIND = "gemma2-ref golden suite"
 
 
@@ -402,7 +404,7 @@ def describe_bos(token_ids) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def keep_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> np.ndarray:
+def slice_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> np.ndarray:
     """Only the rows of query positions [start, stop) of one tap (attention keys are kept whole). A tap
     that already holds just those rows (the output head computed only there) is returned as it is."""
     if positions is None:
@@ -416,12 +418,12 @@ def keep_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> n
     return a[tuple(index)]
 
 
-def keep_positions(activations: dict, positions, batched: bool) -> dict:
-    """keep_rows of every tap: the activations of a whole forward, as a case storing `positions` holds them."""
+def slice_positions(activations: dict, positions, batched: bool) -> dict:
+    """slice_rows of every tap: the activations of a whole forward, as a case storing `positions` holds them."""
     if positions is None:
         return dict(activations)
     seq = max(a.shape[sequence_axis(n, a.ndim, batched)] for n, a in activations.items())
-    return {name: keep_rows(name, a, positions, batched, seq) for name, a in activations.items()}
+    return {name: slice_rows(name, a, positions, batched, seq) for name, a in activations.items()}
 
 
 def write_case(
@@ -457,7 +459,7 @@ def write_case(
     """
     ids = check_token_ids(token_ids)
     positions = check_case_positions(positions, ids)
-    acts = keep_positions(apply_name_map(activations, name_map), positions, ids.ndim == 2)
+    acts = slice_positions(apply_name_map(activations, name_map), positions, ids.ndim == 2)
     acts = {name: storable(a) for name, a in acts.items()}
     if not acts:
         raise GoldenError(f"{out_dir}: no activations to write")
@@ -502,8 +504,6 @@ def our_producer(producer: dict | str | None) -> dict:
         return producer
     if producer is not None:
         return {"name": producer}
-    from .. import __version__
-
     return {
         "name": "gemma2_ref",
         "version": __version__,
@@ -596,7 +596,7 @@ class CaseWriter:
         if name in self.entries:
             raise GoldenError(f"tap {name!r} given twice")
         shape, dtype = self.specs[name]
-        a = keep_rows(name, np.asarray(a), self.positions, self.ids.ndim == 2, self.ids.shape[-1])
+        a = slice_rows(name, np.asarray(a), self.positions, self.ids.ndim == 2, self.ids.shape[-1])
         a = np.ascontiguousarray(storable(a), dtype=dtype.newbyteorder("<"))
         if a.shape != shape:
             raise GoldenError(f"tap {name!r} is {list(a.shape)}, the case stores it as {list(shape)}")
@@ -972,6 +972,23 @@ class Suite:
         return self.info.get("name") or self.path.name
 
 
+def case_pairs(reference: Case | Suite, candidate: Case | Suite) -> list[tuple[Case, Case | None, str | None]]:
+    """What compare and diagnose hold against what: a case against a case, or a suite's cases, each against
+    the candidate suite's case of that name. Per reference case: (it, the candidate's or None when missing, the
+    reason the candidate's suite.json gives for skipping it or None). A case against a suite is one error."""
+    if isinstance(reference, Suite) != isinstance(candidate, Suite):
+        raise GoldenError(
+            f"a case goes with a case and a suite with a suite: {reference.path} is a "
+            f"{'suite' if isinstance(reference, Suite) else 'case'}, {candidate.path} is a "
+            f"{'suite' if isinstance(candidate, Suite) else 'case'}"
+        )
+    if isinstance(reference, Case):
+        return [(reference, candidate, None)]
+    by_name = {c.name: c for c in candidate.cases}
+    skipped = {e["name"]: e["reason"] for e in candidate.info.get("skipped") or []}
+    return [(case, by_name.get(case.name), skipped.get(case.name)) for case in reference.cases]
+
+
 def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | None = None) -> Path:
     """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]. Write it last,
     once every case is written: its presence says the suite is complete."""
@@ -1046,6 +1063,11 @@ def load_golden(path: str | Path, verify: bool = True, name_map=None, *, referen
     if not path.exists():
         raise GoldenError(f"{path}: no such directory (expected a golden case or suite written by `gemma2-ref golden`)")
     kind = golden_kind(path) if path.is_dir() else None
+    if kind == "case" and _written_by_us(path / MANIFEST, CORPUS_KIND):
+        raise GoldenError(
+            f"{path} is a corpus golden, not a golden case or suite: `gemma2-ref compare REF CAND` holds a corpus "
+            f"golden against another (docs/corpus.md); diagnose and the case API take cases and suites"
+        )
     if kind == "mixed":
         raise GoldenError(
             f"{path} holds both a golden case ({MANIFEST}) and a suite (case directories or "
