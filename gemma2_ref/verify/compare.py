@@ -776,30 +776,48 @@ def wrap(line: str, indent: int = 11, width: int = 110) -> str:
 
 
 def format_report(result: CaseComparison, all_taps: bool = False) -> str:
-    p = result.profile
-    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", wrap(f"profile    {p.describe()}")]
-    compared = result.compared
+    """The text report of one case: what was compared, the per-layer table, the logits, the verdict."""
+    lines = report_header(result)
+    if result.not_checked:
+        return "\n".join([*lines, f"NOT CHECKED: {result.not_checked}"])
+    if not result.taps:
+        return "\n".join([*lines, "FAIL: nothing to compare"])
+    lines += ["", *layer_table_lines(result)]
+    if all_taps:
+        lines += ["", "per tap, execution order:"] + [
+            f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}" for t in result.taps if t.status != "missing"
+        ]
+    logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
+    if logits:
+        lines += ["", logits_line(logits.logits)]
+    return "\n".join([*lines, "", *verdict_lines(result)])
+
+
+def report_header(result: CaseComparison) -> list[str]:
+    """Which goldens, which profile, which taps were compared, and the notes."""
+    lines = [
+        f"reference  {result.reference}",
+        f"candidate  {result.candidate}",
+        wrap(f"profile    {result.profile.describe()}"),
+    ]
     lines.append(
         wrap(
-            f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
+            f"taps       {len(result.compared)} compared of {len(result.taps)} in the reference"
             + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else "")
         )
     )
     if result.extra:
         lines.append(wrap(f"           not in the reference (ignored): {group_names(result.extra)}"))
-    for note in result.notes:
-        lines.append(f"note       {note}")
+    lines += [f"note       {note}" for note in result.notes]
     if result.input_mismatch:
         lines.append(f"INPUT      {result.input_mismatch}")
-    if result.not_checked:
-        lines.append(f"NOT CHECKED: {result.not_checked}")
-        return "\n".join(lines)
-    if not result.taps:
-        lines.append("FAIL: nothing to compare")
-        return "\n".join(lines)
-    lines += [
-        "",
-        f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap",
+    return lines
+
+
+def layer_table_lines(result: CaseComparison) -> list[str]:
+    """One row per layer: taps compared, failed, the worst errors, the first failing tap."""
+    lines = [
+        f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap"
     ]
     for row in layer_table(result.taps):
         if row["compared"] == 0:
@@ -810,25 +828,23 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
             f"{number_cell(row, 'worst_rel_l2', 12)}  "
             f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}"
         )
-    if all_taps:
-        lines += ["", "per tap, execution order:"] + [
-            f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}" for t in result.taps if t.status != "missing"
-        ]
-    logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
-    if logits:
-        lg = logits.logits
-        lines += [
-            "",
-            wrap(
-                f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
-                f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
-                f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
-                f"{lg['top5']:.1%}",
-                8,
-            ),
-        ]
-    first = result.first_divergence
-    lines.append("")
+    return lines
+
+
+def logits_line(lg: dict) -> str:
+    """KL, top-1 and top-5 agreement of the output distributions."""
+    return wrap(
+        f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
+        f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
+        f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
+        f"{lg['top5']:.1%}",
+        8,
+    )
+
+
+def verdict_lines(result: CaseComparison) -> list[str]:
+    """The first non-finite tap, then PASS (and what the case cannot show) or FAIL at the first divergence."""
+    p, first, lines = result.profile, result.first_divergence, []
     non_finite = next((t for t in result.taps if t.non_finite), None)
     if non_finite is not None:
         lines.append(
@@ -839,7 +855,7 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
             )
         )
     if result.passed:
-        lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
+        lines.append(f"PASS: {len(result.compared)} taps within the {p.name} profile")
         if result.blind_spots:
             lines.append(
                 wrap(
@@ -865,7 +881,7 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
                     6,
                 )
             )
-    return "\n".join(lines)
+    return lines
 
 
 def number_cell(row: dict, key: str, width: int) -> str:
