@@ -13,6 +13,7 @@ docs/architecture.md maps the modules and the contracts (API, tap names, golden 
 from __future__ import annotations
 
 from . import _moved
+from ._version import __version__  # noqa: F401 (g2.__version__)
 
 _moved.install()  # the flat module names of before the layers: gemma2_ref.golden, gemma2_ref.loader, ...
 
@@ -23,8 +24,6 @@ from .model.taps import select_taps, tap_names
 from .model.tokenizer import Tokenizer, load_tokenizer
 from .storage.loader import COMPUTE_DTYPES, Model, load_model, resolve_checkpoint
 from .storage.weights import Weights, WeightsError, index_checkpoint
-
-__version__ = "0.1.0"
 
 __all__ = [
     "COMPUTE_DTYPES",

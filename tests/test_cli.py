@@ -69,3 +69,20 @@ def test_errors_are_one_clear_line_and_exit_code_2(capsys, argv, message):
 def test_the_console_script_is_installed_and_runs():
     out = subprocess.run([sys.executable, "-m", "gemma2_ref.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("gemma2-ref ")
+
+
+@pytest.mark.parametrize("command", ["compare", "diagnose"])
+def test_a_case_against_a_suite_is_one_line_naming_both_the_same_in_compare_and_diagnose(capsys, command):
+    code, out, err = run(capsys, command, "golden", "golden/short")
+    assert code == 2 and out == ""
+    assert err.strip().endswith(
+        "a case goes with a case and a suite with a suite: golden is a suite, golden/short is a case"
+    ), err
+
+
+def test_a_corpus_golden_given_where_a_case_is_expected_is_named_so(capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text(json.dumps({"kind": "gemma2-ref corpus golden"}))
+    code, out, err = run(capsys, "diagnose", str(corpus), "golden/short")
+    assert code == 2 and f"{corpus} is a corpus golden, not a golden case or suite" in err, err

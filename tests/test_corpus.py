@@ -18,6 +18,7 @@ from gemma2_ref.verify import kld as K
 from gemma2_ref.verify import llamacpp_kld as L
 from tests.helpers.cli import cli
 from tests.helpers.cli import refused as refused_line
+from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 CTX, CHUNKS = 64, 4  # tiny's window is 32: every chunk crosses it
@@ -89,8 +90,7 @@ def test_chunks_start_with_bos_and_score_the_second_half_as_llama_perplexity(ref
 
 
 def test_bundled_corpus_is_the_held_out_stream_the_tiny_models_never_trained_on():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from build_heldout_corpus import held_out_text
+    held_out_text = load_script("build_heldout_corpus").held_out_text
 
     assert C.BUNDLED_CORPUS.read_text(encoding="utf-8") == held_out_text(g2.load_tokenizer("tiny"))
 

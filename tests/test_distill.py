@@ -6,7 +6,6 @@ weights, which must be trained (far better than a random student) and say text-l
 """
 
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -19,12 +18,12 @@ import gemma2_ref as g2
 from gemma2_ref.checkpoints import random_weights, save_checkpoint
 from gemma2_ref.data import DATA_DIR
 from gemma2_ref.distill import distillation_loss, distillation_per_token, entropy, kl_loss, kl_per_token, log_softmax
+from tests.helpers.scripts import load_script
 
 SETTINGS = settings(max_examples=40, deadline=None)
 SCRIPTS = DATA_DIR.parent.parent / "scripts"
 CORPUS = SCRIPTS / "corpus" / "python-reference-topics.txt"
-sys.path.insert(0, str(SCRIPTS))
-import train_tiny  # noqa: E402  (the training script: its corpus split, so "held out" means held out)
+train_tiny = load_script("train_tiny")  # the training script: its corpus split, so "held out" means held out
 
 
 def logits_pair(seed, positions, vocab, scale):

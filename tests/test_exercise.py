@@ -3,17 +3,15 @@ wrong one makes is named. Each mistake below is written as a learner would write
 replaced), and must be named; a correct solution passes; an error of no known kind is located but not named; a file
 that does not import or lacks a function gets one line and exit 2."""
 
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from gemma2_ref.cli.main import main  # noqa: E402
-from gemma2_ref.verify import exercise as X  # noqa: E402
+from gemma2_ref.cli.main import main
+from gemma2_ref.verify import exercise as X
 
 EXERCISES = ROOT / "walkthrough" / "exercises"
 SOLUTION = (EXERCISES / "solution.py").read_text()

@@ -14,12 +14,19 @@ import pytest
 import gemma2_ref as g2
 from gemma2_ref.data import DATA_DIR, bundled_names
 from gemma2_ref.generate import generate
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 LOG = SCRIPTS / "experiments.log.json"
-sys.path.insert(0, str(SCRIPTS))
-from tiny_corpus import CORPUS, chat_pairs, encode_pair, eval_prompts, reflow, split_pairs, unseen  # noqa: E402
+tiny_corpus = load_script("tiny_corpus")
+CORPUS, chat_pairs, encode_pair, eval_prompts = (
+    tiny_corpus.CORPUS,
+    tiny_corpus.chat_pairs,
+    tiny_corpus.encode_pair,
+    tiny_corpus.eval_prompts,
+)
+reflow, split_pairs, unseen = tiny_corpus.reflow, tiny_corpus.split_pairs, tiny_corpus.unseen
 
 STAGES = ("tiny-it", "distill-vs-scratch", "deep-vs-wide", "gqa-vs-mha", "window", "softcap", "on-policy")
 

@@ -3,16 +3,14 @@ without outputs, and executed here in a real Jupyter kernel. Each code cell must
 block says (the runner's comparison rules), so a notebook reader sees exactly the numbers the text discusses."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.helpers.backends import require  # noqa: E402
-from walkthrough import make_notebooks, runner  # noqa: E402
+from tests.helpers.backends import require
+from walkthrough import make_notebooks, runner
 
 CHAPTERS = runner.chapters()
 

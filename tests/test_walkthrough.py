@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from walkthrough import runner  # noqa: E402
+from walkthrough import runner
 
 CHAPTERS = runner.chapters()
 WALKTHROUGH = ROOT / "walkthrough"

@@ -64,9 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import tap_names
 from ..model.config import load_config
-from ..model.taps import taps_of_kinds
+from ..model.taps import tap_names, taps_of_kinds
 from ..verify.golden import model_info_from_files, sha256_file
 from .base import Capabilities, wanted_taps, write_candidate
 

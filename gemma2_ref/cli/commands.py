@@ -640,29 +640,19 @@ def check_tokenizer(args) -> int:
 def diagnose(args) -> int:
     from ..verify import compare as C
     from ..verify import diagnose as D
-    from ..verify.golden import Suite, load_golden
+    from ..verify.golden import case_pairs, load_golden
     from ..verify.mistakes import known_mistakes
 
     model_path = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
-    if isinstance(ref, Suite) != isinstance(cand, Suite):
-        raise InputError(
-            f"diagnose a case with a case and a suite with a suite: {args.reference} is a "
-            f"{'suite' if isinstance(ref, Suite) else 'case'}, {args.candidate} is not"
-        )
+    pairs = case_pairs(ref, cand)
     profile = profile_for(args, first_case(cand), ref)
-    pairs = (
-        list(zip(ref.cases, [{c.name: c for c in cand.cases}.get(r.name) for r in ref.cases]))
-        if isinstance(ref, Suite)
-        else [(ref, cand)]
-    )
     model = D.load_reference_model(pairs[0][0], model_path, log=eprint)
     out, explained = [], True
-    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []} if isinstance(cand, Suite) else {}
-    for r, c in pairs:
-        if c is None and r.name in skipped:
-            eprint(f"case {r.name}: not checked: the candidate has no `{r.name}` case ({skipped[r.name]})")
+    for r, c, skipped in pairs:
+        if c is None and skipped is not None:
+            eprint(f"case {r.name}: not checked: the candidate has no `{r.name}` case ({skipped})")
             continue
         if c is None:
             eprint(f"case {r.name}: missing from the candidate suite")

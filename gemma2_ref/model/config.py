@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .jsonfile import JSONFileError, read_json, shown
+from .tokenizer import BOS, END_OF_TURN, EOS, PAD
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"
@@ -56,9 +57,9 @@ class Gemma2Config:
     rms_norm_eps: float = 1e-6
     hidden_activation: str = "gelu_pytorch_tanh"  # GELU, tanh approximation; "gelu" is the exact erf GELU
     max_position_embeddings: int = 8192
-    pad_token_id: int = 0
-    eos_token_ids: tuple[int, ...] = (1, 107)
-    bos_token_id: int = 2
+    pad_token_id: int = PAD
+    eos_token_ids: tuple[int, ...] = (EOS, END_OF_TURN)
+    bos_token_id: int = BOS
     # Gemma 2's layer normalises each sub-block's output before the residual add; False is the Gemma 1 (and
     # Llama) layer without that norm: no config.json says so, a port that reused Gemma 1 code runs it
     post_attn_norm: bool = True
@@ -261,79 +262,121 @@ _TANH_GELU = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
 
 def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
     """Parse a Hugging Face Gemma 2 `config.json` (either format). Errors name `source` and the key."""
+    try:
+        check_is_gemma2(d)
+        rope_theta = rope_theta_of(d)
+        check_gemma2_choices(d)
+        layer_types, eos = layer_types_of(d), eos_token_id_list(d)
+        sliding_window = d.get("sliding_window", 4096)
+        if sliding_window is None:
+            raise ConfigError("`sliding_window` is null; Gemma 2's even layers need a window (4096 in the release)")
+        cache_impl = d.get("cache_implementation")
+        if cache_impl not in (None, "hybrid"):
+            raise ConfigError(f"`cache_implementation` is {cache_impl!r}; Gemma 2's is 'hybrid' (sliding + global)")
+        warn_null_softcaps(d, source)
+        return Gemma2Config(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"],
+            head_dim=d["head_dim"],
+            query_pre_attn_scalar=_number(d, "query_pre_attn_scalar", None, float),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            attn_logit_softcapping=_number(d, "attn_logit_softcapping", 50.0, float),
+            final_logit_softcapping=_number(d, "final_logit_softcapping", 30.0, float),
+            rope_theta=rope_theta,
+            rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
+            max_position_embeddings=_number(d, "max_position_embeddings", 8192, int),
+            pad_token_id=_number(d, "pad_token_id", PAD, int) or PAD,
+            eos_token_ids=tuple(_number({"eos_token_id": t}, "eos_token_id", None, int) for t in eos),
+            bos_token_id=_number(d, "bos_token_id", BOS, int),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
-    def fail(msg: str) -> ConfigError:
-        return ConfigError(f"{source}: {msg}")
 
+def check_is_gemma2(d) -> None:
+    """A JSON object describing a Gemma 2 text model, with every key that has no default."""
     if not isinstance(d, dict):
-        raise fail("expected a JSON object")
+        raise ConfigError("expected a JSON object")
     if "text_config" in d and "model_type" in d and d["model_type"] != "gemma2":
-        raise fail(f"`model_type` is {d['model_type']!r}: a multimodal wrapper, not a Gemma 2 text model")
+        raise ConfigError(f"`model_type` is {d['model_type']!r}: a multimodal wrapper, not a Gemma 2 text model")
     model_type = d.get("model_type")
     if model_type != "gemma2":
-        raise fail(f'`model_type` is {model_type!r}; gemma2_ref runs Gemma 2 (`model_type: "gemma2"`) only')
+        raise ConfigError(f'`model_type` is {model_type!r}; gemma2_ref runs Gemma 2 (`model_type: "gemma2"`) only')
     missing = [k for k in _REQUIRED if k not in d or d[k] is None]
     if missing:
-        raise fail(f"missing required key(s) {', '.join(f'`{k}`' for k in missing)}")
+        raise ConfigError(f"missing required key(s) {', '.join(f'`{k}`' for k in missing)}")
 
-    # RoPE: `rope_theta` (old) and/or `rope_parameters` (new); they must agree.
-    theta_old = d.get("rope_theta")
+
+def rope_theta_of(d: dict) -> float:
+    """The RoPE base: `rope_theta` (old) and/or `rope_parameters` (new), which must agree; plain RoPE, no
+    scaling."""
     rope_parameters = d.get("rope_parameters")
     theta_new = None
     if rope_parameters is not None:
         if not isinstance(rope_parameters, dict):
-            raise fail(f"`rope_parameters` must be an object, found {rope_parameters!r}")
+            raise ConfigError(f"`rope_parameters` must be an object, found {rope_parameters!r}")
         rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
         if rope_type != "default":
-            raise fail(f"`rope_parameters.rope_type` is {rope_type!r}; Gemma 2 uses plain ('default') RoPE")
+            raise ConfigError(f"`rope_parameters.rope_type` is {rope_type!r}; Gemma 2 uses plain ('default') RoPE")
         theta_new = rope_parameters.get("rope_theta")
     rope_scaling = d.get("rope_scaling")
     if rope_scaling is not None and not isinstance(rope_scaling, dict):
-        raise fail(
+        raise ConfigError(
             f"`rope_scaling` must be an object or null, found {shown(rope_scaling)}; Gemma 2 uses no RoPE "
             f"scaling (null)"
         )
     if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", rope_scaling.get("type")) != "default":
-        raise fail(f"`rope_scaling` is {rope_scaling!r}; Gemma 2 uses no RoPE scaling")
-    try:
-        theta_old = _number(d, "rope_theta", None, float)
-        theta_new = _number({"rope_parameters.rope_theta": theta_new}, "rope_parameters.rope_theta", None, float)
-    except ConfigError as e:
-        raise fail(str(e)) from None
+        raise ConfigError(f"`rope_scaling` is {rope_scaling!r}; Gemma 2 uses no RoPE scaling")
+    theta_old = _number(d, "rope_theta", None, float)
+    theta_new = _number({"rope_parameters.rope_theta": theta_new}, "rope_parameters.rope_theta", None, float)
     if theta_old is not None and theta_new is not None and theta_old != theta_new:
-        raise fail(
+        raise ConfigError(
             f"contradictory RoPE base: `rope_theta` is {theta_old} but `rope_parameters.rope_theta` is {theta_new}"
         )
-    rope_theta = theta_new if theta_new is not None else theta_old if theta_old is not None else 10000.0
+    return theta_new if theta_new is not None else theta_old if theta_old is not None else 10000.0
 
-    # Activation: `hidden_activation` (newer) and `hidden_act` (older); both must be the tanh GELU.
+
+def check_gemma2_choices(d: dict) -> None:
+    """What every Gemma 2 fixes: the tanh GELU (`hidden_activation`, newer, and `hidden_act`, older), the
+    output head tied to the embedding, no projection bias."""
     acts = {k: d[k] for k in ("hidden_activation", "hidden_act") if d.get(k) is not None}
     for key, act in acts.items():
         if not isinstance(act, str) or act not in _TANH_GELU:
-            raise fail(f"`{key}` is {act!r}; Gemma 2 uses the tanh approximation of GELU ('gelu_pytorch_tanh')")
-
+            raise ConfigError(f"`{key}` is {act!r}; Gemma 2 uses the tanh approximation of GELU ('gelu_pytorch_tanh')")
     if d.get("tie_word_embeddings", True) is False:
-        raise fail("`tie_word_embeddings` is false; Gemma 2 ties the output head to the embedding")
+        raise ConfigError("`tie_word_embeddings` is false; Gemma 2 ties the output head to the embedding")
     if d.get("attention_bias", False):
-        raise fail("`attention_bias` is true; Gemma 2's projections have no bias")
+        raise ConfigError("`attention_bias` is true; Gemma 2's projections have no bias")
 
-    num_layers = d["num_hidden_layers"]
-    layer_types = d.get("layer_types")
+
+def layer_types_of(d: dict) -> tuple[str, ...]:
+    """`layer_types` as given (checked by Gemma2Config), or Gemma 2's alternation (sliding first)."""
+    num_layers, layer_types = d["num_hidden_layers"], d.get("layer_types")
     if layer_types is None:
-        layer_types = alternating_layer_types(num_layers) if isinstance(num_layers, int) else []
-    elif not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-        raise fail(f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found {shown(layer_types)}")
+        return tuple(alternating_layer_types(num_layers) if isinstance(num_layers, int) else [])
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise ConfigError(
+            f"`layer_types` must be a list of strings ({SLIDING!r} or {GLOBAL!r}), found {shown(layer_types)}"
+        )
+    return tuple(layer_types)
 
-    eos = d.get("eos_token_id", [1, 107])
-    if isinstance(eos, list) and (not eos or any(t is None for t in eos)):  # the rest: _number, item by item
-        raise fail(f"`eos_token_id` must be an integer or a non-empty list of integers, found {shown(eos)}")
-    sliding_window = d.get("sliding_window", 4096)
-    if sliding_window is None:
-        raise fail("`sliding_window` is null; Gemma 2's even layers need a window (4096 in the release)")
-    cache_impl = d.get("cache_implementation")
-    if cache_impl not in (None, "hybrid"):
-        raise fail(f"`cache_implementation` is {cache_impl!r}; Gemma 2's is 'hybrid' (sliding + global)")
 
+def eos_token_id_list(d: dict) -> list:
+    """`eos_token_id` as a list: one id or a non-empty list of them (default <eos> and <end_of_turn>); each
+    item is checked as an integer where the config is built."""
+    eos = d.get("eos_token_id", [EOS, END_OF_TURN])
+    if isinstance(eos, list) and (not eos or any(t is None for t in eos)):
+        raise ConfigError(f"`eos_token_id` must be an integer or a non-empty list of integers, found {shown(eos)}")
+    return eos if isinstance(eos, list) else [eos]
+
+
+def warn_null_softcaps(d: dict, source: str) -> None:
+    """A soft-cap given as null runs the model without it: allowed (a config study), but said."""
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if key in d and d[key] is None:
             warnings.warn(
@@ -343,35 +386,8 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Gemma2Config:
                     f"{50.0 if key.startswith('attn') else 30.0}), so it is not Gemma 2 and its goldens will not match "
                     f"one"
                 ),
-                stacklevel=2,
+                stacklevel=3,  # the caller of config_from_hf_dict
             )
-
-    try:
-        return Gemma2Config(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=num_layers,
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d["num_key_value_heads"],
-            head_dim=d["head_dim"],
-            query_pre_attn_scalar=_number(d, "query_pre_attn_scalar", None, float),
-            sliding_window=sliding_window,
-            layer_types=tuple(layer_types),
-            attn_logit_softcapping=_number(d, "attn_logit_softcapping", 50.0, float),
-            final_logit_softcapping=_number(d, "final_logit_softcapping", 30.0, float),
-            rope_theta=rope_theta,
-            rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, float),
-            max_position_embeddings=_number(d, "max_position_embeddings", 8192, int),
-            pad_token_id=_number(d, "pad_token_id", 0, int) or 0,
-            eos_token_ids=tuple(
-                _number({"eos_token_id": t}, "eos_token_id", None, int)
-                for t in (eos if isinstance(eos, list) else [eos])
-            ),
-            bos_token_id=_number(d, "bos_token_id", 2, int),
-        )
-    except ConfigError as e:
-        raise fail(str(e)) from None
 
 
 def _number(d: dict, key: str, default, kind):

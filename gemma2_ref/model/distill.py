@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import gemma2 as model
+from . import gemma2
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log P(x) = logits_x - log sum_y exp(logits_y) (model.log_softmax), in float64. (..., V)"""
-    return model.log_softmax(np.asarray(logits, dtype=np.float64))
+    """log P(x) = logits_x - log sum_y exp(logits_y) (gemma2.log_softmax), in float64. (..., V)"""
+    return gemma2.log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 def entropy(teacher_logits: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from .config import Gemma2Config
 from .gemma2 import softmax
 from .inputs import EMPTY  # the position of an unfilled slot: "in the future", so the causal mask hides it
 from .taps import LARGE_TAPS, select_taps
+from .tokenizer import END_OF_TURN, EOS
 
 # -- the KV cache -----------------------------------------------------------------------------------------
 
@@ -304,6 +305,28 @@ class Generation:
         )
 
 
+def check_generation(cfg: Gemma2Config, prompt: np.ndarray, max_new_tokens, temperature, top_k, top_p) -> None:
+    """generate's arguments, refused before any work: one 1-D prompt within the context, a count >= 0, and
+    sampling settings that keep logits / temperature finite (min_temperature)."""
+    if prompt.ndim != 1:
+        raise ValueError(f"generate takes one prompt, a 1-D sequence of token ids; got shape {prompt.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    context = cfg.max_position_embeddings
+    if len(prompt) > context:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens, more than the model's context (max_position_embeddings = {context})"
+        )
+    check_sampling(temperature, top_k, top_p)
+    cap = cfg.final_logit_softcapping
+    if cap is not None and 0 < temperature < min_temperature(cap):
+        raise ValueError(
+            f"temperature {temperature!r} is below {min_temperature(cap):.8g}, the smallest for which "
+            f"logits / temperature stays finite in float32 (|logits| <= final_logit_softcapping = "
+            f"{cap:g}): give 0 for greedy decoding or a larger temperature"
+        )
+
+
 def generate(
     model,
     ids,
@@ -312,7 +335,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_ids=(1, 107),
+    stop_ids=(EOS, END_OF_TURN),
     on_token=None,
     taps=None,
     keep_logits: bool = False,
@@ -327,24 +350,8 @@ def generate(
     to the prefill forward. Load the model with `keep_converted=True` (or "auto") unless it does not fit in
     memory: otherwise every decode step converts every layer's weights again."""
     prompt = np.asarray(ids)
-    if prompt.ndim != 1:
-        raise ValueError(f"generate takes one prompt, a 1-D sequence of token ids; got shape {prompt.shape}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    cfg = model.config
-    context = cfg.max_position_embeddings
-    if len(prompt) > context:
-        raise ValueError(
-            f"the prompt has {len(prompt)} tokens, more than the model's context (max_position_embeddings = {context})"
-        )
-    check_sampling(temperature, top_k, top_p)
-    cap = cfg.final_logit_softcapping
-    if cap is not None and 0 < temperature < min_temperature(cap):
-        raise ValueError(
-            f"temperature {temperature!r} is below {min_temperature(cap):.8g}, the smallest for which "
-            f"logits / temperature stays finite in float32 (|logits| <= final_logit_softcapping = "
-            f"{cap:g}): give 0 for greedy decoding or a larger temperature"
-        )
+    check_generation(model.config, prompt, max_new_tokens, temperature, top_k, top_p)
+    context = model.config.max_position_embeddings
     rng = np.random.default_rng(seed)
     stop = {int(t) for t in stop_ids}
     cache = model.kv_cache(min(len(prompt) + max_new_tokens, context))

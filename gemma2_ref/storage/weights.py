@@ -52,11 +52,13 @@ class WeightsError(ValueError):
 
 # -- safetensors files -----------------------------------------------------------------------------------
 
-# safetensors dtype -> (NumPy storage dtype, bytes per element)
+# The one dtype table: safetensors dtype name -> the NumPy dtype its bytes are read as (BF16: the uint16 bits)
 STORAGE_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 WEIGHT_DTYPES = ("BF16", "F16", "F32")
 # what our writers may also store (token ids in a corpus golden); never accepted as a weight
 TENSOR_DTYPES = {**STORAGE_DTYPES, "I32": np.dtype("<i4")}
+# ... and back: a NumPy dtype -> the name it is stored under as itself (BF16 has no NumPy dtype: not here)
+DTYPE_NAMES = {dtype.newbyteorder("="): name for name, dtype in TENSOR_DTYPES.items() if name != "BF16"}
 
 
 @dataclass(frozen=True)
@@ -163,12 +165,12 @@ def write_safetensors(
 ) -> None:
     """Write tensors to a safetensors file, deterministically (sorted names, fixed padding).
 
-    `dtype` ("BF16", "F16", "F32", "F64") converts every tensor; None keeps each array's own float dtype.
+    `dtype` ("BF16", "F16", "F32", "F64") converts every tensor; None keeps each array's own dtype (DTYPE_NAMES).
     """
     specs = {}
     for name, a in tensors.items():
         a = np.asarray(a)
-        st = dtype or {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np.dtype("float16"): "F16"}.get(a.dtype)
+        st = dtype or DTYPE_NAMES.get(a.dtype)
         if st is None:
             raise ValueError(f"tensor {name!r}: cannot store dtype {a.dtype} (pass dtype=...)")
         specs[name] = (st, a.shape, lambda a=a: [a])
@@ -227,18 +229,20 @@ def safetensors_header(specs: dict, metadata: dict[str, str] | None = None) -> t
 
 
 class MappedFiles:
-    """Read-only memory maps of the checkpoint's files, opened once, closed together."""
+    """Read-only memory maps of safetensors files (a checkpoint's, a golden's, a corpus shard's), each opened
+    once, closed together: the one place their tensors' bytes are read."""
 
     def __init__(self):
         self._maps: dict[Path, mmap.mmap] = {}
 
     def array(self, ref: TensorRef) -> np.ndarray:
-        """The tensor as stored (uint16 bits for BF16), a view on the memory map: no bytes are read yet."""
+        """The tensor as stored (uint16 bits for BF16), a read-only view on the memory map: no bytes are read yet
+        (the view keeps its map open)."""
+        storage = TENSOR_DTYPES[ref.dtype]
         m = self._maps.get(ref.file)
         if m is None:
             with open(ref.file, "rb") as f:
                 m = self._maps[ref.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        storage = STORAGE_DTYPES[ref.dtype]
         return np.frombuffer(m, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset).reshape(
             ref.shape
         )

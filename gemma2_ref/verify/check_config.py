@@ -39,13 +39,13 @@ from pathlib import Path
 
 from ..model.config import ConfigError, load_config
 from ..model.jsonfile import JSONFileError, is_int, is_number, kind, read_json, shown, strict
+from ..model.tokenizer import END_OF_TURN, START_OF_TURN
 from .mistakes import REFS
 
 # GGUF token types (gguf-py gguf/constants.py TokenType; llama.h llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 TOKEN_TYPE_NAMES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
-# Gemma's chat-turn tokens (gemma2_ref.tokenizer; the same ids in every Gemma 2 tokenizer)
-START_OF_TURN, END_OF_TURN = 106, 107
+# Gemma's chat-turn tokens (model/tokenizer.py: the same ids in every Gemma 2 tokenizer)
 TURN_TEXT = {START_OF_TURN: "<start_of_turn>", END_OF_TURN: "<end_of_turn>"}
 
 # The public threads come from the one list, mistakes.REFS.
@@ -320,128 +320,144 @@ def gguf_value_is(value, kind: str) -> bool:
 
 
 def compare_gguf(ref: dict, g: GGUFFacts) -> list[Field]:
-    out: list[Field] = []
-
-    def key_field(name, key, reports="", fallback=None, fallback_note="", tolerance=0.0, pass_fallback=True):
-        """One scalar: the key's value, else llama.cpp's fallback (status default if it equals the reference)."""
-        value = g.get(key)
-        if value is None:
-            status = "default" if pass_fallback and close(fallback, ref[name], tolerance) else "missing"
-            out.append(
-                Field(name, ref[name], fallback, status, key, f"key absent; {fallback_note}".rstrip("; "), reports)
-            )
-        else:
-            out.append(
-                Field(
-                    name,
-                    ref[name],
-                    value,
-                    "match" if close(value, ref[name], tolerance) else "mismatch",
-                    key,
-                    "",
-                    reports,
-                )
-            )
-
-    arch = g.arch
-    out.append(
-        Field(
-            "architecture",
-            "gemma2",
-            arch,
-            "match" if arch == "gemma2" else "mismatch",
-            "general.architecture",
-            "" if arch == "gemma2" else "llama.cpp runs it as another model",
-            REPORTS["shape"],
-        )
+    """Gemma 2's facts against a GGUF's metadata, in the report's order: the architecture, the shapes, the
+    attention (soft-caps, window, query scale, RoPE, norm epsilon), the tokenizer."""
+    return [gguf_architecture_field(g), *gguf_shape_fields(ref, g), *gguf_attention_fields(ref, g)] + (
+        gguf_tokenizer_fields(ref, g)
     )
-    shape_keys = {
-        "num_hidden_layers": "block_count",
-        "hidden_size": "embedding_length",
-        "intermediate_size": "feed_forward_length",
-        "num_attention_heads": "attention.head_count",
-        "num_key_value_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length",
-        "max_position_embeddings": "context_length",
-    }
-    for name, suffix in shape_keys.items():
-        key_field(name, g.arch_key(suffix), REPORTS["shape"])
+
+
+def gguf_key_field(
+    ref: dict, g: GGUFFacts, name, key, reports="", fallback=None, fallback_note="", tolerance=0.0, pass_fallback=True
+) -> Field:
+    """One scalar: the key's value, else llama.cpp's fallback (status default if it equals the reference)."""
+    value = g.get(key)
+    if value is None:
+        status = "default" if pass_fallback and close(fallback, ref[name], tolerance) else "missing"
+        return Field(name, ref[name], fallback, status, key, f"key absent; {fallback_note}".rstrip("; "), reports)
+    status = "match" if close(value, ref[name], tolerance) else "mismatch"
+    return Field(name, ref[name], value, status, key, "", reports)
+
+
+def gguf_architecture_field(g: GGUFFacts) -> Field:
+    arch = g.arch
+    return Field(
+        "architecture",
+        "gemma2",
+        arch,
+        "match" if arch == "gemma2" else "mismatch",
+        "general.architecture",
+        "" if arch == "gemma2" else "llama.cpp runs it as another model",
+        REPORTS["shape"],
+    )
+
+
+GGUF_SHAPE_KEYS = {
+    "num_hidden_layers": "block_count",
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "max_position_embeddings": "context_length",
+}
+
+
+def gguf_shape_fields(ref: dict, g: GGUFFacts) -> list[Field]:
+    """The model's dimensions; a missing head_dim is llama.cpp's n_embd / n_head."""
+    out = [
+        gguf_key_field(ref, g, name, g.arch_key(suffix), REPORTS["shape"]) for name, suffix in GGUF_SHAPE_KEYS.items()
+    ]
     n_embd, n_head = g.get(g.arch_key("embedding_length")), g.get(g.arch_key("attention.head_count"))
     head_dim_derived(
         out[[f.name for f in out].index("head_dim")], ref, n_embd, n_head, "llama.cpp then takes n_embd / n_head"
     )
+    return out
+
+
+def gguf_attention_fields(ref: dict, g: GGUFFacts) -> list[Field]:
+    """Soft-caps, sliding window and layers, query scale, RoPE base, RMSNorm epsilon."""
+    out = []
     # soft-caps: llama.cpp falls back to Gemma 2's values, but the GGUF is still wrong for every other loader
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        key_field(
-            name,
-            g.arch_key(name),
-            REPORTS["softcap_key"],
-            50.0 if name.startswith("attn") else 30.0,
-            "llama.cpp falls back to this (src/llama-hparams.h:134/136); vLLM's and transformers' GGUF "
-            "loaders run without a soft-cap",
-            1e-6,
-            pass_fallback=False,
+        out.append(
+            gguf_key_field(
+                ref,
+                g,
+                name,
+                g.arch_key(name),
+                REPORTS["softcap_key"],
+                50.0 if name.startswith("attn") else 30.0,
+                "llama.cpp falls back to this (src/llama-hparams.h:134/136); vLLM's and transformers' GGUF "
+                "loaders run without a soft-cap",
+                1e-6,
+                pass_fallback=False,
+            )
         )
         if out[-1].status == "mismatch":
             out[-1].report = REPORTS["softcap"]
-    key_field(
-        "sliding_window",
-        g.arch_key("attention.sliding_window"),
-        REPORTS["window_key"],
-        4096,
-        "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default",
-        pass_fallback=False,
+    window_note = "llama.cpp uses 4096 (src/models/gemma2.cpp:5); other GGUF loaders have no default"
+    window_key = g.arch_key("attention.sliding_window")
+    out.append(
+        gguf_key_field(
+            ref, g, "sliding_window", window_key, REPORTS["window_key"], 4096, window_note, pass_fallback=False
+        )
     )
     out.append(sliding_layers_field(ref, g))
     out.append(query_scale_field(ref, g))
-    key_field(
-        "rope_theta", g.arch_key("rope.freq_base"), "", 10000.0, "llama.cpp uses 10000 (src/llama-model.cpp:1414)", 1e-6
-    )
-    key_field("rms_norm_eps", g.arch_key("attention.layer_norm_rms_epsilon"), "", tolerance=1e-6)
-    tokens = g.get("tokenizer.ggml.tokens") or []
-    out.append(
-        Field(
-            "vocab_size",
-            ref["vocab_size"],
-            len(tokens),
-            "match" if len(tokens) == ref["vocab_size"] else "mismatch",
-            "tokenizer.ggml.tokens",
-            "",
-            REPORTS["shape"],
-        )
-    )
-    key_field(
-        "bos_token_id",
-        "tokenizer.ggml.bos_token_id",
-        REPORTS["bos"],
-        1,
-        "llama.cpp's SentencePiece default is 1 (src/llama-vocab.cpp:1975)",
-    )
-    key_field(
-        "eos_token_id",
-        "tokenizer.ggml.eos_token_id",
-        REPORTS["eos"],
-        2,
-        "llama.cpp's SentencePiece default is 2, Gemma's <bos> (src/llama-vocab.cpp:1976)",
-    )
-    key_field("pad_token_id", "tokenizer.ggml.padding_token_id", "", None, "no padding token")
-    out.extend(turn_token_fields(ref, g, tokens))
-    out.append(special_tokens_field(ref, g, tokens))
-    key_field(
-        "add_bos_token",
-        "tokenizer.ggml.add_bos_token",
-        REPORTS["bos"],
-        True,
-        "llama.cpp adds BOS for SentencePiece (src/llama-vocab.cpp:2434)",
-    )
-    key_field(
-        "add_eos_token",
-        "tokenizer.ggml.add_eos_token",
-        "",
-        False,
-        "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)",
-    )
+    rope_note = "llama.cpp uses 10000 (src/llama-model.cpp:1414)"
+    out.append(gguf_key_field(ref, g, "rope_theta", g.arch_key("rope.freq_base"), "", 10000.0, rope_note, 1e-6))
+    eps_key = g.arch_key("attention.layer_norm_rms_epsilon")
+    out.append(gguf_key_field(ref, g, "rms_norm_eps", eps_key, "", tolerance=1e-6))
     return out
+
+
+def gguf_tokenizer_fields(ref: dict, g: GGUFFacts) -> list[Field]:
+    """The vocabulary, the special ids, the turn and special tokens, and llama.cpp's BOS / EOS policy."""
+    tokens = g.get("tokenizer.ggml.tokens") or []
+    vocab = "match" if len(tokens) == ref["vocab_size"] else "mismatch"
+    return [
+        Field("vocab_size", ref["vocab_size"], len(tokens), vocab, "tokenizer.ggml.tokens", "", REPORTS["shape"]),
+        gguf_key_field(
+            ref,
+            g,
+            "bos_token_id",
+            "tokenizer.ggml.bos_token_id",
+            REPORTS["bos"],
+            1,
+            "llama.cpp's SentencePiece default is 1 (src/llama-vocab.cpp:1975)",
+        ),
+        gguf_key_field(
+            ref,
+            g,
+            "eos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            REPORTS["eos"],
+            2,
+            "llama.cpp's SentencePiece default is 2, Gemma's <bos> (src/llama-vocab.cpp:1976)",
+        ),
+        gguf_key_field(ref, g, "pad_token_id", "tokenizer.ggml.padding_token_id", "", None, "no padding token"),
+        *turn_token_fields(ref, g, tokens),
+        special_tokens_field(ref, g, tokens),
+        gguf_key_field(
+            ref,
+            g,
+            "add_bos_token",
+            "tokenizer.ggml.add_bos_token",
+            REPORTS["bos"],
+            True,
+            "llama.cpp adds BOS for SentencePiece (src/llama-vocab.cpp:2434)",
+        ),
+        gguf_key_field(
+            ref,
+            g,
+            "add_eos_token",
+            "tokenizer.ggml.add_eos_token",
+            "",
+            False,
+            "llama.cpp adds no EOS for SentencePiece (src/llama-vocab.cpp:2435)",
+        ),
+    ]
 
 
 def head_dim_derived(field: Field, ref: dict, hidden, heads, absent_note: str) -> None:
@@ -600,36 +616,12 @@ def special_tokens_field(ref: dict, g: GGUFFacts, tokens: list) -> Field:
 def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list[Field]:
     """Another framework's config.json, read key by key (not through gemma2_ref's parser, which would refuse
     or default exactly the values we want to see)."""
-    out: list[Field] = []
     d = checked_candidate(d, source)
 
     def one(name, value, key, report="", tolerance=0.0, note=""):
-        if value is None:
-            out.append(Field(name, ref[name], None, "missing", key, note or "absent or null", report))
-        else:
-            out.append(
-                Field(
-                    name,
-                    ref[name],
-                    value,
-                    "match" if close(value, ref[name], tolerance) else "mismatch",
-                    key,
-                    note,
-                    report,
-                )
-            )
+        return json_key_field(ref, name, value, key, report, tolerance, note)
 
-    for name in (
-        "num_hidden_layers",
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "max_position_embeddings",
-        "vocab_size",
-    ):
-        one(name, d.get(name), name, REPORTS["shape"])
+    out = [one(name, d.get(name), name, REPORTS["shape"]) for name in JSON_SHAPE_KEYS]
     head_dim_derived(
         out[[f.name for f in out].index("head_dim")],
         ref,
@@ -638,15 +630,47 @@ def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list
         "loaders then take hidden_size / num_attention_heads",
     )
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        one(
-            name,
-            d.get(name),
-            name,
-            REPORTS["softcap"],
-            1e-6,
-            "" if d.get(name) is not None else "absent or null: no soft-cap is applied",
-        )
-    one("sliding_window", d.get("sliding_window"), "sliding_window", REPORTS["window"])
+        note = "" if d.get(name) is not None else "absent or null: no soft-cap is applied"
+        out.append(one(name, d.get(name), name, REPORTS["softcap"], 1e-6, note))
+    out.append(one("sliding_window", d.get("sliding_window"), "sliding_window", REPORTS["window"]))
+    out.append(json_sliding_layers_field(ref, d))
+    q = d.get("query_pre_attn_scalar")
+    q = None if q is None else float(q)
+    out.append(one("query_pre_attn_scalar", q, "query_pre_attn_scalar", REPORTS["query_scale"], 1e-9))
+    rope = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))  # both checked numbers
+    out.append(
+        one("rope_theta", None if rope is None else float(rope), "rope_theta / rope_parameters.rope_theta", "", 1e-6)
+    )
+    out.append(one("rms_norm_eps", d.get("rms_norm_eps"), "rms_norm_eps", "", 1e-6))
+    out.append(one("bos_token_id", d.get("bos_token_id"), "bos_token_id", REPORTS["bos"]))
+    out.append(json_eos_field(ref, d))
+    out.append(one("pad_token_id", d.get("pad_token_id"), "pad_token_id"))
+    return out
+
+
+JSON_SHAPE_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "vocab_size",
+)
+
+
+def json_key_field(ref: dict, name, value, key, report="", tolerance=0.0, note="") -> Field:
+    """One config.json value against the reference's (missing when absent or null)."""
+    if value is None:
+        return Field(name, ref[name], None, "missing", key, note or "absent or null", report)
+    return Field(
+        name, ref[name], value, "match" if close(value, ref[name], tolerance) else "mismatch", key, note, report
+    )
+
+
+def json_sliding_layers_field(ref: dict, d: dict) -> Field:
+    """Which layers slide: `layer_types`, or transformers' alternation when it is absent (status default)."""
     layer_types = d.get("layer_types")
     n = d.get("num_hidden_layers") or ref["num_hidden_layers"]
     if isinstance(layer_types, list):
@@ -654,44 +678,20 @@ def compare_config_json(ref: dict, d: dict, source: str = "config.json") -> list
     else:
         layers = [i for i in range(n) if i % 2 == 0]
         note = "no layer_types: transformers' Gemma2Config alternates, layers 0, 2, 4, ... slide"
-    out.append(
-        Field(
-            "sliding_layers",
-            ref["sliding_layers"],
-            layers,
-            ("match" if isinstance(layer_types, list) else "default")
-            if layers == ref["sliding_layers"]
-            else "mismatch",
-            "layer_types",
-            note,
-            REPORTS["window"],
-        )
+    status = (
+        ("match" if isinstance(layer_types, list) else "default") if layers == ref["sliding_layers"] else "mismatch"
     )
-    q = d.get("query_pre_attn_scalar")
-    one("query_pre_attn_scalar", None if q is None else float(q), "query_pre_attn_scalar", REPORTS["query_scale"], 1e-9)
-    rope = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))  # both checked numbers
-    one("rope_theta", None if rope is None else float(rope), "rope_theta / rope_parameters.rope_theta", "", 1e-6)
-    one("rms_norm_eps", d.get("rms_norm_eps"), "rms_norm_eps", "", 1e-6)
-    one("bos_token_id", d.get("bos_token_id"), "bos_token_id", REPORTS["bos"])
+    return Field("sliding_layers", ref["sliding_layers"], layers, status, "layer_types", note, REPORTS["window"])
+
+
+def json_eos_field(ref: dict, d: dict) -> Field:
+    """`eos_token_id` (one id or a list) against the reference's stop ids, in any order."""
     eos = d.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else None if eos is None else [eos]
-    out.append(
-        Field(
-            "eos_token_ids",
-            ref["eos_token_ids"],
-            eos_ids,
-            "missing"
-            if eos_ids is None
-            else "match"
-            if sorted(eos_ids) == sorted(ref["eos_token_ids"])
-            else "mismatch",
-            "eos_token_id",
-            "",
-            REPORTS["eos"],
-        )
+    status = (
+        "missing" if eos_ids is None else "match" if sorted(eos_ids) == sorted(ref["eos_token_ids"]) else "mismatch"
     )
-    one("pad_token_id", d.get("pad_token_id"), "pad_token_id")
-    return out
+    return Field("eos_token_ids", ref["eos_token_ids"], eos_ids, status, "eos_token_id", "", REPORTS["eos"])
 
 
 CANDIDATE_COUNTS = (

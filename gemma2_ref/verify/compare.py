@@ -32,7 +32,7 @@ from ..model.gemma2 import log_softmax
 from ..model.jsonfile import is_number
 from ..model.taps import LARGE_TAPS, canonical_order, sequence_axis
 from ..model.tokenizer import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN
-from .golden import Case, GoldenError, Suite, keep_positions
+from .golden import Case, GoldenError, Suite, case_pairs, slice_positions
 from .mistakes import REFS
 
 # -- tolerance profiles -----------------------------------------------------------------------------------
@@ -577,12 +577,12 @@ def align_positions(ref: dict, ref_pos, cand: dict, cand_pos, batched: bool) -> 
     lo, hi = max(ra, ca), min(rb, cb)
     if lo >= hi:
         return ref, cand, f"no common positions: reference holds {ra}..{rb - 1}, candidate {ca}..{cb - 1}"
-    ref = keep_positions(ref, (lo - ra, hi - ra), batched)
-    cand = keep_positions(cand, (lo - ca, hi - ca), batched)
+    ref = slice_positions(ref, (lo - ra, hi - ra), batched)
+    cand = slice_positions(cand, (lo - ca, hi - ca), batched)
     return ref, cand, f"positions {lo}..{hi - 1} compared (what both hold)"
 
 
-def keep_tokens(activations: dict, attention_mask) -> dict:
+def slice_tokens(activations: dict, attention_mask) -> dict:
     """A padded batch's taps at its tokens only, (B, S, ...) -> (N, ...) for its N tokens: what padding rows
     hold is nobody's business. Scores and probs (B, H, S, T) keep the tokens' query rows, as (N, H, T), with
     the padding key columns zeroed (a correct model gives them probability 0, and compares the rest)."""
@@ -604,7 +604,7 @@ def comparable(reference: Case, acts: dict, acts_positions=None) -> tuple[dict, 
         reference.activations, reference.positions, acts, acts_positions, reference.batched
     )
     if reference.attention_mask is not None and reference.positions is None and acts_positions is None:
-        ref_view, view = keep_tokens(ref_view, reference.attention_mask), keep_tokens(view, reference.attention_mask)
+        ref_view, view = slice_tokens(ref_view, reference.attention_mask), slice_tokens(view, reference.attention_mask)
         note = f"padded batch: the {int(reference.attention_mask.sum())} tokens' rows compared, not the padding"
     return ref_view, view, note
 
@@ -678,23 +678,16 @@ def compare_cases(ref: Case, cand: Case, profile) -> CaseComparison:
 def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) -> list[CaseComparison]:
     """Case vs case, or suite vs suite case by case (a case missing from the candidate suite fails, unless its
     suite.json says why its backend could not write it: then it is not checked). `log(line)`: progress."""
-    if isinstance(ref, Suite) != isinstance(cand, Suite):
-        raise ValueError(
-            f"compare a case with a case and a suite with a suite: {ref.path} is a "
-            f"{'suite' if isinstance(ref, Suite) else 'case'}, {cand.path} is a "
-            f"{'suite' if isinstance(cand, Suite) else 'case'}"
-        )
+    pairs = case_pairs(ref, cand)
     if isinstance(ref, Case):
         return [compare_cases(ref, cand, profile)]
-    by_name = {c.name: c for c in cand.cases}
-    skipped = {e["name"]: e["reason"] for e in cand.info.get("skipped") or []}
     out = []
-    for n, case in enumerate(ref.cases):
+    for n, (case, theirs, skipped) in enumerate(pairs):
         if log is not None:
-            log(f"case {n + 1}/{len(ref.cases)} {case.name}: comparing")
-        if case.name in by_name:
-            out.append(compare_cases(case, by_name[case.name], profile))
-        elif case.name in skipped:
+            log(f"case {n + 1}/{len(pairs)} {case.name}: comparing")
+        if theirs is not None:
+            out.append(compare_cases(case, theirs, profile))
+        elif skipped is not None:
             out.append(
                 CaseComparison(
                     str(case.path),
@@ -703,7 +696,7 @@ def compare_goldens(ref: Case | Suite, cand: Case | Suite, profile, log=None) ->
                     [],
                     [],
                     [],
-                    not_checked=f"the candidate has no `{case.name}` case ({skipped[case.name]})",
+                    not_checked=f"the candidate has no `{case.name}` case ({skipped})",
                 )
             )
         else:
@@ -783,30 +776,48 @@ def wrap(line: str, indent: int = 11, width: int = 110) -> str:
 
 
 def format_report(result: CaseComparison, all_taps: bool = False) -> str:
-    p = result.profile
-    lines = [f"reference  {result.reference}", f"candidate  {result.candidate}", wrap(f"profile    {p.describe()}")]
-    compared = result.compared
+    """The text report of one case: what was compared, the per-layer table, the logits, the verdict."""
+    lines = report_header(result)
+    if result.not_checked:
+        return "\n".join([*lines, f"NOT CHECKED: {result.not_checked}"])
+    if not result.taps:
+        return "\n".join([*lines, "FAIL: nothing to compare"])
+    lines += ["", *layer_table_lines(result)]
+    if all_taps:
+        lines += ["", "per tap, execution order:"] + [
+            f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}" for t in result.taps if t.status != "missing"
+        ]
+    logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
+    if logits:
+        lines += ["", logits_line(logits.logits)]
+    return "\n".join([*lines, "", *verdict_lines(result)])
+
+
+def report_header(result: CaseComparison) -> list[str]:
+    """Which goldens, which profile, which taps were compared, and the notes."""
+    lines = [
+        f"reference  {result.reference}",
+        f"candidate  {result.candidate}",
+        wrap(f"profile    {result.profile.describe()}"),
+    ]
     lines.append(
         wrap(
-            f"taps       {len(compared)} compared of {len(result.taps)} in the reference"
+            f"taps       {len(result.compared)} compared of {len(result.taps)} in the reference"
             + (f"; missing from the candidate: {group_names(result.missing)}" if result.missing else "")
         )
     )
     if result.extra:
         lines.append(wrap(f"           not in the reference (ignored): {group_names(result.extra)}"))
-    for note in result.notes:
-        lines.append(f"note       {note}")
+    lines += [f"note       {note}" for note in result.notes]
     if result.input_mismatch:
         lines.append(f"INPUT      {result.input_mismatch}")
-    if result.not_checked:
-        lines.append(f"NOT CHECKED: {result.not_checked}")
-        return "\n".join(lines)
-    if not result.taps:
-        lines.append("FAIL: nothing to compare")
-        return "\n".join(lines)
-    lines += [
-        "",
-        f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap",
+    return lines
+
+
+def layer_table_lines(result: CaseComparison) -> list[str]:
+    """One row per layer: taps compared, failed, the worst errors, the first failing tap."""
+    lines = [
+        f"{'layer':>6}  {'taps':>5}  {'failed':>6}  {'worst rel L2':>12}  {'worst max/absmax':>16}  first failing tap"
     ]
     for row in layer_table(result.taps):
         if row["compared"] == 0:
@@ -817,25 +828,23 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
             f"{number_cell(row, 'worst_rel_l2', 12)}  "
             f"{number_cell(row, 'worst_max_rel', 16)}  {row['first_failure'] or ''}"
         )
-    if all_taps:
-        lines += ["", "per tap, execution order:"] + [
-            f"  {'ok  ' if t.ok else 'FAIL'} {t.summary()}" for t in result.taps if t.status != "missing"
-        ]
-    logits = next((t for t in result.taps if t.name == "logits" and t.logits), None)
-    if logits:
-        lg = logits.logits
-        lines += [
-            "",
-            wrap(
-                f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
-                f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
-                f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
-                f"{lg['top5']:.1%}",
-                8,
-            ),
-        ]
-    first = result.first_divergence
-    lines.append("")
+    return lines
+
+
+def logits_line(lg: dict) -> str:
+    """KL, top-1 and top-5 agreement of the output distributions."""
+    return wrap(
+        f"logits: KL mean {lg['kl_mean']:.3g} max {lg['kl_max']:.3g} nats (position "
+        f"{lg['kl_max_position']}); top-1 agreement {lg['top1']:.1%} ({lg['top1_disagreements']} "
+        f"disagreement(s) beyond ties; exact {lg['top1_exact']:.1%}); top-5 overlap "
+        f"{lg['top5']:.1%}",
+        8,
+    )
+
+
+def verdict_lines(result: CaseComparison) -> list[str]:
+    """The first non-finite tap, then PASS (and what the case cannot show) or FAIL at the first divergence."""
+    p, first, lines = result.profile, result.first_divergence, []
     non_finite = next((t for t in result.taps if t.non_finite), None)
     if non_finite is not None:
         lines.append(
@@ -846,7 +855,7 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
             )
         )
     if result.passed:
-        lines.append(f"PASS: {len(compared)} taps within the {p.name} profile")
+        lines.append(f"PASS: {len(result.compared)} taps within the {p.name} profile")
         if result.blind_spots:
             lines.append(
                 wrap(
@@ -872,7 +881,7 @@ def format_report(result: CaseComparison, all_taps: bool = False) -> str:
                     6,
                 )
             )
-    return "\n".join(lines)
+    return lines
 
 
 def number_cell(row: dict, key: str, width: int) -> str:

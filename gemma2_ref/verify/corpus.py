@@ -45,11 +45,10 @@ import numpy as np
 from ..model.jsonfile import JSONFileError
 from ..model.jsonfile import read_json as bounded_json
 from ..model.tokenizer import BOS
-from ..storage.weights import WeightsError, read_safetensors_header, write_safetensors_blocks
-from .golden import GoldenError, model_info_from_files, our_producer, output_lock, sha256_file
+from ..storage.weights import MappedFiles, WeightsError, read_safetensors_header, write_safetensors_blocks
+from .golden import CORPUS_KIND, GoldenError, model_info_from_files, our_producer, output_lock, sha256_file
 
 FORMAT_VERSION = 1
-CORPUS_KIND = "gemma2-ref corpus golden"
 PLAN, MANIFEST = "plan.json", "manifest.json"
 REFERENCE_BACKEND = "gemma2-ref"
 DEFAULT_TOP_K = 256  # docs/corpus.md: on tiny, the top-256 KLD is 1.7 % (bf16) to 5.6 % (q4_0) below --top-k all
@@ -699,11 +698,8 @@ class CorpusGolden:
         """{tensor name: array} of one shard (memory-mapped, read-only)."""
         path = self.path / self.shards[index]["file"]
         tensors, _ = read_safetensors_header(path, dtypes=tuple(SHARD_DTYPES.values()))
-        from ..storage.weights import TENSOR_DTYPES
-
-        return {
-            name: np.memmap(path, TENSOR_DTYPES[ref.dtype], "r", ref.offset, ref.shape) for name, ref in tensors.items()
-        }
+        files = MappedFiles()
+        return {name: files.array(ref) for name, ref in tensors.items()}
 
     def tokens(self) -> np.ndarray:
         """(n_chunks, ctx) int32: the corpus tokens (a reference's)."""

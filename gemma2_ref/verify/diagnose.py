@@ -35,8 +35,8 @@ import numpy as np
 from ..model.generate import decode_taps
 from ..model.taps import tap_names
 from . import mistakes as M
-from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, keep_tokens, wrap
-from .golden import Case, keep_rows
+from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, slice_tokens, wrap
+from .golden import Case, slice_rows
 from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
 
 EXPLAIN_RATIO = 10.0
@@ -182,7 +182,7 @@ def variant_trace(model, ids, wanted: list[str], positions, candidate: Case, seq
     kept = {}
 
     def keep(name, value):
-        kept[name] = np.array(keep_rows(name, value, rows, candidate.batched, seq), copy=True)
+        kept[name] = np.array(slice_rows(name, value, rows, candidate.batched, seq), copy=True)
 
     kept["logits"] = model.forward(ids, taps=wanted, positions=positions, sink=keep, logits_at=rows, **kw)["logits"]
     return kept, rows
@@ -221,8 +221,8 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             return None
         trace, cand_view, _ = align_positions(trace, rows, cand_acts, candidate.positions, candidate.batched)
         trace, cand_view = (
-            keep_tokens(trace, reference.attention_mask),
-            keep_tokens(cand_view, reference.attention_mask),
+            slice_tokens(trace, reference.attention_mask),
+            slice_tokens(cand_view, reference.attention_mask),
         )
         cmp = compare_activations(
             trace, cand_view, profile, reference=f"variant {variant.name}", candidate=str(candidate.path)
@@ -358,7 +358,7 @@ def format_diagnosis(diag: Diagnosis) -> str:
 def load_reference_model(reference: Case, model_path=None, log=None, verify: bool = True):
     """The checkpoint the reference golden was made from: `model_path` if given, else the one its manifest
     names (a bundled model by name, a directory by path). Its files' sha256 must match the manifest."""
-    from .. import load_model
+    from ..storage.loader import load_model
     from .golden import GoldenError
 
     info = reference.manifest.get("model") or {}
@@ -428,20 +428,16 @@ def compare_and_diagnose(
     (`CaseComparison.blind_spots`): a PASS is only as strong as the case and the profile.
 
     Returns the comparisons, {reference case path: Diagnosis}, and why no diagnosis ran (or None)."""
-    from .compare import compare_cases, compare_goldens
-    from .golden import Suite
+    from .compare import compare_goldens
+    from .golden import Suite, case_pairs
 
-    suites = isinstance(reference, Suite) or isinstance(candidate, Suite)
-    results = (
-        compare_goldens(reference, candidate, profile, log)
-        if suites
-        else [compare_cases(reference, candidate, profile)]
-    )
+    pairs, suites = case_pairs(reference, candidate), isinstance(reference, Suite)
+    results = compare_goldens(reference, candidate, profile, log)
     failed = [r for r in results if not r.passed and not r.not_checked]
     if diagnose_failures is False:
         return results, {}, None
-    refs = {str(c.path): c for c in (reference.cases if isinstance(reference, Suite) else [reference])}
-    cands = {str(c.path): c for c in (candidate.cases if isinstance(candidate, Suite) else [candidate])}
+    refs = {str(r.path): r for r, _, _ in pairs}
+    cands = {str(c.path): c for _, c, _ in pairs if c is not None}
     first_ref = next(iter(refs.values()))
     try:
         model = load_reference_model(first_ref, model_path, verify=False)

@@ -33,7 +33,6 @@ import glob
 import hashlib
 import json
 import math
-import mmap
 import os
 import platform
 import secrets
@@ -46,13 +45,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .._version import __version__
 from ..model.jsonfile import JSONFileError, is_int, read_json, shown
 from ..model.taps import canonical_order, sequence_axis
 from ..model.tokenizer import BOS
 from ..storage.weights import (
-    STORAGE_DTYPES,
+    DTYPE_NAMES,
+    MappedFiles,
     WeightsError,
     bf16_bits_to_f32,
+    checkpoint_files,
     read_safetensors_header,
     safetensors_header,
 )
@@ -64,6 +66,7 @@ ACTIVATIONS_FILE = "activations.safetensors"
 MANIFEST = "manifest.json"
 SUITE = "suite.json"
 CASE_KIND = "gemma2-ref golden case"
+CORPUS_KIND = "gemma2-ref corpus golden"  # verify/corpus.py's format: refused here, by name
 SUITE_KIND = "gemma2-ref golden suite"
 
 
@@ -97,14 +100,20 @@ def git_commit() -> str:
 
 # -- storing one tensor -----------------------------------------------------------------------------------
 
-ST_DTYPE = {np.dtype("float16"): "F16", np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
+CASE_DTYPES = ("F16", "F32", "F64")  # what a case stores its taps as (storage/weights.py: the dtype table)
+
+
+def case_dtype(dtype) -> str | None:
+    """The safetensors name a case stores an array of this NumPy dtype under, or None (not one a case stores)."""
+    name = DTYPE_NAMES.get(np.dtype(dtype))
+    return name if name in CASE_DTYPES else None
 
 
 def storable(a) -> np.ndarray:
     """An activation as a C-ordered little-endian float16/32/64 array. Other floats (bfloat16 from
     ml_dtypes, torch tensors via __array__) become float32, which holds bfloat16 values exactly."""
     a = np.asarray(a)
-    if a.dtype not in ST_DTYPE:
+    if case_dtype(a.dtype) is None:
         if not (np.issubdtype(a.dtype, np.floating) or a.dtype.kind in "fiu" or "bfloat16" in str(a.dtype)):
             raise GoldenError(f"cannot store an activation of dtype {a.dtype}: give floating-point arrays")
         a = a.astype(np.float32)
@@ -395,7 +404,7 @@ def describe_bos(token_ids) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def keep_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> np.ndarray:
+def slice_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> np.ndarray:
     """Only the rows of query positions [start, stop) of one tap (attention keys are kept whole). A tap
     that already holds just those rows (the output head computed only there) is returned as it is."""
     if positions is None:
@@ -409,12 +418,12 @@ def keep_rows(name: str, a: np.ndarray, positions, batched: bool, seq: int) -> n
     return a[tuple(index)]
 
 
-def keep_positions(activations: dict, positions, batched: bool) -> dict:
-    """keep_rows of every tap: the activations of a whole forward, as a case storing `positions` holds them."""
+def slice_positions(activations: dict, positions, batched: bool) -> dict:
+    """slice_rows of every tap: the activations of a whole forward, as a case storing `positions` holds them."""
     if positions is None:
         return dict(activations)
     seq = max(a.shape[sequence_axis(n, a.ndim, batched)] for n, a in activations.items())
-    return {name: keep_rows(name, a, positions, batched, seq) for name, a in activations.items()}
+    return {name: slice_rows(name, a, positions, batched, seq) for name, a in activations.items()}
 
 
 def write_case(
@@ -450,7 +459,7 @@ def write_case(
     """
     ids = check_token_ids(token_ids)
     positions = check_case_positions(positions, ids)
-    acts = keep_positions(apply_name_map(activations, name_map), positions, ids.ndim == 2)
+    acts = slice_positions(apply_name_map(activations, name_map), positions, ids.ndim == 2)
     acts = {name: storable(a) for name, a in acts.items()}
     if not acts:
         raise GoldenError(f"{out_dir}: no activations to write")
@@ -495,8 +504,6 @@ def our_producer(producer: dict | str | None) -> dict:
         return producer
     if producer is not None:
         return {"name": producer}
-    from .. import __version__
-
     return {
         "name": "gemma2_ref",
         "version": __version__,
@@ -554,7 +561,7 @@ class CaseWriter:
         self.positions = check_case_positions(positions, self.ids)
         self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in specs.items()}
         for name, (_, dtype) in self.specs.items():
-            if dtype not in ST_DTYPE:
+            if case_dtype(dtype) is None:
                 raise GoldenError(f"tap {name!r}: a case stores float16/32/64, not {dtype}")
         self.fields = dict(
             producer=our_producer(producer),
@@ -575,7 +582,7 @@ class CaseWriter:
 
     def __enter__(self) -> CaseWriter:
         self._tmp = self._stack.enter_context(atomic_directory(self.out_dir))
-        head, self._offsets = safetensors_header({n: (ST_DTYPE[d], shape) for n, (shape, d) in self.specs.items()})
+        head, self._offsets = safetensors_header({n: (case_dtype(d), shape) for n, (shape, d) in self.specs.items()})
         self._file = self._stack.enter_context(open(self._tmp / ACTIVATIONS_FILE, "wb"))
         self._file.write(head)
         self._file.truncate(len(head) + self.nbytes)  # every tap's place exists; each is written into it
@@ -589,7 +596,7 @@ class CaseWriter:
         if name in self.entries:
             raise GoldenError(f"tap {name!r} given twice")
         shape, dtype = self.specs[name]
-        a = keep_rows(name, np.asarray(a), self.positions, self.ids.ndim == 2, self.ids.shape[-1])
+        a = slice_rows(name, np.asarray(a), self.positions, self.ids.ndim == 2, self.ids.shape[-1])
         a = np.ascontiguousarray(storable(a), dtype=dtype.newbyteorder("<"))
         if a.shape != shape:
             raise GoldenError(f"tap {name!r} is {list(a.shape)}, the case stores it as {list(shape)}")
@@ -675,8 +682,6 @@ def model_info_from_files(
     """What a manifest records about a checkpoint: where it came from, its config, sha256 of its files.
 
     A bundled model is recorded by name (its path differs between checkouts); a directory by its path."""
-    from ..storage.weights import checkpoint_files
-
     directory = Path(directory)
     files, _ = checkpoint_files(directory)
     tok = directory / "tokenizer.model"
@@ -756,29 +761,25 @@ class MappedTensors(Mapping):
     """The tensors of a safetensors file by name, read through a memory map when asked for, one at a time:
     a 60 GiB case is compared tap by tap without ever being in memory whole. F16/F32/F64 tensors are
     read-only views of the file (the OS pages them in and out); BF16 ones are converted to float32 (exactly)
-    on each access. The map stays open as long as this object or an array from it lives."""
+    on each access. The header and the map are storage/weights.py's (the one safetensors reader); the map
+    stays open as long as this object or an array from it lives."""
 
     def __init__(self, path: Path):
         try:
             self.refs, _ = read_safetensors_header(path)
         except WeightsError as e:
             raise GoldenError(str(e)) from None
-        self._map = None
-        if self.refs:
-            with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._files = MappedFiles()
 
     def stored_dtype(self, name: str) -> str:
         return self.refs[name].dtype
 
     def __getitem__(self, name: str) -> np.ndarray:
         ref = self.refs[name]
-        storage = STORAGE_DTYPES[ref.dtype]
-        a = np.frombuffer(self._map, dtype=storage, count=ref.nbytes // storage.itemsize, offset=ref.offset)
-        a = a.reshape(ref.shape)
+        a = self._files.array(ref)
         if ref.dtype == "BF16":
             return bf16_bits_to_f32(a)
-        return a if storage.isnative else a.astype(storage.newbyteorder("="))
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
     def __iter__(self):
         return iter(self.refs)
@@ -971,6 +972,23 @@ class Suite:
         return self.info.get("name") or self.path.name
 
 
+def case_pairs(reference: Case | Suite, candidate: Case | Suite) -> list[tuple[Case, Case | None, str | None]]:
+    """What compare and diagnose hold against what: a case against a case, or a suite's cases, each against
+    the candidate suite's case of that name. Per reference case: (it, the candidate's or None when missing, the
+    reason the candidate's suite.json gives for skipping it or None). A case against a suite is one error."""
+    if isinstance(reference, Suite) != isinstance(candidate, Suite):
+        raise GoldenError(
+            f"a case goes with a case and a suite with a suite: {reference.path} is a "
+            f"{'suite' if isinstance(reference, Suite) else 'case'}, {candidate.path} is a "
+            f"{'suite' if isinstance(candidate, Suite) else 'case'}"
+        )
+    if isinstance(reference, Case):
+        return [(reference, candidate, None)]
+    by_name = {c.name: c for c in candidate.cases}
+    skipped = {e["name"]: e["reason"] for e in candidate.info.get("skipped") or []}
+    return [(case, by_name.get(case.name), skipped.get(case.name)) for case in reference.cases]
+
+
 def write_suite(out_dir: str | Path, name: str, cases: list[dict], info: dict | None = None) -> Path:
     """suite.json listing the case directories under out_dir: [{"name", "description"}, ...]. Write it last,
     once every case is written: its presence says the suite is complete."""
@@ -1045,6 +1063,11 @@ def load_golden(path: str | Path, verify: bool = True, name_map=None, *, referen
     if not path.exists():
         raise GoldenError(f"{path}: no such directory (expected a golden case or suite written by `gemma2-ref golden`)")
     kind = golden_kind(path) if path.is_dir() else None
+    if kind == "case" and _written_by_us(path / MANIFEST, CORPUS_KIND):
+        raise GoldenError(
+            f"{path} is a corpus golden, not a golden case or suite: `gemma2-ref compare REF CAND` holds a corpus "
+            f"golden against another (docs/corpus.md); diagnose and the case API take cases and suites"
+        )
     if kind == "mixed":
         raise GoldenError(
             f"{path} holds both a golden case ({MANIFEST}) and a suite (case directories or "

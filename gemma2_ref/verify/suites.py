@@ -254,6 +254,7 @@ PASSAGE = (
 )
 QUESTION = "Why soft-cap scores?"
 DECODE_FULL_WINDOW = 512  # up to this sliding window the decode case's steps wrap every ring buffer twice
+SHORT_TEXT = "The cat sat on the mat."
 PADDED_TEXT = "A sliding window lets each token see only the recent past."
 SPECIAL_TEXT = "A turn ends with <end_of_turn> and the next begins with <start_of_turn>model"
 
@@ -297,13 +298,61 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
                the 11W/4 tokens fit the context (not the released models: W 4096, context 8192, where a 2W
                ring cannot overflow)
     """
+    cases = {c.name: c for c in [*prompt_cases(tokenizer), *position_cases(cfg, tokenizer), *padded_cases(tokenizer)]}
+    return [cases[name] for name in COVERAGE_ORDER if name in cases]
+
+
+COVERAGE_ORDER = (
+    "short",
+    "window",
+    "no_bos",
+    "double_bos",
+    "chat",
+    "batch",
+    "special_tokens",
+    "long",
+    "decode",
+    "chunked",
+    "padded_batch",
+    "padded_batch_right",
+)
+
+
+def prompt_cases(tokenizer) -> list[CaseInput]:
+    """The coverage suite's cases about what the prompt holds: short, no_bos, double_bos, chat, batch,
+    special_tokens (coverage_inputs)."""
+    short = tokenizer.encode(SHORT_TEXT, bos=True)
+    a = tokenizer.encode("Windows slide.", bos=True)
+    b = tokenizer.encode("Caps bound logits.", bos=True)
+    n = min(len(a), len(b))
+    return [
+        CaseInput("short", "a short prompt, one <bos>", short, SHORT_TEXT),
+        CaseInput("no_bos", "the short prompt without <bos>", short[1:], SHORT_TEXT),
+        CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, SHORT_TEXT),
+        CaseInput(
+            "chat",
+            "one user turn in the Gemma chat template",
+            tokenizer.encode_chat(QUESTION),
+            tokenizer.chat_prompt(QUESTION),
+        ),
+        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]), None),
+        CaseInput(
+            "special_tokens",
+            "text containing <start_of_turn> and <end_of_turn>: one id each",
+            tokenizer.encode(SPECIAL_TEXT, bos=True),
+            SPECIAL_TEXT,
+        ),
+    ]
+
+
+def position_cases(cfg, tokenizer) -> list[CaseInput]:
+    """The coverage suite's cases about positions and the sliding window W: window, long, decode, chunked
+    (coverage_inputs)."""
     W = cfg.sliding_window
     if 2 * W + 2 > cfg.max_position_embeddings:
         raise ValueError(
             f"the long case needs {2 * W + 2} positions, the model's context is {cfg.max_position_embeddings}"
         )
-    short_text = "The cat sat on the mat."
-    short = tokenizer.encode(short_text, bos=True)
     long_ids = tokenizer.encode(PASSAGE, bos=True)
     body = tokenizer.encode(PASSAGE, bos=False)
     prefill, steps = (W + max(1, W // 4), 2 * W) if W <= DECODE_FULL_WINDOW else (W + 2, 4)
@@ -311,31 +360,12 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
     while len(long_ids) < max(2 * W + 2, prefill + steps):
         long_ids += body
     window_ids, decode_ids, long_ids = long_ids[: W + 2], long_ids[: prefill + steps], long_ids[: 2 * W + 2]
-    special_ids = tokenizer.encode(SPECIAL_TEXT, bos=True)
-    a = tokenizer.encode("Windows slide.", bos=True)
-    b = tokenizer.encode("Caps bound logits.", bos=True)
-    n = min(len(a), len(b))
-    chat_ids = tokenizer.encode_chat(QUESTION)
-    longer = tokenizer.encode(PADDED_TEXT, bos=True)
-    left, left_mask = pad_batch([longer, short], side="left")
-    right, right_mask = pad_batch([longer, short], side="right")
     return [
-        CaseInput("short", "a short prompt, one <bos>", short, short_text),
         CaseInput(
             "window",
             f"{W + 2} tokens: positions {W - 1}, {W}, {W + 1} straddle the sliding window of {W}",
             window_ids,
             tokenizer.decode(window_ids, skip_special=False),
-        ),
-        CaseInput("no_bos", "the short prompt without <bos>", short[1:], short_text),
-        CaseInput("double_bos", "the short prompt with a doubled <bos>", [BOS] + short, short_text),
-        CaseInput("chat", "one user turn in the Gemma chat template", chat_ids, tokenizer.chat_prompt(QUESTION)),
-        CaseInput("batch", f"two prompts of {n} tokens as one batch", np.array([a[:n], b[:n]]), None),
-        CaseInput(
-            "special_tokens",
-            "text containing <start_of_turn> and <end_of_turn>: one id each",
-            special_ids,
-            SPECIAL_TEXT,
         ),
         CaseInput(
             "long",
@@ -353,6 +383,16 @@ def coverage_inputs(cfg, tokenizer) -> list[CaseInput]:
             prefill=prefill,
         ),
         *chunked_case(cfg, tokenizer, long_ids + body * 4),
+    ]
+
+
+def padded_cases(tokenizer) -> list[CaseInput]:
+    """The coverage suite's padded batches: two prompts of different lengths, left- and right-padded
+    (coverage_inputs)."""
+    longer, short = tokenizer.encode(PADDED_TEXT, bos=True), tokenizer.encode(SHORT_TEXT, bos=True)
+    left, left_mask = pad_batch([longer, short], side="left")
+    right, right_mask = pad_batch([longer, short], side="right")
+    return [
         CaseInput(
             "padded_batch",
             f"prompts of {len(longer)} and {len(short)} tokens as one batch, left-padded",
@@ -425,6 +465,32 @@ def case_plan(cfg, taps, ids, itemsize: int = 4) -> tuple[object, tuple[int, int
     return taps, positions, notes
 
 
+def our_writer(model, info: dict, log=None):
+    """generate_suite's default `write`: our forward into each case (generate_case), with per-layer progress
+    for a large model."""
+    progress = None
+    if log is not None and model.is_large:
+        progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
+
+    def write(ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None, chunks=None):
+        generate_case(
+            model,
+            ids,
+            case_dir,
+            taps=case_taps,
+            text=text,
+            description=description,
+            info=info,
+            progress=progress,
+            positions=positions,
+            attention_mask=attention_mask,
+            prefill=prefill,
+            chunks=chunks,
+        )
+
+    return write
+
+
 def generate_suite(
     model, tokenizer, out_dir, name="coverage", taps="default", model_name=None, log=None, write=None
 ) -> Path:
@@ -439,29 +505,7 @@ def generate_suite(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = model_info(model, model_name, progress=log is not None)
-    if write is None:
-        progress = None
-        if log is not None and model.is_large:
-            progress = lambda done, total: log(f"    layer {done}/{total}")  # noqa: E731
-
-        def write(
-            ids, case_dir, text, description, case_taps, positions, attention_mask=None, prefill=None, chunks=None
-        ):
-            generate_case(
-                model,
-                ids,
-                case_dir,
-                taps=case_taps,
-                text=text,
-                description=description,
-                info=info,
-                progress=progress,
-                positions=positions,
-                attention_mask=attention_mask,
-                prefill=prefill,
-                chunks=chunks,
-            )
-
+    write = write or our_writer(model, info, log)
     inputs = SUITES[name](model.config, tokenizer)
     entries, skipped = [], []
     for case in inputs:
