@@ -230,7 +230,7 @@ def backends() -> str:
             ]
         )
     for engine, (page, why) in WITHOUT_ADAPTER.items():
-        rows.append([f"[{engine}]({page})", "none", "0", why, "every case"])
+        rows.append([f"[{engine}]({page})", "none", f"0 of {len(every)}", why, "every case"])
     head = ["backend (`--backend`)", "adapter", f"taps reached ({CATALOGUE_CONFIG})", "not reached", "cases refused"]
     count = (
         f"{len(BACKENDS) + len(WITHOUT_ADAPTER)} engines: {len(BACKENDS)} with an adapter, "

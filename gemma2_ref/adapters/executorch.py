@@ -151,12 +151,9 @@ def longest_sequence(meta: dict) -> int:
     return int(min(meta["get_max_seq_len"], meta.get("sliding_window", meta["get_max_seq_len"])))
 
 
-def refusal(n_tokens: int, meta: dict, attention_mask=None, chunks=None) -> str | None:
-    """Why the exported program cannot run a case (None: it can)."""
-    if attention_mask is not None:
-        return "the executorch adapter does not run padded batches: the program has no attention mask input"
-    if chunks is not None:
-        return "the executorch adapter does not run a chunked prefill: the program takes one token per forward"
+def refusal(n_tokens: int, meta: dict) -> str | None:
+    """Why the exported program cannot run a case of n_tokens positions (None: it can). Padded batches and chunked
+    prefills are refused by CAPABILITIES (no attention mask input; one token per forward)."""
     most = longest_sequence(meta)
     if n_tokens > most:
         return (
@@ -196,9 +193,7 @@ def write_golden(
     pte=None,
     meta: dict | None = None,
     recipe: str = "xnnpack",
-    attention_mask=None,
     prefill: int | None = None,
-    chunks=None,
 ) -> Path:
     """Export (or reuse) the program of a checkpoint and write its logits as a golden case (producer:
     executorch). A decode case (`prefill`) runs as every case does, one token per forward; its manifest says
@@ -209,7 +204,7 @@ def write_golden(
     pte = Path(pte) if pte else export(checkpoint, dtype, recipe, info)
     meta = meta or program_metadata(pte)
     ids2 = np.atleast_2d(np.asarray(ids))
-    why = refusal(ids2.shape[1], meta, attention_mask, chunks)
+    why = refusal(ids2.shape[1], meta)
     if why:
         raise NotImplementedError(why)
     logits = run_logits(pte, ids2)
