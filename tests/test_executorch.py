@@ -103,6 +103,7 @@ def test_on_the_xnnpack_program_the_soft_cap_is_the_closest_mistake_but_a_residu
         (r.variant.name, r.ratio) for r in diag.results
     ]
     assert not best.comparison.passed  # the XNNPACK delegate's own ~2e-4 is 4x the fp32 limit
+    assert diag.named == [] and diag.passes_profile == "fp16"
 
 
 def test_the_program_stops_at_its_window(tiny):
