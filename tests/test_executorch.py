@@ -72,6 +72,13 @@ def test_without_the_venv_the_backend_is_one_line_saying_how_to_make_it(monkeypa
         adapter.export("tiny")
 
 
+def test_recipe_is_refused_for_another_backend(capsys, tmp_path):
+    from tests.helpers.cli import refused
+
+    line = refused(capsys, "golden", "tiny", "--tokens", "2 5 9", "--out", tmp_path / "c", "--recipe", "portable")
+    assert "--recipe is for --backend executorch" in line and not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("recipe, residual", [("portable", 2e-6), ("xnnpack", 4e-4)])
 def test_float32_is_our_model_without_the_attention_soft_cap(tiny, recipe, residual):
     model, cases, programs = tiny
