@@ -205,9 +205,10 @@ def backend_page(backend: str) -> str:
 
 
 def backends() -> str:
-    """Each backend: its adapter, and the canonical taps it reaches on the tiny model (reachable_taps)."""
+    """Each engine: its adapter, the canonical taps it reaches on the tiny model (reachable_taps), the cases it
+    refuses (its Capabilities); then the engines checked without an adapter, and why (WITHOUT_ADAPTER)."""
     import gemma2_ref as g2
-    from gemma2_ref.adapters import BACKENDS, load_adapter
+    from gemma2_ref.adapters import BACKENDS, WITHOUT_ADAPTER, load_adapter
     from gemma2_ref.model.taps import tap_kind, tap_names
 
     cfg = g2.PRESETS[CATALOGUE_CONFIG]
@@ -215,7 +216,8 @@ def backends() -> str:
     kinds = list(dict.fromkeys(tap_kind(n) for n in every))
     rows = []
     for backend, module in BACKENDS.items():
-        reached = set(load_adapter(backend).reachable_taps(cfg))
+        adapter = load_adapter(backend)
+        reached = set(adapter.reachable_taps(cfg))
         missing = [k for k in kinds if not any(tap_kind(n) == k for n in reached)]
         page = backend_page(backend).removeprefix("docs/backends/")  # the block sits in docs/backends/README.md
         rows.append(
@@ -223,10 +225,38 @@ def backends() -> str:
                 f"[`{backend}`]({page})",
                 f"`{module.replace('.', '/')}.py`",
                 f"{len(reached)} of {len(every)}",
-                ", ".join(f"`{k}`" for k in missing) or "none: every tap",
+                not_reached(kinds, missing),
+                refused_cases(adapter.CAPABILITIES),
             ]
         )
-    return table(["backend (`--backend`)", "adapter", f"taps reached ({CATALOGUE_CONFIG})", "not reached"], rows)
+    for engine, (page, why) in WITHOUT_ADAPTER.items():
+        rows.append([f"[{engine}]({page})", "none", f"0 of {len(every)}", why, "every case"])
+    head = ["backend (`--backend`)", "adapter", f"taps reached ({CATALOGUE_CONFIG})", "not reached", "cases refused"]
+    count = (
+        f"{len(BACKENDS) + len(WITHOUT_ADAPTER)} engines: {len(BACKENDS)} with an adapter, "
+        f"{len(WITHOUT_ADAPTER)} without ({', '.join(WITHOUT_ADAPTER)}).\n\n"
+    )
+    return count + table(head, rows)
+
+
+def not_reached(kinds: list[str], missing: list[str]) -> str:
+    """The tap kinds out of an adapter's reach, or those it reaches when it misses most."""
+    if not missing:
+        return "none: every tap"
+    if len(missing) > len(kinds) // 2:
+        return "all but " + ", ".join(f"`{k}`" for k in kinds if k not in missing)
+    return ", ".join(f"`{k}`" for k in missing)
+
+
+def refused_cases(caps) -> str:
+    """The kinds of suite case an adapter refuses, from its Capabilities (base.Capabilities.refusal)."""
+    kinds = {
+        "padded batches": caps.padded_batch,
+        "KV-cache decode": caps.decode,
+        "chunked prefill": caps.chunked_prefill,
+    }
+    refused = [k for k, can in kinds.items() if not can] + ([caps.limit] if caps.limit else [])
+    return ", ".join(refused) or "none"
 
 
 # -- the command line -------------------------------------------------------------------------------------------

@@ -24,6 +24,16 @@ BACKENDS = {
     "vllm": "gemma2_ref.adapters.vllm",  # vLLM's CPU engine in-process, torch forward hooks, fusions undone
     "keras-hub": "gemma2_ref.adapters.keras_hub",  # KerasHub's GemmaBackbone (Keras 3, JAX), layer calls recorded
     "onnxruntime-genai": "gemma2_ref.adapters.ort_genai",  # its model builder's ONNX graph, outputs added
+    "executorch": "gemma2_ref.adapters.executorch",  # optimum-executorch's .pte, token by token, in its own venv
+}
+
+# engines checked without an adapter -> (their page in docs/backends/, why `golden --backend` cannot run them)
+WITHOUT_ADAPTER = {
+    "mistral.rs": (
+        "mistralrs.md",
+        "its Python API takes text, not token ids, and returns log-probabilities of the tokens it generates, "
+        "no logits: checked by tests/test_adapter_mistralrs.py instead",
+    ),
 }
 
 

@@ -33,6 +33,7 @@ class Capabilities:
     padded_batch: bool = False  # write_golden(..., attention_mask=(B, S))
     decode: bool = False  # write_golden(..., prefill=n): ids[n:] one token per step through the engine's cache
     chunked_prefill: bool = False  # write_golden(..., prefill=n, chunks=[...]): the ids in forwards of those lengths
+    limit: str = ""  # any other kind of case it refuses, in words (the backends table shows it)
 
     def refusal(self, backend: str, case: dict) -> str | None:
         """Why this backend cannot run a case given `attention_mask` / `prefill` / `chunks` (None: it can)."""

@@ -308,6 +308,8 @@ def write_golden(args, out) -> int:
             raise InputError(
                 f"--{flag.replace('_', '-')} is for --backend keras-hub (the backend here is {args.backend})"
             )
+    if getattr(args, "recipe", None) and args.backend != "executorch":
+        raise InputError(f"--recipe is for --backend executorch (the backend here is {args.backend})")
     model = load_model_verbose(args.model, args.dtype if ours else "float32")
     try:
         select_taps(model.config, taps)

@@ -216,7 +216,8 @@ def add_golden(sub):
         help="compute dtype: float32 or float64 for gemma2_ref; float32, bfloat16 or float16 for "
         "transformers, mlx, jax-gemma and keras-hub; float32 or bfloat16 for vllm; for llama.cpp "
         "the GGUF type f32, bf16, f16 or q8_0 (default float32 = f32); for onnxruntime-genai the "
-        "builder's CPU precision float32, int8 or int4",
+        "builder's CPU precision float32, int8 or int4; for executorch the export's float32, float16 or "
+        "bfloat16",
     )
     p.add_argument(
         "--gguf",
@@ -240,6 +241,12 @@ def add_golden(sub):
         action="store_true",
         help="keras-hub: hand each attention layer the query scale its decoder block drops "
         "(gemma_decoder_block.py:68), to check that line is the whole difference",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=["xnnpack", "portable"],
+        help="executorch: optimum-executorch's export recipe, xnnpack (default: the XNNPACK delegate) or "
+        "portable (ExecuTorch's portable kernels, no delegate)",
     )
     p.set_defaults(handler=commands.golden)
 
