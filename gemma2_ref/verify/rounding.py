@@ -150,7 +150,10 @@ def judge(e: RoundingEvidence) -> tuple[str, str]:
     if split:
         return "none", f"against {', '.join(split)} the candidate sides with {e.best} on < {SIDE:.0%} of the elements"
     worst, (n, s) = min(e.rivals.items(), key=lambda kv: kv[1][1])
-    return "reproduces", f"against the closest rival, {worst}, it is right on {s:.1%} of the {n} elements they differ"
+    return (
+        "reproduces",
+        f"against the closest rival, {worst}, it is right on {s:.1%} of the {n} elements where they differ",
+    )
 
 
 def format_rounding(e: RoundingEvidence) -> str:
