@@ -21,7 +21,7 @@ The evidence is counted on the elements where two hypotheses predict different v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class RoundingEvidence:
     best: str | None = None
     rivals: dict[str, tuple[int, float]] = field(default_factory=dict)  # rival -> (discriminating, best's share)
     verdict: str = "none"  # "reproduces", "too weak", "none", or "not applicable"
+    weights: str = ""  # the norm weights as the predictions used them: the candidate's dtype, or "as stored"
     why: str = ""
 
     @property
@@ -73,6 +74,7 @@ class RoundingEvidence:
             "best": self.best,
             "discriminating": {r: {"elements": n, "best_share": s} for r, (n, s) in self.rivals.items()},
             "verdict": self.verdict,
+            "weights": self.weights,
             "named": self.named,
             "why": self.why,
         }
@@ -96,17 +98,20 @@ def norm_cases(model, activations: dict) -> list[tuple[str, np.ndarray, np.ndarr
     return out
 
 
-def predict(x: np.ndarray, w: np.ndarray, eps: float, hypothesis: str, dtype: str) -> np.ndarray:
+def predict(x: np.ndarray, w: np.ndarray, eps: float, hypothesis: str, dtype: str, weights_in_dtype: bool = True):
     """The norm's output as a `dtype` backend computing `hypothesis` produces it, from its input x (already
-    `dtype` values) and the weight held in `dtype`."""
-    w = round_to_dtype(w.astype(np.float32), dtype)
+    `dtype` values) and the weight held in `dtype` (or, `weights_in_dtype=False`, as the checkpoint stores it)."""
+    w = w.astype(np.float32)
+    w = round_to_dtype(w, dtype) if weights_in_dtype else w
     taps = Taps([], round_to=dtype) if hypothesis == CORRECT else MistakenTaps(hypothesis, [], round_to=dtype)
     return round_to_dtype(rms_norm(x.astype(np.float32), w, eps, taps), dtype)
 
 
 def rmsnorm_rounding(model, activations: dict, dtype: str) -> RoundingEvidence:
     """Which RMSNorm arithmetic reproduces a `dtype` ("bfloat16" / "float16") candidate's norm outputs, bit for
-    bit, from its own inputs to them (module docstring)."""
+    bit, from its own inputs to them (module docstring). The weights are taken as a `dtype` backend holds them;
+    when the checkpoint's are not `dtype` values, also as stored (a backend keeping float32 norm weights), and
+    the form that reproduces more elements is kept (`RoundingEvidence.weights`)."""
     cases = norm_cases(model, activations)
     evidence = RoundingEvidence(dtype, [name for name, _, _ in cases], 0)
     if not cases:
@@ -118,22 +123,33 @@ def rmsnorm_rounding(model, activations: dict, dtype: str) -> RoundingEvidence:
         return evidence
     eps = model.config.rms_norm_eps
     cand = np.concatenate([np.asarray(activations[name], np.float32).ravel() for name, _, _ in cases])
-    preds = {
-        h: np.concatenate([predict(x, w, eps, h, dtype).ravel() for x, (_, _, w) in zip(inputs, cases)])
-        for h in HYPOTHESES
-    }
+    stored_in_dtype = all(np.array_equal(round_to_dtype(w.astype(np.float32), dtype), w) for _, _, w in cases)
+    tried = []
+    for in_dtype in (True,) if stored_in_dtype else (True, False):
+        preds = {
+            h: np.concatenate([predict(x, w, eps, h, dtype, in_dtype).ravel() for x, (_, _, w) in zip(inputs, cases)])
+            for h in HYPOTHESES
+        }
+        tried.append(count(replace(evidence, weights=dtype if in_dtype else "as stored"), cand, preds))
+    evidence = max(tried, key=lambda e: e.agree[e.best])
+    evidence.verdict, evidence.why = judge(evidence)
+    return evidence
+
+
+def count(evidence: RoundingEvidence, cand: np.ndarray, preds: dict) -> RoundingEvidence:
+    """The elements each hypothesis reproduces, the best one, and against each rival the discriminating elements
+    and the best's share of them (finite elements only)."""
     finite = np.isfinite(cand) & np.all([np.isfinite(p) for p in preds.values()], axis=0)
     cand, preds = cand[finite], {h: p[finite] for h, p in preds.items()}
     evidence.elements = int(cand.size)
     evidence.agree = {h: int((p == cand).sum()) for h, p in preds.items()}
-    best = max(HYPOTHESES, key=lambda h: evidence.agree[h])
-    evidence.best = best
+    best = evidence.best = max(HYPOTHESES, key=lambda h: evidence.agree[h])
+    evidence.rivals = {}
     for rival in HYPOTHESES:
         if rival != best:
             disc = preds[best] != preds[rival]
             n = int(disc.sum())
             evidence.rivals[rival] = (n, float((cand[disc] == preds[best][disc]).mean()) if n else 0.0)
-    evidence.verdict, evidence.why = judge(evidence)
     return evidence
 
 
@@ -163,7 +179,8 @@ def format_rounding(e: RoundingEvidence) -> str:
     shares = ", ".join(f"{h} {e.share(h):.2%}" for h in HYPOTHESES)
     head = (
         f"RMSNorm rounding ({e.dtype}, bit level, {len(e.taps)} norm outputs from the candidate's own inputs, "
-        f"{e.elements} elements): equal to the prediction of {shares}"
+        f"{e.elements} elements, weights {'in ' + e.weights if e.weights != 'as stored' else 'as stored'}): "
+        f"equal to the prediction of {shares}"
     )
     tail = {
         "reproduces": "it rounds as the correct RMSNorm (float32 inside, one rounding at the end)"
