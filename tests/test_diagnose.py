@@ -292,3 +292,4 @@ def test_compare_names_a_rounding_mistake_in_a_passing_bf16_case(model, referenc
     case = json.loads(capsys.readouterr().out)["cases"][0]
     assert case["rounding"]["named"] == "norm_scale_in_bf16"
     assert case["named"][0]["verdict"] == "reproduces its rounding"
+    assert case["named"][0]["passes_against_variant"] is None  # no variant was re-run: the evidence is "rounding"

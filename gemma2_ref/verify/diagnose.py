@@ -58,13 +58,15 @@ class VariantResult:
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
+        if self.verdict == "reproduces its rounding":  # not a re-run variant: the evidence is Diagnosis.rounding
+            first = None
         return {
             "variant": self.variant.name,
             "what": self.variant.what,
             "refs": self.variant.refs,
             "verdict": self.verdict,
             "ratio_at_first_divergence": _finite(self.ratio),
-            "passes_against_variant": self.comparison.passed,
+            "passes_against_variant": None if self.verdict == "reproduces its rounding" else self.comparison.passed,
             "variant_first_divergence": first.name if first else None,
             "remains": self.remains,
             "ruled_out_at": self.ruled_out_at,
