@@ -165,7 +165,8 @@ def judge(e: RoundingEvidence) -> tuple[str, str]:
     split = [r for r, (_, s) in e.rivals.items() if s < SIDE]
     if split:
         return "none", f"against {', '.join(split)} the candidate sides with {e.best} on < {SIDE:.0%} of the elements"
-    worst, (n, s) = min(e.rivals.items(), key=lambda kv: kv[1][1])
+    worst = max(e.rivals, key=lambda r: e.agree[r])  # the rival reproducing the most elements
+    n, s = e.rivals[worst]
     return (
         "reproduces",
         f"against the closest rival, {worst}, it is right on {s:.1%} of the {n} elements where they differ",
