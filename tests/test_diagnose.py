@@ -224,3 +224,72 @@ def test_a_variant_that_barely_moves_the_failing_tap_is_not_named_though_it_pass
     passing = [r for r in diag.results if r.comparison.passed]
     assert [r.variant.name for r in passing] == ["exact_gelu"] and passing[0].ratio < 1.5
     assert diag.named == [] and "no known Gemma 2 mistake" in format_diagnosis(diag)
+
+
+# -- the precision stage: RMSNorm's rounding, bit for bit (verify/rounding.py) ----------------------------------
+
+
+def bf16_candidate(model, tmp_path, ids, mistake=None):
+    """A bfloat16 backend's case (every activation rounded as produced), correct or with `mistake`."""
+    run = inject(model, mistake) if mistake else model
+    acts = run.forward(ids, taps="default", round_to="bfloat16")
+    return G.load_case(G.write_case(tmp_path / "bf16", acts, ids, producer="a bf16 backend", compute_dtype="bfloat16"))
+
+
+def with_zero_norm_weights(model):
+    """The model with every RMSNorm weight 0 (transformers' initialisation): (1 + w) = 1 exactly in any dtype."""
+    import dataclasses
+
+    from gemma2_ref.verify.mistakes import NORMS, TransformedWeights
+
+    zero = lambda w: dataclasses.replace(w, **{n: np.zeros_like(getattr(w, n)) for n in NORMS})  # noqa: E731
+    return type(model)(model.config, TransformedWeights(model.weights, zero, np.zeros_like), model.dtype, model.path)
+
+
+@pytest.mark.parametrize("name", ["norm_cast_before_scale", "norm_scale_in_bf16", "norm_variance_in_bf16"])
+def test_the_precision_stage_names_the_rmsnorm_arithmetic_a_bf16_candidate_rounds_with(
+    model, reference, tmp_path, name
+):
+    from gemma2_ref.verify.rounding import rmsnorm_rounding
+
+    cand = bf16_candidate(model, tmp_path, reference.token_ids, name)
+    evidence = rmsnorm_rounding(model, cand.activations, "bfloat16")
+    assert evidence.verdict == "reproduces" and evidence.named == name, evidence.why
+    clean = rmsnorm_rounding(model, bf16_candidate(model, tmp_path, reference.token_ids).activations, "bfloat16")
+    assert clean.verdict == "reproduces" and clean.best == "correct" and clean.named is None, clean.why
+
+
+def test_the_precision_stage_says_too_weak_when_the_arithmetics_cannot_differ(model, reference, tmp_path):
+    """With (1 + w) = 1 the scale's rounding and the cast before it change nothing: no choice is made."""
+    from gemma2_ref.verify.rounding import rmsnorm_rounding
+
+    flat = with_zero_norm_weights(model)
+    evidence = rmsnorm_rounding(flat, bf16_candidate(flat, tmp_path, reference.token_ids).activations, "bfloat16")
+    assert evidence.verdict == "too weak" and evidence.named is None, evidence.why
+    assert {r for r, (n, _) in evidence.rivals.items() if n == 0} == {"norm_cast_before_scale", "norm_scale_in_bf16"}
+
+
+def test_the_precision_stage_names_nothing_it_cannot_reproduce(model, reference, tmp_path):
+    """Another mistake in the norms' weights: no arithmetic reproduces them. Float32 activations: not checked."""
+    from gemma2_ref.verify.rounding import rmsnorm_rounding
+
+    shifted = rmsnorm_rounding(
+        model, bf16_candidate(model, tmp_path, reference.token_ids, "norm_offset=2").activations, "bfloat16"
+    )
+    assert shifted.verdict == "none" and shifted.named is None, shifted.why
+    float32 = rmsnorm_rounding(model, model.forward(reference.token_ids, taps="default"), "bfloat16")
+    assert float32.verdict == "not applicable" and "not bfloat16 values" in float32.why
+
+
+def test_compare_names_a_rounding_mistake_in_a_passing_bf16_case(model, reference, tmp_path, capsys):
+    import json
+
+    cand = bf16_candidate(model, tmp_path, reference.token_ids, "norm_scale_in_bf16")
+    assert cli(["compare", str(reference.path), str(cand.path), "--profile", "bf16"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the candidate passes the bf16 profile, but:" in out and "REPRODUCES ITS ROUNDING: norm_scale_in_bf16" in out
+    assert cli(["diagnose", str(reference.path), str(cand.path), "--profile", "bf16", "--json"]) == 0
+    case = json.loads(capsys.readouterr().out)["cases"][0]
+    assert case["rounding"]["named"] == "norm_scale_in_bf16"
+    assert case["named"][0]["verdict"] == "reproduces its rounding"
+    assert case["named"][0]["passes_against_variant"] is None  # no variant was re-run: the evidence is "rounding"

@@ -311,19 +311,45 @@ def measured(model, reference):
 
 
 @pytest.mark.parametrize("name", list(PRECISION))
-def test_an_rmsnorm_precision_mistake_in_bfloat16_transformers_within_bfloat16_noise_is_a_stated_blind_spot(
+def test_an_rmsnorm_precision_mistake_in_bfloat16_transformers_within_the_measured_profile_is_named_by_its_rounding(
     checkpoint, model, reference, ids, measured, tmp_path, monkeypatch, name
 ):
     """On this model (D = 72) each of RMSNorm's arithmetic mistakes moves a bfloat16 run by about one more
-    bfloat16 rounding per norm: the measured profile (4x the reference's own bfloat16 error) passes it, so
-    nothing is named, and the case says it could not have seen the mistake (a blind spot of the measured
-    profile here), rather than misnaming it."""
-    from gemma2_ref.diagnose import blind_spots
-
+    bfloat16 rounding per norm: the measured profile (4x the reference's own bfloat16 error) passes it. The
+    precision stage re-computes layer 0's norms and final_norm from the candidate's own inputs under each
+    hypothesis: only the mistake's arithmetic reproduces every element (measured: 100% against at most 77.5%
+    for the rivals), so it is named, and no other mistake is."""
     cand = bf16_candidate(checkpoint, ids, tmp_path / "cand", monkeypatch, PRECISION[name])
     result = compare_cases(reference, cand, measured)
     assert result.passed, format_report(result)
-    assert name in blind_spots(model, reference, measured)
+    diag = diagnose(model, reference, cand, measured, combine=False)
+    assert [(r.variant.name, r.verdict) for r in diag.named] == [(name, "reproduces its rounding")], format_diagnosis(
+        diag
+    )
+    assert diag.rounding.share(name) == 1.0 and diag.rounding.share("correct") < 0.9, format_diagnosis(diag)
+    assert f"REPRODUCES ITS ROUNDING: {name}" in format_diagnosis(diag)
+    assert diag.to_dict()["rounding"]["named"] == name
+
+
+def test_a_norm_cast_before_scale_in_float16_transformers_is_named_by_its_rounding(
+    checkpoint, model, reference, ids, tmp_path, monkeypatch
+):
+    """Llama's order of the cast in a float16 run: the stage reproduces it in float16 as well."""
+    from gemma2_ref.measured import measured_profile
+
+    monkeypatch.setattr(f"{MODELING}.Gemma2RMSNorm.forward", rms_cast_before_scale)
+    cand = G.load_case(
+        adapter.write_golden(
+            checkpoint,
+            ids,
+            tmp_path / "cand",
+            dtype="float16",
+            taps="default",
+            hf_model=adapter.load(checkpoint, "float16"),
+        )
+    )
+    diag = diagnose(model, reference, cand, measured_profile(model, reference, "float16"), combine=False)
+    assert [r.variant.name for r in diag.named] == ["norm_cast_before_scale"], format_diagnosis(diag)
 
 
 @pytest.mark.parametrize("dtype, fixed", [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")])
@@ -342,6 +368,8 @@ def test_clean_transformers_in_each_dtype_names_nothing(checkpoint, model, refer
     for profile in profiles:
         diag = diagnose(model, reference, cand, profile, combine=False)
         assert diag.base.passed and not diag.named, format_diagnosis(diag)
+        if dtype != "float32":  # the precision stage ran, and found the correct RMSNorm's rounding
+            assert diag.rounding.verdict == "reproduces" and diag.rounding.best == "correct", format_diagnosis(diag)
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,21 @@ def test_a_tokenizer_mistake_made_in_the_fast_tokenizer_is_named_at_its_first_te
     assert f"NAMED: {name}" in report.format() and "first difference: text" in report.format()
 
 
+def test_stopping_on_the_fast_tokenizers_eos_only_is_named_and_transformers_generation_config_is_not(fast):
+    """mlx-swift-examples #89: a chat loop that stops on the tokenizer's one eos id. Made with transformers'
+    own objects: the fast tokenizer's eos_token_id alone is named; the stop ids transformers' GenerationConfig
+    reads from the model's config.json ([1, 107]) pass."""
+    from transformers import AutoConfig, GenerationConfig
+
+    ids = fast_ids(fast)
+    eos_only = T.check_tokenizer(g2.load_tokenizer("tiny"), {"ids": ids, "stop_ids": [fast.eos_token_id]})
+    assert eos_only.mistakes == ["stop_without_end_of_turn"] and not eos_only.passed, eos_only.format()
+    generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(bundled_path("tiny")))
+    stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    clean = T.check_tokenizer(g2.load_tokenizer("tiny"), {"ids": ids, "stop_ids": stops})
+    assert clean.passed and not clean.mistakes, clean.format()
+
+
 def test_stopping_on_eos_only_is_named(tok):
     report = T.check_tokenizer(tok, {"ids": [tok.encode(t) for t in T.TEXTS], "stop_ids": [1]})
     assert report.mistakes == ["stop_without_end_of_turn"] and not report.passed

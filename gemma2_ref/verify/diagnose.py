@@ -18,7 +18,10 @@ the correct model does:
 A mistake of the arithmetic (mistakes.STEP_MISTAKES: RMSNorm's steps in bfloat16) exists only in a low-precision
 run, so against a bfloat16 / float16 candidate its variant is re-run with the candidate's rounding after every
 operation (the `measured` profile's emulation, forward(round_to=...)); the other variants run in the reference's
-dtype, as the reference did.
+dtype, as the reference did. Those RMSNorm mistakes usually stay inside the measured profile, so for such a
+candidate a precision stage (rounding.py) also asks which RMSNorm arithmetic reproduces its norm outputs bit for
+bit from its own inputs to them: a mistake it reproduces is named ("reproduces its rounding"), even when the
+candidate passes the profile.
 
 Nothing about how the candidate was produced is used: only its activations and token ids.
 """
@@ -37,7 +40,8 @@ from ..model.taps import tap_names
 from . import mistakes as M
 from .compare import CaseComparison, Profile, align_positions, comparable, compare_activations, slice_tokens, wrap
 from .golden import Case, slice_rows
-from .mistakes import FP16_OVERFLOW, Mistake, inject, known_mistakes
+from .mistakes import FP16_OVERFLOW, Mistake, find, inject, known_mistakes
+from .rounding import NORM_ROUNDINGS, RoundingEvidence, format_rounding, norm_cases, rmsnorm_rounding
 
 EXPLAIN_RATIO = 10.0
 MATCH_RATIO = 2.0
@@ -48,19 +52,21 @@ class VariantResult:
     variant: Mistake  # a variant of the reference model: the model with this one known mistake
     comparison: CaseComparison
     ratio: float  # rel L2 (candidate vs reference) / rel L2 (candidate vs variant) at the first divergence
-    verdict: str  # "matches", "explains the first divergence", "overflows float16", or ""
+    verdict: str  # "matches", "explains the first divergence", "overflows float16", "reproduces its rounding", ""
     remains: str | None = None  # for "explains": the looser profile the candidate passes against the variant
     ruled_out_at: str | None = None  # explained the first divergence, but this later tap contradicts it
 
     def to_dict(self) -> dict:
         first = self.comparison.first_divergence
+        if self.verdict == "reproduces its rounding":  # not a re-run variant: the evidence is Diagnosis.rounding
+            first = None
         return {
             "variant": self.variant.name,
             "what": self.variant.what,
             "refs": self.variant.refs,
             "verdict": self.verdict,
             "ratio_at_first_divergence": _finite(self.ratio),
-            "passes_against_variant": self.comparison.passed,
+            "passes_against_variant": None if self.verdict == "reproduces its rounding" else self.comparison.passed,
             "variant_first_divergence": first.name if first else None,
             "remains": self.remains,
             "ruled_out_at": self.ruled_out_at,
@@ -73,6 +79,7 @@ class Diagnosis:
     results: list[VariantResult] = field(default_factory=list)
     combined: list[VariantResult] = field(default_factory=list)
     passes_profile: str | None = None  # the tightest looser profile the candidate passes, if any
+    rounding: RoundingEvidence | None = None  # the precision stage (a bfloat16 / float16 candidate only)
 
     @property
     def named(self) -> list[VariantResult]:
@@ -85,6 +92,7 @@ class Diagnosis:
             "first_divergence": first.name if first else None,
             "passed": self.base.passed,
             "passes_profile": self.passes_profile,
+            "rounding": self.rounding.to_dict() if self.rounding else None,
             "named": [r.to_dict() for r in self.named],
             "ruled_out": [{"variant": r.variant.name, "at": r.ruled_out_at} for r in self.results if r.ruled_out_at],
             "variants": [r.to_dict() for r in self.results + self.combined],
@@ -195,7 +203,11 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
 
     base = compare_cases(reference, candidate, profile)
     diag = Diagnosis(base)
+    dtype = emulated_dtype(candidate, profile)
+    if dtype is not None:
+        diag.rounding = rmsnorm_rounding(model, candidate.activations, dtype)
     if base.passed:
+        add_rounding_finding(diag, model.config)
         return diag
     looser = [p for p in ("fp16", "bf16", "q8") if PROFILES[p].rel_l2 > profile.rel_l2]
     diag.passes_profile = next((p for p in looser if compare_cases(reference, candidate, PROFILES[p]).passed), None)
@@ -270,7 +282,15 @@ def diagnose(model, reference: Case, candidate: Case, profile: Profile, log=None
             result = run(v)
             if result is not None and result.verdict == "matches":
                 diag.combined.append(result)
+    add_rounding_finding(diag, model.config)
     return diag
+
+
+def add_rounding_finding(diag: Diagnosis, cfg) -> None:
+    """The precision stage's mistake, named unless a re-run variant already names it."""
+    name = diag.rounding.named if diag.rounding else None
+    if name and name not in {r.variant.name for r in diag.named}:
+        diag.results.append(VariantResult(find(cfg, name), diag.base, math.inf, "reproduces its rounding"))
 
 
 def rule_out_contradicted(results: list[VariantResult]) -> None:
@@ -285,8 +305,13 @@ def rule_out_contradicted(results: list[VariantResult]) -> None:
 
 
 def format_diagnosis(diag: Diagnosis) -> str:
+    rounding = [wrap("  " + format_rounding(diag.rounding), 6)] if diag.rounding else []
     if diag.base.passed:
-        return "diagnosis: the candidate passes; nothing to diagnose"
+        if not diag.named:
+            return "\n".join(["diagnosis: the candidate passes; nothing to diagnose"] + rounding)
+        lines = [f"diagnosis: the candidate passes the {diag.base.profile.name} profile, but:"]
+        lines += [format_rounding_finding(r) for r in diag.named] + rounding
+        return "\n".join(lines)
     first = diag.base.first_divergence
     lines = [
         f"diagnosis (each known mistake re-run from the reference model; first divergence "
@@ -310,6 +335,9 @@ def format_diagnosis(diag: Diagnosis) -> str:
         if r.verdict == "overflows float16":
             lines.append(wrap(f"  OVERFLOWS FLOAT16: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
             continue
+        if r.verdict == "reproduces its rounding":
+            lines.append(format_rounding_finding(r))
+            continue
         first_v = r.comparison.first_divergence
         evidence = (
             f"candidate vs this variant passes the {r.comparison.profile.name} profile"
@@ -331,6 +359,7 @@ def format_diagnosis(diag: Diagnosis) -> str:
             closer = f"at {at} the candidate is {r.ratio:.3g}x closer to this variant than to the reference (rel L2)"
         lines.append(wrap(f"  {r.verdict.upper()}: {r.variant.name}: {r.variant.what} [{r.variant.refs}]", 6))
         lines.append(wrap(f"      evidence: {closer}; {evidence}", 16))
+    lines += rounding
     ruled = [r for r in diag.results if r.ruled_out_at]
     if ruled:
         lines.append(
@@ -353,6 +382,14 @@ def format_diagnosis(diag: Diagnosis) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def format_rounding_finding(r: VariantResult) -> str:
+    return wrap(
+        f"  REPRODUCES ITS ROUNDING: {r.variant.name}: {r.variant.what} [{r.variant.refs}]; evidence: the "
+        f"RMSNorm rounding below",
+        6,
+    )
 
 
 def load_reference_model(reference: Case, model_path=None, log=None, verify: bool = True):
@@ -399,9 +436,13 @@ def blind_spots(model, reference: Case, profile: Profile) -> list[str]:
     the reference (a window mistake on a prompt shorter than the window; a small one under a loose profile)."""
     wanted = [n for n in reference.tap_names if n in set(tap_names(model.config))] or ["logits"]
     blind = []
+    dtype = emulated_dtype(profile=profile)
+    bit_level = dtype is not None and bool(norm_cases(model, reference.activations))
     for mistake in known_mistakes(model.config):
         if mistake.normalizer == "float64":
             continue  # float32(sqrt(D)) vs float64: a rounding, never named against a float32 reference
+        if bit_level and mistake.step in NORM_ROUNDINGS:
+            continue  # the precision stage sees it in the candidate's own norm outputs (rounding.py)
         ids = mistake.apply_ids(reference.token_ids)
         if ids is None or np.shape(ids) != np.shape(reference.token_ids):
             continue  # another input: the token ids themselves differ, which compare always reports
@@ -463,6 +504,13 @@ def compare_and_diagnose(
             if r.passed and r.reference in refs:
                 r.blind_spots = blind_spots(model, refs[r.reference], r.profile)
     diagnoses = {}
+    for r in results:  # a passing low-precision case: the precision stage alone (cheap: a few norms re-computed)
+        cand = cands.get(r.candidate)
+        asked = not model.is_large and (diagnose_failures or not suites)  # as for the blind spots
+        if asked and r.passed and r.reference in refs and cand is not None and emulated_dtype(cand, r.profile):
+            diag = diagnose(model, refs[r.reference], cand, r.profile)
+            if diag.named:
+                diagnoses[r.reference] = diag
     for r in failed:
         if r.reference in refs and r.candidate in cands:
             if log is not None:

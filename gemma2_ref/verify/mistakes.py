@@ -79,7 +79,14 @@ REFS = {
     "norm_cast_before_scale": (
         'gemma_pytorch #67; transformers #29402 ("Llama does x.to(float16) * w whilst Gemma is (x * w).to(float16)")'
     ),
-    "norm_scale_in_bf16": "vLLM #53203, vLLM #3653, vLLM #29810",
+    "norm_scale_in_bf16": (
+        "vLLM #53203, vLLM #3653, vLLM #29810; onnxruntime-genai 0.18.0 builders/base.py:3163 "
+        '(`layernorm.weight + self.layernorm_attrs["add_offset"]` on the checkpoint\'s bfloat16 weight)'
+    ),
+    "normalizer_decimals": (
+        "onnxruntime-genai 0.18.0 builders/gemma.py:22 "
+        '(`self.embed_attrs["scale"] = np.round(np.sqrt(self.hidden_size), decimals=2)`)'
+    ),
     "norm_variance_in_bf16": "SGLang #27540, PyTorch #189581",
     "decode_window_from_query": "keras-hub #1738",
     "decode_positions_from_sliding_cache": "transformers #38156",
@@ -104,6 +111,7 @@ SHOWS_AT = {
     "normalizer_dtype=bfloat16": "`embed`",
     "normalizer_dtype=float64": "`embed` (in a bfloat16 run only: float32 rounds sqrt(D) the same)",
     "embed_unscaled": "`embed`",
+    "normalizer_decimals=2": "`embed`",
     "norm_offset=0": "`layers.0.pre_attn_norm`",
     "norm_offset=2": "`layers.0.pre_attn_norm`",
     "no_post_attn_norm": "`layers.0.post_attn_norm`",
@@ -123,10 +131,14 @@ SHOWS_AT = {
     "norm_swap": "`layers.0.post_attn_norm`",
     "logits_shifted": "`logits_raw`",
     "norm_cast_before_scale": (
-        "the first RMSNorm output, in a low-precision run only (often within the measured profile)"
+        "the first RMSNorm output, in a low-precision run only (within the measured profile: named bit for bit "
+        "by the precision stage)"
     ),
-    "norm_scale_in_bf16": "the first RMSNorm output, in a low-precision run only (often within the measured profile)",
-    "norm_variance_in_bf16": "the first RMSNorm output, in a bfloat16 run only",
+    "norm_scale_in_bf16": (
+        "the first RMSNorm output (in a float32 run of bfloat16 weights too; in a bfloat16 run within the "
+        "measured profile: named bit for bit by the precision stage)"
+    ),
+    "norm_variance_in_bf16": "the first RMSNorm output, in a bfloat16 run only (bit for bit: the precision stage)",
     "decode_window_from_query": "`decode` case: the first sliding layer's `attn.context` at decode step 0",
     "decode_positions_from_sliding_cache": "`decode` case: `layers.0.attn.q_rope` at the first step past the window",
     "prefill_chunk_overflows_ring": "`chunked` case: the first sliding layer's `attn.context` in the second chunk",
@@ -151,7 +163,9 @@ class Mistake:
     config: tuple[tuple[str, object], ...] = ()  # (field, value) pairs replaced in the Gemma2Config
     norm_shift: float = 0.0  # added to every RMSNorm weight: -1 forgets the +1 of (1 + w), +1 doubles it
     ids: str = "same"  # "same", "no_bos" (leading <bos> dropped), "double_bos" (<bos> added)
-    normalizer: str | None = None  # model.embed's normalizer: "bfloat16", "float64", "unscaled" (normalizer_value)
+    normalizer: str | None = (
+        None  # model.embed's normalizer: "bfloat16", "float64", "unscaled", "decimals2" (normalizer_value)
+    )
     layout: str | None = None  # "rope_interleaved" / "gqa_tiled": permuted weights (see tap_view)
     padding: str | None = None  # "unmasked": a padded batch run without its mask (padding attended)
     decode: str | None = None  # a decode-loop mistake (DECODE_MISTAKES): only a KV-cache decode shows it
@@ -303,12 +317,14 @@ NORMS = ("pre_attn_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm")
 
 def normalizer_value(label: str | None, dtype, hidden_size: int):
     """The number a mistaken backend multiplies the embedding by (model.embed), or None for sqrt(D) in the
-    compute dtype: "bfloat16" sqrt(D) rounded to bfloat16, "float64" never rounded, "unscaled" 1."""
+    compute dtype: "bfloat16" sqrt(D) rounded to bfloat16, "float64" never rounded, "unscaled" 1, "decimals2"
+    sqrt(D) rounded to two decimals (then to the compute dtype, as a graph constant is)."""
     dtype, sqrt_d = np.dtype(dtype), math.sqrt(hidden_size)
     return {
         None: None,
         "float64": np.float64(sqrt_d),
         "unscaled": dtype.type(1),
+        "decimals2": dtype.type(round(sqrt_d, 2)),
         "bfloat16": round_to_bf16(np.float32(sqrt_d)).astype(dtype),
     }[label]
 
@@ -605,6 +621,19 @@ def known_mistakes(cfg) -> list[Mistake]:
             REFS["embed_unscaled"],
             normalizer="unscaled",
         ),
+    ]
+    if np.float32(round(math.sqrt(cfg.hidden_size), 2)) != np.float32(math.sqrt(cfg.hidden_size)):
+        out.append(
+            Mistake(
+                "normalizer_decimals=2",
+                f"embedding normalizer sqrt(D) rounded to two decimals, a constant of the exported graph "
+                f"({round(math.sqrt(cfg.hidden_size), 2):g} for sqrt({cfg.hidden_size}) = "
+                f"{math.sqrt(cfg.hidden_size):.6g})",
+                REFS["normalizer_decimals"],
+                normalizer="decimals2",
+            )
+        )
+    out += [
         Mistake(
             "norm_offset=0",
             "RMSNorm scale w instead of (1 + w): the +1 forgotten",
