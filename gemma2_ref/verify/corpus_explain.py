@@ -6,9 +6,10 @@ through the candidate's own backend and the reference's golden of the same input
     the rows        the scored ones, ctx/2 .. ctx-1 (positions=(first_scored, ctx)): where the KLD was measured
     the candidate   the backend its corpus manifest records: gemma2-ref with its --mistake, transformers in its
                     dtype, llama.cpp on the very GGUF (its sha256 checked) with the corpus run's f16 KV cache
-    the curve       rel L2 of every tap in execution order; a tap "grows" the error when its rel L2 is >= GROWTH
-                    times the largest rel L2 of every tap before it (floor FLOOR, float32's rounding of a few
-                    operations); per layer the residual stream's rel L2 at layers.i.output and the worst tap
+    the curve       rel L2 of every tap in execution order; the error is born at the first tap past BORN, and
+                    a tap "grows" it when its rel L2 is >= GROWTH times the largest rel L2 of every tap before it
+                    (at least FLOOR, float32's rounding of a few operations); per layer the residual stream's
+                    rel L2 at layers.i.output and the worst tap
 
 Nothing here writes a second comparison: compare_and_diagnose gives the CaseComparison and the Diagnosis.
 """
@@ -26,8 +27,9 @@ from ..model.tokenizer import BOS
 from .corpus import REFERENCE_BACKEND, CorpusError, CorpusGolden, first_scored
 from .golden import load_case, sha256_file
 
-GROWTH = 10.0  # "grows 10x at layers.3.mlp.out": a tap's rel L2 over the largest one before it
+GROWTH = 3.0  # "grows 10x at layers.3.mlp.out": listed when a tap's rel L2 is >= 3x the largest one before it
 FLOOR = 1e-6  # below this a rel L2 is float32 rounding: growth is counted from here
+BORN = 1e-5  # the first tap at least this far off: where the error is born (10x float32's rounding)
 ENGINE_OPTIONS = ("gguf", "kv_cache_type", "attn_implementation")  # candidate-record keys write_golden takes
 
 
@@ -92,7 +94,7 @@ def error_curve(comparison) -> dict:
             row["output_rel_l2"] = t.rel_l2
         if t.rel_l2 >= row["worst_rel_l2"]:
             row["worst_rel_l2"], row["worst_tap"] = t.rel_l2, t.name
-    born = next((t for t in taps if t.rel_l2 >= GROWTH * FLOOR), None)
+    born = next((t for t in taps if t.rel_l2 >= BORN), None)
     first = comparison.first_divergence
     return {
         "born_at": born.name if born else None,
@@ -180,7 +182,7 @@ def format_explanation(e: dict, kld_mean: float | None = None) -> str:
     head = f"chunk {e['chunk']}" + (f" (mean KLD {kld_mean:.4g})" if kld_mean is not None else "")
     lines = [f"{head}: the scored rows through both engines, tap by tap (profile {e['profile']})"]
     if e["born_at"] is None:
-        lines.append(f"  every tap within rel L2 {GROWTH * FLOOR:g} of the reference: no error to explain")
+        lines.append(f"  every tap within rel L2 {BORN:g} of the reference: no error to explain")
     else:
         lines.append(f"  error born at {e['born_at']} (rel L2 {e['born_rel_l2']:.3g})")
     for g in e["growth"]:
