@@ -1,0 +1,193 @@
+"""Time per 1000 corpus tokens for Gemma 2 9B and 27B shapes, side by side with llama-perplexity on f32 / bf16
+GGUFs of the same checkpoints, and what a wikitext-2-sized corpus then takes on this machine.
+
+    python benchmarks/corpus_full_shapes.py OUT_DIR [--models 9b,27b] [--ctx 512] [--chunks 2]
+
+A full 9B / 27B does not fit this machine's budget (~8 GiB per process), so each is measured in parts, all at the
+real widths (D, H, K, Dh, F of the preset):
+  layers    random bf16 checkpoints of 1 and 2 layers with the bundled 2048-id tokenizer; the scoring time of
+            `gemma2-ref corpus` (the model loaded first, not timed) and llama-perplexity's "seconds per pass"
+            on both; per layer = t(2 layers) - t(1 layer), and the rest t(1) - per layer (embedding, final
+            norm, the 2048-id head, scoring)
+  head      the real 256000-id output head of the scored rows (ctx/2 per chunk), as our forward runs it (a float32
+            matmul with the embedding, soft-cap) timed on a 32000-id slice and scaled by 256000/32000 (the matmul
+            is linear in the ids), plus `score_rows` (log-softmax, top-256, target) on (ctx/2, 256000) logits
+  a chunk   = L x per layer + rest + head; per 1000 tokens = a chunk x 1000 / ctx
+llama.cpp's head is not measured here (its chunk time is L x its per layer + its rest, the head at V=2048): its
+rows are a lower bound. The checkpoints and GGUFs are deleted at the end. Writes
+benchmarks/corpus_full_shapes.json (with --write) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+from corpus_speed import llama_perplexity  # noqa: E402
+from measure_corpus_kld import corpus_arguments  # noqa: E402
+
+import gemma2_ref as g2  # noqa: E402
+from gemma2_ref.verify import corpus as C  # noqa: E402
+
+LAYERS = {"9b": 42, "27b": 46}
+REAL_VOCAB, SLICE = 256000, 32000
+WIKITEXT2_CHARS = 1_288_556  # wiki.test.raw of wikitext-2-raw-v1 (the file llama-perplexity's docs use)
+JSON = ROOT / "benchmarks" / "corpus_full_shapes.json"
+
+
+def checkpoint(preset: str, layers: int, out: Path) -> Path:
+    from llamacpp_random_checkpoint import released_token_files
+
+    from gemma2_ref.checkpoints import build_random_checkpoint
+    from gemma2_ref.model.config import alternating_layer_types
+
+    cfg = g2.PRESETS[preset].replace(
+        num_hidden_layers=layers, layer_types=alternating_layer_types(layers), vocab_size=2048
+    )
+    d = build_random_checkpoint(out / f"{preset}-{layers}", cfg, seed=5, log=lambda *a: None)
+    shutil.copy(g2.bundled_path("tiny") / "tokenizer.model", d / "tokenizer.model")
+    return released_token_files(d)
+
+
+def ours_seconds(ckpt: Path, out: Path, ctx: int, chunks: int) -> float:
+    """Scoring seconds of `corpus` (the reference, float32, top-256), the model loaded before the clock starts."""
+    seconds, loaded = [], []
+
+    def executor(tasks, out_dir):
+        for task in tasks:
+            if not loaded:
+                loaded.append(C.load_worker_model(task))
+            result = C.run_shard(task, out_dir, loaded[0])  # its "seconds": this shard's scoring alone
+            seconds.append(result["seconds"])
+            yield result
+
+    C.write_corpus(ckpt, out, ctx=ctx, chunks=chunks, shard_chunks=1, executor=executor, log=lambda line: None)
+    return sum(seconds)
+
+
+def llama_seconds(ckpt: Path, outtype: str, text: Path, ctx: int, chunks: int) -> float | None:
+    """llama-perplexity's "seconds per pass" x chunks on a GGUF of the checkpoint (made by llama.cpp's converter)."""
+    from gemma2_ref.adapters.llamacpp import convert
+
+    binary = llama_perplexity()
+    if binary is None:
+        return None
+    gguf = convert(ckpt, outtype, out_dir=ckpt.parent / "gguf")
+    cmd = [str(binary), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks), "-t", "2"]
+    done = subprocess.run([*cmd, "-b", str(ctx)], capture_output=True, text=True)
+    gguf.unlink()
+    per_pass = re.search(r"([\d.]+) seconds per pass", done.stderr + done.stdout)
+    return float(per_pass.group(1)) * chunks if per_pass else None
+
+
+def head_seconds(preset: str, ctx: int) -> float:
+    """The 256000-id head of one chunk's scored rows (module docstring): matmul + soft-cap, then score_rows."""
+    cfg = g2.PRESETS[preset]
+    rng = np.random.default_rng(0)
+    rows = ctx // 2
+    x = rng.standard_normal((rows, cfg.hidden_size), dtype=np.float32)
+    w = rng.standard_normal((SLICE, cfg.hidden_size), dtype=np.float32) * 0.02
+    t0 = time.perf_counter()
+    logits = np.tanh((x @ w.T) / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    matmul = (time.perf_counter() - t0) * REAL_VOCAB / SLICE
+    del w, logits
+    full = rng.standard_normal((rows, REAL_VOCAB), dtype=np.float32)
+    targets = rng.integers(0, REAL_VOCAB, rows)
+    t0 = time.perf_counter()
+    C.score_rows(full, targets, C.DEFAULT_TOP_K, None)
+    return matmul + time.perf_counter() - t0
+
+
+def measure(preset: str, out: Path, ctx: int, chunks: int, text: Path) -> dict:
+    t = {}
+    for layers in (1, 2):
+        ckpt = checkpoint(preset, layers, out)
+        t[("ours", layers)] = ours_seconds(ckpt, out / f"ref-{preset}-{layers}", ctx, chunks) / chunks
+        for outtype in ("f32", "bf16"):
+            s = llama_seconds(ckpt, outtype, text, ctx, chunks)
+            t[(outtype, layers)] = None if s is None else s / chunks
+        shutil.rmtree(ckpt)
+        shutil.rmtree(out / f"ref-{preset}-{layers}")
+        print(f"{preset} {layers} layer(s): {json.dumps({k[0]: v for k, v in t.items() if k[1] == layers})}")
+    head = head_seconds(preset, ctx)
+    row = {"model": preset, "layers": LAYERS[preset], "ctx": ctx, "head_seconds_per_chunk": head}
+    for engine in ("ours", "f32", "bf16"):
+        one, two = t[(engine, 1)], t[(engine, 2)]
+        if one is None or two is None:
+            continue
+        per_layer, rest = two - one, one - (two - one)
+        chunk = LAYERS[preset] * per_layer + rest + (head if engine == "ours" else 0.0)
+        row[engine] = {
+            "seconds_per_chunk_1_layer": one,
+            "seconds_per_chunk_2_layers": two,
+            "per_layer": per_layer,
+            "rest": rest,
+            "seconds_per_chunk": chunk,
+            "seconds_per_1000_tokens": chunk * 1000 / ctx,
+        }
+    return row
+
+
+def gemma_tokens(chars: int) -> int:
+    """wikitext-2's tokens under Gemma's tokenizer, from the chars per token of the bundled tokenizer on the
+    bundled corpus (a smaller vocabulary splits finer: an upper bound on the tokens, hence on the time)."""
+    text = C.BUNDLED_CORPUS.read_text(encoding="utf-8")
+    per_token = len(text) / len(g2.load_tokenizer("tiny").encode(text))
+    return int(chars / per_token)
+
+
+def main() -> None:
+    ap = corpus_arguments(__doc__, "9b,27b", 2, ctx=512)
+    ap.add_argument("--write", action="store_true", help=f"write {JSON.name}")
+    args = ap.parse_args()
+    if args.out is None:
+        ap.error("give OUT_DIR")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = args.out / "corpus.txt"
+    text.write_text(C.BUNDLED_CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
+    load = os.getloadavg()[0]
+    rows = [measure(m, args.out, args.ctx, args.chunks, text) for m in args.models.split(",")]
+    tokens = gemma_tokens(WIKITEXT2_CHARS)
+    result = {"load_average": [load, os.getloadavg()[0]], "cpus": os.cpu_count(), "wikitext2_tokens": tokens}
+    result["rows"] = rows
+    if args.write:
+        JSON.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| shape | engine | s / chunk, 1 layer | 2 layers | per layer | rest | head (256000 ids) | s / 1000 tokens "
+        f"| wikitext-2 ({result['wikitext2_tokens']:,} tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"ours": "gemma2-ref reference (float32)", "f32": "llama-perplexity f32", "bf16": "llama-perplexity bf16"}
+    for r in result["rows"]:
+        for engine, name in names.items():
+            e = r.get(engine)
+            if e is None:
+                continue
+            head = f"{r['head_seconds_per_chunk']:.1f}" if engine == "ours" else "not measured"
+            hours = e["seconds_per_1000_tokens"] * result["wikitext2_tokens"] / 1000 / 3600
+            lines.append(
+                f"| {r['model']} ({r['layers']} layers) | {name} | {e['seconds_per_chunk_1_layer']:.1f} | "
+                f"{e['seconds_per_chunk_2_layers']:.1f} | {e['per_layer']:.2f} | {e['rest']:.2f} | {head} | "
+                f"{e['seconds_per_1000_tokens']:.0f} | {hours:.1f} h |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
