@@ -7,7 +7,8 @@ A full 9B / 27B does not fit this machine's budget (~8 GiB per process), so each
 real widths (D, H, K, Dh, F of the preset):
   layers    random bf16 checkpoints of 1 and 2 layers with the bundled 2048-id tokenizer; the scoring time of
             `gemma2-ref corpus` (the model loaded first, not timed) and llama-perplexity's "seconds per pass"
-            on both; per layer = t(2 layers) - t(1 layer), and the rest t(1) - per layer (embedding, final
+            on both (an f32 GGUF, --gguf-types f32,bf16 for both kinds: each conversion takes minutes);
+            per layer = t(2 layers) - t(1 layer), and the rest t(1) - per layer (embedding, final
             norm, the 2048-id head, scoring)
   head      the real 256000-id output head of the scored rows (ctx/2 per chunk), as our forward runs it (a float32
             matmul with the embedding, soft-cap) timed on a 32000-id slice and scaled by 256000/32000 (the matmul
@@ -110,20 +111,22 @@ def head_seconds(preset: str, ctx: int) -> float:
     return matmul + time.perf_counter() - t0
 
 
-def measure(preset: str, out: Path, ctx: int, chunks: int, text: Path) -> dict:
+def measure(preset: str, out: Path, ctx: int, chunks: int, text: Path, outtypes: list[str]) -> dict:
     t = {}
     for layers in (1, 2):
         ckpt = checkpoint(preset, layers, out)
         t[("ours", layers)] = ours_seconds(ckpt, out / f"ref-{preset}-{layers}", ctx, chunks) / chunks
-        for outtype in ("f32", "bf16"):
+        for outtype in outtypes:
             s = llama_seconds(ckpt, outtype, text, ctx, chunks)
             t[(outtype, layers)] = None if s is None else s / chunks
         shutil.rmtree(ckpt)
         shutil.rmtree(out / f"ref-{preset}-{layers}")
-        print(f"{preset} {layers} layer(s): {json.dumps({k[0]: v for k, v in t.items() if k[1] == layers})}")
+        print(
+            f"{preset} {layers} layer(s): {json.dumps({k[0]: v for k, v in t.items() if k[1] == layers})}", flush=True
+        )
     head = head_seconds(preset, ctx)
     row = {"model": preset, "layers": LAYERS[preset], "ctx": ctx, "head_seconds_per_chunk": head}
-    for engine in ("ours", "f32", "bf16"):
+    for engine in ("ours", *outtypes):
         one, two = t[(engine, 1)], t[(engine, 2)]
         if one is None or two is None:
             continue
@@ -151,6 +154,7 @@ def gemma_tokens(chars: int) -> int:
 def main() -> None:
     ap = corpus_arguments(__doc__, "9b,27b", 2, ctx=512)
     ap.add_argument("--write", action="store_true", help=f"write {JSON.name}")
+    ap.add_argument("--gguf-types", default="f32", help="GGUFs llama-perplexity runs: f32 and/or bf16 (default f32)")
     args = ap.parse_args()
     if args.out is None:
         ap.error("give OUT_DIR")
@@ -158,7 +162,8 @@ def main() -> None:
     text = args.out / "corpus.txt"
     text.write_text(C.BUNDLED_CORPUS.read_text(encoding="utf-8"), encoding="utf-8")
     load = os.getloadavg()[0]
-    rows = [measure(m, args.out, args.ctx, args.chunks, text) for m in args.models.split(",")]
+    outtypes = args.gguf_types.split(",")
+    rows = [measure(m, args.out, args.ctx, args.chunks, text, outtypes) for m in args.models.split(",")]
     tokens = gemma_tokens(WIKITEXT2_CHARS)
     result = {"load_average": [load, os.getloadavg()[0]], "cpus": os.cpu_count(), "wikitext2_tokens": tokens}
     result["rows"] = rows

@@ -5,6 +5,7 @@ llama.cpp's q4_0 of the tiny model is off from layer 0 on; a float64 run of the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.helpers.cli import cli
 from tests.helpers.cli import refused as refused_line
 from tests.helpers.llamacpp_cases import backends
 
+REPO = Path(__file__).resolve().parent.parent
 CTX, CHUNKS = 64, 3
 
 
@@ -89,3 +91,8 @@ def test_explain_refuses_a_base_file_and_a_reference(ref, tmp_path, capsys):
     assert "names no engine to re-run" in line
     line = refused_line(capsys, "compare", tmp_path / "r2", tmp_path / "r2", "--explain", 1, progress=("explain:",))
     assert "names no candidate backend" in line
+
+
+def test_explain_is_for_corpus_goldens(capsys):
+    line = refused_line(capsys, "compare", REPO / "golden" / "short", REPO / "golden" / "short", "--explain", 1)
+    assert "--explain is for corpus goldens" in line

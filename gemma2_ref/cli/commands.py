@@ -453,8 +453,12 @@ def compare(args) -> int:
         from ..verify.optional import require
 
         require("matplotlib", "--plot")
+    if args.explain_out is not None and args.explain is None:
+        raise InputError("--explain-out goes with --explain N")
     if is_corpus_golden(args.reference):
         return compare_corpus(args)
+    if args.explain is not None:
+        raise InputError(f"--explain is for corpus goldens; {args.reference} is a golden case or suite")
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
