@@ -16,6 +16,7 @@ Nothing here writes a second comparison: compare_and_diagnose gives the CaseComp
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import tempfile
@@ -142,6 +143,7 @@ def explain_corpus(
     temporary directory, removed after)."""
     from ..storage.loader import load_model, resolve_checkpoint
     from .corpus import load_corpus
+    from .hashes import weights_sha256
 
     ref = reference if isinstance(reference, CorpusGolden) else load_corpus(reference)
     if not isinstance(candidate, CorpusGolden) and not Path(candidate, "manifest.json").is_file():
@@ -155,20 +157,23 @@ def explain_corpus(
     info = ref.manifest["model"]
     source = model or (info["name"] if info.get("bundled") else info["path"])
     ours = load_model(resolve_checkpoint(source), ref.manifest["backend"]["dtype"])
+    if weights_sha256(ours.weights.files) != info.get("weights", {}):
+        raise CorpusError(
+            f"{ours.path}: weight files differ from the ones {ref.path} was made from: pass --model with that "
+            f"checkpoint"
+        )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        return [
-            explain_chunk(ref, cand, ours, c, profile, Path(out), diagnose=diagnose, log=log)
-            for c in worst_chunks(chunks, n)
-        ]
-    with tempfile.TemporaryDirectory(prefix="gemma2-ref-explain-") as tmp:
+    keep = contextlib.nullcontext(out) if out is not None else tempfile.TemporaryDirectory(prefix="gemma2-ref-explain-")
+    with keep as where:
         found = [
-            explain_chunk(ref, cand, ours, c, profile, Path(tmp), diagnose=diagnose, log=log)
+            explain_chunk(ref, cand, ours, c, profile, Path(where), diagnose=diagnose, log=log)
             for c in worst_chunks(chunks, n)
         ]
+    if out is None:
         for e in found:
             e["reference_case"] = e["candidate_case"] = None  # removed with the temporary directory
-        return found
+    return found
 
 
 def public(explained: list[dict]) -> list[dict]:
