@@ -11,7 +11,7 @@ into q_proj (W_q x sqrt(64/32), query_pre_attn_scalar = head_dim, float32 weight
 llama.cpp computes exactly, so its GGUFs show the quantization alone); `random-2b` (Gemma 2 2B's layer shapes with
 2 layers, the 2048-id tokenizer, random bf16 weights). Candidates: gemma2-ref float64, transformers float32 /
 bfloat16, llama.cpp f32 / bf16 / q8_0 / q4_0 / q4_k_m (converted and quantized with llama.cpp's own tools).
-The thresholds follow from the json by `calibrated_thresholds` (tests/test_corpus_thresholds.py checks both).
+The thresholds follow from the json by `calibrated_thresholds` (tests/test_corpus_tables.py checks both).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def table(rows: list[dict], thresholds: dict | None = None) -> str:
 
 
 def docs_block(measured: dict) -> str:
-    """docs/corpus.md's calibration table and thresholds, from the json (tests/test_corpus_thresholds.py)."""
+    """docs/corpus.md's calibration table and thresholds, from the json (tests/test_corpus_tables.py)."""
     t = calibrated_thresholds(measured["rows"])
     m = measured["meta"]
     return "\n".join(
