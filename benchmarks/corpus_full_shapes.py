@@ -5,11 +5,13 @@ GGUFs of the same checkpoints, and what a wikitext-2-sized corpus then takes on 
 
 A full 9B / 27B does not fit this machine's budget (~8 GiB per process), so each is measured in parts, all at the
 real widths (D, H, K, Dh, F of the preset):
-  layers    random bf16 checkpoints of 1 and 2 layers with the bundled 2048-id tokenizer; the scoring time of
-            `gemma2-ref corpus` (the model loaded first, not timed) and llama-perplexity's "seconds per pass"
-            on both (an f32 GGUF, --gguf-types f32,bf16 for both kinds: each conversion takes minutes);
-            per layer = t(2 layers) - t(1 layer), and the rest t(1) - per layer (embedding, final
-            norm, the 2048-id head, scoring)
+  layers    random bf16 checkpoints of 1 and 2 layers with the bundled 2048-id tokenizer. Ours: the 2-layer one,
+            each chunk's forward timed layer by layer (its progress callback) and whole (with score_rows):
+            per layer = the layers' mean, the rest = the chunk - 2 x per layer (embedding, final norm, the 2048-id
+            head, scoring), all from one run, so a load change between runs cannot bias the split (it did: at a
+            load average of 12 to 23, a 2-layer run once took less than a 1-layer one). llama-perplexity:
+            "seconds per pass" on an f32 GGUF of each (--gguf-types f32,bf16 for both kinds; each conversion takes
+            minutes), per layer = t(2) - t(1), the rest = t(1) - per layer
   head      the real 256000-id output head of the scored rows (ctx/2 per chunk), as our forward runs it (a float32
             matmul with the embedding, soft-cap) timed on a 32000-id slice and scaled by 256000/32000 (the matmul
             is linear in the ids), plus `score_rows` (log-softmax, top-256, target) on (ctx/2, 256000) logits
@@ -41,6 +43,7 @@ from measure_corpus_kld import corpus_arguments  # noqa: E402
 
 import gemma2_ref as g2  # noqa: E402
 from gemma2_ref.verify import corpus as C  # noqa: E402
+from gemma2_ref.verify.corpus_text import encode_corpus_text  # noqa: E402
 
 LAYERS = {"9b": 42, "27b": 46}
 REAL_VOCAB, SLICE = 256000, 32000
@@ -64,20 +67,30 @@ def checkpoint(preset: str, layers: int, out: Path) -> Path:
     return released_token_files(d)
 
 
-def ours_seconds(ckpt: Path, out: Path, ctx: int, chunks: int) -> float:
-    """Scoring seconds of `corpus` (the reference, float32, top-256), the model loaded before the clock starts."""
-    seconds, loaded = [], []
+def ours_layer_seconds(ckpt: Path, ctx: int, chunks: int) -> dict:
+    """Our forward of `chunks` chunks on the checkpoint, timed layer by layer (forward's progress callback) and
+    whole (the forward of the scored rows' logits, then score_rows as run_shard does): {"layers": [s per chunk of
+    each layer], "chunk": s per chunk}. One run holds both, so a load change between runs cannot bias the split."""
+    from gemma2_ref.model.tokenizer import BOS
 
-    def executor(tasks, out_dir):
-        for task in tasks:
-            if not loaded:
-                loaded.append(C.load_worker_model(task))
-            result = C.run_shard(task, out_dir, loaded[0])  # its "seconds": this shard's scoring alone
-            seconds.append(result["seconds"])
-            yield result
-
-    C.write_corpus(ckpt, out, ctx=ctx, chunks=chunks, shard_chunks=1, executor=executor, log=lambda line: None)
-    return sum(seconds)
+    model = g2.load_model(str(ckpt), "float32")
+    tokens = C.chunk_corpus(np.array(encode_corpus_text(ckpt, C.BUNDLED_CORPUS.read_text()), "int64"), ctx, chunks, "")
+    layers, whole = np.zeros(model.config.num_hidden_layers), 0.0
+    for ids in tokens:
+        run = ids.astype(np.int64)
+        run[0] = BOS
+        stamps = []
+        t0 = time.perf_counter()
+        logits = model.forward(
+            run,
+            None,
+            logits_at=(ctx // 2, ctx - 1),
+            progress=lambda done, total: stamps.append(time.perf_counter()),  # noqa: B023 (this forward)
+        )["logits"]
+        C.score_rows(logits, ids[ctx // 2 + 1 :], C.DEFAULT_TOP_K, None)
+        whole += time.perf_counter() - t0
+        layers += np.diff([t0, *stamps])[: len(layers)]
+    return {"layers": (layers / len(tokens)).tolist(), "chunk": whole / len(tokens)}
 
 
 def llama_seconds(ckpt: Path, outtype: str, text: Path, ctx: int, chunks: int) -> float | None:
@@ -113,36 +126,69 @@ def head_seconds(preset: str, ctx: int) -> float:
     return matmul + time.perf_counter() - t0
 
 
+def cached(path: Path, key: str, compute):
+    """A timing from OUT/timings.json, or computed and added to it (a run stopped half-way resumes)."""
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in found:
+        found[key] = compute()
+        path.write_text(json.dumps(found, indent=1))
+    return found[key]
+
+
 def measure(preset: str, out: Path, ctx: int, chunks: int, text: Path, outtypes: list[str]) -> dict:
+    """Ours: per layer and the rest from one run of the 2-layer checkpoint; llama-perplexity: t(2) - t(1)."""
+    store = out / "timings.json"
     t = {}
     for layers in (1, 2):
-        ckpt = checkpoint(preset, layers, out)
-        t[("ours", layers)] = ours_seconds(ckpt, out / f"ref-{preset}-{layers}", ctx, chunks) / chunks
-        for outtype in outtypes:
-            s = llama_seconds(ckpt, outtype, text, ctx, chunks)
-            t[(outtype, layers)] = None if s is None else s / chunks
-        shutil.rmtree(ckpt)
-        shutil.rmtree(out / f"ref-{preset}-{layers}")
-        print(
-            f"{preset} {layers} layer(s): {json.dumps({k[0]: v for k, v in t.items() if k[1] == layers})}", flush=True
-        )
-    head = head_seconds(preset, ctx)
-    row = {"model": preset, "layers": LAYERS[preset], "ctx": ctx, "head_seconds_per_chunk": head}
-    for engine in ("ours", *outtypes):
-        one, two = t[(engine, 1)], t[(engine, 2)]
-        if one is None or two is None:
+        keys = [f"{preset}/{layers}/{o}" for o in outtypes] + ([f"{preset}/2/ours"] if layers == 2 else [])
+        if all(k in (json.loads(store.read_text()) if store.is_file() else {}) for k in keys):
+            t.update({k: cached(store, k, None) for k in keys})
             continue
-        per_layer, rest = two - one, one - (two - one)
-        chunk = LAYERS[preset] * per_layer + rest + (head if engine == "ours" else 0.0)
-        row[engine] = {
-            "seconds_per_chunk_1_layer": one,
-            "seconds_per_chunk_2_layers": two,
-            "per_layer": per_layer,
-            "rest": rest,
-            "seconds_per_chunk": chunk,
-            "seconds_per_1000_tokens": chunk * 1000 / ctx,
-        }
+        ckpt = checkpoint(preset, layers, out)
+        for o in outtypes:
+            t[f"{preset}/{layers}/{o}"] = cached(
+                store,
+                f"{preset}/{layers}/{o}",
+                lambda: per_chunk(ckpt, o, text, ctx, chunks),  # noqa: B023 (called at once)
+            )
+        if layers == 2:
+            t[f"{preset}/2/ours"] = cached(
+                store,
+                f"{preset}/2/ours",
+                lambda: ours_layer_seconds(ckpt, ctx, chunks),  # noqa: B023 (called at once)
+            )
+        shutil.rmtree(ckpt)
+        print(
+            f"{preset} {layers} layer(s): {json.dumps({k: v for k, v in t.items() if f'/{layers}/' in k})}", flush=True
+        )
+    head = cached(store, f"{preset}/head", lambda: head_seconds(preset, ctx))
+    row = {"model": preset, "layers": LAYERS[preset], "ctx": ctx, "head_seconds_per_chunk": head}
+    ours = t[f"{preset}/2/ours"]
+    per_layer = float(np.mean(ours["layers"]))
+    row["ours"] = engine_row(ours["chunk"] - per_layer, ours["chunk"], per_layer, LAYERS[preset], head, ctx)
+    for o in outtypes:
+        one, two = t[f"{preset}/1/{o}"], t[f"{preset}/2/{o}"]
+        if one is not None and two is not None:
+            row[o] = engine_row(one, two, two - one, LAYERS[preset], 0.0, ctx)
     return row
+
+
+def per_chunk(ckpt: Path, outtype: str, text: Path, ctx: int, chunks: int) -> float | None:
+    s = llama_seconds(ckpt, outtype, text, ctx, chunks)
+    return None if s is None else s / chunks
+
+
+def engine_row(one: float, two: float, per_layer: float, layers: int, head: float, ctx: int) -> dict:
+    """A chunk of the full depth: layers x per layer + the rest (t(1) - per layer) + the head."""
+    chunk = layers * per_layer + (one - per_layer) + head
+    return {
+        "seconds_per_chunk_1_layer": one,
+        "seconds_per_chunk_2_layers": two,
+        "per_layer": per_layer,
+        "rest": one - per_layer,
+        "seconds_per_chunk": chunk,
+        "seconds_per_1000_tokens": chunk * 1000 / ctx,
+    }
 
 
 def gemma_tokens(words: int = WIKITEXT2_WORDS) -> int:
