@@ -11,7 +11,6 @@ and corpus tokens (chunks x ctx) per second. Writes OUT_DIR/corpus_speed.json an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from measure_corpus_kld import backend_record, random_2b  # noqa: E402
+from measure_corpus_kld import backend_record, corpus_arguments, random_2b  # noqa: E402
 
 from gemma2_ref.verify import corpus as C  # noqa: E402
 
@@ -119,12 +118,10 @@ def bench(model: str, out: Path, ctx: int, chunks: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--models", default="tiny,random-2b")
-    ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap = corpus_arguments(__doc__, "tiny,random-2b", 8)
     args = ap.parse_args()
+    if args.out is None:
+        ap.error("give OUT_DIR")
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     rows = []

@@ -1,19 +1,24 @@
-"""Measure what corpus KLD each candidate gives, to set `gemma2-ref compare`'s corpus thresholds (verify/kld.py
-THRESHOLDS) and docs/corpus.md's table, and what --top-k does to the KLD against --top-k all.
+"""Calibrate `gemma2-ref compare`'s corpus thresholds (verify/kld.py THRESHOLDS): measure what corpus KLD each
+candidate gives on the trained tiny model, write benchmarks/corpus_kld-tiny.json and docs/corpus.md's table from it.
 
-    python scripts/measure_corpus_kld.py OUT_DIR [--models tiny,random-2b] [--ctx 128] [--chunks 8]
+    python scripts/measure_corpus_kld.py OUT_DIR --write          # measure, then write the json and the docs table
+    python scripts/measure_corpus_kld.py --docs-only              # the docs table from the committed json
+    python scripts/measure_corpus_kld.py OUT_DIR --models random-2b --chunks 4     # another model, printed only
 
-Models: `tiny` (bundled; its query_pre_attn_scalar 32 differs from head_dim 64, which llama.cpp cannot express),
-`random-2b` (Gemma 2 2B's layer shapes, D=2304 H=8 K=4 Dh=256 F=9216, with 2 layers, the bundled 2048-id
-tokenizer, random bf16 weights: a model llama.cpp describes exactly). Candidates: gemma2-ref float64,
-transformers float32 / bfloat16, llama.cpp f32 / bf16 / q8_0 / q4_0 (converted and quantized with llama.cpp's own
-tools). Writes OUT_DIR/measurements.json and prints a Markdown table.
+Models: `tiny` (bundled, trained; its query_pre_attn_scalar 32 differs from head_dim 64, which llama.cpp cannot
+express: every GGUF of it carries that error); `tiny-qfold`, the same trained model with the query scale folded
+into q_proj (W_q x sqrt(64/32), query_pre_attn_scalar = head_dim, float32 weights: the same function, which
+llama.cpp computes exactly, so its GGUFs show the quantization alone); `random-2b` (Gemma 2 2B's layer shapes with
+2 layers, the 2048-id tokenizer, random bf16 weights). Candidates: gemma2-ref float64, transformers float32 /
+bfloat16, llama.cpp f32 / bf16 / q8_0 / q4_0 / q4_k_m (converted and quantized with llama.cpp's own tools).
+The thresholds follow from the json by `calibrated_thresholds` (tests/test_corpus_tables.py checks both).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +32,41 @@ from gemma2_ref.storage.checkpoints import random_weights, save_checkpoint  # no
 from gemma2_ref.verify import corpus as C  # noqa: E402
 from gemma2_ref.verify import kld as K  # noqa: E402
 
-CANDIDATES = [
-    ("gemma2-ref", "float64"),
-    ("transformers", "float32"),
-    ("transformers", "bfloat16"),
-    ("llama.cpp", "f32"),
-    ("llama.cpp", "bf16"),
-    ("llama.cpp", "q8_0"),
-    ("llama.cpp", "q4_0"),
-]
+CANDIDATES = {
+    "tiny": [
+        ("gemma2-ref", "float64"),
+        ("transformers", "float32"),
+        ("transformers", "bfloat16"),
+        ("llama.cpp", "f32"),
+        ("llama.cpp", "q8_0"),
+        ("llama.cpp", "q4_0"),
+    ],
+    "tiny-qfold": [
+        ("gemma2-ref", "float64"),
+        ("llama.cpp", "f32"),
+        ("llama.cpp", "bf16"),
+        ("llama.cpp", "q8_0"),
+        ("llama.cpp", "q4_k_m"),
+        ("llama.cpp", "q4_0"),
+    ],
+}
+CANDIDATES["random-2b"] = CANDIDATES["tiny"]
+JSON = ROOT / "benchmarks" / "corpus_kld-tiny.json"
+DOCS = ROOT / "docs" / "corpus.md"
+BEGIN, END = "<!-- corpus-kld-table: scripts/measure_corpus_kld.py -->", "<!-- /corpus-kld-table -->"
+# the margin of each threshold over the candidates that must pass (calibrated_thresholds)
+MARGIN = {"kld_mean": 3.0, "kld_p99": 3.0, "same_top1": 0.5}
+MUST_PASS = [("tiny", "transformers", "bfloat16"), ("tiny-qfold", "llama.cpp", "q8_0")]
+
+
+def corpus_arguments(doc: str, models: str, chunks: int, ctx: int = 128) -> argparse.ArgumentParser:
+    """The options this script and benchmarks/corpus_speed.py share: OUT_DIR, --models, --ctx, --chunks."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, nargs="?", help="scratch directory for the corpus goldens and checkpoints")
+    ap.add_argument("--models", default=models, help=f"comma-separated (default {models})")
+    ap.add_argument("--ctx", type=int, default=ctx, help=f"tokens per chunk (default {ctx})")
+    ap.add_argument("--chunks", type=int, default=chunks, help=f"chunks of the bundled corpus (default {chunks})")
+    return ap
 
 
 def random_2b(directory: Path) -> Path:
@@ -59,6 +90,37 @@ def random_2b(directory: Path) -> Path:
     return released_token_files(directory)
 
 
+def tiny_qfold(directory: Path) -> Path:
+    """The trained tiny model with its query scale folded into q_proj: scores q.k / sqrt(query_pre_attn_scalar)
+    = (c q).k / sqrt(head_dim) with c = sqrt(head_dim / query_pre_attn_scalar); float32 weights, so the fold
+    itself rounds once (~6e-8 relative) and llama.cpp, which scales by head_dim, computes the same model."""
+    import numpy as np
+
+    from gemma2_ref.storage.weights import index_checkpoint, to_compute_dtype
+
+    if (directory / "config.json").is_file():
+        return directory
+    tiny = g2.bundled_path("tiny")
+    cfg = g2.load_config(tiny)
+    c = np.float32(np.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar))
+    tensors = {}
+    for name, ref in index_checkpoint(tiny, cfg).items():
+        raw = np.memmap(ref.file, np.uint16, "r", ref.offset, ref.shape)
+        tensors[name] = to_compute_dtype(np.asarray(raw), ref.dtype, np.dtype(np.float32))
+        if name.endswith("self_attn.q_proj.weight"):
+            tensors[name] = tensors[name] * c
+    folded = cfg.replace(query_pre_attn_scalar=float(cfg.head_dim))
+    return save_checkpoint(directory, folded, tensors, "F32", tokenizer=tiny / "tokenizer.model")
+
+
+def checkpoint_of(name: str, out: Path) -> str:
+    if name == "random-2b":
+        return str(random_2b(out / "random-2b"))
+    if name == "tiny-qfold":
+        return str(tiny_qfold(out / "tiny-qfold"))
+    return name
+
+
 def backend_record(name: str, dtype: str, model) -> dict:
     if name == C.REFERENCE_BACKEND:
         return {"name": name, "dtype": dtype}
@@ -67,17 +129,19 @@ def backend_record(name: str, dtype: str, model) -> dict:
     return {"name": name, "adapter": BACKENDS[name], **load_adapter(name).corpus_backend(model, dtype)}
 
 
-def measure(model: str, out: Path, ctx: int, chunks: int) -> list[dict]:
+def measure(name: str, out: Path, ctx: int, chunks: int) -> list[dict]:
+    model = checkpoint_of(name, out)
     rows = []
-    ref = out / f"{Path(model).name}-ref-all"
+    ref = out / f"{name}-ref-all"
     t0 = time.perf_counter()
     C.write_corpus(model, ref, ctx=ctx, chunks=chunks, top_k="all")
-    print(f"{model} reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for name, dtype in CANDIDATES:
-        path = out / f"{Path(model).name}-{name}-{dtype}"
-        C.write_corpus(model, path, backend=backend_record(name, dtype, model), reference=ref)
+    print(f"{name} reference: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for backend, dtype in CANDIDATES[name]:
+        path = out / f"{name}-{backend}-{dtype}"
+        C.write_corpus(model, path, backend=backend_record(backend, dtype, model), reference=ref)
         exact = K.compare_corpus(ref, path).stats
-        row = {"model": Path(model).name, "backend": name, "dtype": dtype, **{k: exact[k] for k in K.JSON_KEYS}}
+        row = {"model": name, "backend": backend, "dtype": dtype, **{k: exact[k] for k in K.JSON_KEYS}}
+        row["kld_p99_unc"], row["kld_mean_unc"] = None, exact["kld_mean_unc"]
         for k in (32, 8):
             s = truncated_stats(C.load_corpus(ref), C.load_corpus(path), k)
             row[f"kld_mean_top{k}"], row[f"bound_top{k}"] = s["kld_mean"], s["kld_truncation_bound"]
@@ -102,36 +166,105 @@ def truncated_stats(ref_all, cand_all, k: int) -> dict:
     return K.summary({n: np.concatenate([p[n] for p in parts]) for n in parts[0]})
 
 
-def table(rows: list[dict]) -> str:
+def round_up(x: float) -> float:
+    """x rounded up to one significant digit (0.0123 -> 0.02)."""
+    import math
+
+    e = math.floor(math.log10(x))
+    return math.ceil(x / 10**e) * 10**e
+
+
+def calibrated_thresholds(rows: list[dict]) -> dict:
+    """The defaults `compare` judges a corpus by: MARGIN times the worst of the candidates that must pass
+    (MUST_PASS: a bfloat16 port, llama.cpp's q8_0 of a model it computes exactly), rounded up to one digit;
+    same top-1: the pass candidates' worst disagreement doubled (1 - 2 (1 - worst))."""
+    chosen = [r for r in rows if (r["model"], r["backend"], r["dtype"]) in MUST_PASS]
+    if len(chosen) != len(MUST_PASS):
+        raise SystemExit(f"the json lacks some of {MUST_PASS}: measure them (--models tiny,tiny-qfold)")
+    worst_top1 = min(r["same_top1"] for r in chosen)
+    return {
+        "kld_mean": round_up(MARGIN["kld_mean"] * max(r["kld_mean"] for r in chosen)),
+        "kld_p99": round_up(MARGIN["kld_p99"] * max(r["kld_p99"] for r in chosen)),
+        "same_top1": round(1 - round_up((1 - worst_top1) / MARGIN["same_top1"]), 6),
+    }
+
+
+def verdict(row: dict, thresholds: dict) -> str:
+    bad = [k for k, t in thresholds.items() if (row[k] < t if k == "same_top1" else row[k] > t)]
+    return "pass" if not bad else "fails " + ", ".join(bad)
+
+
+def table(rows: list[dict], thresholds: dict | None = None) -> str:
     head = (
         "| model | candidate | PPL ref | PPL cand | ln ratio | mean KLD | p99 KLD | max KLD | RMS Δp | same top-1 "
-        "| mean KLD top-32 (bound) | mean KLD top-8 (bound) |"
+        "| mean KLD top-32 (bound) |" + (" default verdict |" if thresholds else "")
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * (11 + bool(thresholds))]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['backend']} {r['dtype']} | {r['ppl_ref']:.3f} | {r['ppl_cand']:.3f} | "
             f"{r['ln_ppl_ratio']:.2e} | {r['kld_mean']:.2e} | {r['kld_p99']:.2e} | {r['kld_max']:.2e} | "
             f"{100 * r['dp_rms']:.3f} % | {100 * r['same_top1']:.2f} % | {r['kld_mean_top32']:.2e} "
-            f"({r['bound_top32']:.2g}) | {r['kld_mean_top8']:.2e} ({r['bound_top8']:.2g}) |"
+            f"({r['bound_top32']:.2g}) |" + (f" {verdict(r, thresholds)} |" if thresholds else "")
         )
     return "\n".join(lines)
 
 
+def docs_block(measured: dict) -> str:
+    """docs/corpus.md's calibration table and thresholds, from the json (tests/test_corpus_tables.py)."""
+    t = calibrated_thresholds(measured["rows"])
+    m = measured["meta"]
+    return "\n".join(
+        [
+            BEGIN,
+            f"{m['chunks']} chunks of {m['ctx']} tokens of the bundled corpus ({m['scored_tokens']} scored positions), "
+            f"llama-cpp-python {m['llama_cpp_python']}, load average {m['load_average'][0]:.1f} "
+            f"(`python scripts/measure_corpus_kld.py OUT --write`; benchmarks/corpus_kld-tiny.json):",
+            "",
+            table(measured["rows"], t),
+            "",
+            f"Defaults: mean KLD <= {t['kld_mean']:g}, p99 KLD <= {t['kld_p99']:g}, same top-1 >= {t['same_top1']:g}.",
+            END,
+        ]
+    )
+
+
+def write_docs(measured: dict) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    a, b = text.index(BEGIN), text.index(END) + len(END)
+    DOCS.write_text(text[:a] + docs_block(measured) + text[b:], encoding="utf-8")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--models", default="tiny,random-2b")
-    ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap = corpus_arguments(__doc__, "tiny,tiny-qfold", 32)
+    ap.add_argument("--write", action="store_true", help=f"write {JSON.name} and docs/corpus.md's table")
+    ap.add_argument("--docs-only", action="store_true", help="only docs/corpus.md's table, from the committed json")
     args = ap.parse_args()
+    if args.docs_only:
+        write_docs(json.loads(JSON.read_text()))
+        return
+    if args.out is None:
+        ap.error("give OUT_DIR (or --docs-only)")
     args.out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
     rows = []
-    for m in args.models.split(","):
-        model = str(random_2b(args.out / "random-2b")) if m == "random-2b" else m
-        rows += measure(model, args.out, args.ctx, args.chunks)
+    for name in args.models.split(","):
+        rows += measure(name, args.out, args.ctx, args.chunks)
         (args.out / "measurements.json").write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    import llama_cpp
+
+    meta = {
+        "ctx": args.ctx,
+        "chunks": args.chunks,
+        "scored_tokens": rows[0]["scored_tokens"],
+        "llama_cpp_python": llama_cpp.__version__,
+        "load_average": [load[0], os.getloadavg()[0]],
+    }
+    measured = {"meta": meta, "rows": rows}
+    if args.write:
+        JSON.write_text(json.dumps(measured, indent=1) + "\n")
+        write_docs(measured)
+    print(table(rows, calibrated_thresholds(rows) if args.write else None))
 
 
 if __name__ == "__main__":

@@ -339,3 +339,22 @@ def test_sigkill_midway_then_the_same_command_gives_the_uninterrupted_bytes(tmp_
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == names  # a killed writer's temporaries gone
     for name in names:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
+
+
+def test_docs_state_how_much_of_the_bundled_corpus_tiny_it_was_tuned_on():
+    """The bundled corpus is held out from tiny's and tiny-teacher's training (every 10th block), but tiny-it's SFT
+    pairs come from 90 % of the corpus's *sections* (scripts/tiny_corpus.py split_pairs), another split: measure
+    which held-out sentences a training pair holds word for word, and check docs/corpus.md says so."""
+    from tests.helpers.scripts import load_script
+
+    T = load_script("tiny_corpus")
+    tok = g2.load_tokenizer("tiny")
+    train, _ = T.split_pairs(T.chat_pairs(T.reflow(T.CORPUS.read_text()), tok))
+    trained = "\n".join(p["prompt"] + "\n" + p["response"] for p in train if T.encode_pair(tok, p) is not None)
+    text = C.BUNDLED_CORPUS.read_text(encoding="utf-8")
+    sentences = [s for line in text.split("\n") for s in T.sentences(line.strip())]
+    inside = [s for s in sentences if s in trained]
+    share = sum(map(len, inside)) / len(text)
+    docs = (REPO / "docs" / "corpus.md").read_text(encoding="utf-8")
+    stated = f"{len(inside)} of its {len(sentences)} sentences ({100 * share:.0f} % of its characters)"
+    assert stated in docs, stated

@@ -11,11 +11,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gemma2_ref.adapters import BACKENDS, load_adapter
 from gemma2_ref.verify import corpus as C
 from gemma2_ref.verify import kld as K
+from gemma2_ref.verify import llamacpp_kld as L
 from tests.helpers.backends import require
 from tests.helpers.llamacpp_cases import backends, random_checkpoint
 
@@ -143,3 +145,25 @@ def test_a_base_file_llama_perplexity_wrote_is_a_candidate(random_ref, tmp_path)
     ours = K.compare_corpus(ref, cand).stats
     assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.1, abs=5e-5)
     assert theirs["ppl_cand"] == pytest.approx(ours["ppl_cand"], rel=1e-3)
+
+
+SPECIAL_TEXT = "Tokens as text: <bos> and <start_of_turn>user\nhello<end_of_turn> then <eos> and <pad>. "
+
+
+def test_text_with_special_token_strings_is_tokenized_as_llama_perplexity_does(random_ref, tmp_path):
+    """perplexity.cpp:473 tokenizes with parse_special false: "<bos>", "<start_of_turn>" in a corpus text are
+    text. Its own base file's token ids (the checkpoint with the released tokenizer_config.json, which marks the
+    turn tokens special) equal our reference's for a text full of them, and no control id appears but <bos> first."""
+    ckpt, ref = random_ref
+    gguf = C.load_corpus(gguf_candidate(ckpt, ref, "f32")).manifest["backend"]["gguf"]
+    text = tmp_path / "special.txt"
+    text.write_text(SPECIAL_TEXT * 12, encoding="utf-8")
+    base = tmp_path / "special.kld"
+    cmd = [str(llama_perplexity()), "-m", gguf, "-f", str(text), "-c", str(CTX), "--kl-divergence-base", str(base)]
+    done = subprocess.run([*cmd, "-t", "2", "-b", str(CTX)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    C.write_corpus(ckpt, tmp_path / "ours", text=text, ctx=CTX, top_k=8, log=lambda m: None)
+    theirs = L.read_base_file(base).tokens.reshape(-1, CTX)
+    ours = C.load_corpus(tmp_path / "ours").tokens()
+    assert ours.shape == theirs.shape and (ours == theirs).all()
+    assert ours[0, 0] == 2 and not np.isin(ours.reshape(-1)[1:], [0, 1, 2, 106, 107]).any()

@@ -614,7 +614,7 @@ def write_golden(
     import llama_cpp
 
     checkpoint = Path(checkpoint)
-    outtype = normalise_outtype(dtype)
+    outtype = ALIASES.get(str(dtype), str(dtype)) if gguf else normalise_outtype(dtype)  # a given GGUF: any type
     cfg = load_config(checkpoint)
     info = model_info_from_files(checkpoint, cfg)
     gguf_path = Path(gguf) if gguf else convert(checkpoint, outtype, info)
@@ -642,7 +642,7 @@ def write_golden(
         cfg=cfg,
         producer=producer,
         adapter=__name__,
-        compute_dtype=OUTTYPES[outtype],
+        compute_dtype=OUTTYPES.get(outtype, outtype),  # a quantized GGUF: its type (q4_0, q4_k_m, ...)
         text=text,
         description=description,
         positions=positions,

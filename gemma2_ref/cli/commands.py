@@ -455,8 +455,12 @@ def compare(args) -> int:
         from ..verify.optional import require
 
         require("matplotlib", "--plot")
+    if args.explain_out is not None and args.explain is None:
+        raise InputError("--explain-out goes with --explain N")
     if is_corpus_golden(args.reference):
         return compare_corpus(args)
+    if args.explain is not None:
+        raise InputError(f"--explain is for corpus goldens; {args.reference} is a golden case or suite")
     model = model_option(args)
     ref = load_golden(args.reference, reference=True)
     cand = load_golden(args.candidate, name_map=name_map(args.name_map))
@@ -601,12 +605,49 @@ def compare_corpus(args) -> int:
         m = ref.manifest["model"]
         tok = g2.load_tokenizer(resolve_checkpoint(m["name"] if m.get("bundled") else m["path"]))
     result = run_compare(ref, args.candidate, limits, tokenizer=tok)
-    print(to_json(result) if args.json else format_report(result))
+    explained = explain_chunks(args, ref, result) if args.explain else None
+    if args.json:
+        body = json.loads(to_json(result))
+        if explained is not None:
+            from ..verify.corpus_explain import public
+
+            body["explain"] = public(explained)
+        from ..verify.compare import json_safe
+
+        print(json.dumps(json_safe(body), indent=1))
+    else:
+        print(format_report(result))
+        for e in explained or []:
+            from ..verify.corpus_explain import format_explanation
+
+            print("\n" + format_explanation(e, result.chunks[e["chunk"]]["kld_mean"]))
     if args.plot:
         from ..verify.plot import plot_corpus
 
         eprint(f"plot: {plot_corpus(result, args.plot)}")
     return 0 if result.passed else 1
+
+
+def explain_chunks(args, ref, result) -> list[dict]:
+    """`compare REF CAND --explain N`: the N worst chunks re-run tap by tap (verify/corpus_explain.py)."""
+    from ..verify.compare import get_profile
+    from ..verify.corpus_explain import explain_corpus
+
+    if args.profile == "measured":
+        raise InputError("--explain takes a fixed --profile (auto: from the candidate's dtype), not measured")
+    profile = None if args.profile == "auto" else get_profile(args.profile, rel_l2=args.rtol, max_rel=args.atol)
+    eprint(f"explain: re-running the {args.explain} chunk(s) of largest mean KLD tap by tap")
+    return explain_corpus(
+        ref,
+        args.candidate,
+        result.chunks,
+        args.explain,
+        model=model_option(args),
+        out=args.explain_out,
+        profile=profile,
+        diagnose=args.diagnose,
+        log=eprint,
+    )
 
 
 def check_config(args) -> int:

@@ -318,6 +318,15 @@ def add_compare(sub):
     when.add_argument("--no-diagnose", dest="diagnose", action="store_false", help="never run the diagnosis")
     p.add_argument("--model", help="checkpoint for the diagnosis (default: the one the reference manifest names)")
     p.add_argument(
+        "--explain",
+        type=COUNT,
+        metavar="N",
+        help="corpus goldens: for the N chunks of largest mean KLD, a per-tap golden case of the chunk through "
+        "the candidate's backend and the reference's, compared and diagnosed: in which layer and tap the error "
+        "grows (CAND a candidate corpus golden; --model if the reference's checkpoint moved)",
+    )
+    p.add_argument("--explain-out", metavar="DIR", help="--explain: keep the chunks' golden cases in DIR")
+    p.add_argument(
         "--kld-p99",
         type=NONNEGATIVE,
         help="corpus goldens: max 99th percentile of the KLD (nats); "

@@ -3,7 +3,8 @@ llama.cpp's `llama-perplexity` does, stored compactly in shards.
 
 The convention (tools/perplexity/perplexity.cpp of the llama.cpp vendored by llama-cpp-python 0.3.36):
 
-    the text is tokenized once, <bos> first (perplexity.cpp:470, common_tokenize(..., add_special=true))
+    the text is tokenized once, <bos> first (perplexity.cpp:473, common_tokenize(..., add_special=true), and
+    parse_special false: a "<bos>" in the text is text; verify/corpus_text.py)
     chunk c is tokens[c*ctx : (c+1)*ctx]; n_chunk = len(tokens) // ctx, at least 2 (:479-487, :494-496)
     the chunk's first token is replaced by <bos> for the forward and restored afterwards (:569-576)
     rows first = ctx/2 .. ctx-2 are scored: row i predicts token i+1 (:540, :606-617): ctx - 1 - ctx/2 rows
@@ -411,7 +412,7 @@ def corpus_source(checkpoint: Path, text_file=None, tokens_file=None, vocab_size
     if tokens_file is not None:
         ids = read_corpus_tokens(tokens_file, vocab_size)
         return ids, {"kind": "tokens", "file": str(Path(tokens_file).resolve()), "sha256": sha256_file(tokens_file)}
-    from ..model.tokenizer import load_tokenizer
+    from .corpus_text import encode_corpus_text
 
     if text_file is None:
         name, text = f"bundled:{BUNDLED_CORPUS.name}", BUNDLED_CORPUS.read_text(encoding="utf-8")
@@ -419,8 +420,8 @@ def corpus_source(checkpoint: Path, text_file=None, tokens_file=None, vocab_size
     else:
         name, text = str(Path(text_file).resolve()), read_corpus_text(text_file)
         sha = sha256_file(text_file)
-    ids = np.array(load_tokenizer(checkpoint).encode(text, bos=True), dtype=np.int64)
-    return ids, {"kind": "text", "file": name, "sha256": sha}
+    ids = np.array(encode_corpus_text(checkpoint, text), dtype=np.int64)  # as llama-perplexity: "<bos>" is text
+    return ids, {"kind": "text", "file": name, "sha256": sha, "tokenized": "llama-perplexity (parse_special false)"}
 
 
 def chunk_corpus(ids: np.ndarray, ctx: int, chunks: int | None, where: str) -> np.ndarray:
