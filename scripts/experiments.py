@@ -17,7 +17,9 @@ not copied): the same corpus, the same held-out blocks, fixed seeds, one thread.
   window              the bundled `tiny` run with sliding window 32 (trained), 16, 8, and global everywhere (4)
   softcap             the bundled `tiny` run without the attention and/or final soft-cap (5)
   seed-spread         gqa-vs-mha's two shapes again with two other (init, data) seeds each: the seed-to-seed
-                      spread its margin is read against (3); only with --only seed-spread (not yet run)
+                      spread its margin is read against (3); only with --only seed-spread. Each finished run
+                      is written to the log at once ("partial": true until all four are done); run it again
+                      and the finished ones are kept, only the missing ones trained
   on-policy           distillation of `tiny-it` from an SFT'd teacher on the student's own samples vs on the
                       teacher's samples, equal steps (7)
 
@@ -480,12 +482,18 @@ SPREAD_SEEDS = ((3, 23), (4, 24))  # (init seed, data seed) of the repeats; the 
 def stage_seed_spread(ctx, log):
     """GQA and MHA again with other init and data seeds: the seed-to-seed spread that the gqa-vs-mha margin
     has to clear before it says anything (issue 30)."""
+    previous = log.get("seed-spread", {})  # the runs a stopped (partial) run finished are kept, not redone
     out = {}
     for init_seed, data_seed in SPREAD_SEEDS:  # both shapes per seed pair: a stopped run still has whole pairs
         for label, cfg in (("gqa (K=2)", STUDENT), ("mha (K=4)", MHA)):
+            key = f"{label} seeds {init_seed}/{data_seed}"
+            if previous.get(key, {}).get("steps") == ctx.pretrain_steps:
+                out[key] = previous[key]
+                print(f"[seed-spread] {key}: kept from {ctx.log_path}", flush=True)
+                continue
             _, r = pretrain(ctx, f"{label.split()[0]}-s{init_seed}", cfg, init_seed, ctx.teacher, data_seed)
             r.pop("curve")
-            out[f"{label} seeds {init_seed}/{data_seed}"] = r
+            out[key] = r
             write_log(ctx.log_path, {**log, "seed-spread": {**out, "partial": True}})  # each run kept as it ends
     return out
 
