@@ -17,7 +17,9 @@ not copied): the same corpus, the same held-out blocks, fixed seeds, one thread.
   window              the bundled `tiny` run with sliding window 32 (trained), 16, 8, and global everywhere (4)
   softcap             the bundled `tiny` run without the attention and/or final soft-cap (5)
   seed-spread         gqa-vs-mha's two shapes again with two other (init, data) seeds each: the seed-to-seed
-                      spread its margin is read against (3); only with --only seed-spread (not yet run)
+                      spread its margin is read against (3); only with --only seed-spread. Each finished run
+                      is written to the log at once ("partial": true until all four are done); run it again
+                      and the finished ones are kept, only the missing ones trained
   on-policy           distillation of `tiny-it` from an SFT'd teacher on the student's own samples vs on the
                       teacher's samples, equal steps (7)
 
@@ -480,13 +482,25 @@ SPREAD_SEEDS = ((3, 23), (4, 24))  # (init seed, data seed) of the repeats; the 
 def stage_seed_spread(ctx, log):
     """GQA and MHA again with other init and data seeds: the seed-to-seed spread that the gqa-vs-mha margin
     has to clear before it says anything (issue 30)."""
+    previous = log.get("seed-spread", {})  # the runs a stopped (partial) run finished are kept, not redone
     out = {}
-    for label, cfg in (("gqa (K=2)", STUDENT), ("mha (K=4)", MHA)):
-        for init_seed, data_seed in SPREAD_SEEDS:
+    for init_seed, data_seed in SPREAD_SEEDS:  # both shapes per seed pair: a stopped run still has whole pairs
+        for label, cfg in (("gqa (K=2)", STUDENT), ("mha (K=4)", MHA)):
+            key = f"{label} seeds {init_seed}/{data_seed}"
+            if previous.get(key, {}).get("steps") == ctx.pretrain_steps:
+                out[key] = previous[key]
+                print(f"[seed-spread] {key}: kept from {ctx.log_path}", flush=True)
+                continue
             _, r = pretrain(ctx, f"{label.split()[0]}-s{init_seed}", cfg, init_seed, ctx.teacher, data_seed)
             r.pop("curve")
-            out[f"{label} seeds {init_seed}/{data_seed}"] = r
+            out[key] = r
+            write_log(ctx.log_path, {**log, "seed-spread": {**out, "partial": True}})  # each run kept as it ends
     return out
+
+
+def write_log(path: Path, log: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log, indent=1) + "\n")
 
 
 def window_variants(cfg):
@@ -745,6 +759,7 @@ def main(argv=None) -> int:
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     ctx = Context(args.quick, out_data)
     ctx.policy_steps = args.policy_steps or ctx.policy_steps
+    ctx.log_path = log_path
     print(f"chat pairs: {len(ctx.train_enc)} train, {len(ctx.held_enc)} held out", flush=True)
     for stage in args.only or [s for s in STAGES if s not in OPT_IN]:
         t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
@@ -762,8 +777,7 @@ def main(argv=None) -> int:
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
         log[stage] = result
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(json.dumps(log, indent=1) + "\n")
+        write_log(log_path, log)
         print(f"== {stage}: {result['run']['wall_s']:.0f}s wall; wrote {log_path}", flush=True)
     return 0
 

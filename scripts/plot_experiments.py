@@ -70,6 +70,13 @@ def architecture(plt, log: dict, out: Path) -> Path:
     ]
     for label, run in runs:
         curve(ax, run, "held_out_ce", f"{label}: {run['params'] / 1e6:.2f}M, {run['final']['held_out_ce']:.3f}")
+    for key, run in log.get("seed-spread", {}).items():  # the same shapes from other seeds: final value only
+        if key in ("partial", "run"):
+            continue
+        shape, seeds = key.split(" seeds ")
+        ce = run["final"]["held_out_ce"]
+        color = "C0" if shape.startswith("gqa") else "C3"
+        ax.plot(run["tokens"] / 1e6, ce, "x", ms=9, mew=2, color=color, label=f"{shape}, seeds {seeds}: {ce:.3f}")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.set_title("Distilled students of (nearly) equal size")
