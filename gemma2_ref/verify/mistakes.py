@@ -48,7 +48,7 @@ from ..storage.loader import Model
 # The public threads where each mistake was reported: the one list. The catalogue below, check-config's reports
 # (check_config.REPORTS), compare's leads and docs/compare-and-diagnose.md (scripts/make_docs.py) all read it.
 REFS = {
-    "attn_softcap": "vLLM #5908 / #7419, llama.cpp #8156 / #8197, transformers #31887",
+    "attn_softcap": "vLLM #5908, llama.cpp #8156 / #8197, transformers #31887",
     "final_softcap": "llama.cpp #8156 / #8197 (GGUFs converted before the soft-cap keys existed)",
     "softcap_key": "vLLM #30427, transformers #42881, ollama #5341",
     "window": "llama.cpp #8227, transformers #32522 / #35681 / #39408, keras-hub #2186, SGLang #1056",
