@@ -18,21 +18,10 @@ from gemma2_ref.verify.compare import PROFILES, compare_cases
 from gemma2_ref.verify.mistakes import NORMS, TransformedWeights
 from gemma2_ref.verify.suites import SUITES
 from tests.helpers.backends import require
-from tests.helpers.hf_reference import hf_config, make_checkpoint
+from tests.helpers.hf_reference import LIKE_27B, hf_config, make_checkpoint
 
 require("onnxruntime_genai", "pip install -e '.[ort-genai]'")
 from gemma2_ref.adapters import ort_genai as adapter  # noqa: E402
-
-LIKE_27B = dict(
-    hidden_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    query_pre_attn_scalar=24,
-    intermediate_size=192,
-    num_hidden_layers=4,
-    sliding_window=8,
-)  # D/H = 24 != head_dim 16
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,6 @@ from gemma2_ref.verify.suites import SUITES
 from tests.helpers.numerics import rel_l2
 
 ROOT = Path(__file__).resolve().parent.parent
-LIKE_27B = dict(
-    hidden_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    query_pre_attn_scalar=24,
-    intermediate_size=192,
-    num_hidden_layers=4,
-    sliding_window=8,
-)  # D/H = 24 != head_dim 16
 
 
 def require_engine():
@@ -143,7 +133,7 @@ def test_the_coverage_suite_runs_what_the_program_takes_and_skips_the_rest(tiny,
 
 def test_27b_like_query_scale_inside_the_window(tmp_path):
     require_engine()
-    from tests.helpers.hf_reference import hf_config, make_checkpoint
+    from tests.helpers.hf_reference import LIKE_27B, hf_config, make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "27b", hf_config(**LIKE_27B), seed=3, scale=2.0)  # float32 weights
     model = g2.load_model(ckpt)

@@ -695,14 +695,7 @@ def json_eos_field(ref: dict, d: dict) -> Field:
 
 
 CANDIDATE_COUNTS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "vocab_size",
+    *JSON_SHAPE_KEYS,
     "sliding_window",
     "bos_token_id",
     "pad_token_id",

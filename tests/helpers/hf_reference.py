@@ -86,6 +86,19 @@ DIAGNOSABLE = dict(
 )
 
 
+# A 27B-like engine test model: the query scale 1/sqrt(query_pre_attn_scalar) differs from 1/sqrt(head_dim)
+LIKE_27B = dict(
+    hidden_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    sliding_window=8,
+)  # D/H = 24 != head_dim 16
+
+
 def diagnosable_checkpoint(directory: Path) -> Path:
     """The DIAGNOSABLE model, random (seed 11, scale 2: activations large enough for every mistake to show)."""
     return make_checkpoint(directory, hf_config(**DIAGNOSABLE), seed=11, scale=2.0)
